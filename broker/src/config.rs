@@ -1,0 +1,46 @@
+//! Command-line flags and environment of `weir-broker`, validated once at start-up.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Parser, ValueEnum};
+
+/// The Weir message broker: stores topics in an embedded fjall database and serves
+/// producers and consumers over gRPC.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "weir-broker", version)]
+pub struct Config {
+    /// Directory of the embedded database; created if missing. One broker per directory.
+    #[arg(long, env = "WEIR_DATA_DIR", default_value = "./weir-data")]
+    pub data_dir: PathBuf,
+
+    /// Address of the gRPC server (weir.v1, health, reflection). Port 0 picks a free port;
+    /// the bound address is logged.
+    #[arg(long, env = "WEIR_LISTEN", default_value = "0.0.0.0:7070")]
+    pub listen: SocketAddr,
+
+    /// Address of the HTTP server: /metrics (Prometheus), /healthz, /readyz.
+    #[arg(long, env = "WEIR_HTTP_LISTEN", default_value = "0.0.0.0:7071")]
+    pub http_listen: SocketAddr,
+
+    /// Longest a graceful shutdown (SIGTERM, SIGINT) waits for in-flight requests before it
+    /// persists and exits anyway, e.g. `10s`.
+    #[arg(long, env = "WEIR_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Block cache of the database, e.g. `64MiB`.
+    #[arg(long, env = "WEIR_CACHE_SIZE", default_value = "64MiB")]
+    pub cache_size: bytesize::ByteSize,
+
+    /// Log format: `text` for terminals, `json` for log collectors in a cluster.
+    #[arg(long, env = "WEIR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Format of the broker's own log lines (on stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}

@@ -1,0 +1,139 @@
+//! `weir.v1.Producer`: unary and pipelined produce.
+
+use std::{pin::Pin, time::Instant};
+
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use weir_proto::v1::{self as pb, producer_server::Producer};
+
+use super::{Context, record_from_pb, status};
+use crate::produce::{self, Ack};
+
+/// Most requests of one `ProduceStream` queued but not yet acknowledged; the stream stops
+/// reading past this, which pushes back on the client (HTTP/2 flow control).
+pub const MAX_IN_FLIGHT_PER_STREAM: usize = 1024;
+
+/// Serves `weir.v1.Producer` over the log.
+#[derive(Debug, Clone)]
+pub struct ProducerService {
+    ctx: Context,
+}
+
+impl ProducerService {
+    /// A service over `ctx`.
+    pub fn new(ctx: Context) -> Self {
+        Self { ctx }
+    }
+}
+
+fn acks_to_pb(acks: Vec<Ack>) -> pb::ProduceResponse {
+    pb::ProduceResponse {
+        acks: acks
+            .into_iter()
+            .map(|a| pb::PartitionAck {
+                partition: a.partition,
+                base_offset: a.base_offset,
+                record_count: a.record_count,
+            })
+            .collect(),
+    }
+}
+
+fn records(req: &mut pb::ProduceRequest) -> Vec<crate::log::Record> {
+    std::mem::take(&mut req.records)
+        .into_iter()
+        .map(record_from_pb)
+        .collect()
+}
+
+type AckFuture = Pin<Box<dyn Future<Output = pb::ProduceStreamResponse> + Send>>;
+
+#[tonic::async_trait]
+impl Producer for ProducerService {
+    async fn produce(
+        &self,
+        request: Request<pb::ProduceRequest>,
+    ) -> Result<Response<pb::ProduceResponse>, Status> {
+        let started = Instant::now();
+        let mut req = request.into_inner();
+        let recs = records(&mut req);
+        let n = recs.len();
+        let result = produce::produce(&self.ctx.log, &req.topic, req.partition, recs).await;
+        self.ctx.metrics.observe_produce(n, started, result.is_ok());
+        result
+            .map(|a| Response::new(acks_to_pb(a)))
+            .map_err(|e| status(&e))
+    }
+
+    type ProduceStreamStream =
+        Pin<Box<dyn Stream<Item = Result<pb::ProduceStreamResponse, Status>> + Send>>;
+
+    async fn produce_stream(
+        &self,
+        request: Request<Streaming<pb::ProduceStreamRequest>>,
+    ) -> Result<Response<Self::ProduceStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel::<AckFuture>(MAX_IN_FLIGHT_PER_STREAM);
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            let mut shutdown = ctx.shutdown.clone();
+            loop {
+                let next = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = shutdown.wait_for(|s| *s) => break,
+                };
+                let Ok(Some(msg)) = next else { break };
+                let request_id = msg.request_id;
+                let started = Instant::now();
+                // Queue the batches now, in stream order, so offsets follow request order;
+                // only the wait for durability is pipelined.
+                let submitted = match msg.request {
+                    Some(mut req) => {
+                        let recs = records(&mut req);
+                        let n = recs.len();
+                        produce::submit(&ctx.log, &req.topic, req.partition, recs)
+                            .await
+                            .map(|p| (p, n))
+                    }
+                    None => Err(crate::log::Error::InvalidArgument(
+                        "ProduceStreamRequest.request is missing".into(),
+                    )),
+                };
+                let metrics = ctx.metrics.clone();
+                let fut: AckFuture = Box::pin(async move {
+                    let result = match submitted {
+                        Ok((pending, n)) => {
+                            let r = pending.wait().await;
+                            metrics.observe_produce(n, started, r.is_ok());
+                            r
+                        }
+                        Err(e) => {
+                            metrics.observe_produce(0, started, false);
+                            Err(e)
+                        }
+                    };
+                    pb::ProduceStreamResponse {
+                        request_id,
+                        result: Some(match result {
+                            Ok(acks) => pb::produce_stream_response::Result::Ack(acks_to_pb(acks)),
+                            Err(e) => {
+                                let s = status(&e);
+                                pb::produce_stream_response::Result::Error(pb::Error {
+                                    code: s.code() as i32,
+                                    message: s.message().to_owned(),
+                                })
+                            }
+                        }),
+                    }
+                });
+                if tx.send(fut).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let out = ReceiverStream::new(rx).then(|fut| async move { Ok(fut.await) });
+        Ok(Response::new(Box::pin(out)))
+    }
+}

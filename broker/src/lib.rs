@@ -1,0 +1,19 @@
+//! The Weir broker: a durable log engine on fjall, served over gRPC.
+//!
+//! # Layout
+//!
+//! - [`log`]: the log engine. Topics, partitions, record batches with CRC32C, the single
+//!   group-commit writer thread, recovery. Synchronous reads, async writes; knows nothing
+//!   of gRPC.
+//! - [`produce`]: the produce path above the log (validation, routing by key, batching).
+//! - [`grpc`]: tonic services of `weir.v1`; the only place that builds `tonic::Status`.
+//! - [`metrics`]: Prometheus metrics and the HTTP port.
+//! - [`server`]: runs the gRPC and HTTP servers on given listeners, graceful shutdown.
+//! - [`config`]: `weir-broker` flags and their `WEIR_*` environment variables.
+
+pub mod config;
+pub mod grpc;
+pub mod log;
+pub mod metrics;
+pub mod produce;
+pub mod server;

@@ -1,0 +1,624 @@
+//! The log engine: topics, partitions and record batches on one fjall database.
+//!
+//! This module owns everything on disk and knows nothing of gRPC. Its API is synchronous for
+//! reads (call them from `spawn_blocking`) and async for writes, which go through a single
+//! writer thread (see [`writer`]) that group-commits them.
+//!
+//! # On disk
+//!
+//! One fjall `Database` with two keyspaces (the fjall author advises few keyspaces):
+//!
+//! - `records`: key `topic id (u32 BE) ‖ partition (u32 BE) ‖ base offset (u64 BE)`, value a
+//!   record batch ([`batch`]) with its CRC32C. One key per produced batch.
+//! - `meta`: `t/<name>` → topic settings (JSON); `p/<topic id ‖ partition>` → partition
+//!   counters (next offset, earliest offset, bytes), written in the same atomic fjall batch as
+//!   the records they count; `n/topic-id` → the next topic id.
+//!
+//! # Recovery
+//!
+//! Opening reads the `meta` keyspace and, per partition, only the last batch: its CRC is
+//! checked and its end compared with the stored next offset. No log is scanned, so start-up
+//! time does not grow with the data stored.
+
+pub mod batch;
+pub mod partitioner;
+pub mod topic;
+mod writer;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions};
+use parking_lot::RwLock;
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use self::{
+    batch::{Record, StoredRecord},
+    topic::{Partition, Topic, TopicConfig},
+};
+use self::{
+    topic::{PartitionMeta, TopicMeta},
+    writer::Command,
+};
+
+/// The pending result of a queued append: the batch's base offset once durable.
+#[derive(Debug)]
+pub struct AppendTicket(oneshot::Receiver<Result<u64, Error>>);
+
+impl AppendTicket {
+    /// Waits for the commit; returns the base offset of the batch.
+    pub async fn wait(self) -> Result<u64, Error> {
+        self.0.await.map_err(|_| Error::ShuttingDown)?
+    }
+}
+
+/// Errors of the log engine. Each says what failed and, for bad input, what would be right.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The database directory could not be opened or recovered.
+    #[error("opening the database at {path}: {source}")]
+    OpenDatabase {
+        /// Data directory.
+        path: PathBuf,
+        /// fjall's error.
+        source: fjall::Error,
+    },
+    /// Stored metadata did not parse.
+    #[error("recovering metadata key {key:?}: {detail}")]
+    RecoverMetadata {
+        /// The metadata key.
+        key: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// A read from fjall failed.
+    #[error("reading {topic}/{partition}: {source}")]
+    Read {
+        /// Topic name.
+        topic: String,
+        /// Partition index.
+        partition: u32,
+        /// fjall's error.
+        source: fjall::Error,
+    },
+    /// A commit (write + fsync) failed. fjall is poisoned after this; the broker must exit
+    /// and recover rather than retry.
+    #[error("committing to the log: {0}")]
+    Commit(#[source] fjall::Error),
+    /// The named topic does not exist.
+    #[error("topic {0:?} does not exist")]
+    TopicNotFound(String),
+    /// The topic exists with other settings.
+    #[error(
+        "topic {name:?} already exists with partitions={} max_message_bytes={}; create it with identical settings or update it",
+        existing.partitions, existing.max_message_bytes
+    )]
+    TopicExists {
+        /// Topic name.
+        name: String,
+        /// Its current settings.
+        existing: TopicConfig,
+    },
+    /// The partition index is not below the topic's partition count.
+    #[error("topic {topic:?} has partitions 0..{partitions}, there is no partition {partition}")]
+    PartitionNotFound {
+        /// Topic name.
+        topic: String,
+        /// Requested partition.
+        partition: u32,
+        /// The topic's partition count.
+        partitions: u32,
+    },
+    /// A fetch asked for an offset outside the stored range.
+    #[error(
+        "offset {offset} is out of range for {topic}/{partition}: valid offsets are {earliest}..={next} ({next} waits for the next record)"
+    )]
+    OffsetOutOfRange {
+        /// Topic name.
+        topic: String,
+        /// Partition index.
+        partition: u32,
+        /// Requested offset.
+        offset: u64,
+        /// Earliest stored offset.
+        earliest: u64,
+        /// Next offset to be written.
+        next: u64,
+    },
+    /// A stored batch failed its checksum or did not parse.
+    #[error("corrupt batch in {topic}/{partition} at offset {offset}: {source}")]
+    Corrupt {
+        /// Topic name.
+        topic: String,
+        /// Partition index.
+        partition: u32,
+        /// Base offset of the bad batch.
+        offset: u64,
+        /// What the decoder found.
+        source: batch::DecodeError,
+    },
+    /// A request was malformed; the message says how.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The log is shutting down or its writer has stopped.
+    #[error("the log is shutting down")]
+    ShuttingDown,
+}
+
+/// Settings of the log engine.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    /// Block cache size in bytes.
+    pub cache_bytes: u64,
+    /// Most commands the writer takes into one group commit.
+    pub max_commit_commands: usize,
+    /// Most batch bytes the writer takes into one group commit.
+    pub max_commit_bytes: usize,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        Self {
+            cache_bytes: 64 * 1024 * 1024,
+            max_commit_commands: 4096,
+            max_commit_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// What start-up found, for logs and tests.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    /// Topics recovered.
+    pub topics: usize,
+    /// Partitions recovered.
+    pub partitions: usize,
+    /// Batches read during recovery: one tail batch per non-empty partition at most.
+    pub batches_read: usize,
+    /// Partitions whose tail batch failed its check (logged with topic, partition, offset).
+    pub corrupt_tails: usize,
+    /// Time to open fjall and recover, in ms.
+    pub elapsed_ms: u64,
+}
+
+/// Counters of the writer, read by metrics.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Group commits done.
+    pub commits: std::sync::atomic::AtomicU64,
+    /// Append commands committed.
+    pub appends: std::sync::atomic::AtomicU64,
+    /// Records committed.
+    pub records: std::sync::atomic::AtomicU64,
+    /// Batch bytes committed.
+    pub bytes: std::sync::atomic::AtomicU64,
+}
+
+pub(crate) struct Shared {
+    pub db: Database,
+    pub records: Keyspace,
+    pub meta: Keyspace,
+    pub topics: RwLock<BTreeMap<String, Arc<Topic>>>,
+    pub next_topic_id: std::sync::atomic::AtomicU32,
+    pub stats: WriterStats,
+    /// Set to the reason when a commit failed and fjall is poisoned.
+    pub failed: watch::Sender<Option<String>>,
+}
+
+/// The log engine. Cheap to share behind an `Arc`.
+pub struct Log {
+    shared: Arc<Shared>,
+    commands: mpsc::Sender<Command>,
+    writer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
+    report: RecoveryReport,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log")
+            .field("report", &self.report)
+            .finish_non_exhaustive()
+    }
+}
+
+const TOPIC_ID_KEY: &[u8] = b"n/topic-id";
+
+impl Log {
+    /// Opens (or creates) the log in `dir` and recovers every topic. Blocking.
+    pub fn open(dir: &Path, options: &LogOptions) -> Result<Self, Error> {
+        let started = Instant::now();
+        let open_err = |source| Error::OpenDatabase {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let db = Database::builder(dir)
+            .cache_size(options.cache_bytes)
+            .open()
+            .map_err(open_err)?;
+        let records = db
+            .keyspace("records", KeyspaceCreateOptions::default)
+            .map_err(open_err)?;
+        let meta = db
+            .keyspace("meta", KeyspaceCreateOptions::default)
+            .map_err(open_err)?;
+        let mut report = RecoveryReport::default();
+        let topics = recover_topics(&records, &meta, &mut report)?;
+        let next_topic_id = match meta.get(TOPIC_ID_KEY).map_err(open_err)? {
+            Some(v) => {
+                u32::from_le_bytes(v.as_ref().try_into().map_err(|_| Error::RecoverMetadata {
+                    key: "n/topic-id".into(),
+                    detail: format!("expected 4 bytes, found {}", v.len()),
+                })?)
+            }
+            None => 1,
+        };
+        report.elapsed_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(
+            topics = report.topics,
+            partitions = report.partitions,
+            batches_read = report.batches_read,
+            corrupt_tails = report.corrupt_tails,
+            elapsed_ms = report.elapsed_ms,
+            "log recovered"
+        );
+        let shared = Arc::new(Shared {
+            db,
+            records,
+            meta,
+            topics: RwLock::new(topics),
+            next_topic_id: next_topic_id.into(),
+            stats: WriterStats::default(),
+            failed: watch::Sender::new(None),
+        });
+        let (commands, rx) = mpsc::channel(options.max_commit_commands);
+        let writer = writer::spawn(Arc::clone(&shared), rx, options.clone())
+            .map_err(|e| open_err(fjall::Error::Io(e)))?;
+        Ok(Self {
+            shared,
+            commands,
+            writer: parking_lot::Mutex::new(Some(writer)),
+            report,
+        })
+    }
+
+    /// What recovery found when this log was opened.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    /// Counters of the group-commit writer.
+    pub fn writer_stats(&self) -> &WriterStats {
+        &self.shared.stats
+    }
+
+    /// Yields the reason once a commit has failed; the process should then exit and recover.
+    pub fn failed(&self) -> watch::Receiver<Option<String>> {
+        self.shared.failed.subscribe()
+    }
+
+    /// Bytes the database uses on disk (journals and tables).
+    pub fn disk_space(&self) -> u64 {
+        self.shared.db.disk_space().unwrap_or(0)
+    }
+
+    /// The topic named `name`, or [`Error::TopicNotFound`].
+    pub fn topic(&self, name: &str) -> Result<Arc<Topic>, Error> {
+        self.shared
+            .topics
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::TopicNotFound(name.to_owned()))
+    }
+
+    /// All topics, sorted by name.
+    pub fn topics(&self) -> Vec<Arc<Topic>> {
+        self.shared.topics.read().values().cloned().collect()
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command,
+    ) -> Result<T, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Creates a topic; returns it and whether it was new. An existing topic with identical
+    /// settings is returned unchanged; with other settings the call fails with
+    /// [`Error::TopicExists`].
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        config: TopicConfig,
+    ) -> Result<(Arc<Topic>, bool), Error> {
+        topic::validate_name(name)?;
+        let name = name.to_owned();
+        self.call(|reply| Command::CreateTopic {
+            name,
+            config,
+            reply,
+        })
+        .await
+    }
+
+    /// Replaces a topic's settings. Partitions only grow; fewer fails with
+    /// [`Error::InvalidArgument`] and changes nothing.
+    pub async fn update_topic(&self, name: &str, config: TopicConfig) -> Result<Arc<Topic>, Error> {
+        let name = name.to_owned();
+        self.call(|reply| Command::UpdateTopic {
+            name,
+            config,
+            reply,
+        })
+        .await
+    }
+
+    /// Deletes a topic and every record of it.
+    pub async fn delete_topic(&self, name: &str) -> Result<(), Error> {
+        let name = name.to_owned();
+        self.call(|reply| Command::DeleteTopic { name, reply })
+            .await
+    }
+
+    /// Appends an encoded batch ([`batch::encode`]) of `record_count` records to `partition`
+    /// and returns its base offset once it is durable (fsync, shared by group commit).
+    pub async fn append(
+        &self,
+        partition: Arc<Partition>,
+        batch: Vec<u8>,
+        record_count: u32,
+    ) -> Result<u64, Error> {
+        self.submit_append(partition, batch, record_count)
+            .await?
+            .wait()
+            .await
+    }
+
+    /// Queues an append and returns at once with a ticket for its result. Appends are
+    /// committed in the order they are queued, so a caller that queues batches one after
+    /// another for a partition gets increasing offsets in that order (pipelining).
+    pub async fn submit_append(
+        &self,
+        partition: Arc<Partition>,
+        batch: Vec<u8>,
+        record_count: u32,
+    ) -> Result<AppendTicket, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Append {
+                partition,
+                batch,
+                record_count,
+                reply,
+            })
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        Ok(AppendTicket(rx))
+    }
+
+    /// Reads records of `partition` from `offset`: whole batches, verified, until
+    /// `max_bytes` (record sizes) or `max_records` is reached; at least one record when one is
+    /// available. Returns an empty list at `next_offset`. Blocking.
+    ///
+    /// A batch that fails its CRC ends the read: records before it are returned; when it is
+    /// the first batch, the call fails with [`Error::Corrupt`].
+    pub fn read(
+        &self,
+        partition: &Partition,
+        offset: u64,
+        max_bytes: usize,
+        max_records: usize,
+    ) -> Result<Vec<StoredRecord>, Error> {
+        let next = partition.next_offset();
+        let earliest = partition.earliest_offset();
+        if offset < earliest || offset > next {
+            return Err(Error::OffsetOutOfRange {
+                topic: partition.topic.clone(),
+                partition: partition.index,
+                offset,
+                earliest,
+                next,
+            });
+        }
+        if offset == next {
+            return Ok(Vec::new());
+        }
+        let read_err = |source| Error::Read {
+            topic: partition.topic.clone(),
+            partition: partition.index,
+            source,
+        };
+        // The batch holding `offset` is the last one whose base offset is ≤ offset.
+        let first_key = match self
+            .shared
+            .records
+            .range(partition.key(0)..=partition.key(offset))
+            .next_back()
+        {
+            Some(guard) => guard.key().map_err(read_err)?,
+            None => return Ok(Vec::new()),
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for guard in self
+            .shared
+            .records
+            .range(first_key.as_ref()..partition.key(next).as_slice())
+        {
+            let (key, value) = guard.into_inner().map_err(read_err)?;
+            let base = key_offset(&key);
+            let value: Bytes = value.into();
+            let records = match batch::decode(&value) {
+                Ok((_, records)) => records,
+                Err(source) => {
+                    let err = Error::Corrupt {
+                        topic: partition.topic.clone(),
+                        partition: partition.index,
+                        offset: base,
+                        source,
+                    };
+                    tracing::error!(topic = %partition.topic, partition = partition.index, offset = base, error = %err, "corrupt batch refused");
+                    if out.is_empty() {
+                        return Err(err);
+                    }
+                    return Ok(out);
+                }
+            };
+            for r in records {
+                if r.offset < offset {
+                    continue;
+                }
+                bytes += r.record.size();
+                out.push(r);
+                if out.len() >= max_records || bytes >= max_bytes {
+                    return Ok(out);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stops the writer after it has committed everything queued, and persists. Blocking
+    /// until done; later writes fail with [`Error::ShuttingDown`].
+    pub async fn close(&self) -> Result<(), Error> {
+        let result = self.call(|reply| Command::Shutdown { reply }).await;
+        let handle = self.writer.lock().take();
+        if let Some(handle) = handle {
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+        result
+    }
+}
+
+/// Offset part of a record key (its last 8 bytes, big-endian); 0 for a malformed key.
+fn key_offset(key: &[u8]) -> u64 {
+    key.get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+fn recover_topics(
+    records: &Keyspace,
+    meta: &Keyspace,
+    report: &mut RecoveryReport,
+) -> Result<BTreeMap<String, Arc<Topic>>, Error> {
+    let mut topics = BTreeMap::new();
+    for guard in meta.prefix(b"t/") {
+        let (key, value) = guard.into_inner().map_err(|source| Error::OpenDatabase {
+            path: PathBuf::new(),
+            source,
+        })?;
+        let key_text = String::from_utf8_lossy(&key).into_owned();
+        let stored: TopicMeta =
+            serde_json::from_slice(&value).map_err(|e| Error::RecoverMetadata {
+                key: key_text.clone(),
+                detail: e.to_string(),
+            })?;
+        let mut partitions = Vec::with_capacity(stored.config.partitions as usize);
+        for index in 0..stored.config.partitions {
+            let probe = Partition::new(&stored.name, stored.id, index, PartitionMeta::default());
+            let state = match meta.get(probe.meta_key()).map_err(|source| Error::Read {
+                topic: stored.name.clone(),
+                partition: index,
+                source,
+            })? {
+                Some(v) => PartitionMeta::decode(&v).ok_or_else(|| Error::RecoverMetadata {
+                    key: format!("p/{}/{index}", stored.name),
+                    detail: format!("expected 24 bytes, found {}", v.len()),
+                })?,
+                None => PartitionMeta::default(),
+            };
+            check_tail(records, &probe, state, report);
+            partitions.push(Arc::new(Partition::new(
+                &stored.name,
+                stored.id,
+                index,
+                state,
+            )));
+            report.partitions += 1;
+        }
+        report.topics += 1;
+        topics.insert(
+            stored.name.clone(),
+            Arc::new(Topic {
+                id: stored.id,
+                name: stored.name,
+                created_at_ms: stored.created_at_ms,
+                config: RwLock::new(stored.config),
+                partitions: RwLock::new(partitions),
+                next_unkeyed: 0.into(),
+            }),
+        );
+    }
+    Ok(topics)
+}
+
+/// Verifies the last batch of a partition at start-up: its CRC, and that it ends at the
+/// stored next offset. Problems are logged with topic, partition and offset; the stored
+/// counters stay authoritative so offsets never repeat.
+fn check_tail(
+    records: &Keyspace,
+    p: &Partition,
+    state: PartitionMeta,
+    report: &mut RecoveryReport,
+) {
+    if state.next_offset == state.earliest_offset {
+        return;
+    }
+    let Some(guard) = records.prefix(p.prefix).next_back() else {
+        tracing::error!(topic = %p.topic, partition = p.index, next_offset = state.next_offset, "partition counters say records exist but none are stored");
+        report.corrupt_tails += 1;
+        return;
+    };
+    report.batches_read += 1;
+    match guard.into_inner() {
+        Ok((key, value)) => {
+            let base = key_offset(&key);
+            match batch::verify(&value) {
+                Ok(h) if h.base_offset == base && h.next_offset() == state.next_offset => {}
+                Ok(h) => {
+                    report.corrupt_tails += 1;
+                    tracing::error!(topic = %p.topic, partition = p.index, offset = base, batch_end = h.next_offset(), next_offset = state.next_offset, "tail batch does not end at the stored next offset");
+                }
+                Err(e) => {
+                    report.corrupt_tails += 1;
+                    tracing::error!(topic = %p.topic, partition = p.index, offset = base, error = %e, "tail batch failed its check at start-up");
+                }
+            }
+        }
+        Err(e) => {
+            report.corrupt_tails += 1;
+            tracing::error!(topic = %p.topic, partition = p.index, error = %e, "tail batch unreadable at start-up");
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Longest a long-polling fetch may wait.
+pub const MAX_FETCH_WAIT: Duration = Duration::from_secs(60);
+
+/// Number of records between `earliest` and `next` of a partition.
+pub fn partition_messages(p: &Partition) -> u64 {
+    p.next_offset().saturating_sub(p.earliest_offset())
+}
+
+pub(crate) fn relaxed_add(counter: &std::sync::atomic::AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}

@@ -1,0 +1,319 @@
+//! Topics and partitions in memory: settings, validation and live per-partition state.
+//!
+//! This module owns the rules for names and settings and the atomics that readers use to
+//! see how far a partition is durable. It performs no I/O.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::Error;
+
+/// Largest partition count a topic may have.
+pub const MAX_PARTITIONS: u32 = 1024;
+/// Record size limit used when a topic leaves `max_message_bytes` at 0: 1 MiB, as Kafka's
+/// `message.max.bytes` default (1 MiB plus overhead).
+pub const DEFAULT_MAX_MESSAGE_BYTES: u32 = 1024 * 1024;
+/// Largest `max_message_bytes` a topic may set: 16 MiB.
+pub const MAX_MESSAGE_BYTES_LIMIT: u32 = 16 * 1024 * 1024;
+/// Longest topic name, as in Kafka.
+pub const MAX_NAME_LEN: usize = 249;
+
+/// Settings of a topic, as stored in the metadata keyspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicConfig {
+    /// Number of partitions, `1..=MAX_PARTITIONS`; only grows.
+    pub partitions: u32,
+    /// Largest accepted record in bytes (key + value + headers), `1..=MAX_MESSAGE_BYTES_LIMIT`.
+    pub max_message_bytes: u32,
+}
+
+impl TopicConfig {
+    /// Builds a config from request values, where `max_message_bytes == 0` means the default.
+    ///
+    /// Errors with [`Error::InvalidArgument`] naming the bad field and the allowed range.
+    pub fn new(partitions: u32, max_message_bytes: u32) -> Result<Self, Error> {
+        if partitions == 0 || partitions > MAX_PARTITIONS {
+            return Err(Error::InvalidArgument(format!(
+                "partitions must be between 1 and {MAX_PARTITIONS}, got {partitions}"
+            )));
+        }
+        let max_message_bytes = if max_message_bytes == 0 {
+            DEFAULT_MAX_MESSAGE_BYTES
+        } else {
+            max_message_bytes
+        };
+        if max_message_bytes > MAX_MESSAGE_BYTES_LIMIT {
+            return Err(Error::InvalidArgument(format!(
+                "max_message_bytes must be at most {MAX_MESSAGE_BYTES_LIMIT} (16 MiB), got {max_message_bytes}"
+            )));
+        }
+        Ok(Self {
+            partitions,
+            max_message_bytes,
+        })
+    }
+}
+
+/// Checks a topic name against Kafka's rule: 1 to 249 characters of `[a-zA-Z0-9._-]`, and
+/// neither `.` nor `..`.
+pub fn validate_name(name: &str) -> Result<(), Error> {
+    let bad = |why: &str| {
+        Err(Error::InvalidArgument(format!(
+            "invalid topic name {name:?}: {why}; use 1 to {MAX_NAME_LEN} characters of a-z, A-Z, 0-9, '.', '_' and '-'"
+        )))
+    };
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.len() > MAX_NAME_LEN {
+        return bad(&format!("it is {} characters long", name.len()));
+    }
+    if name == "." || name == ".." {
+        return bad("'.' and '..' are reserved");
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return bad(&format!("{c:?} is not allowed"));
+    }
+    Ok(())
+}
+
+/// Stored form of a topic in the metadata keyspace (JSON under `t/<name>`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct TopicMeta {
+    pub id: u32,
+    pub name: String,
+    pub config: TopicConfig,
+    pub created_at_ms: i64,
+}
+
+/// A topic in memory.
+#[derive(Debug)]
+pub struct Topic {
+    /// Internal id, never reused; prefixes the record keys of the topic's partitions.
+    pub id: u32,
+    /// Name as given at creation.
+    pub name: String,
+    /// Creation time, ms since the epoch.
+    pub created_at_ms: i64,
+    /// Current settings; changed only by the writer thread.
+    pub(crate) config: RwLock<TopicConfig>,
+    /// Partitions by index; grows only, and only on the writer thread.
+    pub(crate) partitions: RwLock<Vec<std::sync::Arc<Partition>>>,
+    /// Round-robin cursor for unkeyed records (sticky per request).
+    pub(crate) next_unkeyed: AtomicU32,
+}
+
+impl Topic {
+    /// Current settings.
+    pub fn config(&self) -> TopicConfig {
+        *self.config.read()
+    }
+
+    /// Partition `index`, or [`Error::PartitionNotFound`].
+    pub fn partition(&self, index: u32) -> Result<std::sync::Arc<Partition>, Error> {
+        let parts = self.partitions.read();
+        parts
+            .get(index as usize)
+            .cloned()
+            .ok_or_else(|| Error::PartitionNotFound {
+                topic: self.name.clone(),
+                partition: index,
+                partitions: parts.len() as u32,
+            })
+    }
+
+    /// All partitions, in index order.
+    pub fn partitions(&self) -> Vec<std::sync::Arc<Partition>> {
+        self.partitions.read().clone()
+    }
+}
+
+/// Live state of one partition, shared by the writer (who advances it) and readers.
+#[derive(Debug)]
+pub struct Partition {
+    /// Name of the owning topic (for errors and logs).
+    pub topic: String,
+    /// Index inside the topic.
+    pub index: u32,
+    /// `topic id ‖ partition index`, big-endian: the prefix of every record key.
+    pub(crate) prefix: [u8; 8],
+    /// Offset after the last durable batch (Kafka's high watermark); readers stop here.
+    pub(crate) next_offset: AtomicU64,
+    /// First offset still stored.
+    pub(crate) earliest_offset: AtomicU64,
+    /// Bytes of stored batches.
+    pub(crate) bytes: AtomicU64,
+    /// Offset the writer gives the next batch; ahead of `next_offset` while a commit runs.
+    /// Touched only by the writer thread.
+    pub(crate) assigned_next: AtomicU64,
+    /// Set when the topic is deleted, so late appends fail instead of writing.
+    pub(crate) deleted: AtomicBool,
+    /// Publishes `next_offset` to long-polling fetches.
+    pub(crate) durable: watch::Sender<u64>,
+}
+
+impl Partition {
+    pub(crate) fn new(topic: &str, topic_id: u32, index: u32, state: PartitionMeta) -> Self {
+        let mut prefix = [0u8; 8];
+        prefix[..4].copy_from_slice(&topic_id.to_be_bytes());
+        prefix[4..].copy_from_slice(&index.to_be_bytes());
+        Self {
+            topic: topic.to_owned(),
+            index,
+            prefix,
+            next_offset: AtomicU64::new(state.next_offset),
+            earliest_offset: AtomicU64::new(state.earliest_offset),
+            bytes: AtomicU64::new(state.bytes),
+            assigned_next: AtomicU64::new(state.next_offset),
+            deleted: AtomicBool::new(false),
+            durable: watch::Sender::new(state.next_offset),
+        }
+    }
+
+    /// Offset the next record will get; every offset below it is durable.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset.load(Ordering::Acquire)
+    }
+
+    /// First offset still stored.
+    pub fn earliest_offset(&self) -> u64 {
+        self.earliest_offset.load(Ordering::Acquire)
+    }
+
+    /// Bytes of stored batches.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// A receiver that sees `next_offset` each time a commit makes more records durable.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.durable.subscribe()
+    }
+
+    /// Record key of the batch starting at `base_offset`: prefix ‖ offset (big-endian).
+    pub(crate) fn key(&self, base_offset: u64) -> [u8; 16] {
+        record_key(self.prefix, base_offset)
+    }
+
+    /// Metadata key of this partition: `p/` ‖ prefix.
+    pub(crate) fn meta_key(&self) -> [u8; 10] {
+        partition_meta_key(self.prefix)
+    }
+
+    pub(crate) fn meta(&self) -> PartitionMeta {
+        PartitionMeta {
+            next_offset: self.assigned_next.load(Ordering::Relaxed),
+            earliest_offset: self.earliest_offset(),
+            bytes: self.bytes(),
+        }
+    }
+}
+
+pub(crate) fn record_key(prefix: [u8; 8], offset: u64) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&prefix);
+    key[8..].copy_from_slice(&offset.to_be_bytes());
+    key
+}
+
+pub(crate) fn partition_meta_key(prefix: [u8; 8]) -> [u8; 10] {
+    let mut key = [0u8; 10];
+    key[..2].copy_from_slice(b"p/");
+    key[2..].copy_from_slice(&prefix);
+    key
+}
+
+/// Stored per-partition counters, written in the same atomic fjall batch as the records they
+/// describe, so start-up reads them instead of scanning the log. 24 bytes, little-endian.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct PartitionMeta {
+    pub next_offset: u64,
+    pub earliest_offset: u64,
+    pub bytes: u64,
+}
+
+impl PartitionMeta {
+    pub fn encode(self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[..8].copy_from_slice(&self.next_offset.to_le_bytes());
+        b[8..16].copy_from_slice(&self.earliest_offset.to_le_bytes());
+        b[16..].copy_from_slice(&self.bytes.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        let n = |r: std::ops::Range<usize>| -> Option<u64> {
+            Some(u64::from_le_bytes(b.get(r)?.try_into().ok()?))
+        };
+        Some(Self {
+            next_offset: n(0..8)?,
+            earliest_offset: n(8..16)?,
+            bytes: n(16..24)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_kafka_rules() {
+        for ok in ["orders", "a", "logs.v1_app-2", &"x".repeat(249)] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "has space",
+            "slash/no",
+            "ünï",
+            &"x".repeat(250),
+        ] {
+            let err = validate_name(bad).expect_err(bad).to_string();
+            assert!(err.contains("invalid topic name"), "{err}");
+        }
+    }
+
+    #[test]
+    fn config_bounds_are_enforced_with_the_range_in_the_message() {
+        assert!(
+            TopicConfig::new(0, 0)
+                .expect_err("zero")
+                .to_string()
+                .contains("between 1 and 1024")
+        );
+        assert!(TopicConfig::new(1025, 0).is_err());
+        assert!(TopicConfig::new(1, MAX_MESSAGE_BYTES_LIMIT + 1).is_err());
+        assert_eq!(
+            TopicConfig::new(3, 0).expect("valid").max_message_bytes,
+            DEFAULT_MAX_MESSAGE_BYTES
+        );
+    }
+
+    #[test]
+    fn record_keys_sort_by_partition_then_offset() {
+        let a = record_key([0, 0, 0, 1, 0, 0, 0, 0], 255);
+        let b = record_key([0, 0, 0, 1, 0, 0, 0, 0], 256);
+        let c = record_key([0, 0, 0, 1, 0, 0, 0, 1], 0);
+        assert!(a < b && b < c);
+    }
+
+    #[test]
+    fn partition_meta_round_trips() {
+        let m = PartitionMeta {
+            next_offset: 9,
+            earliest_offset: 3,
+            bytes: 1 << 40,
+        };
+        assert_eq!(PartitionMeta::decode(&m.encode()), Some(m));
+        assert_eq!(PartitionMeta::decode(&[0; 23]), None);
+    }
+}

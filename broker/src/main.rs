@@ -1,0 +1,81 @@
+//! `weir-broker`: parses flags, opens the log, serves until SIGTERM or SIGINT.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tokio::net::TcpListener;
+use weir_broker::{
+    config::{Config, LogFormat},
+    log::{Log, LogOptions},
+    server,
+};
+
+fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    init_tracing(config.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("weir-rt")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    let options = LogOptions {
+        cache_bytes: config.cache_size.as_u64(),
+        ..LogOptions::default()
+    };
+    let dir = config.data_dir.clone();
+    let log = tokio::task::spawn_blocking(move || Log::open(&dir, &options))
+        .await
+        .context("opening the log")??;
+    let log = Arc::new(log);
+    let grpc = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding gRPC address {}", config.listen))?;
+    let http = TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| format!("binding HTTP address {}", config.http_listen))?;
+
+    let mut failed = log.failed();
+    tokio::spawn(async move {
+        if let Ok(reason) = failed.wait_for(Option::is_some).await {
+            tracing::error!(reason = ?*reason, "storage failed; exiting so the broker restarts and recovers");
+            std::process::exit(1);
+        }
+    });
+    server::run(log, grpc, http, shutdown_signal(), config.shutdown_timeout).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the broker");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

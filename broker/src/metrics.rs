@@ -1,0 +1,223 @@
+//! Prometheus metrics and the HTTP port (`--http-listen`): `/metrics`, `/healthz`, `/readyz`.
+//!
+//! This module owns metric names and the HTTP server; it reads the log's counters but never
+//! changes the log. Names follow Prometheus conventions (`_total` counters, base units:
+//! seconds and bytes).
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::log::Log;
+
+/// The broker's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    produce_requests: Counter,
+    produce_errors: Counter,
+    produce_records: Counter,
+    produce_latency: Histogram,
+    fetch_requests: Counter,
+    fetch_records: Counter,
+    commits: Counter,
+    committed_records: Counter,
+    committed_bytes: Counter,
+    stored_messages: Gauge,
+    stored_bytes: Gauge,
+    disk_bytes: Gauge,
+    topics: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric under the `weir_` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("weir");
+        let produce_latency = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 2.0, 18),
+        );
+        let m = Self {
+            produce_requests: Counter::default(),
+            produce_errors: Counter::default(),
+            produce_records: Counter::default(),
+            produce_latency,
+            fetch_requests: Counter::default(),
+            fetch_records: Counter::default(),
+            commits: Counter::default(),
+            committed_records: Counter::default(),
+            committed_bytes: Counter::default(),
+            stored_messages: Gauge::default(),
+            stored_bytes: Gauge::default(),
+            disk_bytes: Gauge::default(),
+            topics: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "produce_requests",
+            "Produce requests handled",
+            m.produce_requests.clone(),
+        );
+        registry.register(
+            "produce_errors",
+            "Produce requests that failed",
+            m.produce_errors.clone(),
+        );
+        registry.register(
+            "produce_records",
+            "Records acknowledged",
+            m.produce_records.clone(),
+        );
+        registry.register(
+            "produce_latency_seconds",
+            "Time from produce request to durable ack",
+            m.produce_latency.clone(),
+        );
+        registry.register(
+            "fetch_requests",
+            "Fetch requests handled",
+            m.fetch_requests.clone(),
+        );
+        registry.register(
+            "fetch_records",
+            "Records returned by fetches",
+            m.fetch_records.clone(),
+        );
+        registry.register(
+            "log_commits",
+            "Group commits (one fjall batch and one fsync each)",
+            m.commits.clone(),
+        );
+        registry.register(
+            "log_committed_records",
+            "Records written by group commits",
+            m.committed_records.clone(),
+        );
+        registry.register(
+            "log_committed_bytes",
+            "Batch bytes written by group commits",
+            m.committed_bytes.clone(),
+        );
+        registry.register(
+            "stored_messages",
+            "Records stored over all partitions",
+            m.stored_messages.clone(),
+        );
+        registry.register(
+            "stored_bytes",
+            "Batch bytes stored over all partitions",
+            m.stored_bytes.clone(),
+        );
+        registry.register(
+            "disk_bytes",
+            "Bytes the data directory's database uses on disk",
+            m.disk_bytes.clone(),
+        );
+        registry.register("topics", "Topics on this broker", m.topics.clone());
+        Self { registry, ..m }
+    }
+
+    /// Counts a produce request of `records` records that started at `started`.
+    pub fn observe_produce(&self, records: usize, started: Instant, ok: bool) {
+        self.produce_requests.inc();
+        if ok {
+            self.produce_records.inc_by(records as u64);
+            self.produce_latency
+                .observe(started.elapsed().as_secs_f64());
+        } else {
+            self.produce_errors.inc();
+        }
+    }
+
+    /// Counts a fetch that returned `records` records.
+    pub fn observe_fetch(&self, records: usize) {
+        self.fetch_requests.inc();
+        self.fetch_records.inc_by(records as u64);
+    }
+
+    /// Prometheus text exposition of every metric, with log figures read now.
+    pub fn render(&self, log: &Log) -> String {
+        let w = log.writer_stats();
+        let set = |c: &Counter, v: u64| {
+            let cur = c.get();
+            if v > cur {
+                c.inc_by(v - cur);
+            }
+        };
+        set(&self.commits, w.commits.load(Ordering::Relaxed));
+        set(&self.committed_records, w.records.load(Ordering::Relaxed));
+        set(&self.committed_bytes, w.bytes.load(Ordering::Relaxed));
+        let topics = log.topics();
+        let (mut messages, mut bytes) = (0u64, 0u64);
+        for t in &topics {
+            for p in t.partitions() {
+                messages += crate::log::partition_messages(&p);
+                bytes += p.bytes();
+            }
+        }
+        let gauge = |g: &Gauge, v: u64| g.set(i64::try_from(v).unwrap_or(i64::MAX));
+        gauge(&self.stored_messages, messages);
+        gauge(&self.stored_bytes, bytes);
+        gauge(&self.disk_bytes, log.disk_space());
+        gauge(&self.topics, topics.len() as u64);
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    log: Arc<Log>,
+    metrics: Arc<Metrics>,
+    ready: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The HTTP router: `/metrics` (Prometheus text), `/healthz` (200 while the process runs),
+/// `/readyz` (200 once serving, 503 while starting or shutting down).
+pub fn router(
+    log: Arc<Log>,
+    metrics: Arc<Metrics>,
+    ready: tokio::sync::watch::Receiver<bool>,
+) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready_handler))
+        .with_state(HttpState {
+            log,
+            metrics,
+            ready,
+        })
+}
+
+async fn metrics_handler(State(s): State<HttpState>) -> impl IntoResponse {
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(&s.log),
+    )
+}
+
+async fn ready_handler(State(s): State<HttpState>) -> impl IntoResponse {
+    if *s.ready.borrow() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}

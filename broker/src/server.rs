@@ -1,0 +1,145 @@
+//! Serving: binds nothing itself (callers pass listeners, so tests can bind port 0), runs the
+//! gRPC and HTTP servers, and shuts down gracefully.
+//!
+//! Shutdown order: mark not ready and NOT_SERVING, stop accepting, end open streams, wait
+//! for in-flight requests (up to a timeout), then commit and persist everything queued.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use weir_proto::v1::{
+    FILE_DESCRIPTOR_SET, admin_server::AdminServer, consumer_server::ConsumerServer,
+    producer_server::ProducerServer,
+};
+
+use crate::{
+    grpc::{AdminService, ConsumerService, Context, MAX_MESSAGE_BYTES, ProducerService},
+    log::Log,
+    metrics::{self, Metrics},
+};
+
+/// Errors of serving.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The reflection service could not load the descriptor set.
+    #[error("building the reflection service: {0}")]
+    BuildReflection(#[from] tonic_reflection::server::Error),
+    /// The gRPC server failed.
+    #[error("serving gRPC: {0}")]
+    ServeGrpc(#[from] tonic::transport::Error),
+    /// The HTTP server failed.
+    #[error("serving HTTP: {0}")]
+    ServeHttp(#[source] std::io::Error),
+    /// Persisting at shutdown failed.
+    #[error("closing the log: {0}")]
+    CloseLog(#[from] crate::log::Error),
+}
+
+/// Serves `log` on the given listeners until `shutdown` resolves, then shuts down
+/// gracefully: requests in flight finish (at most `grace`), the log commits what is queued
+/// and persists.
+pub async fn run(
+    log: Arc<Log>,
+    grpc: TcpListener,
+    http: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    grace: Duration,
+) -> Result<(), Error> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let metrics = Arc::new(Metrics::new());
+    let ctx = Context {
+        log: Arc::clone(&log),
+        shutdown: stop_rx.clone(),
+        metrics: Arc::clone(&metrics),
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AdminServer<AdminService>>().await;
+    health
+        .set_serving::<ProducerServer<ProducerService>>()
+        .await;
+    health
+        .set_serving::<ConsumerServer<ConsumerService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let grpc_addr = grpc.local_addr().ok();
+    let http_addr = http.local_addr().ok();
+    let mut stop_grpc = stop_rx.clone();
+    let grpc_server = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(
+            AdminServer::new(AdminService::new(ctx.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            ProducerServer::new(ProducerService::new(ctx.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            ConsumerServer::new(ConsumerService::new(ctx.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+            let _ = stop_grpc.wait_for(|s| *s).await;
+        });
+    let mut stop_http = stop_rx.clone();
+    let http_server = axum::serve(http, metrics::router(Arc::clone(&log), metrics, ready_rx))
+        .with_graceful_shutdown(async move {
+            let _ = stop_http.wait_for(|s| *s).await;
+        });
+    let grpc_task = tokio::spawn(grpc_server);
+    let http_task = tokio::spawn(async move { http_server.await });
+    ready_tx.send_replace(true);
+    tracing::info!(
+        grpc = ?grpc_addr,
+        http = ?http_addr,
+        "broker ready"
+    );
+
+    shutdown.await;
+    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    ready_tx.send_replace(false);
+    health.set_not_serving::<AdminServer<AdminService>>().await;
+    health
+        .set_not_serving::<ProducerServer<ProducerService>>()
+        .await;
+    health
+        .set_not_serving::<ConsumerServer<ConsumerService>>()
+        .await;
+    stop_tx.send_replace(true);
+    let drained = tokio::time::timeout(grace, async {
+        let g = grpc_task.await;
+        let h = http_task.await;
+        (g, h)
+    })
+    .await;
+    match drained {
+        Ok((Ok(Err(e)), _)) => tracing::warn!(error = %e, "gRPC server ended with an error"),
+        Ok((_, Ok(Err(e)))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
+        Ok(_) => {}
+        Err(_) => tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "in-flight requests did not finish in time"
+        ),
+    }
+    log.close().await?;
+    tracing::info!("log persisted; bye");
+    Ok(())
+}
