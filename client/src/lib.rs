@@ -1,1 +1,379 @@
-//! placeholder
+//! Rust client of the Weir message broker.
+//!
+//! [`Client`] wraps the `weir.v1` services: topic administration, unary and pipelined
+//! produce ([`Client::produce_stream`]), and fetch. It adds no state of its own beyond the
+//! gRPC channel, so it is cheap to clone and share.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), weir_client::Error> {
+//! use weir_client::{Client, Record};
+//! let client = Client::connect("http://127.0.0.1:7070").await?;
+//! client.create_topic("orders", 4, 0).await?;
+//! let acks = client
+//!     .produce("orders", None, vec![Record::keyed("order-17", "paid")])
+//!     .await?;
+//! let fetched = client.fetch("orders", acks[0].partition, acks[0].base_offset, 0, 0).await?;
+//! # Ok(()) }
+//! ```
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    Code, Status, Streaming,
+    transport::{Channel, Endpoint},
+};
+pub use weir_proto::v1 as pb;
+use weir_proto::v1::{
+    admin_client::AdminClient, consumer_client::ConsumerClient, producer_client::ProducerClient,
+};
+
+/// Largest gRPC message the client sends or accepts: 64 MiB, as the broker.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The broker URL did not parse.
+    #[error("invalid broker URL {url:?}: {source}; expected e.g. http://127.0.0.1:7070")]
+    InvalidUrl {
+        /// The URL given.
+        url: String,
+        /// Parser error.
+        source: tonic::transport::Error,
+    },
+    /// The broker could not be reached.
+    #[error("cannot connect to the broker at {url}: {source}")]
+    Connect {
+        /// The URL given.
+        url: String,
+        /// Transport error.
+        source: tonic::transport::Error,
+    },
+    /// The broker answered with an error status.
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Status(Status),
+    /// A response lacked a field the contract requires.
+    #[error("malformed response from the broker: {0}")]
+    Malformed(&'static str),
+    /// The stream to the broker closed.
+    #[error("the produce stream to the broker closed")]
+    StreamClosed,
+}
+
+impl From<Status> for Error {
+    fn from(status: Status) -> Self {
+        Self::Status(status)
+    }
+}
+
+impl Error {
+    /// The gRPC status code when the broker refused the request.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            Self::Status(s) => Some(s.code()),
+            _ => None,
+        }
+    }
+}
+
+/// Upper-snake name of a gRPC code, as in the gRPC spec (`NOT_FOUND`, `DATA_LOSS`, …).
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// A record to produce (re-exported wire type with helpers).
+pub type Record = pb::Record;
+
+/// Helpers to build records.
+pub trait RecordExt {
+    /// A record with only a value.
+    fn value(value: impl Into<Bytes>) -> Self;
+    /// A record with a key and a value.
+    fn keyed(key: impl Into<Bytes>, value: impl Into<Bytes>) -> Self;
+}
+
+impl RecordExt for Record {
+    fn value(value: impl Into<Bytes>) -> Self {
+        Self {
+            value: value.into(),
+            ..Self::default()
+        }
+    }
+    fn keyed(key: impl Into<Bytes>, value: impl Into<Bytes>) -> Self {
+        Self {
+            key: Some(key.into()),
+            value: value.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// A connection to one broker.
+#[derive(Debug, Clone)]
+pub struct Client {
+    admin: AdminClient<Channel>,
+    producer: ProducerClient<Channel>,
+    consumer: ConsumerClient<Channel>,
+}
+
+impl Client {
+    /// Connects to the broker at `url` (e.g. `http://127.0.0.1:7070`).
+    pub async fn connect(url: &str) -> Result<Self, Error> {
+        let endpoint =
+            Endpoint::from_shared(url.to_owned()).map_err(|source| Error::InvalidUrl {
+                url: url.to_owned(),
+                source,
+            })?;
+        let channel = endpoint
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|source| Error::Connect {
+                url: url.to_owned(),
+                source,
+            })?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// A client over an existing channel.
+    pub fn from_channel(channel: Channel) -> Self {
+        Self {
+            admin: AdminClient::new(channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            producer: ProducerClient::new(channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            consumer: ConsumerClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        }
+    }
+
+    /// Creates topic `name` with `partitions` partitions and a per-record size limit in bytes
+    /// (0 for the broker default, 1 MiB). Idempotent with identical settings.
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        max_message_bytes: u32,
+    ) -> Result<pb::TopicDescription, Error> {
+        let resp = self
+            .admin
+            .clone()
+            .create_topic(pb::CreateTopicRequest {
+                name: name.to_owned(),
+                config: Some(pb::TopicConfig {
+                    partitions,
+                    max_message_bytes,
+                }),
+            })
+            .await?
+            .into_inner();
+        resp.topic
+            .ok_or(Error::Malformed("CreateTopicResponse.topic"))
+    }
+
+    /// Replaces the settings of topic `name`; partitions only grow.
+    pub async fn update_topic(
+        &self,
+        name: &str,
+        config: pb::TopicConfig,
+    ) -> Result<pb::TopicDescription, Error> {
+        let resp = self
+            .admin
+            .clone()
+            .update_topic(pb::UpdateTopicRequest {
+                name: name.to_owned(),
+                config: Some(config),
+            })
+            .await?
+            .into_inner();
+        resp.topic
+            .ok_or(Error::Malformed("UpdateTopicResponse.topic"))
+    }
+
+    /// Deletes topic `name` and its records.
+    pub async fn delete_topic(&self, name: &str) -> Result<(), Error> {
+        self.admin
+            .clone()
+            .delete_topic(pb::DeleteTopicRequest {
+                name: name.to_owned(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Settings and live figures of topic `name`.
+    pub async fn describe_topic(&self, name: &str) -> Result<pb::TopicDescription, Error> {
+        let resp = self
+            .admin
+            .clone()
+            .describe_topic(pb::DescribeTopicRequest {
+                name: name.to_owned(),
+            })
+            .await?
+            .into_inner();
+        resp.topic
+            .ok_or(Error::Malformed("DescribeTopicResponse.topic"))
+    }
+
+    /// Every topic, sorted by name.
+    pub async fn list_topics(&self) -> Result<Vec<pb::TopicDescription>, Error> {
+        Ok(self
+            .admin
+            .clone()
+            .list_topics(pb::ListTopicsRequest {})
+            .await?
+            .into_inner()
+            .topics)
+    }
+
+    /// Produces `records` to `topic` (to `partition` when given, else by key / round robin)
+    /// and returns one ack per partition once durable.
+    pub async fn produce(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        records: Vec<Record>,
+    ) -> Result<Vec<pb::PartitionAck>, Error> {
+        Ok(self
+            .producer
+            .clone()
+            .produce(pb::ProduceRequest {
+                topic: topic.to_owned(),
+                partition,
+                records,
+            })
+            .await?
+            .into_inner()
+            .acks)
+    }
+
+    /// Opens a pipelined produce stream: send requests with [`ProduceSender::send`] without
+    /// waiting, and read one response per request, in order, from [`ProduceReceiver`].
+    /// `window` bounds the requests queued on the client side.
+    pub async fn produce_stream(
+        &self,
+        window: usize,
+    ) -> Result<(ProduceSender, ProduceReceiver), Error> {
+        let (tx, rx) = mpsc::channel(window.max(1));
+        let inbound = self
+            .producer
+            .clone()
+            .produce_stream(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok((
+            ProduceSender { tx, next_id: 0 },
+            ProduceReceiver { inbound },
+        ))
+    }
+
+    /// Fetches records of `topic`/`partition` from `offset`; waits up to `max_wait_ms` for
+    /// one when none is there yet. `max_bytes` 0 means 1 MiB.
+    pub async fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+        max_wait_ms: u32,
+    ) -> Result<pb::FetchResponse, Error> {
+        Ok(self
+            .consumer
+            .clone()
+            .fetch(pb::FetchRequest {
+                topic: topic.to_owned(),
+                partition,
+                offset,
+                max_bytes,
+                max_records: 0,
+                max_wait_ms,
+            })
+            .await?
+            .into_inner())
+    }
+}
+
+/// Sending half of a produce stream.
+#[derive(Debug)]
+pub struct ProduceSender {
+    tx: mpsc::Sender<pb::ProduceStreamRequest>,
+    next_id: u64,
+}
+
+impl ProduceSender {
+    /// Queues a produce request; returns its request id. Waits only when the window is full.
+    pub async fn send(
+        &mut self,
+        topic: &str,
+        partition: Option<u32>,
+        records: Vec<Record>,
+    ) -> Result<u64, Error> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.tx
+            .send(pb::ProduceStreamRequest {
+                request_id: id,
+                request: Some(pb::ProduceRequest {
+                    topic: topic.to_owned(),
+                    partition,
+                    records,
+                }),
+            })
+            .await
+            .map_err(|_| Error::StreamClosed)?;
+        Ok(id)
+    }
+}
+
+/// Receiving half of a produce stream: responses in request order.
+#[derive(Debug)]
+pub struct ProduceReceiver {
+    inbound: Streaming<pb::ProduceStreamResponse>,
+}
+
+impl ProduceReceiver {
+    /// The next response: `(request id, acks)`, or the request's error as
+    /// [`Error::Status`]. `None` once the stream has ended.
+    pub async fn next(&mut self) -> Option<(u64, Result<Vec<pb::PartitionAck>, Error>)> {
+        match self.inbound.message().await {
+            Ok(Some(resp)) => {
+                let id = resp.request_id;
+                Some((
+                    id,
+                    match resp.result {
+                        Some(pb::produce_stream_response::Result::Ack(a)) => Ok(a.acks),
+                        Some(pb::produce_stream_response::Result::Error(e)) => {
+                            Err(Error::Status(Status::new(Code::from(e.code), e.message)))
+                        }
+                        None => Err(Error::Malformed("ProduceStreamResponse.result")),
+                    },
+                ))
+            }
+            Ok(None) => None,
+            Err(status) => Some((u64::MAX, Err(Error::Status(status)))),
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! `weir consume` without a group: reads partitions from an offset and writes one message
+//! per line (the value, then `\n`), or one JSON object per line with `--output json`.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, ValueEnum};
+use tokio::{
+    io::{AsyncWriteExt, BufWriter},
+    sync::mpsc,
+};
+use weir_client::{Client, pb};
+
+use crate::Output;
+
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    /// Topic to consume.
+    topic: String,
+    /// Read only this partition (default: all).
+    #[arg(long)]
+    partition: Option<u32>,
+    /// Start at this offset (in every partition read); overrides --from.
+    #[arg(long)]
+    offset: Option<u64>,
+    /// Where to start when --offset is not given.
+    #[arg(long, value_enum, default_value_t = From::Earliest)]
+    from: From,
+    /// Stop after this many messages.
+    #[arg(long)]
+    max_messages: Option<u64>,
+    /// Stop when no message arrived for this long, e.g. `2s` (default: wait forever).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
+}
+
+/// Start position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum From {
+    /// The first stored message.
+    Earliest,
+    /// Only messages produced from now on.
+    Latest,
+}
+
+/// Longest one fetch waits on the broker.
+const FETCH_WAIT_MS: u32 = 1000;
+
+pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::Result<()> {
+    let topic = client.describe_topic(&args.topic).await?;
+    let partitions: Vec<&pb::PartitionStats> = match args.partition {
+        Some(p) => vec![
+            topic
+                .partitions
+                .iter()
+                .find(|s| s.partition == p)
+                .with_context(|| {
+                    format!(
+                        "topic {} has partitions 0..{}, there is no partition {p}",
+                        topic.name,
+                        topic.partitions.len()
+                    )
+                })?,
+        ],
+        None => topic.partitions.iter().collect(),
+    };
+    let (tx, mut rx) = mpsc::channel::<anyhow::Result<(u32, Vec<pb::StoredRecord>)>>(64);
+    for p in partitions {
+        let start = match (args.offset, args.from) {
+            (Some(o), _) => o,
+            (None, From::Earliest) => p.earliest_offset,
+            (None, From::Latest) => p.next_offset,
+        };
+        let client = client.clone();
+        let tx = tx.clone();
+        let name = topic.name.clone();
+        let partition = p.partition;
+        tokio::spawn(async move {
+            let mut offset = start;
+            loop {
+                match client
+                    .fetch(&name, partition, offset, 0, FETCH_WAIT_MS)
+                    .await
+                {
+                    Ok(resp) => {
+                        if let Some(last) = resp.records.last() {
+                            offset = last.offset + 1;
+                            if tx.send(Ok((partition, resp.records))).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(anyhow::anyhow!(
+                                "fetching {name}/{partition} at offset {offset}: {e}"
+                            )))
+                            .await;
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    drop(tx);
+
+    let mut out = BufWriter::with_capacity(1 << 20, tokio::io::stdout());
+    let mut count = 0u64;
+    let max = args.max_messages.unwrap_or(u64::MAX);
+    while count < max {
+        let next = match args.idle_timeout {
+            Some(idle) => match tokio::time::timeout(idle, rx.recv()).await {
+                Ok(n) => n,
+                Err(_) => break,
+            },
+            None => rx.recv().await,
+        };
+        let Some(item) = next else { break };
+        let (partition, records) = item?;
+        for r in records {
+            if count >= max {
+                break;
+            }
+            let rec = r.record.unwrap_or_default();
+            match output {
+                Output::Human => {
+                    out.write_all(&rec.value).await?;
+                    out.write_all(b"\n").await?;
+                }
+                Output::Json => {
+                    let v = serde_json::json!({
+                        "partition": partition,
+                        "offset": r.offset,
+                        "timestampMs": rec.timestamp_ms,
+                        "key": rec.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
+                        "value": String::from_utf8_lossy(&rec.value),
+                    });
+                    out.write_all(v.to_string().as_bytes()).await?;
+                    out.write_all(b"\n").await?;
+                }
+            }
+            count += 1;
+        }
+        if rx.is_empty() {
+            out.flush().await?;
+        }
+    }
+    out.flush().await?;
+    Ok(())
+}

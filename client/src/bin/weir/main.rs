@@ -1,0 +1,86 @@
+//! `weir`: the command-line client of the Weir broker.
+//!
+//! Exit codes: 0 ok, 1 error (one line on stderr), 2 usage error.
+
+mod bench;
+mod consume;
+mod produce;
+mod topic;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use weir_client::Client;
+
+/// Command-line client of the Weir message broker.
+#[derive(Debug, Parser)]
+#[command(name = "weir", version)]
+struct Cli {
+    /// Broker gRPC URL.
+    #[arg(
+        long,
+        global = true,
+        env = "WEIR_BROKER",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    broker: String,
+
+    /// Output for humans (`human`) or one JSON document per line for scripts (`json`).
+    #[arg(long, global = true, value_enum, default_value_t = Output::Human)]
+    output: Output,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Text for people.
+    Human,
+    /// JSON for scripts.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, list, describe or delete topics.
+    #[command(subcommand)]
+    Topic(topic::TopicCommand),
+    /// Produce one message per input line (stdin by default).
+    Produce(produce::ProduceArgs),
+    /// Consume messages, one per output line.
+    Consume(consume::ConsumeArgs),
+    /// Load tests; print a table of their figures.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("weir: starting the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weir: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = Client::connect(&cli.broker).await?;
+    match cli.command {
+        Command::Topic(cmd) => topic::run(&client, cmd, cli.output).await,
+        Command::Produce(args) => produce::run(&client, args, cli.output).await,
+        Command::Consume(args) => consume::run(&client, args, cli.output).await,
+        Command::Bench(cmd) => bench::run(&client, cmd, cli.output).await,
+    }
+}
