@@ -74,8 +74,12 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let grpc_addr = grpc.local_addr().ok();
-    let http_addr = http.local_addr().ok();
+    let grpc_addr = grpc
+        .local_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string());
+    let http_addr = http
+        .local_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string());
     let mut stop_grpc = stop_rx.clone();
     let grpc_server = Server::builder()
         .add_service(health_service)
@@ -107,11 +111,7 @@ pub async fn run(
     let grpc_task = tokio::spawn(grpc_server);
     let http_task = tokio::spawn(async move { http_server.await });
     ready_tx.send_replace(true);
-    tracing::info!(
-        grpc = ?grpc_addr,
-        http = ?http_addr,
-        "broker ready"
-    );
+    tracing::info!(grpc_addr, http_addr, "broker ready");
 
     shutdown.await;
     tracing::info!("shutting down: no new connections, finishing in-flight requests");

@@ -1,1 +1,307 @@
-//! placeholder
+//! Harness of Weir's end-to-end tests: real broker processes on loopback, the real `weir`
+//! CLI, and real tools (grpcurl) built from pinned sources.
+//!
+//! - [`Broker`] starts `weir-broker` on `127.0.0.1:0` with its own data directory, reads the
+//!   bound address from its JSON log, and can be killed (SIGKILL), stopped (SIGTERM) and
+//!   restarted on the same directory.
+//! - [`bin`] returns the path of a workspace binary, building it once per test run.
+//! - [`grpcurl`] returns a grpcurl binary, built with `go install` at a pinned version into
+//!   `~/.cache/weir/tools` on first use.
+//! - [`loghub`] reads the Loghub samples in `tests/data/loghub`.
+//!
+//! A missing tool or binary fails the test with what to do; nothing is skipped.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, OnceLock, mpsc},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+
+/// Path of the workspace binary `name` (`weir-broker` or `weir`) in the profile the tests
+/// were built with. The first call runs `cargo build` for both binaries, which is a no-op
+/// when they are fresh.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        // Test executables live in <target>/<profile>/deps.
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .ok_or("test executable has no profile directory")?
+            .to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--bins", "-p", "weir-broker", "-p", "weir-client"]);
+        if release {
+            cmd.arg("--release");
+        }
+        if let Some(target) = profile_dir.parent() {
+            cmd.env("CARGO_TARGET_DIR", target);
+        }
+        let status = cmd
+            .status()
+            .map_err(|e| format!("running cargo build: {e}"))?;
+        if !status.success() {
+            return Err(format!("cargo build of the binaries failed: {status}"));
+        }
+        Ok(profile_dir)
+    });
+    match dir {
+        Ok(d) => d.join(name),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// grpcurl version the tests use.
+pub const GRPCURL_VERSION: &str = "v1.9.3";
+
+/// Path of a grpcurl binary, built from Go modules with `go install` at
+/// [`GRPCURL_VERSION`] into `$WEIR_CACHE/tools` (default `~/.cache/weir/tools`) on first use.
+pub fn grpcurl() -> anyhow::Result<PathBuf> {
+    let cache = cache_dir()
+        .join("tools")
+        .join(format!("grpcurl-{GRPCURL_VERSION}"));
+    let path = cache.join("grpcurl");
+    if path.exists() {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(&cache)?;
+    let status = Command::new("go")
+        .args([
+            "install",
+            &format!("github.com/fullstorydev/grpcurl/cmd/grpcurl@{GRPCURL_VERSION}"),
+        ])
+        .env("GOBIN", &cache)
+        .env("GOFLAGS", "-modcacherw")
+        .status()
+        .context("running `go install` for grpcurl (is Go installed?)")?;
+    if !status.success() || !path.exists() {
+        bail!("building grpcurl {GRPCURL_VERSION} with go install failed: {status}");
+    }
+    Ok(path)
+}
+
+/// Cache directory for tools: `$WEIR_CACHE`, else `~/.cache/weir`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("WEIR_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map_or_else(std::env::temp_dir, PathBuf::from);
+    home.join(".cache").join("weir")
+}
+
+/// Directory of the Loghub samples.
+pub fn loghub_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data")
+        .join("loghub")
+}
+
+/// Bytes of the Loghub sample `name` (e.g. `Apache_2k.log`).
+pub fn loghub(name: &str) -> Vec<u8> {
+    let path = loghub_dir().join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// Splits input into messages the way `weir produce` does: the bytes up to each `\n`, the
+/// `\n` dropped, every other byte kept; a last line without `\n` counts.
+pub fn lines(input: &[u8]) -> Vec<&[u8]> {
+    if input.is_empty() {
+        return Vec::new();
+    }
+    let body = input.strip_suffix(b"\n").unwrap_or(input);
+    body.split(|b| *b == b'\n').collect()
+}
+
+/// A `weir-broker` process on loopback with its own data directory.
+pub struct Broker {
+    child: Option<Child>,
+    data_dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    /// gRPC address, `127.0.0.1:port`.
+    pub addr: String,
+    /// HTTP address (metrics, health), `127.0.0.1:port`.
+    pub http_addr: String,
+    /// Every log line the broker wrote to stderr (JSON), across restarts.
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Broker {
+    /// Starts a broker on a new temporary data directory.
+    pub fn start() -> anyhow::Result<Self> {
+        let temp = tempfile::tempdir()?;
+        let mut b = Self::start_in(temp.path())?;
+        b._temp = Some(temp);
+        Ok(b)
+    }
+
+    /// Starts a broker on `data_dir` (kept after the broker stops).
+    pub fn start_in(data_dir: &Path) -> anyhow::Result<Self> {
+        let mut b = Self {
+            child: None,
+            data_dir: data_dir.to_path_buf(),
+            _temp: None,
+            addr: String::new(),
+            http_addr: String::new(),
+            logs: Arc::new(Mutex::new(Vec::new())),
+        };
+        b.spawn()?;
+        Ok(b)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let mut child = Command::new(bin("weir-broker"))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .args(["--log-format", "json"])
+            .env("WEIR_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting weir-broker")?;
+        let stderr = child.stderr.take().context("broker stderr")?;
+        let (tx, rx) = mpsc::channel();
+        let logs = Arc::clone(&self.logs);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("\"broker ready\"") {
+                    let _ = tx.send(line.clone());
+                }
+                if let Ok(mut l) = logs.lock() {
+                    l.push(line);
+                }
+            }
+        });
+        self.child = Some(child);
+        let ready = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(_) => bail!(
+                "broker did not log \"broker ready\" within 30 s; logs:\n{}",
+                self.log_text()
+            ),
+        };
+        self.addr = json_field(&ready, "grpc_addr").context("grpc_addr in ready line")?;
+        self.http_addr = json_field(&ready, "http_addr").context("http_addr in ready line")?;
+        Ok(())
+    }
+
+    /// `http://` URL of the gRPC server.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// A connected client.
+    pub async fn client(&self) -> anyhow::Result<weir_client::Client> {
+        Ok(weir_client::Client::connect(&self.url()).await?)
+    }
+
+    /// Kills the broker with SIGKILL and waits for it to die.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns the exit code.
+    pub fn terminate(&mut self) -> anyhow::Result<Option<i32>> {
+        let Some(mut c) = self.child.take() else {
+            bail!("broker is not running")
+        };
+        let status = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM failed: {status}");
+        }
+        Ok(c.wait()?.code())
+    }
+
+    /// Starts the broker again on the same data directory (after [`kill`](Self::kill) or
+    /// [`terminate`](Self::terminate)).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+
+    /// All log lines so far, joined.
+    pub fn log_text(&self) -> String {
+        self.logs.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    /// Runs the `weir` CLI against this broker with `args` and `stdin`; returns the output.
+    pub fn weir(&self, args: &[&str], stdin: &[u8]) -> anyhow::Result<std::process::Output> {
+        use std::io::Write;
+        let mut child = Command::new(bin("weir"))
+            .args(args)
+            .env("WEIR_BROKER", self.url())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting weir")?;
+        let mut input = child.stdin.take().context("weir stdin")?;
+        let data = stdin.to_vec();
+        let writer = std::thread::spawn(move || input.write_all(&data));
+        let out = child.wait_with_output()?;
+        writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("stdin writer panicked"))??;
+        Ok(out)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The string value of `"field":"…"` in a JSON log line (tracing's JSON puts event fields
+/// under `fields`).
+fn json_field(line: &str, field: &str) -> Option<String> {
+    let pat = format!("\"{field}\":\"");
+    let start = line.find(&pat)? + pat.len();
+    let end = line.get(start..)?.find('"')? + start;
+    line.get(start..end).map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_follow_the_cli_rule() {
+        assert_eq!(lines(b""), Vec::<&[u8]>::new());
+        assert_eq!(lines(b"a\n"), vec![&b"a"[..]]);
+        assert_eq!(lines(b"a"), vec![&b"a"[..]]);
+        assert_eq!(lines(b"a\r\n\nb"), vec![&b"a\r"[..], b"", b"b"]);
+        assert_eq!(lines(b"\n"), vec![&b""[..]]);
+    }
+
+    #[test]
+    fn json_field_reads_the_ready_line() {
+        let line = r#"{"level":"INFO","fields":{"message":"broker ready","grpc_addr":"127.0.0.1:4000","http_addr":"127.0.0.1:4001"}}"#;
+        assert_eq!(
+            json_field(line, "grpc_addr").as_deref(),
+            Some("127.0.0.1:4000")
+        );
+        assert_eq!(
+            json_field(line, "http_addr").as_deref(),
+            Some("127.0.0.1:4001")
+        );
+    }
+}
