@@ -24,6 +24,10 @@ use anyhow::{Context, bail};
 /// Path of the workspace binary `name` (`weir-broker` or `weir`) in the profile the tests
 /// were built with. The first call runs `cargo build` for both binaries, which is a no-op
 /// when they are fresh.
+///
+/// # Panics
+///
+/// When the build fails: a test cannot run without the binaries.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let dir = BUILT.get_or_init(|| {
@@ -104,6 +108,10 @@ pub fn loghub_dir() -> PathBuf {
 }
 
 /// Bytes of the Loghub sample `name` (e.g. `Apache_2k.log`).
+///
+/// # Panics
+///
+/// When the file cannot be read.
 pub fn loghub(name: &str) -> Vec<u8> {
     let path = loghub_dir().join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
@@ -123,7 +131,7 @@ pub fn lines(input: &[u8]) -> Vec<&[u8]> {
 pub struct Broker {
     child: Option<Child>,
     data_dir: PathBuf,
-    _temp: Option<tempfile::TempDir>,
+    temp_dir: Option<tempfile::TempDir>,
     /// gRPC address, `127.0.0.1:port`.
     pub addr: String,
     /// HTTP address (metrics, health), `127.0.0.1:port`.
@@ -137,7 +145,7 @@ impl Broker {
     pub fn start() -> anyhow::Result<Self> {
         let temp = tempfile::tempdir()?;
         let mut b = Self::start_in(temp.path())?;
-        b._temp = Some(temp);
+        b.temp_dir = Some(temp);
         Ok(b)
     }
 
@@ -146,7 +154,7 @@ impl Broker {
         let mut b = Self {
             child: None,
             data_dir: data_dir.to_path_buf(),
-            _temp: None,
+            temp_dir: None,
             addr: String::new(),
             http_addr: String::new(),
             logs: Arc::new(Mutex::new(Vec::new())),
@@ -181,12 +189,11 @@ impl Broker {
             }
         });
         self.child = Some(child);
-        let ready = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) => line,
-            Err(_) => bail!(
+        let Ok(ready) = rx.recv_timeout(Duration::from_secs(30)) else {
+            bail!(
                 "broker did not log \"broker ready\" within 30 s; logs:\n{}",
                 self.log_text()
-            ),
+            );
         };
         self.addr = json_field(&ready, "grpc_addr").context("grpc_addr in ready line")?;
         self.http_addr = json_field(&ready, "http_addr").context("http_addr in ready line")?;

@@ -24,6 +24,7 @@ fn expect_code<T: std::fmt::Debug>(
 }
 
 #[tokio::test]
+#[allow(clippy::too_many_lines)]
 async fn every_bad_request_is_refused_with_a_clear_status_and_no_state_change() -> anyhow::Result<()>
 {
     let broker = Broker::start()?;

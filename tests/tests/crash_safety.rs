@@ -29,7 +29,7 @@ impl Rng {
     }
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Ledger {
     /// request id → (partition, record count) of every request sent.
     sent: HashMap<String, (u32, usize)>,
@@ -154,7 +154,8 @@ async fn acknowledged_records_survive_repeated_sigkill() -> anyhow::Result<()> {
         producer.await?;
         broker.restart()?;
         let client = broker.client().await?;
-        let l = ledger.lock().expect("ledger");
+        // The producer has stopped; verify a copy so no lock is held across awaits.
+        let l = ledger.lock().expect("ledger").clone();
         let acked = l.acked.len();
         let total = verify(&client, &l).await?;
         println!("round {round}: {acked} acknowledged in all, {total} stored");

@@ -71,36 +71,13 @@ pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::
             (None, From::Earliest) => p.earliest_offset,
             (None, From::Latest) => p.next_offset,
         };
-        let client = client.clone();
-        let tx = tx.clone();
-        let name = topic.name.clone();
-        let partition = p.partition;
-        tokio::spawn(async move {
-            let mut offset = start;
-            loop {
-                match client
-                    .fetch(&name, partition, offset, 0, FETCH_WAIT_MS)
-                    .await
-                {
-                    Ok(resp) => {
-                        if let Some(last) = resp.records.last() {
-                            offset = last.offset + 1;
-                            if tx.send(Ok((partition, resp.records))).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(anyhow::anyhow!(
-                                "fetching {name}/{partition} at offset {offset}: {e}"
-                            )))
-                            .await;
-                        return;
-                    }
-                }
-            }
-        });
+        spawn_fetcher(
+            client.clone(),
+            topic.name.clone(),
+            p.partition,
+            start,
+            tx.clone(),
+        );
     }
     drop(tx);
 
@@ -121,24 +98,7 @@ pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::
             if count >= max {
                 break;
             }
-            let rec = r.record.unwrap_or_default();
-            match output {
-                Output::Human => {
-                    out.write_all(&rec.value).await?;
-                    out.write_all(b"\n").await?;
-                }
-                Output::Json => {
-                    let v = serde_json::json!({
-                        "partition": partition,
-                        "offset": r.offset,
-                        "timestampMs": rec.timestamp_ms,
-                        "key": rec.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
-                        "value": String::from_utf8_lossy(&rec.value),
-                    });
-                    out.write_all(v.to_string().as_bytes()).await?;
-                    out.write_all(b"\n").await?;
-                }
-            }
+            write_record(&mut out, partition, r, output).await?;
             count += 1;
         }
         if rx.is_empty() {
@@ -147,4 +107,65 @@ pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::
     }
     out.flush().await?;
     Ok(())
+}
+
+/// Channel of fetched batches, tagged with their partition.
+type Batches = mpsc::Sender<anyhow::Result<(u32, Vec<pb::StoredRecord>)>>;
+
+/// Fetches `topic`/`partition` from `start` forever, sending each non-empty batch to `tx`;
+/// stops at the first error (sent on) or when the receiver is gone.
+fn spawn_fetcher(client: Client, topic: String, partition: u32, start: u64, tx: Batches) {
+    tokio::spawn(async move {
+        let mut offset = start;
+        loop {
+            match client
+                .fetch(&topic, partition, offset, 0, FETCH_WAIT_MS)
+                .await
+            {
+                Ok(resp) => {
+                    if let Some(last) = resp.records.last() {
+                        offset = last.offset + 1;
+                        if tx.send(Ok((partition, resp.records))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(Err(anyhow::anyhow!(
+                            "fetching {topic}/{partition} at offset {offset}: {e}"
+                        )))
+                        .await;
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// Writes one record: its value and `\n` (human), or one JSON object per line.
+async fn write_record(
+    out: &mut BufWriter<tokio::io::Stdout>,
+    partition: u32,
+    r: pb::StoredRecord,
+    output: Output,
+) -> std::io::Result<()> {
+    let rec = r.record.unwrap_or_default();
+    match output {
+        Output::Human => {
+            out.write_all(&rec.value).await?;
+            out.write_all(b"\n").await
+        }
+        Output::Json => {
+            let v = serde_json::json!({
+                "partition": partition,
+                "offset": r.offset,
+                "timestampMs": rec.timestamp_ms,
+                "key": rec.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
+                "value": String::from_utf8_lossy(&rec.value),
+            });
+            out.write_all(v.to_string().as_bytes()).await?;
+            out.write_all(b"\n").await
+        }
+    }
 }

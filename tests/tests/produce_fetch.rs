@@ -1,0 +1,111 @@
+//! Produce and fetch semantics: key routing as Kafka, pipelined acks in request order,
+//! long polling.
+
+use std::time::Duration;
+
+use weir_broker::log::partitioner::partition_for_key;
+use weir_client::{Record, RecordExt};
+use weir_tests::Broker;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_records_land_on_kafkas_partition_and_keep_their_order() -> anyhow::Result<()> {
+    let broker = Broker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("keys", 6, 0).await?;
+    let keys = ["host-a", "host-b", "host-c", "21", "foobar"];
+    let mut records = Vec::new();
+    for i in 0..60 {
+        let k = keys[i % keys.len()];
+        records.push(Record::keyed(k, format!("{k} {i}")));
+    }
+    let acks = client.produce("keys", None, records).await?;
+    let mut partitions: Vec<u32> = acks.iter().map(|a| a.partition).collect();
+    let sorted = {
+        let mut s = partitions.clone();
+        s.sort_unstable();
+        s
+    };
+    assert_eq!(partitions, sorted, "acks come in ascending partition order");
+    partitions.dedup();
+    for k in keys {
+        let p = partition_for_key(k.as_bytes(), 6);
+        let fetched = client.fetch("keys", p, 0, 0, 0).await?;
+        let mine: Vec<String> = fetched
+            .records
+            .iter()
+            .map(|r| {
+                String::from_utf8_lossy(&r.record.clone().unwrap_or_default().value).into_owned()
+            })
+            .filter(|v| v.starts_with(&format!("{k} ")))
+            .collect();
+        let want: Vec<String> = (0..60)
+            .filter(|i| keys[i % keys.len()] == k)
+            .map(|i| format!("{k} {i}"))
+            .collect();
+        assert_eq!(mine, want, "key {k} on partition {p}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_stream_acks_in_request_order_with_increasing_offsets() -> anyhow::Result<()> {
+    let broker = Broker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("pipe", 1, 0).await?;
+    let (mut tx, mut rx) = client.produce_stream(256).await?;
+    let sender = tokio::spawn(async move {
+        for i in 0..500u64 {
+            let n = 1 + (i % 7) as usize;
+            tx.send("pipe", None, vec![Record::value(format!("{i}")); n])
+                .await?;
+        }
+        // A bad request in the middle of a stream gets an error response; the stream goes on.
+        tx.send("missing-topic", None, vec![Record::value("x")])
+            .await?;
+        tx.send("pipe", None, vec![Record::value("after")]).await?;
+        Ok::<_, weir_client::Error>(())
+    });
+    let mut next = 0u64;
+    for i in 0..500u64 {
+        let (id, result) = rx.next().await.expect("response");
+        assert_eq!(id, i, "responses in request order");
+        let acks = result?;
+        assert_eq!(acks[0].base_offset, next, "offsets follow request order");
+        next += u64::from(acks[0].record_count);
+    }
+    let (_, bad) = rx.next().await.expect("response to the bad request");
+    assert_eq!(
+        bad.expect_err("unknown topic").code(),
+        Some(tonic::Code::NotFound)
+    );
+    let (_, after) = rx.next().await.expect("stream still open");
+    assert_eq!(after?[0].base_offset, next);
+    sender.await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_returns_a_record_produced_while_waiting() -> anyhow::Result<()> {
+    let broker = Broker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("poll", 1, 0).await?;
+    // Nothing there: a short wait returns empty at the next offset.
+    let empty = client.fetch("poll", 0, 0, 0, 100).await?;
+    assert!(empty.records.is_empty());
+    assert_eq!(empty.next_offset, 0);
+    let waiting = {
+        let client = client.clone();
+        tokio::spawn(async move { client.fetch("poll", 0, 0, 0, 30_000).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    client
+        .produce("poll", None, vec![Record::value("wake up")])
+        .await?;
+    let got = waiting.await??;
+    assert_eq!(got.records.len(), 1);
+    assert_eq!(
+        got.records[0].record.clone().unwrap_or_default().value,
+        "wake up"
+    );
+    Ok(())
+}
