@@ -6,7 +6,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), weir_client::Error> {
-//! use weir_client::{Client, Record};
+//! use weir_client::{Client, Record, RecordExt};
 //! let client = Client::connect("http://127.0.0.1:7070").await?;
 //! client.create_topic("orders", 4, 0).await?;
 //! let acks = client
