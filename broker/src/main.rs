@@ -27,6 +27,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let options = LogOptions {
         cache_bytes: config.cache_size.as_u64(),
+        storage_workers: Some(config.storage_workers),
         ..LogOptions::default()
     };
     let dir = config.data_dir.clone();

@@ -31,6 +31,7 @@ pub struct Metrics {
     commits: Counter,
     committed_records: Counter,
     committed_bytes: Counter,
+    commit_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     stored_messages: Gauge,
     stored_bytes: Gauge,
     disk_bytes: Gauge,
@@ -60,6 +61,7 @@ impl Metrics {
             commits: Counter::default(),
             committed_records: Counter::default(),
             committed_bytes: Counter::default(),
+            commit_seconds: Counter::default(),
             stored_messages: Gauge::default(),
             stored_bytes: Gauge::default(),
             disk_bytes: Gauge::default(),
@@ -112,6 +114,11 @@ impl Metrics {
             m.committed_bytes.clone(),
         );
         registry.register(
+            "log_commit_seconds",
+            "Time spent in group commits (write + fsync)",
+            m.commit_seconds.clone(),
+        );
+        registry.register(
             "stored_messages",
             "Records stored over all partitions",
             m.stored_messages.clone(),
@@ -160,6 +167,11 @@ impl Metrics {
         set(&self.commits, w.commits.load(Ordering::Relaxed));
         set(&self.committed_records, w.records.load(Ordering::Relaxed));
         set(&self.committed_bytes, w.bytes.load(Ordering::Relaxed));
+        let secs = w.commit_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let cur = self.commit_seconds.get();
+        if secs > cur {
+            self.commit_seconds.inc_by(secs - cur);
+        }
         let topics = log.topics();
         let (mut messages, mut bytes) = (0u64, 0u64);
         for t in &topics {

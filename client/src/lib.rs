@@ -16,8 +16,10 @@
 //! # Ok(()) }
 //! ```
 
+use std::sync::Arc;
+
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
     Code, Status, Streaming,
@@ -272,12 +274,15 @@ impl Client {
 
     /// Opens a pipelined produce stream: send requests with [`ProduceSender::send`] without
     /// waiting, and read one response per request, in order, from [`ProduceReceiver`].
-    /// `window` bounds the requests queued on the client side.
+    /// At most `window` requests are in flight (sent and not yet answered); `send` waits for
+    /// a response to be read past that.
     pub async fn produce_stream(
         &self,
         window: usize,
     ) -> Result<(ProduceSender, ProduceReceiver), Error> {
-        let (tx, rx) = mpsc::channel(window.max(1));
+        let window = window.max(1);
+        let (tx, rx) = mpsc::channel(window);
+        let permits = Arc::new(Semaphore::new(window));
         let inbound = self
             .producer
             .clone()
@@ -285,8 +290,12 @@ impl Client {
             .await?
             .into_inner();
         Ok((
-            ProduceSender { tx, next_id: 0 },
-            ProduceReceiver { inbound },
+            ProduceSender {
+                tx,
+                next_id: 0,
+                permits: Arc::clone(&permits),
+            },
+            ProduceReceiver { inbound, permits },
         ))
     }
 
@@ -321,6 +330,8 @@ impl Client {
 pub struct ProduceSender {
     tx: mpsc::Sender<pb::ProduceStreamRequest>,
     next_id: u64,
+    /// One permit per request that may still be sent; the receiver returns them.
+    permits: Arc<Semaphore>,
 }
 
 impl ProduceSender {
@@ -331,6 +342,11 @@ impl ProduceSender {
         partition: Option<u32>,
         records: Vec<Record>,
     ) -> Result<u64, Error> {
+        self.permits
+            .acquire()
+            .await
+            .map_err(|_| Error::StreamClosed)?
+            .forget();
         let id = self.next_id;
         self.next_id += 1;
         self.tx
@@ -352,6 +368,14 @@ impl ProduceSender {
 #[derive(Debug)]
 pub struct ProduceReceiver {
     inbound: Streaming<pb::ProduceStreamResponse>,
+    permits: Arc<Semaphore>,
+}
+
+impl Drop for ProduceReceiver {
+    fn drop(&mut self) {
+        // Nobody reads responses any more: wake a sender waiting for the window.
+        self.permits.close();
+    }
 }
 
 impl ProduceReceiver {
@@ -360,6 +384,7 @@ impl ProduceReceiver {
     pub async fn next(&mut self) -> Option<(u64, Result<Vec<pb::PartitionAck>, Error>)> {
         match self.inbound.message().await {
             Ok(Some(resp)) => {
+                self.permits.add_permits(1);
                 let id = resp.request_id;
                 Some((
                     id,
@@ -372,8 +397,14 @@ impl ProduceReceiver {
                     },
                 ))
             }
-            Ok(None) => None,
-            Err(status) => Some((u64::MAX, Err(Error::Status(status)))),
+            Ok(None) => {
+                self.permits.close();
+                None
+            }
+            Err(status) => {
+                self.permits.close();
+                Some((u64::MAX, Err(Error::Status(status))))
+            }
         }
     }
 }

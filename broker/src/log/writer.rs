@@ -188,7 +188,13 @@ impl Writer {
             meta.bytes += added;
             wb.insert(&self.shared.meta, p.meta_key(), meta.encode().to_vec());
         }
-        if let Err(e) = wb.commit() {
+        let started = std::time::Instant::now();
+        let committed = wb.commit();
+        relaxed_add(
+            &self.shared.stats.commit_nanos,
+            started.elapsed().as_nanos() as u64,
+        );
+        if let Err(e) = committed {
             for p in pending.drain(..) {
                 let _ = p.reply.send(Err(Error::Commit(fjall::Error::Poisoned)));
             }

@@ -14,6 +14,23 @@ use weir_client::{Client, Record};
 
 use crate::Output;
 
+/// Distinct start positions of message values inside the random payload.
+const PAYLOAD_WINDOW: usize = 1 << 16;
+
+/// Incompressible bytes to cut message values from (xorshift64*, fixed seed), so the
+/// storage engine's compression does not flatter the figures.
+fn random_payload(message_size: usize) -> Bytes {
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut buf = Vec::with_capacity(PAYLOAD_WINDOW + message_size + 8);
+    while buf.len() < PAYLOAD_WINDOW + message_size {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        buf.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    Bytes::from(buf)
+}
+
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Produce load: throughput and ack latency.
@@ -70,13 +87,14 @@ async fn produce(client: &Client, settings: ProduceBench, output: Output) -> any
     let producers = settings.producers.max(1);
     let batch = settings.batch_size.max(1);
     let per_producer = settings.messages.div_ceil(producers as u64);
-    let value = Bytes::from(vec![b'x'; settings.message_size]);
+    let payload = random_payload(settings.message_size);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..producers {
         let client = client.clone();
         let topic = settings.topic.clone();
-        let value = value.clone();
+        let payload = payload.clone();
+        let size = settings.message_size;
         let in_flight = settings.in_flight.max(1);
         tasks.push(tokio::spawn(async move {
             let (mut tx, mut rx) = client.produce_stream(in_flight).await?;
@@ -85,13 +103,15 @@ async fn produce(client: &Client, settings: ProduceBench, output: Output) -> any
                 let mut sent = 0u64;
                 while sent < per_producer {
                     let n = (per_producer - sent).min(batch as u64) as usize;
-                    let records = vec![
-                        Record {
-                            value: value.clone(),
-                            ..Record::default()
-                        };
-                        n
-                    ];
+                    let records = (0..n)
+                        .map(|i| {
+                            let at = (sent as usize + i) * 7 % PAYLOAD_WINDOW;
+                            Record {
+                                value: payload.slice(at..at + size),
+                                ..Record::default()
+                            }
+                        })
+                        .collect();
                     let _ = ts_tx.send(Instant::now());
                     tx.send(&topic, None, records).await?;
                     sent += n as u64;
