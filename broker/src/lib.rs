@@ -5,6 +5,8 @@
 //! - [`log`]: the log engine. Topics, partitions, record batches with CRC32C, the single
 //!   group-commit writer thread, recovery. Synchronous reads, async writes; knows nothing
 //!   of gRPC.
+//! - [`groups`]: consumer groups: membership, assignment, acks, redelivery, dead letters,
+//!   work-queue retention.
 //! - [`produce`]: the produce path above the log (validation, routing by key, batching).
 //! - [`grpc`]: tonic services of `weir.v1`; the only place that builds `tonic::Status`.
 //! - [`metrics`]: Prometheus metrics and the HTTP port.
@@ -12,6 +14,7 @@
 //! - [`config`]: `weir-broker` flags and their `WEIR_*` environment variables.
 
 pub mod config;
+pub mod groups;
 pub mod grpc;
 pub mod log;
 pub mod metrics;

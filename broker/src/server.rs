@@ -15,6 +15,7 @@ use weir_proto::v1::{
 };
 
 use crate::{
+    groups::Groups,
     grpc::{AdminService, ConsumerService, Context, MAX_MESSAGE_BYTES, ProducerService},
     log::Log,
     metrics::{self, Metrics},
@@ -33,6 +34,9 @@ pub enum Error {
     /// The HTTP server failed.
     #[error("serving HTTP: {0}")]
     ServeHttp(#[source] std::io::Error),
+    /// Group state could not be loaded.
+    #[error("loading consumer groups: {0}")]
+    OpenGroups(#[source] crate::log::Error),
     /// Persisting at shutdown failed.
     #[error("closing the log: {0}")]
     CloseLog(#[from] crate::log::Error),
@@ -51,10 +55,17 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::new());
+    let log_for_groups = Arc::clone(&log);
+    let groups = tokio::task::spawn_blocking(move || Groups::open(log_for_groups))
+        .await
+        .map_err(|e| Error::OpenGroups(crate::log::Error::InvalidArgument(e.to_string())))?
+        .map_err(Error::OpenGroups)?;
+    let ticker = tokio::spawn(Arc::clone(&groups).run(stop_rx.clone()));
     let ctx = Context {
         log: Arc::clone(&log),
         shutdown: stop_rx.clone(),
         metrics: Arc::clone(&metrics),
+        groups: Arc::clone(&groups),
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -65,15 +76,6 @@ pub async fn run(
     health
         .set_serving::<ConsumerServer<ConsumerService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-
     let grpc_addr = grpc
         .local_addr()
         .map_or_else(|e| e.to_string(), |a| a.to_string());
@@ -81,28 +83,12 @@ pub async fn run(
         .local_addr()
         .map_or_else(|e| e.to_string(), |a| a.to_string());
     let mut stop_grpc = stop_rx.clone();
-    let grpc_server = Server::builder()
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(reflection_alpha)
-        .add_service(
-            AdminServer::new(AdminService::new(ctx.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
-            ProducerServer::new(ProducerService::new(ctx.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
-            ConsumerServer::new(ConsumerService::new(ctx.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+    let grpc_server = grpc_router(&ctx, health_service)?.serve_with_incoming_shutdown(
+        TcpListenerStream::new(grpc),
+        async move {
             let _ = stop_grpc.wait_for(|s| *s).await;
-        });
+        },
+    );
     let mut stop_http = stop_rx.clone();
     let http_server = axum::serve(http, metrics::router(Arc::clone(&log), metrics, ready_rx))
         .with_graceful_shutdown(async move {
@@ -139,7 +125,48 @@ pub async fn run(
             "in-flight requests did not finish in time"
         ),
     }
+    let _ = ticker.await;
+    if let Err(e) = groups.flush().await {
+        tracing::warn!(error = %e, "persisting group state at shutdown failed");
+    }
     log.close().await?;
     tracing::info!("log persisted; bye");
     Ok(())
+}
+
+/// Every gRPC service of the broker: weir.v1, health, reflection (v1 and v1alpha, so older
+/// grpcurl versions work too).
+fn grpc_router(
+    ctx: &Context,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> Result<tonic::transport::server::Router, Error> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    Ok(Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(
+            AdminServer::new(AdminService::new(ctx.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            ProducerServer::new(ProducerService::new(ctx.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            ConsumerServer::new(ConsumerService::new(ctx.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        ))
 }

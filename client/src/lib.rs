@@ -180,15 +180,29 @@ impl Client {
         partitions: u32,
         max_message_bytes: u32,
     ) -> Result<pb::TopicDescription, Error> {
+        self.create_topic_with(
+            name,
+            pb::TopicConfig {
+                partitions,
+                max_message_bytes,
+                ..pb::TopicConfig::default()
+            },
+        )
+        .await
+    }
+
+    /// Creates topic `name` with every setting given. Idempotent with identical settings.
+    pub async fn create_topic_with(
+        &self,
+        name: &str,
+        config: pb::TopicConfig,
+    ) -> Result<pb::TopicDescription, Error> {
         let resp = self
             .admin
             .clone()
             .create_topic(pb::CreateTopicRequest {
                 name: name.to_owned(),
-                config: Some(pb::TopicConfig {
-                    partitions,
-                    max_message_bytes,
-                }),
+                config: Some(config),
             })
             .await?
             .into_inner();
@@ -322,6 +336,311 @@ impl Client {
             })
             .await?
             .into_inner())
+    }
+}
+
+/// Group API: admin and consumption.
+impl Client {
+    /// Creates group `name` (idempotent with identical settings).
+    pub async fn create_group(
+        &self,
+        name: &str,
+        config: pb::GroupConfig,
+    ) -> Result<pb::GroupDescription, Error> {
+        let resp = self
+            .admin
+            .clone()
+            .create_group(pb::CreateGroupRequest {
+                name: name.to_owned(),
+                config: Some(config),
+            })
+            .await?
+            .into_inner();
+        resp.group
+            .ok_or(Error::Malformed("CreateGroupResponse.group"))
+    }
+
+    /// Deletes group `name`.
+    pub async fn delete_group(&self, name: &str) -> Result<(), Error> {
+        self.admin
+            .clone()
+            .delete_group(pb::DeleteGroupRequest {
+                name: name.to_owned(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Members, committed offsets, lag, pending and dead-lettered count of group `name`.
+    pub async fn describe_group(&self, name: &str) -> Result<pb::GroupDescription, Error> {
+        let resp = self
+            .admin
+            .clone()
+            .describe_group(pb::DescribeGroupRequest {
+                name: name.to_owned(),
+            })
+            .await?
+            .into_inner();
+        resp.group
+            .ok_or(Error::Malformed("DescribeGroupResponse.group"))
+    }
+
+    /// Every group, or those of `topic`.
+    pub async fn list_groups(
+        &self,
+        topic: Option<&str>,
+    ) -> Result<Vec<pb::GroupDescription>, Error> {
+        Ok(self
+            .admin
+            .clone()
+            .list_groups(pb::ListGroupsRequest {
+                topic: topic.unwrap_or_default().to_owned(),
+            })
+            .await?
+            .into_inner()
+            .groups)
+    }
+
+    /// Moves group `name` to `to`.
+    pub async fn reset_group(
+        &self,
+        name: &str,
+        to: pb::StartPosition,
+    ) -> Result<pb::GroupDescription, Error> {
+        let resp = self
+            .admin
+            .clone()
+            .reset_group(pb::ResetGroupRequest {
+                name: name.to_owned(),
+                to: Some(to),
+            })
+            .await?
+            .into_inner();
+        resp.group
+            .ok_or(Error::Malformed("ResetGroupResponse.group"))
+    }
+
+    /// Joins `group` as a pull member (creating the group with `create` when missing).
+    pub async fn join(
+        &self,
+        group: &str,
+        create: Option<pb::GroupConfig>,
+    ) -> Result<pb::JoinResponse, Error> {
+        Ok(self
+            .consumer
+            .clone()
+            .join(pb::JoinRequest {
+                group: group.to_owned(),
+                create,
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Leaves `group`.
+    pub async fn leave(&self, group: &str, member: &str) -> Result<(), Error> {
+        self.consumer
+            .clone()
+            .leave(pb::LeaveRequest {
+                group: group.to_owned(),
+                member_id: member.to_owned(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Pulls up to `max` deliveries, waiting up to `max_wait_ms` for the first.
+    pub async fn pull(
+        &self,
+        group: &str,
+        member: &str,
+        max: u32,
+        max_wait_ms: u32,
+    ) -> Result<Vec<pb::Delivery>, Error> {
+        Ok(self
+            .consumer
+            .clone()
+            .pull(pb::PullRequest {
+                group: group.to_owned(),
+                member_id: member.to_owned(),
+                max_messages: max,
+                max_wait_ms,
+            })
+            .await?
+            .into_inner()
+            .deliveries)
+    }
+
+    /// Acks and nacks deliveries of a pull member.
+    pub async fn ack(&self, request: pb::AckRequest) -> Result<(), Error> {
+        self.consumer.clone().ack(request).await?;
+        Ok(())
+    }
+
+    /// Opens a push consumer on `group` (created with `create` when missing). It grants
+    /// `window` credits and grants one back per ack or nack, so at most `window` deliveries
+    /// are unacked at any time.
+    pub async fn subscribe(
+        &self,
+        group: &str,
+        create: Option<pb::GroupConfig>,
+        window: u32,
+    ) -> Result<GroupConsumer, Error> {
+        let (tx, rx) = mpsc::channel(64);
+        tx.send(pb::SubscribeRequest {
+            request: Some(pb::subscribe_request::Request::Join(pb::JoinRequest {
+                group: group.to_owned(),
+                create,
+            })),
+        })
+        .await
+        .map_err(|_| Error::StreamClosed)?;
+        let mut inbound = self
+            .consumer
+            .clone()
+            .subscribe(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let Some(pb::SubscribeResponse {
+            response: Some(pb::subscribe_response::Response::Joined(joined)),
+        }) = inbound.message().await?
+        else {
+            return Err(Error::Malformed(
+                "the first SubscribeResponse must be joined",
+            ));
+        };
+        let window = window.max(1);
+        tx.send(pb::SubscribeRequest {
+            request: Some(pb::subscribe_request::Request::Credits(window)),
+        })
+        .await
+        .map_err(|_| Error::StreamClosed)?;
+        Ok(GroupConsumer {
+            tx,
+            inbound,
+            member_id: joined.member_id,
+            partitions: joined.partitions,
+            generation: joined.generation,
+        })
+    }
+}
+
+/// A push member of a consumer group: a loop over [`next`](Self::next) with
+/// [`ack`](Self::ack) or [`nack`](Self::nack) for each delivery. Credits are granted back one
+/// per ack or nack, so unacked deliveries never exceed the window. Dropping it leaves the
+/// group (Shared: its unacked deliveries go to the other members at once; Ordered: its
+/// partitions are reassigned).
+#[derive(Debug)]
+pub struct GroupConsumer {
+    tx: mpsc::Sender<pb::SubscribeRequest>,
+    inbound: Streaming<pb::SubscribeResponse>,
+    member_id: String,
+    partitions: Vec<u32>,
+    generation: u64,
+}
+
+impl GroupConsumer {
+    /// This member's id.
+    pub fn member_id(&self) -> &str {
+        &self.member_id
+    }
+
+    /// Ordered groups: the partitions this member owns (as of the last assignment seen).
+    pub fn partitions(&self) -> &[u32] {
+        &self.partitions
+    }
+
+    /// Rebalances seen so far (the group's generation).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The next delivery; `None` when the broker ended the stream. An error the broker
+    /// reported for an earlier ack or nack is returned here.
+    pub async fn next(&mut self) -> Option<Result<pb::Delivery, Error>> {
+        loop {
+            let msg = match self.inbound.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => return None,
+                Err(s) => return Some(Err(Error::Status(s))),
+            };
+            match msg.response {
+                Some(pb::subscribe_response::Response::Delivery(d)) => return Some(Ok(d)),
+                Some(pb::subscribe_response::Response::Assignment(a)) => {
+                    self.partitions = a.partitions;
+                    self.generation = a.generation;
+                }
+                Some(pb::subscribe_response::Response::Error(e)) => {
+                    return Some(Err(Error::Status(Status::new(
+                        Code::from(e.code),
+                        e.message,
+                    ))));
+                }
+                Some(pb::subscribe_response::Response::Joined(_)) | None => {}
+            }
+        }
+    }
+
+    async fn send(&self, request: pb::subscribe_request::Request) -> Result<(), Error> {
+        self.tx
+            .send(pb::SubscribeRequest {
+                request: Some(request),
+            })
+            .await
+            .map_err(|_| Error::StreamClosed)
+    }
+
+    /// Acknowledges a delivery and grants one credit.
+    pub async fn ack(&self, d: &pb::Delivery) -> Result<(), Error> {
+        self.send(pb::subscribe_request::Request::Ack(pb::AckRequest {
+            acks: vec![pb::DeliveryRef {
+                partition: d.partition,
+                offset: d.offset,
+            }],
+            ..pb::AckRequest::default()
+        }))
+        .await?;
+        self.send(pb::subscribe_request::Request::Credits(1)).await
+    }
+
+    /// Negatively acknowledges a delivery (redelivered after `delay_ms`, with `error` kept
+    /// for the dead-letter headers) and grants one credit.
+    pub async fn nack(&self, d: &pb::Delivery, delay_ms: u32, error: &str) -> Result<(), Error> {
+        self.send(pb::subscribe_request::Request::Ack(pb::AckRequest {
+            nacks: vec![pb::DeliveryRef {
+                partition: d.partition,
+                offset: d.offset,
+            }],
+            nack_delay_ms: delay_ms,
+            error: error.to_owned(),
+            ..pb::AckRequest::default()
+        }))
+        .await?;
+        self.send(pb::subscribe_request::Request::Credits(1)).await
+    }
+
+    /// Leaves the group after the broker has applied every ack and nack sent so far: closes
+    /// the sending side, then reads the stream to its end (at most `timeout`). Deliveries
+    /// that arrive meanwhile are not acked and go back to the group.
+    pub async fn close(self, timeout: std::time::Duration) -> Result<(), Error> {
+        let Self {
+            tx, mut inbound, ..
+        } = self;
+        drop(tx);
+        let drain = async {
+            while let Some(msg) = inbound.message().await? {
+                if let Some(pb::subscribe_response::Response::Error(e)) = msg.response {
+                    return Err(Error::Status(Status::new(Code::from(e.code), e.message)));
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(timeout, drain).await.unwrap_or(Ok(()))
+    }
+
+    /// Grants `n` more credits without acking (for callers that manage flow themselves).
+    pub async fn grant(&self, n: u32) -> Result<(), Error> {
+        self.send(pb::subscribe_request::Request::Credits(n)).await
     }
 }
 

@@ -63,6 +63,7 @@ async fn every_bad_request_is_refused_with_a_clear_status_and_no_state_change() 
                 pb::TopicConfig {
                     partitions: 3,
                     max_message_bytes: 0,
+                    ..Default::default()
                 },
             )
             .await,
@@ -161,6 +162,7 @@ async fn every_bad_request_is_refused_with_a_clear_status_and_no_state_change() 
                 pb::TopicConfig {
                     partitions: 1,
                     max_message_bytes: 1024,
+                    ..Default::default()
                 },
             )
             .await,

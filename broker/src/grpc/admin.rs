@@ -3,7 +3,10 @@
 use tonic::{Request, Response, Status};
 use weir_proto::v1::{self as pb, admin_server::Admin};
 
-use super::{Context, describe, status};
+use super::{
+    Context, describe, group_config_from_pb, group_to_pb, start_from_pb, status,
+    topic_config_from_pb,
+};
 use crate::log::{TopicConfig, topic::validate_name};
 
 /// Serves `weir.v1.Admin` over the log.
@@ -20,12 +23,7 @@ impl AdminService {
 }
 
 fn config(name: &str, c: Option<pb::TopicConfig>) -> Result<TopicConfig, Status> {
-    let c = c.ok_or_else(|| {
-        Status::invalid_argument(format!(
-            "topic {name:?}: config is missing; set at least config.partitions (1..=1024)"
-        ))
-    })?;
-    TopicConfig::new(c.partitions, c.max_message_bytes).map_err(|e| status(&e))
+    topic_config_from_pb(name, c)
 }
 
 #[tonic::async_trait]
@@ -76,6 +74,11 @@ impl Admin for AdminService {
             .delete_topic(&req.name)
             .await
             .map_err(|e| status(&e))?;
+        self.ctx
+            .groups
+            .delete_for_topic(&req.name)
+            .await
+            .map_err(|e| status(&e))?;
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }
 
@@ -96,6 +99,102 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
         Ok(Response::new(pb::ListTopicsResponse {
             topics: self.ctx.log.topics().iter().map(|t| describe(t)).collect(),
+        }))
+    }
+
+    async fn create_group(
+        &self,
+        request: Request<pb::CreateGroupRequest>,
+    ) -> Result<Response<pb::CreateGroupResponse>, Status> {
+        let req = request.into_inner();
+        let config = group_config_from_pb(&req.name, req.config)?;
+        let (group, created) = self
+            .ctx
+            .groups
+            .create(&req.name, config)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::CreateGroupResponse {
+            group: Some(group_to_pb(&group.info())),
+            created,
+        }))
+    }
+
+    async fn update_group(
+        &self,
+        request: Request<pb::UpdateGroupRequest>,
+    ) -> Result<Response<pb::UpdateGroupResponse>, Status> {
+        let req = request.into_inner();
+        let config = group_config_from_pb(&req.name, req.config)?;
+        let group = self
+            .ctx
+            .groups
+            .update(&req.name, config)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::UpdateGroupResponse {
+            group: Some(group_to_pb(&group.info())),
+        }))
+    }
+
+    async fn delete_group(
+        &self,
+        request: Request<pb::DeleteGroupRequest>,
+    ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        let req = request.into_inner();
+        self.ctx
+            .groups
+            .delete(&req.name)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::DeleteGroupResponse {}))
+    }
+
+    async fn describe_group(
+        &self,
+        request: Request<pb::DescribeGroupRequest>,
+    ) -> Result<Response<pb::DescribeGroupResponse>, Status> {
+        let req = request.into_inner();
+        let info = self
+            .ctx
+            .groups
+            .describe(&req.name)
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::DescribeGroupResponse {
+            group: Some(group_to_pb(&info)),
+        }))
+    }
+
+    async fn list_groups(
+        &self,
+        request: Request<pb::ListGroupsRequest>,
+    ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        let req = request.into_inner();
+        let topic = (!req.topic.is_empty()).then_some(req.topic.as_str());
+        Ok(Response::new(pb::ListGroupsResponse {
+            groups: self
+                .ctx
+                .groups
+                .list(topic)
+                .iter()
+                .map(|g| group_to_pb(&g.info()))
+                .collect(),
+        }))
+    }
+
+    async fn reset_group(
+        &self,
+        request: Request<pb::ResetGroupRequest>,
+    ) -> Result<Response<pb::ResetGroupResponse>, Status> {
+        let req = request.into_inner();
+        let group = self
+            .ctx
+            .groups
+            .reset(&req.name, start_from_pb(req.to.as_ref()))
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::ResetGroupResponse {
+            group: Some(group_to_pb(&group.info())),
         }))
     }
 }

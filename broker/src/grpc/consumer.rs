@@ -1,12 +1,74 @@
 //! `weir.v1.Consumer`: fetch by partition and offset, with long polling.
 
-use std::time::Duration;
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
-use tonic::{Request, Response, Status};
+use futures::Stream;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
 use weir_proto::v1::{self as pb, consumer_server::Consumer};
 
-use super::{Context, record_to_pb, status};
-use crate::log::{Error, MAX_FETCH_WAIT};
+use super::{Context, group_config_from_pb, record_to_pb, status};
+use crate::{
+    groups::{Delivery, Groups},
+    log::{Error, MAX_FETCH_WAIT},
+};
+
+/// How long one push-delivery poll waits before it checks the stream again.
+const PUSH_POLL: Duration = Duration::from_millis(500);
+
+fn delivery_to_pb(d: Delivery) -> pb::Delivery {
+    pb::Delivery {
+        partition: d.partition,
+        offset: d.offset,
+        delivery_count: d.count,
+        record: Some(record_to_pb(d.record)),
+    }
+}
+
+fn refs(r: &[pb::DeliveryRef]) -> Vec<(u32, u64)> {
+    r.iter().map(|d| (d.partition, d.offset)).collect()
+}
+
+fn wait_of(ms: u32) -> Result<Duration, Status> {
+    let wait = Duration::from_millis(u64::from(ms));
+    if wait > MAX_FETCH_WAIT {
+        return Err(Status::invalid_argument(format!(
+            "max_wait_ms is {ms}; it must be at most {}",
+            MAX_FETCH_WAIT.as_millis()
+        )));
+    }
+    Ok(wait)
+}
+
+fn ack(groups: &Groups, req: &pb::AckRequest) -> Result<(), Status> {
+    groups
+        .ack(
+            &req.group,
+            &req.member_id,
+            &refs(&req.acks),
+            &refs(&req.nacks),
+            Duration::from_millis(u64::from(req.nack_delay_ms)),
+            &req.error,
+        )
+        .map_err(|e| status(&e))
+}
+
+fn stream_error(s: &Status) -> pb::SubscribeResponse {
+    pb::SubscribeResponse {
+        response: Some(pb::subscribe_response::Response::Error(pb::Error {
+            code: s.code() as i32,
+            message: s.message().to_owned(),
+        })),
+    }
+}
 
 /// `max_bytes` used when a fetch leaves it at 0: 1 MiB.
 pub const DEFAULT_FETCH_BYTES: usize = 1024 * 1024;
@@ -26,6 +88,142 @@ impl ConsumerService {
 
 #[tonic::async_trait]
 impl Consumer for ConsumerService {
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let req = request.into_inner();
+        let create = match req.create {
+            Some(c) => Some(group_config_from_pb(&req.group, Some(c))?),
+            None => None,
+        };
+        let (_, joined) = self
+            .ctx
+            .groups
+            .join(&req.group, create, false)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::JoinResponse {
+            member_id: joined.member,
+            generation: joined.generation,
+            partitions: joined.partitions,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        let (generation, partitions) = self
+            .ctx
+            .groups
+            .heartbeat(&req.group, &req.member_id)
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            generation,
+            partitions,
+        }))
+    }
+
+    async fn leave(
+        &self,
+        request: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let req = request.into_inner();
+        self.ctx
+            .groups
+            .leave(&req.group, &req.member_id)
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::LeaveResponse {}))
+    }
+
+    async fn pull(
+        &self,
+        request: Request<pb::PullRequest>,
+    ) -> Result<Response<pb::PullResponse>, Status> {
+        let req = request.into_inner();
+        let wait = wait_of(req.max_wait_ms)?;
+        let deliveries = self
+            .ctx
+            .groups
+            .pull(&req.group, &req.member_id, req.max_messages as usize, wait)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::PullResponse {
+            deliveries: deliveries.into_iter().map(delivery_to_pb).collect(),
+        }))
+    }
+
+    async fn ack(
+        &self,
+        request: Request<pb::AckRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        ack(&self.ctx.groups, &request.into_inner())?;
+        Ok(Response::new(pb::AckResponse {}))
+    }
+
+    type SubscribeStream =
+        Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<pb::SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("the subscribe stream closed before its join request")
+        })?;
+        let Some(pb::subscribe_request::Request::Join(join)) = first.request else {
+            return Err(Status::invalid_argument(
+                "the first SubscribeRequest must be a join",
+            ));
+        };
+        let create = match join.create {
+            Some(c) => Some(group_config_from_pb(&join.group, Some(c))?),
+            None => None,
+        };
+        let groups = Arc::clone(&self.ctx.groups);
+        let (group, joined) = groups
+            .join(&join.group, create, true)
+            .await
+            .map_err(|e| status(&e))?;
+        let name = join.group.clone();
+        let member = joined.member.clone();
+        let (tx, rx) = mpsc::channel::<Result<pb::SubscribeResponse, Status>>(256);
+        let _ = tx
+            .send(Ok(pb::SubscribeResponse {
+                response: Some(pb::subscribe_response::Response::Joined(pb::JoinResponse {
+                    member_id: joined.member.clone(),
+                    generation: joined.generation,
+                    partitions: joined.partitions.clone(),
+                })),
+            }))
+            .await;
+        let credits = Arc::new((AtomicU64::new(0), Notify::new()));
+        let (closed_tx, closed) = watch::channel(false);
+        let member_ref = (name, member);
+        tokio::spawn(read_subscribe_requests(
+            inbound,
+            Arc::clone(&groups),
+            member_ref.clone(),
+            Arc::clone(&credits),
+            tx.clone(),
+            closed_tx,
+        ));
+        tokio::spawn(push_deliveries(
+            groups,
+            group,
+            member_ref,
+            credits,
+            tx,
+            closed,
+            self.ctx.shutdown.clone(),
+            joined.generation,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     async fn fetch(
         &self,
         request: Request<pb::FetchRequest>,
@@ -91,4 +289,112 @@ impl Consumer for ConsumerService {
             earliest_offset: partition.earliest_offset(),
         }))
     }
+}
+
+/// Credits granted to a push member, and a wake-up for the delivery loop.
+type Credits = Arc<(AtomicU64, Notify)>;
+type Outbound = mpsc::Sender<Result<pb::SubscribeResponse, Status>>;
+
+/// Reads credits and acks of a subscribe stream until it ends, then marks it closed.
+async fn read_subscribe_requests(
+    mut inbound: Streaming<pb::SubscribeRequest>,
+    groups: Arc<Groups>,
+    (name, member): (String, String),
+    credits: Credits,
+    tx: Outbound,
+    closed: watch::Sender<bool>,
+) {
+    while let Ok(Some(msg)) = inbound.message().await {
+        let err = match msg.request {
+            Some(pb::subscribe_request::Request::Credits(0)) => {
+                Some(Status::invalid_argument("credits must be at least 1"))
+            }
+            Some(pb::subscribe_request::Request::Credits(n)) => {
+                credits.0.fetch_add(u64::from(n), Ordering::AcqRel);
+                credits.1.notify_one();
+                None
+            }
+            Some(pb::subscribe_request::Request::Ack(mut a)) => {
+                a.group.clone_from(&name);
+                a.member_id.clone_from(&member);
+                ack(&groups, &a).err()
+            }
+            Some(pb::subscribe_request::Request::Join(_)) => Some(Status::failed_precondition(
+                "this stream has joined already; open another stream for another member",
+            )),
+            None => Some(Status::invalid_argument("empty SubscribeRequest")),
+        };
+        if let Some(e) = err {
+            if tx.send(Ok(stream_error(&e))).await.is_err() {
+                break;
+            }
+        }
+    }
+    closed.send_replace(true);
+}
+
+/// Sends deliveries to a push member while it has credits (one credit per delivery), and
+/// its new assignment when the generation changes; leaves the group when the stream ends.
+#[allow(clippy::too_many_arguments)]
+async fn push_deliveries(
+    groups: Arc<Groups>,
+    group: Arc<crate::groups::Group>,
+    (name, member): (String, String),
+    credits: Credits,
+    tx: Outbound,
+    mut closed: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+    mut generation: u64,
+) {
+    'outer: loop {
+        while credits.0.load(Ordering::Acquire) == 0 {
+            tokio::select! {
+                () = credits.1.notified() => {}
+                _ = closed.wait_for(|c| *c) => break 'outer,
+                _ = shutdown.wait_for(|s| *s) => break 'outer,
+            }
+        }
+        let n = credits.0.load(Ordering::Acquire);
+        let pulled = tokio::select! {
+            r = groups.pull(&name, &member, n as usize, PUSH_POLL) => r,
+            _ = closed.wait_for(|c| *c) => break,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let deliveries = match pulled {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = tx.send(Err(status(&e))).await;
+                break;
+            }
+        };
+        credits
+            .0
+            .fetch_sub(deliveries.len() as u64, Ordering::AcqRel);
+        for d in deliveries {
+            let msg = pb::SubscribeResponse {
+                response: Some(pb::subscribe_response::Response::Delivery(delivery_to_pb(
+                    d,
+                ))),
+            };
+            if tx.send(Ok(msg)).await.is_err() {
+                break 'outer;
+            }
+        }
+        let (g, partitions) = group.assignment(&member);
+        if g != generation {
+            generation = g;
+            let msg = pb::SubscribeResponse {
+                response: Some(pb::subscribe_response::Response::Assignment(
+                    pb::HeartbeatResponse {
+                        generation: g,
+                        partitions,
+                    },
+                )),
+            };
+            if tx.send(Ok(msg)).await.is_err() {
+                break;
+            }
+        }
+    }
+    let _ = groups.leave(&name, &member);
 }

@@ -13,7 +13,10 @@ use tonic::{Code, Status};
 use weir_proto::v1 as pb;
 
 pub use self::{admin::AdminService, consumer::ConsumerService, producer::ProducerService};
-use crate::log::{self, Error, Log};
+use crate::{
+    groups::{GroupConfig, GroupInfo, GroupType, Groups, StartFrom},
+    log::{self, Error, Log, topic::Retention},
+};
 
 /// Largest gRPC message the broker accepts or sends: 64 MiB.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -27,13 +30,18 @@ pub struct Context {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Request counters for the metrics endpoint.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Consumer groups.
+    pub groups: Arc<Groups>,
 }
 
 /// Maps a log error to the status code the contract names for it.
 pub fn status(err: &Error) -> Status {
     let code = match err {
-        Error::TopicNotFound(_) | Error::PartitionNotFound { .. } => Code::NotFound,
-        Error::TopicExists { .. } => Code::AlreadyExists,
+        Error::TopicNotFound(_) | Error::PartitionNotFound { .. } | Error::NotFound(_) => {
+            Code::NotFound
+        }
+        Error::TopicExists { .. } | Error::AlreadyExists(_) => Code::AlreadyExists,
+        Error::FailedPrecondition(_) => Code::FailedPrecondition,
         Error::InvalidArgument(_) => Code::InvalidArgument,
         Error::OffsetOutOfRange { .. } => Code::OutOfRange,
         Error::Corrupt { .. } => Code::DataLoss,
@@ -83,10 +91,141 @@ pub(crate) fn describe(topic: &log::Topic) -> pb::TopicDescription {
         config: Some(pb::TopicConfig {
             partitions: config.partitions,
             max_message_bytes: config.max_message_bytes,
+            retention: match config.retention {
+                Retention::Limits => pb::RetentionPolicy::Limits,
+                Retention::WorkQueue => pb::RetentionPolicy::WorkQueue,
+            } as i32,
         }),
         messages: partitions.iter().map(|p| p.messages).sum(),
         bytes: partitions.iter().map(|p| p.bytes).sum(),
         partitions,
         created_at_ms: topic.created_at_ms,
+    }
+}
+
+/// Topic settings from the wire; `what` names the topic for messages.
+pub(crate) fn topic_config_from_pb(
+    what: &str,
+    c: Option<pb::TopicConfig>,
+) -> Result<log::TopicConfig, Status> {
+    let c = c.ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "topic {what:?}: config is missing; set at least config.partitions (1..=1024)"
+        ))
+    })?;
+    let mut config =
+        log::TopicConfig::new(c.partitions, c.max_message_bytes).map_err(|e| status(&e))?;
+    config.retention = match pb::RetentionPolicy::try_from(c.retention) {
+        Ok(pb::RetentionPolicy::Limits) => Retention::Limits,
+        Ok(pb::RetentionPolicy::WorkQueue) => Retention::WorkQueue,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "topic {what:?}: retention {} is unknown; use RETENTION_POLICY_LIMITS (0) or RETENTION_POLICY_WORK_QUEUE (1)",
+                c.retention
+            )));
+        }
+    };
+    Ok(config)
+}
+
+pub(crate) fn start_from_pb(s: Option<&pb::StartPosition>) -> StartFrom {
+    match s.and_then(|s| s.position) {
+        Some(pb::start_position::Position::Latest(true)) => StartFrom::Latest,
+        Some(pb::start_position::Position::TimestampMs(ts)) => StartFrom::Timestamp(ts),
+        _ => StartFrom::Earliest,
+    }
+}
+
+pub(crate) fn start_to_pb(s: StartFrom) -> pb::StartPosition {
+    pb::StartPosition {
+        position: Some(match s {
+            StartFrom::Earliest => pb::start_position::Position::Earliest(true),
+            StartFrom::Latest => pb::start_position::Position::Latest(true),
+            StartFrom::Timestamp(ts) => pb::start_position::Position::TimestampMs(ts),
+        }),
+    }
+}
+
+/// Group settings from the wire; `group` names the group for messages.
+pub(crate) fn group_config_from_pb(
+    group: &str,
+    c: Option<pb::GroupConfig>,
+) -> Result<GroupConfig, Status> {
+    let c = c.ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "group {group:?}: config is missing; set at least config.topic and config.type"
+        ))
+    })?;
+    let group_type = match pb::GroupType::try_from(c.r#type) {
+        Ok(pb::GroupType::Ordered) => GroupType::Ordered,
+        Ok(pb::GroupType::Shared) => GroupType::Shared,
+        _ => {
+            return Err(Status::invalid_argument(format!(
+                "group {group:?}: type must be GROUP_TYPE_ORDERED (1) or GROUP_TYPE_SHARED (2), got {}",
+                c.r#type
+            )));
+        }
+    };
+    if c.topic.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "group {group:?}: config.topic is empty; name the topic the group reads"
+        )));
+    }
+    Ok(GroupConfig {
+        topic: c.topic,
+        group_type,
+        start: start_from_pb(c.start.as_ref()),
+        ack_wait_ms: c.ack_wait_ms,
+        max_deliveries: c.max_deliveries,
+        dead_letter_topic: c.dead_letter_topic,
+        session_timeout_ms: c.session_timeout_ms,
+    })
+}
+
+pub(crate) fn group_config_to_pb(c: &GroupConfig) -> pb::GroupConfig {
+    pb::GroupConfig {
+        topic: c.topic.clone(),
+        r#type: match c.group_type {
+            GroupType::Ordered => pb::GroupType::Ordered,
+            GroupType::Shared => pb::GroupType::Shared,
+        } as i32,
+        start: Some(start_to_pb(c.start)),
+        ack_wait_ms: c.ack_wait_ms,
+        max_deliveries: c.max_deliveries,
+        dead_letter_topic: c.dead_letter_topic.clone(),
+        session_timeout_ms: c.session_timeout_ms,
+    }
+}
+
+pub(crate) fn group_to_pb(g: &GroupInfo) -> pb::GroupDescription {
+    pb::GroupDescription {
+        name: g.name.clone(),
+        config: Some(group_config_to_pb(&g.config)),
+        members: g
+            .members
+            .iter()
+            .map(|m| pb::GroupMember {
+                member_id: m.id.clone(),
+                partitions: m.partitions.clone(),
+                pending: m.pending,
+                idle_ms: m.idle_ms,
+            })
+            .collect(),
+        partitions: g
+            .partitions
+            .iter()
+            .map(|p| pb::GroupPartition {
+                partition: p.partition,
+                committed_offset: p.committed,
+                next_offset: p.next,
+                lag: p.lag,
+                pending: p.pending,
+                owner: p.owner.clone().unwrap_or_default(),
+            })
+            .collect(),
+        lag: g.lag(),
+        pending: g.pending(),
+        dead_lettered: g.dead_lettered,
+        generation: g.generation,
     }
 }

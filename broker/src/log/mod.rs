@@ -146,10 +146,24 @@ pub enum Error {
     /// A request was malformed; the message says how.
     #[error("{0}")]
     InvalidArgument(String),
+    /// Something named by a request does not exist (a group, a member); the message says
+    /// what.
+    #[error("{0}")]
+    NotFound(String),
+    /// Something exists already with other settings; the message says what.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The request does not fit the current state (e.g. joining a group with another type,
+    /// acking a delivery that is not pending); the message says why.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// The log is shutting down or its writer has stopped.
     #[error("the log is shutting down")]
     ShuttingDown,
 }
+
+/// Key-value pairs of the metadata keyspace.
+pub type MetaEntries = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Settings of the log engine.
 #[derive(Debug, Clone)]
@@ -499,6 +513,84 @@ impl Log {
         Ok(out)
     }
 
+    /// Writes `puts` and `deletes` to the metadata keyspace in one atomic batch, through the
+    /// writer (so it is ordered with appends). With `durable`, waits for fsync; without, the
+    /// next fsync of any commit makes it durable.
+    pub async fn write_meta(
+        &self,
+        puts: MetaEntries,
+        deletes: Vec<Vec<u8>>,
+        durable: bool,
+    ) -> Result<(), Error> {
+        self.call(|reply| Command::WriteMeta {
+            puts,
+            deletes,
+            durable,
+            reply,
+        })
+        .await
+    }
+
+    /// Every metadata entry whose key starts with `prefix`. Blocking.
+    pub fn scan_meta(&self, prefix: &[u8]) -> Result<MetaEntries, Error> {
+        let mut out = Vec::new();
+        for guard in self.shared.meta.prefix(prefix) {
+            let (k, v) = guard.into_inner().map_err(|source| Error::Read {
+                topic: "(metadata)".into(),
+                partition: 0,
+                source,
+            })?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Deletes the whole batches of `partition` below `before` and returns the new earliest
+    /// offset (a batch straddling `before` stays).
+    pub async fn truncate(&self, partition: Arc<Partition>, before: u64) -> Result<u64, Error> {
+        self.call(|reply| Command::Truncate {
+            partition,
+            before,
+            reply,
+        })
+        .await
+    }
+
+    /// Offset of the first record of `partition` with a timestamp at or after `ts_ms`, or
+    /// the next offset when there is none. Reads batch headers from the earliest batch on
+    /// and decodes only the batch that holds the answer. Blocking.
+    pub fn offset_for_timestamp(&self, partition: &Partition, ts_ms: i64) -> Result<u64, Error> {
+        let next = partition.next_offset();
+        let read_err = |source| Error::Read {
+            topic: partition.topic.clone(),
+            partition: partition.index,
+            source,
+        };
+        for guard in self
+            .shared
+            .records
+            .range(partition.key(partition.earliest_offset())..partition.key(next))
+        {
+            let (key, value) = guard.into_inner().map_err(read_err)?;
+            let value: Bytes = value.into();
+            let corrupt = |source| Error::Corrupt {
+                topic: partition.topic.clone(),
+                partition: partition.index,
+                offset: key_offset(&key),
+                source,
+            };
+            let header = batch::verify(&value).map_err(corrupt)?;
+            if header.max_timestamp_ms < ts_ms {
+                continue;
+            }
+            let (_, records) = batch::decode(&value).map_err(corrupt)?;
+            if let Some(r) = records.iter().find(|r| r.record.timestamp_ms >= ts_ms) {
+                return Ok(r.offset);
+            }
+        }
+        Ok(next)
+    }
+
     /// Stops the writer after it has committed everything queued, and persists. Blocking
     /// until done; later writes fail with [`Error::ShuttingDown`].
     pub async fn close(&self) -> Result<(), Error> {
@@ -536,8 +628,15 @@ fn recover_topics(
                 detail: e.to_string(),
             })?;
         let mut partitions = Vec::with_capacity(stored.config.partitions as usize);
+        let appended = Arc::new(watch::Sender::new(0));
         for index in 0..stored.config.partitions {
-            let probe = Partition::new(&stored.name, stored.id, index, PartitionMeta::default());
+            let probe = Partition::new(
+                &stored.name,
+                stored.id,
+                index,
+                PartitionMeta::default(),
+                Arc::clone(&appended),
+            );
             let state = match meta.get(probe.meta_key()).map_err(|source| Error::Read {
                 topic: stored.name.clone(),
                 partition: index,
@@ -555,6 +654,7 @@ fn recover_topics(
                 stored.id,
                 index,
                 state,
+                Arc::clone(&appended),
             )));
             report.partitions += 1;
         }
@@ -568,6 +668,7 @@ fn recover_topics(
                 config: RwLock::new(stored.config),
                 partitions: RwLock::new(partitions),
                 next_unkeyed: 0.into(),
+                appended,
             }),
         );
     }

@@ -21,6 +21,17 @@ pub const MAX_MESSAGE_BYTES_LIMIT: u32 = 16 * 1024 * 1024;
 /// Longest topic name, as in Kafka.
 pub const MAX_NAME_LEN: usize = 249;
 
+/// When records of a topic are deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Retention {
+    /// Kept until a limit deletes them.
+    #[default]
+    Limits,
+    /// Deleted once every group of the topic has acked them (NATS JetStream's WorkQueue
+    /// retention). With no group, records wait.
+    WorkQueue,
+}
+
 /// Settings of a topic, as stored in the metadata keyspace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicConfig {
@@ -28,6 +39,9 @@ pub struct TopicConfig {
     pub partitions: u32,
     /// Largest accepted record in bytes (key + value + headers), `1..=MAX_MESSAGE_BYTES_LIMIT`.
     pub max_message_bytes: u32,
+    /// When records are deleted.
+    #[serde(default)]
+    pub retention: Retention,
 }
 
 impl TopicConfig {
@@ -53,6 +67,7 @@ impl TopicConfig {
         Ok(Self {
             partitions,
             max_message_bytes,
+            retention: Retention::Limits,
         })
     }
 }
@@ -107,6 +122,8 @@ pub struct Topic {
     pub(crate) partitions: RwLock<Vec<std::sync::Arc<Partition>>>,
     /// Round-robin cursor for unkeyed records (sticky per request).
     pub(crate) next_unkeyed: AtomicU32,
+    /// Bumped after every commit that made records of this topic durable.
+    pub(crate) appended: std::sync::Arc<watch::Sender<u64>>,
 }
 
 impl Topic {
@@ -132,6 +149,11 @@ impl Topic {
     pub fn partitions(&self) -> Vec<std::sync::Arc<Partition>> {
         self.partitions.read().clone()
     }
+
+    /// A receiver that changes whenever records of any partition become durable.
+    pub fn subscribe_appends(&self) -> watch::Receiver<u64> {
+        self.appended.subscribe()
+    }
 }
 
 /// Live state of one partition, shared by the writer (who advances it) and readers.
@@ -156,10 +178,18 @@ pub struct Partition {
     pub(crate) deleted: AtomicBool,
     /// Publishes `next_offset` to long-polling fetches.
     pub(crate) durable: watch::Sender<u64>,
+    /// The topic's append signal (shared by its partitions).
+    pub(crate) appended: std::sync::Arc<watch::Sender<u64>>,
 }
 
 impl Partition {
-    pub(crate) fn new(topic: &str, topic_id: u32, index: u32, state: PartitionMeta) -> Self {
+    pub(crate) fn new(
+        topic: &str,
+        topic_id: u32,
+        index: u32,
+        state: PartitionMeta,
+        appended: std::sync::Arc<watch::Sender<u64>>,
+    ) -> Self {
         let mut prefix = [0u8; 8];
         prefix[..4].copy_from_slice(&topic_id.to_be_bytes());
         prefix[4..].copy_from_slice(&index.to_be_bytes());
@@ -173,6 +203,7 @@ impl Partition {
             assigned_next: AtomicU64::new(state.next_offset),
             deleted: AtomicBool::new(false),
             durable: watch::Sender::new(state.next_offset),
+            appended,
         }
     }
 

@@ -44,6 +44,19 @@ pub(crate) enum Command {
         name: String,
         reply: Reply<()>,
     },
+    /// Puts and deletes in the metadata keyspace, atomically (group state).
+    WriteMeta {
+        puts: Vec<(Vec<u8>, Vec<u8>)>,
+        deletes: Vec<Vec<u8>>,
+        durable: bool,
+        reply: Reply<()>,
+    },
+    /// Deletes whole batches of a partition that end at or before `before`.
+    Truncate {
+        partition: Arc<Partition>,
+        before: u64,
+        reply: Reply<u64>,
+    },
     Shutdown {
         reply: Reply<()>,
     },
@@ -205,6 +218,7 @@ impl Writer {
             let next = p.assigned_next.load(Ordering::Relaxed);
             p.next_offset.store(next, Ordering::Release);
             p.durable.send_replace(next);
+            p.appended.send_modify(|n| *n = n.wrapping_add(1));
         }
         let stats = &self.shared.stats;
         relaxed_add(&stats.commits, 1);
@@ -236,6 +250,29 @@ impl Writer {
             Command::DeleteTopic { name, reply } => {
                 finish(self.delete_topic(&name), reply).map(|()| Flow::Continue)
             }
+            Command::WriteMeta {
+                puts,
+                deletes,
+                durable,
+                reply,
+            } => {
+                let mut wb = self.shared.db.batch();
+                if durable {
+                    wb = wb.durability(Some(PersistMode::SyncData));
+                }
+                for (k, v) in puts {
+                    wb.insert(&self.shared.meta, k, v);
+                }
+                for k in deletes {
+                    wb.remove(&self.shared.meta, k);
+                }
+                finish(wb.commit().map_err(Error::Commit), reply).map(|()| Flow::Continue)
+            }
+            Command::Truncate {
+                partition,
+                before,
+                reply,
+            } => finish(self.truncate(&partition, before), reply).map(|()| Flow::Continue),
             Command::Shutdown { reply } => {
                 let result = self
                     .shared
@@ -266,8 +303,17 @@ impl Writer {
             config,
             created_at_ms: now_ms(),
         };
+        let appended = Arc::new(tokio::sync::watch::Sender::new(0));
         let partitions: Vec<Arc<Partition>> = (0..config.partitions)
-            .map(|i| Arc::new(Partition::new(name, id, i, PartitionMeta::default())))
+            .map(|i| {
+                Arc::new(Partition::new(
+                    name,
+                    id,
+                    i,
+                    PartitionMeta::default(),
+                    Arc::clone(&appended),
+                ))
+            })
             .collect();
         let mut wb = self
             .shared
@@ -296,6 +342,7 @@ impl Writer {
             config: RwLock::new(config),
             partitions: RwLock::new(partitions),
             next_unkeyed: 0.into(),
+            appended,
         });
         self.shared
             .topics
@@ -325,7 +372,15 @@ impl Writer {
             )));
         }
         let added: Vec<Arc<Partition>> = (current.partitions..config.partitions)
-            .map(|i| Arc::new(Partition::new(name, topic.id, i, PartitionMeta::default())))
+            .map(|i| {
+                Arc::new(Partition::new(
+                    name,
+                    topic.id,
+                    i,
+                    PartitionMeta::default(),
+                    Arc::clone(&topic.appended),
+                ))
+            })
             .collect();
         let stored = TopicMeta {
             id: topic.id,
@@ -356,6 +411,53 @@ impl Writer {
             "topic updated"
         );
         Ok(topic)
+    }
+
+    /// Deletes the batches of `p` that lie wholly below `before` (one tombstone each) and
+    /// moves its earliest offset to the first batch kept; returns the new earliest offset.
+    fn truncate(&self, p: &Partition, before: u64) -> Result<u64, Error> {
+        let earliest = p.earliest_offset();
+        let next = p.assigned_next.load(Ordering::Relaxed);
+        let before = before.min(next);
+        if before <= earliest || p.deleted.load(Ordering::Acquire) {
+            return Ok(earliest);
+        }
+        let read_err = |source| Error::Read {
+            topic: p.topic.clone(),
+            partition: p.index,
+            source,
+        };
+        let mut wb = self.shared.db.batch();
+        let mut new_earliest = earliest;
+        let mut freed = 0u64;
+        for guard in self.shared.records.range(p.key(earliest)..p.key(before)) {
+            let (key, value) = guard.into_inner().map_err(read_err)?;
+            let end = match batch::verify(&value) {
+                Ok(h) => h.next_offset(),
+                // A damaged batch is deleted with the rest when the next batch's base says
+                // where it ends; stop here and keep it otherwise.
+                Err(_) => break,
+            };
+            if end > before {
+                break;
+            }
+            wb.remove(&self.shared.records, key);
+            freed += value.len() as u64;
+            new_earliest = end;
+        }
+        if new_earliest == earliest {
+            return Ok(earliest);
+        }
+        let meta = PartitionMeta {
+            next_offset: next,
+            earliest_offset: new_earliest,
+            bytes: p.bytes().saturating_sub(freed),
+        };
+        wb.insert(&self.shared.meta, p.meta_key(), meta.encode().to_vec());
+        wb.commit().map_err(Error::Commit)?;
+        p.earliest_offset.store(new_earliest, Ordering::Release);
+        p.bytes.fetch_sub(freed.min(p.bytes()), Ordering::Relaxed);
+        Ok(new_earliest)
     }
 
     fn delete_topic(&self, name: &str) -> Result<(), Error> {

@@ -32,6 +32,25 @@ pub struct ConsumeArgs {
     /// Stop when no message arrived for this long, e.g. `2s` (default: wait forever).
     #[arg(long, value_parser = humantime::parse_duration)]
     idle_timeout: Option<Duration>,
+    /// Consume as a member of this group: each message is acked after it is written.
+    /// The group is created on first use with --type and --from.
+    #[arg(long)]
+    group: Option<String>,
+    /// Group type when the group is created.
+    #[arg(long, value_enum, default_value_t = GroupKind::Ordered, requires = "group")]
+    r#type: GroupKind,
+    /// Most unacked messages in flight for this member.
+    #[arg(long, default_value_t = 500, requires = "group")]
+    window: u32,
+}
+
+/// Group type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GroupKind {
+    /// Each partition owned by one member, in offset order.
+    Ordered,
+    /// Any member gets any message; per-message acks.
+    Shared,
 }
 
 /// Start position.
@@ -47,6 +66,9 @@ pub enum From {
 const FETCH_WAIT_MS: u32 = 1000;
 
 pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::Result<()> {
+    if let Some(group) = args.group.clone() {
+        return run_group(client, &group, args, output).await;
+    }
     let topic = client.describe_topic(&args.topic).await?;
     let partitions: Vec<&pb::PartitionStats> = match args.partition {
         Some(p) => vec![
@@ -168,4 +190,58 @@ async fn write_record(
             out.write_all(b"\n").await
         }
     }
+}
+
+/// `weir consume --group`: a push member that writes each message, then acks it.
+async fn run_group(
+    client: &Client,
+    group: &str,
+    args: ConsumeArgs,
+    output: Output,
+) -> anyhow::Result<()> {
+    let create = pb::GroupConfig {
+        topic: args.topic.clone(),
+        r#type: match args.r#type {
+            GroupKind::Ordered => pb::GroupType::Ordered,
+            GroupKind::Shared => pb::GroupType::Shared,
+        } as i32,
+        start: Some(pb::StartPosition {
+            position: Some(match args.from {
+                From::Earliest => pb::start_position::Position::Earliest(true),
+                From::Latest => pb::start_position::Position::Latest(true),
+            }),
+        }),
+        ..pb::GroupConfig::default()
+    };
+    let mut consumer = client.subscribe(group, Some(create), args.window).await?;
+    let mut out = BufWriter::with_capacity(1 << 20, tokio::io::stdout());
+    let max = args.max_messages.unwrap_or(u64::MAX);
+    let mut count = 0u64;
+    while count < max {
+        let next = match args.idle_timeout {
+            Some(idle) => {
+                if let Ok(n) = tokio::time::timeout(idle, consumer.next()).await {
+                    n
+                } else {
+                    out.flush().await?;
+                    break;
+                }
+            }
+            None => consumer.next().await,
+        };
+        let Some(delivery) = next else { break };
+        let delivery = delivery?;
+        let stored = pb::StoredRecord {
+            offset: delivery.offset,
+            record: delivery.record.clone(),
+        };
+        write_record(&mut out, delivery.partition, stored, output).await?;
+        // At-least-once: the message is written (flushed) before it is acked.
+        out.flush().await?;
+        consumer.ack(&delivery).await?;
+        count += 1;
+    }
+    out.flush().await?;
+    consumer.close(Duration::from_secs(5)).await?;
+    Ok(())
 }

@@ -4,6 +4,7 @@
 
 mod bench;
 mod consume;
+mod group;
 mod produce;
 mod topic;
 
@@ -49,6 +50,9 @@ enum Command {
     Produce(produce::ProduceArgs),
     /// Consume messages, one per output line.
     Consume(consume::ConsumeArgs),
+    /// List, describe, reset or delete consumer groups.
+    #[command(subcommand)]
+    Group(group::GroupCommand),
     /// Load tests; print a table of their figures.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -81,6 +85,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Topic(cmd) => topic::run(&client, cmd, cli.output).await,
         Command::Produce(args) => produce::run(&client, args, cli.output).await,
         Command::Consume(args) => consume::run(&client, args, cli.output).await,
+        Command::Group(cmd) => group::run(&client, cmd, cli.output).await,
         Command::Bench(cmd) => bench::run(&client, cmd, cli.output).await,
     }
 }

@@ -5,6 +5,15 @@ use weir_client::{Client, pb};
 
 use crate::Output;
 
+/// Retention policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RetentionArg {
+    /// Keep until a limit deletes.
+    Limits,
+    /// Delete once every group acked.
+    WorkQueue,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum TopicCommand {
     /// Create a topic (succeeds unchanged when it exists with the same settings).
@@ -17,6 +26,10 @@ pub enum TopicCommand {
         /// Largest record accepted, e.g. `1MiB` (default 1 MiB, at most 16 MiB).
         #[arg(long)]
         max_message_bytes: Option<bytesize::ByteSize>,
+        /// `limits` keeps records until a limit deletes them; `work-queue` deletes each once
+        /// every group has acked it.
+        #[arg(long, value_enum, default_value_t = RetentionArg::Limits)]
+        retention: RetentionArg,
     },
     /// List topics.
     List,
@@ -38,6 +51,7 @@ pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::
             name,
             partitions,
             max_message_bytes,
+            retention,
         } => {
             let max = match max_message_bytes {
                 Some(b) => u32::try_from(b.as_u64()).map_err(|_| {
@@ -45,7 +59,19 @@ pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::
                 })?,
                 None => 0,
             };
-            let t = client.create_topic(&name, partitions, max).await?;
+            let t = client
+                .create_topic_with(
+                    &name,
+                    pb::TopicConfig {
+                        partitions,
+                        max_message_bytes: max,
+                        retention: match retention {
+                            RetentionArg::Limits => pb::RetentionPolicy::Limits,
+                            RetentionArg::WorkQueue => pb::RetentionPolicy::WorkQueue,
+                        } as i32,
+                    },
+                )
+                .await?;
             print_topics(&[t], output, true);
         }
         TopicCommand::List => print_topics(&client.list_topics().await?, output, false),
@@ -69,6 +95,7 @@ fn topic_json(t: &pb::TopicDescription) -> serde_json::Value {
         "name": t.name,
         "partitions": c.partitions,
         "maxMessageBytes": c.max_message_bytes,
+        "retention": if c.retention == pb::RetentionPolicy::WorkQueue as i32 { "work-queue" } else { "limits" },
         "messages": t.messages,
         "bytes": t.bytes,
         "createdAtMs": t.created_at_ms,
