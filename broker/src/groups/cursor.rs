@@ -313,6 +313,15 @@ impl Cursor {
         }
     }
 
+    /// Offsets pending for `member`, in order.
+    pub fn held_by(&self, member: &str) -> Vec<u64> {
+        self.pending
+            .iter()
+            .filter(|(_, p)| p.member == member)
+            .map(|(o, _)| *o)
+            .collect()
+    }
+
     /// Ordered groups: forget every delivery and restart from the floor (a new owner, or a
     /// nack, which rewinds the partition as a Kafka seek does).
     pub fn rewind_to_floor(&mut self) {

@@ -820,14 +820,25 @@ impl Groups {
                     st.handover(p);
                 }
             }
+            let max = group.config.read().max_deliveries;
             for (p, o) in nacks {
                 let p = *p as usize;
                 if group_type == GroupType::Ordered {
                     st.cursors[p].rewind_to(*o);
                 } else {
-                    st.cursors[p]
+                    let count = st.cursors[p]
                         .nack(*o, member, due, error)
                         .map_err(|e| ack_error(name, p as u32, &e))?;
+                    if max > 0 && count >= max {
+                        // Out of circulation now; the ticker writes it to the dead-letter
+                        // topic.
+                        st.cursors[p].hold(
+                            &[*o],
+                            DEAD_LETTER_HOLDER,
+                            Instant::now(),
+                            Duration::from_secs(60),
+                        );
+                    }
                 }
                 st.dirty.insert(p);
             }
@@ -922,14 +933,15 @@ impl Groups {
                             woke = true;
                         }
                         let exhausted = st.cursors[p].exhausted(config.max_deliveries);
-                        if !exhausted.is_empty() {
-                            st.cursors[p].hold(
-                                &exhausted,
-                                DEAD_LETTER_HOLDER,
-                                now,
-                                Duration::from_secs(60),
-                            );
-                            dead.extend(exhausted.into_iter().map(|o| {
+                        st.cursors[p].hold(
+                            &exhausted,
+                            DEAD_LETTER_HOLDER,
+                            now,
+                            Duration::from_secs(60),
+                        );
+                        let held = st.cursors[p].held_by(DEAD_LETTER_HOLDER);
+                        if !held.is_empty() {
+                            dead.extend(held.into_iter().map(|o| {
                                 let count = st.cursors[p].count(o);
                                 let error =
                                     st.cursors[p].last_error(o).unwrap_or_default().to_owned();

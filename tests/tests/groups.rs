@@ -1,0 +1,558 @@
+//! Consumer groups with real broker processes and real gRPC clients: publish/subscribe,
+//! point-to-point work sharing, ordered partitions with rebalances, poison messages and
+//! dead letters, flow control, and refusal of bad requests.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
+
+use tonic::Code;
+use weir_client::{Client, GroupConsumer, Record, RecordExt, pb};
+use weir_tests::{Broker, lines, loghub};
+
+fn config(topic: &str, t: pb::GroupType) -> pb::GroupConfig {
+    pb::GroupConfig {
+        topic: topic.to_owned(),
+        r#type: t as i32,
+        ..pb::GroupConfig::default()
+    }
+}
+
+fn text(d: &pb::Delivery) -> String {
+    String::from_utf8_lossy(&d.record.clone().unwrap_or_default().value).into_owned()
+}
+
+/// Receives and acks `n` deliveries (or fails after `timeout` without one).
+async fn drain(
+    c: &mut GroupConsumer,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<Vec<pb::Delivery>> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let d = tokio::time::timeout(timeout, c.next())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("no delivery within {timeout:?} after {} of {n}", out.len())
+            })?
+            .ok_or_else(|| anyhow::anyhow!("stream ended after {} of {n}", out.len()))??;
+        c.ack(&d).await?;
+        out.push(d);
+    }
+    Ok(out)
+}
+
+async fn produce_lines(
+    client: &Client,
+    topic: &str,
+    input: &[u8],
+    keyed: bool,
+) -> anyhow::Result<Vec<String>> {
+    let all: Vec<String> = lines(input)
+        .into_iter()
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .collect();
+    for (i, chunk) in all.chunks(100).enumerate() {
+        let records = chunk
+            .iter()
+            .enumerate()
+            .map(|(j, l)| {
+                if keyed {
+                    Record::keyed(format!("k{}", (i * 100 + j) % 20), l.clone())
+                } else {
+                    Record::value(l.clone())
+                }
+            })
+            .collect();
+        client.produce(topic, None, records).await?;
+    }
+    Ok(all)
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_group_gets_every_message_once_whatever_the_join_order() -> anyhow::Result<()> {
+    let broker = Broker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("signups", 4, 0).await?;
+    // mailer joins before anything is produced, sms after everything is.
+    let mut mailer = client
+        .subscribe(
+            "mailer",
+            Some(config("signups", pb::GroupType::Shared)),
+            100,
+        )
+        .await?;
+    let all = produce_lines(&client, "signups", &loghub("Linux_2k.log"), false).await?;
+    let mut sms = client
+        .subscribe("sms", Some(config("signups", pb::GroupType::Ordered)), 100)
+        .await?;
+    let wait = Duration::from_secs(10);
+    let got_mailer: Vec<String> = drain(&mut mailer, all.len(), wait)
+        .await?
+        .iter()
+        .map(text)
+        .collect();
+    let got_sms: Vec<String> = drain(&mut sms, all.len(), wait)
+        .await?
+        .iter()
+        .map(text)
+        .collect();
+    let want = sorted(all);
+    assert_eq!(sorted(got_mailer), want, "mailer got a different multiset");
+    assert_eq!(sorted(got_sms), want, "sms got a different multiset");
+    // Nothing more arrives: exactly once.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), mailer.next())
+            .await
+            .is_err()
+    );
+    mailer.close(wait).await?;
+    sms.close(wait).await?;
+    for g in ["mailer", "sms"] {
+        let d = client.describe_group(g).await?;
+        assert_eq!(d.lag, 0, "{g} lag");
+        assert_eq!(d.pending, 0, "{g} pending");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_members_split_the_work_and_a_dead_members_messages_are_redelivered()
+-> anyhow::Result<()> {
+    let broker = Broker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("jobs", 4, 0).await?;
+    let total = 3000;
+    for chunk in 0..30 {
+        let records = (0..100)
+            .map(|i| Record::value(format!("job-{}", chunk * 100 + i)))
+            .collect();
+        client.produce("jobs", None, records).await?;
+    }
+    let mut create = config("jobs", pb::GroupType::Shared);
+    create.ack_wait_ms = 1000;
+    let mut doomed = client
+        .subscribe("workers", Some(create.clone()), 20)
+        .await?;
+    // The doomed member takes 20 messages and dies without acking them.
+    let mut held = Vec::new();
+    while held.len() < 20 {
+        let d = tokio::time::timeout(Duration::from_secs(5), doomed.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+        held.push((d.partition, d.offset));
+    }
+    drop(doomed);
+
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let client = client.clone();
+        let create = create.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = client.subscribe("workers", Some(create), 50).await?;
+            let mut got = Vec::new();
+            loop {
+                match tokio::time::timeout(Duration::from_secs(3), c.next()).await {
+                    Ok(Some(d)) => {
+                        let d = d?;
+                        c.ack(&d).await?;
+                        got.push(d);
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            c.close(Duration::from_secs(5)).await?;
+            Ok::<_, anyhow::Error>(got)
+        }));
+    }
+    let mut acked_by: HashMap<(u32, u64), usize> = HashMap::new();
+    let mut redelivered = Vec::new();
+    for (member, t) in tasks.into_iter().enumerate() {
+        let got = t.await??;
+        assert!(!got.is_empty(), "member {member} got no work");
+        for d in got {
+            if d.delivery_count > 1 {
+                redelivered.push((d.partition, d.offset));
+            }
+            let prev = acked_by.insert((d.partition, d.offset), member);
+            assert!(prev.is_none(), "{}/{} acked twice", d.partition, d.offset);
+        }
+    }
+    assert_eq!(acked_by.len(), total, "every message acked exactly once");
+    held.sort_unstable();
+    redelivered.sort_unstable();
+    assert_eq!(
+        held, redelivered,
+        "the dead member's messages came back with a higher delivery count"
+    );
+    let d = client.describe_group("workers").await?;
+    assert_eq!((d.lag, d.pending), (0, 0));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_members_own_partitions_keep_key_order_across_rebalance_and_restart()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut broker = Broker::start_in(dir.path())?;
+    let client = broker.client().await?;
+    client.create_topic("events", 4, 0).await?;
+    let all = produce_lines(&client, "events", &loghub("Zookeeper_2k.log"), true).await?;
+    let group = config("events", pb::GroupType::Ordered);
+    let mut a = client.subscribe("audit", Some(group.clone()), 50).await?;
+    let mut b = client.subscribe("audit", Some(group.clone()), 50).await?;
+    // Both own two partitions once the rebalance settles.
+    let mut owned = BTreeMap::new();
+    for _ in 0..50 {
+        let d = client.describe_group("audit").await?;
+        owned = d
+            .members
+            .iter()
+            .map(|m| (m.member_id.clone(), m.partitions.clone()))
+            .collect();
+        if owned.len() == 2 && owned.values().all(|p| p.len() == 2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(owned.values().all(|p| p.len() == 2), "assignment {owned:?}");
+
+    // a and b consume some; a leaves; b takes over everything.
+    let wait = Duration::from_secs(10);
+    let mut seen: Vec<pb::Delivery> = drain(&mut a, 300, wait).await?;
+    seen.extend(drain(&mut b, 300, wait).await?);
+    for d in &seen {
+        assert!(
+            owned[a.member_id()].contains(&d.partition)
+                || owned[b.member_id()].contains(&d.partition),
+            "delivery from an unowned partition"
+        );
+    }
+    a.close(wait).await?;
+    seen.extend(drain(&mut b, all.len() - 600, wait).await?);
+    assert_eq!(
+        b.partitions().len(),
+        4,
+        "b owns every partition after a left"
+    );
+
+    // Per key (one partition each), messages came in production order, none missing.
+    let mut per_key: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for d in &seen {
+        per_key.entry(d.partition).or_default().push(d.offset);
+    }
+    for (p, offsets) in &per_key {
+        assert!(
+            offsets.windows(2).all(|w| w[0] < w[1]),
+            "partition {p} out of order"
+        );
+    }
+    assert_eq!(sorted(seen.iter().map(text).collect()), sorted(all.clone()));
+
+    // Committed offsets survive SIGKILL (acks are written every 100 ms).
+    b.close(wait).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = client.describe_group("audit").await?;
+    drop(client);
+    broker.kill();
+    broker.restart()?;
+    let client = broker.client().await?;
+    let after = client.describe_group("audit").await?;
+    let committed = |d: &pb::GroupDescription| -> Vec<u64> {
+        d.partitions.iter().map(|p| p.committed_offset).collect()
+    };
+    assert_eq!(committed(&after), committed(&before));
+    assert_eq!(after.lag, 0);
+    // New messages after the restart reach a new member; old ones never vanish or repeat
+    // here because all were committed.
+    client
+        .produce("events", None, vec![Record::keyed("k1", "after restart")])
+        .await?;
+    let mut c = client.subscribe("audit", Some(group), 10).await?;
+    let next = drain(&mut c, 1, wait).await?;
+    assert_eq!(text(&next[0]), "after restart");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_message_is_dead_lettered_with_its_origin_while_the_rest_flows() -> anyhow::Result<()>
+{
+    let broker = Broker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("payments", 1, 0).await?;
+    let mut records = vec![Record::value("poison")];
+    records.extend((0..99).map(|i| Record::value(format!("ok-{i}"))));
+    client.produce("payments", None, records).await?;
+    let mut create = config("payments", pb::GroupType::Shared);
+    create.max_deliveries = 3;
+    let mut c = client.subscribe("billing", Some(create), 10).await?;
+    let mut ok = 0;
+    let mut poison_deliveries = 0;
+    while ok < 99 || poison_deliveries < 3 {
+        let d = tokio::time::timeout(Duration::from_secs(5), c.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+        if text(&d) == "poison" {
+            poison_deliveries += 1;
+            assert_eq!(d.delivery_count, poison_deliveries, "delivery count");
+            c.nack(&d, 0, "card declined").await?;
+        } else {
+            ok += 1;
+            c.ack(&d).await?;
+        }
+    }
+    // No fourth delivery; it goes to the dead-letter topic.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), c.next())
+            .await
+            .is_err()
+    );
+    let dlq = client.fetch("payments-billing-DLQ", 0, 0, 0, 5000).await?;
+    assert_eq!(dlq.records.len(), 1);
+    let rec = dlq.records[0].record.clone().unwrap_or_default();
+    assert_eq!(rec.value, "poison");
+    let header = |k: &str| {
+        rec.headers
+            .iter()
+            .find(|h| h.key == k)
+            .map(|h| String::from_utf8_lossy(&h.value).into_owned())
+    };
+    assert_eq!(header("weir-dlq-topic").as_deref(), Some("payments"));
+    assert_eq!(header("weir-dlq-partition").as_deref(), Some("0"));
+    assert_eq!(header("weir-dlq-offset").as_deref(), Some("0"));
+    assert_eq!(header("weir-dlq-delivery-count").as_deref(), Some("3"));
+    assert_eq!(header("weir-dlq-error").as_deref(), Some("card declined"));
+    let d = client.describe_group("billing").await?;
+    assert_eq!(d.dead_lettered, 1);
+    assert_eq!((d.lag, d.pending), (0, 0));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_member_never_holds_more_unacked_than_its_credits() -> anyhow::Result<()> {
+    let broker = Broker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("backlog", 2, 0).await?;
+    for _ in 0..20 {
+        client
+            .produce(
+                "backlog",
+                None,
+                (0..1000).map(|i| Record::value(format!("m{i}"))).collect(),
+            )
+            .await?;
+    }
+    let mut c = client
+        .subscribe("slow", Some(config("backlog", pb::GroupType::Shared)), 10)
+        .await?;
+    for round in 0..30 {
+        // Take what the broker sends; it must stop at 10.
+        let mut batch = Vec::new();
+        while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(300), c.next()).await {
+            batch.push(d?);
+        }
+        assert_eq!(
+            batch.len(),
+            10,
+            "round {round}: the broker sent {} with 10 credits",
+            batch.len()
+        );
+        let d = client.describe_group("slow").await?;
+        assert_eq!(d.pending, 10);
+        for d in &batch {
+            c.ack(d).await?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_queue_topic_deletes_messages_once_every_group_acked() -> anyhow::Result<()> {
+    let broker = Broker::start()?;
+    let client = broker.client().await?;
+    client
+        .create_topic_with(
+            "tasks",
+            pb::TopicConfig {
+                partitions: 2,
+                retention: pb::RetentionPolicy::WorkQueue as i32,
+                ..pb::TopicConfig::default()
+            },
+        )
+        .await?;
+    for _ in 0..10 {
+        client
+            .produce(
+                "tasks",
+                None,
+                (0..100).map(|i| Record::value(format!("t{i}"))).collect(),
+            )
+            .await?;
+    }
+    // No group yet: messages wait.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(client.describe_topic("tasks").await?.messages, 1000);
+
+    let mut a = client
+        .subscribe("a", Some(config("tasks", pb::GroupType::Shared)), 100)
+        .await?;
+    let mut b = client
+        .subscribe("b", Some(config("tasks", pb::GroupType::Ordered)), 100)
+        .await?;
+    drain(&mut a, 1000, Duration::from_secs(10)).await?;
+    // One group acked everything, the other nothing: all kept.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(client.describe_topic("tasks").await?.messages, 1000);
+    drain(&mut b, 1000, Duration::from_secs(10)).await?;
+    let mut messages = u64::MAX;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        messages = client.describe_topic("tasks").await?.messages;
+        if messages == 0 {
+            break;
+        }
+    }
+    assert_eq!(messages, 0, "acked messages must be deleted");
+    let t = client.describe_topic("tasks").await?;
+    assert_eq!(t.bytes, 0);
+    for p in &t.partitions {
+        assert_eq!(p.earliest_offset, p.next_offset);
+    }
+    // Fetching below the new head is out of range and says so.
+    let err = client
+        .fetch("tasks", 0, 0, 0, 0)
+        .await
+        .expect_err("deleted");
+    assert_eq!(err.code(), Some(Code::OutOfRange));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_group_requests_get_clear_statuses_and_change_nothing() -> anyhow::Result<()> {
+    let broker = Broker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("q", 1, 0).await?;
+    client
+        .produce(
+            "q",
+            None,
+            (0..5).map(|i| Record::value(format!("{i}"))).collect(),
+        )
+        .await?;
+    let joined = client
+        .join("pullers", Some(config("q", pb::GroupType::Shared)))
+        .await?;
+    let member = joined.member_id.clone();
+    let got = client.pull("pullers", &member, 2, 1000).await?;
+    assert_eq!(got.len(), 2);
+    let before = client.describe_group("pullers").await?;
+    // Everything but how long members have been idle.
+    let settled = |mut d: pb::GroupDescription| {
+        for m in &mut d.members {
+            m.idle_ms = 0;
+        }
+        d
+    };
+
+    let ack = |acks: Vec<(u32, u64)>| pb::AckRequest {
+        group: "pullers".into(),
+        member_id: member.clone(),
+        acks: acks
+            .into_iter()
+            .map(|(partition, offset)| pb::DeliveryRef { partition, offset })
+            .collect(),
+        ..pb::AckRequest::default()
+    };
+    // Unknown delivery, mixed with a valid one: refused whole.
+    let err = client
+        .ack(ack(vec![(0, 0), (0, 4)]))
+        .await
+        .expect_err("unknown");
+    assert_eq!(err.code(), Some(Code::FailedPrecondition));
+    assert!(
+        err.to_string().contains("offset 4 has no pending delivery"),
+        "{err}"
+    );
+    assert_eq!(
+        settled(client.describe_group("pullers").await?),
+        settled(before),
+        "state changed"
+    );
+    // Already acked.
+    client.ack(ack(vec![(0, 0)])).await?;
+    let err = client
+        .ack(ack(vec![(0, 0)]))
+        .await
+        .expect_err("acked twice");
+    assert_eq!(err.code(), Some(Code::FailedPrecondition));
+    // Unknown member and unknown group.
+    let mut bad = ack(vec![(0, 1)]);
+    bad.member_id = "nobody".into();
+    assert_eq!(
+        client.ack(bad).await.expect_err("member").code(),
+        Some(Code::NotFound)
+    );
+    assert_eq!(
+        client
+            .describe_group("nope")
+            .await
+            .expect_err("group")
+            .code(),
+        Some(Code::NotFound)
+    );
+    assert_eq!(
+        client
+            .pull("nope", &member, 1, 0)
+            .await
+            .expect_err("group")
+            .code(),
+        Some(Code::NotFound)
+    );
+    // Joining with another type than the group has.
+    let err = client
+        .join("pullers", Some(config("q", pb::GroupType::Ordered)))
+        .await
+        .expect_err("type");
+    assert_eq!(err.code(), Some(Code::FailedPrecondition));
+    assert!(err.to_string().contains("as Shared"), "{err}");
+    // Zero credits on a push stream: an error on the stream, the stream goes on.
+    let mut c = client
+        .subscribe("pushers", Some(config("q", pb::GroupType::Shared)), 1)
+        .await?;
+    c.grant(0).await?;
+    let mut saw_error = false;
+    for _ in 0..3 {
+        match tokio::time::timeout(Duration::from_secs(2), c.next()).await {
+            Ok(Some(Err(e))) => {
+                assert_eq!(e.code(), Some(Code::InvalidArgument));
+                assert!(e.to_string().contains("credits must be at least 1"));
+                saw_error = true;
+            }
+            Ok(Some(Ok(d))) => c.ack(&d).await?,
+            _ => break,
+        }
+    }
+    assert!(saw_error, "credits 0 was not refused");
+    // The pull group is as it was apart from the one valid ack.
+    let after = client.describe_group("pullers").await?;
+    assert_eq!(after.partitions[0].committed_offset, 1);
+    assert_eq!(after.pending, 1);
+    // Bad settings.
+    let mut bad = config("q", pb::GroupType::Shared);
+    bad.ack_wait_ms = 5;
+    let err = client.create_group("g2", bad).await.expect_err("ack wait");
+    assert_eq!(err.code(), Some(Code::InvalidArgument));
+    let err = client
+        .create_group("g3", config("missing-topic", pb::GroupType::Shared))
+        .await
+        .expect_err("topic");
+    assert_eq!(err.code(), Some(Code::NotFound));
+    assert_eq!(client.list_groups(None).await?.len(), 2);
+    Ok(())
+}
