@@ -2,6 +2,9 @@
 //! point-to-point work sharing, ordered partitions with rebalances, poison messages and
 //! dead letters, flow control, and refusal of bad requests.
 
+// Each test walks through one scenario step by step.
+#![allow(clippy::too_many_lines)]
+
 use std::{
     collections::{BTreeMap, HashMap},
     time::Duration,
@@ -103,9 +106,13 @@ async fn every_group_gets_every_message_once_whatever_the_join_order() -> anyhow
         .iter()
         .map(text)
         .collect();
-    let want = sorted(all);
-    assert_eq!(sorted(got_mailer), want, "mailer got a different multiset");
-    assert_eq!(sorted(got_sms), want, "sms got a different multiset");
+    let expected = sorted(all);
+    assert_eq!(
+        sorted(got_mailer),
+        expected,
+        "mailer got a different multiset"
+    );
+    assert_eq!(sorted(got_sms), expected, "sms got a different multiset");
     // Nothing more arrives: exactly once.
     assert!(
         tokio::time::timeout(Duration::from_millis(500), mailer.next())
@@ -157,15 +164,10 @@ async fn shared_members_split_the_work_and_a_dead_members_messages_are_redeliver
         tasks.push(tokio::spawn(async move {
             let mut c = client.subscribe("workers", Some(create), 50).await?;
             let mut got = Vec::new();
-            loop {
-                match tokio::time::timeout(Duration::from_secs(3), c.next()).await {
-                    Ok(Some(d)) => {
-                        let d = d?;
-                        c.ack(&d).await?;
-                        got.push(d);
-                    }
-                    Ok(None) | Err(_) => break,
-                }
+            while let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(3), c.next()).await {
+                let d = d?;
+                c.ack(&d).await?;
+                got.push(d);
             }
             c.close(Duration::from_secs(5)).await?;
             Ok::<_, anyhow::Error>(got)
@@ -554,5 +556,117 @@ async fn bad_group_requests_get_clear_statuses_and_change_nothing() -> anyhow::R
         .expect_err("topic");
     assert_eq!(err.code(), Some(Code::NotFound));
     assert_eq!(client.list_groups(None).await?.len(), 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_start_at_latest_or_a_timestamp_and_can_be_reset() -> anyhow::Result<()> {
+    let broker = Broker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("clock", 1, 0).await?;
+    let records = (0..10)
+        .map(|i| Record {
+            value: format!("t{i}").into(),
+            timestamp_ms: 1_000_000 + i * 1000,
+            ..Record::default()
+        })
+        .collect();
+    client.produce("clock", None, records).await?;
+    let mut late = config("clock", pb::GroupType::Shared);
+    late.start = Some(pb::StartPosition {
+        position: Some(pb::start_position::Position::Latest(true)),
+    });
+    let m = client.join("late", Some(late)).await?.member_id;
+    assert!(
+        client.pull("late", &m, 10, 200).await?.is_empty(),
+        "latest skips the past"
+    );
+    client
+        .produce("clock", None, vec![Record::value("now")])
+        .await?;
+    let got = client.pull("late", &m, 10, 2000).await?;
+    assert_eq!(got.iter().map(text).collect::<Vec<_>>(), vec!["now"]);
+
+    let to = |ms| pb::StartPosition {
+        position: Some(pb::start_position::Position::TimestampMs(ms)),
+    };
+    // Between two records: the first at or after the time.
+    let reset = client.reset_group("late", to(1_004_500)).await?;
+    assert_eq!(reset.partitions[0].committed_offset, 5);
+    let got = client.pull("late", &m, 100, 1000).await?;
+    let offsets: Vec<u64> = got.iter().map(|d| d.offset).collect();
+    assert_eq!(offsets, vec![5, 6, 7, 8, 9, 10]);
+    let earliest = pb::StartPosition {
+        position: Some(pb::start_position::Position::Earliest(true)),
+    };
+    client.reset_group("late", earliest).await?;
+    assert_eq!(client.pull("late", &m, 100, 1000).await?.len(), 11);
+    // A time after every record: the next offset.
+    let reset = client.reset_group("late", to(i64::MAX)).await?;
+    assert_eq!(reset.partitions[0].committed_offset, 11);
+    Ok(())
+}
+
+#[test]
+fn cli_group_consumer_reads_a_loghub_file_and_commits_it() -> anyhow::Result<()> {
+    let broker = Broker::start()?;
+    let input = loghub("Apache_2k.log");
+    assert!(
+        broker
+            .weir(&["topic", "create", "web", "--partitions", "3"], b"")?
+            .status
+            .success()
+    );
+    assert!(
+        broker
+            .weir(&["produce", "web", "--key", "apache"], &input)?
+            .status
+            .success()
+    );
+    let n = lines(&input).len().to_string();
+    let out = broker.weir(
+        &[
+            "consume",
+            "web",
+            "--group",
+            "shippers",
+            "--max-messages",
+            &n,
+            "--idle-timeout",
+            "10s",
+        ],
+        b"",
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut want = input.clone();
+    want.push(b'\n');
+    assert!(
+        out.stdout == want,
+        "group consumer output differs from the input"
+    );
+    let out = broker.weir(&["--output", "json", "group", "describe", "shippers"], b"")?;
+    let text = String::from_utf8(out.stdout)?;
+    assert!(
+        text.contains("\"lag\":0") && text.contains("\"pending\":0"),
+        "{text}"
+    );
+    // Nothing left for the group.
+    let out = broker.weir(
+        &[
+            "consume",
+            "web",
+            "--group",
+            "shippers",
+            "--idle-timeout",
+            "1s",
+        ],
+        b"",
+    )?;
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty());
     Ok(())
 }
