@@ -603,6 +603,28 @@ impl GroupConsumer {
         self.send(pb::subscribe_request::Request::Credits(1)).await
     }
 
+    /// Acknowledges many deliveries in one request and grants as many credits.
+    pub async fn ack_all(&self, deliveries: &[pb::Delivery]) -> Result<(), Error> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        self.send(pb::subscribe_request::Request::Ack(pb::AckRequest {
+            acks: deliveries
+                .iter()
+                .map(|d| pb::DeliveryRef {
+                    partition: d.partition,
+                    offset: d.offset,
+                })
+                .collect(),
+            ..pb::AckRequest::default()
+        }))
+        .await?;
+        self.send(pb::subscribe_request::Request::Credits(
+            u32::try_from(deliveries.len()).unwrap_or(u32::MAX),
+        ))
+        .await
+    }
+
     /// Negatively acknowledges a delivery (redelivered after `delay_ms`, with `error` kept
     /// for the dead-letter headers) and grants one credit.
     pub async fn nack(&self, d: &pb::Delivery, delay_ms: u32, error: &str) -> Result<(), Error> {

@@ -10,7 +10,7 @@ use std::{collections::VecDeque, time::Instant};
 use bytes::Bytes;
 use clap::{Args, Subcommand};
 use hdrhistogram::Histogram;
-use weir_client::{Client, Record};
+use weir_client::{Client, Record, pb};
 
 use crate::Output;
 
@@ -35,6 +35,76 @@ fn random_payload(message_size: usize) -> Bytes {
 pub enum BenchCommand {
     /// Produce load: throughput and ack latency.
     Produce(ProduceBench),
+    /// Catch-up consume: a group reads (and acks) a backlog as fast as it can.
+    Consume(ConsumeBench),
+    /// End to end: produce at a fixed rate while a group consumes; latency from send to
+    /// delivery.
+    EndToEnd(EndToEndBench),
+}
+
+/// Group type for benchmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    /// Ordered group.
+    Ordered,
+    /// Shared group.
+    Shared,
+}
+
+impl Kind {
+    fn pb(self) -> i32 {
+        match self {
+            Self::Ordered => pb::GroupType::Ordered as i32,
+            Self::Shared => pb::GroupType::Shared as i32,
+        }
+    }
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ConsumeBench {
+    /// Topic to read (fill it first, e.g. with `weir bench produce`).
+    #[arg(long, default_value = "bench")]
+    topic: String,
+    /// Group type; the group is created fresh (named after the run) from the earliest offset.
+    #[arg(long, value_enum, default_value_t = Kind::Ordered)]
+    r#type: Kind,
+    /// Members, each on its own push stream.
+    #[arg(long, default_value_t = 1)]
+    members: usize,
+    /// Credits per member (unacked deliveries in flight).
+    #[arg(long, default_value_t = 2000)]
+    window: u32,
+    /// Deliveries acked per ack request.
+    #[arg(long, default_value_t = 500)]
+    ack_batch: usize,
+    /// Messages to read in total (default: the topic's backlog).
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Use (and keep) this group instead of a fresh one that is deleted afterwards.
+    #[arg(long)]
+    group: Option<String>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct EndToEndBench {
+    /// Topic; created with --partitions when missing.
+    #[arg(long, default_value = "bench-e2e")]
+    topic: String,
+    /// Partitions of the topic when it is created.
+    #[arg(long, default_value_t = 4)]
+    partitions: u32,
+    /// Messages per second to produce.
+    #[arg(long, default_value_t = 50_000)]
+    rate: u64,
+    /// How long to run, e.g. `10s`.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: std::time::Duration,
+    /// Bytes per message (at least 16: the send time is in the value).
+    #[arg(long, default_value_t = 100)]
+    message_size: usize,
+    /// Group type of the consuming group.
+    #[arg(long, value_enum, default_value_t = Kind::Shared)]
+    r#type: Kind,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -65,6 +135,8 @@ pub struct ProduceBench {
 pub async fn run(client: &Client, cmd: BenchCommand, output: Output) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Produce(b) => produce(client, b, output).await,
+        BenchCommand::Consume(b) => consume(client, b, output).await,
+        BenchCommand::EndToEnd(b) => end_to_end(client, b, output).await,
     }
 }
 
@@ -201,5 +273,220 @@ async fn produce(client: &Client, settings: ProduceBench, output: Output) -> any
             );
         }
     }
+    Ok(())
+}
+
+fn unique_group(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    )
+}
+
+fn report(output: Output, name: &str, settings: &serde_json::Value, rows: &[(&str, f64)]) {
+    match output {
+        Output::Json => {
+            let mut v = serde_json::json!({ "benchmark": name, "settings": settings });
+            for (k, x) in rows {
+                v[*k] = serde_json::json!(x);
+            }
+            println!("{v}");
+        }
+        Output::Human => {
+            println!("weir bench {name}");
+            println!("  settings: {settings}");
+            for (k, x) in rows {
+                println!("  {k:<26} {x:>14.2}");
+            }
+        }
+    }
+}
+
+async fn consume(client: &Client, settings: ConsumeBench, output: Output) -> anyhow::Result<()> {
+    let topic = client.describe_topic(&settings.topic).await?;
+    let group = settings
+        .group
+        .clone()
+        .unwrap_or_else(|| unique_group("bench-consume"));
+    let create = pb::GroupConfig {
+        topic: settings.topic.clone(),
+        r#type: settings.r#type.pb(),
+        ..pb::GroupConfig::default()
+    };
+    let created = client.create_group(&group, create.clone()).await?;
+    let total = settings.messages.unwrap_or(created.lag.min(topic.messages.max(created.lag)));
+    let members = settings.members.max(1);
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..members {
+        let client = client.clone();
+        let group = group.clone();
+        let received = std::sync::Arc::clone(&received);
+        let (window, ack_batch) = (settings.window, settings.ack_batch.max(1));
+        tasks.push(tokio::spawn(async move {
+            let mut c = client.subscribe(&group, None, window).await?;
+            let mut unacked = Vec::with_capacity(ack_batch);
+            while received.load(std::sync::atomic::Ordering::Relaxed) < total {
+                let Ok(next) = tokio::time::timeout(std::time::Duration::from_secs(2), c.next()).await else {
+                    break;
+                };
+                let Some(d) = next else { break };
+                unacked.push(d?);
+                received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if unacked.len() >= ack_batch {
+                    c.ack_all(&unacked).await?;
+                    unacked.clear();
+                }
+            }
+            c.ack_all(&unacked).await?;
+            c.close(std::time::Duration::from_secs(5)).await?;
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let n = received.load(std::sync::atomic::Ordering::Relaxed);
+    let desc = client.describe_group(&group).await?;
+    if settings.group.is_none() {
+        client.delete_group(&group).await?;
+    }
+    report(
+        output,
+        "consume",
+        &serde_json::json!({
+            "topic": settings.topic, "type": format!("{:?}", settings.r#type).to_lowercase(),
+            "members": members, "window": settings.window, "ackBatch": settings.ack_batch,
+        }),
+        &[
+            ("messages", n as f64),
+            ("seconds", secs),
+            ("messages/s", n as f64 / secs),
+            ("lag after (messages)", desc.lag as f64),
+        ],
+    );
+    Ok(())
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+#[allow(clippy::too_many_lines)]
+async fn end_to_end(client: &Client, settings: EndToEndBench, output: Output) -> anyhow::Result<()> {
+    match client.describe_topic(&settings.topic).await {
+        Ok(_) => {}
+        Err(e) if e.code() == Some(tonic::Code::NotFound) => {
+            client.create_topic(&settings.topic, settings.partitions, 0).await?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let group = unique_group("bench-e2e");
+    let create = pb::GroupConfig {
+        topic: settings.topic.clone(),
+        r#type: settings.r#type.pb(),
+        start: Some(pb::StartPosition {
+            position: Some(pb::start_position::Position::Latest(true)),
+        }),
+        ..pb::GroupConfig::default()
+    };
+    let mut consumer = client.subscribe(&group, Some(create), 5000).await?;
+    let size = settings.message_size.max(16);
+    // Batches every millisecond at the requested rate.
+    let per_ms = (settings.rate as f64 / 1000.0).max(1.0);
+    let total = (settings.rate as f64 * settings.duration.as_secs_f64()) as u64;
+    let producer = {
+        let client = client.clone();
+        let topic = settings.topic.clone();
+        tokio::spawn(async move {
+            let (mut tx, mut rx) = client.produce_stream(64).await?;
+            let acks = tokio::spawn(async move {
+                while let Some((_, r)) = rx.next().await {
+                    r?;
+                }
+                Ok::<_, weir_client::Error>(())
+            });
+            let started = Instant::now();
+            let mut sent = 0u64;
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            while sent < total {
+                tick.tick().await;
+                let due = ((started.elapsed().as_secs_f64() * 1000.0 + 1.0) * per_ms) as u64;
+                let n = due.saturating_sub(sent).min(total - sent);
+                if n == 0 {
+                    continue;
+                }
+                let records = (0..n)
+                    .map(|_| {
+                        let mut v = vec![0u8; size];
+                        v[..8].copy_from_slice(&now_ns().to_le_bytes());
+                        Record { value: Bytes::from(v), ..Record::default() }
+                    })
+                    .collect();
+                tx.send(&topic, None, records).await?;
+                sent += n;
+            }
+            drop(tx);
+            acks.await??;
+            Ok::<_, anyhow::Error>(sent)
+        })
+    };
+    let mut hist = Histogram::<u64>::new(3).map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
+    let mut received = 0u64;
+    let mut unacked = Vec::with_capacity(256);
+    let started = Instant::now();
+    while received < total {
+        let Ok(next) = tokio::time::timeout(std::time::Duration::from_secs(5), consumer.next()).await else {
+            break;
+        };
+        let Some(d) = next else { break };
+        let d = d?;
+        if let Some(sent) = d
+            .record
+            .as_ref()
+            .and_then(|r| r.value.get(..8))
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+        {
+            let _ = hist.record(now_ns().saturating_sub(sent) / 1000);
+        }
+        received += 1;
+        unacked.push(d);
+        if unacked.len() >= 256 {
+            consumer.ack_all(&unacked).await?;
+            unacked.clear();
+        }
+    }
+    consumer.ack_all(&unacked).await?;
+    let secs = started.elapsed().as_secs_f64();
+    let sent = producer.await??;
+    consumer.close(std::time::Duration::from_secs(5)).await?;
+    client.delete_group(&group).await?;
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    report(
+        output,
+        "end-to-end",
+        &serde_json::json!({
+            "topic": settings.topic, "rate": settings.rate, "seconds": settings.duration.as_secs_f64(),
+            "messageSize": size, "type": format!("{:?}", settings.r#type).to_lowercase(),
+            "durability": "fsync (group commit)",
+        }),
+        &[
+            ("sent", sent as f64),
+            ("received", received as f64),
+            ("received/s", received as f64 / secs),
+            ("latency p50 ms", ms(0.5)),
+            ("latency p99 ms", ms(0.99)),
+            ("latency p999 ms", ms(0.999)),
+            ("latency max ms", hist.max() as f64 / 1000.0),
+        ],
+    );
     Ok(())
 }
