@@ -360,6 +360,26 @@ impl Client {
             .ok_or(Error::Malformed("CreateGroupResponse.group"))
     }
 
+    /// Changes the mutable settings of group `name` (ack wait, max deliveries, dead-letter
+    /// topic, session timeout).
+    pub async fn update_group(
+        &self,
+        name: &str,
+        config: pb::GroupConfig,
+    ) -> Result<pb::GroupDescription, Error> {
+        let resp = self
+            .admin
+            .clone()
+            .update_group(pb::UpdateGroupRequest {
+                name: name.to_owned(),
+                config: Some(config),
+            })
+            .await?
+            .into_inner();
+        resp.group
+            .ok_or(Error::Malformed("UpdateGroupResponse.group"))
+    }
+
     /// Deletes group `name`.
     pub async fn delete_group(&self, name: &str) -> Result<(), Error> {
         self.admin

@@ -670,3 +670,105 @@ fn cli_group_consumer_reads_a_loghub_file_and_commits_it() -> anyhow::Result<()>
     assert!(out.stdout.is_empty());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_pull_deliveries_come_back_after_ack_wait() -> anyhow::Result<()> {
+    let broker = Broker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("mail", 2, 0).await?;
+    client
+        .produce(
+            "mail",
+            None,
+            (0..6).map(|i| Record::value(format!("mail-{i}"))).collect(),
+        )
+        .await?;
+    let mut create = config("mail", pb::GroupType::Shared);
+    create.ack_wait_ms = 800;
+    create.session_timeout_ms = 60_000;
+    // A pull member that takes everything and then goes silent (a hung process).
+    let silent = client
+        .join("mailers", Some(create.clone()))
+        .await?
+        .member_id;
+    let taken = client.pull("mailers", &silent, 10, 1000).await?;
+    assert_eq!(taken.len(), 6);
+    let other = client.join("mailers", Some(create)).await?.member_id;
+    assert!(
+        client.pull("mailers", &other, 10, 300).await?.is_empty(),
+        "still held"
+    );
+    let mut again = Vec::new();
+    while again.len() < 6 {
+        let got = client.pull("mailers", &other, 10, 3000).await?;
+        assert!(!got.is_empty(), "ack wait passed without redelivery");
+        again.extend(got);
+    }
+    assert!(again.iter().all(|d| d.delivery_count == 2));
+    // The silent member's late ack is refused: the delivery is no longer its.
+    let late = pb::AckRequest {
+        group: "mailers".into(),
+        member_id: silent,
+        acks: vec![pb::DeliveryRef {
+            partition: taken[0].partition,
+            offset: taken[0].offset,
+        }],
+        ..pb::AckRequest::default()
+    };
+    assert_eq!(
+        client.ack(late).await.expect_err("late").code(),
+        Some(Code::FailedPrecondition)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_misses_its_session_timeout_loses_its_partitions() -> anyhow::Result<()> {
+    let broker = Broker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("feed", 4, 0).await?;
+    let mut create = config("feed", pb::GroupType::Ordered);
+    create.session_timeout_ms = 1000;
+    let quiet = client.join("readers", Some(create.clone())).await?;
+    assert_eq!(quiet.partitions.len(), 4);
+    let mut busy = client.subscribe("readers", Some(create), 10).await?;
+    // busy keeps its stream open; quiet stops calling and is removed after ~1 s.
+    let mut owned = Vec::new();
+    for _ in 0..40 {
+        let d = client.describe_group("readers").await?;
+        owned = d.members.iter().map(|m| m.partitions.len()).collect();
+        if owned == vec![4] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        owned,
+        vec![4],
+        "busy owns every partition after quiet timed out"
+    );
+    assert_eq!(
+        client
+            .pull("readers", &quiet.member_id, 1, 0)
+            .await
+            .expect_err("gone")
+            .code(),
+        Some(Code::NotFound)
+    );
+    client
+        .produce("feed", None, vec![Record::value("hello")])
+        .await?;
+    let got = drain(&mut busy, 1, Duration::from_secs(5)).await?;
+    assert_eq!(text(&got[0]), "hello");
+    // Settings that may change do; topic and type may not.
+    let mut changed = config("feed", pb::GroupType::Ordered);
+    changed.session_timeout_ms = 2000;
+    let updated = client.update_group("readers", changed).await?;
+    assert_eq!(updated.config.unwrap_or_default().session_timeout_ms, 2000);
+    let err = client
+        .update_group("readers", config("feed", pb::GroupType::Shared))
+        .await
+        .expect_err("type is immutable");
+    assert_eq!(err.code(), Some(Code::InvalidArgument));
+    Ok(())
+}

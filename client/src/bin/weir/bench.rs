@@ -316,7 +316,9 @@ async fn consume(client: &Client, settings: ConsumeBench, output: Output) -> any
         ..pb::GroupConfig::default()
     };
     let created = client.create_group(&group, create.clone()).await?;
-    let total = settings.messages.unwrap_or(created.lag.min(topic.messages.max(created.lag)));
+    let total = settings
+        .messages
+        .unwrap_or(created.lag.min(topic.messages.max(created.lag)));
     let members = settings.members.max(1);
     let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let started = Instant::now();
@@ -330,7 +332,9 @@ async fn consume(client: &Client, settings: ConsumeBench, output: Output) -> any
             let mut c = client.subscribe(&group, None, window).await?;
             let mut unacked = Vec::with_capacity(ack_batch);
             while received.load(std::sync::atomic::Ordering::Relaxed) < total {
-                let Ok(next) = tokio::time::timeout(std::time::Duration::from_secs(2), c.next()).await else {
+                let Ok(next) =
+                    tokio::time::timeout(std::time::Duration::from_secs(2), c.next()).await
+                else {
                     break;
                 };
                 let Some(d) = next else { break };
@@ -379,11 +383,17 @@ fn now_ns() -> u64 {
 }
 
 #[allow(clippy::too_many_lines)]
-async fn end_to_end(client: &Client, settings: EndToEndBench, output: Output) -> anyhow::Result<()> {
+async fn end_to_end(
+    client: &Client,
+    settings: EndToEndBench,
+    output: Output,
+) -> anyhow::Result<()> {
     match client.describe_topic(&settings.topic).await {
         Ok(_) => {}
         Err(e) if e.code() == Some(tonic::Code::NotFound) => {
-            client.create_topic(&settings.topic, settings.partitions, 0).await?;
+            client
+                .create_topic(&settings.topic, settings.partitions, 0)
+                .await?;
         }
         Err(e) => return Err(e.into()),
     }
@@ -427,7 +437,10 @@ async fn end_to_end(client: &Client, settings: EndToEndBench, output: Output) ->
                     .map(|_| {
                         let mut v = vec![0u8; size];
                         v[..8].copy_from_slice(&now_ns().to_le_bytes());
-                        Record { value: Bytes::from(v), ..Record::default() }
+                        Record {
+                            value: Bytes::from(v),
+                            ..Record::default()
+                        }
                     })
                     .collect();
                 tx.send(&topic, None, records).await?;
@@ -443,7 +456,9 @@ async fn end_to_end(client: &Client, settings: EndToEndBench, output: Output) ->
     let mut unacked = Vec::with_capacity(256);
     let started = Instant::now();
     while received < total {
-        let Ok(next) = tokio::time::timeout(std::time::Duration::from_secs(5), consumer.next()).await else {
+        let Ok(next) =
+            tokio::time::timeout(std::time::Duration::from_secs(5), consumer.next()).await
+        else {
             break;
         };
         let Some(d) = next else { break };
