@@ -382,7 +382,7 @@ fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-#[allow(clippy::too_many_lines)]
+#[allow(clippy::too_many_lines, clippy::cast_sign_loss)]
 async fn end_to_end(
     client: &Client,
     settings: EndToEndBench,
