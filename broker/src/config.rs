@@ -39,6 +39,15 @@ pub struct Config {
     #[arg(long, env = "WEIR_STORAGE_WORKERS", default_value_t = 1)]
     pub storage_workers: usize,
 
+    /// Journal size after which the storage engine flushes and deletes old journals, e.g.
+    /// `512MiB` (at least 64 MiB). Smaller gives disk space back sooner after deletions.
+    #[arg(long, env = "WEIR_MAX_JOURNAL_SIZE", default_value = "512MiB")]
+    pub max_journal_size: bytesize::ByteSize,
+
+    /// How often records of `Buffered` topics are fsynced, e.g. `1s`.
+    #[arg(long, env = "WEIR_BUFFERED_FLUSH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub buffered_flush_interval: Duration,
+
     /// Log format: `text` for terminals, `json` for log collectors in a cluster.
     #[arg(long, env = "WEIR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -23,11 +23,22 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
+    if config.max_journal_size.as_u64() < 64 * 1024 * 1024 {
+        anyhow::bail!(
+            "--max-journal-size is {}; it must be at least 64MiB",
+            config.max_journal_size
+        );
+    }
+    if config.buffered_flush_interval.is_zero() {
+        anyhow::bail!("--buffered-flush-interval must be more than 0, e.g. 1s");
+    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let options = LogOptions {
         cache_bytes: config.cache_size.as_u64(),
         storage_workers: Some(config.storage_workers),
+        max_journal_bytes: config.max_journal_size.as_u64(),
+        buffered_flush_interval: config.buffered_flush_interval,
         ..LogOptions::default()
     };
     let dir = config.data_dir.clone();

@@ -16,7 +16,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::log::Log;
+use crate::{groups::Groups, log::Log};
 
 /// The broker's metrics.
 #[derive(Debug)]
@@ -36,6 +36,7 @@ pub struct Metrics {
     stored_bytes: Gauge,
     disk_bytes: Gauge,
     topics: Gauge,
+    group_skipped: Counter,
 }
 
 impl Default for Metrics {
@@ -66,6 +67,7 @@ impl Metrics {
             stored_bytes: Gauge::default(),
             disk_bytes: Gauge::default(),
             topics: Gauge::default(),
+            group_skipped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -134,6 +136,11 @@ impl Metrics {
             m.disk_bytes.clone(),
         );
         registry.register("topics", "Topics on this broker", m.topics.clone());
+        registry.register(
+            "group_skipped_messages",
+            "Records deleted by retention before their group acked them (the group resumed at the head)",
+            m.group_skipped.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -156,7 +163,12 @@ impl Metrics {
     }
 
     /// Prometheus text exposition of every metric, with log figures read now.
-    pub fn render(&self, log: &Log) -> String {
+    pub fn render(&self, log: &Log, groups: &Groups) -> String {
+        let skipped: u64 = groups.list(None).iter().map(|g| g.skipped()).sum();
+        if skipped > self.group_skipped.get() {
+            self.group_skipped
+                .inc_by(skipped - self.group_skipped.get());
+        }
         let w = log.writer_stats();
         let set = |c: &Counter, v: u64| {
             let cur = c.get();
@@ -194,6 +206,7 @@ impl Metrics {
 #[derive(Clone)]
 struct HttpState {
     log: Arc<Log>,
+    groups: Arc<Groups>,
     metrics: Arc<Metrics>,
     ready: tokio::sync::watch::Receiver<bool>,
 }
@@ -202,6 +215,7 @@ struct HttpState {
 /// `/readyz` (200 once serving, 503 while starting or shutting down).
 pub fn router(
     log: Arc<Log>,
+    groups: Arc<Groups>,
     metrics: Arc<Metrics>,
     ready: tokio::sync::watch::Receiver<bool>,
 ) -> Router {
@@ -211,18 +225,23 @@ pub fn router(
         .route("/readyz", get(ready_handler))
         .with_state(HttpState {
             log,
+            groups,
             metrics,
             ready,
         })
 }
 
 async fn metrics_handler(State(s): State<HttpState>) -> impl IntoResponse {
+    // Rendering asks fjall for disk usage (file system calls): keep it off the executor.
+    let body = tokio::task::spawn_blocking(move || s.metrics.render(&s.log, &s.groups))
+        .await
+        .unwrap_or_else(|e| format!("# rendering metrics failed: {e}\n"));
     (
         [(
             "content-type",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        s.metrics.render(&s.log),
+        body,
     )
 }
 

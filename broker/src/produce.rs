@@ -26,15 +26,16 @@ pub struct Ack {
 /// `murmur2(key) mod partitions` and unkeyed ones to a single partition chosen round robin
 /// per request (Kafka's sticky partitioner). Records on the same partition keep their order.
 ///
-/// Nothing is written when any check fails: an empty request, an unknown topic or
-/// partition, or a record above the topic's `max_message_bytes` fail the whole request.
-/// Appends to several partitions are durable independently: when one fails after another
-/// succeeded, the error is returned and the successful part stays stored.
+/// The request is atomic: all its batches are stored or none. Nothing is written when any
+/// check fails: an empty request, an unknown topic or partition, a record above the topic's
+/// `max_message_bytes`, a full `Reject` topic, or (with `producer` = (id, sequence)) a
+/// sequence out of order; a retried sequence is answered with its original acks.
 pub async fn submit(
     log: &Log,
     topic: &str,
     partition: Option<u32>,
     records: Vec<Record>,
+    producer: Option<(u64, u64)>,
 ) -> Result<Pending, Error> {
     if records.is_empty() {
         return Err(Error::InvalidArgument(
@@ -77,40 +78,38 @@ pub async fn submit(
     }
     routed.sort_by_key(|(p, _)| *p);
     let now = log::now_ms();
-    let mut tickets = Vec::with_capacity(routed.len());
+    let mut batches = Vec::with_capacity(routed.len());
     for (p, recs) in routed {
         let part = partitions
             .get(p as usize)
             .map(Arc::clone)
             .ok_or_else(|| Error::InvalidArgument(format!("partition {p} does not exist")))?;
-        let n = recs.len() as u32;
-        let ticket = log
-            .submit_append(part, batch::encode(&recs, now), n)
-            .await?;
-        tickets.push((p, n, ticket));
+        batches.push((part, batch::encode(&recs, now), recs.len() as u32));
     }
-    Ok(Pending { tickets })
+    let ticket = log.submit_append(topic, batches, producer).await?;
+    Ok(Pending { ticket })
 }
 
-/// A produce request whose batches are queued for the writer, in order.
+/// A produce request queued for the writer.
 #[derive(Debug)]
 pub struct Pending {
-    tickets: Vec<(u32, u32, AppendTicket)>,
+    ticket: AppendTicket,
 }
 
 impl Pending {
-    /// Waits until every batch of the request is durable; returns the acks in ascending
-    /// partition order.
+    /// Waits until the request is durable; returns the acks in ascending partition order.
     pub async fn wait(self) -> Result<Vec<Ack>, Error> {
-        let mut acks = Vec::with_capacity(self.tickets.len());
-        for (partition, record_count, ticket) in self.tickets {
-            acks.push(Ack {
+        Ok(self
+            .ticket
+            .wait()
+            .await?
+            .into_iter()
+            .map(|(partition, base_offset, record_count)| Ack {
                 partition,
-                base_offset: ticket.wait().await?,
+                base_offset,
                 record_count,
-            });
-        }
-        Ok(acks)
+            })
+            .collect())
     }
 }
 
@@ -121,5 +120,8 @@ pub async fn produce(
     partition: Option<u32>,
     records: Vec<Record>,
 ) -> Result<Vec<Ack>, Error> {
-    submit(log, topic, partition, records).await?.wait().await
+    submit(log, topic, partition, records, None)
+        .await?
+        .wait()
+        .await
 }

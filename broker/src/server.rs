@@ -61,6 +61,7 @@ pub async fn run(
         .map_err(|e| Error::OpenGroups(crate::log::Error::InvalidArgument(e.to_string())))?
         .map_err(Error::OpenGroups)?;
     let ticker = tokio::spawn(Arc::clone(&groups).run(stop_rx.clone()));
+    let retention = tokio::spawn(enforce_max_age(Arc::clone(&log), stop_rx.clone()));
     let ctx = Context {
         log: Arc::clone(&log),
         shutdown: stop_rx.clone(),
@@ -90,10 +91,13 @@ pub async fn run(
         },
     );
     let mut stop_http = stop_rx.clone();
-    let http_server = axum::serve(http, metrics::router(Arc::clone(&log), metrics, ready_rx))
-        .with_graceful_shutdown(async move {
-            let _ = stop_http.wait_for(|s| *s).await;
-        });
+    let http_server = axum::serve(
+        http,
+        metrics::router(Arc::clone(&log), Arc::clone(&groups), metrics, ready_rx),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = stop_http.wait_for(|s| *s).await;
+    });
     let grpc_task = tokio::spawn(grpc_server);
     let http_task = tokio::spawn(async move { http_server.await });
     ready_tx.send_replace(true);
@@ -126,6 +130,7 @@ pub async fn run(
         ),
     }
     let _ = ticker.await;
+    let _ = retention.await;
     if let Err(e) = groups.flush().await {
         tracing::warn!(error = %e, "persisting group state at shutdown failed");
     }
@@ -169,4 +174,33 @@ fn grpc_router(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         ))
+}
+
+/// How often `maxAge` is enforced: records disappear at most this long (plus the time to
+/// delete them) after they pass their topic's `maxAge`.
+pub const MAX_AGE_CHECK: Duration = Duration::from_secs(1);
+
+/// Deletes records past their topic's `maxAge`, every [`MAX_AGE_CHECK`].
+async fn enforce_max_age(log: Arc<Log>, mut stop: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(MAX_AGE_CHECK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        for topic in log.topics() {
+            let max_age = topic.config().max_age_ms;
+            if max_age == 0 {
+                continue;
+            }
+            let cutoff =
+                crate::log::now_ms().saturating_sub(i64::try_from(max_age).unwrap_or(i64::MAX));
+            for p in topic.partitions() {
+                if let Err(e) = log.expire(p, cutoff).await {
+                    tracing::warn!(topic = %topic.name, error = %e, "max-age enforcement failed; retrying");
+                }
+            }
+        }
+    }
 }

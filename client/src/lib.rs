@@ -280,13 +280,40 @@ impl Client {
                 topic: topic.to_owned(),
                 partition,
                 records,
+                ..pb::ProduceRequest::default()
             })
             .await?
             .into_inner()
             .acks)
     }
 
-    /// Opens a pipelined produce stream: send requests with [`ProduceSender::send`] without
+    /// Produces as idempotent producer `producer_id` with `sequence` (see
+    /// [`Producer`] for a producer that numbers and retries its requests itself).
+    pub async fn produce_idempotent(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        records: Vec<Record>,
+        producer_id: u64,
+        sequence: u64,
+    ) -> Result<Vec<pb::PartitionAck>, Error> {
+        Ok(self
+            .producer
+            .clone()
+            .produce(pb::ProduceRequest {
+                topic: topic.to_owned(),
+                partition,
+                records,
+                producer_id,
+                sequence,
+            })
+            .await?
+            .into_inner()
+            .acks)
+    }
+
+    /// Opens a pipelined produce stream (idempotent: a random producer id, sequences per
+    /// topic): send requests with [`ProduceSender::send`] without
     /// waiting, and read one response per request, in order, from [`ProduceReceiver`].
     /// At most `window` requests are in flight (sent and not yet answered); `send` waits for
     /// a response to be read past that.
@@ -308,6 +335,8 @@ impl Client {
                 tx,
                 next_id: 0,
                 permits: Arc::clone(&permits),
+                producer_id: new_producer_id(),
+                sequences: std::collections::HashMap::new(),
             },
             ProduceReceiver { inbound, permits },
         ))
@@ -686,6 +715,100 @@ impl GroupConsumer {
     }
 }
 
+/// An idempotent producer that retries: each [`send`](Self::send) gets the next sequence of
+/// its topic and is retried with the same sequence after transport errors and
+/// `UNAVAILABLE`, reconnecting as needed, so a request is stored exactly once even when
+/// acks are lost or the broker restarts (Kafka's `enable.idempotence`).
+#[derive(Debug)]
+pub struct Producer {
+    url: String,
+    client: Option<Client>,
+    id: u64,
+    sequences: std::collections::HashMap<String, u64>,
+    /// Attempts per request before giving up.
+    pub attempts: u32,
+    /// Wait between attempts.
+    pub backoff: std::time::Duration,
+}
+
+impl Producer {
+    /// A producer for the broker at `url` with a new random producer id; connects lazily.
+    pub fn new(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            client: None,
+            id: new_producer_id(),
+            sequences: std::collections::HashMap::new(),
+            attempts: 100,
+            backoff: std::time::Duration::from_millis(100),
+        }
+    }
+
+    /// This producer's id.
+    pub fn producer_id(&self) -> u64 {
+        self.id
+    }
+
+    /// Sends one request and returns its acks; retries transport failures with the same
+    /// sequence. Errors other than transport and `UNAVAILABLE` are returned at once (the
+    /// sequence is then not consumed, except for a full `Reject` topic, which the caller may
+    /// retry with the same records).
+    pub async fn send(
+        &mut self,
+        topic: &str,
+        partition: Option<u32>,
+        records: Vec<Record>,
+    ) -> Result<Vec<pb::PartitionAck>, Error> {
+        let seq = *self.sequences.entry(topic.to_owned()).or_insert(0);
+        let mut last = Error::StreamClosed;
+        for _ in 0..self.attempts.max(1) {
+            let client = match &self.client {
+                Some(c) => c.clone(),
+                None => match Client::connect(&self.url).await {
+                    Ok(c) => {
+                        self.client = Some(c.clone());
+                        c
+                    }
+                    Err(e) => {
+                        last = e;
+                        tokio::time::sleep(self.backoff).await;
+                        continue;
+                    }
+                },
+            };
+            match client
+                .produce_idempotent(topic, partition, records.clone(), self.id, seq)
+                .await
+            {
+                Ok(acks) => {
+                    self.sequences.insert(topic.to_owned(), seq + 1);
+                    return Ok(acks);
+                }
+                Err(e) if retriable(&e) => {
+                    self.client = None;
+                    last = e;
+                    tokio::time::sleep(self.backoff).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+}
+
+/// Whether a failed produce may have been lost in transit (and is safe to retry with the
+/// same sequence).
+fn retriable(e: &Error) -> bool {
+    match e {
+        Error::Connect { .. } | Error::StreamClosed => true,
+        Error::Status(s) => matches!(
+            s.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+        ),
+        _ => false,
+    }
+}
+
 /// Sending half of a produce stream.
 #[derive(Debug)]
 pub struct ProduceSender {
@@ -693,6 +816,9 @@ pub struct ProduceSender {
     next_id: u64,
     /// One permit per request that may still be sent; the receiver returns them.
     permits: Arc<Semaphore>,
+    /// Idempotent producer id (random) and the next sequence per topic.
+    producer_id: u64,
+    sequences: std::collections::HashMap<String, u64>,
 }
 
 impl ProduceSender {
@@ -710,6 +836,9 @@ impl ProduceSender {
             .forget();
         let id = self.next_id;
         self.next_id += 1;
+        let sequence = self.sequences.entry(topic.to_owned()).or_insert(0);
+        let seq = *sequence;
+        *sequence += 1;
         self.tx
             .send(pb::ProduceStreamRequest {
                 request_id: id,
@@ -717,12 +846,33 @@ impl ProduceSender {
                     topic: topic.to_owned(),
                     partition,
                     records,
+                    producer_id: self.producer_id,
+                    sequence: seq,
                 }),
             })
             .await
             .map_err(|_| Error::StreamClosed)?;
         Ok(id)
     }
+
+    /// The idempotent producer id of this stream.
+    pub fn producer_id(&self) -> u64 {
+        self.producer_id
+    }
+}
+
+/// A random non-zero producer id (random state of the standard library's hasher, mixed with
+/// the time and the process id).
+pub fn new_producer_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish().max(1)
 }
 
 /// Receiving half of a produce stream: responses in request order.

@@ -91,6 +91,21 @@ pub fn grpcurl() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// Total size in bytes of the files under `dir` (what `du -sb` counts, without directories).
+pub fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 /// Cache directory for tools: `$WEIR_CACHE`, else `~/.cache/weir`.
 pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("WEIR_CACHE") {
@@ -138,6 +153,10 @@ pub struct Broker {
     pub http_addr: String,
     /// Every log line the broker wrote to stderr (JSON), across restarts.
     pub logs: Arc<Mutex<Vec<String>>>,
+    /// Extra flags for `weir-broker`.
+    args: Vec<String>,
+    /// gRPC listen address for the next start (`127.0.0.1:0` until pinned).
+    listen: String,
 }
 
 impl Broker {
@@ -151,6 +170,11 @@ impl Broker {
 
     /// Starts a broker on `data_dir` (kept after the broker stops).
     pub fn start_in(data_dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(data_dir, &[])
+    }
+
+    /// Starts a broker on `data_dir` with extra `weir-broker` flags.
+    pub fn start_with(data_dir: &Path, args: &[&str]) -> anyhow::Result<Self> {
         let mut b = Self {
             child: None,
             data_dir: data_dir.to_path_buf(),
@@ -158,6 +182,8 @@ impl Broker {
             addr: String::new(),
             http_addr: String::new(),
             logs: Arc::new(Mutex::new(Vec::new())),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            listen: "127.0.0.1:0".into(),
         };
         b.spawn()?;
         Ok(b)
@@ -167,7 +193,8 @@ impl Broker {
         let mut child = Command::new(bin("weir-broker"))
             .arg("--data-dir")
             .arg(&self.data_dir)
-            .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .args(["--listen", &self.listen, "--http-listen", "127.0.0.1:0"])
+            .args(&self.args)
             .args(["--log-format", "json"])
             .env("WEIR_LOG", "info")
             .stdin(Stdio::null())
@@ -242,6 +269,26 @@ impl Broker {
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
         self.spawn()
+    }
+
+    /// Keeps the current gRPC port for every later restart, so clients can reconnect to the
+    /// same URL.
+    pub fn pin_port(&mut self) {
+        self.listen.clone_from(&self.addr);
+    }
+
+    /// Resident memory of the broker process in bytes (from `/proc`).
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kb: u64 = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
     }
 
     /// All log lines so far, joined.

@@ -246,6 +246,8 @@ pub struct Group {
     state: Mutex<State>,
     /// Woken on acks, nacks, membership changes and resets.
     changed: Notify,
+    /// Records deleted (by retention) before the group acked them.
+    skipped: AtomicU64,
 }
 
 /// Result of a join.
@@ -402,6 +404,7 @@ impl Groups {
                     config: RwLock::new(meta.config),
                     state: Mutex::new(state),
                     changed: Notify::new(),
+                    skipped: AtomicU64::new(0),
                 }),
             );
         }
@@ -501,6 +504,7 @@ impl Groups {
                 ..State::default()
             }),
             changed: Notify::new(),
+            skipped: AtomicU64::new(0),
         });
         let mut groups = self.by_name.write();
         if let Some(raced) = groups.get(name) {
@@ -924,7 +928,7 @@ impl Groups {
                     if let Some(part) = parts.get(p) {
                         let skipped = st.cursors[p].clamp_to(part.earliest_offset());
                         if skipped > 0 {
-                            tracing::warn!(group = %g.name, topic = %g.topic.name, partition = p, skipped, "records were deleted before the group acked them; resuming at the head");
+                            g.report_skip(p, skipped);
                             st.dirty.insert(p);
                         }
                     }
@@ -975,9 +979,8 @@ impl Groups {
         let taken: Vec<(u32, u64, u32)> = dead.iter().map(|(p, o, c, _)| (*p, *o, *c)).collect();
         let deliveries = self.read_deliveries(g, taken).await;
         let dlq_config = log::TopicConfig {
-            partitions: 1,
             max_message_bytes: log::topic::MAX_MESSAGE_BYTES_LIMIT,
-            retention: Retention::Limits,
+            ..log::TopicConfig::default()
         };
         if let Err(e) = self
             .log
@@ -1126,6 +1129,16 @@ impl Group {
         })
     }
 
+    fn report_skip(&self, partition: usize, skipped: u64) {
+        self.skipped.fetch_add(skipped, Ordering::Relaxed);
+        tracing::warn!(group = %self.name, topic = %self.topic.name, partition, skipped, "records were deleted by retention before the group acked them; resuming at the head");
+    }
+
+    /// Records deleted by retention before this group acked them.
+    pub fn skipped(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
+    }
+
     /// Settings.
     pub fn config(&self) -> GroupConfig {
         self.config.read().clone()
@@ -1222,7 +1235,10 @@ impl Take<'_> {
             }
             let end = parts.get(p).map_or(0, |x| x.next_offset());
             let earliest = parts.get(p).map_or(0, |x| x.earliest_offset());
-            st.cursors[p].clamp_to(earliest);
+            let skipped = st.cursors[p].clamp_to(earliest);
+            if skipped > 0 {
+                g.report_skip(p, skipped);
+            }
             let taken = st.cursors[p].take(self.member, max - out.len(), end, now, ack_wait);
             if !taken.is_empty() {
                 st.dirty.insert(p);

@@ -15,7 +15,10 @@ use weir_proto::v1 as pb;
 pub use self::{admin::AdminService, consumer::ConsumerService, producer::ProducerService};
 use crate::{
     groups::{GroupConfig, GroupInfo, GroupType, Groups, StartFrom},
-    log::{self, Error, Log, topic::Retention},
+    log::{
+        self, Error, Log,
+        topic::{Durability, Overflow, Retention},
+    },
 };
 
 /// Largest gRPC message the broker accepts or sends: 64 MiB.
@@ -43,6 +46,14 @@ pub fn status(err: &Error) -> Status {
         Error::TopicExists { .. } | Error::AlreadyExists(_) => Code::AlreadyExists,
         Error::FailedPrecondition(_) => Code::FailedPrecondition,
         Error::InvalidArgument(_) => Code::InvalidArgument,
+        Error::LimitReached(_) => {
+            // gRPC's retry pushback (A6 client retries): when to try again, in ms.
+            let mut s = Status::new(Code::ResourceExhausted, err.to_string());
+            if let Ok(v) = "1000".parse() {
+                s.metadata_mut().insert("grpc-retry-pushback-ms", v);
+            }
+            return s;
+        }
         Error::OffsetOutOfRange { .. } => Code::OutOfRange,
         Error::Corrupt { .. } => Code::DataLoss,
         Error::ShuttingDown => Code::Unavailable,
@@ -95,6 +106,17 @@ pub(crate) fn describe(topic: &log::Topic) -> pb::TopicDescription {
                 Retention::Limits => pb::RetentionPolicy::Limits,
                 Retention::WorkQueue => pb::RetentionPolicy::WorkQueue,
             } as i32,
+            max_age_ms: config.max_age_ms,
+            max_bytes: config.max_bytes,
+            max_messages: config.max_messages,
+            overflow: match config.overflow {
+                Overflow::DropOldest => pb::Overflow::DropOldest,
+                Overflow::Reject => pb::Overflow::Reject,
+            } as i32,
+            durability: match config.durability {
+                Durability::Fsync => pb::Durability::Fsync,
+                Durability::Buffered => pb::Durability::Buffered,
+            } as i32,
         }),
         messages: partitions.iter().map(|p| p.messages).sum(),
         bytes: partitions.iter().map(|p| p.bytes).sum(),
@@ -125,6 +147,30 @@ pub(crate) fn topic_config_from_pb(
             )));
         }
     };
+    config.overflow = match pb::Overflow::try_from(c.overflow) {
+        Ok(pb::Overflow::DropOldest) => Overflow::DropOldest,
+        Ok(pb::Overflow::Reject) => Overflow::Reject,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "topic {what:?}: overflow {} is unknown; use OVERFLOW_DROP_OLDEST (0) or OVERFLOW_REJECT (1)",
+                c.overflow
+            )));
+        }
+    };
+    config.durability = match pb::Durability::try_from(c.durability) {
+        Ok(pb::Durability::Fsync) => Durability::Fsync,
+        Ok(pb::Durability::Buffered) => Durability::Buffered,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "topic {what:?}: durability {} is unknown; use DURABILITY_FSYNC (0) or DURABILITY_BUFFERED (1)",
+                c.durability
+            )));
+        }
+    };
+    config.max_age_ms = c.max_age_ms;
+    config.max_bytes = c.max_bytes;
+    config.max_messages = c.max_messages;
+    config.validate().map_err(|e| status(&e))?;
     Ok(config)
 }
 

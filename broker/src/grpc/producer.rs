@@ -60,7 +60,12 @@ impl Producer for ProducerService {
         let mut req = request.into_inner();
         let recs = records(&mut req);
         let n = recs.len();
-        let result = produce::produce(&self.ctx.log, &req.topic, req.partition, recs).await;
+        let producer = (req.producer_id != 0).then_some((req.producer_id, req.sequence));
+        let result =
+            match produce::submit(&self.ctx.log, &req.topic, req.partition, recs, producer).await {
+                Ok(pending) => pending.wait().await,
+                Err(e) => Err(e),
+            };
         self.ctx.metrics.observe_produce(n, started, result.is_ok());
         result
             .map(|a| Response::new(acks_to_pb(a)))
@@ -93,7 +98,9 @@ impl Producer for ProducerService {
                     Some(mut req) => {
                         let recs = records(&mut req);
                         let n = recs.len();
-                        produce::submit(&ctx.log, &req.topic, req.partition, recs)
+                        let producer =
+                            (req.producer_id != 0).then_some((req.producer_id, req.sequence));
+                        produce::submit(&ctx.log, &req.topic, req.partition, recs, producer)
                             .await
                             .map(|p| (p, n))
                     }

@@ -40,19 +40,20 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use self::{
     batch::{Record, StoredRecord},
     topic::{Partition, Topic, TopicConfig},
+    writer::Appended,
 };
 use self::{
     topic::{PartitionMeta, TopicMeta},
     writer::Command,
 };
 
-/// The pending result of a queued append: the batch's base offset once durable.
+/// The pending result of a queued append: per batch, (partition, base offset, records).
 #[derive(Debug)]
-pub struct AppendTicket(oneshot::Receiver<Result<u64, Error>>);
+pub struct AppendTicket(oneshot::Receiver<Result<Vec<Appended>, Error>>);
 
 impl AppendTicket {
-    /// Waits for the commit; returns the base offset of the batch.
-    pub async fn wait(self) -> Result<u64, Error> {
+    /// Waits for the commit; returns where each batch landed.
+    pub async fn wait(self) -> Result<Vec<Appended>, Error> {
         self.0.await.map_err(|_| Error::ShuttingDown)?
     }
 }
@@ -153,6 +154,9 @@ pub enum Error {
     /// Something exists already with other settings; the message says what.
     #[error("{0}")]
     AlreadyExists(String),
+    /// A `Reject` topic is at `max_messages` or `max_bytes`; the message names the limit.
+    #[error("{0}")]
+    LimitReached(String),
     /// The request does not fit the current state (e.g. joining a group with another type,
     /// acking a delivery that is not pending); the message says why.
     #[error("{0}")]
@@ -176,6 +180,11 @@ pub struct LogOptions {
     pub max_commit_bytes: usize,
     /// fjall background threads (flush and compaction); `None` for fjall's default.
     pub storage_workers: Option<usize>,
+    /// Journal size after which fjall flushes memtables and deletes old journals (bytes, at
+    /// least 64 MiB).
+    pub max_journal_bytes: u64,
+    /// How often records of `Buffered` topics are fsynced.
+    pub buffered_flush_interval: Duration,
 }
 
 impl Default for LogOptions {
@@ -185,6 +194,8 @@ impl Default for LogOptions {
             max_commit_commands: 4096,
             max_commit_bytes: 64 * 1024 * 1024,
             storage_workers: None,
+            max_journal_bytes: 512 * 1024 * 1024,
+            buffered_flush_interval: Duration::from_secs(1),
         }
     }
 }
@@ -228,6 +239,8 @@ pub(crate) struct Shared {
     pub stats: WriterStats,
     /// Set to the reason when a commit failed and fjall is poisoned.
     pub failed: watch::Sender<Option<String>>,
+    /// Idempotent producers' state per (topic id, producer id); changed by the writer.
+    pub producers: parking_lot::Mutex<std::collections::HashMap<(u32, u64), writer::ProducerState>>,
 }
 
 /// The log engine. Cheap to share behind an `Arc`.
@@ -260,7 +273,8 @@ impl Log {
             .cache_size(options.cache_bytes)
             // Record values are often already compressed or random; LZ4 on the journal
             // write path costs the single writer CPU for little. Tables still compress.
-            .journal_compression(fjall::CompressionType::None);
+            .journal_compression(fjall::CompressionType::None)
+            .max_journaling_size(options.max_journal_bytes.max(64 * 1024 * 1024));
         if let Some(n) = options.storage_workers {
             builder = builder.worker_threads(n.max(1));
         }
@@ -273,6 +287,7 @@ impl Log {
             .map_err(open_err)?;
         let mut report = RecoveryReport::default();
         let topics = recover_topics(&records, &meta, &mut report)?;
+        let producers = recover_producers(&meta)?;
         let next_topic_id = match meta.get(TOPIC_ID_KEY).map_err(open_err)? {
             Some(v) => {
                 u32::from_le_bytes(v.as_ref().try_into().map_err(|_| Error::RecoverMetadata {
@@ -299,9 +314,12 @@ impl Log {
             next_topic_id: next_topic_id.into(),
             stats: WriterStats::default(),
             failed: watch::Sender::new(None),
+            producers: parking_lot::Mutex::new(producers),
         });
         let (commands, rx) = mpsc::channel(options.max_commit_commands);
         let writer = writer::spawn(Arc::clone(&shared), rx, options.clone())
+            .map_err(|e| open_err(fjall::Error::Io(e)))?;
+        spawn_flusher(&shared, options.buffered_flush_interval)
             .map_err(|e| open_err(fjall::Error::Io(e)))?;
         Ok(Self {
             shared,
@@ -395,35 +413,50 @@ impl Log {
             .await
     }
 
-    /// Appends an encoded batch ([`batch::encode`]) of `record_count` records to `partition`
-    /// and returns its base offset once it is durable (fsync, shared by group commit).
+    /// Appends one produce request — an encoded batch ([`batch::encode`]) per partition, all
+    /// of `topic` — atomically, and returns `(partition, base offset, records)` per batch once
+    /// durable as the topic's `durability` says. With `producer` (id, sequence) a retry of a
+    /// request already appended is answered with its original acks and stored once.
+    ///
+    /// Errors: [`Error::LimitReached`] when a `Reject` topic is full (nothing stored),
+    /// [`Error::FailedPrecondition`] for a sequence out of order.
     pub async fn append(
         &self,
-        partition: Arc<Partition>,
-        batch: Vec<u8>,
-        record_count: u32,
-    ) -> Result<u64, Error> {
-        self.submit_append(partition, batch, record_count)
+        topic: Arc<Topic>,
+        batches: Vec<(Arc<Partition>, Vec<u8>, u32)>,
+        producer: Option<(u64, u64)>,
+    ) -> Result<Vec<Appended>, Error> {
+        self.submit_append(topic, batches, producer)
             .await?
             .wait()
             .await
     }
 
-    /// Queues an append and returns at once with a ticket for its result. Appends are
-    /// committed in the order they are queued, so a caller that queues batches one after
-    /// another for a partition gets increasing offsets in that order (pipelining).
+    /// Queues an append (see [`append`](Self::append)) and returns at once with a ticket for
+    /// its result. Appends are committed in the order they are queued, so a caller that
+    /// queues requests one after another gets increasing offsets in that order (pipelining).
     pub async fn submit_append(
         &self,
-        partition: Arc<Partition>,
-        batch: Vec<u8>,
-        record_count: u32,
+        topic: Arc<Topic>,
+        batches: Vec<(Arc<Partition>, Vec<u8>, u32)>,
+        producer: Option<(u64, u64)>,
     ) -> Result<AppendTicket, Error> {
         let (reply, rx) = oneshot::channel();
         self.commands
             .send(Command::Append {
-                partition,
-                batch,
-                record_count,
+                topic,
+                batches: batches
+                    .into_iter()
+                    .map(|(partition, batch, records)| writer::PartBatch {
+                        partition,
+                        batch,
+                        records,
+                    })
+                    .collect(),
+                producer: producer.map(|(producer_id, sequence)| writer::Idempotence {
+                    producer_id,
+                    sequence,
+                }),
                 reply,
             })
             .await
@@ -556,6 +589,17 @@ impl Log {
         .await
     }
 
+    /// `maxAge`: deletes the head batches of `partition` whose newest record is older than
+    /// `cutoff_ms` (ms since the epoch); returns the new earliest offset.
+    pub async fn expire(&self, partition: Arc<Partition>, cutoff_ms: i64) -> Result<u64, Error> {
+        self.call(|reply| Command::Expire {
+            partition,
+            cutoff_ms,
+            reply,
+        })
+        .await
+    }
+
     /// Offset of the first record of `partition` with a timestamp at or after `ts_ms`, or
     /// the next offset when there is none. Reads batch headers from the earliest batch on
     /// and decodes only the batch that holds the answer. Blocking.
@@ -601,6 +645,28 @@ impl Log {
         }
         result
     }
+}
+
+/// Fsyncs every `interval` so records of `Buffered` topics become durable; stops with the
+/// database. A failed fsync poisons fjall, and the writer's next commit reports it.
+fn spawn_flusher(shared: &Arc<Shared>, interval: Duration) -> std::io::Result<()> {
+    let weak = Arc::downgrade(shared);
+    std::thread::Builder::new()
+        .name("weir-log-flusher".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(interval);
+                let Some(shared) = weak.upgrade() else { return };
+                if let Err(e) = shared.db.persist(fjall::PersistMode::SyncData) {
+                    tracing::error!(error = %e, "periodic fsync failed");
+                    shared
+                        .failed
+                        .send_replace(Some(format!("periodic fsync failed: {e}")));
+                    return;
+                }
+            }
+        })
+        .map(|_| ())
 }
 
 /// Offset part of a record key (its last 8 bytes, big-endian); 0 for a malformed key.
@@ -673,6 +739,42 @@ fn recover_topics(
         );
     }
     Ok(topics)
+}
+
+/// Loads idempotent producers' state (`q/<topic id><producer id>`).
+fn recover_producers(
+    meta: &Keyspace,
+) -> Result<std::collections::HashMap<(u32, u64), writer::ProducerState>, Error> {
+    let mut out = std::collections::HashMap::new();
+    for guard in meta.prefix(b"q/") {
+        let (key, value) = guard.into_inner().map_err(|source| Error::Read {
+            topic: "(producers)".into(),
+            partition: 0,
+            source,
+        })?;
+        let ids = key
+            .get(2..6)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_be_bytes)
+            .zip(
+                key.get(6..14)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes),
+            );
+        let state = serde_json::from_slice(&value).ok();
+        match (ids, state) {
+            (Some(ids), Some(state)) => {
+                out.insert(ids, state);
+            }
+            _ => {
+                return Err(Error::RecoverMetadata {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    detail: "unreadable producer state".into(),
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Verifies the last batch of a partition at start-up: its CRC, and that it ends at the

@@ -32,6 +32,28 @@ pub enum Retention {
     WorkQueue,
 }
 
+/// What happens when a produce would go past `max_messages` or `max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Overflow {
+    /// Delete from the head to make room (NATS JetStream `DiscardOld`).
+    #[default]
+    DropOldest,
+    /// Refuse the whole request with `RESOURCE_EXHAUSTED` (NATS JetStream `DiscardNew`).
+    Reject,
+}
+
+/// When a produce is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Durability {
+    /// After the records are fsynced (group commit). Survives process and machine crashes.
+    #[default]
+    Fsync,
+    /// After the records reach the OS (written, not fsynced); the broker fsyncs every
+    /// `--buffered-flush-interval`. Survives a process crash; a machine crash or power loss
+    /// can lose the last interval of acknowledged records.
+    Buffered,
+}
+
 /// Settings of a topic, as stored in the metadata keyspace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicConfig {
@@ -42,7 +64,43 @@ pub struct TopicConfig {
     /// When records are deleted.
     #[serde(default)]
     pub retention: Retention,
+    /// Records older than this (ms, by record timestamp) are deleted; 0 keeps them forever.
+    #[serde(default)]
+    pub max_age_ms: u64,
+    /// Most bytes of stored batches over all partitions; 0 for no limit.
+    #[serde(default)]
+    pub max_bytes: u64,
+    /// Most records over all partitions; 0 for no limit.
+    #[serde(default)]
+    pub max_messages: u64,
+    /// What a produce past `max_bytes` or `max_messages` does.
+    #[serde(default)]
+    pub overflow: Overflow,
+    /// When a produce is acknowledged.
+    #[serde(default)]
+    pub durability: Durability,
 }
+
+impl Default for TopicConfig {
+    /// One partition, 1 MiB records, no limits, `Limits` retention, `DropOldest`, `Fsync`.
+    fn default() -> Self {
+        Self {
+            partitions: 1,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            retention: Retention::Limits,
+            max_age_ms: 0,
+            max_bytes: 0,
+            max_messages: 0,
+            overflow: Overflow::DropOldest,
+            durability: Durability::Fsync,
+        }
+    }
+}
+
+/// Longest `max_age_ms`: 100 years.
+pub const MAX_AGE_LIMIT_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
+/// Smallest non-zero `max_bytes`: 64 KiB.
+pub const MIN_MAX_BYTES: u64 = 64 * 1024;
 
 impl TopicConfig {
     /// Builds a config from request values, where `max_message_bytes == 0` means the default.
@@ -67,8 +125,51 @@ impl TopicConfig {
         Ok(Self {
             partitions,
             max_message_bytes,
-            retention: Retention::Limits,
+            ..Self::default()
         })
+    }
+
+    /// Checks the limits against each other; the message names the field and the allowed
+    /// values.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |m: String| Err(Error::InvalidArgument(m));
+        if self.max_age_ms > MAX_AGE_LIMIT_MS {
+            return bad(format!(
+                "max_age_ms is {}; it must be at most {MAX_AGE_LIMIT_MS} (100 years), or 0 for no limit",
+                self.max_age_ms
+            ));
+        }
+        if self.max_age_ms != 0 && self.max_age_ms < 1000 {
+            return bad(format!(
+                "max_age_ms is {}; it must be at least 1000 (1 s), or 0 for no limit",
+                self.max_age_ms
+            ));
+        }
+        if self.max_bytes != 0
+            && self.max_bytes < MIN_MAX_BYTES.max(u64::from(self.max_message_bytes))
+        {
+            return bad(format!(
+                "max_bytes is {}; it must be at least {} (64 KiB and at least max_message_bytes), or 0 for no limit",
+                self.max_bytes,
+                MIN_MAX_BYTES.max(u64::from(self.max_message_bytes))
+            ));
+        }
+        if self.max_messages > i64::MAX as u64 || self.max_bytes > i64::MAX as u64 {
+            return bad("max_messages and max_bytes must fit in a signed 64-bit integer".into());
+        }
+        if self.retention == Retention::WorkQueue
+            && self.overflow == Overflow::DropOldest
+            && (self.max_messages != 0 || self.max_bytes != 0)
+        {
+            // A work queue that silently drops unacked work would lose it: refuse the combination.
+            return bad("a work-queue topic with max_messages or max_bytes needs overflow Reject: dropping unacked work would lose it".into());
+        }
+        Ok(())
+    }
+
+    /// Whether any of `max_messages`, `max_bytes` is set.
+    pub fn has_size_limits(&self) -> bool {
+        self.max_messages != 0 || self.max_bytes != 0
     }
 }
 
@@ -174,6 +275,8 @@ pub struct Partition {
     /// Offset the writer gives the next batch; ahead of `next_offset` while a commit runs.
     /// Touched only by the writer thread.
     pub(crate) assigned_next: AtomicU64,
+    /// Bytes including batches of the commit in progress. Touched only by the writer.
+    pub(crate) assigned_bytes: AtomicU64,
     /// Set when the topic is deleted, so late appends fail instead of writing.
     pub(crate) deleted: AtomicBool,
     /// Publishes `next_offset` to long-polling fetches.
@@ -201,6 +304,7 @@ impl Partition {
             earliest_offset: AtomicU64::new(state.earliest_offset),
             bytes: AtomicU64::new(state.bytes),
             assigned_next: AtomicU64::new(state.next_offset),
+            assigned_bytes: AtomicU64::new(state.bytes),
             deleted: AtomicBool::new(false),
             durable: watch::Sender::new(state.next_offset),
             appended,
@@ -241,7 +345,7 @@ impl Partition {
         PartitionMeta {
             next_offset: self.assigned_next.load(Ordering::Relaxed),
             earliest_offset: self.earliest_offset(),
-            bytes: self.bytes(),
+            bytes: self.assigned_bytes.load(Ordering::Relaxed),
         }
     }
 }

@@ -17,18 +17,149 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Error, LogOptions, Shared, TOPIC_ID_KEY, Topic, TopicConfig, batch, now_ms, relaxed_add,
-    topic::{Partition, PartitionMeta, TopicMeta},
+    topic::{Durability, Overflow, Partition, PartitionMeta, TopicMeta},
 };
+
+/// Appends of one group commit.
+struct Round {
+    wb: fjall::OwnedWriteBatch,
+    pending: Vec<Pending>,
+    /// Whether any append of the round asks for fsync.
+    fsync: bool,
+    /// Topics with `DropOldest` limits touched by the round.
+    limited: Vec<Arc<Topic>>,
+}
+
+impl Round {
+    fn new(shared: &Shared) -> Self {
+        Self {
+            wb: shared.db.batch(),
+            pending: Vec::new(),
+            fsync: false,
+            limited: Vec::new(),
+        }
+    }
+}
+
+enum SequenceCheck {
+    New,
+    Duplicate(Vec<Appended>),
+}
+
+/// Kafka's idempotent-producer rule, per producer and topic: the next sequence is accepted,
+/// a remembered one is a retry (answered with its original acks), anything else is refused.
+fn check_sequence(
+    topic: &str,
+    idem: Idempotence,
+    state: Option<&ProducerState>,
+) -> Result<SequenceCheck, Error> {
+    let seq = idem.sequence;
+    let id = idem.producer_id;
+    match state.and_then(|s| s.last) {
+        None if seq == 0 => Ok(SequenceCheck::New),
+        None => Err(Error::FailedPrecondition(format!(
+            "producer {id} is new to topic {topic:?}: its first sequence must be 0, got {seq}"
+        ))),
+        Some(last) if seq == last + 1 => Ok(SequenceCheck::New),
+        Some(last) if seq > last + 1 => Err(Error::FailedPrecondition(format!(
+            "out-of-order sequence for producer {id} on topic {topic:?}: expected {}, got {seq} (requests {}..{seq} are missing)",
+            last + 1,
+            last + 1
+        ))),
+        Some(last) => {
+            let known = state.and_then(|s| s.recent.iter().find(|(q, _)| *q == seq));
+            match known {
+                Some((_, acks)) => Ok(SequenceCheck::Duplicate(acks.clone())),
+                None => Err(Error::FailedPrecondition(format!(
+                    "sequence {seq} of producer {id} on topic {topic:?} is older than the last {PRODUCER_WINDOW} remembered (latest {last}); it cannot be answered"
+                ))),
+            }
+        }
+    }
+}
+
+/// `Reject`: refuses a request that would take the topic past `max_messages` or
+/// `max_bytes`, counting what the current round already added.
+fn check_room(topic: &Topic, config: &TopicConfig, batches: &[PartBatch]) -> Result<(), Error> {
+    let parts = topic.partitions();
+    let stored: u64 = parts
+        .iter()
+        .map(|p| {
+            p.assigned_next
+                .load(Ordering::Relaxed)
+                .saturating_sub(p.earliest_offset())
+        })
+        .sum();
+    let bytes: u64 = parts
+        .iter()
+        .map(|p| p.assigned_bytes.load(Ordering::Relaxed))
+        .sum();
+    let add: u64 = batches.iter().map(|b| u64::from(b.records)).sum();
+    let add_bytes: u64 = batches.iter().map(|b| b.batch.len() as u64).sum();
+    if config.max_messages != 0 && stored + add > config.max_messages {
+        return Err(Error::LimitReached(format!(
+            "topic {:?} is full: it holds {stored} messages and its limit max_messages is {}; this request of {add} was refused whole. Retry after consumers ack (work-queue topics) or messages expire",
+            topic.name, config.max_messages
+        )));
+    }
+    if config.max_bytes != 0 && bytes + add_bytes > config.max_bytes {
+        return Err(Error::LimitReached(format!(
+            "topic {:?} is full: it holds {bytes} bytes and its limit max_bytes is {}; this request of {add_bytes} bytes was refused whole. Retry after consumers ack (work-queue topics) or messages expire",
+            topic.name, config.max_bytes
+        )));
+    }
+    Ok(())
+}
 
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
+/// An encoded batch for one partition.
+pub(crate) struct PartBatch {
+    pub partition: Arc<Partition>,
+    pub batch: Vec<u8>,
+    pub records: u32,
+}
+
+/// Producer id and sequence of an idempotent request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Idempotence {
+    pub producer_id: u64,
+    pub sequence: u64,
+}
+
+/// Where one partition's batch of a request landed: (partition, base offset, records).
+pub type Appended = (u32, u64, u32);
+
+/// Requests per producer and topic whose acks are remembered to answer retries (Kafka
+/// keeps 5 batches per partition; a request here may span partitions).
+pub const PRODUCER_WINDOW: usize = 64;
+
+/// Deduplication state of one producer on one topic, stored under
+/// `q/<topic id><producer id>` in the same fjall batch as the records it describes.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub(crate) struct ProducerState {
+    /// Highest sequence appended.
+    pub last: Option<u64>,
+    /// Acks of the last requests, oldest first.
+    pub recent: std::collections::VecDeque<(u64, Vec<Appended>)>,
+}
+
+pub(crate) fn producer_key(topic_id: u32, producer_id: u64) -> Vec<u8> {
+    let mut k = b"q/".to_vec();
+    k.extend_from_slice(&topic_id.to_be_bytes());
+    k.extend_from_slice(&producer_id.to_be_bytes());
+    k
+}
+
 /// Work for the writer thread.
 pub(crate) enum Command {
+    /// One produce request: a batch per partition, committed atomically, checked against
+    /// the topic's limits and (with a producer) deduplicated by sequence.
     Append {
-        partition: Arc<Partition>,
-        batch: Vec<u8>,
-        record_count: u32,
-        reply: Reply<u64>,
+        topic: Arc<Topic>,
+        batches: Vec<PartBatch>,
+        producer: Option<Idempotence>,
+        reply: Reply<Vec<Appended>>,
     },
     CreateTopic {
         name: String,
@@ -57,6 +188,12 @@ pub(crate) enum Command {
         before: u64,
         reply: Reply<u64>,
     },
+    /// Deletes head batches of a partition whose newest record is older than `cutoff_ms`.
+    Expire {
+        partition: Arc<Partition>,
+        cutoff_ms: i64,
+        reply: Reply<u64>,
+    },
     Shutdown {
         reply: Reply<()>,
     },
@@ -77,13 +214,12 @@ struct Writer {
     options: LogOptions,
 }
 
-/// An append that is in the current fjall batch, waiting for the commit.
+/// A request that is in the current fjall batch, waiting for the commit.
 struct Pending {
-    partition: Arc<Partition>,
-    base: u64,
-    records: u32,
-    bytes: u64,
-    reply: Reply<u64>,
+    /// Partitions written and bytes added to each.
+    parts: Vec<(Arc<Partition>, u64)>,
+    acks: Vec<Appended>,
+    reply: Reply<Vec<Appended>>,
 }
 
 impl Writer {
@@ -97,8 +233,8 @@ impl Writer {
             {
                 match rx.try_recv() {
                     Ok(cmd) => {
-                        if let Command::Append { batch, .. } = &cmd {
-                            bytes += batch.len();
+                        if let Command::Append { batches, .. } = &cmd {
+                            bytes += batches.iter().map(|b| b.batch.len()).sum::<usize>();
                         }
                         queue.push(cmd);
                     }
@@ -124,85 +260,148 @@ impl Writer {
     /// Runs the commands of one round: appends are group-committed together; metadata
     /// commands commit on their own, in queue order, so their effect is ordered with appends.
     fn round(&self, queue: &mut Vec<Command>) -> Result<Flow, Error> {
-        let mut pending: Vec<Pending> = Vec::new();
-        let mut wb = self
-            .shared
-            .db
-            .batch()
-            .durability(Some(PersistMode::SyncData));
+        let mut round = Round::new(&self.shared);
         for cmd in queue.drain(..) {
             match cmd {
                 Command::Append {
-                    partition,
-                    mut batch,
-                    record_count,
+                    topic,
+                    batches,
+                    producer,
                     reply,
-                } => {
-                    if partition.deleted.load(Ordering::Acquire) {
-                        let _ = reply.send(Err(Error::TopicNotFound(partition.topic.clone())));
-                        continue;
-                    }
-                    let base = partition.assigned_next.load(Ordering::Relaxed);
-                    batch::seal(&mut batch, base);
-                    let bytes = batch.len() as u64;
-                    wb.insert(&self.shared.records, partition.key(base), batch);
-                    partition
-                        .assigned_next
-                        .store(base + u64::from(record_count), Ordering::Relaxed);
-                    pending.push(Pending {
-                        partition,
-                        base,
-                        records: record_count,
-                        bytes,
-                        reply,
-                    });
-                }
+                } => self.append(&mut round, &topic, batches, producer, reply),
                 other => {
                     // Commit what is batched so far, then the metadata command alone.
-                    let full = std::mem::replace(
-                        &mut wb,
-                        self.shared
-                            .db
-                            .batch()
-                            .durability(Some(PersistMode::SyncData)),
-                    );
-                    self.commit_appends(full, &mut pending)?;
+                    let full = std::mem::replace(&mut round, Round::new(&self.shared));
+                    self.commit(full)?;
                     if let Flow::Stop = self.metadata(other)? {
                         return Ok(Flow::Stop);
                     }
                 }
             }
         }
-        self.commit_appends(wb, &mut pending)?;
+        self.commit(round)?;
         Ok(Flow::Continue)
     }
 
-    fn commit_appends(
+    /// Adds one produce request to the round, or answers it at once when it is refused.
+    fn append(
         &self,
-        mut wb: fjall::OwnedWriteBatch,
-        pending: &mut Vec<Pending>,
-    ) -> Result<(), Error> {
+        round: &mut Round,
+        topic: &Arc<Topic>,
+        batches: Vec<PartBatch>,
+        producer: Option<Idempotence>,
+        reply: Reply<Vec<Appended>>,
+    ) {
+        if batches
+            .iter()
+            .any(|b| b.partition.deleted.load(Ordering::Acquire))
+        {
+            let _ = reply.send(Err(Error::TopicNotFound(topic.name.clone())));
+            return;
+        }
+        let config = topic.config();
+        let mut producers = self.shared.producers.lock();
+        if let Some(idem) = producer {
+            let state = producers.get(&(topic.id, idem.producer_id));
+            match check_sequence(&topic.name, idem, state) {
+                Ok(SequenceCheck::New) => {}
+                Ok(SequenceCheck::Duplicate(acks)) => {
+                    // Answered after this round's commit: the original may be in it.
+                    round.pending.push(Pending {
+                        parts: Vec::new(),
+                        acks,
+                        reply,
+                    });
+                    return;
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+            }
+        }
+        if config.overflow == Overflow::Reject && config.has_size_limits() {
+            if let Err(e) = check_room(topic, &config, &batches) {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        }
+        let mut acks = Vec::with_capacity(batches.len());
+        let mut parts = Vec::with_capacity(batches.len());
+        for PartBatch {
+            partition,
+            mut batch,
+            records,
+        } in batches
+        {
+            let base = partition.assigned_next.load(Ordering::Relaxed);
+            batch::seal(&mut batch, base);
+            let bytes = batch.len() as u64;
+            round
+                .wb
+                .insert(&self.shared.records, partition.key(base), batch);
+            partition
+                .assigned_next
+                .store(base + u64::from(records), Ordering::Relaxed);
+            partition.assigned_bytes.fetch_add(bytes, Ordering::Relaxed);
+            acks.push((partition.index, base, records));
+            parts.push((partition, bytes));
+        }
+        if let Some(idem) = producer {
+            let state = producers.entry((topic.id, idem.producer_id)).or_default();
+            state.last = Some(idem.sequence);
+            state.recent.push_back((idem.sequence, acks.clone()));
+            while state.recent.len() > PRODUCER_WINDOW {
+                state.recent.pop_front();
+            }
+            round.wb.insert(
+                &self.shared.meta,
+                producer_key(topic.id, idem.producer_id),
+                serde_json::to_vec(state).unwrap_or_default(),
+            );
+        }
+        if config.durability == Durability::Fsync {
+            round.fsync = true;
+        }
+        if config.overflow == Overflow::DropOldest
+            && config.has_size_limits()
+            && !round.limited.iter().any(|t| Arc::ptr_eq(t, topic))
+        {
+            round.limited.push(Arc::clone(topic));
+        }
+        round.pending.push(Pending { parts, acks, reply });
+    }
+
+    fn commit(&self, round: Round) -> Result<(), Error> {
+        let Round {
+            mut wb,
+            mut pending,
+            fsync,
+            limited,
+        } = round;
         if pending.is_empty() {
             return Ok(());
         }
         // Counters of every touched partition go into the same atomic batch.
         let mut touched: Vec<(Arc<Partition>, u64)> = Vec::new();
-        for p in pending.iter() {
-            match touched
-                .iter_mut()
-                .find(|(t, _)| Arc::ptr_eq(t, &p.partition))
-            {
-                Some((_, b)) => *b += p.bytes,
-                None => touched.push((Arc::clone(&p.partition), p.bytes)),
+        for p in &pending {
+            for (part, bytes) in &p.parts {
+                match touched.iter_mut().find(|(t, _)| Arc::ptr_eq(t, part)) {
+                    Some((_, b)) => *b += bytes,
+                    None => touched.push((Arc::clone(part), *bytes)),
+                }
             }
         }
-        for (p, added) in &touched {
-            let mut meta = p.meta();
-            meta.bytes += added;
-            wb.insert(&self.shared.meta, p.meta_key(), meta.encode().to_vec());
+        for (p, _) in &touched {
+            wb.insert(&self.shared.meta, p.meta_key(), p.meta().encode().to_vec());
         }
+        let wb = wb.durability(fsync.then_some(PersistMode::SyncData));
         let started = std::time::Instant::now();
-        let committed = wb.commit();
+        let committed = if touched.is_empty() {
+            Ok(())
+        } else {
+            wb.commit()
+        };
         relaxed_add(
             &self.shared.stats.commit_nanos,
             started.elapsed().as_nanos() as u64,
@@ -220,15 +419,110 @@ impl Writer {
             p.durable.send_replace(next);
             p.appended.send_modify(|n| *n = n.wrapping_add(1));
         }
+        // DropOldest before the acks go out, so nobody sees a topic over its limit after
+        // an ack.
+        for topic in limited {
+            self.drop_oldest(&topic)?;
+        }
         let stats = &self.shared.stats;
         relaxed_add(&stats.commits, 1);
-        relaxed_add(&stats.appends, pending.len() as u64);
         for p in pending.drain(..) {
-            relaxed_add(&stats.records, u64::from(p.records));
-            relaxed_add(&stats.bytes, p.bytes);
-            let _ = p.reply.send(Ok(p.base));
+            relaxed_add(&stats.appends, p.parts.len() as u64);
+            for (_, bytes) in &p.parts {
+                relaxed_add(&stats.bytes, *bytes);
+            }
+            for (_, _, records) in &p.acks {
+                relaxed_add(&stats.records, u64::from(*records));
+            }
+            let _ = p.reply.send(Ok(p.acks));
         }
         Ok(())
+    }
+
+    /// `DropOldest`: while the topic is over `max_messages` or `max_bytes`, moves the head of
+    /// the partition holding the most records (the most bytes, for `max_bytes`) forward.
+    /// Messages are dropped exactly (the earliest offset may fall inside a batch, as Kafka's
+    /// log start offset can); whole batches below it are deleted.
+    fn drop_oldest(&self, topic: &Topic) -> Result<(), Error> {
+        let config = topic.config();
+        let parts = topic.partitions();
+        let count = |p: &Partition| {
+            p.assigned_next
+                .load(Ordering::Relaxed)
+                .saturating_sub(p.earliest_offset())
+        };
+        let mut targets: Vec<u64> = parts.iter().map(|p| p.earliest_offset()).collect();
+        if config.max_messages != 0 {
+            let mut counts: Vec<u64> = parts.iter().map(|p| count(p)).collect();
+            let mut excess = counts
+                .iter()
+                .sum::<u64>()
+                .saturating_sub(config.max_messages);
+            while excess > 0 {
+                let (i, top) = counts
+                    .iter()
+                    .enumerate()
+                    .max_by_key(|(_, c)| **c)
+                    .map_or((0, 0), |(i, c)| (i, *c));
+                if top == 0 {
+                    break;
+                }
+                let second = counts
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, c)| *c)
+                    .max()
+                    .unwrap_or(0);
+                let d = excess.min((top - second).max(1));
+                counts[i] -= d;
+                targets[i] += d;
+                excess -= d;
+            }
+        }
+        for (i, p) in parts.iter().enumerate() {
+            if targets[i] > p.earliest_offset() {
+                self.truncate(p, targets[i])?;
+            }
+        }
+        if config.max_bytes != 0 {
+            loop {
+                let total: u64 = parts.iter().map(|p| p.bytes()).sum();
+                if total <= config.max_bytes {
+                    break;
+                }
+                let Some(p) = parts.iter().max_by_key(|p| p.bytes()) else {
+                    break;
+                };
+                if !self.drop_head_batch(p)? {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the first whole batch of `p`; false when there is none to delete.
+    fn drop_head_batch(&self, p: &Partition) -> Result<bool, Error> {
+        let earliest = p.earliest_offset();
+        let next = p.assigned_next.load(Ordering::Relaxed);
+        let first = self
+            .shared
+            .records
+            .range(p.key(0)..p.key(next))
+            .next()
+            .map(fjall::Guard::into_inner);
+        let Some(first) = first else {
+            return Ok(false);
+        };
+        let (_, value) = first.map_err(|source| Error::Read {
+            topic: p.topic.clone(),
+            partition: p.index,
+            source,
+        })?;
+        let end = batch::verify(&value).map_or(earliest + 1, |h| h.next_offset());
+        let before = self.truncate(p, end.max(earliest + 1))?;
+        Ok(before > earliest)
     }
 
     fn metadata(&self, cmd: Command) -> Result<Flow, Error> {
@@ -273,6 +567,11 @@ impl Writer {
                 before,
                 reply,
             } => finish(self.truncate(&partition, before), reply).map(|()| Flow::Continue),
+            Command::Expire {
+                partition,
+                cutoff_ms,
+                reply,
+            } => finish(self.expire(&partition, cutoff_ms), reply).map(|()| Flow::Continue),
             Command::Shutdown { reply } => {
                 let result = self
                     .shared
@@ -413,8 +712,32 @@ impl Writer {
         Ok(topic)
     }
 
-    /// Deletes the batches of `p` that lie wholly below `before` (one tombstone each) and
-    /// moves its earliest offset to the first batch kept; returns the new earliest offset.
+    /// `maxAge`: moves the earliest offset of `p` past every head batch whose newest record
+    /// is older than `cutoff_ms`; returns the new earliest offset.
+    fn expire(&self, p: &Partition, cutoff_ms: i64) -> Result<u64, Error> {
+        let earliest = p.earliest_offset();
+        let next = p.assigned_next.load(Ordering::Relaxed);
+        let mut end = earliest;
+        for guard in self.shared.records.range(p.key(0)..p.key(next)) {
+            let (_, value) = guard.into_inner().map_err(|source| Error::Read {
+                topic: p.topic.clone(),
+                partition: p.index,
+                source,
+            })?;
+            match batch::verify(&value) {
+                Ok(h) if h.max_timestamp_ms < cutoff_ms => end = end.max(h.next_offset()),
+                _ => break,
+            }
+        }
+        if end <= earliest {
+            return Ok(earliest);
+        }
+        tracing::debug!(topic = %p.topic, partition = p.index, from = earliest, to = end, "expired by max age");
+        self.truncate(p, end)
+    }
+
+    /// Moves the earliest offset of `p` to `before` (at most its next offset) and deletes the
+    /// batches that lie wholly below it (one tombstone each); returns the new earliest offset.
     fn truncate(&self, p: &Partition, before: u64) -> Result<u64, Error> {
         let earliest = p.earliest_offset();
         let next = p.assigned_next.load(Ordering::Relaxed);
@@ -428,36 +751,32 @@ impl Writer {
             source,
         };
         let mut wb = self.shared.db.batch();
-        let mut new_earliest = earliest;
         let mut freed = 0u64;
-        for guard in self.shared.records.range(p.key(earliest)..p.key(before)) {
+        for guard in self.shared.records.range(p.key(0)..p.key(before)) {
             let (key, value) = guard.into_inner().map_err(read_err)?;
-            let end = match batch::verify(&value) {
-                Ok(h) => h.next_offset(),
-                // A damaged batch is deleted with the rest when the next batch's base says
-                // where it ends; stop here and keep it otherwise.
-                Err(_) => break,
-            };
+            // A damaged batch is deleted once the next batch starts at or below `before`.
+            let end = batch::verify(&value).map_or(before, |h| h.next_offset());
             if end > before {
                 break;
             }
             wb.remove(&self.shared.records, key);
             freed += value.len() as u64;
-            new_earliest = end;
         }
-        if new_earliest == earliest {
-            return Ok(earliest);
-        }
+        let bytes = p
+            .assigned_bytes
+            .load(Ordering::Relaxed)
+            .saturating_sub(freed);
         let meta = PartitionMeta {
             next_offset: next,
-            earliest_offset: new_earliest,
-            bytes: p.bytes().saturating_sub(freed),
+            earliest_offset: before,
+            bytes,
         };
         wb.insert(&self.shared.meta, p.meta_key(), meta.encode().to_vec());
         wb.commit().map_err(Error::Commit)?;
-        p.earliest_offset.store(new_earliest, Ordering::Release);
+        p.earliest_offset.store(before, Ordering::Release);
+        p.assigned_bytes.store(bytes, Ordering::Relaxed);
         p.bytes.fetch_sub(freed.min(p.bytes()), Ordering::Relaxed);
-        Ok(new_earliest)
+        Ok(before)
     }
 
     fn delete_topic(&self, name: &str) -> Result<(), Error> {
@@ -495,6 +814,21 @@ impl Writer {
             .db
             .batch()
             .durability(Some(PersistMode::SyncData));
+        let producers: Vec<u64> = {
+            let mut map = self.shared.producers.lock();
+            let ids: Vec<u64> = map
+                .keys()
+                .filter(|(t, _)| *t == topic.id)
+                .map(|(_, p)| *p)
+                .collect();
+            for id in &ids {
+                map.remove(&(topic.id, *id));
+            }
+            ids
+        };
+        for id in producers {
+            wb.remove(&self.shared.meta, producer_key(topic.id, id));
+        }
         wb.remove(&self.shared.meta, topic_key(name));
         for p in &partitions {
             wb.remove(&self.shared.meta, p.meta_key());

@@ -5,6 +5,96 @@ use weir_client::{Client, pb};
 
 use crate::Output;
 
+/// Topic settings; each flag left out keeps the current (or default) value.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    /// Number of partitions (1..=1024; default 1).
+    #[arg(long)]
+    partitions: Option<u32>,
+    /// Largest record accepted, e.g. `1MiB` (default 1 MiB, at most 16 MiB).
+    #[arg(long)]
+    max_message_bytes: Option<bytesize::ByteSize>,
+    /// `limits` keeps records until a limit deletes them; `work-queue` deletes each once
+    /// every group has acked it.
+    #[arg(long, value_enum)]
+    retention: Option<RetentionArg>,
+    /// Delete records older than this, e.g. `10d`, `12h`, `30s`; `0s` for no limit.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_age: Option<std::time::Duration>,
+    /// Most bytes stored over all partitions, e.g. `1GiB`; `0` for no limit.
+    #[arg(long)]
+    max_bytes: Option<bytesize::ByteSize>,
+    /// Most messages stored over all partitions; `0` for no limit.
+    #[arg(long)]
+    max_messages: Option<u64>,
+    /// At a limit: `drop-oldest` deletes from the head, `reject` refuses new messages.
+    #[arg(long, value_enum)]
+    overflow: Option<OverflowArg>,
+    /// `fsync`: ack after fsync; `buffered`: ack after the write reaches the OS.
+    #[arg(long, value_enum)]
+    durability: Option<DurabilityArg>,
+}
+
+impl Settings {
+    /// Applies the given flags to `c`.
+    fn apply(&self, mut c: pb::TopicConfig) -> anyhow::Result<pb::TopicConfig> {
+        if let Some(p) = self.partitions {
+            c.partitions = p;
+        }
+        if let Some(b) = self.max_message_bytes {
+            c.max_message_bytes = u32::try_from(b.as_u64()).map_err(|_| {
+                anyhow::anyhow!("--max-message-bytes {b} is too large; the limit is 16MiB")
+            })?;
+        }
+        if let Some(r) = self.retention {
+            c.retention = match r {
+                RetentionArg::Limits => pb::RetentionPolicy::Limits,
+                RetentionArg::WorkQueue => pb::RetentionPolicy::WorkQueue,
+            } as i32;
+        }
+        if let Some(a) = self.max_age {
+            c.max_age_ms = u64::try_from(a.as_millis())?;
+        }
+        if let Some(b) = self.max_bytes {
+            c.max_bytes = b.as_u64();
+        }
+        if let Some(m) = self.max_messages {
+            c.max_messages = m;
+        }
+        if let Some(o) = self.overflow {
+            c.overflow = match o {
+                OverflowArg::DropOldest => pb::Overflow::DropOldest,
+                OverflowArg::Reject => pb::Overflow::Reject,
+            } as i32;
+        }
+        if let Some(d) = self.durability {
+            c.durability = match d {
+                DurabilityArg::Fsync => pb::Durability::Fsync,
+                DurabilityArg::Buffered => pb::Durability::Buffered,
+            } as i32;
+        }
+        Ok(c)
+    }
+}
+
+/// Overflow policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OverflowArg {
+    /// Delete from the head.
+    DropOldest,
+    /// Refuse new messages.
+    Reject,
+}
+
+/// Durability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DurabilityArg {
+    /// Ack after fsync.
+    Fsync,
+    /// Ack after the write reaches the OS.
+    Buffered,
+}
+
 /// Retention policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum RetentionArg {
@@ -20,16 +110,15 @@ pub enum TopicCommand {
     Create {
         /// Topic name: 1 to 249 characters of a-z, A-Z, 0-9, '.', '_', '-'.
         name: String,
-        /// Number of partitions (1..=1024).
-        #[arg(long, default_value_t = 1)]
-        partitions: u32,
-        /// Largest record accepted, e.g. `1MiB` (default 1 MiB, at most 16 MiB).
-        #[arg(long)]
-        max_message_bytes: Option<bytesize::ByteSize>,
-        /// `limits` keeps records until a limit deletes them; `work-queue` deletes each once
-        /// every group has acked it.
-        #[arg(long, value_enum, default_value_t = RetentionArg::Limits)]
-        retention: RetentionArg,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Change a topic's settings; only the flags given change (partitions only grow).
+    Update {
+        /// Topic name.
+        name: String,
+        #[command(flatten)]
+        settings: Settings,
     },
     /// List topics.
     List,
@@ -47,31 +136,18 @@ pub enum TopicCommand {
 
 pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::Result<()> {
     match cmd {
-        TopicCommand::Create {
-            name,
-            partitions,
-            max_message_bytes,
-            retention,
-        } => {
-            let max = match max_message_bytes {
-                Some(b) => u32::try_from(b.as_u64()).map_err(|_| {
-                    anyhow::anyhow!("--max-message-bytes {b} is too large; the limit is 16MiB")
-                })?,
-                None => 0,
-            };
-            let t = client
-                .create_topic_with(
-                    &name,
-                    pb::TopicConfig {
-                        partitions,
-                        max_message_bytes: max,
-                        retention: match retention {
-                            RetentionArg::Limits => pb::RetentionPolicy::Limits,
-                            RetentionArg::WorkQueue => pb::RetentionPolicy::WorkQueue,
-                        } as i32,
-                    },
-                )
-                .await?;
+        TopicCommand::Create { name, settings } => {
+            let config = settings.apply(pb::TopicConfig {
+                partitions: 1,
+                ..pb::TopicConfig::default()
+            })?;
+            let t = client.create_topic_with(&name, config).await?;
+            print_topics(&[t], output, true);
+        }
+        TopicCommand::Update { name, settings } => {
+            let current = client.describe_topic(&name).await?;
+            let config = settings.apply(current.config.unwrap_or_default())?;
+            let t = client.update_topic(&name, config).await?;
             print_topics(&[t], output, true);
         }
         TopicCommand::List => print_topics(&client.list_topics().await?, output, false),
@@ -96,6 +172,11 @@ fn topic_json(t: &pb::TopicDescription) -> serde_json::Value {
         "partitions": c.partitions,
         "maxMessageBytes": c.max_message_bytes,
         "retention": if c.retention == pb::RetentionPolicy::WorkQueue as i32 { "work-queue" } else { "limits" },
+        "maxAgeMs": c.max_age_ms,
+        "maxBytes": c.max_bytes,
+        "maxMessages": c.max_messages,
+        "overflow": if c.overflow == pb::Overflow::Reject as i32 { "reject" } else { "drop-oldest" },
+        "durability": if c.durability == pb::Durability::Buffered as i32 { "buffered" } else { "fsync" },
         "messages": t.messages,
         "bytes": t.bytes,
         "createdAtMs": t.created_at_ms,
@@ -137,6 +218,43 @@ fn print_topics(topics: &[pb::TopicDescription], output: Output, detail: bool) {
             }
             if detail {
                 for t in topics {
+                    let c = t.config.unwrap_or_default();
+                    let limit = |v: u64, f: &dyn Fn(u64) -> String| {
+                        if v == 0 { "none".to_owned() } else { f(v) }
+                    };
+                    println!();
+                    println!(
+                        "limits: max-age {}  max-bytes {}  max-messages {}  overflow {}  retention {}  durability {}",
+                        limit(c.max_age_ms, &|v| humantime::format_duration(
+                            std::time::Duration::from_millis(v)
+                        )
+                        .to_string()),
+                        limit(c.max_bytes, &|v| bytesize::ByteSize(v)
+                            .display()
+                            .iec()
+                            .to_string()),
+                        limit(c.max_messages, &|v| v.to_string()),
+                        if c.overflow == pb::Overflow::Reject as i32 {
+                            "reject"
+                        } else {
+                            "drop-oldest"
+                        },
+                        if c.retention == pb::RetentionPolicy::WorkQueue as i32 {
+                            "work-queue"
+                        } else {
+                            "limits"
+                        },
+                        if c.durability == pb::Durability::Buffered as i32 {
+                            "buffered"
+                        } else {
+                            "fsync"
+                        },
+                    );
+                    println!(
+                        "usage:  {} messages, {}",
+                        t.messages,
+                        bytesize::ByteSize(t.bytes).display().iec()
+                    );
                     println!();
                     println!(
                         "{:>9} {:>16} {:>16} {:>12} {:>12}",
