@@ -855,7 +855,12 @@ impl ProduceSender {
         Ok(id)
     }
 
-    /// The idempotent producer id of this stream.
+    /// Sends later requests without producer id and sequence: retries are not deduplicated.
+    pub fn disable_idempotence(&mut self) {
+        self.producer_id = 0;
+    }
+
+    /// The idempotent producer id of this stream (0 when disabled).
     pub fn producer_id(&self) -> u64 {
         self.producer_id
     }

@@ -605,3 +605,38 @@ async fn producer_state_survives_restart_and_limits_can_change_later() -> anyhow
     assert_eq!(t.partitions[0].earliest_offset, 17);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_topic_acknowledged_messages_survive_a_process_crash() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut broker = Broker::start_in(dir.path())?;
+    let client = broker.client().await?;
+    client
+        .create_topic_with(
+            "metrics",
+            pb::TopicConfig {
+                durability: pb::Durability::Buffered as i32,
+                ..topic(2)
+            },
+        )
+        .await?;
+    let mut acked = 0u64;
+    for i in 0..50 {
+        let acks = client
+            .produce(
+                "metrics",
+                None,
+                (0..20).map(|j| Record::value(format!("{i}-{j}"))).collect(),
+            )
+            .await?;
+        acked += acks.iter().map(|a| u64::from(a.record_count)).sum::<u64>();
+    }
+    // SIGKILL right after the last ack, before any periodic fsync could matter: the OS
+    // still has the writes, so a process crash loses nothing acknowledged.
+    drop(client);
+    broker.kill();
+    broker.restart()?;
+    let client = broker.client().await?;
+    assert_eq!(client.describe_topic("metrics").await?.messages, acked);
+    Ok(())
+}

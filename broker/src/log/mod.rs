@@ -613,7 +613,7 @@ impl Log {
         for guard in self
             .shared
             .records
-            .range(partition.key(partition.earliest_offset())..partition.key(next))
+            .range(partition.key(partition.head_base.load(Ordering::Relaxed))..partition.key(next))
         {
             let (key, value) = guard.into_inner().map_err(read_err)?;
             let value: Bytes = value.into();
@@ -715,13 +715,22 @@ fn recover_topics(
                 None => PartitionMeta::default(),
             };
             check_tail(records, &probe, state, report);
-            partitions.push(Arc::new(Partition::new(
-                &stored.name,
-                stored.id,
-                index,
-                state,
-                Arc::clone(&appended),
-            )));
+            let partition =
+                Partition::new(&stored.name, stored.id, index, state, Arc::clone(&appended));
+            // The first stored batch may start before the (logical) earliest offset. Only
+            // for a non-empty partition: the batch holding `earliest` is then found at once,
+            // without stepping over tombstones.
+            if state.next_offset != state.earliest_offset
+                && let Some(Ok(first)) = records
+                    .range(probe.key(0)..=probe.key(state.earliest_offset))
+                    .next_back()
+                    .map(fjall::Guard::key)
+            {
+                partition
+                    .head_base
+                    .store(key_offset(&first), Ordering::Relaxed);
+            }
+            partitions.push(Arc::new(partition));
             report.partitions += 1;
         }
         report.topics += 1;

@@ -277,6 +277,9 @@ pub struct Partition {
     pub(crate) assigned_next: AtomicU64,
     /// Bytes including batches of the commit in progress. Touched only by the writer.
     pub(crate) assigned_bytes: AtomicU64,
+    /// Base offset of the first stored batch (physical head), so deletions and scans start
+    /// there instead of stepping over the tombstones of deleted batches.
+    pub(crate) head_base: AtomicU64,
     /// Set when the topic is deleted, so late appends fail instead of writing.
     pub(crate) deleted: AtomicBool,
     /// Publishes `next_offset` to long-polling fetches.
@@ -305,6 +308,7 @@ impl Partition {
             bytes: AtomicU64::new(state.bytes),
             assigned_next: AtomicU64::new(state.next_offset),
             assigned_bytes: AtomicU64::new(state.bytes),
+            head_base: AtomicU64::new(state.earliest_offset),
             deleted: AtomicBool::new(false),
             durable: watch::Sender::new(state.next_offset),
             appended,

@@ -395,7 +395,12 @@ impl Writer {
         for (p, _) in &touched {
             wb.insert(&self.shared.meta, p.meta_key(), p.meta().encode().to_vec());
         }
-        let wb = wb.durability(fsync.then_some(PersistMode::SyncData));
+        // Buffered: flush fjall's journal buffer to the OS (survives a process crash), no fsync.
+        let wb = wb.durability(Some(if fsync {
+            PersistMode::SyncData
+        } else {
+            PersistMode::Buffer
+        }));
         let started = std::time::Instant::now();
         let committed = if touched.is_empty() {
             Ok(())
@@ -509,7 +514,7 @@ impl Writer {
         let first = self
             .shared
             .records
-            .range(p.key(0)..p.key(next))
+            .range(p.key(p.head_base.load(Ordering::Relaxed))..p.key(next))
             .next()
             .map(fjall::Guard::into_inner);
         let Some(first) = first else {
@@ -550,10 +555,13 @@ impl Writer {
                 durable,
                 reply,
             } => {
-                let mut wb = self.shared.db.batch();
-                if durable {
-                    wb = wb.durability(Some(PersistMode::SyncData));
-                }
+                // Without fsync the batch still reaches the OS, so a process crash keeps it.
+                let wb_mode = if durable {
+                    PersistMode::SyncData
+                } else {
+                    PersistMode::Buffer
+                };
+                let mut wb = self.shared.db.batch().durability(Some(wb_mode));
                 for (k, v) in puts {
                     wb.insert(&self.shared.meta, k, v);
                 }
@@ -718,7 +726,8 @@ impl Writer {
         let earliest = p.earliest_offset();
         let next = p.assigned_next.load(Ordering::Relaxed);
         let mut end = earliest;
-        for guard in self.shared.records.range(p.key(0)..p.key(next)) {
+        let head = p.head_base.load(Ordering::Relaxed);
+        for guard in self.shared.records.range(p.key(head)..p.key(next)) {
             let (_, value) = guard.into_inner().map_err(|source| Error::Read {
                 topic: p.topic.clone(),
                 partition: p.index,
@@ -752,7 +761,8 @@ impl Writer {
         };
         let mut wb = self.shared.db.batch();
         let mut freed = 0u64;
-        for guard in self.shared.records.range(p.key(0)..p.key(before)) {
+        let mut head = p.head_base.load(Ordering::Relaxed);
+        for guard in self.shared.records.range(p.key(head)..p.key(before)) {
             let (key, value) = guard.into_inner().map_err(read_err)?;
             // A damaged batch is deleted once the next batch starts at or below `before`.
             let end = batch::verify(&value).map_or(before, |h| h.next_offset());
@@ -761,6 +771,7 @@ impl Writer {
             }
             wb.remove(&self.shared.records, key);
             freed += value.len() as u64;
+            head = end;
         }
         let bytes = p
             .assigned_bytes
@@ -774,6 +785,7 @@ impl Writer {
         wb.insert(&self.shared.meta, p.meta_key(), meta.encode().to_vec());
         wb.commit().map_err(Error::Commit)?;
         p.earliest_offset.store(before, Ordering::Release);
+        p.head_base.store(head, Ordering::Relaxed);
         p.assigned_bytes.store(bytes, Ordering::Relaxed);
         p.bytes.fetch_sub(freed.min(p.bytes()), Ordering::Relaxed);
         Ok(before)

@@ -130,6 +130,9 @@ pub struct ProduceBench {
     /// Requests each producer keeps in flight.
     #[arg(long, default_value_t = 8)]
     in_flight: usize,
+    /// Send without a producer id and sequence (no deduplication of retries).
+    #[arg(long)]
+    no_idempotence: bool,
 }
 
 pub async fn run(client: &Client, cmd: BenchCommand, output: Output) -> anyhow::Result<()> {
@@ -168,8 +171,12 @@ async fn produce(client: &Client, settings: ProduceBench, output: Output) -> any
         let payload = payload.clone();
         let size = settings.message_size;
         let in_flight = settings.in_flight.max(1);
+        let no_idempotence = settings.no_idempotence;
         tasks.push(tokio::spawn(async move {
             let (mut tx, mut rx) = client.produce_stream(in_flight).await?;
+            if no_idempotence {
+                tx.disable_idempotence();
+            }
             let (ts_tx, mut ts_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
             let sender = tokio::spawn(async move {
                 let mut sent = 0u64;
@@ -243,6 +250,7 @@ async fn produce(client: &Client, settings: ProduceBench, output: Output) -> any
                     "messages": settings.messages, "messageSize": settings.message_size,
                     "batchSize": batch, "producers": producers, "inFlight": settings.in_flight,
                     "durability": "fsync (group commit)",
+                    "idempotence": !settings.no_idempotence,
                 },
                 "messages": messages, "seconds": secs, "messagesPerSecond": rate, "mbPerSecond": mb,
                 "ackLatencyMs": { "p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999), "max": hist.max() as f64 / 1000.0 },
@@ -251,13 +259,14 @@ async fn produce(client: &Client, settings: ProduceBench, output: Output) -> any
         Output::Human => {
             println!("weir bench produce");
             println!(
-                "  settings: messages={} message-size={}B batch-size={} producers={} in-flight={} partitions={} durability=fsync(group commit)",
+                "  settings: messages={} message-size={}B batch-size={} producers={} in-flight={} partitions={} idempotence={} durability=topic's (fsync unless created buffered)",
                 settings.messages,
                 settings.message_size,
                 batch,
                 producers,
                 settings.in_flight,
-                settings.partitions
+                settings.partitions,
+                !settings.no_idempotence
             );
             println!("  {:<22} {:>14}", "messages", messages);
             println!("  {:<22} {:>14.2}", "seconds", secs);
