@@ -9,7 +9,11 @@
 //!   `~/.cache/weir/tools` on first use.
 //! - [`loghub`] reads the Loghub samples in `tests/data/loghub`.
 //!
+//! - [`k8s::ControlPlane`]: the real Kubernetes control plane of `tests/k8s/control-plane`.
+//!
 //! A missing tool or binary fails the test with what to do; nothing is skipped.
+
+pub mod k8s;
 
 use std::{
     io::{BufRead, BufReader},
