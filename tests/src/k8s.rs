@@ -139,6 +139,17 @@ impl ControlPlane {
         Ok(String::from_utf8(out.stdout)?)
     }
 
+    /// A kube client for this control plane.
+    pub async fn client(&self) -> anyhow::Result<kube::Client> {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
+        let config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
     /// Creates a namespace named after `test` with a unique suffix, for one test.
     pub fn namespace(&self, test: &str) -> anyhow::Result<String> {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);

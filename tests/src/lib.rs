@@ -10,10 +10,12 @@
 //! - [`loghub`] reads the Loghub samples in `tests/data/loghub`.
 //!
 //! - [`k8s::ControlPlane`]: the real Kubernetes control plane of `tests/k8s/control-plane`.
+//! - [`kubelet::LoopbackKubelet`]: runs Pods of that control plane as local processes.
 //!
 //! A missing tool or binary fails the test with what to do; nothing is skipped.
 
 pub mod k8s;
+pub mod kubelet;
 
 use std::{
     io::{BufRead, BufReader},

@@ -1,0 +1,504 @@
+//! A "loopback kubelet" for the test control plane: it runs the Pods of a label selector as
+//! real local processes, so StatefulSets of brokers run for real without a container
+//! runtime.
+//!
+//! For each Pod it: binds the Pod to its Node (there is no scheduler), gives it its own
+//! loopback address `127.0.0.x` as the Pod IP, starts the container's program (the image name
+//! maps to a local binary) with the container's args and env, writes the Pod status as a
+//! kubelet would (`Running`, `Ready` once the process's gRPC health is `SERVING`, the restart
+//! count when the process dies and is started again) and stops the process when the Pod is
+//! deleted, then confirms the deletion. It keeps its Node object and Lease fresh.
+//!
+//! Rewrites so that processes behave like Pods on one machine: `0.0.0.0` in args and env
+//! becomes the Pod IP (each process listens on its own address, on the same port), and a
+//! path under a volume mount becomes a per-Pod directory that outlives restarts (as a
+//! StatefulSet's volume does). Env `valueFrom.fieldRef` supports `metadata.name`,
+//! `metadata.namespace` and `status.podIP`.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use k8s_openapi::{
+    api::{
+        coordination::v1::Lease,
+        core::v1::{Binding, Container, Node, ObjectReference, Pod},
+    },
+    apimachinery::pkg::apis::meta::v1::MicroTime,
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
+};
+use tokio::{process::Child, sync::Mutex};
+
+/// Settings of a loopback kubelet.
+#[derive(Debug, Clone)]
+pub struct KubeletConfig {
+    /// Namespace of the Pods.
+    pub namespace: String,
+    /// Label selector of the Pods to run, e.g. `app=weir-broker`.
+    pub selector: String,
+    /// Node name the Pods are bound to.
+    pub node: String,
+    /// Image name → local binary.
+    pub images: HashMap<String, PathBuf>,
+    /// Directory for the Pods' volumes and logs.
+    pub root: PathBuf,
+    /// Last byte of the first Pod IP (`127.0.0.<first_ip>`).
+    pub first_ip: u8,
+    /// gRPC port checked for health when the container names none.
+    pub default_grpc_port: u16,
+}
+
+/// What the kubelet knows of one Pod's process.
+#[derive(Debug)]
+struct Proc {
+    uid: String,
+    child: Option<Child>,
+    restarts: i32,
+    ready: bool,
+    started: Timestamp,
+    last_status: Option<serde_json::Value>,
+}
+
+/// A running loopback kubelet; stops (and kills its processes) when dropped.
+#[derive(Debug)]
+pub struct LoopbackKubelet {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    procs: Arc<Mutex<BTreeMap<String, Proc>>>,
+    ips: Arc<Mutex<BTreeMap<String, String>>>,
+}
+
+impl LoopbackKubelet {
+    /// Registers the Node and starts running the Pods of `config.selector`.
+    pub async fn start(client: Client, config: KubeletConfig) -> anyhow::Result<Self> {
+        ensure_node(&client, &config.node).await?;
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let procs = Arc::new(Mutex::new(BTreeMap::new()));
+        let ips = Arc::new(Mutex::new(BTreeMap::new()));
+        let task = tokio::spawn(run(
+            client,
+            config,
+            Arc::clone(&procs),
+            Arc::clone(&ips),
+            stop_rx,
+        ));
+        Ok(Self {
+            stop,
+            task: Some(task),
+            procs,
+            ips,
+        })
+    }
+
+    /// OS process id of the Pod's current process.
+    pub async fn pid(&self, pod: &str) -> Option<u32> {
+        self.procs
+            .lock()
+            .await
+            .get(pod)
+            .and_then(|p| p.child.as_ref())
+            .and_then(Child::id)
+    }
+
+    /// The Pod IP given to `pod`.
+    pub async fn ip(&self, pod: &str) -> Option<String> {
+        self.ips.lock().await.get(pod).cloned()
+    }
+
+    /// Names of the Pods with a live process.
+    pub async fn running(&self) -> Vec<String> {
+        let mut procs = self.procs.lock().await;
+        procs
+            .iter_mut()
+            .filter_map(|(name, p)| {
+                let alive = p
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+                alive.then(|| name.clone())
+            })
+            .collect()
+    }
+
+    /// Stops the kubelet and every process it started.
+    pub async fn stop(mut self) {
+        self.stop.send_replace(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        for (_, mut p) in std::mem::take(&mut *self.procs.lock().await) {
+            if let Some(c) = p.child.as_mut() {
+                let _ = c.kill().await;
+            }
+        }
+    }
+}
+
+impl Drop for LoopbackKubelet {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        // Processes are started with kill_on_drop: dropping them kills them.
+        if let Ok(mut procs) = self.procs.try_lock() {
+            procs.clear();
+        }
+    }
+}
+
+fn now() -> Timestamp {
+    Timestamp::now()
+}
+
+async fn ensure_node(client: &Client, node: &str) -> anyhow::Result<()> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    if nodes.get_opt(node).await?.is_none() {
+        let n: Node = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": { "name": node, "labels": { "kubernetes.io/hostname": node } },
+        }))?;
+        nodes.create(&PostParams::default(), &n).await?;
+    }
+    heartbeat(client, node).await
+}
+
+/// Keeps the Node Ready and its Lease renewed, as a kubelet's heartbeat does.
+async fn heartbeat(client: &Client, node: &str) -> anyhow::Result<()> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let t = now();
+    let status = serde_json::json!({
+        "status": {
+            "conditions": [{
+                "type": "Ready", "status": "True", "reason": "KubeletReady",
+                "message": "loopback kubelet is posting ready status",
+                "lastHeartbeatTime": t, "lastTransitionTime": t,
+            }],
+            "addresses": [{ "type": "InternalIP", "address": "127.0.0.1" }],
+            "capacity": { "cpu": "2", "memory": "24Gi", "pods": "110" },
+            "allocatable": { "cpu": "2", "memory": "24Gi", "pods": "110" },
+        }
+    });
+    nodes
+        .patch_status(node, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .context("updating the node status")?;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    let lease = Lease {
+        metadata: ObjectMeta {
+            name: Some(node.to_owned()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+            holder_identity: Some(node.to_owned()),
+            lease_duration_seconds: Some(40),
+            renew_time: Some(MicroTime(t)),
+            ..Default::default()
+        }),
+    };
+    leases
+        .patch(
+            node,
+            &PatchParams::apply("weir-loopback-kubelet").force(),
+            &Patch::Apply(&lease),
+        )
+        .await
+        .context("renewing the node lease")?;
+    Ok(())
+}
+
+async fn run(
+    client: Client,
+    config: KubeletConfig,
+    procs: Arc<Mutex<BTreeMap<String, Proc>>>,
+    ips: Arc<Mutex<BTreeMap<String, String>>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &config.namespace);
+    let mut last_heartbeat = Instant::now();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        if last_heartbeat.elapsed() > Duration::from_secs(10) {
+            let _ = heartbeat(&client, &config.node).await;
+            last_heartbeat = Instant::now();
+        }
+        let Ok(list) = pods
+            .list(&ListParams::default().labels(&config.selector))
+            .await
+        else {
+            continue;
+        };
+        let mut seen = Vec::new();
+        for pod in list.items {
+            let Some(name) = pod.metadata.name.clone() else {
+                continue;
+            };
+            seen.push(name.clone());
+            if let Err(e) = sync_pod(&pods, &config, &procs, &ips, &name, pod).await {
+                eprintln!("loopback kubelet: pod {name}: {e:#}");
+            }
+        }
+        let mut procs = procs.lock().await;
+        procs.retain(|name, _| seen.contains(name));
+    }
+}
+
+async fn sync_pod(
+    pods: &Api<Pod>,
+    config: &KubeletConfig,
+    procs: &Mutex<BTreeMap<String, Proc>>,
+    ips: &Mutex<BTreeMap<String, String>>,
+    name: &str,
+    pod: Pod,
+) -> anyhow::Result<()> {
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    if pod.metadata.deletion_timestamp.is_some() {
+        if let Some(mut p) = procs.lock().await.remove(name) {
+            if let Some(c) = p.child.as_mut() {
+                terminate(c).await;
+            }
+        }
+        // The kubelet confirms that the containers are gone.
+        let _ = pods
+            .delete(name, &DeleteParams::default().grace_period(0))
+            .await;
+        return Ok(());
+    }
+    let spec = pod.spec.clone().unwrap_or_default();
+    if spec.node_name.is_none() {
+        bind(pods, name, &config.node).await?;
+    }
+    let container = spec
+        .containers
+        .first()
+        .cloned()
+        .context("pod has no container")?;
+    let ip = {
+        let mut ips = ips.lock().await;
+        let n = ips.len();
+        ips.entry(name.to_owned())
+            .or_insert_with(|| format!("127.0.0.{}", usize::from(config.first_ip) + n))
+            .clone()
+    };
+    let mut procs = procs.lock().await;
+    if procs.get(name).is_some_and(|p| p.uid != uid) {
+        // The Pod was deleted and created again under the same name: a new Pod.
+        procs.remove(name);
+    }
+    let p = procs.entry(name.to_owned()).or_insert_with(|| Proc {
+        uid: uid.clone(),
+        child: None,
+        restarts: 0,
+        ready: false,
+        started: now(),
+        last_status: None,
+    });
+    let exited = match p.child.as_mut() {
+        None => true,
+        Some(c) => !matches!(c.try_wait(), Ok(None)),
+    };
+    if exited {
+        if p.child.is_some() {
+            p.restarts += 1;
+            p.ready = false;
+        }
+        p.child = Some(spawn(config, name, &pod, &container, &ip)?);
+        p.started = now();
+    }
+    let port = grpc_port(&container).unwrap_or(config.default_grpc_port);
+    p.ready = healthy(&ip, port).await;
+    let ready = if p.ready { "True" } else { "False" };
+    let status = serde_json::json!({
+        "status": {
+            "phase": "Running",
+            "hostIP": "127.0.0.1",
+            "hostIPs": [{ "ip": "127.0.0.1" }],
+            "podIP": ip,
+            "podIPs": [{ "ip": ip }],
+            "startTime": p.started,
+            "conditions": [
+                { "type": "PodScheduled", "status": "True" },
+                { "type": "Initialized", "status": "True" },
+                { "type": "ContainersReady", "status": ready },
+                { "type": "Ready", "status": ready },
+            ],
+            "containerStatuses": [{
+                "name": container.name,
+                "image": container.image.clone().unwrap_or_default(),
+                "imageID": "",
+                "ready": p.ready,
+                "started": true,
+                "restartCount": p.restarts,
+                "state": { "running": { "startedAt": p.started } },
+            }],
+        }
+    });
+    if p.last_status.as_ref() != Some(&status) {
+        pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .context("writing the pod status")?;
+        p.last_status = Some(status);
+    }
+    Ok(())
+}
+
+/// Binds a Pod to the node, as the scheduler would.
+async fn bind(pods: &Api<Pod>, name: &str, node: &str) -> anyhow::Result<()> {
+    let binding = Binding {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..ObjectMeta::default()
+        },
+        target: ObjectReference {
+            kind: Some("Node".into()),
+            name: Some(node.to_owned()),
+            api_version: Some("v1".into()),
+            ..ObjectReference::default()
+        },
+    };
+    let _: serde_json::Value = pods
+        .create_subresource("binding", name, &PostParams::default(), &binding)
+        .await
+        .context("binding the pod to the node")?;
+    Ok(())
+}
+
+/// The gRPC port the readiness probe names, else a container port named `grpc`.
+fn grpc_port(c: &Container) -> Option<u16> {
+    let probe = c
+        .readiness_probe
+        .as_ref()
+        .and_then(|p| p.grpc.as_ref())
+        .and_then(|g| u16::try_from(g.port).ok());
+    probe.or_else(|| {
+        c.ports
+            .as_ref()?
+            .iter()
+            .find(|p| p.name.as_deref() == Some("grpc"))
+            .and_then(|p| u16::try_from(p.container_port).ok())
+    })
+}
+
+async fn healthy(ip: &str, port: u16) -> bool {
+    let check = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{ip}:{port}"))
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+        let resp = client
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .ok()?;
+        Some(
+            resp.into_inner().status
+                == tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+        )
+    };
+    tokio::time::timeout(Duration::from_millis(500), check)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+async fn terminate(c: &mut Child) {
+    if let Some(pid) = c.id() {
+        let _ = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await;
+        if tokio::time::timeout(Duration::from_secs(10), c.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+    let _ = c.kill().await;
+}
+
+fn spawn(
+    config: &KubeletConfig,
+    name: &str,
+    pod: &Pod,
+    c: &Container,
+    ip: &str,
+) -> anyhow::Result<Child> {
+    let image = c.image.clone().unwrap_or_default();
+    let binary = config
+        .images
+        .get(&image)
+        .with_context(|| format!("no local binary for image {image:?}"))?;
+    let pod_dir = config.root.join(&config.namespace).join(name);
+    let mounts: Vec<(String, PathBuf)> = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| (m.mount_path.clone(), pod_dir.join("volumes").join(&m.name)))
+        .collect();
+    let rewrite = |s: &str| -> String {
+        let mut s = s.replace("0.0.0.0", ip);
+        for (mount, local) in &mounts {
+            if s.starts_with(mount.as_str()) {
+                s = format!("{}{}", local.display(), &s[mount.len()..]);
+            }
+        }
+        s
+    };
+    let mut args: Vec<String> = c
+        .command
+        .iter()
+        .flatten()
+        .skip(1)
+        .map(|a| rewrite(a))
+        .collect();
+    args.extend(c.args.iter().flatten().map(|a| rewrite(a)));
+    for (_, local) in &mounts {
+        std::fs::create_dir_all(local)?;
+    }
+    std::fs::create_dir_all(&pod_dir)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(pod_dir.join("container.log"))?;
+    let mut cmd = tokio::process::Command::new(binary);
+    cmd.args(&args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true);
+    let meta = &pod.metadata;
+    for e in c.env.iter().flatten() {
+        let value = match (&e.value, &e.value_from) {
+            (Some(v), _) => rewrite(v),
+            (None, Some(from)) => match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
+                Some("metadata.name") => name.to_owned(),
+                Some("metadata.namespace") => meta.namespace.clone().unwrap_or_default(),
+                Some("status.podIP") => ip.to_owned(),
+                _ => String::new(),
+            },
+            (None, None) => String::new(),
+        };
+        cmd.env(&e.name, value);
+    }
+    cmd.spawn()
+        .with_context(|| format!("starting {} for pod {name}", binary.display()))
+}
