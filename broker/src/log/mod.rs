@@ -319,7 +319,7 @@ impl Log {
         let (commands, rx) = mpsc::channel(options.max_commit_commands);
         let writer = writer::spawn(Arc::clone(&shared), rx, options.clone())
             .map_err(|e| open_err(fjall::Error::Io(e)))?;
-        spawn_flusher(&shared, options.buffered_flush_interval)
+        spawn_flusher(commands.clone(), options.buffered_flush_interval)
             .map_err(|e| open_err(fjall::Error::Io(e)))?;
         Ok(Self {
             shared,
@@ -647,21 +647,16 @@ impl Log {
     }
 }
 
-/// Fsyncs every `interval` so records of `Buffered` topics become durable; stops with the
-/// database. A failed fsync poisons fjall, and the writer's next commit reports it.
-fn spawn_flusher(shared: &Arc<Shared>, interval: Duration) -> std::io::Result<()> {
-    let weak = Arc::downgrade(shared);
+/// Asks the writer every `interval` to fsync what earlier commits only handed to the OS
+/// (records of `Buffered` topics, group state). The fsync itself runs on the writer thread,
+/// so it never contends with a group commit for the journal. Stops when the writer does.
+fn spawn_flusher(commands: mpsc::Sender<Command>, interval: Duration) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("weir-log-flusher".into())
         .spawn(move || {
             loop {
                 std::thread::sleep(interval);
-                let Some(shared) = weak.upgrade() else { return };
-                if let Err(e) = shared.db.persist(fjall::PersistMode::SyncData) {
-                    tracing::error!(error = %e, "periodic fsync failed");
-                    shared
-                        .failed
-                        .send_replace(Some(format!("periodic fsync failed: {e}")));
+                if commands.blocking_send(Command::Sync).is_err() {
                     return;
                 }
             }

@@ -194,6 +194,8 @@ pub(crate) enum Command {
         cutoff_ms: i64,
         reply: Reply<u64>,
     },
+    /// Fsync if anything was committed without fsync since the last one.
+    Sync,
     Shutdown {
         reply: Reply<()>,
     },
@@ -206,12 +208,21 @@ pub(crate) fn spawn(
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("weir-log-writer".into())
-        .spawn(move || Writer { shared, options }.run(rx))
+        .spawn(move || {
+            Writer {
+                shared,
+                options,
+                unsynced: std::cell::Cell::new(false),
+            }
+            .run(rx)
+        })
 }
 
 struct Writer {
     shared: Arc<Shared>,
     options: LogOptions,
+    /// Something was committed without fsync since the last fsync.
+    unsynced: std::cell::Cell<bool>,
 }
 
 /// A request that is in the current fjall batch, waiting for the commit.
@@ -401,6 +412,8 @@ impl Writer {
         } else {
             PersistMode::Buffer
         }));
+        // An fsync covers everything committed before it.
+        self.unsynced.set(!fsync);
         let started = std::time::Instant::now();
         let committed = if touched.is_empty() {
             Ok(())
@@ -561,6 +574,9 @@ impl Writer {
                 } else {
                     PersistMode::Buffer
                 };
+                if !durable {
+                    self.unsynced.set(true);
+                }
                 let mut wb = self.shared.db.batch().durability(Some(wb_mode));
                 for (k, v) in puts {
                     wb.insert(&self.shared.meta, k, v);
@@ -580,6 +596,15 @@ impl Writer {
                 cutoff_ms,
                 reply,
             } => finish(self.expire(&partition, cutoff_ms), reply).map(|()| Flow::Continue),
+            Command::Sync => {
+                if self.unsynced.replace(false) {
+                    self.shared
+                        .db
+                        .persist(PersistMode::SyncData)
+                        .map_err(Error::Commit)?;
+                }
+                Ok(Flow::Continue)
+            }
             Command::Shutdown { reply } => {
                 let result = self
                     .shared
@@ -784,6 +809,7 @@ impl Writer {
         };
         wb.insert(&self.shared.meta, p.meta_key(), meta.encode().to_vec());
         wb.commit().map_err(Error::Commit)?;
+        self.unsynced.set(true);
         p.earliest_offset.store(before, Ordering::Release);
         p.head_base.store(head, Ordering::Relaxed);
         p.assigned_bytes.store(bytes, Ordering::Relaxed);
