@@ -214,7 +214,7 @@ pub(crate) fn spawn(
                 options,
                 unsynced: std::cell::Cell::new(false),
             }
-            .run(rx)
+            .run(rx);
         })
 }
 
