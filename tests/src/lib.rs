@@ -27,7 +27,7 @@ use std::{
 
 use anyhow::{Context, bail};
 
-/// Path of the workspace binary `name` (`weir-broker` or `weir`) in the profile the tests
+/// Path of the workspace binary `name` (`weir-broker`, `weir` or `weir-operator`) in the profile the tests
 /// were built with. The first call runs `cargo build` for both binaries, which is a no-op
 /// when they are fresh.
 ///
@@ -47,7 +47,16 @@ pub fn bin(name: &str) -> PathBuf {
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--bins", "-p", "weir-broker", "-p", "weir-client"]);
+        cmd.args([
+            "build",
+            "--bins",
+            "-p",
+            "weir-broker",
+            "-p",
+            "weir-client",
+            "-p",
+            "weir-operator",
+        ]);
         if release {
             cmd.arg("--release");
         }

@@ -1,0 +1,270 @@
+//! The `weir.dev/v1alpha1` custom resources: `Topic` and `ConsumerGroup`.
+//!
+//! This module owns the CRD schemas: field docs become `kubectl explain` text, and bounds,
+//! enums, patterns and CEL rules (`x-kubernetes-validations`) make the API server refuse a bad
+//! resource at apply time with a message that says what is wrong (Strimzi let a partition
+//! decrease through and reported it afterwards; here the API server refuses it). It knows
+//! nothing of brokers or reconciling.
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Durations as `weir` and humantime write them: one or more `<number><unit>` with units
+/// ns, us, ms, s, m, h, d, w (e.g. `10d`, `1h30m`).
+pub const DURATION_PATTERN: &str = r"^([0-9]+(ns|us|ms|s|m|h|d|w))+$";
+/// Byte sizes: a number with an optional unit B, KB, MB, GB, TB (powers of 1000) or KiB, MiB,
+/// GiB, TiB (powers of 1024), e.g. `1GiB`, `500MB`, `4096`.
+pub const SIZE_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$";
+
+/// A topic: a named, partitioned log on the Weir brokers of this namespace.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "weir.dev",
+    version = "v1alpha1",
+    kind = "Topic",
+    namespaced,
+    status = "TopicStatus",
+    shortname = "wt",
+    printcolumn = r#"{"name":"Partitions","type":"integer","jsonPath":".spec.partitions"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Messages","type":"integer","jsonPath":".status.messages"}"#,
+    printcolumn = r#"{"name":"Bytes","type":"integer","jsonPath":".status.bytes"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = Rule::new("self.metadata.name.size() <= 249").message("a topic name has at most 249 characters (Kafka's rule)")
+)]
+#[x_kube(validation = Rule::new("!has(oldSelf.partitions) || self.partitions >= oldSelf.partitions").message("partitions can only grow: a topic's partitions cannot be removed"))]
+#[serde(rename_all = "camelCase")]
+pub struct TopicSpec {
+    /// Number of partitions, 1 to 1024. Can grow later, never shrink.
+    #[schemars(range(min = 1, max = 1024))]
+    pub partitions: u32,
+    /// Copies of each partition. Only 1 for now; immutable.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 1))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("replicationFactor is immutable"))]
+    pub replication_factor: u32,
+    /// When records are deleted.
+    #[serde(default)]
+    pub retention: Retention,
+    /// What a produce past `retention.maxBytes` or `retention.maxMessages` does.
+    #[serde(default)]
+    pub overflow: Overflow,
+    /// Largest record accepted (key + value + headers), e.g. `1MiB`; at most 16 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = SIZE_PATTERN))]
+    pub max_message_bytes: Option<String>,
+    /// When a produce is acknowledged: `Fsync` after fsync (survives machine crashes),
+    /// `Buffered` once the write reaches the OS (survives process crashes).
+    #[serde(default)]
+    pub durability: Durability,
+    /// What deleting the Topic does to its records: `Delete` removes them from the brokers,
+    /// `Retain` keeps them. Default `Delete`: a deleted resource should not leave data behind
+    /// that the next Topic of that name would not own.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Retention limits of a topic.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Retention {
+    /// Delete records older than this, e.g. `10d`, `12h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub max_age: Option<String>,
+    /// Most bytes stored over all partitions, e.g. `1GiB`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = SIZE_PATTERN))]
+    pub max_bytes: Option<String>,
+    /// Most records stored over all partitions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_messages: Option<u64>,
+    /// `Limits` keeps records until a limit deletes them; `WorkQueue` deletes a record once
+    /// every group has acknowledged it. Immutable.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("retention.policy is immutable; create a new topic instead"))]
+    pub policy: RetentionPolicy,
+}
+
+/// When records are deleted.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RetentionPolicy {
+    /// Until a limit deletes them.
+    #[default]
+    Limits,
+    /// Once every group has acknowledged them.
+    WorkQueue,
+}
+
+/// What a produce past a limit does.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Overflow {
+    /// Delete from the head to make room.
+    #[default]
+    DropOldest,
+    /// Refuse the produce with RESOURCE_EXHAUSTED.
+    Reject,
+}
+
+/// When a produce is acknowledged.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// After fsync.
+    #[default]
+    Fsync,
+    /// After the write reaches the OS.
+    Buffered,
+}
+
+/// What deleting the resource does to the broker-side data.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeletionPolicy {
+    /// Remove the data from the brokers.
+    #[default]
+    Delete,
+    /// Keep the data.
+    Retain,
+}
+
+/// A status condition, as Kubernetes API conventions define it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Condition type, e.g. `Ready`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// PascalCase reason.
+    #[serde(default)]
+    pub reason: String,
+    /// Human-readable detail.
+    #[serde(default)]
+    pub message: String,
+    /// When the status last changed (RFC 3339).
+    #[serde(default)]
+    pub last_transition_time: String,
+    /// Generation the condition was computed for.
+    #[serde(default)]
+    pub observed_generation: i64,
+}
+
+/// Where a partition lives.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionPlacement {
+    /// Partition index.
+    pub partition: u32,
+    /// Broker Pod that owns it.
+    pub broker: String,
+}
+
+/// Observed state of a Topic; written by the operator only.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TopicStatus {
+    /// `Ready` and others, keyed by type.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Generation of the spec last acted on.
+    #[serde(default)]
+    pub observed_generation: i64,
+    /// Which broker owns each partition.
+    #[serde(default)]
+    pub placement: Vec<PartitionPlacement>,
+    /// Records stored over all partitions.
+    #[serde(default)]
+    pub messages: u64,
+    /// Bytes stored over all partitions.
+    #[serde(default)]
+    pub bytes: u64,
+}
+
+/// A consumer group on a Topic of the same namespace.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "weir.dev",
+    version = "v1alpha1",
+    kind = "ConsumerGroup",
+    namespaced,
+    status = "ConsumerGroupStatus",
+    shortname = "wcg",
+    printcolumn = r#"{"name":"Topic","type":"string","jsonPath":".spec.topic"}"#,
+    printcolumn = r#"{"name":"Type","type":"string","jsonPath":".spec.type"}"#,
+    printcolumn = r#"{"name":"Members","type":"integer","jsonPath":".status.members"}"#,
+    printcolumn = r#"{"name":"Lag","type":"integer","jsonPath":".status.lag"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerGroupSpec {
+    /// Topic the group reads (same namespace). Immutable.
+    #[schemars(length(min = 1, max = 249))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("topic is immutable; create a new group instead"))]
+    pub topic: String,
+    /// `Ordered`: one member per partition, in order. `Shared`: any member, per-message acks.
+    /// Immutable.
+    #[serde(rename = "type", default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("type is immutable; create a new group instead"))]
+    pub type_: GroupType,
+    /// Where a new group starts.
+    #[serde(default)]
+    pub start_from: StartFrom,
+    /// Shared: redeliver a message not acked within this long, e.g. `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub ack_wait: Option<String>,
+    /// Shared: after this many deliveries without an ack the message goes to the dead-letter
+    /// topic; unset means never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_deliveries: Option<u32>,
+    /// Dead-letter topic; default `<topic>-<group>-DLQ`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_topic: Option<String>,
+}
+
+/// How a group hands out messages.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GroupType {
+    /// One owner per partition, offset order.
+    #[default]
+    Ordered,
+    /// Any member, per-message acks.
+    Shared,
+}
+
+/// Where a new group starts.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StartFrom {
+    /// The first stored record.
+    #[default]
+    Earliest,
+    /// Records produced after the group is created.
+    Latest,
+}
+
+/// Observed state of a ConsumerGroup; written by the operator only.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerGroupStatus {
+    /// `Ready` and others, keyed by type.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Generation of the spec last acted on.
+    #[serde(default)]
+    pub observed_generation: i64,
+    /// Members connected.
+    #[serde(default)]
+    pub members: u32,
+    /// Records not yet acked over all partitions.
+    #[serde(default)]
+    pub lag: u64,
+}

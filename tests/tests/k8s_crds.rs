@@ -1,0 +1,231 @@
+//! The CRDs on the real API server: valid resources are accepted, invalid ones are refused
+//! at apply time with a message that says what is wrong, and `kubectl get` shows the printer
+//! columns from status (so a wrong JSON path cannot pass).
+
+use weir_tests::k8s::ControlPlane;
+
+fn crds_path() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("crds")
+        .join("weir.dev.yaml")
+}
+
+fn install(cp: &ControlPlane) -> anyhow::Result<()> {
+    let path = crds_path();
+    cp.kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        &path.to_string_lossy(),
+    ])?;
+    for crd in ["topics.weir.dev", "consumergroups.weir.dev"] {
+        cp.kubectl(&[
+            "wait",
+            "--for",
+            "condition=established",
+            &format!("crd/{crd}"),
+            "--timeout=30s",
+        ])?;
+    }
+    Ok(())
+}
+
+fn topic(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: weir.dev/v1alpha1\nkind: Topic\nmetadata: {{name: {name}}}\nspec: {spec}\n"
+    )
+}
+
+fn group(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: weir.dev/v1alpha1\nkind: ConsumerGroup\nmetadata: {{name: {name}}}\nspec: {spec}\n"
+    )
+}
+
+#[test]
+#[allow(clippy::too_many_lines)] // one table of cases
+fn invalid_topics_and_groups_are_refused_at_apply_with_a_clear_message() -> anyhow::Result<()> {
+    let cp = ControlPlane::shared();
+    install(cp)?;
+    let ns = cp.namespace("crd-validation")?;
+    // Resources that exist first, for the update cases.
+    cp.apply(&ns, &topic("grows", "{partitions: 3}"))?;
+    cp.apply(
+        &ns,
+        &topic("fixed", "{partitions: 1, retention: {policy: Limits}}"),
+    )?;
+    cp.apply(&ns, &group("g", "{topic: grows, type: Ordered}"))?;
+    let long = "t".repeat(250);
+    // (what, manifest, expected part of the API server's message)
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "zero partitions",
+            topic("z", "{partitions: 0}"),
+            "should be greater than or equal to 1",
+        ),
+        (
+            "absurd partitions",
+            topic("a", "{partitions: 5000}"),
+            "should be less than or equal to 1024",
+        ),
+        (
+            "missing partitions",
+            topic("m", "{}"),
+            "spec.partitions: Required value",
+        ),
+        (
+            "fewer partitions",
+            topic("grows", "{partitions: 2}"),
+            "partitions can only grow",
+        ),
+        (
+            "unknown overflow",
+            topic("o", "{partitions: 1, overflow: Sometimes}"),
+            "Unsupported value: \"Sometimes\"",
+        ),
+        (
+            "unknown durability",
+            topic("d", "{partitions: 1, durability: Eventually}"),
+            "Unsupported value: \"Eventually\"",
+        ),
+        (
+            "unknown deletion policy",
+            topic("p", "{partitions: 1, deletionPolicy: Maybe}"),
+            "Unsupported value: \"Maybe\"",
+        ),
+        (
+            "malformed max age",
+            topic("age", "{partitions: 1, retention: {maxAge: 10 days}}"),
+            "spec.retention.maxAge: Invalid value",
+        ),
+        (
+            "malformed max bytes",
+            topic(
+                "bytes",
+                "{partitions: 1, retention: {maxBytes: 1 gigabyte}}",
+            ),
+            "spec.retention.maxBytes: Invalid value",
+        ),
+        (
+            "malformed max message bytes",
+            topic("mmb", "{partitions: 1, maxMessageBytes: lots}"),
+            "spec.maxMessageBytes: Invalid value",
+        ),
+        (
+            "replication factor above 1",
+            topic("rf", "{partitions: 1, replicationFactor: 3}"),
+            "should be less than or equal to 1",
+        ),
+        (
+            "retention policy changed",
+            topic("fixed", "{partitions: 1, retention: {policy: WorkQueue}}"),
+            "retention.policy is immutable",
+        ),
+        (
+            "name longer than 249",
+            topic(&long, "{partitions: 1}"),
+            "at most 249 characters",
+        ),
+        (
+            "group type changed",
+            group("g", "{topic: grows, type: Shared}"),
+            "type is immutable",
+        ),
+        (
+            "group topic changed",
+            group("g", "{topic: other, type: Ordered}"),
+            "topic is immutable",
+        ),
+        (
+            "zero max deliveries",
+            group("g0", "{topic: grows, maxDeliveries: 0}"),
+            "should be greater than or equal to 1",
+        ),
+        (
+            "malformed ack wait",
+            group("aw", "{topic: grows, ackWait: 30 seconds}"),
+            "spec.ackWait: Invalid value",
+        ),
+    ];
+    assert!(cases.len() >= 10);
+    let mut failures = Vec::new();
+    for (what, manifest, expected) in &cases {
+        let out = cp.run(
+            "kubectl",
+            &["apply", "-n", &ns, "-f", "-"],
+            Some(manifest.as_bytes()),
+        )?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            failures.push(format!("{what}: accepted"));
+        } else if !stderr.contains(expected) {
+            failures.push(format!("{what}: message {stderr:?} lacks {expected:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Nothing refused was stored, and growing is fine.
+    let names = cp.kubectl(&["get", "topics", "-n", &ns, "-o", "name"])?;
+    assert_eq!(names.lines().count(), 2, "{names}");
+    cp.apply(&ns, &topic("grows", "{partitions: 5}"))?;
+    Ok(())
+}
+
+#[test]
+fn kubectl_get_shows_the_printer_columns_from_status() -> anyhow::Result<()> {
+    let cp = ControlPlane::shared();
+    install(cp)?;
+    let ns = cp.namespace("crd-columns")?;
+    cp.apply(&ns, &topic("orders", "{partitions: 3}"))?;
+    cp.apply(&ns, &group("mailer", "{topic: orders, type: Shared}"))?;
+    cp.kubectl(&[
+        "patch", "topic", "orders", "-n", &ns, "--subresource=status", "--type=merge", "-p",
+        r#"{"status":{"messages":42,"bytes":4200,"conditions":[{"type":"Ready","status":"True","reason":"Reconciled","message":"ok","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}"#,
+    ])?;
+    cp.kubectl(&[
+        "patch", "consumergroup", "mailer", "-n", &ns, "--subresource=status", "--type=merge", "-p",
+        r#"{"status":{"members":2,"lag":7,"conditions":[{"type":"Ready","status":"False","reason":"NoBrokers","message":"waiting","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}"#,
+    ])?;
+    let topics = cp.kubectl(&["get", "topics", "-n", &ns])?;
+    let mut lines = topics.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        vec!["NAME", "PARTITIONS", "READY", "MESSAGES", "BYTES", "AGE"]
+    );
+    let row: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(&row[..5], &["orders", "3", "True", "42", "4200"]);
+    let groups = cp.kubectl(&["get", "consumergroups", "-n", &ns])?;
+    let mut lines = groups.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        vec!["NAME", "TOPIC", "TYPE", "MEMBERS", "LAG", "READY"]
+    );
+    let row: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(row, vec!["mailer", "orders", "Shared", "2", "7", "False"]);
+    // kubectl explain shows the field docs.
+    let explain = cp.kubectl(&["explain", "topic.spec.partitions"])?;
+    assert!(
+        explain.contains("Number of partitions, 1 to 1024"),
+        "{explain}"
+    );
+    Ok(())
+}
