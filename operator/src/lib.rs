@@ -3,10 +3,13 @@
 //!
 //! # Layout
 //!
+//! - [`builders`]: pure builders of the broker StatefulSet, Services and PodDisruptionBudget,
+//!   and partition placement.
 //! - [`crd`]: the resource types; their schemas (bounds, enums, patterns, CEL rules) are what
 //!   the API server validates. `weir-operator crds` prints them; `crds/` holds the output and
 //!   a test fails when they differ.
 
+pub mod builders;
 pub mod crd;
 
 use kube::CustomResourceExt;

@@ -1,0 +1,418 @@
+//! Pure builders of the Kubernetes objects the operator applies for a namespace's brokers,
+//! and partition placement.
+//!
+//! Nothing here talks to the API server: each function takes settings and returns an object,
+//! so every shape is unit-tested on its own (the pipeline of stackabletech's operators:
+//! dereference → validate → build → apply → status).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{StatefulSet, StatefulSetSpec},
+        core::v1::{
+            Container, ContainerPort, EnvVar, EnvVarSource, GRPCAction, ObjectFieldSelector,
+            PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe,
+            ResourceRequirements, Service, ServicePort, ServiceSpec, VolumeMount,
+            VolumeResourceRequirements,
+        },
+        policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
+    },
+    apimachinery::pkg::{
+        api::resource::Quantity,
+        apis::meta::v1::{LabelSelector, ObjectMeta},
+        util::intstr::IntOrString,
+    },
+};
+
+use crate::crd::PartitionPlacement;
+
+/// Name of the broker StatefulSet, its headless Service and its PodDisruptionBudget.
+pub const BROKERS: &str = "weir-broker";
+/// Name of the client Service.
+pub const CLIENT_SERVICE: &str = "weir";
+/// gRPC port of a broker.
+pub const GRPC_PORT: i32 = 7070;
+/// HTTP port of a broker (metrics, health).
+pub const HTTP_PORT: i32 = 7071;
+/// Mount path of a broker's data volume.
+pub const DATA_DIR: &str = "/var/lib/weir";
+
+/// Settings for the brokers of a namespace (from the operator's flags, set by the chart).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BrokerSettings {
+    /// Container image of the broker.
+    pub image: String,
+    /// Broker Pods.
+    pub replicas: i32,
+    /// Size of each broker's volume, e.g. `10Gi`.
+    pub storage_size: String,
+    /// Storage class of the volumes; the cluster default when `None`.
+    pub storage_class: Option<String>,
+    /// Container resources.
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// Labels of every broker object.
+pub fn labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "weir".to_owned()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            "broker".to_owned(),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            "weir-operator".to_owned(),
+        ),
+    ])
+}
+
+/// Labels that select broker Pods.
+pub fn selector() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "weir".to_owned()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            "broker".to_owned(),
+        ),
+    ])
+}
+
+fn meta(name: &str, namespace: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: Some(namespace.to_owned()),
+        labels: Some(labels()),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The broker StatefulSet: one broker per Pod, each with its own volume (volume claim
+/// template `data`), stable names through the headless Service, gRPC readiness and liveness
+/// probes on the health service, and `OrderedReady` so a broker starts after the previous one
+/// is Ready.
+pub fn statefulset(namespace: &str, s: &BrokerSettings) -> StatefulSet {
+    let container = Container {
+        name: "broker".into(),
+        image: Some(s.image.clone()),
+        args: Some(vec![
+            "--data-dir".into(),
+            DATA_DIR.into(),
+            "--listen".into(),
+            format!("0.0.0.0:{GRPC_PORT}"),
+            "--http-listen".into(),
+            format!("0.0.0.0:{HTTP_PORT}"),
+            "--log-format".into(),
+            "json".into(),
+        ]),
+        env: Some(vec![EnvVar {
+            name: "POD_NAME".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".into(),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("grpc".into()),
+                container_port: GRPC_PORT,
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("http".into()),
+                container_port: HTTP_PORT,
+                ..ContainerPort::default()
+            },
+        ]),
+        readiness_probe: Some(grpc_probe(5)),
+        liveness_probe: Some(grpc_probe(10)),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "data".into(),
+            mount_path: DATA_DIR.into(),
+            ..VolumeMount::default()
+        }]),
+        resources: s.resources.clone(),
+        ..Container::default()
+    };
+    StatefulSet {
+        metadata: meta(BROKERS, namespace),
+        spec: StatefulSetSpec {
+            replicas: Some(s.replicas),
+            service_name: Some(BROKERS.into()),
+            selector: LabelSelector {
+                match_labels: Some(selector()),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels()),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    termination_grace_period_seconds: Some(30),
+                    ..PodSpec::default()
+                }),
+            },
+            volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                metadata: ObjectMeta {
+                    name: Some("data".into()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(PersistentVolumeClaimSpec {
+                    access_modes: Some(vec!["ReadWriteOnce".into()]),
+                    storage_class_name: s.storage_class.clone(),
+                    resources: Some(VolumeResourceRequirements {
+                        requests: Some(BTreeMap::from([(
+                            "storage".to_owned(),
+                            Quantity(s.storage_size.clone()),
+                        )])),
+                        ..VolumeResourceRequirements::default()
+                    }),
+                    ..PersistentVolumeClaimSpec::default()
+                }),
+                ..PersistentVolumeClaim::default()
+            }]),
+            ..StatefulSetSpec::default()
+        },
+        ..StatefulSet::default()
+    }
+}
+
+fn grpc_probe(period: i32) -> Probe {
+    Probe {
+        grpc: Some(GRPCAction {
+            port: GRPC_PORT,
+            ..GRPCAction::default()
+        }),
+        period_seconds: Some(period),
+        ..Probe::default()
+    }
+}
+
+/// The headless Service that gives each broker Pod a stable DNS name
+/// (`weir-broker-0.weir-broker.<namespace>.svc`); it publishes not-ready addresses so
+/// brokers can be reached while they start.
+pub fn headless_service(namespace: &str) -> Service {
+    Service {
+        metadata: meta(BROKERS, namespace),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector()),
+            ports: Some(ports()),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// The client Service (`weir.<namespace>.svc:7070`) in front of the Ready brokers.
+pub fn client_service(namespace: &str) -> Service {
+    Service {
+        metadata: meta(CLIENT_SERVICE, namespace),
+        spec: Some(ServiceSpec {
+            selector: Some(selector()),
+            ports: Some(ports()),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn ports() -> Vec<ServicePort> {
+    vec![
+        ServicePort {
+            name: Some("grpc".into()),
+            port: GRPC_PORT,
+            target_port: Some(IntOrString::String("grpc".into())),
+            ..ServicePort::default()
+        },
+        ServicePort {
+            name: Some("http".into()),
+            port: HTTP_PORT,
+            target_port: Some(IntOrString::String("http".into())),
+            ..ServicePort::default()
+        },
+    ]
+}
+
+/// At most one broker down at a time for voluntary disruptions (drains, upgrades).
+pub fn pod_disruption_budget(namespace: &str) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: meta(BROKERS, namespace),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector()),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+/// Places `partitions` partitions on `brokers` evenly and stably: a partition stays where
+/// `previous` put it while that broker exists and holds no more than its fair share
+/// (`ceil(partitions / brokers)`); the others go to the least-loaded broker (ties by name).
+/// Empty when there is no broker.
+pub fn place(
+    partitions: u32,
+    brokers: &[String],
+    previous: &[PartitionPlacement],
+) -> Vec<PartitionPlacement> {
+    if brokers.is_empty() {
+        return Vec::new();
+    }
+    let fair = (partitions as usize).div_ceil(brokers.len());
+    let mut load: BTreeMap<&str, usize> = brokers.iter().map(|b| (b.as_str(), 0)).collect();
+    let mut out: Vec<Option<String>> = vec![None; partitions as usize];
+    for p in previous {
+        let Some(slot) = out.get_mut(p.partition as usize) else {
+            continue;
+        };
+        if let Some(n) = load.get_mut(p.broker.as_str()) {
+            if *n < fair {
+                *n += 1;
+                *slot = Some(p.broker.clone());
+            }
+        }
+    }
+    for slot in &mut out {
+        if slot.is_none() {
+            if let Some((broker, n)) = load.iter_mut().min_by_key(|(b, n)| (**n, **b)) {
+                *n += 1;
+                *slot = Some((*broker).to_owned());
+            }
+        }
+    }
+    out.into_iter()
+        .enumerate()
+        .map(|(i, b)| PartitionPlacement {
+            partition: i as u32,
+            broker: b.unwrap_or_default(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn brokers(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("weir-broker-{i}")).collect()
+    }
+
+    fn counts(p: &[PartitionPlacement]) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for x in p {
+            *m.entry(x.broker.clone()).or_default() += 1;
+        }
+        m
+    }
+
+    #[test]
+    fn placement_is_even() {
+        let p = place(10, &brokers(3), &[]);
+        assert_eq!(p.len(), 10);
+        let c = counts(&p);
+        assert_eq!(c.values().max(), Some(&4));
+        assert_eq!(c.values().min(), Some(&3));
+        assert!(place(3, &[], &[]).is_empty());
+    }
+
+    #[test]
+    fn placement_is_stable_when_partitions_grow() {
+        let before = place(6, &brokers(3), &[]);
+        let after = place(9, &brokers(3), &before);
+        assert_eq!(&after[..6], &before[..]);
+        assert!(counts(&after).values().all(|n| *n == 3));
+    }
+
+    #[test]
+    fn adding_a_broker_moves_only_what_evens_the_load() {
+        let before = place(8, &brokers(2), &[]);
+        let after = place(8, &brokers(4), &before);
+        let moved = before
+            .iter()
+            .zip(&after)
+            .filter(|(a, b)| a.broker != b.broker)
+            .count();
+        assert_eq!(moved, 4, "half the partitions move to the two new brokers");
+        assert!(counts(&after).values().all(|n| *n == 2));
+    }
+
+    #[test]
+    fn partitions_of_a_removed_broker_are_placed_again() {
+        let before = place(6, &brokers(3), &[]);
+        let after = place(6, &brokers(2), &before);
+        assert!(after.iter().all(|p| p.broker != "weir-broker-2"));
+        assert!(counts(&after).values().all(|n| *n == 3));
+    }
+
+    #[test]
+    fn statefulset_runs_brokers_on_their_own_volumes_with_grpc_probes() {
+        let s = statefulset(
+            "shop",
+            &BrokerSettings {
+                image: "ghcr.io/weir-dev/weir:0.1.0".into(),
+                replicas: 3,
+                storage_size: "10Gi".into(),
+                storage_class: Some("fast".into()),
+                resources: None,
+            },
+        );
+        let spec = s.spec;
+        assert_eq!(spec.replicas, Some(3));
+        assert_eq!(spec.service_name.as_deref(), Some(BROKERS));
+        let c = &spec.template.spec.expect("pod spec").containers[0];
+        let args = c.args.clone().unwrap_or_default();
+        assert!(args.windows(2).any(|w| w == ["--data-dir", DATA_DIR]));
+        assert!(args.windows(2).any(|w| w == ["--listen", "0.0.0.0:7070"]));
+        assert_eq!(
+            c.readiness_probe
+                .as_ref()
+                .and_then(|p| p.grpc.as_ref())
+                .map(|g| g.port),
+            Some(GRPC_PORT)
+        );
+        let claim = &spec.volume_claim_templates.expect("claims")[0];
+        let claim_spec = claim.spec.as_ref().expect("claim spec");
+        assert_eq!(claim_spec.storage_class_name.as_deref(), Some("fast"));
+        assert_eq!(
+            claim_spec
+                .resources
+                .as_ref()
+                .and_then(|r| r.requests.as_ref())
+                .and_then(|r| r.get("storage")),
+            Some(&Quantity("10Gi".into()))
+        );
+        assert_eq!(spec.selector.match_labels, Some(selector()));
+        assert!(labels().iter().all(|(k, v)| {
+            spec.template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.labels.as_ref())
+                .and_then(|l| l.get(k))
+                == Some(v)
+        }));
+    }
+
+    #[test]
+    fn services_and_budget_select_the_brokers() {
+        let headless = headless_service("shop").spec.expect("spec");
+        assert_eq!(headless.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(headless.selector, Some(selector()));
+        let client = client_service("shop").spec.expect("spec");
+        assert_eq!(client.cluster_ip, None);
+        assert_eq!(client.ports.expect("ports")[0].port, GRPC_PORT);
+        let pdb = pod_disruption_budget("shop").spec.expect("spec");
+        assert_eq!(pdb.max_unavailable, Some(IntOrString::Int(1)));
+    }
+}
