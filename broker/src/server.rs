@@ -84,12 +84,18 @@ pub async fn run(
         .local_addr()
         .map_or_else(|e| e.to_string(), |a| a.to_string());
     let mut stop_grpc = stop_rx.clone();
-    let grpc_server = grpc_router(&ctx, health_service)?.serve_with_incoming_shutdown(
-        TcpListenerStream::new(grpc),
-        async move {
+    // Accepted sockets get TCP_NODELAY: with Nagle, the tail of a large response waits for
+    // the peer's delayed ACK (tens of ms). tonic's own nodelay setting only covers listeners
+    // it binds itself.
+    let incoming = futures::StreamExt::map(TcpListenerStream::new(grpc), |conn| {
+        conn.inspect(|s| {
+            let _ = s.set_nodelay(true);
+        })
+    });
+    let grpc_server =
+        grpc_router(&ctx, health_service)?.serve_with_incoming_shutdown(incoming, async move {
             let _ = stop_grpc.wait_for(|s| *s).await;
-        },
-    );
+        });
     let mut stop_http = stop_rx.clone();
     let http_server = axum::serve(
         http,
@@ -156,6 +162,9 @@ fn grpc_router(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     Ok(Server::builder()
+        // Large HTTP/2 windows so big produce requests are not throttled by window updates.
+        .initial_stream_window_size(Some(8 * 1024 * 1024))
+        .initial_connection_window_size(Some(32 * 1024 * 1024))
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha)

@@ -30,6 +30,11 @@ use weir_proto::v1::{
     admin_client::AdminClient, consumer_client::ConsumerClient, producer_client::ProducerClient,
 };
 
+/// HTTP/2 receive window per stream: 8 MiB.
+pub const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+/// HTTP/2 receive window per connection: 32 MiB.
+pub const CONNECTION_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
+
 /// Largest gRPC message the client sends or accepts: 64 MiB, as the broker.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
@@ -148,6 +153,10 @@ impl Client {
             })?;
         let channel = endpoint
             .tcp_nodelay(true)
+            // Large HTTP/2 windows: batches of deliveries and produce requests are hundreds of
+            // KiB; the 64 KiB default costs a window update round trip per 64 KiB.
+            .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
+            .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
             .connect()
             .await
             .map_err(|source| Error::Connect {
@@ -567,6 +576,7 @@ impl Client {
         Ok(GroupConsumer {
             tx,
             inbound,
+            buffered: std::collections::VecDeque::new(),
             member_id: joined.member_id,
             partitions: joined.partitions,
             generation: joined.generation,
@@ -583,6 +593,8 @@ impl Client {
 pub struct GroupConsumer {
     tx: mpsc::Sender<pb::SubscribeRequest>,
     inbound: Streaming<pb::SubscribeResponse>,
+    /// Deliveries received in a batch and not yet returned by `next`.
+    buffered: std::collections::VecDeque<pb::Delivery>,
     member_id: String,
     partitions: Vec<u32>,
     generation: u64,
@@ -608,6 +620,9 @@ impl GroupConsumer {
     /// reported for an earlier ack or nack is returned here.
     pub async fn next(&mut self) -> Option<Result<pb::Delivery, Error>> {
         loop {
+            if let Some(d) = self.buffered.pop_front() {
+                return Some(Ok(d));
+            }
             let msg = match self.inbound.message().await {
                 Ok(Some(m)) => m,
                 Ok(None) => return None,
@@ -615,6 +630,9 @@ impl GroupConsumer {
             };
             match msg.response {
                 Some(pb::subscribe_response::Response::Delivery(d)) => return Some(Ok(d)),
+                Some(pb::subscribe_response::Response::Deliveries(batch)) => {
+                    self.buffered.extend(batch.deliveries);
+                }
                 Some(pb::subscribe_response::Response::Assignment(a)) => {
                     self.partitions = a.partitions;
                     self.generation = a.generation;

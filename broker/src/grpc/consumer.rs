@@ -370,11 +370,14 @@ async fn push_deliveries(
         credits
             .0
             .fetch_sub(deliveries.len() as u64, Ordering::AcqRel);
-        for d in deliveries {
+        if !deliveries.is_empty() {
+            // One stream message per pull: per-message framing cost dominated catch-up reads.
             let msg = pb::SubscribeResponse {
-                response: Some(pb::subscribe_response::Response::Delivery(delivery_to_pb(
-                    d,
-                ))),
+                response: Some(pb::subscribe_response::Response::Deliveries(
+                    pb::Deliveries {
+                        deliveries: deliveries.into_iter().map(delivery_to_pb).collect(),
+                    },
+                )),
             };
             if tx.send(Ok(msg)).await.is_err() {
                 break 'outer;
