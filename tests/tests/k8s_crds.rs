@@ -229,3 +229,38 @@ fn kubectl_get_shows_the_printer_columns_from_status() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn the_examples_are_valid_resources() -> anyhow::Result<()> {
+    let cp = ControlPlane::shared();
+    install(cp)?;
+    let ns = cp.namespace("examples")?;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("examples");
+    for file in ["topic.yaml", "consumergroup.yaml"] {
+        let path = dir.join(file);
+        cp.kubectl(&["apply", "-n", &ns, "-f", &path.to_string_lossy()])?;
+    }
+    let spec = cp.kubectl(&[
+        "get",
+        "topic",
+        "orders",
+        "-n",
+        &ns,
+        "-o",
+        "jsonpath={.spec.retention.maxAge}",
+    ])?;
+    assert_eq!(spec, "10d");
+    let group = cp.kubectl(&[
+        "get",
+        "consumergroup",
+        "inventory",
+        "-n",
+        &ns,
+        "-o",
+        "jsonpath={.spec.type}",
+    ])?;
+    assert_eq!(group, "Shared");
+    Ok(())
+}
