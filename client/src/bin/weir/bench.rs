@@ -150,15 +150,7 @@ struct ProducerResult {
 
 #[allow(clippy::too_many_lines)]
 async fn produce(client: &Client, settings: ProduceBench, output: Output) -> anyhow::Result<()> {
-    match client.describe_topic(&settings.topic).await {
-        Ok(_) => {}
-        Err(e) if e.code() == Some(tonic::Code::NotFound) => {
-            client
-                .create_topic(&settings.topic, settings.partitions, 0)
-                .await?;
-        }
-        Err(e) => return Err(e.into()),
-    }
+    ensure_topic(client, &settings.topic, settings.partitions).await?;
     let producers = settings.producers.max(1);
     let batch = settings.batch_size.max(1);
     let per_producer = settings.messages.div_ceil(producers as u64);
@@ -285,6 +277,18 @@ async fn produce(client: &Client, settings: ProduceBench, output: Output) -> any
     Ok(())
 }
 
+/// Creates `topic` with `partitions` partitions unless it exists.
+async fn ensure_topic(client: &Client, topic: &str, partitions: u32) -> anyhow::Result<()> {
+    match client.describe_topic(topic).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Some(tonic::Code::NotFound) => {
+            client.create_topic(topic, partitions, 0).await?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn unique_group(prefix: &str) -> String {
     format!(
         "{prefix}-{}",
@@ -397,15 +401,7 @@ async fn end_to_end(
     settings: EndToEndBench,
     output: Output,
 ) -> anyhow::Result<()> {
-    match client.describe_topic(&settings.topic).await {
-        Ok(_) => {}
-        Err(e) if e.code() == Some(tonic::Code::NotFound) => {
-            client
-                .create_topic(&settings.topic, settings.partitions, 0)
-                .await?;
-        }
-        Err(e) => return Err(e.into()),
-    }
+    ensure_topic(client, &settings.topic, settings.partitions).await?;
     let group = unique_group("bench-e2e");
     let create = pb::GroupConfig {
         topic: settings.topic.clone(),
