@@ -5,11 +5,13 @@
 //!
 //! - [`builders`]: pure builders of the broker StatefulSet, Services and PodDisruptionBudget,
 //!   and partition placement.
+//! - [`convert`]: resource specs → the broker admin API's settings (units parsed once).
 //! - [`crd`]: the resource types; their schemas (bounds, enums, patterns, CEL rules) are what
 //!   the API server validates. `weir-operator crds` prints them; `crds/` holds the output and
 //!   a test fails when they differ.
 
 pub mod builders;
+pub mod convert;
 pub mod crd;
 
 use kube::CustomResourceExt;
