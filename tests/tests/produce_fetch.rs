@@ -109,3 +109,37 @@ async fn long_poll_returns_a_record_produced_while_waiting() -> anyhow::Result<(
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_with_more_bytes_in_flight_than_the_broker_buffers_is_answered_in_full()
+-> anyhow::Result<()> {
+    let broker = Broker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("big", 2, 0).await?;
+    // 96 requests of 1 MiB sent without waiting: more than the broker's 64 MiB per stream,
+    // so it must stop reading, answer, and read on — never fail or stall.
+    let (mut tx, mut rx) = client.produce_stream(128).await?;
+    let sender = tokio::spawn(async move {
+        for i in 0..96u32 {
+            let records = (0..16)
+                .map(|j| Record::value(vec![(i * 16 + j) as u8; 64 * 1024]))
+                .collect();
+            tx.send("big", Some(i % 2), records).await?;
+        }
+        Ok::<_, weir_client::Error>(())
+    });
+    let mut next = [0u64; 2];
+    for i in 0..96u64 {
+        let (id, r) = tokio::time::timeout(Duration::from_secs(60), rx.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
+        assert_eq!(id, i);
+        let acks = r?;
+        let p = acks[0].partition as usize;
+        assert_eq!(acks[0].base_offset, next[p]);
+        next[p] += 16;
+    }
+    sender.await??;
+    assert_eq!(client.describe_topic("big").await?.messages, 96 * 16);
+    Ok(())
+}

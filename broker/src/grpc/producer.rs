@@ -1,9 +1,9 @@
 //! `weir.v1.Producer`: unary and pipelined produce.
 
-use std::{pin::Pin, time::Instant};
+use std::{pin::Pin, sync::Arc, time::Instant};
 
 use futures::{Stream, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use weir_proto::v1::{self as pb, producer_server::Producer};
@@ -14,6 +14,11 @@ use crate::produce::{self, Ack};
 /// Most requests of one `ProduceStream` queued but not yet acknowledged; the stream stops
 /// reading past this, which pushes back on the client (HTTP/2 flow control).
 pub const MAX_IN_FLIGHT_PER_STREAM: usize = 1024;
+
+/// Most bytes of requests of one `ProduceStream` queued but not yet acknowledged: 64 MiB.
+/// Past it the stream stops reading, so a client cannot pin more broker memory than this
+/// (1024 requests of up to 64 MiB each would otherwise fit).
+pub const MAX_IN_FLIGHT_BYTES_PER_STREAM: usize = 64 * 1024 * 1024;
 
 /// Serves `weir.v1.Producer` over the log.
 #[derive(Debug, Clone)]
@@ -81,6 +86,7 @@ impl Producer for ProducerService {
     ) -> Result<Response<Self::ProduceStreamStream>, Status> {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<AckFuture>(MAX_IN_FLIGHT_PER_STREAM);
+        let in_flight_bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES_PER_STREAM));
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
             let mut shutdown = ctx.shutdown.clone();
@@ -90,6 +96,14 @@ impl Producer for ProducerService {
                     _ = shutdown.wait_for(|s| *s) => break,
                 };
                 let Ok(Some(msg)) = next else { break };
+                let size =
+                    prost::Message::encoded_len(&msg).clamp(1, MAX_IN_FLIGHT_BYTES_PER_STREAM);
+                let Ok(permit) = Arc::clone(&in_flight_bytes)
+                    .acquire_many_owned(u32::try_from(size).unwrap_or(u32::MAX))
+                    .await
+                else {
+                    break;
+                };
                 let request_id = msg.request_id;
                 let started = Instant::now();
                 // Queue the batches now, in stream order, so offsets follow request order;
@@ -110,6 +124,8 @@ impl Producer for ProducerService {
                 };
                 let metrics = ctx.metrics.clone();
                 let fut: AckFuture = Box::pin(async move {
+                    // The request's bytes count against the stream until it is answered.
+                    let _permit = permit;
                     let result = match submitted {
                         Ok((pending, n)) => {
                             let r = pending.wait().await;
