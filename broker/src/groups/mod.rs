@@ -145,6 +145,9 @@ struct CursorMeta {
     counts: Vec<(u64, u32)>,
 }
 
+/// Offsets chosen for a member: (partition, offset, delivery count).
+type Taken = Vec<(u32, u64, u32)>;
+
 /// A message handed to a member.
 #[derive(Debug, Clone)]
 pub struct Delivery {
@@ -292,6 +295,17 @@ fn not_member(group: &str, member: &str) -> Error {
 }
 
 impl State {
+    /// Marks `member` of group `group` as heard from now, or [`Error::NotFound`] when it is
+    /// not a member.
+    fn touch_member(&mut self, group: &str, member: &str) -> Result<(), Error> {
+        let m = self
+            .members
+            .get_mut(member)
+            .ok_or_else(|| not_member(group, member))?;
+        m.last_seen = Instant::now();
+        Ok(())
+    }
+
     fn ensure_partitions(&mut self, partitions: &[Arc<Partition>]) {
         while self.cursors.len() < partitions.len() {
             let p = &partitions[self.cursors.len()];
@@ -666,11 +680,7 @@ impl Groups {
     pub fn heartbeat(&self, name: &str, member: &str) -> Result<(u64, Vec<u32>), Error> {
         let group = self.get(name)?;
         let mut st = group.state.lock();
-        let m = st
-            .members
-            .get_mut(member)
-            .ok_or_else(|| not_member(name, member))?;
-        m.last_seen = Instant::now();
+        st.touch_member(name, member)?;
         Ok((st.generation, st.assignment(member)))
     }
 
@@ -695,7 +705,7 @@ impl Groups {
             tokio::pin!(changed);
             changed.as_mut().enable();
             appends.borrow_and_update();
-            let (taken, next_due) = group.take(name, member)?.run(max);
+            let (taken, next_due) = group.take(member, max)?;
             if !taken.is_empty() {
                 let out = self.read_deliveries(&group, taken).await;
                 if !out.is_empty() {
@@ -724,11 +734,7 @@ impl Groups {
 
     /// Reads the records of `taken` deliveries; offsets the log no longer has (deleted by
     /// retention) or cannot return (damaged) are settled and logged, never delivered.
-    async fn read_deliveries(
-        &self,
-        group: &Arc<Group>,
-        taken: Vec<(u32, u64, u32)>,
-    ) -> Vec<Delivery> {
+    async fn read_deliveries(&self, group: &Arc<Group>, taken: Taken) -> Vec<Delivery> {
         let log = Arc::clone(&self.log);
         let partitions = group.topic.partitions();
         let read = tokio::task::spawn_blocking(move || {
@@ -802,11 +808,7 @@ impl Groups {
         let group_type = group.config.read().group_type;
         {
             let mut st = group.state.lock();
-            let m = st
-                .members
-                .get_mut(member)
-                .ok_or_else(|| not_member(name, member))?;
-            m.last_seen = Instant::now();
+            st.touch_member(name, member)?;
             for (p, o) in acks.iter().chain(nacks) {
                 let c = st.cursors.get(*p as usize).ok_or_else(|| {
                     Error::InvalidArgument(format!("group {name:?} has no partition {p}"))
@@ -1112,23 +1114,7 @@ fn encode_cursor(c: &Cursor) -> Vec<u8> {
     .unwrap_or_default()
 }
 
-/// A planned take: the group, lock held only while offsets are chosen.
-struct Take<'a> {
-    group: &'a Group,
-    member: &'a str,
-}
-
 impl Group {
-    fn take<'a>(&'a self, name: &str, member: &'a str) -> Result<Take<'a>, Error> {
-        if !self.state.lock().members.contains_key(member) {
-            return Err(not_member(name, member));
-        }
-        Ok(Take {
-            group: self,
-            member,
-        })
-    }
-
     fn report_skip(&self, partition: usize, skipped: u64) {
         self.skipped.fetch_add(skipped, Ordering::Relaxed);
         tracing::warn!(group = %self.name, topic = %self.topic.name, partition, skipped, "records were deleted by retention before the group acked them; resuming at the head");
@@ -1202,22 +1188,18 @@ impl Group {
             generation: st.generation,
         }
     }
-}
 
-impl Take<'_> {
-    /// Chooses up to `max` offsets for the member; returns them as (partition, offset,
-    /// count), and the earliest time a waiting redelivery becomes due.
-    fn run(self, max: usize) -> (Vec<(u32, u64, u32)>, Option<Instant>) {
-        let g = self.group;
+    /// Chooses up to `max` offsets for `member` (which must be in the group); returns them as
+    /// (partition, offset, count), and the earliest time a waiting redelivery becomes due.
+    fn take(&self, member: &str, max: usize) -> Result<(Taken, Option<Instant>), Error> {
+        let g = self;
         let config = g.config();
         let parts = g.topic.partitions();
         let now = Instant::now();
         let ack_wait = Duration::from_millis(u64::from(config.ack_wait_ms));
         let mut st = g.state.lock();
+        st.touch_member(&g.name, member)?;
         st.ensure_partitions(&parts);
-        if let Some(m) = st.members.get_mut(self.member) {
-            m.last_seen = now;
-        }
         let n = st.cursors.len();
         let mut out = Vec::new();
         let start = st.round_robin;
@@ -1228,8 +1210,8 @@ impl Take<'_> {
             }
             let p = (start + i) % n;
             if config.group_type == GroupType::Ordered
-                && (st.owners[p].as_deref() != Some(self.member)
-                    || st.targets[p].as_deref() != Some(self.member))
+                && (st.owners[p].as_deref() != Some(member)
+                    || st.targets[p].as_deref() != Some(member))
             {
                 continue;
             }
@@ -1239,13 +1221,13 @@ impl Take<'_> {
             if skipped > 0 {
                 g.report_skip(p, skipped);
             }
-            let taken = st.cursors[p].take(self.member, max - out.len(), end, now, ack_wait);
+            let taken = st.cursors[p].take(member, max - out.len(), end, now, ack_wait);
             if !taken.is_empty() {
                 st.dirty.insert(p);
             }
             out.extend(taken.into_iter().map(|(o, c)| (p as u32, o, c)));
         }
         let next_due = st.cursors.iter().filter_map(Cursor::next_due).min();
-        (out, next_due)
+        Ok((out, next_due))
     }
 }

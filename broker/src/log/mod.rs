@@ -413,28 +413,17 @@ impl Log {
             .await
     }
 
-    /// Appends one produce request — an encoded batch ([`batch::encode`]) per partition, all
+    /// Queues one produce request — an encoded batch ([`batch::encode`]) per partition, all
     /// of `topic` — atomically, and returns `(partition, base offset, records)` per batch once
     /// durable as the topic's `durability` says. With `producer` (id, sequence) a retry of a
     /// request already appended is answered with its original acks and stored once.
     ///
     /// Errors: [`Error::LimitReached`] when a `Reject` topic is full (nothing stored),
     /// [`Error::FailedPrecondition`] for a sequence out of order.
-    pub async fn append(
-        &self,
-        topic: Arc<Topic>,
-        batches: Vec<(Arc<Partition>, Vec<u8>, u32)>,
-        producer: Option<(u64, u64)>,
-    ) -> Result<Vec<Appended>, Error> {
-        self.submit_append(topic, batches, producer)
-            .await?
-            .wait()
-            .await
-    }
-
-    /// Queues an append (see [`append`](Self::append)) and returns at once with a ticket for
-    /// its result. Appends are committed in the order they are queued, so a caller that
-    /// queues requests one after another gets increasing offsets in that order (pipelining).
+    ///
+    /// Returns at once with a ticket for the result. Appends are committed in the order they
+    /// are queued, so a caller that queues requests one after another gets increasing offsets
+    /// in that order (pipelining).
     pub async fn submit_append(
         &self,
         topic: Arc<Topic>,
