@@ -24,7 +24,9 @@ pub struct Ack {
 ///
 /// Routing: with `partition`, every record goes there; otherwise keyed records go to
 /// `murmur2(key) mod partitions` and unkeyed ones to a single partition chosen round robin
-/// per request (Kafka's sticky partitioner). Records on the same partition keep their order.
+/// per request (Kafka's sticky partitioner), among the partitions this broker serves.
+/// Records on the same partition keep their order. A partition this broker does not serve
+/// ([`Error::NotServed`]) fails the whole request.
 ///
 /// The request is atomic: all its batches are stored or none. Nothing is written when any
 /// check fails: an empty request, an unknown topic or partition, a record above the topic's
@@ -64,10 +66,19 @@ pub async fn submit(
         None => routed.push((p, vec![r])),
     };
     if let Some(p) = partition {
-        topic.partition(p)?;
+        topic.served_partition(p)?;
         routed.push((p, records));
     } else {
-        let unkeyed = topic.next_unkeyed.fetch_add(1, Ordering::Relaxed) % count.max(1);
+        let turn = topic.next_unkeyed.fetch_add(1, Ordering::Relaxed);
+        let unkeyed = if config.served.is_all() {
+            turn % count.max(1)
+        } else {
+            let served = config.served.to_list();
+            served
+                .get(turn as usize % served.len().max(1))
+                .copied()
+                .unwrap_or(0)
+        };
         for r in records {
             let p = match &r.key {
                 Some(k) => partitioner::partition_for_key(k, count),
@@ -77,6 +88,11 @@ pub async fn submit(
         }
     }
     routed.sort_by_key(|(p, _)| *p);
+    for (p, _) in &routed {
+        // A key that hashes to a partition of another broker: the client routes keyed
+        // records itself (Kafka clients do the same from the cluster metadata).
+        topic.served_partition(*p)?;
+    }
     let now = log::now_ms();
     let mut batches = Vec::with_capacity(routed.len());
     for (p, recs) in routed {

@@ -109,6 +109,7 @@ pub fn topic_config(spec: &TopicSpec) -> Result<pb::TopicConfig, ConvertError> {
             Durability::Fsync => pb::Durability::Fsync,
             Durability::Buffered => pb::Durability::Buffered,
         } as i32,
+        served_partitions: Vec::new(),
     })
 }
 

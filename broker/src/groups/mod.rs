@@ -41,7 +41,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use self::cursor::{AckError, Cursor, MemberId};
-use crate::log::{self, Error, Log, Partition, Record, Topic, topic::Retention};
+use crate::log::{
+    self, Error, Log, Partition, Record, Topic,
+    topic::{Retention, Served},
+};
 
 /// How often the group ticker runs: expiry, session timeouts, dead letters, persistence,
 /// work-queue deletion.
@@ -237,6 +240,8 @@ struct State {
     dead_lettered: u64,
     dirty: BTreeSet<usize>,
     round_robin: usize,
+    /// Partitions of the topic this broker serves; only they are assigned to members.
+    served: Served,
 }
 
 /// One consumer group.
@@ -306,7 +311,11 @@ impl State {
         Ok(())
     }
 
-    fn ensure_partitions(&mut self, partitions: &[Arc<Partition>]) {
+    /// Follows the topic: cursors for partitions added since, and the partitions served.
+    /// Returns whether either changed (an Ordered group then rebalances).
+    fn ensure_partitions(&mut self, partitions: &[Arc<Partition>], served: Served) -> bool {
+        let changed = self.cursors.len() < partitions.len() || self.served != served;
+        self.served = served;
         while self.cursors.len() < partitions.len() {
             let p = &partitions[self.cursors.len()];
             // Partitions added after the group was created start at their beginning.
@@ -315,6 +324,7 @@ impl State {
             self.targets.push(None);
             self.dirty.insert(self.cursors.len() - 1);
         }
+        changed
     }
 
     fn rebalance(&mut self) {
@@ -323,11 +333,13 @@ impl State {
             self.members.iter().map(|(id, m)| (&m.seq, id)).collect();
         order.sort();
         let order: Vec<MemberId> = order.into_iter().map(|(_, id)| id.clone()).collect();
+        let mut turn = 0;
         for p in 0..self.cursors.len() {
-            self.targets[p] = if order.is_empty() {
+            self.targets[p] = if order.is_empty() || !self.served.contains(p as u32) {
                 None
             } else {
-                Some(order[p % order.len()].clone())
+                turn += 1;
+                Some(order[(turn - 1) % order.len()].clone())
             };
             self.handover(p);
         }
@@ -592,7 +604,7 @@ impl Groups {
         let starts = self.start_offsets(&group.topic, to).await?;
         {
             let mut st = group.state.lock();
-            st.ensure_partitions(&group.topic.partitions());
+            st.ensure_partitions(&group.topic.partitions(), group.topic.config().served);
             for (p, start) in starts.iter().enumerate() {
                 if let Some(c) = st.cursors.get_mut(p) {
                     c.reset(*start);
@@ -635,7 +647,7 @@ impl Groups {
         let group_type = group.config.read().group_type;
         let joined = {
             let mut st = group.state.lock();
-            st.ensure_partitions(&group.topic.partitions());
+            st.ensure_partitions(&group.topic.partitions(), group.topic.config().served);
             st.members.insert(
                 member.clone(),
                 Member {
@@ -912,7 +924,13 @@ impl Groups {
             let mut woke = false;
             {
                 let mut st = g.state.lock();
-                st.ensure_partitions(&g.topic.partitions());
+                if st.ensure_partitions(&g.topic.partitions(), g.topic.config().served)
+                    && config.group_type == GroupType::Ordered
+                    && !st.members.is_empty()
+                {
+                    st.rebalance();
+                    woke = true;
+                }
                 let timeout = Duration::from_millis(u64::from(config.session_timeout_ms));
                 let gone: Vec<MemberId> = st
                     .members
@@ -1146,7 +1164,7 @@ impl Group {
         let config = self.config();
         let parts = self.topic.partitions();
         let mut st = self.state.lock();
-        st.ensure_partitions(&parts);
+        st.ensure_partitions(&parts, self.topic.config().served);
         let now = Instant::now();
         let partitions = st
             .cursors
@@ -1199,7 +1217,7 @@ impl Group {
         let ack_wait = Duration::from_millis(u64::from(config.ack_wait_ms));
         let mut st = g.state.lock();
         st.touch_member(&g.name, member)?;
-        st.ensure_partitions(&parts);
+        st.ensure_partitions(&parts, g.topic.config().served);
         let n = st.cursors.len();
         let mut out = Vec::new();
         let start = st.round_robin;

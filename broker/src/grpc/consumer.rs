@@ -238,7 +238,9 @@ impl Consumer for ConsumerService {
             )));
         }
         let topic = self.ctx.log.topic(&req.topic).map_err(|e| status(&e))?;
-        let partition = topic.partition(req.partition).map_err(|e| status(&e))?;
+        let partition = topic
+            .served_partition(req.partition)
+            .map_err(|e| status(&e))?;
         let earliest = partition.earliest_offset();
         let next = partition.next_offset();
         if req.offset < earliest || req.offset > next {

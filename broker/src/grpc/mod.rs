@@ -44,7 +44,7 @@ pub fn status(err: &Error) -> Status {
             Code::NotFound
         }
         Error::TopicExists { .. } | Error::AlreadyExists(_) => Code::AlreadyExists,
-        Error::FailedPrecondition(_) => Code::FailedPrecondition,
+        Error::FailedPrecondition(_) | Error::NotServed { .. } => Code::FailedPrecondition,
         Error::InvalidArgument(_) => Code::InvalidArgument,
         Error::LimitReached(_) => {
             // gRPC's retry pushback (A6 client retries): when to try again, in ms.
@@ -117,6 +117,7 @@ pub(crate) fn describe(topic: &log::Topic) -> pb::TopicDescription {
                 Durability::Fsync => pb::Durability::Fsync,
                 Durability::Buffered => pb::Durability::Buffered,
             } as i32,
+            served_partitions: config.served.to_list(),
         }),
         messages: partitions.iter().map(|p| p.messages).sum(),
         bytes: partitions.iter().map(|p| p.bytes).sum(),
@@ -170,6 +171,8 @@ pub(crate) fn topic_config_from_pb(
     config.max_age_ms = c.max_age_ms;
     config.max_bytes = c.max_bytes;
     config.max_messages = c.max_messages;
+    config.served = log::topic::Served::from_list(&c.served_partitions, c.partitions)
+        .map_err(|e| status(&e))?;
     config.validate().map_err(|e| status(&e))?;
     Ok(config)
 }

@@ -104,7 +104,7 @@ pub enum Error {
         /// Topic name.
         name: String,
         /// Its current settings.
-        existing: TopicConfig,
+        existing: Box<TopicConfig>,
     },
     /// The partition index is not below the topic's partition count.
     #[error("topic {topic:?} has partitions 0..{partitions}, there is no partition {partition}")]
@@ -115,6 +115,19 @@ pub enum Error {
         partition: u32,
         /// The topic's partition count.
         partitions: u32,
+    },
+    /// A partition that exists but is served by another broker (the topic spreads over
+    /// several brokers; Kafka answers `NOT_LEADER_OR_FOLLOWER`).
+    #[error(
+        "partition {partition} of topic {topic:?} is not served by this broker, which serves partitions {served:?}; send it to the broker that the Topic's status.placement names"
+    )]
+    NotServed {
+        /// Topic name.
+        topic: String,
+        /// Partition asked for.
+        partition: u32,
+        /// Partitions this broker serves.
+        served: Vec<u32>,
     },
     /// A fetch asked for an offset outside the stored range.
     #[error(

@@ -79,6 +79,81 @@ pub struct TopicConfig {
     /// When a produce is acknowledged.
     #[serde(default)]
     pub durability: Durability,
+    /// Partitions this broker serves: every one on a standalone broker; those the operator
+    /// placed here when a topic spreads over several brokers.
+    #[serde(default)]
+    pub served: Served,
+}
+
+/// The partitions of a topic that this broker serves; the others exist (so partition numbers
+/// and key hashing are the same on every broker) but stay empty here, and produce, fetch and
+/// group deliveries for them are refused. Kafka's equivalent is partition leadership: a
+/// broker answers `NOT_LEADER_OR_FOLLOWER` for a partition it does not lead.
+///
+/// Stored as the list of partition numbers, absent (`None`) for all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(from = "Option<Vec<u32>>", into = "Option<Vec<u32>>")]
+pub struct Served(Option<[u64; (MAX_PARTITIONS / 64) as usize]>);
+
+impl Served {
+    /// Every partition.
+    pub const ALL: Served = Served(None);
+
+    /// The partitions of `list`; an empty list means every partition. Errors with
+    /// [`Error::InvalidArgument`] when a number is not below `partitions`.
+    pub fn from_list(list: &[u32], partitions: u32) -> Result<Self, Error> {
+        if list.is_empty() {
+            return Ok(Self::ALL);
+        }
+        if let Some(p) = list.iter().find(|p| **p >= partitions) {
+            return Err(Error::InvalidArgument(format!(
+                "served_partitions names partition {p}, but the topic has partitions 0..{partitions}; list partitions below {partitions}, or none to serve all"
+            )));
+        }
+        Ok(Self::from(Some(list.to_vec())))
+    }
+
+    /// Whether partition `p` is served.
+    pub fn contains(&self, p: u32) -> bool {
+        match &self.0 {
+            None => true,
+            Some(bits) => bits
+                .get((p / 64) as usize)
+                .is_some_and(|w| w & (1 << (p % 64)) != 0),
+        }
+    }
+
+    /// Whether every partition is served.
+    pub fn is_all(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// The served partitions, ascending; empty for [`Served::ALL`].
+    pub fn to_list(&self) -> Vec<u32> {
+        Option::<Vec<u32>>::from(*self).unwrap_or_default()
+    }
+}
+
+impl From<Option<Vec<u32>>> for Served {
+    fn from(list: Option<Vec<u32>>) -> Self {
+        Served(list.map(|list| {
+            let mut bits = [0u64; (MAX_PARTITIONS / 64) as usize];
+            for p in list.into_iter().filter(|p| *p < MAX_PARTITIONS) {
+                bits[(p / 64) as usize] |= 1 << (p % 64);
+            }
+            bits
+        }))
+    }
+}
+
+impl From<Served> for Option<Vec<u32>> {
+    fn from(s: Served) -> Self {
+        s.0.map(|bits| {
+            (0..MAX_PARTITIONS)
+                .filter(|p| bits[(p / 64) as usize] & (1 << (p % 64)) != 0)
+                .collect()
+        })
+    }
 }
 
 impl Default for TopicConfig {
@@ -93,6 +168,7 @@ impl Default for TopicConfig {
             max_messages: 0,
             overflow: Overflow::DropOldest,
             durability: Durability::Fsync,
+            served: Served::ALL,
         }
     }
 }
@@ -244,6 +320,22 @@ impl Topic {
                 partition: index,
                 partitions: parts.len() as u32,
             })
+    }
+
+    /// Partition `index` when this broker serves it: [`Error::PartitionNotFound`] or
+    /// [`Error::NotServed`] otherwise.
+    pub fn served_partition(&self, index: u32) -> Result<std::sync::Arc<Partition>, Error> {
+        let part = self.partition(index)?;
+        let served = self.config.read().served;
+        if served.contains(index) {
+            Ok(part)
+        } else {
+            Err(Error::NotServed {
+                topic: self.name.clone(),
+                partition: index,
+                served: served.to_list(),
+            })
+        }
     }
 
     /// All partitions, in index order.

@@ -625,7 +625,7 @@ impl Writer {
             }
             return Err(Error::TopicExists {
                 name: name.to_owned(),
-                existing: current,
+                existing: Box::new(current),
             });
         }
         let id = self.shared.next_topic_id.load(Ordering::Relaxed);

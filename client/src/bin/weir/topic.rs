@@ -166,7 +166,7 @@ pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::
 }
 
 fn topic_json(t: &pb::TopicDescription) -> serde_json::Value {
-    let c = t.config.unwrap_or_default();
+    let c = t.config.clone().unwrap_or_default();
     serde_json::json!({
         "name": t.name,
         "partitions": c.partitions,
@@ -177,6 +177,7 @@ fn topic_json(t: &pb::TopicDescription) -> serde_json::Value {
         "maxMessages": c.max_messages,
         "overflow": if c.overflow == pb::Overflow::Reject as i32 { "reject" } else { "drop-oldest" },
         "durability": if c.durability == pb::Durability::Buffered as i32 { "buffered" } else { "fsync" },
+        "servedPartitions": c.served_partitions,
         "messages": t.messages,
         "bytes": t.bytes,
         "createdAtMs": t.created_at_ms,
@@ -203,7 +204,7 @@ fn print_topics(topics: &[pb::TopicDescription], output: Output, detail: bool) {
                 "TOPIC", "PARTITIONS", "MESSAGES", "BYTES", "MAX MSG"
             );
             for t in topics {
-                let c = t.config.unwrap_or_default();
+                let c = t.config.clone().unwrap_or_default();
                 println!(
                     "{:<32} {:>10} {:>12} {:>12} {:>12}",
                     t.name,
@@ -218,7 +219,7 @@ fn print_topics(topics: &[pb::TopicDescription], output: Output, detail: bool) {
             }
             if detail {
                 for t in topics {
-                    let c = t.config.unwrap_or_default();
+                    let c = t.config.clone().unwrap_or_default();
                     let limit = |v: u64, f: &dyn Fn(u64) -> String| {
                         if v == 0 { "none".to_owned() } else { f(v) }
                     };
