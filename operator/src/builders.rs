@@ -258,9 +258,10 @@ pub fn pod_disruption_budget(namespace: &str) -> PodDisruptionBudget {
     }
 }
 
-/// Places `partitions` partitions on `brokers` evenly and stably: a partition stays where
-/// `previous` put it while that broker exists and holds no more than its fair share
-/// (`ceil(partitions / brokers)`); the others go to the least-loaded broker (ties by name).
+/// Places `partitions` partitions on `brokers` evenly and stably. A partition stays where
+/// `previous` put it while that broker is in `brokers` (its records live there; there is no
+/// partition move yet), so growing the topic or adding brokers moves nothing. Each other
+/// partition goes to the broker holding the fewest, ties to the lower ordinal.
 /// Empty when there is no broker.
 pub fn place(
     partitions: u32,
@@ -270,35 +271,65 @@ pub fn place(
     if brokers.is_empty() {
         return Vec::new();
     }
-    let fair = (partitions as usize).div_ceil(brokers.len());
-    let mut load: BTreeMap<&str, usize> = brokers.iter().map(|b| (b.as_str(), 0)).collect();
-    let mut out: Vec<Option<String>> = vec![None; partitions as usize];
+    let mut load: Vec<usize> = vec![0; brokers.len()];
+    let mut out: Vec<Option<usize>> = vec![None; partitions as usize];
     for p in previous {
         let Some(slot) = out.get_mut(p.partition as usize) else {
             continue;
         };
-        if let Some(n) = load.get_mut(p.broker.as_str()) {
-            if *n < fair {
-                *n += 1;
-                *slot = Some(p.broker.clone());
-            }
+        if let Some(b) = brokers.iter().position(|b| *b == p.broker) {
+            load[b] += 1;
+            *slot = Some(b);
         }
     }
     for slot in &mut out {
         if slot.is_none() {
-            if let Some((broker, n)) = load.iter_mut().min_by_key(|(b, n)| (**n, **b)) {
-                *n += 1;
-                *slot = Some((*broker).to_owned());
-            }
+            let b = (0..brokers.len())
+                .min_by_key(|b| (load[*b], *b))
+                .unwrap_or(0);
+            load[b] += 1;
+            *slot = Some(b);
         }
     }
     out.into_iter()
         .enumerate()
         .map(|(i, b)| PartitionPlacement {
             partition: i as u32,
-            broker: b.unwrap_or_default(),
+            broker: brokers[b.unwrap_or(0)].clone(),
+            address: String::new(),
         })
         .collect()
+}
+
+/// Name of the broker Pod with `ordinal` (a StatefulSet names its Pods `<name>-<ordinal>`).
+pub fn broker_name(ordinal: i32) -> String {
+    format!("{BROKERS}-{ordinal}")
+}
+
+/// The ordinal of broker Pod `name`, if it is one.
+pub fn broker_ordinal(name: &str) -> Option<i32> {
+    name.strip_prefix(BROKERS)?.strip_prefix('-')?.parse().ok()
+}
+
+/// How many brokers a namespace runs for its Topics: none without a Topic; otherwise as many
+/// as the widest Topic has partitions, within `min..=max`, and never fewer than the highest
+/// broker that holds a placed partition (scaling below it would strand its records).
+/// `topics` gives each live Topic's partitions and current placement.
+pub fn broker_count(topics: &[(u32, &[PartitionPlacement])], min: i32, max: i32) -> i32 {
+    if topics.is_empty() {
+        return 0;
+    }
+    let widest = topics.iter().map(|(p, _)| *p).max().unwrap_or(1);
+    let wanted = i32::try_from(widest)
+        .unwrap_or(i32::MAX)
+        .clamp(min.max(1), max.max(min).max(1));
+    let highest_used = topics
+        .iter()
+        .flat_map(|(_, placement)| placement.iter())
+        .filter_map(|p| broker_ordinal(&p.broker))
+        .max()
+        .map_or(0, |o| o + 1);
+    wanted.max(highest_used)
 }
 
 #[cfg(test)]
@@ -336,16 +367,16 @@ mod tests {
     }
 
     #[test]
-    fn adding_a_broker_moves_only_what_evens_the_load() {
-        let before = place(8, &brokers(2), &[]);
-        let after = place(8, &brokers(4), &before);
-        let moved = before
-            .iter()
-            .zip(&after)
-            .filter(|(a, b)| a.broker != b.broker)
-            .count();
-        assert_eq!(moved, 4, "half the partitions move to the two new brokers");
-        assert!(counts(&after).values().all(|n| *n == 2));
+    fn adding_a_broker_moves_nothing_and_new_partitions_even_the_load() {
+        let before = place(4, &brokers(2), &[]);
+        let after = place(4, &brokers(4), &before);
+        assert_eq!(
+            after, before,
+            "placed partitions keep their records where they are"
+        );
+        let grown = place(8, &brokers(4), &before);
+        assert_eq!(&grown[..4], &before[..]);
+        assert!(counts(&grown).values().all(|n| *n == 2), "{grown:?}");
     }
 
     #[test]
@@ -354,6 +385,19 @@ mod tests {
         let after = place(6, &brokers(2), &before);
         assert!(after.iter().all(|p| p.broker != "weir-broker-2"));
         assert!(counts(&after).values().all(|n| *n == 3));
+    }
+
+    #[test]
+    fn broker_count_follows_the_widest_topic_within_bounds() {
+        assert_eq!(broker_count(&[], 1, 3), 0, "no topic, no broker");
+        assert_eq!(broker_count(&[(4, &[])], 1, 3), 3);
+        assert_eq!(broker_count(&[(1, &[]), (2, &[])], 1, 3), 2);
+        assert_eq!(broker_count(&[(1, &[])], 2, 3), 2, "the minimum holds");
+        // A partition on weir-broker-4 keeps five brokers even past the maximum.
+        let placed = place(5, &brokers(5), &[]);
+        assert_eq!(broker_count(&[(5, &placed)], 1, 3), 5);
+        assert_eq!(broker_ordinal("weir-broker-12"), Some(12));
+        assert_eq!(broker_ordinal("weir-brokers-1"), None);
     }
 
     #[test]

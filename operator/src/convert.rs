@@ -8,11 +8,18 @@
 use weir_proto::v1 as pb;
 
 use crate::crd::{
-    ConsumerGroupSpec, Durability, GroupType, Overflow, RetentionPolicy, StartFrom, TopicSpec,
+    ConsumerGroupSpec, Durability, EffectiveSettings, GroupType, Overflow, RetentionPolicy,
+    StartFrom, TopicSpec,
 };
 
 /// Largest `maxMessageBytes` a broker accepts: 16 MiB.
 pub const MAX_MESSAGE_BYTES_LIMIT: u64 = 16 * 1024 * 1024;
+/// `maxMessageBytes` when unset: 1 MiB, the broker's default (Kafka's `message.max.bytes`).
+pub const DEFAULT_MAX_MESSAGE_BYTES: u32 = 1024 * 1024;
+/// `ackWait` when unset: 30 s, the broker's default (NATS JetStream's `AckWait`).
+pub const DEFAULT_ACK_WAIT_MS: u32 = 30_000;
+/// Smallest non-zero `maxBytes` a broker takes: 64 KiB.
+pub const MIN_MAX_BYTES: u64 = 64 * 1024;
 
 /// A spec value the broker cannot take; the message names the field.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -26,6 +33,16 @@ pub enum ConvertError {
         /// The value given.
         value: String,
         /// Parser message.
+        reason: String,
+    },
+    /// A value of another kind that is not valid.
+    #[error("{field}: {value:?} is {reason}")]
+    Value {
+        /// Field path in the spec.
+        field: &'static str,
+        /// The value given.
+        value: String,
+        /// What is wrong.
         reason: String,
     },
     /// A size did not parse or is out of range.
@@ -78,7 +95,7 @@ pub fn topic_config(spec: &TopicSpec) -> Result<pb::TopicConfig, ConvertError> {
             }
             n as u32
         }
-        None => 0,
+        None => DEFAULT_MAX_MESSAGE_BYTES,
     };
     let r = &spec.retention;
     Ok(pb::TopicConfig {
@@ -113,8 +130,105 @@ pub fn topic_config(spec: &TopicSpec) -> Result<pb::TopicConfig, ConvertError> {
     })
 }
 
-/// The broker settings of a ConsumerGroup.
-pub fn group_config(spec: &ConsumerGroupSpec) -> Result<pb::GroupConfig, ConvertError> {
+/// The settings of one broker that serves `served` of the topic's partitions: the topic's
+/// settings with `served_partitions` set and the topic-wide `maxBytes` and `maxMessages`
+/// shared out in proportion to the partitions served (rounded up; `maxBytes` at least
+/// 64 KiB and one record, as the broker requires).
+pub fn broker_share(topic: &pb::TopicConfig, served: &[u32]) -> pb::TopicConfig {
+    let partitions = u64::from(topic.partitions.max(1));
+    let n = served.len() as u64;
+    let share = |total: u64| {
+        if total == 0 {
+            0
+        } else {
+            (total.saturating_mul(n)).div_ceil(partitions).max(1)
+        }
+    };
+    let mut c = topic.clone();
+    c.served_partitions = served.to_vec();
+    c.max_messages = share(topic.max_messages);
+    c.max_bytes = match share(topic.max_bytes) {
+        0 => 0,
+        b => b.max(MIN_MAX_BYTES).max(u64::from(topic.max_message_bytes)),
+    };
+    c
+}
+
+/// What a status reports of `c` (a Topic's settings before sharing out).
+pub fn effective(c: &pb::TopicConfig) -> EffectiveSettings {
+    EffectiveSettings {
+        partitions: c.partitions,
+        max_age_ms: c.max_age_ms,
+        max_bytes: c.max_bytes,
+        max_messages: c.max_messages,
+        max_message_bytes: c.max_message_bytes,
+        retention: if c.retention == pb::RetentionPolicy::WorkQueue as i32 {
+            "WorkQueue"
+        } else {
+            "Limits"
+        }
+        .into(),
+        overflow: if c.overflow == pb::Overflow::Reject as i32 {
+            "Reject"
+        } else {
+            "DropOldest"
+        }
+        .into(),
+        durability: if c.durability == pb::Durability::Buffered as i32 {
+            "Buffered"
+        } else {
+            "Fsync"
+        }
+        .into(),
+    }
+}
+
+/// Whether a broker's topic settings `have` already are `want` (what an update would set).
+pub fn topic_matches(have: &pb::TopicConfig, want: &pb::TopicConfig) -> bool {
+    have == want
+}
+
+/// Whether a broker's group settings `have` already are `want`, for the fields an update
+/// can change (`ackWait`, `maxDeliveries`, `deadLetterTopic`).
+pub fn group_matches(have: &pb::GroupConfig, want: &pb::GroupConfig) -> bool {
+    (
+        have.ack_wait_ms,
+        have.max_deliveries,
+        &have.dead_letter_topic,
+    ) == (
+        want.ack_wait_ms,
+        want.max_deliveries,
+        &want.dead_letter_topic,
+    )
+}
+
+/// `resetTo` → the broker's start position: `Earliest`, `Latest` or an RFC 3339 time.
+pub fn reset_position(value: &str) -> Result<pb::StartPosition, ConvertError> {
+    use pb::start_position::Position;
+    let position = match value {
+        "Earliest" => Position::Earliest(true),
+        "Latest" => Position::Latest(true),
+        t => {
+            let ts: k8s_openapi::jiff::Timestamp = t.parse().map_err(
+                |e: k8s_openapi::jiff::Error| ConvertError::Value {
+                    field: "spec.resetTo",
+                    value: t.to_owned(),
+                    reason: format!(
+                        "not Earliest, Latest or an RFC 3339 time such as 2026-11-23T10:00:00Z: {e}"
+                    ),
+                },
+            )?;
+            Position::TimestampMs(ts.as_millisecond())
+        }
+    };
+    Ok(pb::StartPosition {
+        position: Some(position),
+    })
+}
+
+/// The broker settings of ConsumerGroup `name`, with the broker's defaults filled in (so
+/// they compare equal to what a broker describes).
+pub fn group_config(name: &str, spec: &ConsumerGroupSpec) -> Result<pb::GroupConfig, ConvertError> {
     let ack_wait_ms = spec
         .ack_wait
         .as_deref()
@@ -133,9 +247,22 @@ pub fn group_config(spec: &ConsumerGroupSpec) -> Result<pb::GroupConfig, Convert
                 StartFrom::Latest => pb::start_position::Position::Latest(true),
             }),
         }),
-        ack_wait_ms: u32::try_from(ack_wait_ms).unwrap_or(u32::MAX),
+        ack_wait_ms: match u32::try_from(ack_wait_ms) {
+            Ok(0) => DEFAULT_ACK_WAIT_MS,
+            Ok(ms) => ms,
+            Err(_) => {
+                return Err(ConvertError::Duration {
+                    field: "spec.ackWait",
+                    value: spec.ack_wait.clone().unwrap_or_default(),
+                    reason: "longer than the broker's limit of 49 days".into(),
+                });
+            }
+        },
         max_deliveries: spec.max_deliveries.unwrap_or(0),
-        dead_letter_topic: spec.dead_letter_topic.clone().unwrap_or_default(),
+        dead_letter_topic: spec
+            .dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}-{name}-DLQ", spec.topic)),
         session_timeout_ms: 0,
     })
 }
@@ -160,7 +287,7 @@ mod tests {
                 c.max_messages,
                 c.max_message_bytes
             ),
-            (0, 0, 0, 0)
+            (0, 0, 0, DEFAULT_MAX_MESSAGE_BYTES)
         );
         assert_eq!(c.overflow, pb::Overflow::DropOldest as i32);
         assert_eq!(c.durability, pb::Durability::Fsync as i32);
@@ -204,10 +331,50 @@ mod tests {
             "topic": "orders", "type": "Shared", "ackWait": "45s", "maxDeliveries": 5
         }))
         .expect("spec");
-        let c = group_config(&g).expect("converts");
+        let c = group_config("inventory", &g).expect("converts");
         assert_eq!(c.topic, "orders");
         assert_eq!(c.r#type, pb::GroupType::Shared as i32);
         assert_eq!(c.ack_wait_ms, 45_000);
         assert_eq!(c.max_deliveries, 5);
+        assert_eq!(c.dead_letter_topic, "orders-inventory-DLQ");
+    }
+
+    #[test]
+    fn limits_are_shared_out_by_the_partitions_a_broker_serves() {
+        let mut s = spec();
+        s.retention.max_bytes = Some("1GiB".into());
+        s.retention.max_messages = Some(1000);
+        let c = topic_config(&s).expect("converts");
+        let b0 = broker_share(&c, &[0, 2]);
+        assert_eq!(b0.served_partitions, vec![0, 2]);
+        assert_eq!((b0.max_bytes, b0.max_messages), (1 << 29, 500));
+        let b1 = broker_share(&c, &[1]);
+        assert_eq!((b1.max_bytes, b1.max_messages), (1 << 28, 250));
+        // Unlimited stays unlimited; a small limit never goes below what the broker takes.
+        assert_eq!(
+            broker_share(&topic_config(&spec()).expect("c"), &[1]).max_bytes,
+            0
+        );
+        let mut small = c.clone();
+        small.max_bytes = 100 * 1024;
+        assert_eq!(
+            broker_share(&small, &[3]).max_bytes,
+            u64::from(DEFAULT_MAX_MESSAGE_BYTES)
+        );
+    }
+
+    #[test]
+    fn reset_positions_parse() {
+        use pb::start_position::Position;
+        assert_eq!(
+            reset_position("Earliest").expect("ok").position,
+            Some(Position::Earliest(true))
+        );
+        assert_eq!(
+            reset_position("2026-11-23T10:00:00Z").expect("ok").position,
+            Some(Position::TimestampMs(1_795_428_000_000))
+        );
+        let e = reset_position("yesterday").expect_err("bad").to_string();
+        assert!(e.starts_with("spec.resetTo"), "{e}");
     }
 }

@@ -161,8 +161,36 @@ pub struct Condition {
 pub struct PartitionPlacement {
     /// Partition index.
     pub partition: u32,
-    /// Broker Pod that owns it.
+    /// Broker Pod that owns it. A placed partition never moves: its records live there.
     pub broker: String,
+    /// gRPC address (`<pod IP>:7070`) of that broker when last seen Ready; empty before.
+    /// Clients send produce, fetch and group requests for the partition there.
+    #[serde(default)]
+    pub address: String,
+}
+
+/// Settings the brokers were given, units parsed (ms, bytes); 0 means no limit.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EffectiveSettings {
+    /// Partitions.
+    pub partitions: u32,
+    /// `retention.maxAge` in ms.
+    pub max_age_ms: u64,
+    /// `retention.maxBytes` in bytes, over all partitions; each broker enforces its share
+    /// (in proportion to the partitions it serves, like Kafka's per-partition
+    /// `retention.bytes`).
+    pub max_bytes: u64,
+    /// `retention.maxMessages`, over all partitions; shared out like `maxBytes`.
+    pub max_messages: u64,
+    /// Largest record in bytes.
+    pub max_message_bytes: u32,
+    /// `Limits` or `WorkQueue`.
+    pub retention: String,
+    /// `DropOldest` or `Reject`.
+    pub overflow: String,
+    /// `Fsync` or `Buffered`.
+    pub durability: String,
 }
 
 /// Observed state of a Topic; written by the operator only.
@@ -185,6 +213,12 @@ pub struct TopicStatus {
     /// Bytes stored over all partitions.
     #[serde(default)]
     pub bytes: u64,
+    /// Age in seconds of the oldest stored record (by record timestamp); absent when empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_message_age_seconds: Option<u64>,
+    /// What the brokers were given for the observed generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<EffectiveSettings>,
 }
 
 /// A consumer group on a Topic of the same namespace.
@@ -228,7 +262,17 @@ pub struct ConsumerGroupSpec {
     /// Dead-letter topic; default `<topic>-<group>-DLQ`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter_topic: Option<String>,
+    /// Moves the group, once, to `Earliest`, `Latest` or an RFC 3339 time (the first record
+    /// at or after it), forgetting unacked deliveries (Kafka's `kafka-consumer-groups
+    /// --reset-offsets`). Applied when this value differs from `status.lastReset.to`; to
+    /// repeat the same reset, remove the field, then set it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = RESET_PATTERN))]
+    pub reset_to: Option<String>,
 }
+
+/// `resetTo`: `Earliest`, `Latest` or an RFC 3339 time such as `2026-11-23T10:00:00Z`.
+pub const RESET_PATTERN: &str = r"^(Earliest|Latest|[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2}))$";
 
 /// How a group hands out messages.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -261,10 +305,54 @@ pub struct ConsumerGroupStatus {
     /// Generation of the spec last acted on.
     #[serde(default)]
     pub observed_generation: i64,
-    /// Members connected.
+    /// Members connected: the most any one broker of the topic has (a consumer joins every
+    /// broker that serves partitions of the topic).
     #[serde(default)]
     pub members: u32,
     /// Records not yet acked over all partitions.
     #[serde(default)]
     pub lag: u64,
+    /// Records delivered and waiting for an ack.
+    #[serde(default)]
+    pub pending: u64,
+    /// Records moved to the dead-letter topic so far.
+    #[serde(default)]
+    pub dead_lettered: u64,
+    /// Per partition: where it is served, how far the group is, who owns it.
+    #[serde(default)]
+    pub partitions: Vec<GroupPartitionStatus>,
+    /// The last `resetTo` applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reset: Option<AppliedReset>,
+}
+
+/// One partition of a group.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupPartitionStatus {
+    /// Partition index.
+    pub partition: u32,
+    /// Broker Pod serving it.
+    pub broker: String,
+    /// Every record below this offset is acked (the committed offset).
+    pub committed_offset: u64,
+    /// Offset the next produced record gets.
+    pub next_offset: u64,
+    /// Records not yet acked.
+    pub lag: u64,
+    /// Delivered, waiting for an ack.
+    pub pending: u64,
+    /// Ordered groups: the member that owns the partition.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub owner: String,
+}
+
+/// A `resetTo` that was applied.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AppliedReset {
+    /// The value applied.
+    pub to: String,
+    /// Generation of the ConsumerGroup it was applied for.
+    pub generation: i64,
 }

@@ -9,10 +9,18 @@
 //! - [`crd`]: the resource types; their schemas (bounds, enums, patterns, CEL rules) are what
 //!   the API server validates. `weir-operator crds` prints them; `crds/` holds the output and
 //!   a test fails when they differ.
+//! - [`topic`], [`group`]: the reconcilers; [`context`]: what they share (broker Pods and
+//!   connections, status and Events); [`run`]: controllers and leader election;
+//!   [`metrics`]: Prometheus metrics and health endpoints.
 
 pub mod builders;
+pub mod context;
 pub mod convert;
 pub mod crd;
+pub mod group;
+pub mod metrics;
+pub mod run;
+pub mod topic;
 
 use kube::CustomResourceExt;
 

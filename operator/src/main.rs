@@ -1,6 +1,14 @@
 //! `weir-operator`: the Kubernetes operator of Weir.
 
-use clap::{Parser, Subcommand};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use weir_operator::{
+    builders::BrokerSettings,
+    context::Settings,
+    metrics::{self, Metrics},
+    run::{self, RunOptions},
+};
 
 /// Kubernetes operator of the Weir message broker.
 #[derive(Debug, Parser)]
@@ -14,11 +22,112 @@ struct Cli {
 enum Command {
     /// Print the CustomResourceDefinitions (YAML) to apply with `kubectl apply -f -`.
     Crds,
+    /// Reconcile Topic and ConsumerGroup resources (uses the in-cluster service account, or
+    /// KUBECONFIG outside a cluster).
+    Run(RunArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Namespace to watch; all namespaces when unset.
+    #[arg(long, env = "WEIR_OPERATOR_NAMESPACE")]
+    namespace: Option<String>,
+    /// Container image of the brokers.
+    #[arg(long, env = "WEIR_BROKER_IMAGE", default_value = concat!("ghcr.io/weir-dev/weir:", env!("CARGO_PKG_VERSION")))]
+    broker_image: String,
+    /// Fewest brokers in a namespace that has Topics.
+    #[arg(long, env = "WEIR_MIN_BROKERS", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=100))]
+    min_brokers: i32,
+    /// Most brokers a namespace is sized to (a Topic with more partitions shares brokers).
+    #[arg(long, env = "WEIR_MAX_BROKERS", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=100))]
+    max_brokers: i32,
+    /// Size of each broker's volume (a Kubernetes quantity).
+    #[arg(long, env = "WEIR_STORAGE_SIZE", default_value = "10Gi")]
+    storage_size: String,
+    /// Storage class of the brokers' volumes; the cluster default when unset.
+    #[arg(long, env = "WEIR_STORAGE_CLASS")]
+    storage_class: Option<String>,
+    /// How often Ready resources are polled for live figures (messages, lag), e.g. `10s`.
+    #[arg(long, env = "WEIR_STATUS_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    status_interval: Duration,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(
+        long,
+        env = "WEIR_OPERATOR_HTTP_LISTEN",
+        default_value = "0.0.0.0:8080"
+    )]
+    http_listen: SocketAddr,
+    /// Namespace of the leader-election Lease (the operator's own namespace in a cluster).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "WEIR_LEASE_NAME", default_value = "weir-operator")]
+    lease_name: String,
+    /// Seconds a leader that stops renewing keeps the Lease.
+    #[arg(long, env = "WEIR_LEASE_SECONDS", default_value_t = 15)]
+    lease_seconds: u64,
+    /// This replica's identity (the Pod name in a cluster; the host name otherwise).
+    #[arg(long, env = "POD_NAME")]
+    instance: Option<String>,
+    /// Log format.
+    #[arg(long, env = "WEIR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logs(args.log_format);
+    let client = kube::Client::try_default().await?;
+    let metrics = Arc::new(Metrics::new());
+    let http = tokio::spawn(metrics::serve(args.http_listen, Arc::clone(&metrics)));
+    let settings = Settings {
+        brokers: BrokerSettings {
+            image: args.broker_image,
+            replicas: 0,
+            storage_size: args.storage_size,
+            storage_class: args.storage_class,
+            resources: None,
+        },
+        min_brokers: args.min_brokers,
+        max_brokers: args.max_brokers.max(args.min_brokers),
+        status_interval: args.status_interval,
+    };
+    let instance = args
+        .instance
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("weir-operator-{}", std::process::id()));
+    let options = RunOptions {
+        namespace: args.namespace,
+        lease_namespace: args.lease_namespace,
+        lease_name: args.lease_name,
+        instance,
+        lease_seconds: args.lease_seconds,
+    };
+    let result = run::run(client, settings, metrics, options).await;
+    http.abort();
+    result
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crds => print!("{}", weir_operator::crds_yaml()?),
+        Command::Run(args) => run(args).await?,
     }
     Ok(())
 }

@@ -1,0 +1,304 @@
+//! What every reconcile shares: the kube client, the operator's settings, connections to
+//! brokers, the Event recorder, metrics, and the helpers that read broker Pods and write
+//! status.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{ListParams, Patch, PatchParams},
+    runtime::{
+        controller::Action,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::ObjectRef,
+    },
+};
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::sync::Mutex;
+
+use crate::{
+    builders::{self, BrokerSettings, GRPC_PORT},
+    crd::Condition,
+    metrics::Metrics,
+};
+
+/// Field manager of everything the operator applies (server-side apply).
+pub const FIELD_MANAGER: &str = "weir-operator";
+
+/// Settings of the operator (its command-line flags).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Broker Pod template settings; `replicas` is ignored (it follows the Topics).
+    pub brokers: BrokerSettings,
+    /// Fewest brokers a namespace with at least one Topic runs.
+    pub min_brokers: i32,
+    /// Most brokers the operator sizes a namespace to (more only when placed partitions
+    /// need them).
+    pub max_brokers: i32,
+    /// How often Ready resources are reconciled again to refresh live figures in status.
+    pub status_interval: Duration,
+}
+
+/// A failed reconcile; the message says what failed and on which object.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API server refused or failed a request.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// A broker refused or failed a request.
+    #[error("broker {broker}: {source}")]
+    Broker {
+        /// Broker Pod.
+        broker: String,
+        /// What the broker said.
+        #[source]
+        source: weir_client::Error,
+    },
+    /// A finalizer step failed.
+    #[error("finalizer: {0}")]
+    Finalizer(Box<kube::runtime::finalizer::Error<Error>>),
+    /// Something the operator cannot do yet (e.g. a broker is not Ready); retried.
+    #[error("{0}")]
+    Waiting(String),
+}
+
+impl Error {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Broker { .. } => "broker",
+            Error::Finalizer(_) => "finalizer",
+            Error::Waiting(_) => "waiting",
+        }
+    }
+}
+
+/// A broker Pod of a namespace as the operator sees it.
+#[derive(Debug, Clone)]
+pub struct BrokerPod {
+    /// Pod name, `weir-broker-<ordinal>`.
+    pub name: String,
+    /// gRPC address `<pod IP>:7070`, when the Pod has an IP.
+    pub address: Option<String>,
+    /// The Pod's `Ready` condition is `True`.
+    pub ready: bool,
+    /// Why it is not Ready (phase or condition message), for status messages.
+    pub why: String,
+}
+
+/// Shared state of the controllers.
+pub struct Context {
+    /// Kube client.
+    pub client: Client,
+    /// Operator settings.
+    pub settings: Settings,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    recorder: Recorder,
+    conns: Mutex<HashMap<String, weir_client::Client>>,
+    failures: std::sync::Mutex<HashMap<String, u32>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    /// A context; Events are reported as `weir-operator` with `instance` (the Pod name).
+    pub fn new(
+        client: Client,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        instance: String,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: Some(instance),
+            },
+        );
+        Self {
+            client,
+            settings,
+            metrics,
+            recorder,
+            conns: Mutex::new(HashMap::new()),
+            failures: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The broker Pods of `namespace`, by name.
+    pub async fn broker_pods(&self, namespace: &str) -> Result<HashMap<String, BrokerPod>, Error> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let selector = builders::selector()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let list = pods.list(&ListParams::default().labels(&selector)).await?;
+        Ok(list
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .map(|p| {
+                let status = p.status.clone().unwrap_or_default();
+                let ready = status
+                    .conditions
+                    .iter()
+                    .flatten()
+                    .find(|c| c.type_ == "Ready");
+                let is_ready = ready.is_some_and(|c| c.status == "True");
+                let why = ready
+                    .and_then(|c| c.message.clone())
+                    .or(status.phase.clone())
+                    .unwrap_or_else(|| "Pending".into());
+                let name = p.name_any();
+                (
+                    name.clone(),
+                    BrokerPod {
+                        name,
+                        address: status.pod_ip.map(|ip| format!("{ip}:{GRPC_PORT}")),
+                        ready: is_ready,
+                        why,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// An admin/consumer client of the broker at `address` (`host:port`), connected once and
+    /// reused; a connection that fails is dropped so the next call reconnects.
+    pub async fn broker(&self, name: &str, address: &str) -> Result<weir_client::Client, Error> {
+        if let Some(c) = self.conns.lock().await.get(address) {
+            return Ok(c.clone());
+        }
+        let url = format!("http://{address}");
+        let client =
+            tokio::time::timeout(Duration::from_secs(5), weir_client::Client::connect(&url))
+                .await
+                .map_err(|_| {
+                    Error::Waiting(format!(
+                        "broker {name} at {address} did not answer within 5s"
+                    ))
+                })?
+                .map_err(|source| Error::Broker {
+                    broker: name.to_owned(),
+                    source,
+                })?;
+        self.conns
+            .lock()
+            .await
+            .insert(address.to_owned(), client.clone());
+        Ok(client)
+    }
+
+    /// Forgets the connection to `address` (after an error on it).
+    pub async fn forget(&self, address: &str) {
+        self.conns.lock().await.remove(address);
+    }
+
+    /// Publishes an Event about `obj` (best effort: a failure is logged, never fatal).
+    pub async fn event<K>(&self, obj: &K, warning: bool, reason: &str, action: &str, note: String)
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        let ev = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "publishing an event failed");
+        }
+    }
+
+    /// The action after a failed reconcile of `key`: requeue with exponential backoff,
+    /// 1 s doubling to 5 min (controller-runtime's default rate limiter shape).
+    pub fn backoff(&self, key: &str) -> Action {
+        let mut f = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = f.entry(key.to_owned()).or_insert(0);
+        *n = (*n + 1).min(20);
+        let secs = (1u64 << (*n - 1).min(9)).min(300);
+        Action::requeue(Duration::from_secs(secs))
+    }
+
+    /// Forgets the failures of `key` after a successful reconcile.
+    pub fn succeeded(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+    }
+}
+
+/// The key of an object for backoff bookkeeping.
+pub fn key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    ObjectRef::from_obj(obj).to_string()
+}
+
+/// Writes `status` to the status subresource of `obj` with server-side apply.
+pub async fn apply_status<K, S>(api: &Api<K>, obj: &K, status: &S) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    S: Serialize,
+{
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A `Ready` condition for `generation`; keeps `lastTransitionTime` of `previous` when the
+/// status did not change (Kubernetes API conventions: the time the condition last changed
+/// status).
+pub fn ready_condition(
+    previous: &[Condition],
+    ready: bool,
+    reason: &str,
+    message: String,
+    generation: i64,
+) -> Condition {
+    let status = if ready { "True" } else { "False" };
+    let since = previous
+        .iter()
+        .find(|c| c.type_ == "Ready" && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| Timestamp::now().to_string());
+    Condition {
+        type_: "Ready".into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        last_transition_time: since,
+        observed_generation: generation,
+    }
+}
+
+/// Seconds from `ms` to `now_ms` (both ms since the epoch); 0 when `ms` is later.
+pub fn age_seconds(ms: i64, now_ms: i64) -> u64 {
+    u64::try_from(now_ms.saturating_sub(ms) / 1000).unwrap_or(0)
+}

@@ -1,0 +1,346 @@
+//! The ConsumerGroup reconciler: the group created or updated on every broker that serves
+//! partitions of its Topic, a declared `resetTo` applied once, status filled with members,
+//! lag and pending acks per partition; on deletion the group goes from the brokers.
+
+use std::{sync::Arc, time::Instant};
+
+use kube::{
+    Api, ResourceExt,
+    runtime::{
+        controller::Action,
+        finalizer::{Event as Finalizer, finalizer},
+    },
+};
+use tonic::Code;
+
+use crate::{
+    context::{self, Context, Error, apply_status, ready_condition},
+    convert,
+    crd::{
+        AppliedReset, ConsumerGroup, ConsumerGroupStatus, GroupPartitionStatus, PartitionPlacement,
+        Topic,
+    },
+};
+
+/// Finalizer on every ConsumerGroup: the group is deleted from the brokers before it goes
+/// (a forgotten group would hold back `WorkQueue` deletion forever).
+pub const FINALIZER: &str = "weir.dev/group";
+
+/// Reconciles one ConsumerGroup (the controller's entry point).
+pub async fn reconcile(group: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let ns = group.namespace().unwrap_or_default();
+    let api: Api<ConsumerGroup> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, FINALIZER, group, |event| async {
+        match event {
+            Finalizer::Apply(g) => apply(&g, &ctx).await,
+            Finalizer::Cleanup(g) => cleanup(&g, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(Box::new(other)),
+    });
+    ctx.metrics.reconciled("ConsumerGroup", started.elapsed());
+    result
+}
+
+/// What the controller does after a failed reconcile: count, log, back off.
+#[allow(clippy::needless_pass_by_value)] // the signature kube's `Controller::run` takes
+pub fn error_policy(group: Arc<ConsumerGroup>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failed("ConsumerGroup", error.kind());
+    tracing::warn!(group = %group.name_any(), namespace = ?group.namespace(), error = %error, "reconcile failed; retrying");
+    ctx.backoff(&context::key(group.as_ref()))
+}
+
+/// The brokers serving the group's Topic, with their address and partitions, when every one
+/// of them has an address.
+fn brokers_of(placement: &[PartitionPlacement]) -> Vec<(String, String, Vec<u32>)> {
+    let mut out: Vec<(String, String, Vec<u32>)> = Vec::new();
+    for p in placement {
+        match out.iter_mut().find(|(b, _, _)| *b == p.broker) {
+            Some((_, _, parts)) => parts.push(p.partition),
+            None => out.push((p.broker.clone(), p.address.clone(), vec![p.partition])),
+        }
+    }
+    out
+}
+
+async fn write_not_ready(
+    api: &Api<ConsumerGroup>,
+    group: &ConsumerGroup,
+    previous: &ConsumerGroupStatus,
+    reason: &str,
+    message: String,
+) -> Result<(), Error> {
+    let generation = group.metadata.generation.unwrap_or(0);
+    let status = ConsumerGroupStatus {
+        conditions: vec![ready_condition(
+            &previous.conditions,
+            false,
+            reason,
+            message,
+            generation,
+        )],
+        observed_generation: generation,
+        ..previous.clone()
+    };
+    apply_status(api, group, &status).await
+}
+
+// One reconcile pass, read top to bottom: validate, place, sync brokers, write status.
+#[allow(clippy::too_many_lines)]
+async fn apply(group: &ConsumerGroup, ctx: &Context) -> Result<Action, Error> {
+    let ns = group.namespace().unwrap_or_default();
+    let name = group.name_any();
+    let api: Api<ConsumerGroup> = Api::namespaced(ctx.client.clone(), &ns);
+    let generation = group.metadata.generation.unwrap_or(0);
+    let previous = group.status.clone().unwrap_or_default();
+    let retry = std::time::Duration::from_secs(2);
+
+    let config = match convert::group_config(&name, &group.spec) {
+        Ok(c) => c,
+        Err(e) => {
+            write_not_ready(&api, group, &previous, "InvalidSpec", e.to_string()).await?;
+            ctx.event(group, true, "InvalidSpec", "Validate", e.to_string())
+                .await;
+            return Ok(Action::await_change());
+        }
+    };
+    let reset = match group
+        .spec
+        .reset_to
+        .as_deref()
+        .map(convert::reset_position)
+        .transpose()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            write_not_ready(&api, group, &previous, "InvalidSpec", e.to_string()).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let topics: Api<Topic> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(topic) = topics.get_opt(&group.spec.topic).await? else {
+        write_not_ready(
+            &api,
+            group,
+            &previous,
+            "TopicNotFound",
+            format!(
+                "topic {} does not exist in namespace {ns}",
+                group.spec.topic
+            ),
+        )
+        .await?;
+        return Ok(Action::requeue(retry));
+    };
+    let tstatus = topic.status.clone().unwrap_or_default();
+    let topic_ready = tstatus
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    let brokers = brokers_of(&tstatus.placement);
+    if !topic_ready || brokers.is_empty() || brokers.iter().any(|(_, a, _)| a.is_empty()) {
+        write_not_ready(
+            &api,
+            group,
+            &previous,
+            "TopicNotReady",
+            format!("topic {} is not Ready yet", group.spec.topic),
+        )
+        .await?;
+        return Ok(Action::requeue(retry));
+    }
+
+    let apply_reset = match (&group.spec.reset_to, &previous.last_reset) {
+        (Some(to), Some(last)) => *to != last.to,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    let mut status = ConsumerGroupStatus {
+        observed_generation: generation,
+        last_reset: previous.last_reset.clone(),
+        ..ConsumerGroupStatus::default()
+    };
+    let mut waiting = Vec::new();
+    for (broker, address, served) in &brokers {
+        let result = sync_broker(
+            ctx,
+            group,
+            &name,
+            broker,
+            address,
+            &config,
+            apply_reset.then_some(reset).flatten(),
+        )
+        .await;
+        match result {
+            Ok(desc) => {
+                status.members = status.members.max(desc.members.len() as u32);
+                status.pending += desc.pending;
+                status.dead_lettered += desc.dead_lettered;
+                for p in desc
+                    .partitions
+                    .iter()
+                    .filter(|p| served.contains(&p.partition))
+                {
+                    status.lag += p.lag;
+                    status.partitions.push(GroupPartitionStatus {
+                        partition: p.partition,
+                        broker: broker.clone(),
+                        committed_offset: p.committed_offset,
+                        next_offset: p.next_offset,
+                        lag: p.lag,
+                        pending: p.pending,
+                        owner: p.owner.clone(),
+                    });
+                }
+            }
+            Err(e) => {
+                ctx.forget(address).await;
+                waiting.push(format!("{broker} ({e})"));
+            }
+        }
+    }
+    status.partitions.sort_by_key(|p| p.partition);
+    if waiting.is_empty() && apply_reset {
+        if let Some(to) = &group.spec.reset_to {
+            status.last_reset = Some(AppliedReset {
+                to: to.clone(),
+                generation,
+            });
+            ctx.event(
+                group,
+                false,
+                "GroupReset",
+                "Reset",
+                format!("moved to {to} on every broker"),
+            )
+            .await;
+        }
+    }
+    let ready = waiting.is_empty();
+    let (reason, message) = if ready {
+        (
+            "GroupReady",
+            format!("on {} brokers; lag {}", brokers.len(), status.lag),
+        )
+    } else {
+        (
+            "BrokersNotReady",
+            format!("waiting for brokers: {}", waiting.join(", ")),
+        )
+    };
+    status.conditions = vec![ready_condition(
+        &previous.conditions,
+        ready,
+        reason,
+        message,
+        generation,
+    )];
+    if !ready {
+        // Keep the last known figures rather than report a partial sum.
+        status.members = previous.members;
+        status.lag = previous.lag;
+        status.pending = previous.pending;
+        status.dead_lettered = previous.dead_lettered;
+        status.partitions = previous.partitions.clone();
+    }
+    apply_status(&api, group, &status).await?;
+    ctx.succeeded(&context::key(group));
+    Ok(if ready {
+        Action::requeue(ctx.settings.status_interval)
+    } else {
+        Action::requeue(retry)
+    })
+}
+
+/// Creates or updates the group on one broker, applies a pending reset, and describes it.
+async fn sync_broker(
+    ctx: &Context,
+    group: &ConsumerGroup,
+    name: &str,
+    broker: &str,
+    address: &str,
+    config: &weir_client::pb::GroupConfig,
+    reset: Option<weir_client::pb::StartPosition>,
+) -> Result<weir_client::pb::GroupDescription, Error> {
+    let client = ctx.broker(broker, address).await?;
+    let err = |source| Error::Broker {
+        broker: broker.to_owned(),
+        source,
+    };
+    let mut desc = match client.describe_group(name).await {
+        Ok(d)
+            if d.config
+                .as_ref()
+                .is_some_and(|c| convert::group_matches(c, config)) =>
+        {
+            d
+        }
+        Ok(_) => client
+            .update_group(name, config.clone())
+            .await
+            .map_err(err)?,
+        Err(e) if e.code() == Some(Code::NotFound) => {
+            let d = client
+                .create_group(name, config.clone())
+                .await
+                .map_err(err)?;
+            ctx.event(
+                group,
+                false,
+                "GroupCreated",
+                "Create",
+                format!("created on {broker}"),
+            )
+            .await;
+            d
+        }
+        Err(e) => return Err(err(e)),
+    };
+    if let Some(to) = reset {
+        desc = client.reset_group(name, to).await.map_err(err)?;
+    }
+    Ok(desc)
+}
+
+/// Deletion: the group goes from every broker of its Topic; a Topic that is gone took its
+/// groups with it.
+async fn cleanup(group: &ConsumerGroup, ctx: &Context) -> Result<Action, Error> {
+    let ns = group.namespace().unwrap_or_default();
+    let name = group.name_any();
+    let topics: Api<Topic> = Api::namespaced(ctx.client.clone(), &ns);
+    let Some(topic) = topics.get_opt(&group.spec.topic).await? else {
+        return Ok(Action::await_change());
+    };
+    let placement = topic.status.map(|s| s.placement).unwrap_or_default();
+    let pods = ctx.broker_pods(&ns).await?;
+    for (broker, _, _) in brokers_of(&placement) {
+        let Some(address) = pods
+            .get(&broker)
+            .filter(|b| b.ready)
+            .and_then(|b| b.address.clone())
+        else {
+            if pods.contains_key(&broker) {
+                return Err(Error::Waiting(format!(
+                    "group {name}: broker {broker} is not Ready; the group is deleted once it is"
+                )));
+            }
+            continue;
+        };
+        let client = ctx.broker(&broker, &address).await?;
+        match client.delete_group(&name).await {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(Code::NotFound) => {}
+            Err(source) => {
+                ctx.forget(&address).await;
+                return Err(Error::Broker { broker, source });
+            }
+        }
+    }
+    Ok(Action::await_change())
+}
