@@ -24,7 +24,7 @@ enum Command {
     Crds,
     /// Reconcile Topic and ConsumerGroup resources (uses the in-cluster service account, or
     /// KUBECONFIG outside a cluster).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -127,7 +127,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crds => print!("{}", weir_operator::crds_yaml()?),
-        Command::Run(args) => run(args).await?,
+        Command::Run(args) => run(*args).await?,
     }
     Ok(())
 }
