@@ -11,11 +11,14 @@
 //!
 //! - [`k8s::ControlPlane`]: the real Kubernetes control plane of `tests/k8s/control-plane`.
 //! - [`kubelet::LoopbackKubelet`]: runs Pods of that control plane as local processes.
+//! - [`operator::Cluster`]: CRDs, a loopback kubelet and a `weir-operator` process for one
+//!   test namespace.
 //!
 //! A missing tool or binary fails the test with what to do; nothing is skipped.
 
 pub mod k8s;
 pub mod kubelet;
+pub mod operator;
 
 use std::{
     io::{BufRead, BufReader},

@@ -1,0 +1,327 @@
+//! The operator under test: CRDs installed on the test control plane, the loopback kubelet
+//! running broker Pods as local processes, and `weir-operator run` as a real process with
+//! its own metrics port, killable and restartable.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Read, Write},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+
+use crate::{
+    bin,
+    k8s::ControlPlane,
+    kubelet::{KubeletConfig, LoopbackKubelet},
+};
+
+/// Path of the checked-in CRDs.
+pub fn crds_path() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("crds")
+        .join("weir.dev.yaml")
+}
+
+/// Applies the CRDs (server-side, idempotent) and waits until they are established.
+pub fn install_crds(cp: &ControlPlane) -> anyhow::Result<()> {
+    cp.kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        &crds_path().to_string_lossy(),
+    ])?;
+    for crd in ["topics.weir.dev", "consumergroups.weir.dev"] {
+        cp.kubectl(&[
+            "wait",
+            "--for",
+            "condition=established",
+            &format!("crd/{crd}"),
+            "--timeout=30s",
+        ])?;
+    }
+    Ok(())
+}
+
+/// Image name the operator is told to use for brokers; the loopback kubelet maps it to the
+/// `weir-broker` binary.
+pub const BROKER_IMAGE: &str = "weir-broker:test";
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A running `weir-operator run` process; killed when dropped.
+#[derive(Debug)]
+pub struct Operator {
+    child: Option<Child>,
+    args: Vec<String>,
+    kubeconfig: PathBuf,
+    /// `host:port` of its metrics and health endpoints.
+    pub http: String,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Operator {
+    /// Starts the operator for namespace `ns` (its Lease there too), with short intervals
+    /// for tests and `extra` flags.
+    pub fn start(cp: &ControlPlane, ns: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let http = format!("127.0.0.1:{}", free_port()?);
+        let mut args: Vec<String> = [
+            "run",
+            "--namespace",
+            ns,
+            "--lease-namespace",
+            ns,
+            "--broker-image",
+            BROKER_IMAGE,
+            "--status-interval",
+            "1s",
+            "--lease-seconds",
+            "4",
+            "--http-listen",
+            &http,
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let mut op = Self {
+            child: None,
+            args,
+            kubeconfig: cp.kubeconfig.clone(),
+            http,
+            logs: Arc::new(Mutex::new(Vec::new())),
+        };
+        op.spawn()?;
+        Ok(op)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let mut child = Command::new(bin("weir-operator"))
+            .args(&self.args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("RUST_LOG", "info,weir_operator=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting weir-operator")?;
+        let stderr = child.stderr.take().context("operator stderr")?;
+        let logs = Arc::clone(&self.logs);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(mut l) = logs.lock() {
+                    l.push(line);
+                }
+            }
+        });
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL (no lease release, no cleanup), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the process again with the same flags.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        self.logs.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    /// GET `path` on its HTTP port; `None` when it does not answer.
+    pub fn get(&self, path: &str) -> Option<String> {
+        let mut s = std::net::TcpStream::connect(&self.http).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    }
+
+    /// Value of the metric line starting with `prefix` (e.g. `weir_operator_leader`).
+    pub fn metric(&self, prefix: &str) -> Option<f64> {
+        self.get("/metrics")?
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A namespace with CRDs, a loopback kubelet for its broker Pods and an operator.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The control plane.
+    pub cp: &'static ControlPlane,
+    /// The test's namespace.
+    pub ns: String,
+    /// Runs the broker Pods.
+    pub kubelet: LoopbackKubelet,
+    /// The operator process.
+    pub operator: Operator,
+    _root: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Sets up namespace `test-…` with broker Pod IPs from `127.0.0.<first_ip>` and an
+    /// operator started with `operator_args`.
+    pub async fn start(test: &str, first_ip: u8, operator_args: &[&str]) -> anyhow::Result<Self> {
+        let cp = ControlPlane::shared();
+        install_crds(cp)?;
+        let ns = cp.namespace(test)?;
+        let root = tempfile::tempdir()?;
+        let kubelet = LoopbackKubelet::start(
+            cp.client().await?,
+            KubeletConfig {
+                namespace: ns.clone(),
+                selector: "app.kubernetes.io/name=weir,app.kubernetes.io/component=broker".into(),
+                node: "loopback".into(),
+                images: HashMap::from([(BROKER_IMAGE.to_owned(), bin("weir-broker"))]),
+                root: root.path().to_path_buf(),
+                first_ip,
+                default_grpc_port: 7070,
+            },
+        )
+        .await?;
+        let operator = Operator::start(cp, &ns, operator_args)?;
+        Ok(Self {
+            cp,
+            ns,
+            kubelet,
+            operator,
+            _root: root,
+        })
+    }
+
+    /// `kubectl ARGS -n <ns>`.
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut a: Vec<&str> = args.to_vec();
+        a.extend(["-n", &self.ns]);
+        self.cp.kubectl(&a)
+    }
+
+    /// `kubectl apply -f -` of `yaml` in the namespace.
+    pub fn apply(&self, yaml: &str) -> anyhow::Result<String> {
+        self.cp.apply(&self.ns, yaml)
+    }
+
+    /// The object `kind/name` as JSON; `None` when it does not exist.
+    pub fn get(&self, kind: &str, name: &str) -> anyhow::Result<Option<serde_json::Value>> {
+        let out = self.cp.run(
+            "kubectl",
+            &["get", kind, name, "-n", &self.ns, "-o", "json"],
+            None,
+        )?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("NotFound") {
+                return Ok(None);
+            }
+            bail!("kubectl get {kind} {name}: {err}");
+        }
+        Ok(Some(serde_json::from_slice(&out.stdout)?))
+    }
+
+    /// Waits until `check` on `kind/name` (as JSON) holds; fails after `timeout` with the
+    /// last object and the operator's log tail.
+    pub async fn wait_for<F>(
+        &self,
+        kind: &str,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        mut check: F,
+    ) -> anyhow::Result<serde_json::Value>
+    where
+        F: FnMut(&serde_json::Value) -> bool,
+    {
+        let deadline = Instant::now() + timeout;
+        let mut last = None;
+        loop {
+            if let Some(obj) = self.get(kind, name)? {
+                if check(&obj) {
+                    return Ok(obj);
+                }
+                last = Some(obj);
+            }
+            if Instant::now() > deadline {
+                let log = self.operator.log_text();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                bail!(
+                    "{kind}/{name}: {what} not within {timeout:?}; last seen:\n{}\noperator log (last lines, newest first):\n{}",
+                    serde_json::to_string_pretty(&last).unwrap_or_default(),
+                    tail.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits until `kind/name` is gone.
+    pub async fn wait_gone(&self, kind: &str, name: &str, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.get(kind, name)?.is_some() {
+            if Instant::now() > deadline {
+                bail!(
+                    "{kind}/{name} still exists after {timeout:?}; operator log:\n{}",
+                    self.operator.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `obj` has condition `Ready` with `status` for its current generation.
+pub fn is_ready(obj: &serde_json::Value, status: &str) -> bool {
+    let generation = obj["metadata"]["generation"].as_i64().unwrap_or(-1);
+    obj["status"]["observedGeneration"].as_i64() == Some(generation)
+        && obj["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == status)
+        })
+}
+
+/// `status.placement` of a Topic as (partition, broker, address).
+pub fn placement(topic: &serde_json::Value) -> Vec<(u32, String, String)> {
+    topic["status"]["placement"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .map(|p| {
+                    (
+                        p["partition"].as_u64().unwrap_or(u64::MAX) as u32,
+                        p["broker"].as_str().unwrap_or_default().to_owned(),
+                        p["address"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
