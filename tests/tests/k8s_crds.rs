@@ -4,33 +4,7 @@
 
 use weir_tests::k8s::ControlPlane;
 
-fn crds_path() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("crds")
-        .join("weir.dev.yaml")
-}
-
-fn install(cp: &ControlPlane) -> anyhow::Result<()> {
-    let path = crds_path();
-    cp.kubectl(&[
-        "apply",
-        "--server-side",
-        "--force-conflicts",
-        "-f",
-        &path.to_string_lossy(),
-    ])?;
-    for crd in ["topics.weir.dev", "consumergroups.weir.dev"] {
-        cp.kubectl(&[
-            "wait",
-            "--for",
-            "condition=established",
-            &format!("crd/{crd}"),
-            "--timeout=30s",
-        ])?;
-    }
-    Ok(())
-}
+use weir_tests::operator::install_crds as install;
 
 fn topic(name: &str, spec: &str) -> String {
     format!(

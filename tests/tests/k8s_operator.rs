@@ -255,3 +255,303 @@ async fn a_topic_becomes_brokers_grows_updates_and_goes_per_deletion_policy() ->
     }
     Ok(())
 }
+
+const EXAMPLE_GROUP: &str = include_str!("../../examples/consumergroup.yaml");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_group_status_shows_what_a_real_consumer_did() -> anyhow::Result<()> {
+    let c = Cluster::start("op-group", 50, &["--max-brokers", "2"]).await?;
+    c.apply("apiVersion: weir.dev/v1alpha1\nkind: Topic\nmetadata: {name: orders}\nspec: {partitions: 2}\n")?;
+    // The example group (Shared on orders) is refused by nothing and waits for its Topic.
+    c.apply(EXAMPLE_GROUP)?;
+    let topic = c
+        .wait_for("topic", "orders", MINUTE, "Ready", |t| is_ready(t, "True"))
+        .await?;
+    c.wait_for("consumergroup", "inventory", MINUTE, "Ready", |g| {
+        is_ready(g, "True")
+    })
+    .await?;
+    let brokers = brokers_of(&topic).await?;
+    assert_eq!(brokers.len(), 2, "two partitions, two brokers");
+    for (client, parts) in brokers.values() {
+        let g = client.describe_group("inventory").await?;
+        let cfg = g.config.unwrap_or_default();
+        assert_eq!(
+            (cfg.ack_wait_ms, cfg.max_deliveries),
+            (30_000, 5),
+            "the spec reached the broker"
+        );
+        for p in parts {
+            client
+                .produce(
+                    "orders",
+                    Some(*p),
+                    (0..50)
+                        .map(|i| Record::value(format!("p{p}-{i}")))
+                        .collect(),
+                )
+                .await?;
+        }
+    }
+    c.wait_for("consumergroup", "inventory", MINUTE, "lag 100", |g| {
+        g["status"]["lag"] == 100
+    })
+    .await?;
+
+    // A consumer on each broker: everything of the first acked; 20 of the second acked and
+    // 10 more held unacked (window 10).
+    let mut consumers = Vec::new();
+    for (i, (client, _)) in brokers.values().enumerate() {
+        let mut sub = client.subscribe("inventory", None, 10).await?;
+        let n = if i == 0 { 50 } else { 20 };
+        for _ in 0..n {
+            let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+            sub.ack(&d).await?;
+        }
+        consumers.push(sub);
+    }
+    let g = c
+        .wait_for(
+            "consumergroup",
+            "inventory",
+            MINUTE,
+            "lag 30, 10 pending, 1 member",
+            |g| {
+                g["status"]["lag"] == 30
+                    && g["status"]["pending"] == 10
+                    && g["status"]["members"] == 1
+            },
+        )
+        .await?;
+    let parts = g["status"]["partitions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let lags: Vec<u64> = parts
+        .iter()
+        .map(|p| p["lag"].as_u64().unwrap_or(u64::MAX))
+        .collect();
+    let mut sorted = lags.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, vec![0, 30], "per partition: {parts:?}");
+    let row = columns(&c.kubectl(&["get", "consumergroups"])?, "inventory");
+    assert_eq!(
+        &row[1..],
+        &["orders", "Shared", "1", "30", "True"],
+        "{row:?}"
+    );
+
+    // Acking the rest brings lag to 0.
+    let last = consumers
+        .last_mut()
+        .ok_or_else(|| anyhow::anyhow!("no consumer"))?;
+    for _ in 0..30 {
+        let d = tokio::time::timeout(Duration::from_secs(10), last.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+        last.ack(&d).await?;
+    }
+    c.wait_for("consumergroup", "inventory", MINUTE, "lag 0", |g| {
+        g["status"]["lag"] == 0 && g["status"]["pending"] == 0
+    })
+    .await?;
+    for sub in consumers {
+        sub.close(Duration::from_secs(5)).await?;
+    }
+
+    // A declared reset is applied once: back to the earliest record, lag 100 again.
+    c.kubectl(&[
+        "patch",
+        "consumergroup",
+        "inventory",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"resetTo":"Earliest"}}"#,
+    ])?;
+    let g = c
+        .wait_for("consumergroup", "inventory", MINUTE, "reset applied", |g| {
+            g["status"]["lastReset"]["to"] == "Earliest" && g["status"]["lag"] == 100
+        })
+        .await?;
+    let reset_generation = g["status"]["lastReset"]["generation"].clone();
+    // Acks after the reset are not undone by later reconciles of the same spec.
+    let (client, _) = brokers
+        .values()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no broker"))?;
+    let mut sub = client.subscribe("inventory", None, 10).await?;
+    for _ in 0..50 {
+        let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+        sub.ack(&d).await?;
+    }
+    sub.close(Duration::from_secs(5)).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let g = c
+        .wait_for("consumergroup", "inventory", MINUTE, "lag 50", |g| {
+            g["status"]["lag"] == 50
+        })
+        .await?;
+    assert_eq!(
+        g["status"]["lastReset"]["generation"], reset_generation,
+        "applied once"
+    );
+
+    // Deleting the ConsumerGroup deletes the group from the brokers.
+    c.kubectl(&[
+        "delete",
+        "consumergroup",
+        "inventory",
+        "--wait=true",
+        "--timeout=60s",
+    ])?;
+    for (broker, (client, _)) in &brokers {
+        let e = client
+            .describe_group("inventory")
+            .await
+            .expect_err("deleted");
+        assert_eq!(e.code(), Some(Code::NotFound), "{broker}: {e}");
+    }
+    Ok(())
+}
+
+/// Waits until exactly one of `ops` reports `weir_operator_leader 1`; returns its index.
+async fn leader(ops: &[&weir_tests::operator::Operator]) -> anyhow::Result<usize> {
+    let deadline = Instant::now() + MINUTE;
+    loop {
+        let leading: Vec<usize> = ops
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.metric("weir_operator_leader ") == Some(1.0))
+            .map(|(i, _)| i)
+            .collect();
+        if leading.len() == 1 {
+            return Ok(leading[0]);
+        }
+        assert!(leading.len() < 2, "two replicas lead at once");
+        anyhow::ensure!(Instant::now() < deadline, "no replica leads after a minute");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_operator_is_replaced_and_converges_without_duplicates() -> anyhow::Result<()> {
+    let args = ["--max-brokers", "2"];
+    let mut c = Cluster::start("op-restart", 60, &args).await?;
+    let mut second = weir_tests::operator::Operator::start(c.cp, &c.ns, &args)?;
+    let first_leads = leader(&[&c.operator, &second]).await? == 0;
+
+    // Kill the leader right after the apply, in the middle of its first reconcile.
+    c.apply("apiVersion: weir.dev/v1alpha1\nkind: Topic\nmetadata: {name: events}\nspec: {partitions: 2}\n")?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    if first_leads {
+        c.operator.kill();
+    } else {
+        second.kill();
+    }
+    // The other replica takes the Lease when it expires (4 s here) and finishes the work.
+    let topic = c
+        .wait_for(
+            "topic",
+            "events",
+            MINUTE,
+            "Ready after the leader died",
+            |t| is_ready(t, "True"),
+        )
+        .await?;
+    let before = placement(&topic);
+    for (client, parts) in brokers_of(&topic).await?.values() {
+        for p in parts {
+            client
+                .produce(
+                    "events",
+                    Some(*p),
+                    (0..10).map(|i| Record::value(format!("e{i}"))).collect(),
+                )
+                .await?;
+        }
+    }
+    c.wait_for("topic", "events", MINUTE, "20 messages", |t| {
+        t["status"]["messages"] == 20
+    })
+    .await?;
+
+    let mut created_at = BTreeMap::new();
+    for (broker, (client, _)) in &brokers_of(&topic).await? {
+        created_at.insert(
+            broker.clone(),
+            client.describe_topic("events").await?.created_at_ms,
+        );
+    }
+
+    // Bring the killed replica back (as a follower), then kill the new leader too.
+    if first_leads {
+        c.operator.restart()?;
+    } else {
+        second.restart()?;
+    }
+    let now_leading = leader(&[&c.operator, &second]).await?;
+    if now_leading == 0 {
+        c.operator.kill();
+    } else {
+        second.kill();
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let topic = c
+        .wait_for(
+            "topic",
+            "events",
+            MINUTE,
+            "Ready under the third leader",
+            |t| is_ready(t, "True") && t["status"]["messages"] == 20,
+        )
+        .await?;
+    assert_eq!(
+        placement(&topic),
+        before,
+        "placement survives leader changes"
+    );
+
+    // One of each object, the topic created once on each broker, status intact.
+    let label = "app.kubernetes.io/name=weir,app.kubernetes.io/component=broker";
+    for (kind, n) in [
+        ("statefulsets", 1),
+        ("services", 2),
+        ("poddisruptionbudgets", 1),
+    ] {
+        let names = c.kubectl(&["get", kind, "-l", label, "-o", "name"])?;
+        assert_eq!(names.lines().count(), n, "{kind}: {names}");
+    }
+    let events = c.kubectl(&[
+        "get",
+        "events",
+        "--field-selector",
+        "reason=TopicCreated",
+        "-o",
+        "jsonpath={range .items[*]}{.note}{.message}{\"\\n\"}{end}",
+    ])?;
+    let created: Vec<&str> = events.lines().filter(|l| !l.is_empty()).collect();
+    // The first leader may have died between creating and reporting: at most one per broker.
+    assert!(
+        (1..=2).contains(&created.len()),
+        "created at most once per broker: {created:?}"
+    );
+    for (broker, (client, _)) in &brokers_of(&topic).await? {
+        let d = client.describe_topic("events").await?;
+        assert_eq!(d.messages, 10, "{broker}");
+        assert_eq!(
+            created_at.get(broker),
+            Some(&d.created_at_ms),
+            "{broker}: the topic was never created again"
+        );
+    }
+    assert!(
+        c.operator.get("/readyz").is_some_and(|r| r.contains("200"))
+            || second.get("/readyz").is_some_and(|r| r.contains("200"))
+    );
+    drop(second);
+    Ok(())
+}
