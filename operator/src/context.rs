@@ -302,3 +302,27 @@ pub fn ready_condition(
 pub fn age_seconds(ms: i64, now_ms: i64) -> u64 {
     u64::try_from(now_ms.saturating_sub(ms) / 1000).unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_keeps_its_transition_time_until_the_status_changes() {
+        let first = ready_condition(&[], false, "BrokersNotReady", "waiting".into(), 1);
+        assert_eq!(first.status, "False");
+        let mut old = first.clone();
+        old.last_transition_time = "2026-01-01T00:00:00Z".into();
+        let same = ready_condition(&[old.clone()], false, "BrokersNotReady", "still".into(), 2);
+        assert_eq!(same.last_transition_time, "2026-01-01T00:00:00Z");
+        assert_eq!(same.observed_generation, 2);
+        let flipped = ready_condition(&[old], true, "TopicReady", "ok".into(), 2);
+        assert_ne!(flipped.last_transition_time, "2026-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn ages_are_whole_seconds_and_never_negative() {
+        assert_eq!(age_seconds(1_000, 62_500), 61);
+        assert_eq!(age_seconds(5_000, 1_000), 0);
+    }
+}

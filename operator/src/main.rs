@@ -3,6 +3,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
+use k8s_openapi::api::core::v1::ResourceRequirements;
 use weir_operator::{
     builders::BrokerSettings,
     context::Settings,
@@ -53,6 +54,10 @@ struct RunArgs {
     /// Storage class of the brokers' volumes; the cluster default when unset.
     #[arg(long, env = "WEIR_STORAGE_CLASS")]
     storage_class: Option<String>,
+    /// Container resources of each broker, as JSON (a Kubernetes `ResourceRequirements`), e.g.
+    /// `{"requests":{"cpu":"500m","memory":"512Mi"},"limits":{"memory":"1Gi"}}`.
+    #[arg(long, env = "WEIR_BROKER_RESOURCES", value_parser = parse_resources)]
+    broker_resources: Option<ResourceRequirements>,
     /// How often Ready resources are polled for live figures (messages, lag), e.g. `10s`.
     #[arg(long, env = "WEIR_STATUS_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     status_interval: Duration,
@@ -80,6 +85,14 @@ struct RunArgs {
     log_format: LogFormat,
 }
 
+fn parse_resources(s: &str) -> Result<ResourceRequirements, String> {
+    serde_json::from_str(s).map_err(|e| {
+        format!(
+            "not a ResourceRequirements in JSON ({e}); expected e.g. {{\"requests\":{{\"cpu\":\"500m\",\"memory\":\"512Mi\"}}}}"
+        )
+    })
+}
+
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -101,7 +114,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             replicas: 0,
             storage_size: args.storage_size,
             storage_class: args.storage_class,
-            resources: None,
+            resources: args.broker_resources,
         },
         min_brokers: args.min_brokers,
         max_brokers: args.max_brokers.max(args.min_brokers),

@@ -70,7 +70,14 @@ async fn a_topic_becomes_brokers_grows_updates_and_goes_per_deletion_policy() ->
     let c = Cluster::start(
         "op-topic",
         40,
-        &["--min-brokers", "1", "--max-brokers", "3"],
+        &[
+            "--min-brokers",
+            "1",
+            "--max-brokers",
+            "3",
+            "--broker-resources",
+            r#"{"requests":{"cpu":"100m","memory":"256Mi"}}"#,
+        ],
     )
     .await?;
 
@@ -103,6 +110,11 @@ async fn a_topic_becomes_brokers_grows_updates_and_goes_per_deletion_policy() ->
     assert_eq!(
         sts["spec"]["replicas"], 3,
         "4 partitions, at most 3 brokers"
+    );
+    assert_eq!(
+        sts["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["memory"],
+        "256Mi",
+        "the operator's broker settings reach the Pod template"
     );
     let place = placement(&topic);
     assert_eq!(place.len(), 4);
@@ -156,6 +168,14 @@ async fn a_topic_becomes_brokers_grows_updates_and_goes_per_deletion_policy() ->
         t["status"]["messages"] == 100
     })
     .await?;
+    let t = c.get("topic", "orders")?.unwrap_or_default();
+    assert!(
+        t["status"]["oldestMessageAgeSeconds"]
+            .as_u64()
+            .is_some_and(|s| s < 60),
+        "age of the oldest record: {}",
+        t["status"]
+    );
     let row = columns(&c.kubectl(&["get", "topics"])?, "orders");
     assert_eq!(&row[1..4], &["4", "True", "100"], "{row:?}");
 
