@@ -122,6 +122,11 @@ fn invalid_topics_and_groups_are_refused_at_apply_with_a_clear_message() -> anyh
             group("aw", "{topic: grows, ackWait: 30 seconds}"),
             "spec.ackWait: Invalid value",
         ),
+        (
+            "reset to neither an end nor a time",
+            group("rt", "{topic: grows, resetTo: yesterday}"),
+            "spec.resetTo: Invalid value",
+        ),
     ];
     assert!(cases.len() >= 10);
     let mut failures = Vec::new();
