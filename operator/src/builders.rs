@@ -11,10 +11,11 @@ use k8s_openapi::{
     api::{
         apps::v1::{StatefulSet, StatefulSetSpec},
         core::v1::{
-            Container, ContainerPort, EnvVar, EnvVarSource, GRPCAction, ObjectFieldSelector,
-            PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe,
-            ResourceRequirements, Service, ServicePort, ServiceSpec, VolumeMount,
-            VolumeResourceRequirements,
+            Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, GRPCAction,
+            ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+            PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+            SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Toleration,
+            VolumeMount, VolumeResourceRequirements,
         },
         policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
     },
@@ -38,11 +39,14 @@ pub const HTTP_PORT: i32 = 7071;
 /// Mount path of a broker's data volume.
 pub const DATA_DIR: &str = "/var/lib/weir";
 
-/// Settings for the brokers of a namespace (from the operator's flags, set by the chart).
-#[derive(Debug, Clone, PartialEq)]
+/// Settings for the brokers of a namespace (from the operator's flags and its broker config
+/// file, which the chart renders from its values).
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct BrokerSettings {
     /// Container image of the broker.
     pub image: String,
+    /// Image pull policy; the cluster default when `None`.
+    pub image_pull_policy: Option<String>,
     /// Broker Pods.
     pub replicas: i32,
     /// Size of each broker's volume, e.g. `10Gi`.
@@ -51,6 +55,130 @@ pub struct BrokerSettings {
     pub storage_class: Option<String>,
     /// Container resources.
     pub resources: Option<ResourceRequirements>,
+    /// Pod security context; [`default_pod_security`] when `None`.
+    pub pod_security_context: Option<PodSecurityContext>,
+    /// Container security context; [`default_container_security`] when `None`.
+    pub security_context: Option<SecurityContext>,
+    /// Tolerations of the broker Pods.
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Affinity of the broker Pods.
+    pub affinity: Option<Affinity>,
+    /// Node selector of the broker Pods.
+    pub node_selector: Option<BTreeMap<String, String>>,
+}
+
+/// The broker config file (`--broker-config`, YAML, camelCase): every field optional; a field
+/// that is set replaces what the flags gave. Unknown fields are refused, so a typo is an
+/// error at start-up rather than a setting silently ignored.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BrokerConfigFile {
+    /// Container image.
+    pub image: Option<String>,
+    /// Image pull policy (`Always`, `IfNotPresent`, `Never`).
+    pub image_pull_policy: Option<String>,
+    /// Fewest brokers in a namespace with Topics.
+    pub min_brokers: Option<i32>,
+    /// Most brokers a namespace is sized to.
+    pub max_brokers: Option<i32>,
+    /// Volume of each broker.
+    pub storage: Option<StorageConfig>,
+    /// Container resources.
+    pub resources: Option<ResourceRequirements>,
+    /// Pod security context.
+    pub pod_security_context: Option<PodSecurityContext>,
+    /// Container security context.
+    pub security_context: Option<SecurityContext>,
+    /// Tolerations.
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Affinity.
+    pub affinity: Option<Affinity>,
+    /// Node selector.
+    pub node_selector: Option<BTreeMap<String, String>>,
+}
+
+/// Volume settings in the broker config file.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Size, a Kubernetes quantity such as `10Gi`.
+    pub size: Option<String>,
+    /// Storage class; empty or absent for the cluster default.
+    pub class_name: Option<String>,
+}
+
+impl BrokerConfigFile {
+    /// Lays the file's settings over `s` (and the broker bounds `min`, `max`).
+    pub fn apply(self, s: &mut BrokerSettings, min: &mut i32, max: &mut i32) {
+        fn set<T>(dst: &mut Option<T>, src: Option<T>) {
+            if src.is_some() {
+                *dst = src;
+            }
+        }
+        if let Some(image) = self.image.filter(|i| !i.is_empty()) {
+            s.image = image;
+        }
+        set(
+            &mut s.image_pull_policy,
+            self.image_pull_policy.filter(|p| !p.is_empty()),
+        );
+        if let Some(n) = self.min_brokers {
+            *min = n;
+        }
+        if let Some(n) = self.max_brokers {
+            *max = n;
+        }
+        if let Some(st) = self.storage {
+            if let Some(size) = st.size.filter(|v| !v.is_empty()) {
+                s.storage_size = size;
+            }
+            if let Some(class) = st.class_name {
+                s.storage_class = Some(class).filter(|c| !c.is_empty());
+            }
+        }
+        set(&mut s.resources, self.resources);
+        set(&mut s.pod_security_context, self.pod_security_context);
+        set(&mut s.security_context, self.security_context);
+        set(&mut s.tolerations, self.tolerations);
+        set(&mut s.affinity, self.affinity);
+        set(&mut s.node_selector, self.node_selector);
+    }
+}
+
+/// UID and GID the broker runs as by default (distroless's `nonroot`).
+pub const NONROOT: i64 = 65532;
+
+/// The broker Pod's security context unless configured: non-root (UID/GID 65532, the
+/// volume group-owned by it) with the runtime's default seccomp profile (Pod Security
+/// Standards, "restricted").
+pub fn default_pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(NONROOT),
+        run_as_group: Some(NONROOT),
+        fs_group: Some(NONROOT),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..SeccompProfile::default()
+        }),
+        ..PodSecurityContext::default()
+    }
+}
+
+/// The broker container's security context unless configured: no privilege escalation, a
+/// read-only root filesystem (the broker writes only to its volume), every capability
+/// dropped.
+pub fn default_container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Capabilities::default()
+        }),
+        ..SecurityContext::default()
+    }
 }
 
 /// Labels of every broker object.
@@ -88,12 +216,10 @@ fn meta(name: &str, namespace: &str) -> ObjectMeta {
     }
 }
 
-/// The broker StatefulSet: one broker per Pod, each with its own volume (volume claim
-/// template `data`), stable names through the headless Service, gRPC readiness and liveness
-/// probes on the health service, and `OrderedReady` so a broker starts after the previous one
-/// is Ready.
-pub fn statefulset(namespace: &str, s: &BrokerSettings) -> StatefulSet {
-    let container = Container {
+/// The broker container: args, POD_NAME, ports, gRPC probes, the data volume, resources and
+/// security context.
+fn broker_container(s: &BrokerSettings) -> Container {
+    Container {
         name: "broker".into(),
         image: Some(s.image.clone()),
         args: Some(vec![
@@ -137,8 +263,22 @@ pub fn statefulset(namespace: &str, s: &BrokerSettings) -> StatefulSet {
             ..VolumeMount::default()
         }]),
         resources: s.resources.clone(),
+        image_pull_policy: s.image_pull_policy.clone(),
+        security_context: Some(
+            s.security_context
+                .clone()
+                .unwrap_or_else(default_container_security),
+        ),
         ..Container::default()
-    };
+    }
+}
+
+/// The broker StatefulSet: one broker per Pod, each with its own volume (volume claim
+/// template `data`), stable names through the headless Service, gRPC readiness and liveness
+/// probes on the health service, and `OrderedReady` so a broker starts after the previous one
+/// is Ready.
+pub fn statefulset(namespace: &str, s: &BrokerSettings) -> StatefulSet {
+    let container = broker_container(s);
     StatefulSet {
         metadata: meta(BROKERS, namespace),
         spec: StatefulSetSpec {
@@ -156,6 +296,16 @@ pub fn statefulset(namespace: &str, s: &BrokerSettings) -> StatefulSet {
                 spec: Some(PodSpec {
                     containers: vec![container],
                     termination_grace_period_seconds: Some(30),
+                    security_context: Some(
+                        s.pod_security_context
+                            .clone()
+                            .unwrap_or_else(default_pod_security),
+                    ),
+                    tolerations: s.tolerations.clone(),
+                    affinity: s.affinity.clone(),
+                    node_selector: s.node_selector.clone(),
+                    // Brokers do not call the Kubernetes API.
+                    automount_service_account_token: Some(false),
                     ..PodSpec::default()
                 }),
             },
@@ -409,13 +559,13 @@ mod tests {
                 replicas: 3,
                 storage_size: "10Gi".into(),
                 storage_class: Some("fast".into()),
-                resources: None,
+                ..BrokerSettings::default()
             },
         );
         let spec = s.spec;
         assert_eq!(spec.replicas, Some(3));
         assert_eq!(spec.service_name.as_deref(), Some(BROKERS));
-        let c = &spec.template.spec.expect("pod spec").containers[0];
+        let c = &spec.template.spec.clone().expect("pod spec").containers[0];
         let args = c.args.clone().unwrap_or_default();
         assert!(args.windows(2).any(|w| w == ["--data-dir", DATA_DIR]));
         assert!(args.windows(2).any(|w| w == ["--listen", "0.0.0.0:7070"]));
@@ -425,6 +575,19 @@ mod tests {
                 .and_then(|p| p.grpc.as_ref())
                 .map(|g| g.port),
             Some(GRPC_PORT)
+        );
+        let sc = c.security_context.clone().expect("container security");
+        assert_eq!(
+            (sc.read_only_root_filesystem, sc.allow_privilege_escalation),
+            (Some(true), Some(false)),
+            "secure by default"
+        );
+        let pod = spec.template.spec.clone().expect("pod spec");
+        let psc = pod.security_context.expect("pod security");
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(
+            psc.seccomp_profile.map(|p| p.type_).as_deref(),
+            Some("RuntimeDefault")
         );
         let claim = &spec.volume_claim_templates.expect("claims")[0];
         let claim_spec = claim.spec.as_ref().expect("claim spec");
@@ -446,6 +609,33 @@ mod tests {
                 .and_then(|l| l.get(k))
                 == Some(v)
         }));
+    }
+
+    #[test]
+    fn the_broker_config_file_overrides_the_flags() {
+        let file: BrokerConfigFile = serde_yaml::from_str(
+            "image: weir:2\nminBrokers: 2\nstorage: {size: 50Gi, className: ''}\n\
+             resources: {requests: {memory: 1Gi}}\ntolerations: [{key: dedicated, operator: Exists}]\n",
+        )
+        .expect("parses");
+        let mut s = BrokerSettings {
+            image: "weir:1".into(),
+            storage_size: "10Gi".into(),
+            storage_class: Some("fast".into()),
+            ..BrokerSettings::default()
+        };
+        let (mut min, mut max) = (1, 3);
+        file.apply(&mut s, &mut min, &mut max);
+        assert_eq!((s.image.as_str(), min, max), ("weir:2", 2, 3));
+        assert_eq!((s.storage_size.as_str(), s.storage_class), ("50Gi", None));
+        assert!(s.resources.is_some() && s.tolerations.is_some());
+        let typo = serde_yaml::from_str::<BrokerConfigFile>("minBroker: 2\n");
+        assert!(
+            typo.expect_err("unknown field")
+                .to_string()
+                .contains("minBroker"),
+            "a typo is refused"
+        );
     }
 
     #[test]

@@ -2,10 +2,11 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use weir_operator::{
-    builders::BrokerSettings,
+    builders::{BrokerConfigFile, BrokerSettings},
     context::Settings,
     metrics::{self, Metrics},
     run::{self, RunOptions},
@@ -58,6 +59,11 @@ struct RunArgs {
     /// `{"requests":{"cpu":"500m","memory":"512Mi"},"limits":{"memory":"1Gi"}}`.
     #[arg(long, env = "WEIR_BROKER_RESOURCES", value_parser = parse_resources)]
     broker_resources: Option<ResourceRequirements>,
+    /// YAML file of broker settings (image, minBrokers, maxBrokers, storage, resources,
+    /// podSecurityContext, securityContext, tolerations, affinity, nodeSelector); a field
+    /// set there replaces the flag. The Helm chart mounts it from a ConfigMap.
+    #[arg(long, env = "WEIR_BROKER_CONFIG")]
+    broker_config: Option<std::path::PathBuf>,
     /// How often Ready resources are polled for live figures (messages, lag), e.g. `10s`.
     #[arg(long, env = "WEIR_STATUS_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     status_interval: Duration,
@@ -108,18 +114,38 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
     let metrics = Arc::new(Metrics::new());
     let http = tokio::spawn(metrics::serve(args.http_listen, Arc::clone(&metrics)));
-    let settings = Settings {
+    let mut settings = Settings {
         brokers: BrokerSettings {
             image: args.broker_image,
             replicas: 0,
             storage_size: args.storage_size,
             storage_class: args.storage_class,
             resources: args.broker_resources,
+            ..BrokerSettings::default()
         },
         min_brokers: args.min_brokers,
         max_brokers: args.max_brokers.max(args.min_brokers),
         status_interval: args.status_interval,
     };
+    if let Some(path) = &args.broker_config {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the broker config {}", path.display()))?;
+        let file: BrokerConfigFile = serde_yaml::from_str(&text)
+            .with_context(|| format!("the broker config {} is not valid", path.display()))?;
+        file.apply(
+            &mut settings.brokers,
+            &mut settings.min_brokers,
+            &mut settings.max_brokers,
+        );
+        anyhow::ensure!(
+            (1..=100).contains(&settings.min_brokers)
+                && settings.min_brokers <= settings.max_brokers,
+            "the broker config {}: minBrokers must be 1..=100 and at most maxBrokers, got {} and {}",
+            path.display(),
+            settings.min_brokers,
+            settings.max_brokers
+        );
+    }
     let instance = args
         .instance
         .or_else(|| std::env::var("HOSTNAME").ok())

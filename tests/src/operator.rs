@@ -68,6 +68,7 @@ pub struct Operator {
     /// `host:port` of its metrics and health endpoints.
     pub http: String,
     logs: Arc<Mutex<Vec<String>>>,
+    env: Vec<(String, String)>,
 }
 
 impl Operator {
@@ -100,6 +101,28 @@ impl Operator {
             kubeconfig: cp.kubeconfig.clone(),
             http,
             logs: Arc::new(Mutex::new(Vec::new())),
+            env: Vec::new(),
+        };
+        op.spawn()?;
+        Ok(op)
+    }
+
+    /// Starts `weir-operator` with exactly `args` and `env`, talking to the API server with
+    /// `kubeconfig` (e.g. one holding a ServiceAccount token); its HTTP endpoint must be
+    /// `http` (`host:port`, as in its `--http-listen`).
+    pub fn start_with(
+        kubeconfig: PathBuf,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        http: String,
+    ) -> anyhow::Result<Self> {
+        let mut op = Self {
+            child: None,
+            args,
+            kubeconfig,
+            http,
+            logs: Arc::new(Mutex::new(Vec::new())),
+            env,
         };
         op.spawn()?;
         Ok(op)
@@ -108,6 +131,7 @@ impl Operator {
     fn spawn(&mut self) -> anyhow::Result<()> {
         let mut child = Command::new(bin("weir-operator"))
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", "info,weir_operator=debug")
             .stdin(Stdio::null())
@@ -139,6 +163,13 @@ impl Operator {
     /// Starts the process again with the same flags.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
+        self.spawn()
+    }
+
+    /// Starts the process again with `args` (as a Deployment rolls to a new Pod template).
+    pub fn restart_with(&mut self, args: Vec<String>) -> anyhow::Result<()> {
+        self.kill();
+        self.args = args;
         self.spawn()
     }
 

@@ -252,14 +252,19 @@ async fn a_topic_becomes_brokers_grows_updates_and_goes_per_deletion_policy() ->
     let kept = audit_client.describe_topic("audit").await?;
     assert_eq!(kept.messages, 1, "Retain keeps the records");
 
-    // 5b. Delete: the data goes from every broker before the finalizer is released, and
-    // with no Topic left the brokers are scaled to zero.
+    // 5b. Delete: the data goes from every broker before the finalizer is released. A
+    // second three-partition Topic keeps all three brokers up meanwhile.
+    c.apply("apiVersion: weir.dev/v1alpha1\nkind: Topic\nmetadata: {name: keeper}\nspec: {partitions: 3}\n")?;
+    c.wait_for("topic", "keeper", MINUTE, "Ready", |t| is_ready(t, "True"))
+        .await?;
     let clients = brokers_of(&topic).await?;
     c.kubectl(&["delete", "topic", "orders", "--wait=true", "--timeout=60s"])?;
     for (broker, (client, _)) in &clients {
         let e = client.describe_topic("orders").await.expect_err("deleted");
         assert_eq!(e.code(), Some(Code::NotFound), "{broker}: {e}");
     }
+    // With no Topic left the brokers are scaled to zero.
+    c.kubectl(&["delete", "topic", "keeper", "--wait=true", "--timeout=60s"])?;
     c.wait_for("statefulset", "weir-broker", MINUTE, "replicas 0", |s| {
         s["spec"]["replicas"] == 0
     })
