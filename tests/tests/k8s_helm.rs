@@ -196,6 +196,9 @@ fn token_kubeconfig(cp: &ControlPlane, token: &str, dir: &Path) -> anyhow::Resul
     Ok(path)
 }
 
+/// Arguments, environment and HTTP address of an operator process.
+type OperatorCommand = (Vec<String>, Vec<(String, String)>, String);
+
 /// The operator's command line from the installed Deployment, with its config file, HTTP
 /// port and environment mapped to this machine.
 fn operator_from_deployment(
@@ -203,7 +206,7 @@ fn operator_from_deployment(
     ns: &str,
     release: &str,
     dir: &Path,
-) -> anyhow::Result<(Vec<String>, Vec<(String, String)>, String)> {
+) -> anyhow::Result<OperatorCommand> {
     let deploy: serde_json::Value = serde_json::from_str(&cp.kubectl(&[
         "get",
         "deployment",
