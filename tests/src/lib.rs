@@ -11,11 +11,13 @@
 //!
 //! - [`k8s::ControlPlane`]: the real Kubernetes control plane of `tests/k8s/control-plane`.
 //! - [`kubelet::LoopbackKubelet`]: runs Pods of that control plane as local processes.
+//! - [`helm`]: the chart installed, and the operator run with its ServiceAccount's token.
 //! - [`operator::Cluster`]: CRDs, a loopback kubelet and a `weir-operator` process for one
 //!   test namespace.
 //!
 //! A missing tool or binary fails the test with what to do; nothing is skipped.
 
+pub mod helm;
 pub mod k8s;
 pub mod kubelet;
 pub mod operator;

@@ -216,12 +216,30 @@ pub struct Cluster {
     /// The operator process.
     pub operator: Operator,
     _root: tempfile::TempDir,
+    _keep: Option<tempfile::TempDir>,
 }
 
 impl Cluster {
     /// Sets up namespace `test-…` with broker Pod IPs from `127.0.0.<first_ip>` and an
     /// operator started with `operator_args`.
     pub async fn start(test: &str, first_ip: u8, operator_args: &[&str]) -> anyhow::Result<Self> {
+        let args: Vec<String> = operator_args.iter().map(|a| (*a).to_owned()).collect();
+        Self::start_with(test, first_ip, move |cp, ns| {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            Ok((Operator::start(cp, ns, &args)?, None))
+        })
+        .await
+    }
+
+    /// Like [`Cluster::start`], with the operator (and a directory it needs kept) from
+    /// `operator`, given the control plane and the namespace (e.g. [`crate::helm::install`]).
+    pub async fn start_with<F>(test: &str, first_ip: u8, operator: F) -> anyhow::Result<Self>
+    where
+        F: FnOnce(
+            &'static ControlPlane,
+            &str,
+        ) -> anyhow::Result<(Operator, Option<tempfile::TempDir>)>,
+    {
         let cp = ControlPlane::shared();
         install_crds(cp)?;
         let ns = cp.namespace(test)?;
@@ -239,13 +257,14 @@ impl Cluster {
             },
         )
         .await?;
-        let operator = Operator::start(cp, &ns, operator_args)?;
+        let (operator, keep) = operator(cp, &ns)?;
         Ok(Self {
             cp,
             ns,
             kubelet,
             operator,
             _root: root,
+            _keep: keep,
         })
     }
 
@@ -311,6 +330,23 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Notes of the Events with `reason` in the namespace (one per line).
+    pub fn events(&self, reason: &str) -> anyhow::Result<Vec<String>> {
+        let out = self.kubectl(&[
+            "get",
+            "events.events.k8s.io",
+            "--field-selector",
+            &format!("reason={reason}"),
+            "-o",
+            "jsonpath={range .items[*]}{.note}{\"\\n\"}{end}",
+        ])?;
+        Ok(out
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect())
     }
 
     /// Waits until `kind/name` is gone.

@@ -7,43 +7,17 @@
 
 use std::{
     collections::HashMap,
-    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use anyhow::Context;
 use weir_tests::{
     bin,
+    helm::{chart, helm, ok, operator_from_deployment, repo, token_kubeconfig},
     k8s::ControlPlane,
     kubelet::{KubeletConfig, LoopbackKubelet},
-    operator::{BROKER_IMAGE, Operator, free_port, install_crds, is_ready},
+    operator::{BROKER_IMAGE, Operator, install_crds, is_ready},
 };
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn chart() -> String {
-    repo()
-        .join("helm")
-        .join("weir")
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn helm(cp: &ControlPlane, args: &[&str]) -> anyhow::Result<std::process::Output> {
-    cp.run("helm", args, None)
-}
-
-fn ok(out: std::process::Output, what: &str) -> anyhow::Result<String> {
-    anyhow::ensure!(
-        out.status.success(),
-        "{what} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8(out.stdout)?)
-}
 
 #[test]
 fn the_chart_lints_renders_and_matches_the_crds_and_the_version() -> anyhow::Result<()> {
@@ -153,102 +127,6 @@ fn wrong_values_fail_at_install_with_the_schemas_message() -> anyhow::Result<()>
     let releases = ok(helm(cp, &["list", "-n", &ns, "-q"])?, "helm list")?;
     assert!(releases.trim().is_empty(), "nothing installed: {releases}");
     Ok(())
-}
-
-/// A kubeconfig for the control plane that authenticates with `token`.
-fn token_kubeconfig(cp: &ControlPlane, token: &str, dir: &Path) -> anyhow::Result<PathBuf> {
-    let server = cp.kubectl(&[
-        "config",
-        "view",
-        "--raw",
-        "--minify",
-        "-o",
-        "jsonpath={.clusters[0].cluster.server}",
-    ])?;
-    let ca = cp.kubectl(&[
-        "config",
-        "view",
-        "--raw",
-        "--minify",
-        "-o",
-        "jsonpath={.clusters[0].cluster.certificate-authority-data}",
-    ])?;
-    let ca_line = if ca.is_empty() {
-        let path = cp.kubectl(&[
-            "config",
-            "view",
-            "--raw",
-            "--minify",
-            "-o",
-            "jsonpath={.clusters[0].cluster.certificate-authority}",
-        ])?;
-        format!("certificate-authority: {path}")
-    } else {
-        format!("certificate-authority-data: {ca}")
-    };
-    let path = dir.join("operator.kubeconfig");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    {ca_line}\nusers:\n- name: operator\n  user:\n    token: {token}\ncontexts:\n- name: c\n  context: {{cluster: c, user: operator}}\ncurrent-context: c\n"
-        ),
-    )?;
-    Ok(path)
-}
-
-/// Arguments, environment and HTTP address of an operator process.
-type OperatorCommand = (Vec<String>, Vec<(String, String)>, String);
-
-/// The operator's command line from the installed Deployment, with its config file, HTTP
-/// port and environment mapped to this machine.
-fn operator_from_deployment(
-    cp: &ControlPlane,
-    ns: &str,
-    release: &str,
-    dir: &Path,
-) -> anyhow::Result<OperatorCommand> {
-    let deploy: serde_json::Value = serde_json::from_str(&cp.kubectl(&[
-        "get",
-        "deployment",
-        &format!("{release}-operator"),
-        "-n",
-        ns,
-        "-o",
-        "json",
-    ])?)?;
-    let container = &deploy["spec"]["template"]["spec"]["containers"][0];
-    let config = cp.kubectl(&[
-        "get",
-        "configmap",
-        &format!("{release}-brokers"),
-        "-n",
-        ns,
-        "-o",
-        "jsonpath={.data.brokers\\.yaml}",
-    ])?;
-    let config_path = dir.join("brokers.yaml");
-    std::fs::write(&config_path, config)?;
-    let http = format!("127.0.0.1:{}", free_port()?);
-    let args: Vec<String> = container["args"]
-        .as_array()
-        .context("args")?
-        .iter()
-        .map(|a| {
-            let a = a.as_str().unwrap_or_default();
-            if a == "/etc/weir/brokers.yaml" {
-                config_path.to_string_lossy().into_owned()
-            } else if a.starts_with("0.0.0.0:") {
-                http.clone()
-            } else {
-                a.to_owned()
-            }
-        })
-        .collect();
-    let env = vec![
-        ("POD_NAMESPACE".to_owned(), ns.to_owned()),
-        ("POD_NAME".to_owned(), format!("{release}-operator-local")),
-    ];
-    Ok((args, env, http))
 }
 
 async fn eventually<F: FnMut() -> anyhow::Result<bool>>(

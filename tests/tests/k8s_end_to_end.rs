@@ -1,0 +1,480 @@
+//! End to end, as a user does it: `helm install` of the chart, the operator running with the
+//! chart's RBAC (a token of its ServiceAccount), `kubectl apply` of the examples, broker Pods
+//! run as real broker processes by the loopback kubelet, real Loghub lines produced and
+//! consumed through the brokers the Topic's status names, the seed scenarios (publish/
+//! subscribe, work sharing, a bounded queue), a broker killed with SIGKILL, more partitions,
+//! and teardown.
+
+// One scenario, step by step, as a user would go through it.
+#![allow(clippy::too_many_lines, clippy::many_single_char_names)]
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tonic::Code;
+use weir_client::{Client, GroupConsumer, Record, RecordExt};
+use weir_tests::{
+    helm,
+    k8s::ControlPlane,
+    lines, loghub,
+    operator::{Cluster, is_ready, placement},
+};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// Per broker: a client and the partitions it serves, from the Topic's status.
+async fn brokers(
+    topic: &serde_json::Value,
+) -> anyhow::Result<BTreeMap<String, (Client, Vec<u32>)>> {
+    let mut out: BTreeMap<String, (Client, Vec<u32>)> = BTreeMap::new();
+    for (p, broker, address) in placement(topic) {
+        if !out.contains_key(&broker) {
+            out.insert(
+                broker.clone(),
+                (
+                    Client::connect(&format!("http://{address}")).await?,
+                    Vec::new(),
+                ),
+            );
+        }
+        if let Some((_, parts)) = out.get_mut(&broker) {
+            parts.push(p);
+        }
+    }
+    Ok(out)
+}
+
+/// Partition → client of its broker.
+fn routes(b: &BTreeMap<String, (Client, Vec<u32>)>) -> BTreeMap<u32, Client> {
+    b.values()
+        .flat_map(|(c, parts)| parts.iter().map(move |p| (*p, c.clone())))
+        .collect()
+}
+
+/// Receives and acks deliveries on every subscription at once until `n` arrived in total
+/// (each subscription stops after `idle` without one); returns the subscriptions and what
+/// each received.
+async fn drain(
+    subs: Vec<GroupConsumer>,
+    n: usize,
+    idle: Duration,
+) -> anyhow::Result<(Vec<GroupConsumer>, Vec<Vec<Vec<u8>>>)> {
+    let total = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = subs
+        .into_iter()
+        .map(|mut s| {
+            let total = Arc::clone(&total);
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut heard = Instant::now();
+                while total.load(Ordering::SeqCst) < n && heard.elapsed() < idle {
+                    match tokio::time::timeout(Duration::from_millis(100), s.next()).await {
+                        Ok(Some(d)) => {
+                            let d = d?;
+                            s.ack(&d).await?;
+                            got.push(d.record.map(|r| r.value.to_vec()).unwrap_or_default());
+                            total.fetch_add(1, Ordering::SeqCst);
+                            heard = Instant::now();
+                        }
+                        Ok(None) => anyhow::bail!("subscription ended"),
+                        Err(_) => {}
+                    }
+                }
+                anyhow::Ok((s, got))
+            })
+        })
+        .collect();
+    let mut subs = Vec::new();
+    let mut got = Vec::new();
+    for t in tasks {
+        let (s, g) = t.await??;
+        subs.push(s);
+        got.push(g);
+    }
+    let received = total.load(Ordering::SeqCst);
+    anyhow::ensure!(received == n, "received {received} of {n}");
+    Ok((subs, got))
+}
+
+async fn subscribe_all(
+    b: &BTreeMap<String, (Client, Vec<u32>)>,
+    group: &str,
+    per_broker: usize,
+    window: u32,
+) -> anyhow::Result<Vec<GroupConsumer>> {
+    let mut subs = Vec::new();
+    for (client, _) in b.values() {
+        for _ in 0..per_broker {
+            subs.push(client.subscribe(group, None, window).await?);
+        }
+    }
+    Ok(subs)
+}
+
+async fn close(subs: Vec<GroupConsumer>) -> anyhow::Result<()> {
+    for s in subs {
+        s.close(Duration::from_secs(5)).await?;
+    }
+    Ok(())
+}
+
+fn group(name: &str, topic: &str, kind: &str) -> String {
+    format!(
+        "apiVersion: weir.dev/v1alpha1\nkind: ConsumerGroup\nmetadata: {{name: {name}}}\nspec: {{topic: {topic}, type: {kind}}}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_helm_install_through_traffic_to_teardown() -> anyhow::Result<()> {
+    let started = Instant::now();
+    // 1. helm install; the operator runs with the chart's ServiceAccount and RBAC.
+    let system = ControlPlane::shared().namespace("e2e-system")?;
+    let c = Cluster::start_with("e2e-apps", 100, |cp, apps| {
+        helm::install(cp, &system, apps, "weir", &[])
+    })
+    .await?;
+
+    println!(
+        "chart installed, operator started after {:?}",
+        started.elapsed()
+    );
+    // 2. The examples: Topic and ConsumerGroup Ready, brokers running.
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    c.kubectl(&[
+        "apply",
+        "-f",
+        &examples.join("topic.yaml").to_string_lossy(),
+        "-f",
+        &examples.join("consumergroup.yaml").to_string_lossy(),
+    ])?;
+    let topic = c
+        .wait_for("topic", "orders", MINUTE, "Ready", |t| is_ready(t, "True"))
+        .await?;
+    c.wait_for("consumergroup", "inventory", MINUTE, "Ready", |g| {
+        is_ready(g, "True")
+    })
+    .await?;
+    println!("examples Ready after {:?}", started.elapsed());
+
+    // 3. Every line of four Loghub files, round robin over the partitions, each sent to the
+    // broker status names; the declared group reads them all back, byte for byte.
+    let b = brokers(&topic).await?;
+    let route = routes(&b);
+    let partitions = route.len() as u32;
+    let mut sent: Vec<Vec<u8>> = Vec::new();
+    for file in [
+        "Apache_2k.log",
+        "HDFS_2k.log",
+        "Linux_2k.log",
+        "Zookeeper_2k.log",
+    ] {
+        let data = loghub(file);
+        let all: Vec<&[u8]> = lines(&data);
+        for (n, chunk) in all.chunks(100).enumerate() {
+            let p = (n as u32) % partitions;
+            let records = chunk.iter().map(|l| Record::value(l.to_vec())).collect();
+            route[&p].produce("orders", Some(p), records).await?;
+            sent.extend(chunk.iter().map(|l| l.to_vec()));
+        }
+    }
+    let subs = subscribe_all(&b, "inventory", 1, 500).await?;
+    let (subs, got) = drain(subs, sent.len(), Duration::from_secs(20)).await?;
+    let mut received: Vec<Vec<u8>> = got.into_iter().flatten().collect();
+    received.sort();
+    let mut expected = sent.clone();
+    expected.sort();
+    assert!(
+        received == expected,
+        "the group read back exactly the {} lines sent",
+        sent.len()
+    );
+    close(subs).await?;
+    c.wait_for("consumergroup", "inventory", MINUTE, "lag 0", |g| {
+        g["status"]["lag"] == 0 && is_ready(g, "True")
+    })
+    .await?;
+    let row: Vec<String> = c
+        .kubectl(&["get", "consumergroups"])?
+        .lines()
+        .find(|l| l.starts_with("inventory"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        row.get(4).map(String::as_str),
+        Some("0"),
+        "kubectl get consumergroups shows lag 0: {row:?}"
+    );
+    println!(
+        "{} Loghub lines produced and consumed after {:?}",
+        sent.len(),
+        started.elapsed()
+    );
+
+    // 4a. Publish/subscribe: two groups each get every message.
+    c.apply("apiVersion: weir.dev/v1alpha1\nkind: Topic\nmetadata: {name: signups}\nspec: {partitions: 2}\n")?;
+    c.apply(&group("mailer", "signups", "Ordered"))?;
+    c.apply(&group("sms", "signups", "Ordered"))?;
+    c.apply(&group("workers", "signups", "Shared"))?;
+    let signups = c
+        .wait_for("topic", "signups", MINUTE, "Ready", |t| is_ready(t, "True"))
+        .await?;
+    for g in ["mailer", "sms", "workers"] {
+        c.wait_for("consumergroup", g, MINUTE, "Ready", |x| is_ready(x, "True"))
+            .await?;
+    }
+    let sb = brokers(&signups).await?;
+    let sroute = routes(&sb);
+    for (p, client) in &sroute {
+        client
+            .produce(
+                "signups",
+                Some(*p),
+                (0..100)
+                    .map(|i| Record::value(format!("user-{p}-{i}")))
+                    .collect(),
+            )
+            .await?;
+    }
+    for g in ["mailer", "sms"] {
+        let subs = subscribe_all(&sb, g, 1, 500).await?;
+        let (subs, got) = drain(subs, 200, Duration::from_secs(20)).await?;
+        let got: BTreeSet<Vec<u8>> = got.into_iter().flatten().collect();
+        assert_eq!(got.len(), 200, "group {g} got every message");
+        close(subs).await?;
+    }
+    // 4b. A Shared group splits the work: two members per broker, each message once.
+    // A small window, as a worker takes a few jobs at a time.
+    let subs = subscribe_all(&sb, "workers", 2, 5).await?;
+    let (subs, got) = drain(subs, 200, Duration::from_secs(20)).await?;
+    assert!(
+        got.iter().all(|m| !m.is_empty()),
+        "every member got work: {:?}",
+        got.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    let all: Vec<Vec<u8>> = got.into_iter().flatten().collect();
+    let distinct: BTreeSet<&Vec<u8>> = all.iter().collect();
+    assert_eq!(
+        (all.len(), distinct.len()),
+        (200, 200),
+        "each message to one member"
+    );
+    close(subs).await?;
+
+    // 4c. A bounded queue refuses past its bound and takes messages again once drained.
+    c.apply("apiVersion: weir.dev/v1alpha1\nkind: Topic\nmetadata: {name: flash-sale}\nspec: {partitions: 1, overflow: Reject, retention: {maxMessages: 100, policy: WorkQueue}}\n")?;
+    c.apply(&group("fulfil", "flash-sale", "Shared"))?;
+    let flash = c
+        .wait_for("topic", "flash-sale", MINUTE, "Ready", |t| {
+            is_ready(t, "True")
+        })
+        .await?;
+    c.wait_for("consumergroup", "fulfil", MINUTE, "Ready", |x| {
+        is_ready(x, "True")
+    })
+    .await?;
+    let fb = brokers(&flash).await?;
+    let (fclient, _) = fb
+        .values()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no broker"))?;
+    fclient
+        .produce(
+            "flash-sale",
+            None,
+            (0..100)
+                .map(|i| Record::value(format!("order-{i}")))
+                .collect(),
+        )
+        .await?;
+    let e = fclient
+        .produce("flash-sale", None, vec![Record::value("one too many")])
+        .await
+        .expect_err("full");
+    assert_eq!(e.code(), Some(Code::ResourceExhausted), "{e}");
+    let subs = subscribe_all(&fb, "fulfil", 1, 10).await?;
+    let (subs, _) = drain(subs, 50, Duration::from_secs(20)).await?;
+    let deadline = Instant::now() + MINUTE;
+    loop {
+        match fclient
+            .produce("flash-sale", None, vec![Record::value("after the drain")])
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if e.code() == Some(Code::ResourceExhausted) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    close(subs).await?;
+
+    // 5. SIGKILL a broker: the kubelet restarts it, the Topic goes not-Ready (and says
+    // which broker it waits for) and back to Ready, and no acknowledged message is lost.
+    let (victim, (vclient, vparts)) = b
+        .iter()
+        .next()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .ok_or_else(|| anyhow::anyhow!("no broker"))?;
+    let p = vparts[0];
+    let acked: Vec<String> = (0..500).map(|i| format!("acked-{i}")).collect();
+    let acks = vclient
+        .produce(
+            "orders",
+            Some(p),
+            acked.iter().map(|v| Record::value(v.clone())).collect(),
+        )
+        .await?;
+    let first = acks[0].base_offset;
+    let pid = c
+        .kubelet
+        .pid(&victim)
+        .await
+        .ok_or_else(|| anyhow::anyhow!("no process for {victim}"))?;
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()?;
+    let killed = Instant::now();
+    let mut saw_not_ready = None;
+    loop {
+        let t = c.get("topic", "orders")?.unwrap_or_default();
+        let cond = t["status"]["conditions"][0].clone();
+        if cond["status"] == "False" && saw_not_ready.is_none() {
+            saw_not_ready = Some(cond["message"].as_str().unwrap_or_default().to_owned());
+        }
+        let restarted = c.kubelet.pid(&victim).await.is_some_and(|n| n != pid);
+        if restarted
+            && is_ready(&t, "True")
+            && (saw_not_ready.is_some() || !c.events("BrokersNotReady")?.is_empty())
+        {
+            break;
+        }
+        anyhow::ensure!(
+            killed.elapsed() < MINUTE,
+            "orders did not go not-Ready and back after {victim} was killed: {}",
+            t["status"]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "{victim} killed; orders Ready again after {:?}",
+        killed.elapsed()
+    );
+    let why =
+        saw_not_ready.unwrap_or_else(|| c.events("BrokersNotReady").unwrap_or_default().join("; "));
+    assert!(
+        why.contains(&victim),
+        "status says which broker it waits for: {why}"
+    );
+    let topic = c.get("topic", "orders")?.unwrap_or_default();
+    let b = brokers(&topic).await?;
+    let (vclient, _) = &b[&victim];
+    let mut values = Vec::new();
+    let mut offset = first;
+    while values.len() < acked.len() {
+        let f = vclient.fetch("orders", p, offset, 1 << 20, 1000).await?;
+        anyhow::ensure!(
+            !f.records.is_empty(),
+            "records missing after offset {offset}"
+        );
+        for r in f.records {
+            offset = r.offset + 1;
+            values.push(String::from_utf8_lossy(&r.record.unwrap_or_default().value).into_owned());
+        }
+    }
+    assert_eq!(
+        &values[..acked.len()],
+        &acked[..],
+        "every acknowledged message survived the SIGKILL"
+    );
+
+    // 6. More partitions: they appear on the brokers and are used.
+    c.kubectl(&[
+        "patch",
+        "topic",
+        "orders",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"partitions":6}}"#,
+    ])?;
+    let topic = c
+        .wait_for("topic", "orders", MINUTE, "6 partitions Ready", |t| {
+            is_ready(t, "True") && placement(t).len() == 6
+        })
+        .await?;
+    let b = brokers(&topic).await?;
+    let route = routes(&b);
+    for (broker, (client, parts)) in &b {
+        let cfg = client
+            .describe_topic("orders")
+            .await?
+            .config
+            .unwrap_or_default();
+        assert_eq!(
+            (cfg.partitions, &cfg.served_partitions),
+            (6, parts),
+            "{broker}"
+        );
+    }
+    route[&5]
+        .produce("orders", Some(5), vec![Record::value("on a new partition")])
+        .await?;
+    c.wait_for(
+        "consumergroup",
+        "inventory",
+        MINUTE,
+        "the new partition's lag",
+        |g| {
+            g["status"]["partitions"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().any(|x| x["partition"] == 5 && x["lag"] == 1))
+        },
+    )
+    .await?;
+    let subs = subscribe_all(&b, "inventory", 1, 500).await?;
+    let (subs, got) = drain(subs, 501, Duration::from_secs(20)).await?;
+    let got: Vec<Vec<u8>> = got.into_iter().flatten().collect();
+    assert!(
+        got.iter().any(|v| v == b"on a new partition"),
+        "the group reads the new partition"
+    );
+    close(subs).await?;
+
+    // 7. Delete: the data goes from the brokers and the finalizer is released (a second
+    // three-partition Topic keeps the brokers up to look); with no Topic left the
+    // StatefulSet is scaled to zero.
+    c.apply("apiVersion: weir.dev/v1alpha1\nkind: Topic\nmetadata: {name: keeper}\nspec: {partitions: 3}\n")?;
+    c.wait_for("topic", "keeper", MINUTE, "Ready", |t| is_ready(t, "True"))
+        .await?;
+    c.kubectl(&["delete", "topic", "orders", "--wait=true", "--timeout=60s"])?;
+    for (broker, (client, _)) in &b {
+        let e = client.describe_topic("orders").await.expect_err("deleted");
+        assert_eq!(e.code(), Some(Code::NotFound), "{broker}: {e}");
+    }
+    c.kubectl(&["delete", "topics", "--all", "--wait=true", "--timeout=60s"])?;
+    c.wait_for("statefulset", "weir-broker", MINUTE, "replicas 0", |s| {
+        s["spec"]["replicas"] == 0
+    })
+    .await?;
+    let deadline = Instant::now() + MINUTE;
+    while !c.kubelet.running().await.is_empty() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "broker processes still run: {:?}",
+            c.kubelet.running().await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "end to end, helm install to teardown: {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
