@@ -392,3 +392,22 @@ pub fn placement(topic: &serde_json::Value) -> Vec<(u32, String, String)> {
         })
         .unwrap_or_default()
 }
+
+/// Per broker of a Topic (by Pod name): a client connected to the address its
+/// `status.placement` names, and the partitions it serves.
+pub async fn broker_clients(
+    topic: &serde_json::Value,
+) -> anyhow::Result<std::collections::BTreeMap<String, (weir_client::Client, Vec<u32>)>> {
+    let mut out: std::collections::BTreeMap<String, (weir_client::Client, Vec<u32>)> =
+        std::collections::BTreeMap::new();
+    for (p, broker, address) in placement(topic) {
+        if !out.contains_key(&broker) {
+            let client = weir_client::Client::connect(&format!("http://{address}")).await?;
+            out.insert(broker.clone(), (client, Vec::new()));
+        }
+        if let Some((_, parts)) = out.get_mut(&broker) {
+            parts.push(p);
+        }
+    }
+    Ok(out)
+}

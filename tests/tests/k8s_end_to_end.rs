@@ -23,32 +23,10 @@ use weir_tests::{
     helm,
     k8s::ControlPlane,
     lines, loghub,
-    operator::{Cluster, is_ready, placement},
+    operator::{Cluster, broker_clients, is_ready, placement},
 };
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-/// Per broker: a client and the partitions it serves, from the Topic's status.
-async fn brokers(
-    topic: &serde_json::Value,
-) -> anyhow::Result<BTreeMap<String, (Client, Vec<u32>)>> {
-    let mut out: BTreeMap<String, (Client, Vec<u32>)> = BTreeMap::new();
-    for (p, broker, address) in placement(topic) {
-        if !out.contains_key(&broker) {
-            out.insert(
-                broker.clone(),
-                (
-                    Client::connect(&format!("http://{address}")).await?,
-                    Vec::new(),
-                ),
-            );
-        }
-        if let Some((_, parts)) = out.get_mut(&broker) {
-            parts.push(p);
-        }
-    }
-    Ok(out)
-}
 
 /// Partition → client of its broker.
 fn routes(b: &BTreeMap<String, (Client, Vec<u32>)>) -> BTreeMap<u32, Client> {
@@ -164,7 +142,7 @@ async fn from_helm_install_through_traffic_to_teardown() -> anyhow::Result<()> {
 
     // 3. Every line of four Loghub files, round robin over the partitions, each sent to the
     // broker status names; the declared group reads them all back, byte for byte.
-    let b = brokers(&topic).await?;
+    let b = broker_clients(&topic).await?;
     let route = routes(&b);
     let partitions = route.len() as u32;
     let mut sent: Vec<Vec<u8>> = Vec::new();
@@ -230,7 +208,7 @@ async fn from_helm_install_through_traffic_to_teardown() -> anyhow::Result<()> {
         c.wait_for("consumergroup", g, MINUTE, "Ready", |x| is_ready(x, "True"))
             .await?;
     }
-    let sb = brokers(&signups).await?;
+    let sb = broker_clients(&signups).await?;
     let sroute = routes(&sb);
     for (p, client) in &sroute {
         client
@@ -280,7 +258,7 @@ async fn from_helm_install_through_traffic_to_teardown() -> anyhow::Result<()> {
         is_ready(x, "True")
     })
     .await?;
-    let fb = brokers(&flash).await?;
+    let fb = broker_clients(&flash).await?;
     let (fclient, _) = fb
         .values()
         .next()
@@ -374,7 +352,7 @@ async fn from_helm_install_through_traffic_to_teardown() -> anyhow::Result<()> {
         "status says which broker it waits for: {why}"
     );
     let topic = c.get("topic", "orders")?.unwrap_or_default();
-    let b = brokers(&topic).await?;
+    let b = broker_clients(&topic).await?;
     let (vclient, _) = &b[&victim];
     let mut values = Vec::new();
     let mut offset = first;
@@ -409,7 +387,7 @@ async fn from_helm_install_through_traffic_to_teardown() -> anyhow::Result<()> {
             is_ready(t, "True") && placement(t).len() == 6
         })
         .await?;
-    let b = brokers(&topic).await?;
+    let b = broker_clients(&topic).await?;
     let route = routes(&b);
     for (broker, (client, parts)) in &b {
         let cfg = client

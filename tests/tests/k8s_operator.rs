@@ -13,32 +13,10 @@ use std::{
 
 use tonic::Code;
 use weir_client::{Client, Record, RecordExt};
-use weir_tests::operator::{Cluster, is_ready, placement};
+use weir_tests::operator::{Cluster, broker_clients, is_ready, placement};
 
 const EXAMPLE_TOPIC: &str = include_str!("../../examples/topic.yaml");
 const MINUTE: Duration = Duration::from_secs(60);
-
-/// Clients of each broker serving the Topic, by broker name.
-async fn brokers_of(
-    topic: &serde_json::Value,
-) -> anyhow::Result<BTreeMap<String, (Client, Vec<u32>)>> {
-    let mut out: BTreeMap<String, (Client, Vec<u32>)> = BTreeMap::new();
-    for (p, broker, address) in placement(topic) {
-        if !out.contains_key(&broker) {
-            out.insert(
-                broker.clone(),
-                (
-                    Client::connect(&format!("http://{address}")).await?,
-                    Vec::new(),
-                ),
-            );
-        }
-        if let Some((_, parts)) = out.get_mut(&broker) {
-            parts.push(p);
-        }
-    }
-    Ok(out)
-}
 
 fn owners(obj: &serde_json::Value) -> Vec<String> {
     obj["metadata"]["ownerReferences"]
@@ -132,7 +110,7 @@ async fn a_topic_becomes_brokers_grows_updates_and_goes_per_deletion_policy() ->
         "spread over the three brokers: {place:?}"
     );
     assert!(per_broker.values().all(|n| (1..=2).contains(n)));
-    let brokers = brokers_of(&topic).await?;
+    let brokers = broker_clients(&topic).await?;
     for (broker, (client, parts)) in &brokers {
         let d = client.describe_topic("orders").await?;
         let cfg = d.config.clone().unwrap_or_default();
@@ -195,7 +173,7 @@ async fn a_topic_becomes_brokers_grows_updates_and_goes_per_deletion_policy() ->
         .await?;
     let grown = placement(&topic);
     assert_eq!(&grown[..4], &place[..], "placed partitions never move");
-    for (broker, (client, parts)) in &brokers_of(&topic).await? {
+    for (broker, (client, parts)) in &broker_clients(&topic).await? {
         let cfg = client
             .describe_topic("orders")
             .await?
@@ -232,7 +210,7 @@ async fn a_topic_becomes_brokers_grows_updates_and_goes_per_deletion_policy() ->
     let audit = c
         .wait_for("topic", "audit", MINUTE, "Ready", |t| is_ready(t, "True"))
         .await?;
-    let (audit_client, _) = brokers_of(&audit)
+    let (audit_client, _) = broker_clients(&audit)
         .await?
         .into_values()
         .next()
@@ -257,7 +235,7 @@ async fn a_topic_becomes_brokers_grows_updates_and_goes_per_deletion_policy() ->
     c.apply("apiVersion: weir.dev/v1alpha1\nkind: Topic\nmetadata: {name: keeper}\nspec: {partitions: 3}\n")?;
     c.wait_for("topic", "keeper", MINUTE, "Ready", |t| is_ready(t, "True"))
         .await?;
-    let clients = brokers_of(&topic).await?;
+    let clients = broker_clients(&topic).await?;
     c.kubectl(&["delete", "topic", "orders", "--wait=true", "--timeout=60s"])?;
     for (broker, (client, _)) in &clients {
         let e = client.describe_topic("orders").await.expect_err("deleted");
@@ -296,7 +274,7 @@ async fn consumer_group_status_shows_what_a_real_consumer_did() -> anyhow::Resul
         is_ready(g, "True")
     })
     .await?;
-    let brokers = brokers_of(&topic).await?;
+    let brokers = broker_clients(&topic).await?;
     assert_eq!(brokers.len(), 2, "two partitions, two brokers");
     for (client, parts) in brokers.values() {
         let g = client.describe_group("inventory").await?;
@@ -488,7 +466,7 @@ async fn a_killed_operator_is_replaced_and_converges_without_duplicates() -> any
         )
         .await?;
     let before = placement(&topic);
-    for (client, parts) in brokers_of(&topic).await?.values() {
+    for (client, parts) in broker_clients(&topic).await?.values() {
         for p in parts {
             client
                 .produce(
@@ -505,7 +483,7 @@ async fn a_killed_operator_is_replaced_and_converges_without_duplicates() -> any
     .await?;
 
     let mut created_at = BTreeMap::new();
-    for (broker, (client, _)) in &brokers_of(&topic).await? {
+    for (broker, (client, _)) in &broker_clients(&topic).await? {
         created_at.insert(
             broker.clone(),
             client.describe_topic("events").await?.created_at_ms,
@@ -564,7 +542,7 @@ async fn a_killed_operator_is_replaced_and_converges_without_duplicates() -> any
         (1..=2).contains(&created.len()),
         "created at most once per broker: {created:?}"
     );
-    for (broker, (client, _)) in &brokers_of(&topic).await? {
+    for (broker, (client, _)) in &broker_clients(&topic).await? {
         let d = client.describe_topic("events").await?;
         assert_eq!(d.messages, 10, "{broker}");
         assert_eq!(
