@@ -35,6 +35,7 @@ pub struct Metrics {
     stored_messages: Gauge,
     stored_bytes: Gauge,
     disk_bytes: Gauge,
+    resident_bytes: Gauge,
     topics: Gauge,
     group_skipped: Counter,
 }
@@ -66,6 +67,7 @@ impl Metrics {
             stored_messages: Gauge::default(),
             stored_bytes: Gauge::default(),
             disk_bytes: Gauge::default(),
+            resident_bytes: Gauge::default(),
             topics: Gauge::default(),
             group_skipped: Counter::default(),
             registry: Registry::default(),
@@ -135,6 +137,11 @@ impl Metrics {
             "Bytes the data directory's database uses on disk",
             m.disk_bytes.clone(),
         );
+        registry.register(
+            "resident_memory_bytes",
+            "Resident set size of the broker process, bytes (Linux VmRSS; 0 elsewhere)",
+            m.resident_bytes.clone(),
+        );
         registry.register("topics", "Topics on this broker", m.topics.clone());
         registry.register(
             "group_skipped_messages",
@@ -197,6 +204,7 @@ impl Metrics {
         gauge(&self.stored_bytes, bytes);
         gauge(&self.disk_bytes, log.disk_space());
         gauge(&self.topics, topics.len() as u64);
+        gauge(&self.resident_bytes, resident_bytes().unwrap_or(0));
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
         out
@@ -251,4 +259,12 @@ async fn ready_handler(State(s): State<HttpState>) -> impl IntoResponse {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
     }
+}
+
+/// Resident set size of this process in bytes, from `VmRSS` in `/proc/self/status` (Linux).
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
