@@ -83,6 +83,8 @@ pub struct ConsumeBench {
     /// Use (and keep) this group instead of a fresh one that is deleted afterwards.
     #[arg(long)]
     group: Option<String>,
+    #[command(flatten)]
+    common: BenchCommon,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -105,6 +107,8 @@ pub struct EndToEndBench {
     /// Group type of the consuming group.
     #[arg(long, value_enum, default_value_t = Kind::Shared)]
     r#type: Kind,
+    #[command(flatten)]
+    common: BenchCommon,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -133,13 +137,174 @@ pub struct ProduceBench {
     /// Send without a producer id and sequence (no deduplication of retries).
     #[arg(long)]
     no_idempotence: bool,
+    /// Durability of the topic when it is created: `fsync` (acked after fsync) or
+    /// `buffered` (acked once written to the OS).
+    #[arg(long, value_enum, default_value_t = Durability::Fsync)]
+    durability: Durability,
+    #[command(flatten)]
+    common: BenchCommon,
 }
 
-pub async fn run(client: &Client, cmd: BenchCommand, output: Output) -> anyhow::Result<()> {
-    match cmd {
-        BenchCommand::Produce(b) => produce(client, b, output).await,
-        BenchCommand::Consume(b) => consume(client, b, output).await,
-        BenchCommand::EndToEnd(b) => end_to_end(client, b, output).await,
+/// Durability of a benchmark topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Durability {
+    /// Acked after fsync (group commit).
+    Fsync,
+    /// Acked once written to the OS.
+    Buffered,
+}
+
+pub async fn run(
+    client: &Client,
+    broker: &str,
+    cmd: BenchCommand,
+    output: Output,
+) -> anyhow::Result<()> {
+    let common = match &cmd {
+        BenchCommand::Produce(b) => &b.common,
+        BenchCommand::Consume(b) => &b.common,
+        BenchCommand::EndToEnd(b) => &b.common,
+    };
+    let rss = RssSampler::start(common.metrics_addr(broker));
+    let mut report = match cmd {
+        BenchCommand::Produce(b) => produce(client, b, output).await?,
+        BenchCommand::Consume(b) => consume(client, b, output).await?,
+        BenchCommand::EndToEnd(b) => end_to_end(client, b, output).await?,
+    };
+    report.broker_rss_mib = rss.finish().await.map(|b| b as f64 / (1024.0 * 1024.0));
+    report.print(output);
+    Ok(())
+}
+
+/// Settings every benchmark takes.
+#[derive(Debug, Args, Clone)]
+pub struct BenchCommon {
+    /// The broker's HTTP address (`host:port`), where its peak resident memory is sampled
+    /// from `/metrics` every 250 ms; default: the `--broker` host, port 7071.
+    #[arg(long)]
+    broker_metrics: Option<String>,
+}
+
+impl BenchCommon {
+    fn metrics_addr(&self, broker: &str) -> String {
+        self.broker_metrics.clone().unwrap_or_else(|| {
+            let host = broker
+                .split("://")
+                .nth(1)
+                .unwrap_or(broker)
+                .split('/')
+                .next()
+                .unwrap_or_default();
+            let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+            format!("{host}:7071")
+        })
+    }
+}
+
+/// Samples the broker's `weir_resident_memory_bytes` and keeps the largest value seen.
+struct RssSampler {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Option<u64>>,
+}
+
+impl RssSampler {
+    fn start(addr: String) -> Self {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut peak: Option<u64> = None;
+            loop {
+                if let Some(v) = scrape_rss(&addr).await {
+                    peak = Some(peak.map_or(v, |p| p.max(v)));
+                }
+                tokio::select! {
+                    _ = stopped.changed() => break,
+                    () = tokio::time::sleep(std::time::Duration::from_millis(250)) => {}
+                }
+            }
+            if let Some(v) = scrape_rss(&addr).await {
+                peak = Some(peak.map_or(v, |p| p.max(v)));
+            }
+            peak
+        });
+        Self { stop, task }
+    }
+
+    /// Stops sampling; the peak in bytes, or `None` when the broker's metrics were never
+    /// reachable.
+    async fn finish(self) -> Option<u64> {
+        let _ = self.stop.send(true);
+        self.task.await.ok().flatten()
+    }
+}
+
+async fn scrape_rss(addr: &str) -> Option<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: weir\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        body.lines()
+            .find(|l| l.starts_with("weir_resident_memory_bytes "))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(1), fetch)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// A progress bar on stderr for people (hidden for `--output json` and when stderr is not a
+/// terminal).
+fn progress(output: Output, len: u64, what: &str) -> indicatif::ProgressBar {
+    if output == Output::Json {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&format!(
+        "{what} {{bar:40}} {{pos}}/{{len}} {{per_sec}} eta {{eta}}"
+    )) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// The figures of one benchmark, printed as a table or one JSON object.
+struct Report {
+    name: &'static str,
+    settings: serde_json::Value,
+    /// (label for people, JSON key, value).
+    rows: Vec<(&'static str, &'static str, f64)>,
+    broker_rss_mib: Option<f64>,
+}
+
+impl Report {
+    fn print(&self, output: Output) {
+        match output {
+            Output::Json => {
+                let mut v =
+                    serde_json::json!({ "benchmark": self.name, "settings": self.settings });
+                for (_, k, x) in &self.rows {
+                    v[*k] = serde_json::json!(x);
+                }
+                v["brokerPeakRssMiB"] = serde_json::json!(self.broker_rss_mib);
+                println!("{v}");
+            }
+            Output::Human => {
+                println!("weir bench {}", self.name);
+                println!("  settings: {}", self.settings);
+                for (k, _, x) in &self.rows {
+                    println!("  {k:<26} {x:>14.2}");
+                }
+                match self.broker_rss_mib {
+                    Some(m) => println!("  {:<26} {m:>14.1}", "broker peak RSS MiB"),
+                    None => println!("  {:<26} {:>14}", "broker peak RSS MiB", "n/a"),
+                }
+            }
+        }
     }
 }
 
@@ -149,8 +314,19 @@ struct ProducerResult {
 }
 
 #[allow(clippy::too_many_lines)]
-async fn produce(client: &Client, settings: ProduceBench, output: Output) -> anyhow::Result<()> {
-    ensure_topic(client, &settings.topic, settings.partitions).await?;
+async fn produce(
+    client: &Client,
+    settings: ProduceBench,
+    output: Output,
+) -> anyhow::Result<Report> {
+    let durability = ensure_topic(
+        client,
+        &settings.topic,
+        settings.partitions,
+        settings.durability,
+    )
+    .await?;
+    let bar = progress(output, settings.messages, "produce");
     let producers = settings.producers.max(1);
     let batch = settings.batch_size.max(1);
     let per_producer = settings.messages.div_ceil(producers as u64);
@@ -164,6 +340,7 @@ async fn produce(client: &Client, settings: ProduceBench, output: Output) -> any
         let size = settings.message_size;
         let in_flight = settings.in_flight.max(1);
         let no_idempotence = settings.no_idempotence;
+        let bar = bar.clone();
         tasks.push(tokio::spawn(async move {
             let (mut tx, mut rx) = client.produce_stream(in_flight).await?;
             if no_idempotence {
@@ -206,7 +383,9 @@ async fn produce(client: &Client, settings: ProduceBench, output: Output) -> any
                 if let Some(t) = pending.pop_front() {
                     let _ = hist.record(t.elapsed().as_micros() as u64);
                 }
-                messages += acks.iter().map(|a| u64::from(a.record_count)).sum::<u64>();
+                let n: u64 = acks.iter().map(|a| u64::from(a.record_count)).sum();
+                messages += n;
+                bar.inc(n);
                 if messages >= per_producer {
                     break;
                 }
@@ -232,61 +411,70 @@ async fn produce(client: &Client, settings: ProduceBench, output: Output) -> any
     #[allow(clippy::cast_precision_loss)]
     let mb = (messages * settings.message_size as u64) as f64 / secs / 1_000_000.0;
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
-    match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::json!({
-                "benchmark": "produce",
-                "settings": {
-                    "topic": settings.topic, "partitions": settings.partitions,
-                    "messages": settings.messages, "messageSize": settings.message_size,
-                    "batchSize": batch, "producers": producers, "inFlight": settings.in_flight,
-                    "durability": "fsync (group commit)",
-                    "idempotence": !settings.no_idempotence,
-                },
-                "messages": messages, "seconds": secs, "messagesPerSecond": rate, "mbPerSecond": mb,
-                "ackLatencyMs": { "p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999), "max": hist.max() as f64 / 1000.0 },
-            })
-        ),
-        Output::Human => {
-            println!("weir bench produce");
-            println!(
-                "  settings: messages={} message-size={}B batch-size={} producers={} in-flight={} partitions={} idempotence={} durability=topic's (fsync unless created buffered)",
-                settings.messages,
-                settings.message_size,
-                batch,
-                producers,
-                settings.in_flight,
-                settings.partitions,
-                !settings.no_idempotence
-            );
-            println!("  {:<22} {:>14}", "messages", messages);
-            println!("  {:<22} {:>14.2}", "seconds", secs);
-            println!("  {:<22} {:>14.0}", "messages/s", rate);
-            println!("  {:<22} {:>14.1}", "MB/s", mb);
-            println!("  {:<22} {:>14.2}", "ack latency p50 ms", ms(0.5));
-            println!("  {:<22} {:>14.2}", "ack latency p99 ms", ms(0.99));
-            println!("  {:<22} {:>14.2}", "ack latency p999 ms", ms(0.999));
-            println!(
-                "  {:<22} {:>14.2}",
+    bar.finish_and_clear();
+    Ok(Report {
+        name: "produce",
+        settings: serde_json::json!({
+            "topic": settings.topic, "partitions": settings.partitions,
+            "messages": settings.messages, "messageSize": settings.message_size,
+            "batchSize": batch, "producers": producers, "inFlight": settings.in_flight,
+            "durability": durability,
+            "idempotence": !settings.no_idempotence,
+        }),
+        rows: vec![
+            ("messages", "messages", messages as f64),
+            ("seconds", "seconds", secs),
+            ("messages/s", "messagesPerSecond", rate),
+            ("MB/s", "mbPerSecond", mb),
+            ("ack latency p50 ms", "latencyP50Ms", ms(0.5)),
+            ("ack latency p99 ms", "latencyP99Ms", ms(0.99)),
+            ("ack latency p999 ms", "latencyP999Ms", ms(0.999)),
+            (
                 "ack latency max ms",
-                hist.max() as f64 / 1000.0
-            );
-        }
-    }
-    Ok(())
+                "latencyMaxMs",
+                hist.max() as f64 / 1000.0,
+            ),
+        ],
+        broker_rss_mib: None,
+    })
 }
 
-/// Creates `topic` with `partitions` partitions unless it exists.
-async fn ensure_topic(client: &Client, topic: &str, partitions: u32) -> anyhow::Result<()> {
-    match client.describe_topic(topic).await {
-        Ok(_) => Ok(()),
+/// Creates `topic` with `partitions` partitions and `durability` unless it exists; returns
+/// the topic's durability as the broker reports it.
+async fn ensure_topic(
+    client: &Client,
+    topic: &str,
+    partitions: u32,
+    durability: Durability,
+) -> anyhow::Result<&'static str> {
+    let d = match client.describe_topic(topic).await {
+        Ok(d) => d,
         Err(e) if e.code() == Some(tonic::Code::NotFound) => {
-            client.create_topic(topic, partitions, 0).await?;
-            Ok(())
+            client
+                .create_topic_with(
+                    topic,
+                    pb::TopicConfig {
+                        partitions,
+                        durability: match durability {
+                            Durability::Fsync => pb::Durability::Fsync,
+                            Durability::Buffered => pb::Durability::Buffered,
+                        } as i32,
+                        ..pb::TopicConfig::default()
+                    },
+                )
+                .await?
         }
-        Err(e) => Err(e.into()),
-    }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(
+        if d.config
+            .is_some_and(|c| c.durability == pb::Durability::Buffered as i32)
+        {
+            "buffered (acked once written to the OS)"
+        } else {
+            "fsync (acked after fsync, group commit)"
+        },
+    )
 }
 
 fn unique_group(prefix: &str) -> String {
@@ -298,26 +486,11 @@ fn unique_group(prefix: &str) -> String {
     )
 }
 
-fn report(output: Output, name: &str, settings: &serde_json::Value, rows: &[(&str, f64)]) {
-    match output {
-        Output::Json => {
-            let mut v = serde_json::json!({ "benchmark": name, "settings": settings });
-            for (k, x) in rows {
-                v[*k] = serde_json::json!(x);
-            }
-            println!("{v}");
-        }
-        Output::Human => {
-            println!("weir bench {name}");
-            println!("  settings: {settings}");
-            for (k, x) in rows {
-                println!("  {k:<26} {x:>14.2}");
-            }
-        }
-    }
-}
-
-async fn consume(client: &Client, settings: ConsumeBench, output: Output) -> anyhow::Result<()> {
+async fn consume(
+    client: &Client,
+    settings: ConsumeBench,
+    output: Output,
+) -> anyhow::Result<Report> {
     let topic = client.describe_topic(&settings.topic).await?;
     let group = settings
         .group
@@ -333,6 +506,7 @@ async fn consume(client: &Client, settings: ConsumeBench, output: Output) -> any
         .messages
         .unwrap_or(created.lag.min(topic.messages.max(created.lag)));
     let members = settings.members.max(1);
+    let bar = progress(output, total, "consume");
     let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -340,6 +514,7 @@ async fn consume(client: &Client, settings: ConsumeBench, output: Output) -> any
         let client = client.clone();
         let group = group.clone();
         let received = std::sync::Arc::clone(&received);
+        let bar = bar.clone();
         let (window, ack_batch) = (settings.window, settings.ack_batch.max(1));
         tasks.push(tokio::spawn(async move {
             let mut c = client.subscribe(&group, None, window).await?;
@@ -353,6 +528,7 @@ async fn consume(client: &Client, settings: ConsumeBench, output: Output) -> any
                 let Some(d) = next else { break };
                 unacked.push(d?);
                 received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                bar.inc(1);
                 if unacked.len() >= ack_batch {
                     c.ack_all(&unacked).await?;
                     unacked.clear();
@@ -367,26 +543,26 @@ async fn consume(client: &Client, settings: ConsumeBench, output: Output) -> any
         t.await??;
     }
     let secs = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
     let n = received.load(std::sync::atomic::Ordering::Relaxed);
     let desc = client.describe_group(&group).await?;
     if settings.group.is_none() {
         client.delete_group(&group).await?;
     }
-    report(
-        output,
-        "consume",
-        &serde_json::json!({
+    Ok(Report {
+        name: "consume",
+        settings: serde_json::json!({
             "topic": settings.topic, "type": format!("{:?}", settings.r#type).to_lowercase(),
             "members": members, "window": settings.window, "ackBatch": settings.ack_batch,
         }),
-        &[
-            ("messages", n as f64),
-            ("seconds", secs),
-            ("messages/s", n as f64 / secs),
-            ("lag after (messages)", desc.lag as f64),
+        rows: vec![
+            ("messages", "messages", n as f64),
+            ("seconds", "seconds", secs),
+            ("messages/s", "messagesPerSecond", n as f64 / secs),
+            ("lag after (messages)", "lagAfter", desc.lag as f64),
         ],
-    );
-    Ok(())
+        broker_rss_mib: None,
+    })
 }
 
 fn now_ns() -> u64 {
@@ -399,9 +575,15 @@ fn now_ns() -> u64 {
 async fn end_to_end(
     client: &Client,
     settings: EndToEndBench,
-    output: Output,
-) -> anyhow::Result<()> {
-    ensure_topic(client, &settings.topic, settings.partitions).await?;
+    _output: Output,
+) -> anyhow::Result<Report> {
+    let durability = ensure_topic(
+        client,
+        &settings.topic,
+        settings.partitions,
+        Durability::Fsync,
+    )
+    .await?;
     let group = unique_group("bench-e2e");
     let create = pb::GroupConfig {
         topic: settings.topic.clone(),
@@ -490,23 +672,22 @@ async fn end_to_end(
     consumer.close(std::time::Duration::from_secs(5)).await?;
     client.delete_group(&group).await?;
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
-    report(
-        output,
-        "end-to-end",
-        &serde_json::json!({
+    Ok(Report {
+        name: "end-to-end",
+        settings: serde_json::json!({
             "topic": settings.topic, "rate": settings.rate, "seconds": settings.duration.as_secs_f64(),
             "messageSize": size, "type": format!("{:?}", settings.r#type).to_lowercase(),
-            "durability": "fsync (group commit)",
+            "durability": durability,
         }),
-        &[
-            ("sent", sent as f64),
-            ("received", received as f64),
-            ("received/s", received as f64 / secs),
-            ("latency p50 ms", ms(0.5)),
-            ("latency p99 ms", ms(0.99)),
-            ("latency p999 ms", ms(0.999)),
-            ("latency max ms", hist.max() as f64 / 1000.0),
+        rows: vec![
+            ("sent", "sent", sent as f64),
+            ("received", "received", received as f64),
+            ("received/s", "receivedPerSecond", received as f64 / secs),
+            ("latency p50 ms", "latencyP50Ms", ms(0.5)),
+            ("latency p99 ms", "latencyP99Ms", ms(0.99)),
+            ("latency p999 ms", "latencyP999Ms", ms(0.999)),
+            ("latency max ms", "latencyMaxMs", hist.max() as f64 / 1000.0),
         ],
-    );
-    Ok(())
+        broker_rss_mib: None,
+    })
 }

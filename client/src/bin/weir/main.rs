@@ -86,6 +86,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Produce(args) => produce::run(&client, args, cli.output).await,
         Command::Consume(args) => consume::run(&client, args, cli.output).await,
         Command::Group(cmd) => group::run(&client, cmd, cli.output).await,
-        Command::Bench(cmd) => bench::run(&client, cmd, cli.output).await,
+        Command::Bench(cmd) => bench::run(&client, &cli.broker, cmd, cli.output).await,
     }
 }
