@@ -44,6 +44,11 @@ pub struct Config {
     #[arg(long, env = "WEIR_MAX_JOURNAL_SIZE", default_value = "512MiB")]
     pub max_journal_size: bytesize::ByteSize,
 
+    /// Largest in-memory table of records before it is flushed to disk, e.g. `64MiB`
+    /// (fjall's default; at least 1 MiB). Taken when the data directory is created.
+    #[arg(long, env = "WEIR_MEMTABLE_SIZE", default_value = "64MiB")]
+    pub memtable_size: bytesize::ByteSize,
+
     /// How often records of `Buffered` topics are fsynced, e.g. `1s`.
     #[arg(long, env = "WEIR_BUFFERED_FLUSH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub buffered_flush_interval: Duration,

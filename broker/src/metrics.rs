@@ -36,6 +36,7 @@ pub struct Metrics {
     stored_bytes: Gauge,
     disk_bytes: Gauge,
     resident_bytes: Gauge,
+    write_buffer_bytes: Gauge,
     topics: Gauge,
     group_skipped: Counter,
 }
@@ -68,6 +69,7 @@ impl Metrics {
             stored_bytes: Gauge::default(),
             disk_bytes: Gauge::default(),
             resident_bytes: Gauge::default(),
+            write_buffer_bytes: Gauge::default(),
             topics: Gauge::default(),
             group_skipped: Counter::default(),
             registry: Registry::default(),
@@ -142,6 +144,11 @@ impl Metrics {
             "Resident set size of the broker process, bytes (Linux VmRSS; 0 elsewhere)",
             m.resident_bytes.clone(),
         );
+        registry.register(
+            "write_buffer_bytes",
+            "Bytes in the storage engine's memtables, not yet flushed to tables",
+            m.write_buffer_bytes.clone(),
+        );
         registry.register("topics", "Topics on this broker", m.topics.clone());
         registry.register(
             "group_skipped_messages",
@@ -205,6 +212,7 @@ impl Metrics {
         gauge(&self.disk_bytes, log.disk_space());
         gauge(&self.topics, topics.len() as u64);
         gauge(&self.resident_bytes, resident_bytes().unwrap_or(0));
+        gauge(&self.write_buffer_bytes, log.write_buffer_bytes());
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
         out

@@ -48,13 +48,17 @@ use self::{
 };
 
 /// The pending result of a queued append: per batch, (partition, base offset, records).
+/// Holds the request's share of the queued-bytes budget until it is answered.
 #[derive(Debug)]
-pub struct AppendTicket(oneshot::Receiver<Result<Vec<Appended>, Error>>);
+pub struct AppendTicket {
+    rx: oneshot::Receiver<Result<Vec<Appended>, Error>>,
+    _queued: tokio::sync::OwnedSemaphorePermit,
+}
 
 impl AppendTicket {
     /// Waits for the commit; returns where each batch landed.
     pub async fn wait(self) -> Result<Vec<Appended>, Error> {
-        self.0.await.map_err(|_| Error::ShuttingDown)?
+        self.rx.await.map_err(|_| Error::ShuttingDown)?
     }
 }
 
@@ -198,6 +202,13 @@ pub struct LogOptions {
     pub max_journal_bytes: u64,
     /// How often records of `Buffered` topics are fsynced.
     pub buffered_flush_interval: Duration,
+    /// Most bytes of encoded batches queued for the writer or being committed, over all
+    /// producers; a produce waits for room beyond it (bounds memory when storage falls
+    /// behind). At least 1 MiB.
+    pub max_queued_bytes: u64,
+    /// Largest memtable of the records keyspace before fjall flushes it to a table (bytes;
+    /// fjall's default is 64 MiB). Applies when the keyspace is created.
+    pub memtable_bytes: u64,
 }
 
 impl Default for LogOptions {
@@ -209,6 +220,8 @@ impl Default for LogOptions {
             storage_workers: None,
             max_journal_bytes: 512 * 1024 * 1024,
             buffered_flush_interval: Duration::from_secs(1),
+            memtable_bytes: 64 * 1024 * 1024,
+            max_queued_bytes: 32 * 1024 * 1024,
         }
     }
 }
@@ -260,6 +273,10 @@ pub(crate) struct Shared {
 pub struct Log {
     shared: Arc<Shared>,
     commands: mpsc::Sender<Command>,
+    /// Bytes of encoded batches queued for the writer or being committed, over all
+    /// producers (`LogOptions::max_queued_bytes` permits).
+    queued: Arc<tokio::sync::Semaphore>,
+    max_queued: u32,
     writer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     report: RecoveryReport,
 }
@@ -292,8 +309,11 @@ impl Log {
             builder = builder.worker_threads(n.max(1));
         }
         let db = builder.open().map_err(open_err)?;
+        let memtable = options.memtable_bytes.max(1024 * 1024);
         let records = db
-            .keyspace("records", KeyspaceCreateOptions::default)
+            .keyspace("records", || {
+                KeyspaceCreateOptions::default().max_memtable_size(memtable)
+            })
             .map_err(open_err)?;
         let meta = db
             .keyspace("meta", KeyspaceCreateOptions::default)
@@ -337,6 +357,14 @@ impl Log {
         Ok(Self {
             shared,
             commands,
+            queued: Arc::new(tokio::sync::Semaphore::new(
+                (options
+                    .max_queued_bytes
+                    .clamp(1 << 20, u64::from(u32::MAX >> 3)) as u32) as usize,
+            )),
+            max_queued: options
+                .max_queued_bytes
+                .clamp(1 << 20, u64::from(u32::MAX >> 3)) as u32,
             writer: parking_lot::Mutex::new(Some(writer)),
             report,
         })
@@ -360,6 +388,11 @@ impl Log {
     /// Bytes the database uses on disk (journals and tables).
     pub fn disk_space(&self) -> u64 {
         self.shared.db.disk_space().unwrap_or(0)
+    }
+
+    /// Bytes of records held in memtables (active and sealed, not yet flushed to tables).
+    pub fn write_buffer_bytes(&self) -> u64 {
+        self.shared.db.write_buffer_size()
     }
 
     /// The topic named `name`, or [`Error::TopicNotFound`].
@@ -443,6 +476,17 @@ impl Log {
         batches: Vec<(Arc<Partition>, Vec<u8>, u32)>,
         producer: Option<(u64, u64)>,
     ) -> Result<AppendTicket, Error> {
+        // Backpressure: a request waits while the writer has `max_queued_bytes` to commit,
+        // so memory stays bounded when storage falls behind (one request larger than the
+        // budget takes all of it).
+        let bytes: usize = batches.iter().map(|(_, b, _)| b.len()).sum();
+        let permits = u32::try_from(bytes)
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.max_queued);
+        let queued = Arc::clone(&self.queued)
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
         let (reply, rx) = oneshot::channel();
         self.commands
             .send(Command::Append {
@@ -463,7 +507,10 @@ impl Log {
             })
             .await
             .map_err(|_| Error::ShuttingDown)?;
-        Ok(AppendTicket(rx))
+        Ok(AppendTicket {
+            rx,
+            _queued: queued,
+        })
     }
 
     /// Reads records of `partition` from `offset`: whole batches, verified, until
@@ -840,4 +887,47 @@ pub fn partition_messages(p: &Partition) -> u64 {
 
 pub(crate) fn relaxed_add(counter: &std::sync::atomic::AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Requests larger than the queued-bytes budget, several at once, all complete: each
+    /// takes at most the whole budget and waits its turn, none waits forever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_beyond_the_queued_bytes_budget_wait_their_turn() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let options = LogOptions {
+            max_queued_bytes: 1024 * 1024,
+            ..LogOptions::default()
+        };
+        let log = Arc::new(Log::open(dir.path(), &options).expect("opens"));
+        log.create_topic("big", TopicConfig::new(1, 0).expect("config"))
+            .await
+            .expect("topic");
+        let record = Record {
+            value: bytes::Bytes::from(vec![7u8; 900 * 1024]),
+            ..Record::default()
+        };
+        let mut tasks = Vec::new();
+        for _ in 0..6 {
+            let log = Arc::clone(&log);
+            let records = vec![record.clone(), record.clone()];
+            tasks.push(tokio::spawn(async move {
+                crate::produce::produce(&log, "big", Some(0), records).await
+            }));
+        }
+        for t in tasks {
+            let acks = t.await.expect("task").expect("produced");
+            assert_eq!(acks[0].record_count, 2);
+        }
+        let part = log.topic("big").expect("topic").partition(0).expect("p0");
+        assert_eq!(part.next_offset(), 12);
+        assert_eq!(
+            log.queued.available_permits(),
+            1024 * 1024,
+            "every permit returned"
+        );
+    }
 }
