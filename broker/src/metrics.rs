@@ -49,6 +49,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Registers every metric under the `weir_` prefix.
+    #[allow(clippy::too_many_lines)] // one registration per metric, nothing else
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("weir");
         let produce_latency = Histogram::new(
