@@ -16,8 +16,8 @@ pub type MemberId = String;
 /// A delivered, not yet acked offset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {
-    /// Member holding it.
-    pub member: MemberId,
+    /// Member holding it (shared by the deliveries of one take: no allocation per message).
+    pub member: std::sync::Arc<str>,
     /// When it is redelivered if not acked.
     pub deadline: Instant,
 }
@@ -107,7 +107,10 @@ impl Cursor {
 
     /// Pending deliveries held by `member`.
     pub fn pending_of(&self, member: &str) -> usize {
-        self.pending.values().filter(|p| p.member == member).count()
+        self.pending
+            .values()
+            .filter(|p| &*p.member == member)
+            .count()
     }
 
     /// Records not yet acked up to `end` (the partition's next offset).
@@ -173,6 +176,7 @@ impl Cursor {
             }
             self.next += 1;
         }
+        let holder: std::sync::Arc<str> = std::sync::Arc::from(member);
         out.into_iter()
             .map(|o| {
                 let count = self.counts.entry(o).or_insert(0);
@@ -180,7 +184,7 @@ impl Cursor {
                 self.pending.insert(
                     o,
                     Pending {
-                        member: member.to_owned(),
+                        member: std::sync::Arc::clone(&holder),
                         deadline: now + ack_wait,
                     },
                 );
@@ -202,9 +206,9 @@ impl Cursor {
     fn check(&self, offset: u64, member: &str) -> Result<(), AckError> {
         match self.pending.get(&offset) {
             None => Err(AckError::NotPending(offset)),
-            Some(p) if p.member != member => Err(AckError::OtherMember {
+            Some(p) if &*p.member != member => Err(AckError::OtherMember {
                 offset,
-                holder: p.member.clone(),
+                holder: p.member.to_string(),
             }),
             Some(_) => Ok(()),
         }
@@ -228,7 +232,11 @@ impl Cursor {
         self.redeliver.remove(&offset);
         self.counts.remove(&offset);
         self.errors.remove(&offset);
-        if offset >= self.floor {
+        if offset == self.floor {
+            // The common case, acks in offset order: the floor moves without touching the
+            // set of acks above it.
+            self.floor += 1;
+        } else if offset > self.floor {
             self.acked.insert(offset);
         }
         self.advance_floor();
@@ -274,7 +282,7 @@ impl Cursor {
         let held: Vec<u64> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.member == member)
+            .filter(|(_, p)| &*p.member == member)
             .map(|(o, _)| *o)
             .collect();
         for o in &held {
@@ -305,7 +313,7 @@ impl Cursor {
                 self.pending.insert(
                     *o,
                     Pending {
-                        member: holder.to_owned(),
+                        member: std::sync::Arc::from(holder),
                         deadline: now + wait,
                     },
                 );
@@ -317,7 +325,7 @@ impl Cursor {
     pub fn held_by(&self, member: &str) -> Vec<u64> {
         self.pending
             .iter()
-            .filter(|(_, p)| p.member == member)
+            .filter(|(_, p)| &*p.member == member)
             .map(|(o, _)| *o)
             .collect()
     }
@@ -357,6 +365,36 @@ impl Cursor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn acks_in_order_move_the_floor_and_acks_above_a_gap_wait_for_it() {
+        let now = Instant::now();
+        let mut c = Cursor::at(10);
+        let taken = c.take("m", 5, 100, now, Duration::from_secs(30));
+        assert_eq!(
+            taken.iter().map(|t| t.0).collect::<Vec<_>>(),
+            vec![10, 11, 12, 13, 14]
+        );
+        c.ack(10, "m").expect("ack");
+        c.ack(11, "m").expect("ack");
+        assert_eq!(
+            (c.floor(), c.acked().count()),
+            (12, 0),
+            "in-order acks are not stored"
+        );
+        c.ack(14, "m").expect("ack");
+        assert_eq!((c.floor(), c.acked().collect::<Vec<_>>()), (12, vec![14]));
+        c.ack(12, "m").expect("ack");
+        assert_eq!(c.floor(), 13);
+        c.ack(13, "m").expect("ack");
+        assert_eq!(
+            (c.floor(), c.acked().count()),
+            (15, 0),
+            "the gap closed over 14"
+        );
+        assert_eq!(c.lag(100), 85);
+        assert!(matches!(c.ack(13, "m"), Err(AckError::NotPending(13))));
+    }
 
     const WAIT: Duration = Duration::from_secs(30);
 
