@@ -75,6 +75,12 @@ async fn a_broker_serves_only_its_partitions() -> anyhow::Result<()> {
         d.config.map(|c| c.served_partitions).unwrap_or_default(),
         vec![1, 3]
     );
+    let out = broker.weir(&["topic", "describe", "orders"], b"")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("served here: partitions 1, 3"),
+        "weir topic describe says which partitions this broker serves: {text}"
+    );
     client.update_topic("orders", served(6, &[1, 3, 5])).await?;
     client
         .produce("orders", Some(5), vec![Record::value("new")])

@@ -256,6 +256,14 @@ fn print_topics(topics: &[pb::TopicDescription], output: Output, detail: bool) {
                         t.messages,
                         bytesize::ByteSize(t.bytes).display().iec()
                     );
+                    if !c.served_partitions.is_empty() {
+                        let served: Vec<String> =
+                            c.served_partitions.iter().map(u32::to_string).collect();
+                        println!(
+                            "served here: partitions {} (the others are on other brokers)",
+                            served.join(", ")
+                        );
+                    }
                     println!();
                     println!(
                         "{:>9} {:>16} {:>16} {:>12} {:>12}",
