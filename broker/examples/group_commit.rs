@@ -25,9 +25,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         &LogOptions::default(),
     )?);
     log.create_topic("t", TopicConfig::new(4, 0)?).await?;
-    let records: Vec<Record> = (0..1000)
+    let records: Vec<Record> = (0u32..1000)
         .map(|i| Record {
-            value: Bytes::from(vec![(i % 251) as u8; 100]),
+            value: Bytes::from(vec![u8::try_from(i % 251).unwrap_or(0); 100]),
             ..Record::default()
         })
         .collect();
