@@ -349,6 +349,28 @@ impl Cluster {
             .collect())
     }
 
+    /// Waits until the broker StatefulSet has 0 replicas and no broker process runs.
+    pub async fn wait_scaled_to_zero(&self) -> anyhow::Result<()> {
+        self.wait_for(
+            "statefulset",
+            "weir-broker",
+            Duration::from_secs(60),
+            "replicas 0",
+            |s| s["spec"]["replicas"] == 0,
+        )
+        .await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.kubelet.running().await.is_empty() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "broker processes still run: {:?}",
+                self.kubelet.running().await
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+
     /// Waits until `kind/name` is gone.
     pub async fn wait_gone(&self, kind: &str, name: &str, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
@@ -410,4 +432,21 @@ pub async fn broker_clients(
         }
     }
     Ok(out)
+}
+
+/// Checks that every broker of `brokers` answers NOT_FOUND for `topic` (its data is gone).
+pub async fn assert_deleted_from(
+    brokers: &std::collections::BTreeMap<String, (weir_client::Client, Vec<u32>)>,
+    topic: &str,
+) -> anyhow::Result<()> {
+    for (broker, (client, _)) in brokers {
+        match client.describe_topic(topic).await {
+            Ok(_) => anyhow::bail!("{broker} still has topic {topic}"),
+            Err(e) => anyhow::ensure!(
+                e.code() == Some(tonic::Code::NotFound),
+                "{broker}: describing {topic} failed otherwise than NOT_FOUND: {e}"
+            ),
+        }
+    }
+    Ok(())
 }

@@ -23,7 +23,7 @@ use weir_tests::{
     helm,
     k8s::ControlPlane,
     lines, loghub,
-    operator::{Cluster, broker_clients, is_ready, placement},
+    operator::{Cluster, assert_deleted_from, broker_clients, is_ready, placement},
 };
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -432,24 +432,9 @@ async fn from_helm_install_through_traffic_to_teardown() -> anyhow::Result<()> {
     c.wait_for("topic", "keeper", MINUTE, "Ready", |t| is_ready(t, "True"))
         .await?;
     c.kubectl(&["delete", "topic", "orders", "--wait=true", "--timeout=60s"])?;
-    for (broker, (client, _)) in &b {
-        let e = client.describe_topic("orders").await.expect_err("deleted");
-        assert_eq!(e.code(), Some(Code::NotFound), "{broker}: {e}");
-    }
+    assert_deleted_from(&b, "orders").await?;
     c.kubectl(&["delete", "topics", "--all", "--wait=true", "--timeout=60s"])?;
-    c.wait_for("statefulset", "weir-broker", MINUTE, "replicas 0", |s| {
-        s["spec"]["replicas"] == 0
-    })
-    .await?;
-    let deadline = Instant::now() + MINUTE;
-    while !c.kubelet.running().await.is_empty() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "broker processes still run: {:?}",
-            c.kubelet.running().await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    c.wait_scaled_to_zero().await?;
     println!(
         "end to end, helm install to teardown: {:?}",
         started.elapsed()

@@ -13,7 +13,7 @@ use std::{
 
 use tonic::Code;
 use weir_client::{Client, Record, RecordExt};
-use weir_tests::operator::{Cluster, broker_clients, is_ready, placement};
+use weir_tests::operator::{Cluster, assert_deleted_from, broker_clients, is_ready, placement};
 
 const EXAMPLE_TOPIC: &str = include_str!("../../examples/topic.yaml");
 const MINUTE: Duration = Duration::from_secs(60);
@@ -237,25 +237,10 @@ async fn a_topic_becomes_brokers_grows_updates_and_goes_per_deletion_policy() ->
         .await?;
     let clients = broker_clients(&topic).await?;
     c.kubectl(&["delete", "topic", "orders", "--wait=true", "--timeout=60s"])?;
-    for (broker, (client, _)) in &clients {
-        let e = client.describe_topic("orders").await.expect_err("deleted");
-        assert_eq!(e.code(), Some(Code::NotFound), "{broker}: {e}");
-    }
+    assert_deleted_from(&clients, "orders").await?;
     // With no Topic left the brokers are scaled to zero.
     c.kubectl(&["delete", "topic", "keeper", "--wait=true", "--timeout=60s"])?;
-    c.wait_for("statefulset", "weir-broker", MINUTE, "replicas 0", |s| {
-        s["spec"]["replicas"] == 0
-    })
-    .await?;
-    let deadline = Instant::now() + MINUTE;
-    while !c.kubelet.running().await.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "broker processes still run: {:?}",
-            c.kubelet.running().await
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    c.wait_scaled_to_zero().await?;
     Ok(())
 }
 
