@@ -451,6 +451,24 @@ pub fn place(
         .collect()
 }
 
+/// The brokers of `placement`, sorted by name: each with the address status gives it and
+/// the partitions it serves (ascending).
+pub fn brokers_of(placement: &[PartitionPlacement]) -> Vec<(String, String, Vec<u32>)> {
+    let mut by: BTreeMap<&str, (String, Vec<u32>)> = BTreeMap::new();
+    for p in placement {
+        by.entry(p.broker.as_str())
+            .or_insert_with(|| (p.address.clone(), Vec::new()))
+            .1
+            .push(p.partition);
+    }
+    by.into_iter()
+        .map(|(broker, (address, mut parts))| {
+            parts.sort_unstable();
+            (broker.to_owned(), address, parts)
+        })
+        .collect()
+}
+
 /// Name of the broker Pod with `ordinal` (a StatefulSet names its Pods `<name>-<ordinal>`).
 pub fn broker_name(ordinal: i32) -> String {
     format!("{BROKERS}-{ordinal}")
@@ -535,6 +553,20 @@ mod tests {
         let after = place(6, &brokers(2), &before);
         assert!(after.iter().all(|p| p.broker != "weir-broker-2"));
         assert!(counts(&after).values().all(|n| *n == 3));
+    }
+
+    #[test]
+    fn brokers_of_a_placement_are_sorted_with_their_partitions() {
+        let mut placed = place(5, &brokers(2), &[]);
+        for p in &mut placed {
+            p.address = format!("{}:7070", p.broker);
+        }
+        let b = brokers_of(&placed);
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[0].0, "weir-broker-0");
+        assert_eq!(b[0].1, "weir-broker-0:7070");
+        assert_eq!(b[0].2.len() + b[1].2.len(), 5);
+        assert!(b.iter().all(|(_, _, parts)| parts.windows(2).all(|w| w[0] < w[1])));
     }
 
     #[test]

@@ -246,6 +246,28 @@ impl Context {
     }
 }
 
+/// The reconciler's own error out of kube's finalizer helper as is; the helper's own
+/// failures (adding or removing the finalizer) wrapped.
+pub fn finalizer_error(e: kube::runtime::finalizer::Error<Error>) -> Error {
+    match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(Box::new(other)),
+    }
+}
+
+/// After a failed reconcile of `obj` (a `kind`): count it, log it, back off.
+pub fn on_error<K: Resource<DynamicType = ()>>(
+    kind: &str,
+    obj: &K,
+    error: &Error,
+    ctx: &Context,
+) -> Action {
+    ctx.metrics.failed(kind, error.kind());
+    tracing::warn!(kind, name = %obj.name_any(), namespace = ?obj.namespace(), error = %error, "reconcile failed; retrying");
+    ctx.backoff(&key(obj))
+}
+
 /// The key of an object for backoff bookkeeping.
 pub fn key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     ObjectRef::from_obj(obj).to_string()

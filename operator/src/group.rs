@@ -14,12 +14,10 @@ use kube::{
 use tonic::Code;
 
 use crate::{
+    builders,
     context::{self, Context, Error, apply_status, ready_condition},
     convert,
-    crd::{
-        AppliedReset, ConsumerGroup, ConsumerGroupStatus, GroupPartitionStatus, PartitionPlacement,
-        Topic,
-    },
+    crd::{AppliedReset, ConsumerGroup, ConsumerGroupStatus, GroupPartitionStatus, Topic},
 };
 
 /// Finalizer on every ConsumerGroup: the group is deleted from the brokers before it goes
@@ -38,11 +36,7 @@ pub async fn reconcile(group: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<A
         }
     })
     .await
-    .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e)
-        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(Box::new(other)),
-    });
+    .map_err(context::finalizer_error);
     ctx.metrics.reconciled("ConsumerGroup", started.elapsed());
     result
 }
@@ -50,22 +44,7 @@ pub async fn reconcile(group: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<A
 /// What the controller does after a failed reconcile: count, log, back off.
 #[allow(clippy::needless_pass_by_value)] // the signature kube's `Controller::run` takes
 pub fn error_policy(group: Arc<ConsumerGroup>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.failed("ConsumerGroup", error.kind());
-    tracing::warn!(group = %group.name_any(), namespace = ?group.namespace(), error = %error, "reconcile failed; retrying");
-    ctx.backoff(&context::key(group.as_ref()))
-}
-
-/// The brokers serving the group's Topic, with their address and partitions, when every one
-/// of them has an address.
-fn brokers_of(placement: &[PartitionPlacement]) -> Vec<(String, String, Vec<u32>)> {
-    let mut out: Vec<(String, String, Vec<u32>)> = Vec::new();
-    for p in placement {
-        match out.iter_mut().find(|(b, _, _)| *b == p.broker) {
-            Some((_, _, parts)) => parts.push(p.partition),
-            None => out.push((p.broker.clone(), p.address.clone(), vec![p.partition])),
-        }
-    }
-    out
+    context::on_error("ConsumerGroup", group.as_ref(), error, &ctx)
 }
 
 async fn write_not_ready(
@@ -142,7 +121,7 @@ async fn apply(group: &ConsumerGroup, ctx: &Context) -> Result<Action, Error> {
         .conditions
         .iter()
         .any(|c| c.type_ == "Ready" && c.status == "True");
-    let brokers = brokers_of(&tstatus.placement);
+    let brokers = builders::brokers_of(&tstatus.placement);
     if !topic_ready || brokers.is_empty() || brokers.iter().any(|(_, a, _)| a.is_empty()) {
         write_not_ready(
             &api,
@@ -319,7 +298,7 @@ async fn cleanup(group: &ConsumerGroup, ctx: &Context) -> Result<Action, Error> 
     };
     let placement = topic.status.map(|s| s.placement).unwrap_or_default();
     let pods = ctx.broker_pods(&ns).await?;
-    for (broker, _, _) in brokers_of(&placement) {
+    for (broker, _, _) in builders::brokers_of(&placement) {
         let Some(address) = pods
             .get(&broker)
             .filter(|b| b.ready)

@@ -2,7 +2,7 @@
 //! the topic created or updated on each broker that serves some of them, status written;
 //! on deletion, data removed per `deletionPolicy` before the finalizer is released.
 
-use std::{collections::BTreeMap, sync::Arc, time::Instant};
+use std::{sync::Arc, time::Instant};
 
 use k8s_openapi::{
     api::{apps::v1::StatefulSet, core::v1::Service, policy::v1::PodDisruptionBudget},
@@ -42,11 +42,7 @@ pub async fn reconcile(topic: Arc<Topic>, ctx: Arc<Context>) -> Result<Action, E
         }
     })
     .await
-    .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e)
-        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(Box::new(other)),
-    });
+    .map_err(context::finalizer_error);
     ctx.metrics.reconciled("Topic", started.elapsed());
     result
 }
@@ -54,9 +50,7 @@ pub async fn reconcile(topic: Arc<Topic>, ctx: Arc<Context>) -> Result<Action, E
 /// What the controller does after a failed reconcile: count, log, back off.
 #[allow(clippy::needless_pass_by_value)] // the signature kube's `Controller::run` takes
 pub fn error_policy(topic: Arc<Topic>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.failed("Topic", error.kind());
-    tracing::warn!(topic = %topic.name_any(), namespace = ?topic.namespace(), error = %error, "reconcile failed; retrying");
-    ctx.backoff(&context::key(topic.as_ref()))
+    context::on_error("Topic", topic.as_ref(), error, &ctx)
 }
 
 /// The live Topics of `ns` (not being deleted), sorted by name.
@@ -134,15 +128,6 @@ where
     Ok(())
 }
 
-/// Partitions each broker serves under `placement`, by broker name.
-fn served_by(placement: &[PartitionPlacement]) -> BTreeMap<String, Vec<u32>> {
-    let mut m: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-    for p in placement {
-        m.entry(p.broker.clone()).or_default().push(p.partition);
-    }
-    m
-}
-
 /// What one pass over the brokers found.
 #[derive(Default)]
 struct Observed {
@@ -206,7 +191,7 @@ async fn apply(topic: &Topic, ctx: &Context) -> Result<Action, Error> {
     }
 
     let mut seen = Observed::default();
-    for (broker, served) in served_by(&placement) {
+    for (broker, _, served) in builders::brokers_of(&placement) {
         let Some(pod) = pods.get(&broker).filter(|b| b.ready) else {
             let why = pods
                 .get(&broker)
@@ -228,7 +213,7 @@ async fn apply(topic: &Topic, ctx: &Context) -> Result<Action, Error> {
         }
     }
 
-    let brokers = served_by(&placement).len();
+    let brokers = builders::brokers_of(&placement).len();
     let (ready, reason, message) = if seen.waiting.is_empty() {
         (
             true,
@@ -378,7 +363,7 @@ async fn cleanup(topic: &Topic, ctx: &Context) -> Result<Action, Error> {
         .unwrap_or_default();
     if topic.spec.deletion_policy == DeletionPolicy::Delete {
         let pods = ctx.broker_pods(&ns).await?;
-        for broker in served_by(&placement).keys() {
+        for (broker, _, _) in &builders::brokers_of(&placement) {
             let Some(address) = pods
                 .get(broker)
                 .filter(|b| b.ready)
