@@ -66,19 +66,11 @@ pub async fn submit(
         None => routed.push((p, vec![r])),
     };
     if let Some(p) = partition {
-        topic.served_partition(p)?;
+        topic.partition(p)?;
         routed.push((p, records));
     } else {
         let turn = topic.next_unkeyed.fetch_add(1, Ordering::Relaxed);
-        let unkeyed = if config.served.is_all() {
-            turn % count.max(1)
-        } else {
-            let served = config.served.to_list();
-            served
-                .get(turn as usize % served.len().max(1))
-                .copied()
-                .unwrap_or(0)
-        };
+        let unkeyed = config.served.round_robin(turn, count);
         for r in records {
             let p = match &r.key {
                 Some(k) => partitioner::partition_for_key(k, count),
@@ -91,7 +83,7 @@ pub async fn submit(
     for (p, _) in &routed {
         // A key that hashes to a partition of another broker: the client routes keyed
         // records itself (Kafka clients do the same from the cluster metadata).
-        topic.served_partition(*p)?;
+        config.served.check(&topic.name, *p)?;
     }
     let now = log::now_ms();
     let mut batches = Vec::with_capacity(routed.len());

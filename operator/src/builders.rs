@@ -566,7 +566,10 @@ mod tests {
         assert_eq!(b[0].0, "weir-broker-0");
         assert_eq!(b[0].1, "weir-broker-0:7070");
         assert_eq!(b[0].2.len() + b[1].2.len(), 5);
-        assert!(b.iter().all(|(_, _, parts)| parts.windows(2).all(|w| w[0] < w[1])));
+        assert!(
+            b.iter()
+                .all(|(_, _, parts)| parts.windows(2).all(|w| w[0] < w[1]))
+        );
     }
 
     #[test]

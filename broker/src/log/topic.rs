@@ -128,6 +128,42 @@ impl Served {
         self.0.is_none()
     }
 
+    /// The served partition for round-robin turn `turn` of a topic with `partitions`
+    /// partitions: partition `turn mod partitions` when all are served, otherwise the
+    /// `(turn mod served)`-th served one. No allocation (it runs per produce request).
+    pub fn round_robin(&self, turn: u32, partitions: u32) -> u32 {
+        let Some(bits) = &self.0 else {
+            return turn % partitions.max(1);
+        };
+        let served: u32 = bits.iter().map(|w| w.count_ones()).sum();
+        let mut left = turn % served.max(1);
+        for (i, word) in bits.iter().enumerate() {
+            let ones = word.count_ones();
+            if left < ones {
+                let mut w = *word;
+                for _ in 0..left {
+                    w &= w - 1;
+                }
+                return i as u32 * 64 + w.trailing_zeros();
+            }
+            left -= ones;
+        }
+        0
+    }
+
+    /// `Ok` when partition `p` of `topic` is served, else [`Error::NotServed`].
+    pub fn check(&self, topic: &str, p: u32) -> Result<(), Error> {
+        if self.contains(p) {
+            Ok(())
+        } else {
+            Err(Error::NotServed {
+                topic: topic.to_owned(),
+                partition: p,
+                served: self.to_list(),
+            })
+        }
+    }
+
     /// The served partitions, ascending; empty for [`Served::ALL`].
     pub fn to_list(&self) -> Vec<u32> {
         Option::<Vec<u32>>::from(*self).unwrap_or_default()
@@ -326,16 +362,8 @@ impl Topic {
     /// [`Error::NotServed`] otherwise.
     pub fn served_partition(&self, index: u32) -> Result<std::sync::Arc<Partition>, Error> {
         let part = self.partition(index)?;
-        let served = self.config.read().served;
-        if served.contains(index) {
-            Ok(part)
-        } else {
-            Err(Error::NotServed {
-                topic: self.name.clone(),
-                partition: index,
-                served: served.to_list(),
-            })
-        }
+        self.config.read().served.check(&self.name, index)?;
+        Ok(part)
     }
 
     /// All partitions, in index order.
@@ -493,6 +521,25 @@ impl PartitionMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn round_robin_visits_only_served_partitions_in_order() {
+        let all = Served::ALL;
+        assert_eq!(
+            (0..5).map(|t| all.round_robin(t, 4)).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3, 0]
+        );
+        let some = Served::from_list(&[1, 3, 70], 100).expect("valid");
+        assert_eq!(
+            (0..4).map(|t| some.round_robin(t, 100)).collect::<Vec<_>>(),
+            vec![1, 3, 70, 1]
+        );
+        assert!(some.check("t", 3).is_ok());
+        assert!(matches!(
+            some.check("t", 2),
+            Err(Error::NotServed { partition: 2, .. })
+        ));
+    }
 
     #[test]
     fn names_follow_kafka_rules() {
