@@ -205,15 +205,18 @@ async fn helm_install_runs_the_operator_with_the_charts_rbac_upgrades_and_uninst
     eventually("Topic Ready under the chart's RBAC", topic_ready)
         .await
         .with_context(|| operator.log_text())?;
-    let sts = cp.kubectl(&[
-        "get",
-        "statefulset",
-        "weir-broker",
-        "-n",
-        &apps,
-        "-o",
-        "jsonpath={.spec.template.spec.containers[0].resources.requests.memory}",
-    ])?;
+    let sts_memory = || {
+        cp.kubectl(&[
+            "get",
+            "statefulset",
+            "weir-broker",
+            "-n",
+            &apps,
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].resources.requests.memory}",
+        ])
+    };
+    let sts = sts_memory()?;
     assert_eq!(
         sts, "256Mi",
         "the chart's broker settings reached the StatefulSet"
@@ -304,15 +307,7 @@ async fn helm_install_runs_the_operator_with_the_charts_rbac_upgrades_and_uninst
             .collect(),
     )?;
     eventually("StatefulSet template with 300Mi", || {
-        Ok(cp.kubectl(&[
-            "get",
-            "statefulset",
-            "weir-broker",
-            "-n",
-            &apps,
-            "-o",
-            "jsonpath={.spec.template.spec.containers[0].resources.requests.memory}",
-        ])? == "300Mi")
+        Ok(sts_memory()? == "300Mi")
     })
     .await
     .with_context(|| operator.log_text())?;
