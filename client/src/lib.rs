@@ -600,6 +600,34 @@ pub struct GroupConsumer {
     generation: u64,
 }
 
+/// The offsets of `deliveries` as runs of consecutive offsets per partition (one
+/// `DeliveryRange` for a whole in-order batch), in the order first seen.
+pub fn ranges(deliveries: &[pb::Delivery]) -> Vec<pb::DeliveryRange> {
+    let mut out: Vec<pb::DeliveryRange> = Vec::new();
+    for d in deliveries {
+        let joined = out
+            .iter_mut()
+            .rev()
+            .find(|r| r.partition == d.partition)
+            .is_some_and(|r| {
+                if r.last_offset.checked_add(1) == Some(d.offset) {
+                    r.last_offset = d.offset;
+                    true
+                } else {
+                    false
+                }
+            });
+        if !joined {
+            out.push(pb::DeliveryRange {
+                partition: d.partition,
+                first_offset: d.offset,
+                last_offset: d.offset,
+            });
+        }
+    }
+    out
+}
+
 impl GroupConsumer {
     /// This member's id.
     pub fn member_id(&self) -> &str {
@@ -623,13 +651,37 @@ impl GroupConsumer {
             if let Some(d) = self.buffered.pop_front() {
                 return Some(Ok(d));
             }
+            if let Err(e) = self.receive().await? {
+                return Some(Err(e));
+            }
+        }
+    }
+
+    /// Every delivery received and not yet returned, at least one (waiting for it), in
+    /// order: a whole stream message's worth at a time, as Kafka's `poll` returns many
+    /// records. `None` when the broker ended the stream; errors as [`GroupConsumer::next`].
+    pub async fn next_batch(&mut self) -> Option<Result<Vec<pb::Delivery>, Error>> {
+        loop {
+            if !self.buffered.is_empty() {
+                return Some(Ok(self.buffered.drain(..).collect()));
+            }
+            if let Err(e) = self.receive().await? {
+                return Some(Err(e));
+            }
+        }
+    }
+
+    /// Reads one stream message into `buffered` (or the assignment); `None` at the end of
+    /// the stream.
+    async fn receive(&mut self) -> Option<Result<(), Error>> {
+        {
             let msg = match self.inbound.message().await {
                 Ok(Some(m)) => m,
                 Ok(None) => return None,
                 Err(s) => return Some(Err(Error::Status(s))),
             };
             match msg.response {
-                Some(pb::subscribe_response::Response::Delivery(d)) => return Some(Ok(d)),
+                Some(pb::subscribe_response::Response::Delivery(d)) => self.buffered.push_back(d),
                 Some(pb::subscribe_response::Response::Deliveries(batch)) => {
                     self.buffered.extend(batch.deliveries);
                 }
@@ -645,6 +697,7 @@ impl GroupConsumer {
                 }
                 Some(pb::subscribe_response::Response::Joined(_)) | None => {}
             }
+            Some(Ok(()))
         }
     }
 
@@ -676,13 +729,7 @@ impl GroupConsumer {
             return Ok(());
         }
         self.send(pb::subscribe_request::Request::Ack(pb::AckRequest {
-            acks: deliveries
-                .iter()
-                .map(|d| pb::DeliveryRef {
-                    partition: d.partition,
-                    offset: d.offset,
-                })
-                .collect(),
+            ack_ranges: ranges(deliveries),
             ..pb::AckRequest::default()
         }))
         .await?;
@@ -940,5 +987,38 @@ impl ProduceReceiver {
                 Some((u64::MAX, Err(Error::Status(status))))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(partition: u32, offset: u64) -> pb::Delivery {
+        pb::Delivery {
+            partition,
+            offset,
+            ..pb::Delivery::default()
+        }
+    }
+
+    #[test]
+    fn ranges_join_consecutive_offsets_per_partition() {
+        let got = ranges(&[
+            d(0, 5),
+            d(1, 9),
+            d(0, 6),
+            d(0, 7),
+            d(1, 10),
+            d(0, 9),
+            d(2, 0),
+        ]);
+        let r = |partition, first_offset, last_offset| pb::DeliveryRange {
+            partition,
+            first_offset,
+            last_offset,
+        };
+        assert_eq!(got, vec![r(0, 5, 7), r(1, 9, 10), r(0, 9, 9), r(2, 0, 0)]);
+        assert!(ranges(&[]).is_empty());
     }
 }

@@ -493,6 +493,41 @@ async fn bad_group_requests_get_clear_statuses_and_change_nothing() -> anyhow::R
         .await
         .expect_err("acked twice");
     assert_eq!(err.code(), Some(Code::FailedPrecondition));
+    // One offset twice in one request, as two refs or as a ref and a range: refused whole
+    // (the first of the two was once applied before the second failed).
+    let before = client.describe_group("pullers").await?;
+    let mut in_range = ack(vec![(0, 1)]);
+    in_range.ack_ranges = vec![pb::DeliveryRange {
+        partition: 0,
+        first_offset: 1,
+        last_offset: 1,
+    }];
+    for twice in [ack(vec![(0, 1), (0, 1)]), in_range] {
+        let err = client.ack(twice).await.expect_err("twice");
+        assert_eq!(err.code(), Some(Code::InvalidArgument));
+        assert!(
+            err.to_string()
+                .contains("partition 0 offset 1 is acked twice in one request"),
+            "{err}"
+        );
+    }
+    let mut backwards = ack(Vec::new());
+    backwards.ack_ranges = vec![pb::DeliveryRange {
+        partition: 0,
+        first_offset: 1,
+        last_offset: 0,
+    }];
+    let err = client.ack(backwards).await.expect_err("backwards");
+    assert!(
+        err.to_string()
+            .contains("the first offset must not be after the last"),
+        "{err}"
+    );
+    assert_eq!(
+        settled(client.describe_group("pullers").await?),
+        settled(before),
+        "state changed"
+    );
     // Unknown member and unknown group.
     let mut bad = ack(vec![(0, 1)]);
     bad.member_id = "nobody".into();
@@ -545,6 +580,32 @@ async fn bad_group_requests_get_clear_statuses_and_change_nothing() -> anyhow::R
     let after = client.describe_group("pullers").await?;
     assert_eq!(after.partitions[0].committed_offset, 1);
     assert_eq!(after.pending, 1);
+    // One range acks the rest once every offset in it is delivered to this member.
+    let mut rest = ack(Vec::new());
+    rest.ack_ranges = vec![pb::DeliveryRange {
+        partition: 0,
+        first_offset: 1,
+        last_offset: 4,
+    }];
+    let err = client
+        .ack(rest.clone())
+        .await
+        .expect_err("2..=4 not delivered");
+    assert!(
+        err.to_string().contains("offset 2 has no pending delivery"),
+        "{err}"
+    );
+    assert_eq!(client.pull("pullers", &member, 3, 1000).await?.len(), 3);
+    client.ack(rest).await?;
+    let after = client.describe_group("pullers").await?;
+    assert_eq!(
+        (
+            after.partitions[0].committed_offset,
+            after.pending,
+            after.lag
+        ),
+        (5, 0, 0)
+    );
     // Bad settings.
     let mut bad = config("q", pb::GroupType::Shared);
     bad.ack_wait_ms = 5;

@@ -145,7 +145,13 @@ struct GroupMeta {
 struct CursorMeta {
     floor: u64,
     acked: Vec<u64>,
+    /// Delivery counts that are not 1 (and, in cursors written before `delivered`, every
+    /// count).
     counts: Vec<(u64, u32)>,
+    /// Unacked offsets delivered once, as half-open ranges; `counts` wins where both name
+    /// an offset.
+    #[serde(default)]
+    delivered: Vec<(u64, u64)>,
 }
 
 /// Offsets chosen for a member: (partition, offset, delivery count).
@@ -412,7 +418,17 @@ impl Groups {
                         key: String::from_utf8_lossy(&k).into_owned(),
                         detail: e.to_string(),
                     })?;
-                cursors.push(Cursor::restore(stored.floor, stored.acked, stored.counts));
+                let once = stored
+                    .delivered
+                    .iter()
+                    .flat_map(|(from, to)| *from..*to)
+                    .map(|o| (o, 1));
+                // Explicit counts come last so they win over the once-delivered ranges.
+                cursors.push(Cursor::restore(
+                    stored.floor,
+                    stored.acked,
+                    once.chain(stored.counts),
+                ));
             }
             let n = cursors.len();
             let state = State {
@@ -767,15 +783,16 @@ impl Groups {
                 };
                 match records {
                     Ok(records) => {
-                        let mut by_offset: BTreeMap<u64, Record> =
-                            records.into_iter().map(|r| (r.offset, r.record)).collect();
+                        // Both in offset order: one merge, no lookup per record.
+                        let mut records = records.into_iter().peekable();
                         for (p, o, count) in run {
-                            match by_offset.remove(o) {
-                                Some(record) => out.push(Delivery {
+                            while records.next_if(|r| r.offset < *o).is_some() {}
+                            match records.next_if(|r| r.offset == *o) {
+                                Some(r) => out.push(Delivery {
                                     partition: *p,
                                     offset: *o,
                                     count: *count,
-                                    record,
+                                    record: r.record,
                                 }),
                                 None => skipped.push((*p, *o, "not stored".to_owned())),
                             }
@@ -805,33 +822,56 @@ impl Groups {
         out
     }
 
-    /// Acks and nacks deliveries of `member`. Every reference is checked first: if any is
-    /// unknown, already acked or held by another member, nothing changes.
+    /// Acks and nacks deliveries of `member`. `acks` are inclusive ranges
+    /// `(partition, first offset, last offset)`; `nacks` name single offsets. Every
+    /// reference is checked first: if any is unknown, already acked, held by another member
+    /// or named twice, nothing changes.
     pub fn ack(
         &self,
         name: &str,
         member: &str,
-        acks: &[(u32, u64)],
+        acks: &[(u32, u64, u64)],
         nacks: &[(u32, u64)],
         nack_delay: Duration,
         error: &str,
     ) -> Result<(), Error> {
         let group = self.get(name)?;
         let group_type = group.config.read().group_type;
+        let acks = coalesce(name, acks)?;
+        let mut nacked: Vec<(u32, u64)> = nacks.to_vec();
+        nacked.sort_unstable();
+        if let Some(w) = nacked.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::InvalidArgument(format!(
+                "group {name:?}: partition {} offset {} is nacked twice in one request",
+                w[0].0, w[0].1
+            )));
+        }
         {
             let mut st = group.state.lock();
             st.touch_member(name, member)?;
-            for (p, o) in acks.iter().chain(nacks) {
-                let c = st.cursors.get(*p as usize).ok_or_else(|| {
-                    Error::InvalidArgument(format!("group {name:?} has no partition {p}"))
-                })?;
-                c.can_ack(*o, member).map_err(|e| ack_error(name, *p, &e))?;
+            for (p, from, to) in &acks {
+                cursor(&st, name, *p)?
+                    .can_ack_range(*from, *to, member)
+                    .map_err(|e| ack_error(name, *p, &e))?;
+            }
+            for (p, o) in nacks {
+                cursor(&st, name, *p)?
+                    .can_ack(*o, member)
+                    .map_err(|e| ack_error(name, *p, &e))?;
+                if acks
+                    .iter()
+                    .any(|(ap, from, to)| ap == p && (*from..=*to).contains(o))
+                {
+                    return Err(Error::InvalidArgument(format!(
+                        "partition {p} offset {o} is both acked and nacked in one request; send one of them"
+                    )));
+                }
             }
             let due = Instant::now() + nack_delay;
-            for (p, o) in acks {
+            for (p, from, to) in &acks {
                 let p = *p as usize;
                 st.cursors[p]
-                    .ack(*o, member)
+                    .ack_range(*from, *to, member)
                     .map_err(|e| ack_error(name, p as u32, &e))?;
                 st.dirty.insert(p);
                 if group_type == GroupType::Ordered {
@@ -1123,11 +1163,51 @@ fn ack_error(group: &str, partition: u32, e: &AckError) -> Error {
     Error::FailedPrecondition(format!("group {group:?} partition {partition}: {e}"))
 }
 
+/// The cursor of partition `p`, or an error naming the group.
+fn cursor<'a>(st: &'a State, name: &str, p: u32) -> Result<&'a Cursor, Error> {
+    st.cursors
+        .get(p as usize)
+        .ok_or_else(|| Error::InvalidArgument(format!("group {name:?} has no partition {p}")))
+}
+
+/// Sorts ack ranges by partition and offset and joins adjacent ones; an offset named twice
+/// (Kafka would see a duplicate commit; here it is a client bug) or a range whose first
+/// offset is after its last is refused.
+fn coalesce(name: &str, acks: &[(u32, u64, u64)]) -> Result<Vec<(u32, u64, u64)>, Error> {
+    let mut sorted = acks.to_vec();
+    if !sorted.is_sorted() {
+        sorted.sort_unstable();
+    }
+    let mut out: Vec<(u32, u64, u64)> = Vec::with_capacity(sorted.len().min(16));
+    for (p, from, to) in sorted {
+        if from > to {
+            return Err(Error::InvalidArgument(format!(
+                "group {name:?}: ack range {from}..={to} of partition {p} is empty; the first offset must not be after the last"
+            )));
+        }
+        if let Some(last) = out.last_mut() {
+            if last.0 == p && from <= last.2 {
+                return Err(Error::InvalidArgument(format!(
+                    "group {name:?}: partition {p} offset {} is acked twice in one request",
+                    from.max(last.1)
+                )));
+            }
+            if last.0 == p && from == last.2 + 1 {
+                last.2 = to;
+                continue;
+            }
+        }
+        out.push((p, from, to));
+    }
+    Ok(out)
+}
+
 fn encode_cursor(c: &Cursor) -> Vec<u8> {
     serde_json::to_vec(&CursorMeta {
         floor: c.floor(),
         acked: c.acked().collect(),
         counts: c.counts().collect(),
+        delivered: c.delivered_once(),
     })
     .unwrap_or_default()
 }

@@ -21,6 +21,10 @@ use crate::{
     log::{Error, MAX_FETCH_WAIT},
 };
 
+/// Most deliveries in one stream message: large enough that framing costs little, small
+/// enough that the member decodes one message while the broker reads the next.
+const PUSH_BATCH: u64 = 1024;
+
 /// How long one push-delivery poll waits before it checks the stream again.
 const PUSH_POLL: Duration = Duration::from_millis(500);
 
@@ -35,6 +39,19 @@ fn delivery_to_pb(d: Delivery) -> pb::Delivery {
 
 fn refs(r: &[pb::DeliveryRef]) -> Vec<(u32, u64)> {
     r.iter().map(|d| (d.partition, d.offset)).collect()
+}
+
+/// `acks` and `ack_ranges` of a request as inclusive ranges `(partition, first, last)`.
+fn ack_ranges(req: &pb::AckRequest) -> Vec<(u32, u64, u64)> {
+    req.acks
+        .iter()
+        .map(|d| (d.partition, d.offset, d.offset))
+        .chain(
+            req.ack_ranges
+                .iter()
+                .map(|r| (r.partition, r.first_offset, r.last_offset)),
+        )
+        .collect()
 }
 
 fn wait_of(ms: u32) -> Result<Duration, Status> {
@@ -53,7 +70,7 @@ fn ack(groups: &Groups, req: &pb::AckRequest) -> Result<(), Status> {
         .ack(
             &req.group,
             &req.member_id,
-            &refs(&req.acks),
+            &ack_ranges(req),
             &refs(&req.nacks),
             Duration::from_millis(u64::from(req.nack_delay_ms)),
             &req.error,
@@ -356,7 +373,7 @@ async fn push_deliveries(
                 _ = shutdown.wait_for(|s| *s) => break 'outer,
             }
         }
-        let n = credits.0.load(Ordering::Acquire);
+        let n = credits.0.load(Ordering::Acquire).min(PUSH_BATCH);
         let pulled = tokio::select! {
             r = groups.pull(&name, &member, n as usize, PUSH_POLL) => r,
             _ = closed.wait_for(|c| *c) => break,
