@@ -49,6 +49,12 @@ pub struct Config {
     #[arg(long, env = "WEIR_MEMTABLE_SIZE", default_value = "64MiB")]
     pub memtable_size: bytesize::ByteSize,
 
+    /// Most record bytes held in memory tables waiting to be flushed, e.g. `128MiB`; past
+    /// it produce requests wait for the flush (backpressure instead of memory growth).
+    /// `0` leaves only the storage engine's own limit (4 full memtables).
+    #[arg(long, env = "WEIR_MAX_WRITE_BUFFER_SIZE", default_value = "128MiB")]
+    pub max_write_buffer_size: bytesize::ByteSize,
+
     /// How often records of `Buffered` topics are fsynced, e.g. `1s`.
     #[arg(long, env = "WEIR_BUFFERED_FLUSH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub buffered_flush_interval: Duration,

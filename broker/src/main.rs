@@ -40,6 +40,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         max_journal_bytes: config.max_journal_size.as_u64(),
         buffered_flush_interval: config.buffered_flush_interval,
         memtable_bytes: config.memtable_size.as_u64(),
+        max_write_buffer_bytes: config.max_write_buffer_size.as_u64(),
         ..LogOptions::default()
     };
     let dir = config.data_dir.clone();

@@ -32,6 +32,7 @@ pub struct Metrics {
     committed_records: Counter,
     committed_bytes: Counter,
     commit_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    stall_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     stored_messages: Gauge,
     stored_bytes: Gauge,
     disk_bytes: Gauge,
@@ -66,6 +67,7 @@ impl Metrics {
             committed_records: Counter::default(),
             committed_bytes: Counter::default(),
             commit_seconds: Counter::default(),
+            stall_seconds: Counter::default(),
             stored_messages: Gauge::default(),
             stored_bytes: Gauge::default(),
             disk_bytes: Gauge::default(),
@@ -124,6 +126,11 @@ impl Metrics {
             "log_commit_seconds",
             "Time spent in group commits (write + fsync)",
             m.commit_seconds.clone(),
+        );
+        registry.register(
+            "log_write_stall_seconds",
+            "Time the writer waited for memtable flushes (--max-write-buffer-size reached)",
+            m.stall_seconds.clone(),
         );
         registry.register(
             "stored_messages",
@@ -194,10 +201,15 @@ impl Metrics {
         set(&self.commits, w.commits.load(Ordering::Relaxed));
         set(&self.committed_records, w.records.load(Ordering::Relaxed));
         set(&self.committed_bytes, w.bytes.load(Ordering::Relaxed));
-        let secs = w.commit_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        let cur = self.commit_seconds.get();
-        if secs > cur {
-            self.commit_seconds.inc_by(secs - cur);
+        for (counter, nanos) in [
+            (&self.commit_seconds, &w.commit_nanos),
+            (&self.stall_seconds, &w.stall_nanos),
+        ] {
+            let secs = nanos.load(Ordering::Relaxed) as f64 / 1e9;
+            let cur = counter.get();
+            if secs > cur {
+                counter.inc_by(secs - cur);
+            }
         }
         let topics = log.topics();
         let (mut messages, mut bytes) = (0u64, 0u64);

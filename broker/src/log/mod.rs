@@ -209,6 +209,11 @@ pub struct LogOptions {
     /// Largest memtable of the records keyspace before fjall flushes it to a table (bytes;
     /// fjall's default is 64 MiB). Applies when the keyspace is created.
     pub memtable_bytes: u64,
+    /// Most bytes of records held in memtables (active and sealed, waiting for the flush);
+    /// past it the writer waits for flushes before it commits more, so producers are slowed
+    /// instead of the broker's memory growing (RocksDB's `WriteBufferManager` stall does
+    /// the same). 0 means no limit beyond fjall's own (4 sealed memtables).
+    pub max_write_buffer_bytes: u64,
 }
 
 impl Default for LogOptions {
@@ -222,6 +227,7 @@ impl Default for LogOptions {
             buffered_flush_interval: Duration::from_secs(1),
             memtable_bytes: 64 * 1024 * 1024,
             max_queued_bytes: 32 * 1024 * 1024,
+            max_write_buffer_bytes: 128 * 1024 * 1024,
         }
     }
 }
@@ -254,6 +260,9 @@ pub struct WriterStats {
     pub bytes: std::sync::atomic::AtomicU64,
     /// Time spent in commits (write + fsync), in ns.
     pub commit_nanos: std::sync::atomic::AtomicU64,
+    /// Time the writer waited for flushes because memtables held `max_write_buffer_bytes`,
+    /// in ns.
+    pub stall_nanos: std::sync::atomic::AtomicU64,
 }
 
 pub(crate) struct Shared {
@@ -928,6 +937,46 @@ mod tests {
             log.queued.available_permits(),
             1024 * 1024,
             "every permit returned"
+        );
+    }
+
+    /// Sustained appends keep memtables within `max_write_buffer_bytes` (plus the round
+    /// being committed): the writer seals full memtables itself and waits for flushes,
+    /// and every append still completes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sustained_appends_keep_memtables_within_the_write_buffer_budget() {
+        const MIB: u64 = 1024 * 1024;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let options = LogOptions {
+            memtable_bytes: MIB,
+            max_write_buffer_bytes: 3 * MIB,
+            storage_workers: Some(1),
+            ..LogOptions::default()
+        };
+        let log = Arc::new(Log::open(dir.path(), &options).expect("opens"));
+        log.create_topic("fill", TopicConfig::new(2, 0).expect("config"))
+            .await
+            .expect("topic");
+        let record = Record {
+            value: bytes::Bytes::from(vec![3u8; 1000]),
+            ..Record::default()
+        };
+        let batch = 100u64;
+        let mut most = 0;
+        for i in 0..400u32 {
+            let records = vec![record.clone(); batch as usize];
+            crate::produce::produce(&log, "fill", Some(i % 2), records)
+                .await
+                .expect("produced");
+            most = most.max(log.write_buffer_bytes());
+        }
+        let topic = log.topic("fill").expect("topic");
+        let stored: u64 = topic.partitions().iter().map(|p| p.next_offset()).sum();
+        assert_eq!(stored, 400 * batch);
+        assert!(
+            most <= 3 * MIB + 2 * batch * 1100,
+            "memtables held {most} bytes, budget {}",
+            3 * MIB
         );
     }
 }

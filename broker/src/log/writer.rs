@@ -255,6 +255,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            self.wait_for_flushes();
             match self.round(&mut queue) {
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Stop) => return,
@@ -460,6 +461,23 @@ impl Writer {
             let _ = p.reply.send(Ok(p.acks));
         }
         Ok(())
+    }
+
+    /// Waits while memtables hold `max_write_buffer_bytes` or more, polling every
+    /// millisecond; the time goes to `stall_nanos`.
+    fn wait_for_flushes(&self) {
+        let limit = self.options.max_write_buffer_bytes;
+        if limit == 0 || self.shared.db.write_buffer_size() < limit {
+            return;
+        }
+        let started = std::time::Instant::now();
+        while self.shared.db.write_buffer_size() >= limit {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        relaxed_add(
+            &self.shared.stats.stall_nanos,
+            started.elapsed().as_nanos() as u64,
+        );
     }
 
     /// Seals the records memtable once `memtable_bytes` were committed into it. fjall
