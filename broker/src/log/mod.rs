@@ -979,4 +979,40 @@ mod tests {
             3 * MIB
         );
     }
+
+    /// A budget smaller than one memtable does not hang the writer: with nothing sealed,
+    /// the writer seals the active memtable so that a flush can bring the budget back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_buffer_budget_below_the_memtable_size_does_not_hang_producers() {
+        const MIB: u64 = 1024 * 1024;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let options = LogOptions {
+            memtable_bytes: 8 * MIB,
+            max_write_buffer_bytes: MIB,
+            ..LogOptions::default()
+        };
+        let log = Arc::new(Log::open(dir.path(), &options).expect("opens"));
+        log.create_topic("t", TopicConfig::new(1, 0).expect("config"))
+            .await
+            .expect("topic");
+        let record = Record {
+            value: bytes::Bytes::from(vec![5u8; 1000]),
+            ..Record::default()
+        };
+        let started = std::time::Instant::now();
+        for _ in 0..40 {
+            let produced = tokio::time::timeout(
+                Duration::from_secs(5),
+                crate::produce::produce(&log, "t", Some(0), vec![record.clone(); 100]),
+            )
+            .await;
+            produced.expect("no hang").expect("produced");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "took {:?}: the writer waited out its longest stall",
+            started.elapsed()
+        );
+        assert!(log.write_buffer_bytes() < 2 * MIB);
+    }
 }

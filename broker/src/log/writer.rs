@@ -219,6 +219,9 @@ pub(crate) fn spawn(
         })
 }
 
+/// Longest the writer waits for flushes before one round (see `Writer::wait_for_flushes`).
+const MAX_STALL: std::time::Duration = std::time::Duration::from_secs(10);
+
 struct Writer {
     shared: Arc<Shared>,
     options: LogOptions,
@@ -464,7 +467,10 @@ impl Writer {
     }
 
     /// Waits while memtables hold `max_write_buffer_bytes` or more, polling every
-    /// millisecond; the time goes to `stall_nanos`.
+    /// millisecond; the time goes to `stall_nanos`. When nothing is being flushed (a budget
+    /// below the memtable size) the active memtables are sealed so that the budget can
+    /// drain. After [`MAX_STALL`] the round goes ahead anyway, with a warning: a storage
+    /// engine that cannot flush must not hang every producer.
     fn wait_for_flushes(&self) {
         let limit = self.options.max_write_buffer_bytes;
         if limit == 0 || self.shared.db.write_buffer_size() < limit {
@@ -472,6 +478,21 @@ impl Writer {
         }
         let started = std::time::Instant::now();
         while self.shared.db.write_buffer_size() >= limit {
+            if started.elapsed() >= MAX_STALL {
+                tracing::warn!(
+                    held = self.shared.db.write_buffer_size(),
+                    limit,
+                    "memtables stayed over --max-write-buffer-size; committing anyway"
+                );
+                break;
+            }
+            if self.shared.records.sealed_memtable_count() == 0
+                && self.shared.meta.sealed_memtable_count() == 0
+            {
+                let _ = self.shared.records.rotate_memtable();
+                let _ = self.shared.meta.rotate_memtable();
+                self.since_rotation.set(0);
+            }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         relaxed_add(
