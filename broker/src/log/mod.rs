@@ -9,7 +9,12 @@
 //! One fjall `Database` with two keyspaces (the fjall author advises few keyspaces):
 //!
 //! - `records`: key `topic id (u32 BE) ‖ partition (u32 BE) ‖ base offset (u64 BE)`, value a
-//!   record batch ([`batch`]) with its CRC32C. One key per produced batch.
+//!   record batch ([`batch`]) with its CRC32C. One key per produced batch. Key-value
+//!   separated: batches of 1 KiB or more go to fjall blob files (LZ4) at flush and the
+//!   tables keep pointers, so compaction rewrites keys, not records. Without it every flushed
+//!   table held keys of every partition, overlapped the whole next level, and leveled
+//!   compaction rewrote the records again and again (sustained 1000-byte ingest: 86k
+//!   against 553k messages/s, `docs/benchmarks.md`). Taken when the keyspace is created.
 //! - `meta`: `t/<name>` → topic settings (JSON); `p/<topic id ‖ partition>` → partition
 //!   counters (next offset, earliest offset, bytes), written in the same atomic fjall batch as
 //!   the records they count; `n/topic-id` → the next topic id.
@@ -321,7 +326,9 @@ impl Log {
         let memtable = options.memtable_bytes.max(1024 * 1024);
         let records = db
             .keyspace("records", || {
-                KeyspaceCreateOptions::default().max_memtable_size(memtable)
+                KeyspaceCreateOptions::default()
+                    .max_memtable_size(memtable)
+                    .with_kv_separation(Some(fjall::KvSeparationOptions::default()))
             })
             .map_err(open_err)?;
         let meta = db
