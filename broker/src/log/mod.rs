@@ -1022,4 +1022,46 @@ mod tests {
         );
         assert!(log.write_buffer_bytes() < 2 * MIB);
     }
+
+    /// Batches go to blob files at flush (key-value separation), and read back from there
+    /// byte for byte.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn flushed_batches_live_in_blob_files_and_read_back() {
+        const MIB: u64 = 1024 * 1024;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let options = LogOptions {
+            memtable_bytes: MIB,
+            ..LogOptions::default()
+        };
+        let log = Arc::new(Log::open(dir.path(), &options).expect("opens"));
+        log.create_topic("b", TopicConfig::new(1, 0).expect("config"))
+            .await
+            .expect("topic");
+        let records: Vec<Record> = (0..3000u32)
+            .map(|i| Record {
+                value: bytes::Bytes::from(format!("{i:0>1000}")),
+                ..Record::default()
+            })
+            .collect();
+        for chunk in records.chunks(100) {
+            crate::produce::produce(&log, "b", Some(0), chunk.to_vec())
+                .await
+                .expect("produced");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while log.shared.records.blob_file_count() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no blob file after 3 MB written with 1 MiB memtables"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let part = log.topic("b").expect("topic").partition(0).expect("p0");
+        let read = log.read(&part, 0, usize::MAX, 3000).expect("read");
+        assert_eq!(read.len(), 3000);
+        for (i, r) in read.iter().enumerate() {
+            assert_eq!(r.offset, i as u64);
+            assert_eq!(r.record.value, records[i].value);
+        }
+    }
 }
