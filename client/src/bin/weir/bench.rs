@@ -509,12 +509,14 @@ async fn consume(
     let members = settings.members.max(1);
     let bar = progress(output, total, "consume");
     let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let received_bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..members {
         let client = client.clone();
         let group = group.clone();
         let received = std::sync::Arc::clone(&received);
+        let received_bytes = std::sync::Arc::clone(&received_bytes);
         let bar = bar.clone();
         let (window, ack_batch) = (settings.window, settings.ack_batch.max(1));
         tasks.push(tokio::spawn(async move {
@@ -529,6 +531,12 @@ async fn consume(
                 let Some(batch) = next else { break };
                 let batch = batch?;
                 received.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                let bytes: usize = batch
+                    .iter()
+                    .filter_map(|d| d.record.as_ref())
+                    .map(|r| r.value.len() + r.key.as_ref().map_or(0, bytes::Bytes::len))
+                    .sum();
+                received_bytes.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
                 bar.inc(batch.len() as u64);
                 for d in batch {
                     unacked.push(d);
@@ -563,6 +571,11 @@ async fn consume(
             ("messages", "messages", n as f64),
             ("seconds", "seconds", secs),
             ("messages/s", "messagesPerSecond", n as f64 / secs),
+            (
+                "MB/s (values and keys)",
+                "mbPerSecond",
+                received_bytes.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6 / secs,
+            ),
             ("lag after (messages)", "lagAfter", desc.lag as f64),
         ],
         broker_rss_mib: None,

@@ -1,0 +1,99 @@
+//! `weir bench` against a real broker: produce, catch-up consume and end-to-end each report
+//! what they did in the stable JSON keys that scripts (`bench/compare`) read, and the counts
+//! agree with what the broker stored and what the group acked.
+
+use weir_tests::Broker;
+
+/// Runs `weir bench <args> --output json` and returns its JSON report.
+fn bench(broker: &Broker, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+    let metrics = broker.http_addr.clone();
+    let mut all = vec!["bench"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--output", "json", "--broker-metrics", &metrics]);
+    let out = broker.weir(&all, b"")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "weir {}: {}",
+        all.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn number(report: &serde_json::Value, key: &str) -> f64 {
+    report[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} missing or not a number in {report}"))
+}
+
+#[test]
+fn bench_produce_consume_and_end_to_end_report_what_they_did() -> anyhow::Result<()> {
+    let broker = Broker::start()?;
+
+    let produced = bench(
+        &broker,
+        &[
+            "produce",
+            "--messages",
+            "20000",
+            "--message-size",
+            "200",
+            "--partitions",
+            "3",
+        ],
+    )?;
+    assert_eq!(number(&produced, "messages"), 20_000.0, "{produced}");
+    assert!(number(&produced, "messagesPerSecond") > 0.0);
+    let mb = number(&produced, "mbPerSecond");
+    let rate = number(&produced, "messagesPerSecond");
+    assert!(
+        (mb - rate * 200.0 / 1e6).abs() < mb * 0.01,
+        "MB/s {mb} is not messages/s {rate} × 200 B: {produced}"
+    );
+    let p50 = number(&produced, "latencyP50Ms");
+    let p99 = number(&produced, "latencyP99Ms");
+    let max = number(&produced, "latencyMaxMs");
+    assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{produced}");
+    assert!(
+        number(&produced, "brokerPeakRssMiB") > 1.0,
+        "broker RSS sampled from /metrics: {produced}"
+    );
+    let describe = broker.weir(&["--output", "json", "topic", "describe", "bench"], b"")?;
+    let text = String::from_utf8_lossy(&describe.stdout);
+    assert!(text.contains("\"messages\":20000"), "{text}");
+
+    for kind in ["ordered", "shared"] {
+        let consumed = bench(&broker, &["consume", "--topic", "bench", "--type", kind])?;
+        assert_eq!(
+            number(&consumed, "messages"),
+            20_000.0,
+            "{kind}: {consumed}"
+        );
+        assert_eq!(number(&consumed, "lagAfter"), 0.0, "{kind}: {consumed}");
+        let mb = number(&consumed, "mbPerSecond");
+        let rate = number(&consumed, "messagesPerSecond");
+        assert!(
+            (mb - rate * 200.0 / 1e6).abs() < mb * 0.01,
+            "{kind}: MB/s {mb} is not messages/s {rate} × 200 B: {consumed}"
+        );
+    }
+
+    let e2e = bench(
+        &broker,
+        &[
+            "end-to-end",
+            "--rate",
+            "2000",
+            "--duration",
+            "2s",
+            "--type",
+            "ordered",
+        ],
+    )?;
+    assert_eq!(number(&e2e, "sent"), 4_000.0, "{e2e}");
+    assert_eq!(number(&e2e, "received"), 4_000.0, "{e2e}");
+    let p50 = number(&e2e, "latencyP50Ms");
+    let p99 = number(&e2e, "latencyP99Ms");
+    assert!(0.0 < p50 && p50 <= p99, "{e2e}");
+    Ok(())
+}
