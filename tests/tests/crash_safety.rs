@@ -132,13 +132,25 @@ async fn verify(client: &Client, ledger: &Ledger) -> anyhow::Result<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_records_survive_repeated_sigkill() -> anyhow::Result<()> {
+    sigkill_rounds(&[]).await
+}
+
+/// The same with 1 MiB memtables, so that records are flushed to tables and blob files
+/// (and compacted) between the kills, not only replayed from the journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_records_survive_repeated_sigkill_across_flushes() -> anyhow::Result<()> {
+    sigkill_rounds(&["--memtable-size", "1MiB", "--max-write-buffer-size", "4MiB"]).await
+}
+
+async fn sigkill_rounds(broker_args: &[&str]) -> anyhow::Result<()> {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_nanos() as u64
         | 1;
-    println!("crash_safety seed {seed}");
+    println!("crash_safety seed {seed}, broker flags {broker_args:?}");
     let mut rng = Rng(seed);
-    let mut broker = Broker::start()?;
+    let dir = tempfile::tempdir()?;
+    let mut broker = Broker::start_with(dir.path(), broker_args)?;
     broker
         .client()
         .await?
