@@ -200,13 +200,12 @@ impl Cursor {
     /// Splits the pending run containing `at` (if it starts below `at`) so that a run
     /// starts at `at`.
     fn split_at(&mut self, at: u64) {
-        let Some((start, run)) = self.pending.range_mut(..at).next_back() else {
+        let Some((_, run)) = self.pending.range_mut(..at).next_back() else {
             return;
         };
         if run.end <= at {
             return;
         }
-        let _ = start;
         let tail = Run {
             end: run.end,
             member: Arc::clone(&run.member),
@@ -344,8 +343,13 @@ impl Cursor {
         self.redeliver.values().min().copied()
     }
 
-    /// Checks that every offset of `from..=to` is pending for `member`.
-    fn check(&self, from: u64, to: u64, member: &str) -> Result<(), AckError> {
+    /// Checks that `member` holds `offset` without changing anything.
+    pub fn can_ack(&self, offset: u64, member: &str) -> Result<(), AckError> {
+        self.can_ack_range(offset, offset, member)
+    }
+
+    /// Checks that `member` holds every offset of `from..=to` without changing anything.
+    pub fn can_ack_range(&self, from: u64, to: u64, member: &str) -> Result<(), AckError> {
         let mut o = from;
         while o <= to {
             let run = match self.pending.range(..=o).next_back() {
@@ -363,16 +367,6 @@ impl Cursor {
         Ok(())
     }
 
-    /// Checks that `member` holds `offset` without changing anything.
-    pub fn can_ack(&self, offset: u64, member: &str) -> Result<(), AckError> {
-        self.check(offset, offset, member)
-    }
-
-    /// Checks that `member` holds every offset of `from..=to` without changing anything.
-    pub fn can_ack_range(&self, from: u64, to: u64, member: &str) -> Result<(), AckError> {
-        self.check(from, to, member)
-    }
-
     /// Acks `offset` held by `member`; the floor advances over contiguous acks.
     pub fn ack(&mut self, offset: u64, member: &str) -> Result<(), AckError> {
         self.ack_range(offset, offset, member)
@@ -381,7 +375,7 @@ impl Cursor {
     /// Acks every offset of `from..=to`, all held by `member`; if one is not, nothing
     /// changes.
     pub fn ack_range(&mut self, from: u64, to: u64, member: &str) -> Result<(), AckError> {
-        self.check(from, to, member)?;
+        self.can_ack_range(from, to, member)?;
         self.settle_range(from, to);
         Ok(())
     }
@@ -422,7 +416,7 @@ impl Cursor {
         due: Instant,
         error: &str,
     ) -> Result<u32, AckError> {
-        self.check(offset, offset, member)?;
+        self.can_ack_range(offset, offset, member)?;
         self.unpend(offset, offset);
         self.redeliver.insert(offset, due);
         if !error.is_empty() {

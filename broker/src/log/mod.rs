@@ -910,23 +910,39 @@ pub(crate) fn relaxed_add(counter: &std::sync::atomic::AtomicU64, n: u64) {
 mod tests {
     use super::*;
 
+    /// A log on a new temporary directory with one topic of `partitions` partitions; the
+    /// directory lives as long as the returned guard.
+    async fn log_with_topic(
+        options: &LogOptions,
+        topic: &str,
+        partitions: u32,
+    ) -> (tempfile::TempDir, Arc<Log>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = Arc::new(Log::open(dir.path(), options).expect("opens"));
+        log.create_topic(topic, TopicConfig::new(partitions, 0).expect("config"))
+            .await
+            .expect("topic");
+        (dir, log)
+    }
+
+    /// A record whose value is `size` copies of `byte`.
+    fn filled(byte: u8, size: usize) -> Record {
+        Record {
+            value: bytes::Bytes::from(vec![byte; size]),
+            ..Record::default()
+        }
+    }
+
     /// Requests larger than the queued-bytes budget, several at once, all complete: each
     /// takes at most the whole budget and waits its turn, none waits forever.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn requests_beyond_the_queued_bytes_budget_wait_their_turn() {
-        let dir = tempfile::tempdir().expect("temp dir");
         let options = LogOptions {
             max_queued_bytes: 1024 * 1024,
             ..LogOptions::default()
         };
-        let log = Arc::new(Log::open(dir.path(), &options).expect("opens"));
-        log.create_topic("big", TopicConfig::new(1, 0).expect("config"))
-            .await
-            .expect("topic");
-        let record = Record {
-            value: bytes::Bytes::from(vec![7u8; 900 * 1024]),
-            ..Record::default()
-        };
+        let (_dir, log) = log_with_topic(&options, "big", 1).await;
+        let record = filled(7, 900 * 1024);
         let mut tasks = Vec::new();
         for _ in 0..6 {
             let log = Arc::clone(&log);
@@ -954,21 +970,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sustained_appends_keep_memtables_within_the_write_buffer_budget() {
         const MIB: u64 = 1024 * 1024;
-        let dir = tempfile::tempdir().expect("temp dir");
         let options = LogOptions {
             memtable_bytes: MIB,
             max_write_buffer_bytes: 3 * MIB,
             storage_workers: Some(1),
             ..LogOptions::default()
         };
-        let log = Arc::new(Log::open(dir.path(), &options).expect("opens"));
-        log.create_topic("fill", TopicConfig::new(2, 0).expect("config"))
-            .await
-            .expect("topic");
-        let record = Record {
-            value: bytes::Bytes::from(vec![3u8; 1000]),
-            ..Record::default()
-        };
+        let (_dir, log) = log_with_topic(&options, "fill", 2).await;
+        let record = filled(3, 1000);
         let batch = 100u64;
         let mut most = 0;
         for i in 0..400u32 {
@@ -993,20 +1002,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_write_buffer_budget_below_the_memtable_size_does_not_hang_producers() {
         const MIB: u64 = 1024 * 1024;
-        let dir = tempfile::tempdir().expect("temp dir");
         let options = LogOptions {
             memtable_bytes: 8 * MIB,
             max_write_buffer_bytes: MIB,
             ..LogOptions::default()
         };
-        let log = Arc::new(Log::open(dir.path(), &options).expect("opens"));
-        log.create_topic("t", TopicConfig::new(1, 0).expect("config"))
-            .await
-            .expect("topic");
-        let record = Record {
-            value: bytes::Bytes::from(vec![5u8; 1000]),
-            ..Record::default()
-        };
+        let (_dir, log) = log_with_topic(&options, "t", 1).await;
+        let record = filled(5, 1000);
         let started = std::time::Instant::now();
         for _ in 0..40 {
             let produced = tokio::time::timeout(
@@ -1029,15 +1031,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn flushed_batches_live_in_blob_files_and_read_back() {
         const MIB: u64 = 1024 * 1024;
-        let dir = tempfile::tempdir().expect("temp dir");
         let options = LogOptions {
             memtable_bytes: MIB,
             ..LogOptions::default()
         };
-        let log = Arc::new(Log::open(dir.path(), &options).expect("opens"));
-        log.create_topic("b", TopicConfig::new(1, 0).expect("config"))
-            .await
-            .expect("topic");
+        let (_dir, log) = log_with_topic(&options, "b", 1).await;
         let records: Vec<Record> = (0..3000u32)
             .map(|i| Record {
                 value: bytes::Bytes::from(format!("{i:0>1000}")),
