@@ -13,13 +13,14 @@ pub struct Config {
     #[arg(long, env = "WEIR_DATA_DIR", default_value = "./weir-data")]
     pub data_dir: PathBuf,
 
-    /// Address of the gRPC server (weir.v1, health, reflection). Port 0 picks a free port;
-    /// the bound address is logged.
-    #[arg(long, env = "WEIR_LISTEN", default_value = "0.0.0.0:7070")]
+    /// Address of the gRPC server (weir.v1, health, reflection), `HOST:PORT` with an IP
+    /// address or a host name (`localhost:7070`). Port 0 picks a free port; the bound
+    /// address is logged.
+    #[arg(long, env = "WEIR_LISTEN", default_value = "0.0.0.0:7070", value_parser = parse_listen)]
     pub listen: SocketAddr,
 
-    /// Address of the HTTP server: /metrics (Prometheus), /healthz, /readyz.
-    #[arg(long, env = "WEIR_HTTP_LISTEN", default_value = "0.0.0.0:7071")]
+    /// Address of the HTTP server: /metrics (Prometheus), /healthz, /readyz; `HOST:PORT`.
+    #[arg(long, env = "WEIR_HTTP_LISTEN", default_value = "0.0.0.0:7071", value_parser = parse_listen)]
     pub http_listen: SocketAddr,
 
     /// Longest a graceful shutdown (SIGTERM, SIGINT) waits for in-flight requests before it
@@ -62,6 +63,62 @@ pub struct Config {
     /// Log format: `text` for terminals, `json` for log collectors in a cluster.
     #[arg(long, env = "WEIR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// A fault to inject, for the broker's own tests (`writer-panic`: the log writer
+    /// panics after its first round). Never set it in production.
+    #[arg(long, env = "WEIR_FAILPOINT", value_enum, hide = true)]
+    pub failpoint: Option<Failpoint>,
+}
+
+/// Faults the broker's tests inject (see [`crate::log::Failpoint`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Failpoint {
+    /// The log writer thread panics after its first round.
+    WriterPanic,
+}
+
+impl From<Failpoint> for crate::log::Failpoint {
+    fn from(f: Failpoint) -> Self {
+        match f {
+            Failpoint::WriterPanic => Self::WriterPanic { after_rounds: 1 },
+        }
+    }
+}
+
+/// Parses `HOST:PORT`, resolving a host name (the first address it resolves to).
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let hint = "expected HOST:PORT, e.g. 0.0.0.0:7070, 127.0.0.1:7070 or localhost:7070";
+    if !s.contains(':') || s.contains("://") {
+        return Err(format!("{s:?} is not an address to listen on; {hint}"));
+    }
+    match s.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("{s:?} resolves to no address; {hint}")),
+        Err(e) => Err(format!("cannot resolve {s:?}: {e}; {hint}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_take_ips_and_host_names() {
+        assert_eq!(
+            parse_listen("0.0.0.0:7070"),
+            Ok(SocketAddr::from(([0, 0, 0, 0], 7070)))
+        );
+        let local = parse_listen("localhost:7070").expect("resolves");
+        assert!(local.ip().is_loopback() && local.port() == 7070, "{local}");
+        let scheme = parse_listen("http://127.0.0.1:7070").expect_err("a URL");
+        assert!(scheme.contains("expected HOST:PORT"), "{scheme}");
+        assert!(parse_listen("7070").is_err());
+    }
 }
 
 /// Format of the broker's own log lines (on stderr).

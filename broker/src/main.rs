@@ -2,24 +2,34 @@
 
 use std::sync::Arc;
 
+use std::{io::IsTerminal, process::ExitCode};
+
 use anyhow::Context as _;
 use clap::Parser;
 use tokio::net::TcpListener;
 use weir_broker::{
     config::{Config, LogFormat},
     log::{Log, LogOptions},
-    server,
+    server::{self, ServeOptions},
 };
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let config = Config::parse();
     init_tracing(config.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("weir-rt")
         .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(run(config))
+        .context("starting the async runtime")
+        .and_then(|runtime| runtime.block_on(run(config)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: what failed and why, outermost first.
+            eprintln!("weir-broker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
@@ -38,9 +48,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         cache_bytes: config.cache_size.as_u64(),
         storage_workers: Some(config.storage_workers),
         max_journal_bytes: config.max_journal_size.as_u64(),
-        buffered_flush_interval: config.buffered_flush_interval,
         memtable_bytes: config.memtable_size.as_u64(),
         max_write_buffer_bytes: config.max_write_buffer_size.as_u64(),
+        failpoint: config.failpoint.map(Into::into),
         ..LogOptions::default()
     };
     let dir = config.data_dir.clone();
@@ -54,15 +64,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let http = TcpListener::bind(config.http_listen)
         .await
         .with_context(|| format!("binding HTTP address {}", config.http_listen))?;
-
-    let mut failed = log.failed();
-    tokio::spawn(async move {
-        if let Ok(reason) = failed.wait_for(Option::is_some).await {
-            tracing::error!(reason = ?*reason, "storage failed; exiting so the broker restarts and recovers");
-            std::process::exit(1);
-        }
-    });
-    server::run(log, grpc, http, shutdown_signal(), config.shutdown_timeout).await?;
+    let options = ServeOptions {
+        grace: config.shutdown_timeout,
+        buffered_flush_interval: config.buffered_flush_interval,
+    };
+    server::run(log, grpc, http, shutdown_signal(), options).await?;
     Ok(())
 }
 
@@ -85,8 +91,10 @@ async fn shutdown_signal() {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: a file or a log collector gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

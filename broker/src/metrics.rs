@@ -222,12 +222,19 @@ impl Metrics {
         let gauge = |g: &Gauge, v: u64| g.set(i64::try_from(v).unwrap_or(i64::MAX));
         gauge(&self.stored_messages, messages);
         gauge(&self.stored_bytes, bytes);
-        gauge(&self.disk_bytes, log.disk_space());
+        match log.disk_space() {
+            Ok(bytes) => {
+                gauge(&self.disk_bytes, bytes);
+            }
+            Err(e) => tracing::warn!(error = %e, "weir_disk_bytes not updated"),
+        }
         gauge(&self.topics, topics.len() as u64);
         gauge(&self.resident_bytes, resident_bytes().unwrap_or(0));
         gauge(&self.write_buffer_bytes, log.write_buffer_bytes());
         let mut out = String::new();
-        let _ = encode(&mut out, &self.registry);
+        if let Err(e) = encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "rendering metrics failed");
+        }
         out
     }
 }
@@ -241,7 +248,8 @@ struct HttpState {
 }
 
 /// The HTTP router: `/metrics` (Prometheus text), `/healthz` (200 while the process runs),
-/// `/readyz` (200 once serving, 503 while starting or shutting down).
+/// `/readyz` (200 once serving; 503 while starting, shutting down, or once storage or a
+/// worker failed).
 pub fn router(
     log: Arc<Log>,
     groups: Arc<Groups>,
@@ -275,7 +283,7 @@ async fn metrics_handler(State(s): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn ready_handler(State(s): State<HttpState>) -> impl IntoResponse {
-    if *s.ready.borrow() {
+    if *s.ready.borrow() && !s.log.is_failed() {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")

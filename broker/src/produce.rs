@@ -5,21 +5,13 @@
 
 use std::sync::{Arc, atomic::Ordering};
 
-use crate::log::{self, AppendTicket, Error, Log, Record, batch, partitioner};
-
-/// Where the records of one partition landed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ack {
-    /// Partition index.
-    pub partition: u32,
-    /// Offset of the first record.
-    pub base_offset: u64,
-    /// Number of records; they have offsets `base_offset..base_offset + record_count`.
-    pub record_count: u32,
-}
+pub use crate::log::Ack;
+use crate::log::{
+    self, AppendTicket, Error, Log, PartBatch, Record, batch, idempotence::Idempotence, partitioner,
+};
 
 /// Validates and routes `records` of `topic` and queues one batch per partition for the
-/// writer; [`Pending::wait`] returns one [`Ack`] per partition once all are durable.
+/// writer; [`AppendTicket::wait`] returns one [`Ack`] per partition once all are durable.
 /// Requests submitted one after another are committed in that order.
 ///
 /// Routing: with `partition`, every record goes there; otherwise keyed records go to
@@ -37,22 +29,22 @@ pub async fn submit(
     topic: &str,
     partition: Option<u32>,
     records: Vec<Record>,
-    producer: Option<(u64, u64)>,
-) -> Result<Pending, Error> {
+    producer: Option<Idempotence>,
+) -> Result<AppendTicket, Error> {
     if records.is_empty() {
-        return Err(Error::InvalidArgument(
-            "a produce request needs at least one record; this one has none".into(),
-        ));
+        return Err(Error::EmptyProduce);
     }
     let topic = log.topic(topic)?;
     let config = topic.config();
     for (i, r) in records.iter().enumerate() {
         let size = r.size();
         if size > config.max_message_bytes as usize {
-            return Err(Error::InvalidArgument(format!(
-                "record {i} is {size} bytes (key + value + headers); topic {:?} accepts at most {} bytes per record (max_message_bytes)",
-                topic.name, config.max_message_bytes
-            )));
+            return Err(Error::RecordTooLarge {
+                index: i,
+                size,
+                topic: topic.name.clone(),
+                max: config.max_message_bytes,
+            });
         }
     }
     let partitions = topic.partitions();
@@ -88,40 +80,25 @@ pub async fn submit(
     let now = log::now_ms();
     let mut batches = Vec::with_capacity(routed.len());
     for (p, recs) in routed {
-        let part = partitions
-            .get(p as usize)
-            .map(Arc::clone)
-            .ok_or_else(|| Error::InvalidArgument(format!("partition {p} does not exist")))?;
-        batches.push((part, batch::encode(&recs, now), recs.len() as u32));
+        let part =
+            partitions
+                .get(p as usize)
+                .map(Arc::clone)
+                .ok_or_else(|| Error::PartitionNotFound {
+                    topic: topic.name.clone(),
+                    partition: p,
+                    partitions: count,
+                })?;
+        batches.push(PartBatch {
+            partition: part,
+            batch: batch::encode(&recs, now),
+            records: recs.len() as u32,
+        });
     }
-    let ticket = log.submit_append(topic, batches, producer).await?;
-    Ok(Pending { ticket })
+    log.submit_append(topic, batches, producer).await
 }
 
-/// A produce request queued for the writer.
-#[derive(Debug)]
-pub struct Pending {
-    ticket: AppendTicket,
-}
-
-impl Pending {
-    /// Waits until the request is durable; returns the acks in ascending partition order.
-    pub async fn wait(self) -> Result<Vec<Ack>, Error> {
-        Ok(self
-            .ticket
-            .wait()
-            .await?
-            .into_iter()
-            .map(|(partition, base_offset, record_count)| Ack {
-                partition,
-                base_offset,
-                record_count,
-            })
-            .collect())
-    }
-}
-
-/// [`submit`] then [`Pending::wait`]: appends and returns the acks once durable.
+/// [`submit`] then [`AppendTicket::wait`]: appends and returns the acks once durable.
 pub async fn produce(
     log: &Log,
     topic: &str,

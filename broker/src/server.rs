@@ -3,6 +3,8 @@
 //!
 //! Shutdown order: mark not ready and NOT_SERVING, stop accepting, end open streams, wait
 //! for in-flight requests (up to a timeout), then commit and persist everything queued.
+//! The same order runs when a worker dies (the log's writer, a periodic job): then
+//! [`run`] returns [`Error::WorkerFailed`] and the process exits non-zero.
 
 use std::{sync::Arc, time::Duration};
 
@@ -17,9 +19,30 @@ use weir_proto::v1::{
 use crate::{
     groups::Groups,
     grpc::{AdminService, ConsumerService, Context, MAX_MESSAGE_BYTES, ProducerService},
+    jobs,
     log::Log,
     metrics::{self, Metrics},
 };
+
+/// Settings of serving.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Longest a graceful shutdown waits for in-flight requests.
+    pub grace: Duration,
+    /// How often writes that were not fsynced at once (`Buffered` topics, group acks) are
+    /// fsynced.
+    pub buffered_flush_interval: Duration,
+}
+
+impl Default for ServeOptions {
+    /// 10 s grace, fsync every 1 s.
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(10),
+            buffered_flush_interval: Duration::from_secs(1),
+        }
+    }
+}
 
 /// Errors of serving.
 #[derive(Debug, thiserror::Error)]
@@ -36,32 +59,36 @@ pub enum Error {
     ServeHttp(#[source] std::io::Error),
     /// Group state could not be loaded.
     #[error("loading consumer groups: {0}")]
-    OpenGroups(#[source] crate::log::Error),
+    OpenGroups(#[source] crate::groups::Error),
+    /// A worker the broker depends on died or storage failed; the broker shut down and must
+    /// be restarted to recover.
+    #[error("{0}; the broker stopped and must be restarted to recover")]
+    WorkerFailed(String),
     /// Persisting at shutdown failed.
     #[error("closing the log: {0}")]
     CloseLog(#[from] crate::log::Error),
 }
 
 /// Serves `log` on the given listeners until `shutdown` resolves, then shuts down
-/// gracefully: requests in flight finish (at most `grace`), the log commits what is queued
-/// and persists.
+/// gracefully: requests in flight finish (at most `options.grace`), the log commits what is
+/// queued and persists. When a worker dies first (the log reports a failure), the broker
+/// turns unready at once, shuts down the same way and returns [`Error::WorkerFailed`].
 pub async fn run(
     log: Arc<Log>,
     grpc: TcpListener,
     http: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
-    grace: Duration,
+    options: ServeOptions,
 ) -> Result<(), Error> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::new());
     let log_for_groups = Arc::clone(&log);
-    let groups = tokio::task::spawn_blocking(move || Groups::open(log_for_groups))
-        .await
-        .map_err(|e| Error::OpenGroups(crate::log::Error::InvalidArgument(e.to_string())))?
-        .map_err(Error::OpenGroups)?;
-    let ticker = tokio::spawn(Arc::clone(&groups).run(stop_rx.clone()));
-    let retention = tokio::spawn(enforce_max_age(Arc::clone(&log), stop_rx.clone()));
+    let groups = match tokio::task::spawn_blocking(move || Groups::open(log_for_groups)).await {
+        Ok(opened) => opened.map_err(Error::OpenGroups)?,
+        Err(e) => return Err(Error::WorkerFailed(format!("loading consumer groups: {e}"))),
+    };
+    let jobs = jobs::spawn(&log, &groups, options.buffered_flush_interval, &stop_rx);
     let ctx = Context {
         log: Arc::clone(&log),
         shutdown: stop_rx.clone(),
@@ -70,13 +97,7 @@ pub async fn run(
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<AdminServer<AdminService>>().await;
-    health
-        .set_serving::<ProducerServer<ProducerService>>()
-        .await;
-    health
-        .set_serving::<ConsumerServer<ConsumerService>>()
-        .await;
+    set_health(&health, true).await;
     let grpc_addr = grpc
         .local_addr()
         .map_or_else(|e| e.to_string(), |a| a.to_string());
@@ -109,17 +130,23 @@ pub async fn run(
     ready_tx.send_replace(true);
     tracing::info!(grpc_addr, http_addr, "broker ready");
 
-    shutdown.await;
+    let mut failed = log.failed();
+    let failure = tokio::select! {
+        () = shutdown => None,
+        reason = failed.wait_for(Option::is_some) => {
+            let reason = match reason {
+                Ok(r) => (*r).clone().unwrap_or_default(),
+                Err(_) => "the log stopped".to_owned(),
+            };
+            tracing::error!(reason, "a worker failed; shutting down so the broker restarts and recovers");
+            Some(reason)
+        }
+    };
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     ready_tx.send_replace(false);
-    health.set_not_serving::<AdminServer<AdminService>>().await;
-    health
-        .set_not_serving::<ProducerServer<ProducerService>>()
-        .await;
-    health
-        .set_not_serving::<ConsumerServer<ConsumerService>>()
-        .await;
+    set_health(&health, false).await;
     stop_tx.send_replace(true);
+    let grace = options.grace;
     let drained = tokio::time::timeout(grace, async {
         let g = grpc_task.await;
         let h = http_task.await;
@@ -135,14 +162,42 @@ pub async fn run(
             "in-flight requests did not finish in time"
         ),
     }
-    let _ = ticker.await;
-    let _ = retention.await;
+    for job in jobs {
+        if let Err(e) = job.await {
+            tracing::warn!(error = %e, "a periodic job ended abnormally");
+        }
+    }
+    if let Some(reason) = failure {
+        // Storage may be poisoned: persist nothing more, recovery starts from what is on disk.
+        return Err(Error::WorkerFailed(reason));
+    }
     if let Err(e) = groups.flush().await {
         tracing::warn!(error = %e, "persisting group state at shutdown failed");
     }
     log.close().await?;
     tracing::info!("log persisted; bye");
     Ok(())
+}
+
+/// Marks every `weir.v1` service SERVING or NOT_SERVING in `grpc.health.v1`.
+async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
+    if serving {
+        health.set_serving::<AdminServer<AdminService>>().await;
+        health
+            .set_serving::<ProducerServer<ProducerService>>()
+            .await;
+        health
+            .set_serving::<ConsumerServer<ConsumerService>>()
+            .await;
+    } else {
+        health.set_not_serving::<AdminServer<AdminService>>().await;
+        health
+            .set_not_serving::<ProducerServer<ProducerService>>()
+            .await;
+        health
+            .set_not_serving::<ConsumerServer<ConsumerService>>()
+            .await;
+    }
 }
 
 /// Every gRPC service of the broker: weir.v1, health, reflection (v1 and v1alpha, so older
@@ -183,33 +238,4 @@ fn grpc_router(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         ))
-}
-
-/// How often `maxAge` is enforced: records disappear at most this long (plus the time to
-/// delete them) after they pass their topic's `maxAge`.
-pub const MAX_AGE_CHECK: Duration = Duration::from_secs(1);
-
-/// Deletes records past their topic's `maxAge`, every [`MAX_AGE_CHECK`].
-async fn enforce_max_age(log: Arc<Log>, mut stop: watch::Receiver<bool>) {
-    let mut interval = tokio::time::interval(MAX_AGE_CHECK);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = interval.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        for topic in log.topics() {
-            let max_age = topic.config().max_age_ms;
-            if max_age == 0 {
-                continue;
-            }
-            let cutoff =
-                crate::log::now_ms().saturating_sub(i64::try_from(max_age).unwrap_or(i64::MAX));
-            for p in topic.partitions() {
-                if let Err(e) = log.expire(p, cutoff).await {
-                    tracing::warn!(topic = %topic.name, error = %e, "max-age enforcement failed; retrying");
-                }
-            }
-        }
-    }
 }

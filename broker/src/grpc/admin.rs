@@ -4,10 +4,13 @@ use tonic::{Request, Response, Status};
 use weir_proto::v1::{self as pb, admin_server::Admin};
 
 use super::{
-    Context, describe, group_config_from_pb, group_to_pb, start_from_pb, status,
-    topic_config_from_pb,
+    Context,
+    convert::{describe, group_config_from_pb, group_to_pb, start_from_pb, topic_config_from_pb},
 };
-use crate::log::{TopicConfig, topic::validate_name};
+use crate::{
+    log::TopicConfig,
+    validate::{NameKind, validate_name},
+};
 
 /// Serves `weir.v1.Admin` over the log.
 #[derive(Debug, Clone)]
@@ -33,14 +36,9 @@ impl Admin for AdminService {
         request: Request<pb::CreateTopicRequest>,
     ) -> Result<Response<pb::CreateTopicResponse>, Status> {
         let req = request.into_inner();
-        validate_name(&req.name).map_err(|e| status(&e))?;
+        validate_name(NameKind::Topic, &req.name)?;
         let config = config(&req.name, req.config)?;
-        let (topic, created) = self
-            .ctx
-            .log
-            .create_topic(&req.name, config)
-            .await
-            .map_err(|e| status(&e))?;
+        let (topic, created) = self.ctx.log.create_topic(&req.name, config).await?;
         Ok(Response::new(pb::CreateTopicResponse {
             topic: Some(describe(&topic)),
             created,
@@ -53,12 +51,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::UpdateTopicResponse>, Status> {
         let req = request.into_inner();
         let config = config(&req.name, req.config)?;
-        let topic = self
-            .ctx
-            .log
-            .update_topic(&req.name, config)
-            .await
-            .map_err(|e| status(&e))?;
+        let topic = self.ctx.log.update_topic(&req.name, config).await?;
         Ok(Response::new(pb::UpdateTopicResponse {
             topic: Some(describe(&topic)),
         }))
@@ -69,16 +62,8 @@ impl Admin for AdminService {
         request: Request<pb::DeleteTopicRequest>,
     ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
         let req = request.into_inner();
-        self.ctx
-            .log
-            .delete_topic(&req.name)
-            .await
-            .map_err(|e| status(&e))?;
-        self.ctx
-            .groups
-            .delete_for_topic(&req.name)
-            .await
-            .map_err(|e| status(&e))?;
+        self.ctx.log.delete_topic(&req.name).await?;
+        self.ctx.groups.delete_for_topic(&req.name).await?;
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }
 
@@ -87,7 +72,7 @@ impl Admin for AdminService {
         request: Request<pb::DescribeTopicRequest>,
     ) -> Result<Response<pb::DescribeTopicResponse>, Status> {
         let req = request.into_inner();
-        let topic = self.ctx.log.topic(&req.name).map_err(|e| status(&e))?;
+        let topic = self.ctx.log.topic(&req.name)?;
         Ok(Response::new(pb::DescribeTopicResponse {
             topic: Some(describe(&topic)),
         }))
@@ -108,12 +93,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::CreateGroupResponse>, Status> {
         let req = request.into_inner();
         let config = group_config_from_pb(&req.name, req.config)?;
-        let (group, created) = self
-            .ctx
-            .groups
-            .create(&req.name, config)
-            .await
-            .map_err(|e| status(&e))?;
+        let (group, created) = self.ctx.groups.create(&req.name, config).await?;
         Ok(Response::new(pb::CreateGroupResponse {
             group: Some(group_to_pb(&group.info())),
             created,
@@ -126,12 +106,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::UpdateGroupResponse>, Status> {
         let req = request.into_inner();
         let config = group_config_from_pb(&req.name, req.config)?;
-        let group = self
-            .ctx
-            .groups
-            .update(&req.name, config)
-            .await
-            .map_err(|e| status(&e))?;
+        let group = self.ctx.groups.update(&req.name, config).await?;
         Ok(Response::new(pb::UpdateGroupResponse {
             group: Some(group_to_pb(&group.info())),
         }))
@@ -142,11 +117,7 @@ impl Admin for AdminService {
         request: Request<pb::DeleteGroupRequest>,
     ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
         let req = request.into_inner();
-        self.ctx
-            .groups
-            .delete(&req.name)
-            .await
-            .map_err(|e| status(&e))?;
+        self.ctx.groups.delete(&req.name).await?;
         Ok(Response::new(pb::DeleteGroupResponse {}))
     }
 
@@ -155,11 +126,7 @@ impl Admin for AdminService {
         request: Request<pb::DescribeGroupRequest>,
     ) -> Result<Response<pb::DescribeGroupResponse>, Status> {
         let req = request.into_inner();
-        let info = self
-            .ctx
-            .groups
-            .describe(&req.name)
-            .map_err(|e| status(&e))?;
+        let info = self.ctx.groups.get(&req.name)?.info();
         Ok(Response::new(pb::DescribeGroupResponse {
             group: Some(group_to_pb(&info)),
         }))
@@ -191,8 +158,7 @@ impl Admin for AdminService {
             .ctx
             .groups
             .reset(&req.name, start_from_pb(req.to.as_ref()))
-            .await
-            .map_err(|e| status(&e))?;
+            .await?;
         Ok(Response::new(pb::ResetGroupResponse {
             group: Some(group_to_pb(&group.info())),
         }))

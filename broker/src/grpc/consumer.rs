@@ -15,9 +15,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use weir_proto::v1::{self as pb, consumer_server::Consumer};
 
-use super::{Context, group_config_from_pb, record_to_pb, status};
+use super::{
+    Context,
+    convert::{group_config_from_pb, record_to_pb},
+    status,
+};
 use crate::{
-    groups::{Delivery, Groups},
+    groups::{AckRange, Delivery, Group, OffsetRef},
     log::{Error, MAX_FETCH_WAIT},
 };
 
@@ -37,20 +41,29 @@ fn delivery_to_pb(d: Delivery) -> pb::Delivery {
     }
 }
 
-fn refs(r: &[pb::DeliveryRef]) -> Vec<(u32, u64)> {
-    r.iter().map(|d| (d.partition, d.offset)).collect()
+fn refs(r: &[pb::DeliveryRef]) -> Vec<OffsetRef> {
+    r.iter()
+        .map(|d| OffsetRef {
+            partition: d.partition,
+            offset: d.offset,
+        })
+        .collect()
 }
 
-/// `acks` and `ack_ranges` of a request as inclusive ranges `(partition, first, last)`.
-fn ack_ranges(req: &pb::AckRequest) -> Vec<(u32, u64, u64)> {
+/// `acks` and `ack_ranges` of a request as inclusive ranges.
+fn ack_ranges(req: &pb::AckRequest) -> Vec<AckRange> {
     req.acks
         .iter()
-        .map(|d| (d.partition, d.offset, d.offset))
-        .chain(
-            req.ack_ranges
-                .iter()
-                .map(|r| (r.partition, r.first_offset, r.last_offset)),
-        )
+        .map(|d| AckRange {
+            partition: d.partition,
+            first: d.offset,
+            last: d.offset,
+        })
+        .chain(req.ack_ranges.iter().map(|r| AckRange {
+            partition: r.partition,
+            first: r.first_offset,
+            last: r.last_offset,
+        }))
         .collect()
 }
 
@@ -65,25 +78,20 @@ fn wait_of(ms: u32) -> Result<Duration, Status> {
     Ok(wait)
 }
 
-fn ack(groups: &Groups, req: &pb::AckRequest) -> Result<(), Status> {
-    groups
-        .ack(
-            &req.group,
-            &req.member_id,
-            &ack_ranges(req),
-            &refs(&req.nacks),
-            Duration::from_millis(u64::from(req.nack_delay_ms)),
-            &req.error,
-        )
-        .map_err(|e| status(&e))
+fn ack(group: &Group, member: &str, req: &pb::AckRequest) -> Result<(), Status> {
+    group.ack(
+        member,
+        &ack_ranges(req),
+        &refs(&req.nacks),
+        Duration::from_millis(u64::from(req.nack_delay_ms)),
+        &req.error,
+    )?;
+    Ok(())
 }
 
 fn stream_error(s: &Status) -> pb::SubscribeResponse {
     pb::SubscribeResponse {
-        response: Some(pb::subscribe_response::Response::Error(pb::Error {
-            code: s.code() as i32,
-            message: s.message().to_owned(),
-        })),
+        response: Some(pb::subscribe_response::Response::Error(status::to_pb(s))),
     }
 }
 
@@ -114,12 +122,7 @@ impl Consumer for ConsumerService {
             Some(c) => Some(group_config_from_pb(&req.group, Some(c))?),
             None => None,
         };
-        let (_, joined) = self
-            .ctx
-            .groups
-            .join(&req.group, create, false)
-            .await
-            .map_err(|e| status(&e))?;
+        let (_, joined) = self.ctx.groups.join(&req.group, create, false).await?;
         Ok(Response::new(pb::JoinResponse {
             member_id: joined.member,
             generation: joined.generation,
@@ -132,11 +135,8 @@ impl Consumer for ConsumerService {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = request.into_inner();
-        let (generation, partitions) = self
-            .ctx
-            .groups
-            .heartbeat(&req.group, &req.member_id)
-            .map_err(|e| status(&e))?;
+        let (generation, partitions) =
+            self.ctx.groups.get(&req.group)?.heartbeat(&req.member_id)?;
         Ok(Response::new(pb::HeartbeatResponse {
             generation,
             partitions,
@@ -148,10 +148,7 @@ impl Consumer for ConsumerService {
         request: Request<pb::LeaveRequest>,
     ) -> Result<Response<pb::LeaveResponse>, Status> {
         let req = request.into_inner();
-        self.ctx
-            .groups
-            .leave(&req.group, &req.member_id)
-            .map_err(|e| status(&e))?;
+        self.ctx.groups.get(&req.group)?.leave(&req.member_id)?;
         Ok(Response::new(pb::LeaveResponse {}))
     }
 
@@ -164,9 +161,9 @@ impl Consumer for ConsumerService {
         let deliveries = self
             .ctx
             .groups
-            .pull(&req.group, &req.member_id, req.max_messages as usize, wait)
-            .await
-            .map_err(|e| status(&e))?;
+            .get(&req.group)?
+            .pull(&req.member_id, req.max_messages as usize, wait)
+            .await?;
         Ok(Response::new(pb::PullResponse {
             deliveries: deliveries.into_iter().map(delivery_to_pb).collect(),
         }))
@@ -176,7 +173,8 @@ impl Consumer for ConsumerService {
         &self,
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
-        ack(&self.ctx.groups, &request.into_inner())?;
+        let req = request.into_inner();
+        ack(&*self.ctx.groups.get(&req.group)?, &req.member_id, &req)?;
         Ok(Response::new(pb::AckResponse {}))
     }
 
@@ -200,12 +198,7 @@ impl Consumer for ConsumerService {
             Some(c) => Some(group_config_from_pb(&join.group, Some(c))?),
             None => None,
         };
-        let groups = Arc::clone(&self.ctx.groups);
-        let (group, joined) = groups
-            .join(&join.group, create, true)
-            .await
-            .map_err(|e| status(&e))?;
-        let name = join.group.clone();
+        let (group, joined) = self.ctx.groups.join(&join.group, create, true).await?;
         let member = joined.member.clone();
         let (tx, rx) = mpsc::channel::<Result<pb::SubscribeResponse, Status>>(256);
         let _ = tx
@@ -219,19 +212,17 @@ impl Consumer for ConsumerService {
             .await;
         let credits = Arc::new((AtomicU64::new(0), Notify::new()));
         let (closed_tx, closed) = watch::channel(false);
-        let member_ref = (name, member);
         tokio::spawn(read_subscribe_requests(
             inbound,
-            Arc::clone(&groups),
-            member_ref.clone(),
+            Arc::clone(&group),
+            member.clone(),
             Arc::clone(&credits),
             tx.clone(),
             closed_tx,
         ));
         tokio::spawn(push_deliveries(
-            groups,
             group,
-            member_ref,
+            member,
             credits,
             tx,
             closed,
@@ -246,28 +237,20 @@ impl Consumer for ConsumerService {
         request: Request<pb::FetchRequest>,
     ) -> Result<Response<pb::FetchResponse>, Status> {
         let req = request.into_inner();
-        let wait = Duration::from_millis(u64::from(req.max_wait_ms));
-        if wait > MAX_FETCH_WAIT {
-            return Err(Status::invalid_argument(format!(
-                "max_wait_ms is {}; it must be at most {}",
-                req.max_wait_ms,
-                MAX_FETCH_WAIT.as_millis()
-            )));
-        }
-        let topic = self.ctx.log.topic(&req.topic).map_err(|e| status(&e))?;
-        let partition = topic
-            .served_partition(req.partition)
-            .map_err(|e| status(&e))?;
+        let wait = wait_of(req.max_wait_ms)?;
+        let topic = self.ctx.log.topic(&req.topic)?;
+        let partition = topic.served_partition(req.partition)?;
         let earliest = partition.earliest_offset();
         let next = partition.next_offset();
         if req.offset < earliest || req.offset > next {
-            return Err(status(&Error::OffsetOutOfRange {
+            return Err(Error::OffsetOutOfRange {
                 topic: topic.name.clone(),
                 partition: partition.index,
                 offset: req.offset,
                 earliest,
                 next,
-            }));
+            }
+            .into());
         }
         if req.offset == next && !wait.is_zero() {
             let mut durable = partition.subscribe();
@@ -293,8 +276,7 @@ impl Consumer for ConsumerService {
             log.read(&part, req.offset, max_bytes, max_records)
         })
         .await
-        .map_err(|e| Status::internal(format!("fetch task failed: {e}")))?
-        .map_err(|e| status(&e))?;
+        .map_err(|e| Status::internal(format!("fetch task failed: {e}")))??;
         self.ctx.metrics.observe_fetch(records.len());
         Ok(Response::new(pb::FetchResponse {
             records: records
@@ -317,8 +299,8 @@ type Outbound = mpsc::Sender<Result<pb::SubscribeResponse, Status>>;
 /// Reads credits and acks of a subscribe stream until it ends, then marks it closed.
 async fn read_subscribe_requests(
     mut inbound: Streaming<pb::SubscribeRequest>,
-    groups: Arc<Groups>,
-    (name, member): (String, String),
+    group: Arc<Group>,
+    member: String,
     credits: Credits,
     tx: Outbound,
     closed: watch::Sender<bool>,
@@ -333,11 +315,7 @@ async fn read_subscribe_requests(
                 credits.1.notify_one();
                 None
             }
-            Some(pb::subscribe_request::Request::Ack(mut a)) => {
-                a.group.clone_from(&name);
-                a.member_id.clone_from(&member);
-                ack(&groups, &a).err()
-            }
+            Some(pb::subscribe_request::Request::Ack(a)) => ack(&group, &member, &a).err(),
             Some(pb::subscribe_request::Request::Join(_)) => Some(Status::failed_precondition(
                 "this stream has joined already; open another stream for another member",
             )),
@@ -354,11 +332,9 @@ async fn read_subscribe_requests(
 
 /// Sends deliveries to a push member while it has credits (one credit per delivery), and
 /// its new assignment when the generation changes; leaves the group when the stream ends.
-#[allow(clippy::too_many_arguments)]
 async fn push_deliveries(
-    groups: Arc<Groups>,
-    group: Arc<crate::groups::Group>,
-    (name, member): (String, String),
+    group: Arc<Group>,
+    member: String,
     credits: Credits,
     tx: Outbound,
     mut closed: watch::Receiver<bool>,
@@ -375,14 +351,14 @@ async fn push_deliveries(
         }
         let n = credits.0.load(Ordering::Acquire).min(PUSH_BATCH);
         let pulled = tokio::select! {
-            r = groups.pull(&name, &member, n as usize, PUSH_POLL) => r,
+            r = group.pull(&member, n as usize, PUSH_POLL) => r,
             _ = closed.wait_for(|c| *c) => break,
             _ = shutdown.wait_for(|s| *s) => break,
         };
         let deliveries = match pulled {
             Ok(d) => d,
             Err(e) => {
-                let _ = tx.send(Err(status(&e))).await;
+                let _ = tx.send(Err(e.into())).await;
                 break;
             }
         };
@@ -418,5 +394,8 @@ async fn push_deliveries(
             }
         }
     }
-    let _ = groups.leave(&name, &member);
+    if let Err(e) = group.leave(&member) {
+        // Already removed (the group was deleted or reset its members): nothing to do.
+        tracing::debug!(group = %group.name, member, error = %e, "push member gone before its stream ended");
+    }
 }

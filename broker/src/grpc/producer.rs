@@ -8,8 +8,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use weir_proto::v1::{self as pb, producer_server::Producer};
 
-use super::{Context, record_from_pb, status};
-use crate::produce::{self, Ack};
+use super::{Context, convert::record_from_pb, status};
+use crate::{
+    log::idempotence::Idempotence,
+    produce::{self, Ack},
+};
 
 /// Most requests of one `ProduceStream` queued but not yet acknowledged; the stream stops
 /// reading past this, which pushes back on the client (HTTP/2 flow control).
@@ -53,6 +56,14 @@ fn records(req: &mut pb::ProduceRequest) -> Vec<crate::log::Record> {
         .collect()
 }
 
+/// The request's producer id and sequence; producer id 0 means not idempotent.
+fn idempotence(req: &pb::ProduceRequest) -> Option<Idempotence> {
+    (req.producer_id != 0).then_some(Idempotence {
+        producer_id: req.producer_id,
+        sequence: req.sequence,
+    })
+}
+
 type AckFuture = Pin<Box<dyn Future<Output = pb::ProduceStreamResponse> + Send>>;
 
 #[tonic::async_trait]
@@ -65,16 +76,14 @@ impl Producer for ProducerService {
         let mut req = request.into_inner();
         let recs = records(&mut req);
         let n = recs.len();
-        let producer = (req.producer_id != 0).then_some((req.producer_id, req.sequence));
+        let producer = idempotence(&req);
         let result =
             match produce::submit(&self.ctx.log, &req.topic, req.partition, recs, producer).await {
-                Ok(pending) => pending.wait().await,
+                Ok(ticket) => ticket.wait().await,
                 Err(e) => Err(e),
             };
         self.ctx.metrics.observe_produce(n, started, result.is_ok());
-        result
-            .map(|a| Response::new(acks_to_pb(a)))
-            .map_err(|e| status(&e))
+        Ok(Response::new(acks_to_pb(result?)))
     }
 
     type ProduceStreamStream =
@@ -112,14 +121,14 @@ impl Producer for ProducerService {
                     Some(mut req) => {
                         let recs = records(&mut req);
                         let n = recs.len();
-                        let producer =
-                            (req.producer_id != 0).then_some((req.producer_id, req.sequence));
+                        let producer = idempotence(&req);
                         produce::submit(&ctx.log, &req.topic, req.partition, recs, producer)
                             .await
                             .map(|p| (p, n))
+                            .map_err(Status::from)
                     }
-                    None => Err(crate::log::Error::InvalidArgument(
-                        "ProduceStreamRequest.request is missing".into(),
+                    None => Err(Status::invalid_argument(
+                        "ProduceStreamRequest.request is missing; set request to a ProduceRequest",
                     )),
                 };
                 let metrics = ctx.metrics.clone();
@@ -127,8 +136,8 @@ impl Producer for ProducerService {
                     // The request's bytes count against the stream until it is answered.
                     let _permit = permit;
                     let result = match submitted {
-                        Ok((pending, n)) => {
-                            let r = pending.wait().await;
+                        Ok((ticket, n)) => {
+                            let r = ticket.wait().await.map_err(Status::from);
                             metrics.observe_produce(n, started, r.is_ok());
                             r
                         }
@@ -141,13 +150,7 @@ impl Producer for ProducerService {
                         request_id,
                         result: Some(match result {
                             Ok(acks) => pb::produce_stream_response::Result::Ack(acks_to_pb(acks)),
-                            Err(e) => {
-                                let s = status(&e);
-                                pb::produce_stream_response::Result::Error(pb::Error {
-                                    code: s.code() as i32,
-                                    message: s.message().to_owned(),
-                                })
-                            }
+                            Err(s) => pb::produce_stream_response::Result::Error(status::to_pb(&s)),
                         }),
                     }
                 });

@@ -9,7 +9,8 @@ use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::Error;
+use super::{Error, keys};
+use crate::validate::InvalidConfig;
 
 /// Largest partition count a topic may have.
 pub const MAX_PARTITIONS: u32 = 1024;
@@ -18,8 +19,6 @@ pub const MAX_PARTITIONS: u32 = 1024;
 pub const DEFAULT_MAX_MESSAGE_BYTES: u32 = 1024 * 1024;
 /// Largest `max_message_bytes` a topic may set: 16 MiB.
 pub const MAX_MESSAGE_BYTES_LIMIT: u32 = 16 * 1024 * 1024;
-/// Longest topic name, as in Kafka.
-pub const MAX_NAME_LEN: usize = 249;
 
 /// When records of a topic are deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -99,16 +98,19 @@ impl Served {
     /// Every partition.
     pub const ALL: Served = Served(None);
 
-    /// The partitions of `list`; an empty list means every partition. Errors with
-    /// [`Error::InvalidArgument`] when a number is not below `partitions`.
-    pub fn from_list(list: &[u32], partitions: u32) -> Result<Self, Error> {
+    /// The partitions of `list`; an empty list means every partition. Errors when a
+    /// number is not below `partitions`.
+    pub fn from_list(list: &[u32], partitions: u32) -> Result<Self, InvalidConfig> {
         if list.is_empty() {
             return Ok(Self::ALL);
         }
         if let Some(p) = list.iter().find(|p| **p >= partitions) {
-            return Err(Error::InvalidArgument(format!(
-                "served_partitions names partition {p}, but the topic has partitions 0..{partitions}; list partitions below {partitions}, or none to serve all"
-            )));
+            return Err(InvalidConfig::new(
+                "served_partitions",
+                format!(
+                    "served_partitions names partition {p}, but the topic has partitions 0..{partitions}; list partitions below {partitions}, or none to serve all"
+                ),
+            ));
         }
         Ok(Self::from(Some(list.to_vec())))
     }
@@ -217,12 +219,13 @@ pub const MIN_MAX_BYTES: u64 = 64 * 1024;
 impl TopicConfig {
     /// Builds a config from request values, where `max_message_bytes == 0` means the default.
     ///
-    /// Errors with [`Error::InvalidArgument`] naming the bad field and the allowed range.
-    pub fn new(partitions: u32, max_message_bytes: u32) -> Result<Self, Error> {
+    /// Errors name the bad field and the allowed range.
+    pub fn new(partitions: u32, max_message_bytes: u32) -> Result<Self, InvalidConfig> {
         if partitions == 0 || partitions > MAX_PARTITIONS {
-            return Err(Error::InvalidArgument(format!(
-                "partitions must be between 1 and {MAX_PARTITIONS}, got {partitions}"
-            )));
+            return Err(InvalidConfig::new(
+                "partitions",
+                format!("partitions must be between 1 and {MAX_PARTITIONS}, got {partitions}"),
+            ));
         }
         let max_message_bytes = if max_message_bytes == 0 {
             DEFAULT_MAX_MESSAGE_BYTES
@@ -230,9 +233,12 @@ impl TopicConfig {
             max_message_bytes
         };
         if max_message_bytes > MAX_MESSAGE_BYTES_LIMIT {
-            return Err(Error::InvalidArgument(format!(
-                "max_message_bytes must be at most {MAX_MESSAGE_BYTES_LIMIT} (16 MiB), got {max_message_bytes}"
-            )));
+            return Err(InvalidConfig::new(
+                "max_message_bytes",
+                format!(
+                    "max_message_bytes must be at most {MAX_MESSAGE_BYTES_LIMIT} (16 MiB), got {max_message_bytes}"
+                ),
+            ));
         }
         Ok(Self {
             partitions,
@@ -243,38 +249,53 @@ impl TopicConfig {
 
     /// Checks the limits against each other; the message names the field and the allowed
     /// values.
-    pub fn validate(&self) -> Result<(), Error> {
-        let bad = |m: String| Err(Error::InvalidArgument(m));
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        let bad = |field, m: String| Err(InvalidConfig::new(field, m));
         if self.max_age_ms > MAX_AGE_LIMIT_MS {
-            return bad(format!(
-                "max_age_ms is {}; it must be at most {MAX_AGE_LIMIT_MS} (100 years), or 0 for no limit",
-                self.max_age_ms
-            ));
+            return bad(
+                "max_age_ms",
+                format!(
+                    "max_age_ms is {}; it must be at most {MAX_AGE_LIMIT_MS} (100 years), or 0 for no limit",
+                    self.max_age_ms
+                ),
+            );
         }
         if self.max_age_ms != 0 && self.max_age_ms < 1000 {
-            return bad(format!(
-                "max_age_ms is {}; it must be at least 1000 (1 s), or 0 for no limit",
-                self.max_age_ms
-            ));
+            return bad(
+                "max_age_ms",
+                format!(
+                    "max_age_ms is {}; it must be at least 1000 (1 s), or 0 for no limit",
+                    self.max_age_ms
+                ),
+            );
         }
         if self.max_bytes != 0
             && self.max_bytes < MIN_MAX_BYTES.max(u64::from(self.max_message_bytes))
         {
-            return bad(format!(
-                "max_bytes is {}; it must be at least {} (64 KiB and at least max_message_bytes), or 0 for no limit",
-                self.max_bytes,
-                MIN_MAX_BYTES.max(u64::from(self.max_message_bytes))
-            ));
+            return bad(
+                "max_bytes",
+                format!(
+                    "max_bytes is {}; it must be at least {} (64 KiB and at least max_message_bytes), or 0 for no limit",
+                    self.max_bytes,
+                    MIN_MAX_BYTES.max(u64::from(self.max_message_bytes))
+                ),
+            );
         }
         if self.max_messages > i64::MAX as u64 || self.max_bytes > i64::MAX as u64 {
-            return bad("max_messages and max_bytes must fit in a signed 64-bit integer".into());
+            return bad(
+                "max_messages",
+                "max_messages and max_bytes must fit in a signed 64-bit integer".into(),
+            );
         }
         if self.retention == Retention::WorkQueue
             && self.overflow == Overflow::DropOldest
             && (self.max_messages != 0 || self.max_bytes != 0)
         {
             // A work queue that silently drops unacked work would lose it: refuse the combination.
-            return bad("a work-queue topic with max_messages or max_bytes needs overflow Reject: dropping unacked work would lose it".into());
+            return bad(
+                "overflow",
+                "a work-queue topic with max_messages or max_bytes needs overflow Reject: dropping unacked work would lose it".into(),
+            );
         }
         Ok(())
     }
@@ -283,32 +304,6 @@ impl TopicConfig {
     pub fn has_size_limits(&self) -> bool {
         self.max_messages != 0 || self.max_bytes != 0
     }
-}
-
-/// Checks a topic name against Kafka's rule: 1 to 249 characters of `[a-zA-Z0-9._-]`, and
-/// neither `.` nor `..`.
-pub fn validate_name(name: &str) -> Result<(), Error> {
-    let bad = |why: &str| {
-        Err(Error::InvalidArgument(format!(
-            "invalid topic name {name:?}: {why}; use 1 to {MAX_NAME_LEN} characters of a-z, A-Z, 0-9, '.', '_' and '-'"
-        )))
-    };
-    if name.is_empty() {
-        return bad("it is empty");
-    }
-    if name.len() > MAX_NAME_LEN {
-        return bad(&format!("it is {} characters long", name.len()));
-    }
-    if name == "." || name == ".." {
-        return bad("'.' and '..' are reserved");
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return bad(&format!("{c:?} is not allowed"));
-    }
-    Ok(())
 }
 
 /// Stored form of a topic in the metadata keyspace (JSON under `t/<name>`).
@@ -416,9 +411,7 @@ impl Partition {
         state: PartitionMeta,
         appended: std::sync::Arc<watch::Sender<u64>>,
     ) -> Self {
-        let mut prefix = [0u8; 8];
-        prefix[..4].copy_from_slice(&topic_id.to_be_bytes());
-        prefix[4..].copy_from_slice(&index.to_be_bytes());
+        let prefix = keys::partition_prefix(topic_id, index);
         Self {
             topic: topic.to_owned(),
             index,
@@ -457,12 +450,12 @@ impl Partition {
 
     /// Record key of the batch starting at `base_offset`: prefix ‖ offset (big-endian).
     pub(crate) fn key(&self, base_offset: u64) -> [u8; 16] {
-        record_key(self.prefix, base_offset)
+        keys::record_key(self.prefix, base_offset)
     }
 
     /// Metadata key of this partition: `p/` ‖ prefix.
     pub(crate) fn meta_key(&self) -> [u8; 10] {
-        partition_meta_key(self.prefix)
+        keys::partition_meta_key(self.prefix)
     }
 
     pub(crate) fn meta(&self) -> PartitionMeta {
@@ -472,20 +465,6 @@ impl Partition {
             bytes: self.assigned_bytes.load(Ordering::Relaxed),
         }
     }
-}
-
-pub(crate) fn record_key(prefix: [u8; 8], offset: u64) -> [u8; 16] {
-    let mut key = [0u8; 16];
-    key[..8].copy_from_slice(&prefix);
-    key[8..].copy_from_slice(&offset.to_be_bytes());
-    key
-}
-
-pub(crate) fn partition_meta_key(prefix: [u8; 8]) -> [u8; 10] {
-    let mut key = [0u8; 10];
-    key[..2].copy_from_slice(b"p/");
-    key[2..].copy_from_slice(&prefix);
-    key
 }
 
 /// Stored per-partition counters, written in the same atomic fjall batch as the records they
@@ -542,25 +521,6 @@ mod tests {
     }
 
     #[test]
-    fn names_follow_kafka_rules() {
-        for ok in ["orders", "a", "logs.v1_app-2", &"x".repeat(249)] {
-            assert!(validate_name(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "",
-            ".",
-            "..",
-            "has space",
-            "slash/no",
-            "ünï",
-            &"x".repeat(250),
-        ] {
-            let err = validate_name(bad).expect_err(bad).to_string();
-            assert!(err.contains("invalid topic name"), "{err}");
-        }
-    }
-
-    #[test]
     fn config_bounds_are_enforced_with_the_range_in_the_message() {
         assert!(
             TopicConfig::new(0, 0)
@@ -574,14 +534,6 @@ mod tests {
             TopicConfig::new(3, 0).expect("valid").max_message_bytes,
             DEFAULT_MAX_MESSAGE_BYTES
         );
-    }
-
-    #[test]
-    fn record_keys_sort_by_partition_then_offset() {
-        let a = record_key([0, 0, 0, 1, 0, 0, 0, 0], 255);
-        let b = record_key([0, 0, 0, 1, 0, 0, 0, 0], 256);
-        let c = record_key([0, 0, 0, 1, 0, 0, 0, 1], 0);
-        assert!(a < b && b < c);
     }
 
     #[test]

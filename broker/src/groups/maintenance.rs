@@ -1,0 +1,229 @@
+//! Periodic group work, one pass every [`super::TICK`] (run by [`crate::jobs`]):
+//!
+//! 1. follow the topic (new partitions, served partitions) and rebalance Ordered groups;
+//! 2. remove pull members past their session timeout;
+//! 3. move cursors past records retention deleted;
+//! 4. Shared: redeliver after `ack_wait`, hold and write dead letters;
+//!    Ordered: finish handovers;
+//! 5. write changed cursors (no fsync wait: a crash redelivers at most one tick of acks);
+//! 6. delete what every group of a work-queue topic has acked.
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+
+use super::{
+    Error, Group, GroupType, Groups,
+    cursor::MemberId,
+    delivery::{Claim, DEAD_LETTER_HOLD, DEAD_LETTER_HOLDER},
+};
+use crate::log::{self, Topic, topic::Retention};
+
+/// A message that reached `max_deliveries`, on its way to the dead-letter topic.
+#[derive(Debug, Clone)]
+struct DeadLetter {
+    claim: Claim,
+    /// The last nack's error text.
+    error: String,
+}
+
+impl Groups {
+    /// One maintenance pass over every group (the steps in the module documentation).
+    pub async fn tick(&self) -> Result<(), Error> {
+        let groups = self.list(None);
+        for g in &groups {
+            let (dead, mut woke) = g.maintain(Instant::now());
+            if !dead.is_empty() {
+                g.dead_letter(dead).await;
+                woke = true;
+            }
+            if woke {
+                g.changed.notify_waiters();
+            }
+            g.persist().await?;
+        }
+        work_queue_retention(&groups).await
+    }
+}
+
+impl Group {
+    /// Steps 1 to 4 for this group, under its lock: returns the messages to dead-letter
+    /// and whether waiting members should look again.
+    fn maintain(&self, now: Instant) -> (Vec<DeadLetter>, bool) {
+        let config = self.config();
+        let parts = self.topic.partitions();
+        let mut dead = Vec::new();
+        let mut woke = false;
+        let mut st = self.state.lock();
+        if st.ensure_partitions(&parts, self.topic.config().served)
+            && config.group_type == GroupType::Ordered
+            && !st.members.is_empty()
+        {
+            st.rebalance();
+            woke = true;
+        }
+        let timeout = Duration::from_millis(u64::from(config.session_timeout_ms));
+        let gone: Vec<MemberId> = st
+            .members
+            .iter()
+            .filter(|(_, m)| !m.push && now.duration_since(m.last_seen) > timeout)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for m in gone {
+            tracing::info!(group = %self.name, member = %m, "member missed its session timeout; removed");
+            st.remove_member(&m, config.group_type, now);
+            woke = true;
+        }
+        for p in 0..st.cursors.len() {
+            if let Some(part) = parts.get(p) {
+                let skipped = st.cursors[p].clamp_to(part.earliest_offset());
+                if skipped > 0 {
+                    self.report_skip(p, skipped);
+                    st.dirty.insert(p);
+                }
+            }
+            match config.group_type {
+                GroupType::Shared => {
+                    let cursor = &mut st.cursors[p];
+                    if !cursor.expire(now).is_empty() {
+                        woke = true;
+                    }
+                    let exhausted = cursor.exhausted(config.max_deliveries);
+                    cursor.hold(&exhausted, DEAD_LETTER_HOLDER, now, DEAD_LETTER_HOLD);
+                    dead.extend(cursor.held_by(DEAD_LETTER_HOLDER).into_iter().map(|o| {
+                        DeadLetter {
+                            claim: Claim {
+                                partition: p as u32,
+                                offset: o,
+                                count: cursor.count(o),
+                            },
+                            error: cursor.last_error(o).unwrap_or_default().to_owned(),
+                        }
+                    }));
+                }
+                GroupType::Ordered => st.handover(p),
+            }
+        }
+        (dead, woke)
+    }
+
+    /// Writes exhausted messages to the dead-letter topic (created on first use), then
+    /// settles them. Messages that could not be written go back to redelivery.
+    async fn dead_letter(&self, dead: Vec<DeadLetter>) {
+        let config = self.config();
+        let deliveries = self
+            .read_deliveries(dead.iter().map(|d| d.claim).collect())
+            .await;
+        let dlq_config = log::TopicConfig {
+            max_message_bytes: log::topic::MAX_MESSAGE_BYTES_LIMIT,
+            ..log::TopicConfig::default()
+        };
+        if let Err(e) = self
+            .log
+            .create_topic(&config.dead_letter_topic, dlq_config)
+            .await
+            && !matches!(e, log::Error::TopicExists { .. })
+        {
+            tracing::warn!(group = %self.name, dlq = %config.dead_letter_topic, error = %e, "dead-letter topic unavailable; will retry");
+            self.release_held();
+            return;
+        }
+        for d in deliveries {
+            let error = dead
+                .iter()
+                .find(|x| x.claim.partition == d.partition && x.claim.offset == d.offset)
+                .map(|x| x.error.clone())
+                .unwrap_or_default();
+            let mut record = d.record;
+            record.timestamp_ms = 0;
+            let h = |k: &str, v: String| (k.to_owned(), Bytes::from(v));
+            record.headers.extend([
+                h("weir-dlq-topic", self.topic.name.clone()),
+                h("weir-dlq-partition", d.partition.to_string()),
+                h("weir-dlq-offset", d.offset.to_string()),
+                h("weir-dlq-delivery-count", d.count.to_string()),
+                h("weir-dlq-group", self.name.clone()),
+                h("weir-dlq-error", error),
+            ]);
+            match crate::produce::produce(
+                &self.log,
+                &config.dead_letter_topic,
+                Some(0),
+                vec![record],
+            )
+            .await
+            {
+                Ok(_) => {
+                    let mut st = self.state.lock();
+                    if let Some(c) = st.cursors.get_mut(d.partition as usize) {
+                        c.settle(d.offset);
+                    }
+                    st.dirty.insert(d.partition as usize);
+                    st.dead_lettered += 1;
+                    tracing::info!(group = %self.name, topic = %self.topic.name, partition = d.partition, offset = d.offset, deliveries = d.count, dlq = %config.dead_letter_topic, "message dead-lettered");
+                }
+                Err(e) => {
+                    tracing::warn!(group = %self.name, error = %e, "writing to the dead-letter topic failed; will retry");
+                }
+            }
+        }
+        self.release_held();
+        let written = match self.meta().entry() {
+            Ok(entry) => self
+                .log
+                .write_meta(vec![entry], Vec::new(), false)
+                .await
+                .map_err(Error::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            tracing::warn!(group = %self.name, error = %e, "storing the dead-lettered count failed; it is written again with the next dead letter");
+        }
+    }
+
+    /// Returns messages still held for dead-lettering to redelivery.
+    fn release_held(&self) {
+        let now = Instant::now();
+        let mut st = self.state.lock();
+        for c in &mut st.cursors {
+            c.release(DEAD_LETTER_HOLDER, now);
+        }
+    }
+}
+
+/// For `WorkQueue` topics with at least one group: deletes batches every group has acked.
+async fn work_queue_retention(groups: &[Arc<Group>]) -> Result<(), Error> {
+    let mut floors: BTreeMap<String, (Arc<Topic>, Vec<u64>)> = BTreeMap::new();
+    for g in groups {
+        if g.topic.config().retention != Retention::WorkQueue {
+            continue;
+        }
+        let st = g.state.lock();
+        let entry = floors
+            .entry(g.topic.name.clone())
+            .or_insert_with(|| (Arc::clone(&g.topic), vec![u64::MAX; st.cursors.len()]));
+        for (p, c) in st.cursors.iter().enumerate() {
+            if let Some(f) = entry.1.get_mut(p) {
+                *f = (*f).min(c.floor());
+            }
+        }
+    }
+    let Some(log) = groups.first().map(|g| Arc::clone(&g.log)) else {
+        return Ok(());
+    };
+    for (topic, floors) in floors.into_values() {
+        for (p, floor) in floors.into_iter().enumerate() {
+            let Ok(part) = topic.partition(p as u32) else {
+                continue;
+            };
+            if floor != u64::MAX && floor > part.earliest_offset() {
+                log.truncate(part, floor).await?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,279 @@
+//! The registry of a broker's groups: loading them at start-up, creating, updating,
+//! deleting and resetting them, joining members, and writing their state.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use parking_lot::RwLock;
+
+use super::{
+    Error, Group, GroupConfig, Joined, StartFrom,
+    cursor::Cursor,
+    group::State,
+    stored::{self, GroupMeta},
+};
+use crate::{
+    log::{self, Log, Topic, keys},
+    validate::{NameKind, validate_name},
+};
+
+/// Every group of the broker.
+#[derive(Debug)]
+pub struct Groups {
+    log: Arc<Log>,
+    by_name: RwLock<BTreeMap<String, Arc<Group>>>,
+    /// Join order of members, broker-wide.
+    member_seq: AtomicU64,
+    /// Distinguishes member ids of this process from those of an earlier one.
+    incarnation: String,
+}
+
+impl Groups {
+    /// Loads every group stored in the log. Blocking. A group whose topic no longer exists
+    /// (or was created again since) is dropped with a warning.
+    pub fn open(log: Arc<Log>) -> Result<Arc<Self>, Error> {
+        let mut groups = BTreeMap::new();
+        for (key, value) in log.scan_meta(keys::GROUP_PREFIX)? {
+            let meta = GroupMeta::decode(&key, &value)?;
+            let topic = match log.topic(&meta.config.topic) {
+                Ok(t) if t.id == meta.topic_id => t,
+                _ => {
+                    tracing::warn!(group = %meta.name, topic = %meta.config.topic, "group's topic is gone; group ignored");
+                    continue;
+                }
+            };
+            let cursors = log
+                .scan_meta(&keys::cursor_prefix(&meta.name))?
+                .iter()
+                .map(|(k, v)| stored::decode_cursor(k, v))
+                .collect::<Result<Vec<_>, _>>()?;
+            let state = State::with_cursors(cursors, meta.dead_lettered);
+            let group = Group::new(&meta.name, topic, Arc::clone(&log), meta.config, state);
+            groups.insert(meta.name, Arc::new(group));
+        }
+        tracing::info!(groups = groups.len(), "groups recovered");
+        Ok(Arc::new(Self {
+            log,
+            by_name: RwLock::new(groups),
+            member_seq: AtomicU64::new(0),
+            incarnation: format!("{:x}", log::now_ms()),
+        }))
+    }
+
+    /// The group named `name`, or [`Error::GroupNotFound`].
+    pub fn get(&self, name: &str) -> Result<Arc<Group>, Error> {
+        self.by_name
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::GroupNotFound(name.to_owned()))
+    }
+
+    /// Every group, optionally only those of `topic`, sorted by name.
+    pub fn list(&self, topic: Option<&str>) -> Vec<Arc<Group>> {
+        self.by_name
+            .read()
+            .values()
+            .filter(|g| topic.is_none_or(|t| g.topic.name == t))
+            .cloned()
+            .collect()
+    }
+
+    /// Offsets per partition of `topic` where `start` points.
+    async fn start_offsets(&self, topic: &Arc<Topic>, start: StartFrom) -> Result<Vec<u64>, Error> {
+        let log = Arc::clone(&self.log);
+        let partitions = topic.partitions();
+        tokio::task::spawn_blocking(move || {
+            partitions
+                .iter()
+                .map(|p| match start {
+                    StartFrom::Earliest => Ok(p.earliest_offset()),
+                    StartFrom::Latest => Ok(p.next_offset()),
+                    StartFrom::Timestamp(ts) => log.offset_for_timestamp(p, ts),
+                })
+                .collect::<Result<Vec<u64>, log::Error>>()
+        })
+        .await
+        .map_err(|e| Error::Task {
+            group: topic.name.clone(),
+            detail: e.to_string(),
+        })?
+        .map_err(Error::from)
+    }
+
+    /// Creates a group; returns it and whether it is new. Identical settings: unchanged;
+    /// other settings: [`Error::GroupExists`].
+    pub async fn create(
+        &self,
+        name: &str,
+        config: GroupConfig,
+    ) -> Result<(Arc<Group>, bool), Error> {
+        validate_name(NameKind::Group, name)?;
+        let config = config.normalized(name)?;
+        if let Ok(existing) = self.get(name) {
+            let current = existing.config();
+            return if current == config {
+                Ok((existing, false))
+            } else {
+                Err(Error::GroupExists {
+                    group: name.to_owned(),
+                    topic: current.topic,
+                    group_type: current.group_type,
+                })
+            };
+        }
+        let topic = self.log.topic(&config.topic)?;
+        let starts = self.start_offsets(&topic, config.start).await?;
+        let cursors: Vec<Cursor> = starts.iter().map(|s| Cursor::at(*s)).collect();
+        let group = Group::new(
+            name,
+            topic,
+            Arc::clone(&self.log),
+            config,
+            State::with_cursors(cursors, 0),
+        );
+        let mut puts = vec![group.meta().entry()?];
+        for (p, c) in group.state.lock().cursors.iter().enumerate() {
+            puts.push(stored::cursor_entry(name, p as u32, c)?);
+        }
+        self.log.write_meta(puts, Vec::new(), true).await?;
+        let group = Arc::new(group);
+        let mut groups = self.by_name.write();
+        if let Some(raced) = groups.get(name) {
+            return Ok((Arc::clone(raced), false));
+        }
+        groups.insert(name.to_owned(), Arc::clone(&group));
+        tracing::info!(group = name, topic = %group.topic.name, "group created");
+        Ok((group, true))
+    }
+
+    /// Changes `ack_wait_ms`, `max_deliveries`, `dead_letter_topic` and
+    /// `session_timeout_ms`; topic, type and start are immutable.
+    pub async fn update(&self, name: &str, config: GroupConfig) -> Result<Arc<Group>, Error> {
+        let group = self.get(name)?;
+        let config = config.normalized(name)?;
+        let current = group.config();
+        if config.topic != current.topic || config.group_type != current.group_type {
+            return Err(Error::Immutable {
+                group: name.to_owned(),
+                topic: current.topic,
+                group_type: current.group_type,
+            });
+        }
+        let config = GroupConfig {
+            start: current.start,
+            ..config
+        };
+        let mut meta = group.meta();
+        meta.config = config.clone();
+        self.log
+            .write_meta(vec![meta.entry()?], Vec::new(), true)
+            .await?;
+        *group.config.write() = config;
+        Ok(group)
+    }
+
+    /// Deletes a group and its state.
+    pub async fn delete(&self, name: &str) -> Result<(), Error> {
+        let group = self.get(name)?;
+        let partitions = group.state.lock().cursors.len() as u32;
+        let mut deletes = vec![keys::group_key(name)];
+        deletes.extend((0..partitions).map(|p| keys::cursor_key(name, p)));
+        self.log.write_meta(Vec::new(), deletes, true).await?;
+        self.by_name.write().remove(name);
+        group.deleted.store(true, Ordering::Release);
+        group.changed.notify_waiters();
+        tracing::info!(group = name, "group deleted");
+        Ok(())
+    }
+
+    /// Deletes every group of `topic` (when the topic is deleted).
+    pub async fn delete_for_topic(&self, topic: &str) -> Result<(), Error> {
+        for g in self.list(Some(topic)) {
+            self.delete(&g.name).await?;
+        }
+        Ok(())
+    }
+
+    /// Moves the group to `to`, forgetting pending deliveries.
+    pub async fn reset(&self, name: &str, to: StartFrom) -> Result<Arc<Group>, Error> {
+        let group = self.get(name)?;
+        let starts = self.start_offsets(&group.topic, to).await?;
+        {
+            let mut st = group.state.lock();
+            st.ensure_partitions(&group.topic.partitions(), group.topic.config().served);
+            for (p, start) in starts.iter().enumerate() {
+                if let Some(c) = st.cursors.get_mut(p) {
+                    c.reset(*start);
+                    st.dirty.insert(p);
+                }
+            }
+        }
+        group.persist().await?;
+        group.changed.notify_waiters();
+        tracing::info!(group = name, to = ?to, "group reset");
+        Ok(group)
+    }
+
+    /// Adds a member (a push member when `push`); creates the group first when `create` is
+    /// given and it does not exist. Joining with another topic or type than the group has
+    /// fails with [`Error::JoinMismatch`].
+    pub async fn join(
+        &self,
+        name: &str,
+        create: Option<GroupConfig>,
+        push: bool,
+    ) -> Result<(Arc<Group>, Joined), Error> {
+        let group = match (self.get(name), create) {
+            (Ok(g), Some(want)) => {
+                let have = g.config();
+                if want.topic != have.topic || want.group_type != have.group_type {
+                    return Err(Error::JoinMismatch {
+                        group: name.to_owned(),
+                        have_topic: have.topic,
+                        have_type: have.group_type,
+                        want_topic: want.topic,
+                        want_type: want.group_type,
+                    });
+                }
+                g
+            }
+            (Ok(g), None) => g,
+            (Err(_), Some(config)) => self.create(name, config).await?.0,
+            (Err(e), None) => return Err(e),
+        };
+        let seq = self.member_seq.fetch_add(1, Ordering::Relaxed);
+        let member = format!("{name}-{}-{seq}", self.incarnation);
+        let joined = group.add_member(member, seq, push);
+        Ok((group, joined))
+    }
+
+    /// Persists every group's changed state (at shutdown).
+    pub async fn flush(&self) -> Result<(), Error> {
+        for g in self.list(None) {
+            g.persist().await?;
+        }
+        Ok(())
+    }
+}
+
+impl Group {
+    /// Writes the cursors changed since the last write (no fsync wait); on failure they
+    /// stay marked and are written with the next call.
+    pub(super) async fn persist(&self) -> Result<(), Error> {
+        let (dirty, puts) = self.take_dirty_cursors()?;
+        if puts.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.log.write_meta(puts, Vec::new(), false).await {
+            self.mark_dirty(dirty);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+}

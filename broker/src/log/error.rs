@@ -1,0 +1,217 @@
+//! Errors of the log engine: storage failures (fjall, I/O, checksums) and the log's own
+//! refusals (an unknown topic, a full `Reject` topic, an offset out of range). No gRPC or
+//! Kubernetes words: the gRPC edge maps each variant to a status code once.
+
+use std::path::PathBuf;
+
+use super::{TopicConfig, batch, idempotence::SequenceError};
+use crate::validate::InvalidConfig;
+
+/// Errors of the log engine. Each says what failed and, for bad input, what would be right.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The database directory could not be opened or recovered.
+    #[error("opening the database at {}: {source}", path.display())]
+    OpenDatabase {
+        /// Data directory.
+        path: PathBuf,
+        /// fjall's error.
+        source: fjall::Error,
+    },
+    /// Another process holds the data directory's lock.
+    #[error(
+        "another broker is using the data directory {}; stop it, or give this broker its own --data-dir",
+        path.display()
+    )]
+    DataDirectoryLocked {
+        /// Data directory.
+        path: PathBuf,
+    },
+    /// A thread of the log (writer, flusher) could not be started.
+    #[error("starting the {thread} thread: {source}")]
+    StartThread {
+        /// Thread name.
+        thread: &'static str,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// Stored metadata did not parse.
+    #[error("recovering metadata key {key:?}: {detail}")]
+    RecoverMetadata {
+        /// The metadata key.
+        key: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// A read of a partition's records from fjall failed.
+    #[error("reading {topic}/{partition}: {source}")]
+    Read {
+        /// Topic name.
+        topic: String,
+        /// Partition index.
+        partition: u32,
+        /// fjall's error.
+        source: fjall::Error,
+    },
+    /// A read of the metadata keyspace failed.
+    #[error("reading metadata (prefix {prefix:?}): {source}")]
+    ReadMetadata {
+        /// Key prefix being read.
+        prefix: String,
+        /// fjall's error.
+        source: fjall::Error,
+    },
+    /// The database's disk usage could not be read.
+    #[error("reading the database's disk usage: {0}")]
+    DiskSpace(#[source] fjall::Error),
+    /// A value could not be serialized for storage. Nothing was written.
+    #[error("encoding {what} for storage: {source}")]
+    Encode {
+        /// What was being encoded.
+        what: &'static str,
+        /// serde_json's error.
+        source: serde_json::Error,
+    },
+    /// A commit (write + fsync) failed. fjall is poisoned after this; the broker must exit
+    /// and recover rather than retry.
+    #[error("committing to the log: {0}")]
+    Commit(#[source] fjall::Error),
+    /// A stored batch failed its checksum or did not parse.
+    #[error("corrupt batch in {topic}/{partition} at offset {offset}: {source}")]
+    Corrupt {
+        /// Topic name.
+        topic: String,
+        /// Partition index.
+        partition: u32,
+        /// Base offset of the bad batch.
+        offset: u64,
+        /// What the decoder found.
+        source: batch::DecodeError,
+    },
+    /// The named topic does not exist.
+    #[error("topic {0:?} does not exist")]
+    TopicNotFound(String),
+    /// The topic exists with other settings.
+    #[error(
+        "topic {name:?} already exists with partitions={} max_message_bytes={}; create it with identical settings or update it",
+        existing.partitions, existing.max_message_bytes
+    )]
+    TopicExists {
+        /// Topic name.
+        name: String,
+        /// Its current settings.
+        existing: Box<TopicConfig>,
+    },
+    /// An update asked for fewer partitions than the topic has.
+    #[error(
+        "topic {topic:?} has {current} partitions; partitions can only grow, not shrink to {requested}"
+    )]
+    PartitionsShrink {
+        /// Topic name.
+        topic: String,
+        /// Partitions now.
+        current: u32,
+        /// Partitions asked for.
+        requested: u32,
+    },
+    /// The partition index is not below the topic's partition count.
+    #[error("topic {topic:?} has partitions 0..{partitions}, there is no partition {partition}")]
+    PartitionNotFound {
+        /// Topic name.
+        topic: String,
+        /// Requested partition.
+        partition: u32,
+        /// The topic's partition count.
+        partitions: u32,
+    },
+    /// A partition that exists but is served by another broker (the topic spreads over
+    /// several brokers; Kafka answers `NOT_LEADER_OR_FOLLOWER`).
+    #[error(
+        "partition {partition} of topic {topic:?} is not served by this broker, which serves partitions {served:?}; send it to the broker that serves it"
+    )]
+    NotServed {
+        /// Topic name.
+        topic: String,
+        /// Partition asked for.
+        partition: u32,
+        /// Partitions this broker serves.
+        served: Vec<u32>,
+    },
+    /// A fetch asked for an offset outside the stored range.
+    #[error(
+        "offset {offset} is out of range for {topic}/{partition}: valid offsets are {earliest}..={next} ({next} waits for the next record)"
+    )]
+    OffsetOutOfRange {
+        /// Topic name.
+        topic: String,
+        /// Partition index.
+        partition: u32,
+        /// Requested offset.
+        offset: u64,
+        /// Earliest stored offset.
+        earliest: u64,
+        /// Next offset to be written.
+        next: u64,
+    },
+    /// A `Reject` topic is at `max_messages` or `max_bytes`; nothing of the request was
+    /// stored.
+    #[error(
+        "topic {topic:?} is full: it holds {held} {unit} and its limit {limit} is {max}; this request of {adding} {unit} was refused whole. Retry after consumers ack (work-queue topics) or messages expire"
+    )]
+    TopicFull {
+        /// Topic name.
+        topic: String,
+        /// The limit's name: `max_messages` or `max_bytes`.
+        limit: &'static str,
+        /// `messages` or `bytes`.
+        unit: &'static str,
+        /// What the topic holds now.
+        held: u64,
+        /// The limit.
+        max: u64,
+        /// What the request would add.
+        adding: u64,
+    },
+    /// A produce request with no records.
+    #[error("a produce request needs at least one record; this one has none")]
+    EmptyProduce,
+    /// A record above the topic's `max_message_bytes`.
+    #[error(
+        "record {index} is {size} bytes (key + value + headers); topic {topic:?} accepts at most {max} bytes per record (max_message_bytes)"
+    )]
+    RecordTooLarge {
+        /// Position of the record in the request.
+        index: usize,
+        /// Its size in bytes.
+        size: usize,
+        /// Topic name.
+        topic: String,
+        /// The topic's `max_message_bytes`.
+        max: u32,
+    },
+    /// An idempotent producer's sequence does not follow its last one.
+    #[error(transparent)]
+    Sequence(#[from] SequenceError),
+    /// A setting or name broke a rule.
+    #[error(transparent)]
+    InvalidConfig(#[from] InvalidConfig),
+    /// The log is shutting down or its writer has stopped.
+    #[error("the log is shutting down")]
+    ShuttingDown,
+}
+
+impl Error {
+    /// Maps an error of opening fjall, turning a held lock into [`Error::DataDirectoryLocked`].
+    pub(crate) fn open(path: &std::path::Path, source: fjall::Error) -> Self {
+        if matches!(source, fjall::Error::Locked) {
+            return Self::DataDirectoryLocked {
+                path: path.to_path_buf(),
+            };
+        }
+        Self::OpenDatabase {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}

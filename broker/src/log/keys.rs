@@ -1,0 +1,145 @@
+//! The on-disk key schema: every key the broker writes, built and parsed here only.
+//!
+//! One fjall database, two keyspaces. Integers inside keys are big-endian, so keys sort
+//! numerically; integers inside fixed-size values are documented with each value.
+//!
+//! `records` keyspace:
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `topic id (u32) ‖ partition (u32) ‖ base offset (u64)` | a record batch with its CRC32C ([`super::batch`]) |
+//!
+//! `meta` keyspace:
+//!
+//! | key | value | written by |
+//! | --- | --- | --- |
+//! | `v/schema` | schema version, u32 big-endian ([`SCHEMA_VERSION`]) | open (migration) |
+//! | `n/topic-id` | next topic id, u32 big-endian (little-endian in schema 1) | topic creation |
+//! | `t/<topic name>` | topic settings, id, creation time (JSON) | topic admin |
+//! | `p/<topic id (u32)><partition (u32)>` | partition counters: next offset, earliest offset, bytes (3 × u64 little-endian) | every commit, in the same batch as the records |
+//! | `q/<topic id (u32)><producer id (u64)>` | idempotent producer's last sequence and recent acks (JSON) | appends with a producer id |
+//! | `g/<group name>` | group settings, topic id, dead-lettered count (JSON) | group admin, dead letters |
+//! | `o/<group name>/<partition (u32)>` | ack floor, acks above it, delivery counts (JSON) | group acks, every tick |
+//!
+//! Schema versions: 1 had no `v/schema` key and stored `n/topic-id` little-endian; opening
+//! a schema-1 database rewrites that value big-endian and writes `v/schema` = 2, in one
+//! atomic batch ([`super::recovery`]).
+
+/// Current schema version, stored under [`SCHEMA_KEY`].
+pub const SCHEMA_VERSION: u32 = 2;
+/// Key of the schema version.
+pub const SCHEMA_KEY: &[u8] = b"v/schema";
+/// Key of the next topic id.
+pub const TOPIC_ID_KEY: &[u8] = b"n/topic-id";
+/// Prefix of topic settings.
+pub const TOPIC_PREFIX: &[u8] = b"t/";
+/// Prefix of idempotent producers' state.
+pub const PRODUCER_PREFIX: &[u8] = b"q/";
+/// Prefix of group settings.
+pub const GROUP_PREFIX: &[u8] = b"g/";
+
+/// `topic id ‖ partition index`, big-endian: the prefix of every record key of a partition.
+pub fn partition_prefix(topic_id: u32, partition: u32) -> [u8; 8] {
+    let mut prefix = [0u8; 8];
+    prefix[..4].copy_from_slice(&topic_id.to_be_bytes());
+    prefix[4..].copy_from_slice(&partition.to_be_bytes());
+    prefix
+}
+
+/// Record key of the batch of a partition starting at `offset`: prefix ‖ offset (big-endian).
+pub fn record_key(prefix: [u8; 8], offset: u64) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&prefix);
+    key[8..].copy_from_slice(&offset.to_be_bytes());
+    key
+}
+
+/// Base offset of a record key (its last 8 bytes); `None` for a key that is not 16 bytes.
+pub fn record_key_offset(key: &[u8]) -> Option<u64> {
+    if key.len() != 16 {
+        return None;
+    }
+    key.get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+}
+
+/// Metadata key of a partition's counters: `p/` ‖ prefix.
+pub fn partition_meta_key(prefix: [u8; 8]) -> [u8; 10] {
+    let mut key = [0u8; 10];
+    key[..2].copy_from_slice(b"p/");
+    key[2..].copy_from_slice(&prefix);
+    key
+}
+
+/// Metadata key of a topic's settings: `t/<name>`.
+pub fn topic_key(name: &str) -> Vec<u8> {
+    [TOPIC_PREFIX, name.as_bytes()].concat()
+}
+
+/// Metadata key of an idempotent producer's state on a topic.
+pub fn producer_key(topic_id: u32, producer_id: u64) -> Vec<u8> {
+    let mut k = PRODUCER_PREFIX.to_vec();
+    k.extend_from_slice(&topic_id.to_be_bytes());
+    k.extend_from_slice(&producer_id.to_be_bytes());
+    k
+}
+
+/// `(topic id, producer id)` of a [`producer_key`]; `None` for a malformed key.
+pub fn parse_producer_key(key: &[u8]) -> Option<(u32, u64)> {
+    if key.len() != 14 || !key.starts_with(PRODUCER_PREFIX) {
+        return None;
+    }
+    let topic = u32::from_be_bytes(key.get(2..6)?.try_into().ok()?);
+    let producer = u64::from_be_bytes(key.get(6..14)?.try_into().ok()?);
+    Some((topic, producer))
+}
+
+/// Metadata key of a group's settings: `g/<name>`.
+pub fn group_key(name: &str) -> Vec<u8> {
+    [GROUP_PREFIX, name.as_bytes()].concat()
+}
+
+/// Prefix of a group's cursors: `o/<name>/`.
+pub fn cursor_prefix(group: &str) -> Vec<u8> {
+    [b"o/", group.as_bytes(), b"/"].concat()
+}
+
+/// Metadata key of a group's cursor of `partition`: `o/<name>/<partition (u32 BE)>`.
+pub fn cursor_key(group: &str, partition: u32) -> Vec<u8> {
+    let mut k = cursor_prefix(group);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_keys_sort_by_partition_then_offset() {
+        let a = record_key(partition_prefix(1, 0), 255);
+        let b = record_key(partition_prefix(1, 0), 256);
+        let c = record_key(partition_prefix(1, 1), 0);
+        assert!(a < b && b < c);
+        assert_eq!(record_key_offset(&b), Some(256));
+        assert_eq!(record_key_offset(&b[..15]), None);
+    }
+
+    #[test]
+    fn producer_keys_round_trip() {
+        let k = producer_key(7, u64::MAX - 1);
+        assert_eq!(parse_producer_key(&k), Some((7, u64::MAX - 1)));
+        assert_eq!(parse_producer_key(&k[..13]), None);
+        assert_eq!(parse_producer_key(b"g/xxxxxxxxxxxx"), None);
+    }
+
+    #[test]
+    fn cursor_keys_of_one_group_share_its_prefix_only() {
+        let k = cursor_key("g", 3);
+        assert!(k.starts_with(&cursor_prefix("g")));
+        assert!(!k.starts_with(&cursor_prefix("g2")));
+        assert!(!cursor_key("g2", 0).starts_with(&cursor_prefix("g")));
+        assert_eq!(&k[k.len() - 4..], &3u32.to_be_bytes());
+    }
+}

@@ -1,0 +1,292 @@
+//! Start-up: the metadata schema's migration, then topics, partition counters and
+//! idempotent producers from the `meta` keyspace.
+//!
+//! Recovery reads the stored counters and, per partition, only the last batch: its CRC is
+//! checked and its end compared with the stored next offset. No log is scanned, so start-up
+//! time does not grow with the data stored.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, atomic::Ordering},
+};
+
+use fjall::{Database, Keyspace, PersistMode};
+use parking_lot::RwLock;
+use tokio::sync::watch;
+
+use super::{
+    Error, Partition, Topic, batch,
+    idempotence::{ProducerState, Producers},
+    keys,
+    topic::{PartitionMeta, TopicMeta},
+};
+
+/// What start-up found, for logs and tests.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    /// Topics recovered.
+    pub topics: usize,
+    /// Partitions recovered.
+    pub partitions: usize,
+    /// Batches read during recovery: one tail batch per non-empty partition at most.
+    pub batches_read: usize,
+    /// Partitions whose tail batch failed its check (logged with topic, partition, offset).
+    pub corrupt_tails: usize,
+    /// Time to open fjall and recover, in ms.
+    pub elapsed_ms: u64,
+}
+
+fn read_meta_err(prefix: &[u8]) -> impl Fn(fjall::Error) -> Error + '_ {
+    move |source| Error::ReadMetadata {
+        prefix: String::from_utf8_lossy(prefix).into_owned(),
+        source,
+    }
+}
+
+/// Brings the `meta` keyspace to [`keys::SCHEMA_VERSION`] and returns the next topic id.
+///
+/// Schema 1 (no `v/schema` key) stored `n/topic-id` little-endian: it is rewritten
+/// big-endian together with the version, in one atomic, fsynced batch, so a crash leaves
+/// either schema.
+pub(crate) fn migrate(db: &Database, meta: &Keyspace) -> Result<u32, Error> {
+    let read = read_meta_err(keys::SCHEMA_KEY);
+    let version = match meta.get(keys::SCHEMA_KEY).map_err(&read)? {
+        Some(v) => {
+            u32::from_be_bytes(v.as_ref().try_into().map_err(|_| Error::RecoverMetadata {
+                key: "v/schema".into(),
+                detail: format!("expected 4 bytes, found {}", v.len()),
+            })?)
+        }
+        None => 1,
+    };
+    if version > keys::SCHEMA_VERSION {
+        return Err(Error::RecoverMetadata {
+            key: "v/schema".into(),
+            detail: format!(
+                "the data directory has schema {version}, written by a newer broker; this broker reads up to {}",
+                keys::SCHEMA_VERSION
+            ),
+        });
+    }
+    let stored_id = meta
+        .get(keys::TOPIC_ID_KEY)
+        .map_err(read_meta_err(keys::TOPIC_ID_KEY))?;
+    let next_topic_id = match &stored_id {
+        Some(v) => {
+            let bytes: [u8; 4] = v.as_ref().try_into().map_err(|_| Error::RecoverMetadata {
+                key: "n/topic-id".into(),
+                detail: format!("expected 4 bytes, found {}", v.len()),
+            })?;
+            if version == 1 {
+                u32::from_le_bytes(bytes)
+            } else {
+                u32::from_be_bytes(bytes)
+            }
+        }
+        None => 1,
+    };
+    if version < keys::SCHEMA_VERSION {
+        let mut wb = db.batch().durability(Some(PersistMode::SyncData));
+        if stored_id.is_some() {
+            wb.insert(meta, keys::TOPIC_ID_KEY, next_topic_id.to_be_bytes());
+        }
+        wb.insert(meta, keys::SCHEMA_KEY, keys::SCHEMA_VERSION.to_be_bytes());
+        wb.commit().map_err(Error::Commit)?;
+        tracing::info!(
+            from = version,
+            to = keys::SCHEMA_VERSION,
+            "metadata schema migrated"
+        );
+    }
+    Ok(next_topic_id)
+}
+
+/// Loads every topic (`t/`) with its partitions' counters (`p/`).
+pub(crate) fn recover_topics(
+    records: &Keyspace,
+    meta: &Keyspace,
+    report: &mut RecoveryReport,
+) -> Result<BTreeMap<String, Arc<Topic>>, Error> {
+    let mut topics = BTreeMap::new();
+    for guard in meta.prefix(keys::TOPIC_PREFIX) {
+        let (key, value) = guard
+            .into_inner()
+            .map_err(read_meta_err(keys::TOPIC_PREFIX))?;
+        let key_text = String::from_utf8_lossy(&key).into_owned();
+        let stored: TopicMeta =
+            serde_json::from_slice(&value).map_err(|e| Error::RecoverMetadata {
+                key: key_text.clone(),
+                detail: e.to_string(),
+            })?;
+        let mut partitions = Vec::with_capacity(stored.config.partitions as usize);
+        let appended = Arc::new(watch::Sender::new(0));
+        for index in 0..stored.config.partitions {
+            let prefix = keys::partition_prefix(stored.id, index);
+            let state = match meta
+                .get(keys::partition_meta_key(prefix))
+                .map_err(|source| Error::Read {
+                    topic: stored.name.clone(),
+                    partition: index,
+                    source,
+                })? {
+                Some(v) => PartitionMeta::decode(&v).ok_or_else(|| Error::RecoverMetadata {
+                    key: format!("p/{}/{index}", stored.name),
+                    detail: format!("expected 24 bytes, found {}", v.len()),
+                })?,
+                None => PartitionMeta::default(),
+            };
+            let partition =
+                Partition::new(&stored.name, stored.id, index, state, Arc::clone(&appended));
+            check_tail(records, &partition, state, report);
+            // The first stored batch may start before the (logical) earliest offset. Only
+            // for a non-empty partition: the batch holding `earliest` is then found at once,
+            // without stepping over tombstones.
+            if state.next_offset != state.earliest_offset
+                && let Some(Ok(first)) = records
+                    .range(partition.key(0)..=partition.key(state.earliest_offset))
+                    .next_back()
+                    .map(fjall::Guard::key)
+                && let Some(base) = keys::record_key_offset(&first)
+            {
+                partition.head_base.store(base, Ordering::Relaxed);
+            }
+            partitions.push(Arc::new(partition));
+            report.partitions += 1;
+        }
+        report.topics += 1;
+        topics.insert(
+            stored.name.clone(),
+            Arc::new(Topic {
+                id: stored.id,
+                name: stored.name,
+                created_at_ms: stored.created_at_ms,
+                config: RwLock::new(stored.config),
+                partitions: RwLock::new(partitions),
+                next_unkeyed: 0.into(),
+                appended,
+            }),
+        );
+    }
+    Ok(topics)
+}
+
+/// Loads idempotent producers' state (`q/`).
+pub(crate) fn recover_producers(meta: &Keyspace) -> Result<Producers, Error> {
+    let mut out = Producers::new();
+    for guard in meta.prefix(keys::PRODUCER_PREFIX) {
+        let (key, value) = guard
+            .into_inner()
+            .map_err(read_meta_err(keys::PRODUCER_PREFIX))?;
+        let bad = |detail: String| Error::RecoverMetadata {
+            key: String::from_utf8_lossy(&key).into_owned(),
+            detail,
+        };
+        let ids =
+            keys::parse_producer_key(&key).ok_or_else(|| bad("malformed producer key".into()))?;
+        let state: ProducerState = serde_json::from_slice(&value)
+            .map_err(|e| bad(format!("unreadable producer state: {e}")))?;
+        out.insert(ids, state);
+    }
+    Ok(out)
+}
+
+/// Verifies the last batch of a partition at start-up: its CRC, and that it ends at the
+/// stored next offset. Problems are logged with topic, partition and offset; the stored
+/// counters stay authoritative so offsets never repeat.
+fn check_tail(
+    records: &Keyspace,
+    p: &Partition,
+    state: PartitionMeta,
+    report: &mut RecoveryReport,
+) {
+    if state.next_offset == state.earliest_offset {
+        return;
+    }
+    let Some(guard) = records.prefix(p.prefix).next_back() else {
+        tracing::error!(topic = %p.topic, partition = p.index, next_offset = state.next_offset, "partition counters say records exist but none are stored");
+        report.corrupt_tails += 1;
+        return;
+    };
+    report.batches_read += 1;
+    match guard.into_inner() {
+        Ok((key, value)) => {
+            let base = keys::record_key_offset(&key).unwrap_or(u64::MAX);
+            match batch::verify(&value) {
+                Ok(h) if h.base_offset == base && h.next_offset() == state.next_offset => {}
+                Ok(h) => {
+                    report.corrupt_tails += 1;
+                    tracing::error!(topic = %p.topic, partition = p.index, offset = base, batch_end = h.next_offset(), next_offset = state.next_offset, "tail batch does not end at the stored next offset");
+                }
+                Err(e) => {
+                    report.corrupt_tails += 1;
+                    tracing::error!(topic = %p.topic, partition = p.index, offset = base, error = %e, "tail batch failed its check at start-up");
+                }
+            }
+        }
+        Err(e) => {
+            report.corrupt_tails += 1;
+            tracing::error!(topic = %p.topic, partition = p.index, error = %e, "tail batch unreadable at start-up");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{Log, LogOptions, TopicConfig};
+
+    /// A data directory written by schema 1 (`n/topic-id` little-endian, no `v/schema`)
+    /// opens with its topics, the next topic gets the next id, and the value is stored
+    /// big-endian from then on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_schema_1_data_directory_is_migrated() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            // What the previous version wrote for one topic `old` with id 1.
+            let db = Database::builder(dir.path()).open().expect("db");
+            let meta = db
+                .keyspace("meta", fjall::KeyspaceCreateOptions::default)
+                .expect("meta");
+            let _records = db
+                .keyspace("records", fjall::KeyspaceCreateOptions::default)
+                .expect("records");
+            let topic = TopicMeta {
+                id: 1,
+                name: "old".into(),
+                config: TopicConfig::new(1, 0).expect("config"),
+                created_at_ms: 1,
+            };
+            meta.insert(
+                keys::topic_key("old"),
+                serde_json::to_vec(&topic).expect("json"),
+            )
+            .expect("topic");
+            meta.insert(keys::TOPIC_ID_KEY, 2u32.to_le_bytes())
+                .expect("topic id");
+            db.persist(PersistMode::SyncAll).expect("persist");
+        }
+        let log = Log::open(dir.path(), &LogOptions::default()).expect("opens");
+        assert!(log.topic("old").is_ok());
+        let (created, _) = log
+            .create_topic("new", TopicConfig::new(1, 0).expect("config"))
+            .await
+            .expect("created");
+        assert_eq!(created.id, 2, "ids continue after the migrated counter");
+        let stored = log
+            .scan_meta(keys::TOPIC_ID_KEY)
+            .expect("scan")
+            .pop()
+            .expect("n/topic-id");
+        assert_eq!(stored.1, 3u32.to_be_bytes());
+        let version = log.scan_meta(keys::SCHEMA_KEY).expect("scan");
+        assert_eq!(version[0].1, keys::SCHEMA_VERSION.to_be_bytes());
+        log.close().await.expect("closes");
+        drop(log);
+        let again = Log::open(dir.path(), &LogOptions::default()).expect("reopens");
+        let (third, _) = again
+            .create_topic("third", TopicConfig::new(1, 0).expect("config"))
+            .await
+            .expect("created");
+        assert_eq!(third.id, 3, "a migrated directory is not migrated twice");
+    }
+}

@@ -1,0 +1,561 @@
+//! The single writer: every change to the log goes through one dedicated thread that
+//! group-commits it.
+//!
+//! The writer blocks for a command, then takes every command that queued up meanwhile (up to
+//! the limits in [`LogOptions`]) — in practice, everything that arrived while the previous
+//! fsync ran — assigns offsets, writes all of it as one atomic fjall batch and persists it
+//! once with `PersistMode::SyncData`. Only then does it publish the new next offsets to
+//! readers and acknowledge. fjall's write path may stall, so it never runs on the async
+//! executor. A failed commit poisons fjall: the writer fails every waiting command, reports
+//! the failure through [`Shared::failed`] and stops; the broker exits and recovers. A
+//! panic of the writer thread is reported the same way (fjall's `PoisonDart` idea), so the
+//! broker never lives on with a dead writer.
+//!
+//! The parts: this file runs rounds and group commits appends; [`retention`] applies
+//! limits and deletions; [`admin`] changes topics and other metadata.
+
+mod admin;
+mod retention;
+
+use std::sync::{Arc, atomic::Ordering};
+
+use fjall::PersistMode;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    Ack, Error, Failpoint, LogOptions, MetaEntries, Shared, Topic, TopicConfig, batch,
+    idempotence::{Idempotence, ProducerState, SequenceCheck},
+    keys, relaxed_add,
+    topic::{Durability, Overflow, Partition},
+};
+
+/// Appends of one group commit.
+struct Round {
+    wb: fjall::OwnedWriteBatch,
+    waiting: Vec<Waiting>,
+    /// Whether any append of the round asks for fsync.
+    fsync: bool,
+    /// Topics with `DropOldest` limits touched by the round.
+    limited: Vec<Arc<Topic>>,
+}
+
+impl Round {
+    fn new(shared: &Shared) -> Self {
+        Self {
+            wb: shared.db.batch(),
+            waiting: Vec::new(),
+            fsync: false,
+            limited: Vec::new(),
+        }
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, Error>>;
+
+/// An encoded batch for one partition ([`batch::encode`]); the writer seals it with its
+/// base offset.
+pub struct PartBatch {
+    /// The partition it goes to.
+    pub partition: Arc<Partition>,
+    /// The encoded batch.
+    pub batch: Vec<u8>,
+    /// Records in it.
+    pub records: u32,
+}
+
+/// Work for the writer thread.
+pub(crate) enum Command {
+    /// One produce request: a batch per partition, committed atomically, checked against
+    /// the topic's limits and (with a producer) deduplicated by sequence.
+    Append {
+        topic: Arc<Topic>,
+        batches: Vec<PartBatch>,
+        producer: Option<Idempotence>,
+        reply: Reply<Vec<Ack>>,
+    },
+    CreateTopic {
+        name: String,
+        config: TopicConfig,
+        reply: Reply<(Arc<Topic>, bool)>,
+    },
+    UpdateTopic {
+        name: String,
+        config: TopicConfig,
+        reply: Reply<Arc<Topic>>,
+    },
+    DeleteTopic {
+        name: String,
+        reply: Reply<()>,
+    },
+    /// Puts and deletes in the metadata keyspace, atomically (group state).
+    WriteMeta {
+        puts: MetaEntries,
+        deletes: Vec<Vec<u8>>,
+        durable: bool,
+        reply: Reply<()>,
+    },
+    /// Deletes whole batches of a partition that end at or before `before`.
+    Truncate {
+        partition: Arc<Partition>,
+        before: u64,
+        reply: Reply<u64>,
+    },
+    /// Deletes head batches of a partition whose newest record is older than `cutoff_ms`.
+    Expire {
+        partition: Arc<Partition>,
+        cutoff_ms: i64,
+        reply: Reply<u64>,
+    },
+    /// Fsync if anything was committed without fsync since the last one.
+    Sync {
+        reply: Reply<()>,
+    },
+    Shutdown {
+        reply: Reply<()>,
+    },
+}
+
+pub(crate) fn spawn(
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Command>,
+    options: LogOptions,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("weir-log-writer".into())
+        .spawn(move || {
+            let _watch = DeathWatch(Arc::clone(&shared));
+            Writer {
+                shared,
+                options,
+                unsynced: std::cell::Cell::new(false),
+                since_rotation: std::cell::Cell::new(0),
+                rounds: std::cell::Cell::new(0),
+            }
+            .run(rx);
+        })
+}
+
+/// Reports a panic of the writer thread through [`Shared::failed`] when the thread unwinds
+/// (fjall's `PoisonDart`): the broker turns unready and exits instead of answering
+/// UNAVAILABLE forever.
+struct DeathWatch(Arc<Shared>);
+
+impl Drop for DeathWatch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let reason = "the log writer thread panicked".to_owned();
+            tracing::error!(reason, "the broker must restart");
+            self.0.failed.send_replace(Some(reason));
+        }
+    }
+}
+
+/// Longest the writer waits for flushes before one round (see `Writer::wait_for_flushes`).
+const MAX_STALL: std::time::Duration = std::time::Duration::from_secs(10);
+
+struct Writer {
+    shared: Arc<Shared>,
+    options: LogOptions,
+    /// Something was committed without fsync since the last fsync.
+    unsynced: std::cell::Cell<bool>,
+    /// Record bytes committed since the records keyspace's memtable was last rotated here.
+    since_rotation: std::cell::Cell<u64>,
+    /// Rounds run, for [`Failpoint::WriterPanic`].
+    rounds: std::cell::Cell<u64>,
+}
+
+/// A request that is in the current fjall batch, waiting for the commit.
+struct Waiting {
+    /// Partitions written and bytes added to each.
+    parts: Vec<(Arc<Partition>, u64)>,
+    acks: Vec<Ack>,
+    reply: Reply<Vec<Ack>>,
+}
+
+impl Writer {
+    fn run(self, mut rx: mpsc::Receiver<Command>) {
+        let mut queue = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            queue.push(first);
+            let mut bytes = 0usize;
+            while queue.len() < self.options.max_commit_commands
+                && bytes < self.options.max_commit_bytes
+            {
+                match rx.try_recv() {
+                    Ok(cmd) => {
+                        if let Command::Append { batches, .. } = &cmd {
+                            bytes += batches.iter().map(|b| b.batch.len()).sum::<usize>();
+                        }
+                        queue.push(cmd);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.wait_for_flushes();
+            self.rounds.set(self.rounds.get() + 1);
+            if let Some(Failpoint::WriterPanic { after_rounds }) = self.options.failpoint
+                && self.rounds.get() > after_rounds
+            {
+                panic!("failpoint: the writer panics after {after_rounds} rounds");
+            }
+            match self.round(&mut queue) {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Stop) => return,
+                Err(e) => {
+                    let reason = e.to_string();
+                    tracing::error!(error = %reason, "commit failed; fjall is poisoned, the broker must restart");
+                    self.shared.failed.send_replace(Some(reason));
+                    rx.close();
+                    return;
+                }
+            }
+        }
+        // Every sender is gone: persist what is buffered and stop.
+        if let Err(e) = self.shared.db.persist(PersistMode::SyncAll) {
+            tracing::error!(error = %e, "persisting the log after the last command failed");
+        }
+    }
+
+    /// Runs the commands of one round: appends are group-committed together; metadata
+    /// commands commit on their own, in queue order, so their effect is ordered with appends.
+    fn round(&self, queue: &mut Vec<Command>) -> Result<Flow, Error> {
+        let mut round = Round::new(&self.shared);
+        for cmd in queue.drain(..) {
+            match cmd {
+                Command::Append {
+                    topic,
+                    batches,
+                    producer,
+                    reply,
+                } => self.append(&mut round, &topic, batches, producer, reply),
+                other => {
+                    // Commit what is batched so far, then the metadata command alone.
+                    let full = std::mem::replace(&mut round, Round::new(&self.shared));
+                    self.commit(full)?;
+                    if let Flow::Stop = self.metadata(other)? {
+                        return Ok(Flow::Stop);
+                    }
+                }
+            }
+        }
+        self.commit(round)?;
+        Ok(Flow::Continue)
+    }
+
+    /// Adds one produce request to the round, or answers it at once when it is refused.
+    fn append(
+        &self,
+        round: &mut Round,
+        topic: &Arc<Topic>,
+        batches: Vec<PartBatch>,
+        producer: Option<Idempotence>,
+        reply: Reply<Vec<Ack>>,
+    ) {
+        if batches
+            .iter()
+            .any(|b| b.partition.deleted.load(Ordering::Acquire))
+        {
+            let _ = reply.send(Err(Error::TopicNotFound(topic.name.clone())));
+            return;
+        }
+        let config = topic.config();
+        let mut producers = self.shared.producers.lock();
+        if let Some(idem) = producer {
+            let state = producers.get(&(topic.id, idem.producer_id));
+            match ProducerState::check(state, &topic.name, idem) {
+                Ok(SequenceCheck::New) => {}
+                Ok(SequenceCheck::Duplicate(acks)) => {
+                    // Answered after this round's commit: the original may be in it.
+                    round.waiting.push(Waiting {
+                        parts: Vec::new(),
+                        acks,
+                        reply,
+                    });
+                    return;
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                    return;
+                }
+            }
+        }
+        if config.overflow == Overflow::Reject && config.has_size_limits() {
+            if let Err(e) = retention::check_room(topic, &config, &batches) {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        }
+        // Offsets first, without changing anything: the producer state that names them must
+        // encode before the request takes effect.
+        let acks: Vec<Ack> = batches
+            .iter()
+            .map(|b| Ack {
+                partition: b.partition.index,
+                base_offset: b.partition.assigned_next.load(Ordering::Relaxed),
+                record_count: b.records,
+            })
+            .collect();
+        let producer_entry = match producer {
+            Some(idem) => {
+                let mut state = producers
+                    .get(&(topic.id, idem.producer_id))
+                    .cloned()
+                    .unwrap_or_default();
+                state.record(idem.sequence, acks.clone());
+                match serde_json::to_vec(&state) {
+                    Ok(json) => Some((idem.producer_id, state, json)),
+                    Err(source) => {
+                        let _ = reply.send(Err(Error::Encode {
+                            what: "idempotent producer state",
+                            source,
+                        }));
+                        return;
+                    }
+                }
+            }
+            None => None,
+        };
+        let mut parts = Vec::with_capacity(batches.len());
+        for PartBatch {
+            partition,
+            mut batch,
+            records,
+        } in batches
+        {
+            let base = partition.assigned_next.load(Ordering::Relaxed);
+            batch::seal(&mut batch, base);
+            let bytes = batch.len() as u64;
+            round
+                .wb
+                .insert(&self.shared.records, partition.key(base), batch);
+            partition
+                .assigned_next
+                .store(base + u64::from(records), Ordering::Relaxed);
+            partition.assigned_bytes.fetch_add(bytes, Ordering::Relaxed);
+            parts.push((partition, bytes));
+        }
+        if let Some((producer_id, state, json)) = producer_entry {
+            round.wb.insert(
+                &self.shared.meta,
+                keys::producer_key(topic.id, producer_id),
+                json,
+            );
+            producers.insert((topic.id, producer_id), state);
+        }
+        if config.durability == Durability::Fsync {
+            round.fsync = true;
+        }
+        if config.overflow == Overflow::DropOldest
+            && config.has_size_limits()
+            && !round.limited.iter().any(|t| Arc::ptr_eq(t, topic))
+        {
+            round.limited.push(Arc::clone(topic));
+        }
+        round.waiting.push(Waiting { parts, acks, reply });
+    }
+
+    fn commit(&self, round: Round) -> Result<(), Error> {
+        let Round {
+            mut wb,
+            mut waiting,
+            fsync,
+            limited,
+        } = round;
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        // Counters of every touched partition go into the same atomic batch.
+        let mut touched: Vec<(Arc<Partition>, u64)> = Vec::new();
+        for p in &waiting {
+            for (part, bytes) in &p.parts {
+                match touched.iter_mut().find(|(t, _)| Arc::ptr_eq(t, part)) {
+                    Some((_, b)) => *b += bytes,
+                    None => touched.push((Arc::clone(part), *bytes)),
+                }
+            }
+        }
+        for (p, _) in &touched {
+            wb.insert(&self.shared.meta, p.meta_key(), p.meta().encode().to_vec());
+        }
+        // Buffered: flush fjall's journal buffer to the OS (survives a process crash), no fsync.
+        let wb = wb.durability(Some(if fsync {
+            PersistMode::SyncData
+        } else {
+            PersistMode::Buffer
+        }));
+        // An fsync covers everything committed before it.
+        self.unsynced.set(!fsync);
+        let started = std::time::Instant::now();
+        let committed = if touched.is_empty() {
+            Ok(())
+        } else {
+            wb.commit()
+        };
+        relaxed_add(
+            &self.shared.stats.commit_nanos,
+            started.elapsed().as_nanos() as u64,
+        );
+        if let Err(e) = committed {
+            for p in waiting.drain(..) {
+                let _ = p.reply.send(Err(Error::Commit(fjall::Error::Poisoned)));
+            }
+            return Err(Error::Commit(e));
+        }
+        let added: u64 = touched.iter().map(|(_, b)| *b).sum();
+        self.rotate_if_full(added)?;
+        for (p, added) in touched {
+            relaxed_add(&p.bytes, added);
+            let next = p.assigned_next.load(Ordering::Relaxed);
+            p.next_offset.store(next, Ordering::Release);
+            p.durable.send_replace(next);
+            p.appended.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        // DropOldest before the acks go out, so nobody sees a topic over its limit after
+        // an ack.
+        for topic in limited {
+            self.drop_oldest(&topic)?;
+        }
+        let stats = &self.shared.stats;
+        relaxed_add(&stats.commits, 1);
+        for p in waiting.drain(..) {
+            relaxed_add(&stats.appends, p.parts.len() as u64);
+            for (_, bytes) in &p.parts {
+                relaxed_add(&stats.bytes, *bytes);
+            }
+            for ack in &p.acks {
+                relaxed_add(&stats.records, u64::from(ack.record_count));
+            }
+            let _ = p.reply.send(Ok(p.acks));
+        }
+        Ok(())
+    }
+
+    /// Waits while memtables hold `max_write_buffer_bytes` or more, polling every
+    /// millisecond; the time goes to `stall_nanos`. When nothing is being flushed (a budget
+    /// below the memtable size) the active memtables are sealed so that the budget can
+    /// drain. After [`MAX_STALL`] the round goes ahead anyway, with a warning: a storage
+    /// engine that cannot flush must not hang every producer.
+    fn wait_for_flushes(&self) {
+        let limit = self.options.max_write_buffer_bytes;
+        if limit == 0 || self.shared.db.write_buffer_size() < limit {
+            return;
+        }
+        let started = std::time::Instant::now();
+        while self.shared.db.write_buffer_size() >= limit {
+            if started.elapsed() >= MAX_STALL {
+                tracing::warn!(
+                    held = self.shared.db.write_buffer_size(),
+                    limit,
+                    "memtables stayed over --max-write-buffer-size; committing anyway"
+                );
+                break;
+            }
+            if self.shared.records.sealed_memtable_count() == 0
+                && self.shared.meta.sealed_memtable_count() == 0
+            {
+                let _ = self.shared.records.rotate_memtable();
+                let _ = self.shared.meta.rotate_memtable();
+                self.since_rotation.set(0);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        relaxed_add(
+            &self.shared.stats.stall_nanos,
+            started.elapsed().as_nanos() as u64,
+        );
+    }
+
+    /// Seals the records memtable once `memtable_bytes` were committed into it. fjall
+    /// asks its worker threads to do this, and while they are busy flushing or compacting
+    /// the active memtable kept growing (to 418 MB with a 32 MiB setting under
+    /// `weir bench produce`), together with the journal a restart replays. Sealed here, the
+    /// memtable goes to the flush queue at once and fjall's own write halt (at 4 sealed
+    /// memtables) bounds the memory.
+    fn rotate_if_full(&self, added: u64) -> Result<(), Error> {
+        let total = self.since_rotation.get() + added;
+        if total < self.options.memtable_bytes.max(1024 * 1024) {
+            self.since_rotation.set(total);
+            return Ok(());
+        }
+        self.since_rotation.set(0);
+        self.shared
+            .records
+            .rotate_memtable()
+            .map(|_| ())
+            .map_err(Error::Commit)
+    }
+
+    fn metadata(&self, cmd: Command) -> Result<Flow, Error> {
+        match cmd {
+            Command::Append { .. } => Ok(Flow::Continue),
+            Command::CreateTopic {
+                name,
+                config,
+                reply,
+            } => finish(self.create_topic(&name, config), reply).map(|()| Flow::Continue),
+            Command::UpdateTopic {
+                name,
+                config,
+                reply,
+            } => finish(self.update_topic(&name, config), reply).map(|()| Flow::Continue),
+            Command::DeleteTopic { name, reply } => {
+                finish(self.delete_topic(&name), reply).map(|()| Flow::Continue)
+            }
+            Command::WriteMeta {
+                puts,
+                deletes,
+                durable,
+                reply,
+            } => finish(self.write_meta(puts, deletes, durable), reply).map(|()| Flow::Continue),
+            Command::Truncate {
+                partition,
+                before,
+                reply,
+            } => finish(self.truncate(&partition, before), reply).map(|()| Flow::Continue),
+            Command::Expire {
+                partition,
+                cutoff_ms,
+                reply,
+            } => finish(self.expire(&partition, cutoff_ms), reply).map(|()| Flow::Continue),
+            Command::Sync { reply } => {
+                let result = if self.unsynced.replace(false) {
+                    self.shared
+                        .db
+                        .persist(PersistMode::SyncData)
+                        .map_err(Error::Commit)
+                } else {
+                    Ok(())
+                };
+                finish(result, reply).map(|()| Flow::Continue)
+            }
+            Command::Shutdown { reply } => {
+                let result = self
+                    .shared
+                    .db
+                    .persist(PersistMode::SyncAll)
+                    .map_err(Error::Commit);
+                let _ = reply.send(result);
+                Ok(Flow::Stop)
+            }
+        }
+    }
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// Sends a metadata command's result; a commit failure is also returned to stop the writer.
+fn finish<T>(result: Result<T, Error>, reply: Reply<T>) -> Result<(), Error> {
+    match result {
+        Err(Error::Commit(e)) => {
+            let _ = reply.send(Err(Error::Commit(fjall::Error::Poisoned)));
+            Err(Error::Commit(e))
+        }
+        other => {
+            let _ = reply.send(other);
+            Ok(())
+        }
+    }
+}
