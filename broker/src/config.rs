@@ -65,7 +65,7 @@ pub struct Config {
     pub log_format: LogFormat,
 
     /// A fault to inject, for the broker's own tests (`writer-panic`: the log writer
-    /// panics after its first round). Never set it in production.
+    /// panics on the first produce). Never set it in production.
     #[arg(long, env = "WEIR_FAILPOINT", value_enum, hide = true)]
     pub failpoint: Option<Failpoint>,
 }
@@ -73,14 +73,14 @@ pub struct Config {
 /// Faults the broker's tests inject (see [`crate::log::Failpoint`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Failpoint {
-    /// The log writer thread panics after its first round.
+    /// The log writer thread panics on the first produce.
     WriterPanic,
 }
 
 impl From<Failpoint> for crate::log::Failpoint {
     fn from(f: Failpoint) -> Self {
         match f {
-            Failpoint::WriterPanic => Self::WriterPanic { after_rounds: 1 },
+            Failpoint::WriterPanic => Self::WriterPanic,
         }
     }
 }

@@ -284,6 +284,28 @@ impl Broker {
         Ok(c.wait()?.code())
     }
 
+    /// Waits up to `timeout` for the broker to exit on its own; returns its exit code
+    /// (`None` when a signal ended it), or an error when it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<Option<i32>> {
+        let Some(child) = self.child.as_mut() else {
+            bail!("broker is not running")
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status.code());
+            }
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "broker still running after {timeout:?}; logs:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts the broker again on the same data directory (after [`kill`](Self::kill) or
     /// [`terminate`](Self::terminate)).
     pub fn restart(&mut self) -> anyhow::Result<()> {

@@ -108,11 +108,8 @@ impl AppendTicket {
 /// `--failpoint` flag of `weir-broker`). Never set in production.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failpoint {
-    /// The writer thread panics when it starts round `after_rounds + 1`.
-    WriterPanic {
-        /// Rounds completed normally first.
-        after_rounds: u64,
-    },
+    /// The writer thread panics when it takes its first append.
+    WriterPanic,
 }
 
 /// Key-value pairs of the metadata keyspace.

@@ -129,7 +129,6 @@ pub(crate) fn spawn(
                 options,
                 unsynced: std::cell::Cell::new(false),
                 since_rotation: std::cell::Cell::new(0),
-                rounds: std::cell::Cell::new(0),
             }
             .run(rx);
         })
@@ -160,8 +159,6 @@ struct Writer {
     unsynced: std::cell::Cell<bool>,
     /// Record bytes committed since the records keyspace's memtable was last rotated here.
     since_rotation: std::cell::Cell<u64>,
-    /// Rounds run, for [`Failpoint::WriterPanic`].
-    rounds: std::cell::Cell<u64>,
 }
 
 /// A request that is in the current fjall batch, waiting for the commit.
@@ -192,12 +189,6 @@ impl Writer {
                 }
             }
             self.wait_for_flushes();
-            self.rounds.set(self.rounds.get() + 1);
-            if let Some(Failpoint::WriterPanic { after_rounds }) = self.options.failpoint
-                && self.rounds.get() > after_rounds
-            {
-                panic!("failpoint: the writer panics after {after_rounds} rounds");
-            }
             match self.round(&mut queue) {
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Stop) => return,
@@ -227,7 +218,12 @@ impl Writer {
                     batches,
                     producer,
                     reply,
-                } => self.append(&mut round, &topic, batches, producer, reply),
+                } => {
+                    if self.options.failpoint == Some(Failpoint::WriterPanic) {
+                        panic!("failpoint writer-panic: the log writer panics on its first append");
+                    }
+                    self.append(&mut round, &topic, batches, producer, reply);
+                }
                 other => {
                     // Commit what is batched so far, then the metadata command alone.
                     let full = std::mem::replace(&mut round, Round::new(&self.shared));
