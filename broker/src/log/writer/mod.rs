@@ -219,9 +219,10 @@ impl Writer {
                     producer,
                     reply,
                 } => {
-                    if self.options.failpoint == Some(Failpoint::WriterPanic) {
-                        panic!("failpoint writer-panic: the log writer panics on its first append");
-                    }
+                    assert!(
+                        self.options.failpoint != Some(Failpoint::WriterPanic),
+                        "failpoint writer-panic: the log writer panics on its first append"
+                    );
                     self.append(&mut round, &topic, batches, producer, reply);
                 }
                 other => {
