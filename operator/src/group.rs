@@ -174,7 +174,7 @@ async fn apply(group: &ConsumerGroup, ctx: &Context) -> Result<Action, Error> {
                         next_offset: p.next_offset,
                         lag: p.lag,
                         pending: p.pending,
-                        owner: p.owner.clone(),
+                        owner: p.owner.clone().unwrap_or_default(),
                     });
                 }
             }
@@ -246,29 +246,18 @@ async fn sync_broker(
     address: &str,
     config: &weir_client::pb::GroupConfig,
     reset: Option<weir_client::pb::StartPosition>,
-) -> Result<weir_client::pb::GroupDescription, Error> {
+) -> Result<weir_client::GroupInfo, Error> {
     let client = ctx.broker(broker, address).await?;
     let err = |source| Error::Broker {
         broker: broker.to_owned(),
         source,
     };
+    let want = weir_client::GroupConfig::try_from(config.clone()).map_err(err)?;
     let mut desc = match client.describe_group(name).await {
-        Ok(d)
-            if d.config
-                .as_ref()
-                .is_some_and(|c| convert::group_matches(c, config)) =>
-        {
-            d
-        }
-        Ok(_) => client
-            .update_group(name, config.clone())
-            .await
-            .map_err(err)?,
+        Ok(d) if convert::group_matches(&(&d.config).into(), config) => d,
+        Ok(_) => client.update_group(name, &want).await.map_err(err)?,
         Err(e) if e.code() == Some(Code::NotFound) => {
-            let d = client
-                .create_group(name, config.clone())
-                .await
-                .map_err(err)?;
+            let d = client.create_group(name, &want).await.map_err(err)?;
             ctx.event(
                 group,
                 false,
@@ -282,7 +271,10 @@ async fn sync_broker(
         Err(e) => return Err(err(e)),
     };
     if let Some(to) = reset {
-        desc = client.reset_group(name, to).await.map_err(err)?;
+        desc = client
+            .reset_group(name, Some(to).into())
+            .await
+            .map_err(err)?;
     }
     Ok(desc)
 }

@@ -287,15 +287,13 @@ async fn ensure_on_broker(
         broker: broker.to_owned(),
         source,
     };
+    let want_config = weir_client::TopicConfig::from(want.clone());
     let desc = match client.describe_topic(name).await {
         Ok(d) => {
-            if d.config
-                .as_ref()
-                .is_some_and(|have| convert::topic_matches(have, want))
-            {
+            if convert::topic_matches(&pb::TopicConfig::from(&d.config), want) {
                 d
             } else {
-                let d = client.update_topic(name, want.clone()).await.map_err(err)?;
+                let d = client.update_topic(name, &want_config).await.map_err(err)?;
                 ctx.event(
                     topic,
                     false,
@@ -311,10 +309,7 @@ async fn ensure_on_broker(
             }
         }
         Err(e) if e.code() == Some(Code::NotFound) => {
-            let d = client
-                .create_topic_with(name, want.clone())
-                .await
-                .map_err(err)?;
+            let d = client.create_topic(name, &want_config).await.map_err(err)?;
             ctx.event(
                 topic,
                 false,
@@ -334,15 +329,20 @@ async fn ensure_on_broker(
     seen.bytes += desc.bytes;
     for p in desc.partitions.iter().filter(|p| p.messages > 0) {
         // The oldest record of a partition is its first stored one.
+        let first = weir_client::FetchOptions {
+            max_records: Some(1),
+            ..weir_client::FetchOptions::default()
+        };
         if let Ok(f) = client
-            .fetch(name, p.partition, p.earliest_offset, 1, 0)
+            .fetch(name, p.partition, p.earliest_offset, first)
             .await
         {
-            if let Some(ts) = f
-                .records
-                .first()
-                .map(|r| r.record.as_ref().map_or(0, |r| r.timestamp_ms))
-            {
+            if let Some(ts) = f.records.first().map(|r| {
+                r.record
+                    .timestamp
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            }) {
                 seen.oldest_ms = Some(seen.oldest_ms.map_or(ts, |o| o.min(ts)));
             }
         }

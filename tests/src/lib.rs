@@ -366,6 +366,55 @@ impl Drop for Broker {
     }
 }
 
+/// Produces through the wire API as idempotent producer `producer_id` with `sequence`
+/// (what a retrying producer sends), for tests of the broker's deduplication.
+pub async fn produce_as(
+    client: &weir_client::Client,
+    topic: &str,
+    partition: Option<u32>,
+    records: Vec<weir_client::Record>,
+    producer_id: u64,
+    sequence: u64,
+) -> Result<Vec<weir_client::Ack>, tonic::Status> {
+    let resp = client
+        .raw()
+        .producer
+        .produce(weir_client::pb::ProduceRequest {
+            topic: topic.to_owned(),
+            partition,
+            records: records.into_iter().map(Into::into).collect(),
+            producer_id,
+            sequence,
+        })
+        .await?;
+    Ok(resp
+        .into_inner()
+        .acks
+        .into_iter()
+        .map(weir_client::Ack::from)
+        .collect())
+}
+
+/// Creates a topic through the wire API with `config` exactly as given (including values
+/// the typed API cannot express), for tests of the broker's validation.
+pub async fn create_topic_raw(
+    client: &weir_client::Client,
+    name: &str,
+    config: weir_client::pb::TopicConfig,
+) -> Result<weir_client::pb::TopicDescription, tonic::Status> {
+    let resp = client
+        .raw()
+        .admin
+        .create_topic(weir_client::pb::CreateTopicRequest {
+            name: name.to_owned(),
+            config: Some(config),
+        })
+        .await?;
+    resp.into_inner()
+        .topic
+        .ok_or_else(|| tonic::Status::internal("CreateTopicResponse.topic is missing"))
+}
+
 /// The string value of `"field":"…"` in a JSON log line (tracing's JSON puts event fields
 /// under `fields`).
 fn json_field(line: &str, field: &str) -> Option<String> {

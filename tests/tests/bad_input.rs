@@ -1,11 +1,12 @@
 //! Bad input gets a clear status and changes nothing.
 
+use std::time::Duration;
 use tonic::Code;
-use weir_client::{Client, Record, RecordExt, pb};
+use weir_client::{Client, FetchOptions, Record, TopicConfig, TopicInfo};
 use weir_tests::Broker;
 
 /// Everything a client can observe about the broker's topics.
-async fn snapshot(client: &Client) -> anyhow::Result<Vec<pb::TopicDescription>> {
+async fn snapshot(client: &Client) -> anyhow::Result<Vec<TopicInfo>> {
     Ok(client.list_topics().await?)
 }
 
@@ -29,7 +30,9 @@ async fn every_bad_request_is_refused_with_a_clear_status_and_no_state_change() 
 {
     let broker = Broker::start()?;
     let client = broker.client().await?;
-    client.create_topic("orders", 2, 1024).await?;
+    client
+        .create_topic("orders", &TopicConfig::new(2).with_max_message_bytes(1024))
+        .await?;
     client
         .produce("orders", Some(0), vec![Record::value("first")])
         .await?;
@@ -42,7 +45,7 @@ async fn every_bad_request_is_refused_with_a_clear_status_and_no_state_change() 
         "\"nope\" does not exist",
     );
     expect_code(
-        client.fetch("nope", 0, 0, 0, 0).await,
+        client.fetch("nope", 0, 0, FetchOptions::default()).await,
         Code::NotFound,
         "\"nope\" does not exist",
     );
@@ -57,16 +60,7 @@ async fn every_bad_request_is_refused_with_a_clear_status_and_no_state_change() 
         "does not exist",
     );
     expect_code(
-        client
-            .update_topic(
-                "nope",
-                pb::TopicConfig {
-                    partitions: 3,
-                    max_message_bytes: 0,
-                    ..Default::default()
-                },
-            )
-            .await,
+        client.update_topic("nope", &TopicConfig::new(3)).await,
         Code::NotFound,
         "does not exist",
     );
@@ -74,7 +68,7 @@ async fn every_bad_request_is_refused_with_a_clear_status_and_no_state_change() 
     // Invalid topic names.
     for name in ["", "has space", "..", "x/y", &"n".repeat(250)] {
         expect_code(
-            client.create_topic(name, 1, 0).await,
+            client.create_topic(name, &TopicConfig::new(1)).await,
             Code::InvalidArgument,
             "invalid topic name",
         );
@@ -82,17 +76,24 @@ async fn every_bad_request_is_refused_with_a_clear_status_and_no_state_change() 
 
     // Zero or absurd partition counts.
     expect_code(
-        client.create_topic("zero", 0, 0).await,
+        client.create_topic("zero", &TopicConfig::new(0)).await,
         Code::InvalidArgument,
         "between 1 and 1024",
     );
     expect_code(
-        client.create_topic("huge", 1_000_000, 0).await,
+        client
+            .create_topic("huge", &TopicConfig::new(1_000_000))
+            .await,
         Code::InvalidArgument,
         "between 1 and 1024",
     );
     expect_code(
-        client.create_topic("big-records", 1, 1 << 30).await,
+        client
+            .create_topic(
+                "big-records",
+                &TopicConfig::new(1).with_max_message_bytes(1 << 30),
+            )
+            .await,
         Code::InvalidArgument,
         "at most",
     );
@@ -106,7 +107,7 @@ async fn every_bad_request_is_refused_with_a_clear_status_and_no_state_change() 
         "partitions 0..2",
     );
     expect_code(
-        client.fetch("orders", 2, 0, 0, 0).await,
+        client.fetch("orders", 2, 0, FetchOptions::default()).await,
         Code::NotFound,
         "no partition 2",
     );
@@ -133,23 +134,37 @@ async fn every_bad_request_is_refused_with_a_clear_status_and_no_state_change() 
 
     // Offsets out of range name the valid range.
     expect_code(
-        client.fetch("orders", 0, 5, 0, 0).await,
+        client.fetch("orders", 0, 5, FetchOptions::default()).await,
         Code::OutOfRange,
         "valid offsets are 0..=1",
     );
 
     // Long-poll wait above the cap.
     expect_code(
-        client.fetch("orders", 0, 0, 0, 120_000).await,
+        client
+            .fetch(
+                "orders",
+                0,
+                0,
+                FetchOptions {
+                    max_wait: Duration::from_secs(120),
+                    ..FetchOptions::default()
+                },
+            )
+            .await,
         Code::InvalidArgument,
         "max_wait_ms",
     );
 
     // A topic created twice: idempotent with identical settings, refused otherwise.
-    let again = client.create_topic("orders", 2, 1024).await?;
+    let again = client
+        .create_topic("orders", &TopicConfig::new(2).with_max_message_bytes(1024))
+        .await?;
     assert_eq!(again.name, "orders");
     expect_code(
-        client.create_topic("orders", 3, 1024).await,
+        client
+            .create_topic("orders", &TopicConfig::new(3).with_max_message_bytes(1024))
+            .await,
         Code::AlreadyExists,
         "already exists with partitions=2",
     );
@@ -157,14 +172,7 @@ async fn every_bad_request_is_refused_with_a_clear_status_and_no_state_change() 
     // Partitions never shrink.
     expect_code(
         client
-            .update_topic(
-                "orders",
-                pb::TopicConfig {
-                    partitions: 1,
-                    max_message_bytes: 1024,
-                    ..Default::default()
-                },
-            )
+            .update_topic("orders", &TopicConfig::new(1).with_max_message_bytes(1024))
             .await,
         Code::InvalidArgument,
         "only grow",

@@ -10,14 +10,14 @@ use std::path::Path;
 
 use fjall::{Database, KeyspaceCreateOptions, PersistMode};
 use tonic::Code;
-use weir_client::{Client, Record, RecordExt};
+use weir_client::{Client, FetchOptions, Record, TopicConfig};
 use weir_tests::Broker;
 
 const BATCHES: u64 = 5;
 const PER_BATCH: u64 = 10;
 
 async fn fill(client: &Client) -> anyhow::Result<()> {
-    client.create_topic("corrupt", 2, 0).await?;
+    client.create_topic("corrupt", &TopicConfig::new(2)).await?;
     for p in 0..2 {
         for b in 0..BATCHES {
             let records = (0..PER_BATCH)
@@ -76,17 +76,31 @@ async fn corrupt_batch_in_the_middle_is_refused_and_other_data_keeps_flowing() -
     let client = broker.client().await?;
 
     // Reading from the start stops before the bad batch.
-    let head = client.fetch("corrupt", 0, 0, 16 << 20, 0).await?;
+    let head = client
+        .fetch(
+            "corrupt",
+            0,
+            0,
+            FetchOptions {
+                max_bytes: Some(16 << 20),
+                ..FetchOptions::default()
+            },
+        )
+        .await?;
     let offsets: Vec<u64> = head.records.iter().map(|r| r.offset).collect();
     assert_eq!(offsets, (0..2 * PER_BATCH).collect::<Vec<_>>());
 
     // At and inside the bad batch: DATA_LOSS naming topic, partition and offset.
     expect_data_loss(
-        client.fetch("corrupt", 0, 20, 0, 0).await,
+        client
+            .fetch("corrupt", 0, 20, FetchOptions::default())
+            .await,
         "corrupt/0 at offset 20",
     );
     expect_data_loss(
-        client.fetch("corrupt", 0, 25, 0, 0).await,
+        client
+            .fetch("corrupt", 0, 25, FetchOptions::default())
+            .await,
         "CRC32C mismatch",
     );
     let logs = broker.log_text();
@@ -100,10 +114,28 @@ async fn corrupt_batch_in_the_middle_is_refused_and_other_data_keeps_flowing() -
 
     // After it, and on the other partition, everything is served.
     let tail = client
-        .fetch("corrupt", 0, 3 * PER_BATCH, 16 << 20, 0)
+        .fetch(
+            "corrupt",
+            0,
+            3 * PER_BATCH,
+            FetchOptions {
+                max_bytes: Some(16 << 20),
+                ..FetchOptions::default()
+            },
+        )
         .await?;
     assert_eq!(tail.records.len() as u64, 2 * PER_BATCH);
-    let other = client.fetch("corrupt", 1, 0, 16 << 20, 0).await?;
+    let other = client
+        .fetch(
+            "corrupt",
+            1,
+            0,
+            FetchOptions {
+                max_bytes: Some(16 << 20),
+                ..FetchOptions::default()
+            },
+        )
+        .await?;
     assert_eq!(other.records.len() as u64, BATCHES * PER_BATCH);
     let acks = client
         .produce("corrupt", Some(0), vec![Record::value("after")])
@@ -132,7 +164,9 @@ async fn corrupt_tail_batch_is_reported_at_start_up_and_offsets_never_repeat() -
     );
     let client = broker.client().await?;
     expect_data_loss(
-        client.fetch("corrupt", 1, tail, 0, 0).await,
+        client
+            .fetch("corrupt", 1, tail, FetchOptions::default())
+            .await,
         &format!("corrupt/1 at offset {tail}"),
     );
     // New records go after the damaged batch: offsets are never reused.
@@ -141,13 +175,21 @@ async fn corrupt_tail_batch_is_reported_at_start_up_and_offsets_never_repeat() -
         .await?;
     assert_eq!(acks[0].base_offset, BATCHES * PER_BATCH);
     let fetched = client
-        .fetch("corrupt", 1, BATCHES * PER_BATCH, 0, 0)
+        .fetch("corrupt", 1, BATCHES * PER_BATCH, FetchOptions::default())
         .await?;
     assert_eq!(fetched.records.len(), 1);
     // Partition 0 is intact.
     assert_eq!(
         client
-            .fetch("corrupt", 0, 0, 16 << 20, 0)
+            .fetch(
+                "corrupt",
+                0,
+                0,
+                FetchOptions {
+                    max_bytes: Some(16 << 20),
+                    ..FetchOptions::default()
+                }
+            )
             .await?
             .records
             .len() as u64,

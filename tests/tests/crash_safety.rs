@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use weir_client::{Client, Record, RecordExt};
+use weir_client::{Client, FetchOptions, Record, TopicConfig};
 use weir_tests::Broker;
 
 const PARTITIONS: u32 = 3;
@@ -60,8 +60,10 @@ async fn produce_until_error(client: Client, round: u64, ledger: Arc<Mutex<Ledge
     });
     // Requests are answered in order, so the n-th response belongs to the n-th request.
     let mut seq = 0u64;
-    while let Some((_, result)) = rx.next().await {
-        let Ok(acks) = result else { break };
+    while let Some(answer) = rx.next().await {
+        let Ok(acks) = answer.and_then(|a| a.result) else {
+            break;
+        };
         let id = format!("r{round}q{seq}");
         let mut l = ledger.lock().expect("ledger");
         for ack in acks {
@@ -85,13 +87,23 @@ async fn verify(client: &Client, ledger: &Ledger) -> anyhow::Result<u64> {
         let mut offset = 0u64;
         let mut stored: Vec<(u64, Vec<u8>)> = Vec::new();
         loop {
-            let resp = client.fetch("crash", p, offset, 4 << 20, 0).await?;
+            let resp = client
+                .fetch(
+                    "crash",
+                    p,
+                    offset,
+                    FetchOptions {
+                        max_bytes: Some(4 << 20),
+                        ..FetchOptions::default()
+                    },
+                )
+                .await?;
             if resp.records.is_empty() {
                 break;
             }
             for r in resp.records {
                 assert_eq!(r.offset, offset, "partition {p}: offsets must be dense");
-                stored.push((r.offset, r.record.unwrap_or_default().value.to_vec()));
+                stored.push((r.offset, r.record.value.to_vec()));
                 offset += 1;
             }
         }
@@ -154,7 +166,7 @@ async fn sigkill_rounds(broker_args: &[&str]) -> anyhow::Result<()> {
     broker
         .client()
         .await?
-        .create_topic("crash", PARTITIONS, 0)
+        .create_topic("crash", &TopicConfig::new(PARTITIONS))
         .await?;
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let mut last_total = 0;

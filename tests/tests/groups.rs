@@ -7,23 +7,22 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    time::Duration,
+    time::{Duration, UNIX_EPOCH},
 };
 
 use tonic::Code;
-use weir_client::{Client, GroupConsumer, Record, RecordExt, pb};
+use weir_client::{
+    Client, Delivery, FetchOptions, GroupConfig, GroupConsumer, GroupInfo, GroupType, Record,
+    Retention, StartFrom, TopicConfig, pb,
+};
 use weir_tests::{Broker, lines, loghub};
 
-fn config(topic: &str, t: pb::GroupType) -> pb::GroupConfig {
-    pb::GroupConfig {
-        topic: topic.to_owned(),
-        r#type: t as i32,
-        ..pb::GroupConfig::default()
-    }
+fn config(topic: &str, t: GroupType) -> GroupConfig {
+    GroupConfig::new(topic, t)
 }
 
-fn text(d: &pb::Delivery) -> String {
-    String::from_utf8_lossy(&d.record.clone().unwrap_or_default().value).into_owned()
+fn text(d: &Delivery) -> String {
+    d.record.text().into_owned()
 }
 
 /// Receives and acks `n` deliveries (or fails after `timeout` without one).
@@ -31,7 +30,7 @@ async fn drain(
     c: &mut GroupConsumer,
     n: usize,
     timeout: Duration,
-) -> anyhow::Result<Vec<pb::Delivery>> {
+) -> anyhow::Result<Vec<Delivery>> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         let d = tokio::time::timeout(timeout, c.next())
@@ -73,6 +72,18 @@ async fn produce_lines(
     Ok(all)
 }
 
+/// Sends an ack request as given (duplicates, backwards ranges, other members' ids),
+/// through the wire API, for tests of the broker's checks.
+async fn raw_ack(client: &Client, request: pb::AckRequest) -> Result<(), weir_client::Error> {
+    client
+        .raw()
+        .consumer
+        .ack(request)
+        .await
+        .map(|_| ())
+        .map_err(weir_client::Error::Status)
+}
+
 fn sorted(mut v: Vec<String>) -> Vec<String> {
     v.sort();
     v
@@ -82,18 +93,14 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
 async fn every_group_gets_every_message_once_whatever_the_join_order() -> anyhow::Result<()> {
     let broker = Broker::start()?;
     let client = broker.client().await?;
-    client.create_topic("signups", 4, 0).await?;
+    client.create_topic("signups", &TopicConfig::new(4)).await?;
     // mailer joins before anything is produced, sms after everything is.
     let mut mailer = client
-        .subscribe(
-            "mailer",
-            Some(config("signups", pb::GroupType::Shared)),
-            100,
-        )
+        .subscribe("mailer", Some(&config("signups", GroupType::Shared)), 100)
         .await?;
     let all = produce_lines(&client, "signups", &loghub("Linux_2k.log"), false).await?;
     let mut sms = client
-        .subscribe("sms", Some(config("signups", pb::GroupType::Ordered)), 100)
+        .subscribe("sms", Some(&config("signups", GroupType::Ordered)), 100)
         .await?;
     let wait = Duration::from_secs(10);
     let got_mailer: Vec<String> = drain(&mut mailer, all.len(), wait)
@@ -134,7 +141,7 @@ async fn shared_members_split_the_work_and_a_dead_members_messages_are_redeliver
 -> anyhow::Result<()> {
     let broker = Broker::start()?;
     let client = broker.client().await?;
-    client.create_topic("jobs", 4, 0).await?;
+    client.create_topic("jobs", &TopicConfig::new(4)).await?;
     let total = 3000;
     for chunk in 0..30 {
         let records = (0..100)
@@ -142,11 +149,9 @@ async fn shared_members_split_the_work_and_a_dead_members_messages_are_redeliver
             .collect();
         client.produce("jobs", None, records).await?;
     }
-    let mut create = config("jobs", pb::GroupType::Shared);
-    create.ack_wait_ms = 1000;
-    let mut doomed = client
-        .subscribe("workers", Some(create.clone()), 20)
-        .await?;
+    let mut create = config("jobs", GroupType::Shared);
+    create.ack_wait = Some(Duration::from_secs(1));
+    let mut doomed = client.subscribe("workers", Some(&create), 20).await?;
     // The doomed member takes 20 messages and dies without acking them.
     let mut held = Vec::new();
     while held.len() < 20 {
@@ -162,7 +167,7 @@ async fn shared_members_split_the_work_and_a_dead_members_messages_are_redeliver
         let client = client.clone();
         let create = create.clone();
         tasks.push(tokio::spawn(async move {
-            let mut c = client.subscribe("workers", Some(create), 50).await?;
+            let mut c = client.subscribe("workers", Some(&create), 50).await?;
             let mut got = Vec::new();
             while let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(3), c.next()).await {
                 let d = d?;
@@ -204,11 +209,11 @@ async fn ordered_members_own_partitions_keep_key_order_across_rebalance_and_rest
     let dir = tempfile::tempdir()?;
     let mut broker = Broker::start_in(dir.path())?;
     let client = broker.client().await?;
-    client.create_topic("events", 4, 0).await?;
+    client.create_topic("events", &TopicConfig::new(4)).await?;
     let all = produce_lines(&client, "events", &loghub("Zookeeper_2k.log"), true).await?;
-    let group = config("events", pb::GroupType::Ordered);
-    let mut a = client.subscribe("audit", Some(group.clone()), 50).await?;
-    let mut b = client.subscribe("audit", Some(group.clone()), 50).await?;
+    let group = config("events", GroupType::Ordered);
+    let mut a = client.subscribe("audit", Some(&group), 50).await?;
+    let mut b = client.subscribe("audit", Some(&group), 50).await?;
     // Both own two partitions once the rebalance settles.
     let mut owned = BTreeMap::new();
     for _ in 0..50 {
@@ -216,7 +221,7 @@ async fn ordered_members_own_partitions_keep_key_order_across_rebalance_and_rest
         owned = d
             .members
             .iter()
-            .map(|m| (m.member_id.clone(), m.partitions.clone()))
+            .map(|m| (m.id.clone(), m.partitions.clone()))
             .collect();
         if owned.len() == 2 && owned.values().all(|p| p.len() == 2) {
             break;
@@ -227,7 +232,7 @@ async fn ordered_members_own_partitions_keep_key_order_across_rebalance_and_rest
 
     // a and b consume some; a leaves; b takes over everything.
     let wait = Duration::from_secs(10);
-    let mut seen: Vec<pb::Delivery> = drain(&mut a, 300, wait).await?;
+    let mut seen: Vec<Delivery> = drain(&mut a, 300, wait).await?;
     seen.extend(drain(&mut b, 300, wait).await?);
     for d in &seen {
         assert!(
@@ -266,9 +271,8 @@ async fn ordered_members_own_partitions_keep_key_order_across_rebalance_and_rest
     broker.restart()?;
     let client = broker.client().await?;
     let after = client.describe_group("audit").await?;
-    let committed = |d: &pb::GroupDescription| -> Vec<u64> {
-        d.partitions.iter().map(|p| p.committed_offset).collect()
-    };
+    let committed =
+        |d: &GroupInfo| -> Vec<u64> { d.partitions.iter().map(|p| p.committed_offset).collect() };
     assert_eq!(committed(&after), committed(&before));
     assert_eq!(after.lag, 0);
     // New messages after the restart reach a new member; old ones never vanish or repeat
@@ -276,7 +280,7 @@ async fn ordered_members_own_partitions_keep_key_order_across_rebalance_and_rest
     client
         .produce("events", None, vec![Record::keyed("k1", "after restart")])
         .await?;
-    let mut c = client.subscribe("audit", Some(group), 10).await?;
+    let mut c = client.subscribe("audit", Some(&group), 10).await?;
     let next = drain(&mut c, 1, wait).await?;
     assert_eq!(text(&next[0]), "after restart");
     Ok(())
@@ -287,13 +291,15 @@ async fn poison_message_is_dead_lettered_with_its_origin_while_the_rest_flows() 
 {
     let broker = Broker::start()?;
     let client = broker.client().await?;
-    client.create_topic("payments", 1, 0).await?;
+    client
+        .create_topic("payments", &TopicConfig::new(1))
+        .await?;
     let mut records = vec![Record::value("poison")];
     records.extend((0..99).map(|i| Record::value(format!("ok-{i}"))));
     client.produce("payments", None, records).await?;
-    let mut create = config("payments", pb::GroupType::Shared);
-    create.max_deliveries = 3;
-    let mut c = client.subscribe("billing", Some(create), 10).await?;
+    let mut create = config("payments", GroupType::Shared);
+    create.max_deliveries = Some(3);
+    let mut c = client.subscribe("billing", Some(&create), 10).await?;
     let mut ok = 0;
     let mut poison_deliveries = 0;
     while ok < 99 || poison_deliveries < 3 {
@@ -303,7 +309,7 @@ async fn poison_message_is_dead_lettered_with_its_origin_while_the_rest_flows() 
         if text(&d) == "poison" {
             poison_deliveries += 1;
             assert_eq!(d.delivery_count, poison_deliveries, "delivery count");
-            c.nack(&d, 0, "card declined").await?;
+            c.nack(&d, Duration::ZERO, "card declined").await?;
         } else {
             ok += 1;
             c.ack(&d).await?;
@@ -315,15 +321,25 @@ async fn poison_message_is_dead_lettered_with_its_origin_while_the_rest_flows() 
             .await
             .is_err()
     );
-    let dlq = client.fetch("payments-billing-DLQ", 0, 0, 0, 5000).await?;
+    let dlq = client
+        .fetch(
+            "payments-billing-DLQ",
+            0,
+            0,
+            FetchOptions {
+                max_wait: Duration::from_secs(5),
+                ..FetchOptions::default()
+            },
+        )
+        .await?;
     assert_eq!(dlq.records.len(), 1);
-    let rec = dlq.records[0].record.clone().unwrap_or_default();
+    let rec = dlq.records[0].record.clone();
     assert_eq!(rec.value, "poison");
     let header = |k: &str| {
         rec.headers
             .iter()
-            .find(|h| h.key == k)
-            .map(|h| String::from_utf8_lossy(&h.value).into_owned())
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
     };
     assert_eq!(header("weir-dlq-topic").as_deref(), Some("payments"));
     assert_eq!(header("weir-dlq-partition").as_deref(), Some("0"));
@@ -340,7 +356,7 @@ async fn poison_message_is_dead_lettered_with_its_origin_while_the_rest_flows() 
 async fn push_member_never_holds_more_unacked_than_its_credits() -> anyhow::Result<()> {
     let broker = Broker::start()?;
     let client = broker.client().await?;
-    client.create_topic("backlog", 2, 0).await?;
+    client.create_topic("backlog", &TopicConfig::new(2)).await?;
     for _ in 0..20 {
         client
             .produce(
@@ -351,7 +367,7 @@ async fn push_member_never_holds_more_unacked_than_its_credits() -> anyhow::Resu
             .await?;
     }
     let mut c = client
-        .subscribe("slow", Some(config("backlog", pb::GroupType::Shared)), 10)
+        .subscribe("slow", Some(&config("backlog", GroupType::Shared)), 10)
         .await?;
     for round in 0..30 {
         // Take what the broker sends; it must stop at 10.
@@ -379,13 +395,9 @@ async fn work_queue_topic_deletes_messages_once_every_group_acked() -> anyhow::R
     let broker = Broker::start()?;
     let client = broker.client().await?;
     client
-        .create_topic_with(
+        .create_topic(
             "tasks",
-            pb::TopicConfig {
-                partitions: 2,
-                retention: pb::RetentionPolicy::WorkQueue as i32,
-                ..pb::TopicConfig::default()
-            },
+            &TopicConfig::new(2).with_retention(Retention::WorkQueue),
         )
         .await?;
     for _ in 0..10 {
@@ -402,10 +414,10 @@ async fn work_queue_topic_deletes_messages_once_every_group_acked() -> anyhow::R
     assert_eq!(client.describe_topic("tasks").await?.messages, 1000);
 
     let mut a = client
-        .subscribe("a", Some(config("tasks", pb::GroupType::Shared)), 100)
+        .subscribe("a", Some(&config("tasks", GroupType::Shared)), 100)
         .await?;
     let mut b = client
-        .subscribe("b", Some(config("tasks", pb::GroupType::Ordered)), 100)
+        .subscribe("b", Some(&config("tasks", GroupType::Ordered)), 100)
         .await?;
     drain(&mut a, 1000, Duration::from_secs(10)).await?;
     // One group acked everything, the other nothing: all kept.
@@ -428,7 +440,7 @@ async fn work_queue_topic_deletes_messages_once_every_group_acked() -> anyhow::R
     }
     // Fetching below the new head is out of range and says so.
     let err = client
-        .fetch("tasks", 0, 0, 0, 0)
+        .fetch("tasks", 0, 0, FetchOptions::default())
         .await
         .expect_err("deleted");
     assert_eq!(err.code(), Some(Code::OutOfRange));
@@ -439,7 +451,7 @@ async fn work_queue_topic_deletes_messages_once_every_group_acked() -> anyhow::R
 async fn bad_group_requests_get_clear_statuses_and_change_nothing() -> anyhow::Result<()> {
     let broker = Broker::start()?;
     let client = broker.client().await?;
-    client.create_topic("q", 1, 0).await?;
+    client.create_topic("q", &TopicConfig::new(1)).await?;
     client
         .produce(
             "q",
@@ -448,16 +460,16 @@ async fn bad_group_requests_get_clear_statuses_and_change_nothing() -> anyhow::R
         )
         .await?;
     let joined = client
-        .join("pullers", Some(config("q", pb::GroupType::Shared)))
+        .join("pullers", Some(&config("q", GroupType::Shared)))
         .await?;
-    let member = joined.member_id.clone();
-    let got = client.pull("pullers", &member, 2, 1000).await?;
+    let member = joined.member_id().to_owned();
+    let got = joined.pull(2, Duration::from_secs(1)).await?;
     assert_eq!(got.len(), 2);
     let before = client.describe_group("pullers").await?;
     // Everything but how long members have been idle.
-    let settled = |mut d: pb::GroupDescription| {
+    let settled = |mut d: GroupInfo| {
         for m in &mut d.members {
-            m.idle_ms = 0;
+            m.idle = Duration::ZERO;
         }
         d
     };
@@ -472,8 +484,7 @@ async fn bad_group_requests_get_clear_statuses_and_change_nothing() -> anyhow::R
         ..pb::AckRequest::default()
     };
     // Unknown delivery, mixed with a valid one: refused whole.
-    let err = client
-        .ack(ack(vec![(0, 0), (0, 4)]))
+    let err = raw_ack(&client, ack(vec![(0, 0), (0, 4)]))
         .await
         .expect_err("unknown");
     assert_eq!(err.code(), Some(Code::FailedPrecondition));
@@ -487,9 +498,8 @@ async fn bad_group_requests_get_clear_statuses_and_change_nothing() -> anyhow::R
         "state changed"
     );
     // Already acked.
-    client.ack(ack(vec![(0, 0)])).await?;
-    let err = client
-        .ack(ack(vec![(0, 0)]))
+    raw_ack(&client, ack(vec![(0, 0)])).await?;
+    let err = raw_ack(&client, ack(vec![(0, 0)]))
         .await
         .expect_err("acked twice");
     assert_eq!(err.code(), Some(Code::FailedPrecondition));
@@ -503,7 +513,7 @@ async fn bad_group_requests_get_clear_statuses_and_change_nothing() -> anyhow::R
         last_offset: 1,
     }];
     for twice in [ack(vec![(0, 1), (0, 1)]), in_range] {
-        let err = client.ack(twice).await.expect_err("twice");
+        let err = raw_ack(&client, twice).await.expect_err("twice");
         assert_eq!(err.code(), Some(Code::InvalidArgument));
         assert!(
             err.to_string()
@@ -517,7 +527,7 @@ async fn bad_group_requests_get_clear_statuses_and_change_nothing() -> anyhow::R
         first_offset: 1,
         last_offset: 0,
     }];
-    let err = client.ack(backwards).await.expect_err("backwards");
+    let err = raw_ack(&client, backwards).await.expect_err("backwards");
     assert!(
         err.to_string()
             .contains("the first offset must not be after the last"),
@@ -532,7 +542,7 @@ async fn bad_group_requests_get_clear_statuses_and_change_nothing() -> anyhow::R
     let mut bad = ack(vec![(0, 1)]);
     bad.member_id = "nobody".into();
     assert_eq!(
-        client.ack(bad).await.expect_err("member").code(),
+        raw_ack(&client, bad).await.expect_err("member").code(),
         Some(Code::NotFound)
     );
     assert_eq!(
@@ -543,24 +553,28 @@ async fn bad_group_requests_get_clear_statuses_and_change_nothing() -> anyhow::R
             .code(),
         Some(Code::NotFound)
     );
-    assert_eq!(
-        client
-            .pull("nope", &member, 1, 0)
-            .await
-            .expect_err("group")
-            .code(),
-        Some(Code::NotFound)
-    );
+    let pull_elsewhere = client
+        .raw()
+        .consumer
+        .pull(pb::PullRequest {
+            group: "nope".into(),
+            member_id: member.clone(),
+            max_messages: 1,
+            max_wait_ms: 0,
+        })
+        .await
+        .expect_err("group");
+    assert_eq!(pull_elsewhere.code(), Code::NotFound);
     // Joining with another type than the group has.
     let err = client
-        .join("pullers", Some(config("q", pb::GroupType::Ordered)))
+        .join("pullers", Some(&config("q", GroupType::Ordered)))
         .await
         .expect_err("type");
     assert_eq!(err.code(), Some(Code::FailedPrecondition));
     assert!(err.to_string().contains("as Shared"), "{err}");
     // Zero credits on a push stream: an error on the stream, the stream goes on.
     let mut c = client
-        .subscribe("pushers", Some(config("q", pb::GroupType::Shared)), 1)
+        .subscribe("pushers", Some(&config("q", GroupType::Shared)), 1)
         .await?;
     c.grant(0).await?;
     let mut saw_error = false;
@@ -587,16 +601,15 @@ async fn bad_group_requests_get_clear_statuses_and_change_nothing() -> anyhow::R
         first_offset: 1,
         last_offset: 4,
     }];
-    let err = client
-        .ack(rest.clone())
+    let err = raw_ack(&client, rest.clone())
         .await
         .expect_err("2..=4 not delivered");
     assert!(
         err.to_string().contains("offset 2 has no pending delivery"),
         "{err}"
     );
-    assert_eq!(client.pull("pullers", &member, 3, 1000).await?.len(), 3);
-    client.ack(rest).await?;
+    assert_eq!(joined.pull(3, Duration::from_secs(1)).await?.len(), 3);
+    raw_ack(&client, rest).await?;
     let after = client.describe_group("pullers").await?;
     assert_eq!(
         (
@@ -607,12 +620,12 @@ async fn bad_group_requests_get_clear_statuses_and_change_nothing() -> anyhow::R
         (5, 0, 0)
     );
     // Bad settings.
-    let mut bad = config("q", pb::GroupType::Shared);
-    bad.ack_wait_ms = 5;
-    let err = client.create_group("g2", bad).await.expect_err("ack wait");
+    let mut bad = config("q", GroupType::Shared);
+    bad.ack_wait = Some(Duration::from_millis(5));
+    let err = client.create_group("g2", &bad).await.expect_err("ack wait");
     assert_eq!(err.code(), Some(Code::InvalidArgument));
     let err = client
-        .create_group("g3", config("missing-topic", pb::GroupType::Shared))
+        .create_group("g3", &config("missing-topic", GroupType::Shared))
         .await
         .expect_err("topic");
     assert_eq!(err.code(), Some(Code::NotFound));
@@ -624,46 +637,41 @@ async fn bad_group_requests_get_clear_statuses_and_change_nothing() -> anyhow::R
 async fn groups_start_at_latest_or_a_timestamp_and_can_be_reset() -> anyhow::Result<()> {
     let broker = Broker::start()?;
     let client = broker.client().await?;
-    client.create_topic("clock", 1, 0).await?;
+    client.create_topic("clock", &TopicConfig::new(1)).await?;
     let records = (0..10)
         .map(|i| Record {
             value: format!("t{i}").into(),
-            timestamp_ms: 1_000_000 + i * 1000,
+            timestamp: Some(UNIX_EPOCH + Duration::from_millis(1_000_000 + i * 1000)),
             ..Record::default()
         })
         .collect();
     client.produce("clock", None, records).await?;
-    let mut late = config("clock", pb::GroupType::Shared);
-    late.start = Some(pb::StartPosition {
-        position: Some(pb::start_position::Position::Latest(true)),
-    });
-    let m = client.join("late", Some(late)).await?.member_id;
+    let mut late = config("clock", GroupType::Shared);
+    late.start = StartFrom::Latest;
+    let m = client.join("late", Some(&late)).await?;
     assert!(
-        client.pull("late", &m, 10, 200).await?.is_empty(),
+        m.pull(10, Duration::from_millis(200)).await?.is_empty(),
         "latest skips the past"
     );
     client
         .produce("clock", None, vec![Record::value("now")])
         .await?;
-    let got = client.pull("late", &m, 10, 2000).await?;
+    let got = m.pull(10, Duration::from_secs(2)).await?;
     assert_eq!(got.iter().map(text).collect::<Vec<_>>(), vec!["now"]);
 
-    let to = |ms| pb::StartPosition {
-        position: Some(pb::start_position::Position::TimestampMs(ms)),
-    };
+    let to = |ms: u64| StartFrom::Time(UNIX_EPOCH + Duration::from_millis(ms));
     // Between two records: the first at or after the time.
     let reset = client.reset_group("late", to(1_004_500)).await?;
     assert_eq!(reset.partitions[0].committed_offset, 5);
-    let got = client.pull("late", &m, 100, 1000).await?;
+    let got = m.pull(100, Duration::from_secs(1)).await?;
     let offsets: Vec<u64> = got.iter().map(|d| d.offset).collect();
     assert_eq!(offsets, vec![5, 6, 7, 8, 9, 10]);
-    let earliest = pb::StartPosition {
-        position: Some(pb::start_position::Position::Earliest(true)),
-    };
-    client.reset_group("late", earliest).await?;
-    assert_eq!(client.pull("late", &m, 100, 1000).await?.len(), 11);
+    client.reset_group("late", StartFrom::Earliest).await?;
+    assert_eq!(m.pull(100, Duration::from_secs(1)).await?.len(), 11);
     // A time after every record: the next offset.
-    let reset = client.reset_group("late", to(i64::MAX)).await?;
+    let reset = client
+        .reset_group("late", to(i64::MAX.unsigned_abs()))
+        .await?;
     assert_eq!(reset.partitions[0].committed_offset, 11);
     Ok(())
 }
@@ -736,7 +744,7 @@ fn cli_group_consumer_reads_a_loghub_file_and_commits_it() -> anyhow::Result<()>
 async fn unacked_pull_deliveries_come_back_after_ack_wait() -> anyhow::Result<()> {
     let broker = Broker::start()?;
     let client = broker.client().await?;
-    client.create_topic("mail", 2, 0).await?;
+    client.create_topic("mail", &TopicConfig::new(2)).await?;
     client
         .produce(
             "mail",
@@ -744,40 +752,28 @@ async fn unacked_pull_deliveries_come_back_after_ack_wait() -> anyhow::Result<()
             (0..6).map(|i| Record::value(format!("mail-{i}"))).collect(),
         )
         .await?;
-    let mut create = config("mail", pb::GroupType::Shared);
-    create.ack_wait_ms = 800;
-    create.session_timeout_ms = 60_000;
+    let mut create = config("mail", GroupType::Shared);
+    create.ack_wait = Some(Duration::from_millis(800));
+    create.session_timeout = Some(Duration::from_secs(60));
     // A pull member that takes everything and then goes silent (a hung process).
-    let silent = client
-        .join("mailers", Some(create.clone()))
-        .await?
-        .member_id;
-    let taken = client.pull("mailers", &silent, 10, 1000).await?;
+    let silent = client.join("mailers", Some(&create)).await?;
+    let taken = silent.pull(10, Duration::from_secs(1)).await?;
     assert_eq!(taken.len(), 6);
-    let other = client.join("mailers", Some(create)).await?.member_id;
+    let other = client.join("mailers", Some(&create)).await?;
     assert!(
-        client.pull("mailers", &other, 10, 300).await?.is_empty(),
+        other.pull(10, Duration::from_millis(300)).await?.is_empty(),
         "still held"
     );
     let mut again = Vec::new();
     while again.len() < 6 {
-        let got = client.pull("mailers", &other, 10, 3000).await?;
+        let got = other.pull(10, Duration::from_secs(3)).await?;
         assert!(!got.is_empty(), "ack wait passed without redelivery");
         again.extend(got);
     }
     assert!(again.iter().all(|d| d.delivery_count == 2));
     // The silent member's late ack is refused: the delivery is no longer its.
-    let late = pb::AckRequest {
-        group: "mailers".into(),
-        member_id: silent,
-        acks: vec![pb::DeliveryRef {
-            partition: taken[0].partition,
-            offset: taken[0].offset,
-        }],
-        ..pb::AckRequest::default()
-    };
     assert_eq!(
-        client.ack(late).await.expect_err("late").code(),
+        silent.ack(&taken[..1]).await.expect_err("late").code(),
         Some(Code::FailedPrecondition)
     );
     Ok(())
@@ -787,12 +783,12 @@ async fn unacked_pull_deliveries_come_back_after_ack_wait() -> anyhow::Result<()
 async fn a_member_that_misses_its_session_timeout_loses_its_partitions() -> anyhow::Result<()> {
     let broker = Broker::start()?;
     let client = broker.client().await?;
-    client.create_topic("feed", 4, 0).await?;
-    let mut create = config("feed", pb::GroupType::Ordered);
-    create.session_timeout_ms = 1000;
-    let quiet = client.join("readers", Some(create.clone())).await?;
-    assert_eq!(quiet.partitions.len(), 4);
-    let mut busy = client.subscribe("readers", Some(create), 10).await?;
+    client.create_topic("feed", &TopicConfig::new(4)).await?;
+    let mut create = config("feed", GroupType::Ordered);
+    create.session_timeout = Some(Duration::from_secs(1));
+    let quiet = client.join("readers", Some(&create)).await?;
+    assert_eq!(quiet.partitions().len(), 4);
+    let mut busy = client.subscribe("readers", Some(&create), 10).await?;
     // busy keeps its stream open; quiet stops calling and is removed after ~1 s.
     let mut owned = Vec::new();
     for _ in 0..40 {
@@ -809,8 +805,8 @@ async fn a_member_that_misses_its_session_timeout_loses_its_partitions() -> anyh
         "busy owns every partition after quiet timed out"
     );
     assert_eq!(
-        client
-            .pull("readers", &quiet.member_id, 1, 0)
+        quiet
+            .pull(1, Duration::ZERO)
             .await
             .expect_err("gone")
             .code(),
@@ -822,12 +818,12 @@ async fn a_member_that_misses_its_session_timeout_loses_its_partitions() -> anyh
     let got = drain(&mut busy, 1, Duration::from_secs(5)).await?;
     assert_eq!(text(&got[0]), "hello");
     // Settings that may change do; topic and type may not.
-    let mut changed = config("feed", pb::GroupType::Ordered);
-    changed.session_timeout_ms = 2000;
-    let updated = client.update_group("readers", changed).await?;
-    assert_eq!(updated.config.unwrap_or_default().session_timeout_ms, 2000);
+    let mut changed = config("feed", GroupType::Ordered);
+    changed.session_timeout = Some(Duration::from_secs(2));
+    let updated = client.update_group("readers", &changed).await?;
+    assert_eq!(updated.config.session_timeout, Some(Duration::from_secs(2)));
     let err = client
-        .update_group("readers", config("feed", pb::GroupType::Shared))
+        .update_group("readers", &config("feed", GroupType::Shared))
         .await
         .expect_err("type is immutable");
     assert_eq!(err.code(), Some(Code::InvalidArgument));

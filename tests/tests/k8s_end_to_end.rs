@@ -18,7 +18,7 @@ use std::{
 };
 
 use tonic::Code;
-use weir_client::{Client, GroupConsumer, Record, RecordExt};
+use weir_client::{Client, FetchOptions, GroupConsumer, Record};
 use weir_tests::{
     helm,
     k8s::ControlPlane,
@@ -56,7 +56,7 @@ async fn drain(
                         Ok(Some(d)) => {
                             let d = d?;
                             s.ack(&d).await?;
-                            got.push(d.record.map(|r| r.value.to_vec()).unwrap_or_default());
+                            got.push(d.record.value.to_vec());
                             total.fetch_add(1, Ordering::SeqCst);
                             heard = Instant::now();
                         }
@@ -357,14 +357,25 @@ async fn from_helm_install_through_traffic_to_teardown() -> anyhow::Result<()> {
     let mut values = Vec::new();
     let mut offset = first;
     while values.len() < acked.len() {
-        let f = vclient.fetch("orders", p, offset, 1 << 20, 1000).await?;
+        let f = vclient
+            .fetch(
+                "orders",
+                p,
+                offset,
+                FetchOptions {
+                    max_bytes: Some(1 << 20),
+                    max_wait: Duration::from_secs(1),
+                    ..FetchOptions::default()
+                },
+            )
+            .await?;
         anyhow::ensure!(
             !f.records.is_empty(),
             "records missing after offset {offset}"
         );
         for r in f.records {
             offset = r.offset + 1;
-            values.push(String::from_utf8_lossy(&r.record.unwrap_or_default().value).into_owned());
+            values.push(String::from_utf8_lossy(&r.record.value).into_owned());
         }
     }
     assert_eq!(
@@ -390,11 +401,7 @@ async fn from_helm_install_through_traffic_to_teardown() -> anyhow::Result<()> {
     let b = broker_clients(&topic).await?;
     let route = routes(&b);
     for (broker, (client, parts)) in &b {
-        let cfg = client
-            .describe_topic("orders")
-            .await?
-            .config
-            .unwrap_or_default();
+        let cfg = client.describe_topic("orders").await?.config;
         assert_eq!(
             (cfg.partitions, &cfg.served_partitions),
             (6, parts),

@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use weir_client::TopicConfig;
 use weir_tests::{
     bin,
     k8s::ControlPlane,
@@ -105,7 +106,9 @@ async fn a_statefulset_of_brokers_runs_restarts_and_stops_as_local_processes() -
         ])?;
         assert_eq!(Some(ip.clone()), kubelet.ip(&pod).await);
         let client = weir_client::Client::connect(&format!("http://{ip}:7070")).await?;
-        client.create_topic(&format!("on-{i}"), 1, 0).await?;
+        client
+            .create_topic(&format!("on-{i}"), &TopicConfig::new(1))
+            .await?;
         let topics = client.list_topics().await?;
         assert_eq!(topics.len(), 1, "each broker has its own data directory");
         ips.push(ip);

@@ -12,7 +12,7 @@ use std::{
 };
 
 use tonic::Code;
-use weir_client::{Client, Record, RecordExt};
+use weir_client::{Client, Record};
 use weir_tests::operator::{Cluster, assert_deleted_from, broker_clients, is_ready, placement};
 
 const EXAMPLE_TOPIC: &str = include_str!("../../examples/topic.yaml");
@@ -113,15 +113,15 @@ async fn a_topic_becomes_brokers_grows_updates_and_goes_per_deletion_policy() ->
     let brokers = broker_clients(&topic).await?;
     for (broker, (client, parts)) in &brokers {
         let d = client.describe_topic("orders").await?;
-        let cfg = d.config.clone().unwrap_or_default();
+        let cfg = d.config.clone();
         assert_eq!(cfg.partitions, 4, "{broker}");
         assert_eq!(
             &cfg.served_partitions, parts,
             "{broker} serves what status says"
         );
         assert_eq!(
-            cfg.max_age_ms,
-            10 * 24 * 3600 * 1000,
+            cfg.max_age,
+            Some(Duration::from_secs(10 * 24 * 3600)),
             "maxAge 10d reached {broker}"
         );
     }
@@ -174,19 +174,15 @@ async fn a_topic_becomes_brokers_grows_updates_and_goes_per_deletion_policy() ->
     let grown = placement(&topic);
     assert_eq!(&grown[..4], &place[..], "placed partitions never move");
     for (broker, (client, parts)) in &broker_clients(&topic).await? {
-        let cfg = client
-            .describe_topic("orders")
-            .await?
-            .config
-            .unwrap_or_default();
+        let cfg = client.describe_topic("orders").await?.config;
         assert_eq!(
             (cfg.partitions, &cfg.served_partitions),
             (6, parts),
             "{broker}"
         );
         assert_eq!(
-            cfg.max_age_ms,
-            2 * 24 * 3600 * 1000,
+            cfg.max_age,
+            Some(Duration::from_secs(2 * 24 * 3600)),
             "retention change reached {broker}"
         );
     }
@@ -263,10 +259,10 @@ async fn consumer_group_status_shows_what_a_real_consumer_did() -> anyhow::Resul
     assert_eq!(brokers.len(), 2, "two partitions, two brokers");
     for (client, parts) in brokers.values() {
         let g = client.describe_group("inventory").await?;
-        let cfg = g.config.unwrap_or_default();
+        let cfg = g.config;
         assert_eq!(
-            (cfg.ack_wait_ms, cfg.max_deliveries),
-            (30_000, 5),
+            (cfg.ack_wait, cfg.max_deliveries),
+            (Some(Duration::from_secs(30)), Some(5)),
             "the spec reached the broker"
         );
         for p in parts {
@@ -471,7 +467,7 @@ async fn a_killed_operator_is_replaced_and_converges_without_duplicates() -> any
     for (broker, (client, _)) in &broker_clients(&topic).await? {
         created_at.insert(
             broker.clone(),
-            client.describe_topic("events").await?.created_at_ms,
+            client.describe_topic("events").await?.created_at,
         );
     }
 
@@ -532,7 +528,7 @@ async fn a_killed_operator_is_replaced_and_converges_without_duplicates() -> any
         assert_eq!(d.messages, 10, "{broker}");
         assert_eq!(
             created_at.get(broker),
-            Some(&d.created_at_ms),
+            Some(&d.created_at),
             "{broker}: the topic was never created again"
         );
     }

@@ -2,7 +2,7 @@
 
 use std::io::{Read, Write};
 
-use weir_client::{Record, RecordExt};
+use weir_client::{Record, TopicConfig};
 use weir_tests::Broker;
 
 fn get(addr: &str, path: &str) -> anyhow::Result<String> {
@@ -25,7 +25,7 @@ fn value(metrics: &str, name: &str) -> Option<f64> {
 async fn metrics_report_stored_messages_and_resident_memory() -> anyhow::Result<()> {
     let broker = Broker::start()?;
     let client = broker.client().await?;
-    client.create_topic("m", 2, 0).await?;
+    client.create_topic("m", &TopicConfig::new(2)).await?;
     client
         .produce(
             "m",

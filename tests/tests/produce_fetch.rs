@@ -4,14 +4,14 @@
 use std::time::Duration;
 
 use weir_broker::log::partitioner::partition_for_key;
-use weir_client::{Record, RecordExt};
+use weir_client::{FetchOptions, Record, TopicConfig};
 use weir_tests::Broker;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyed_records_land_on_kafkas_partition_and_keep_their_order() -> anyhow::Result<()> {
     let broker = Broker::start()?;
     let client = broker.client().await?;
-    client.create_topic("keys", 6, 0).await?;
+    client.create_topic("keys", &TopicConfig::new(6)).await?;
     let keys = ["host-a", "host-b", "host-c", "21", "foobar"];
     let mut records = Vec::new();
     for i in 0..60 {
@@ -29,13 +29,11 @@ async fn keyed_records_land_on_kafkas_partition_and_keep_their_order() -> anyhow
     partitions.dedup();
     for k in keys {
         let p = partition_for_key(k.as_bytes(), 6);
-        let fetched = client.fetch("keys", p, 0, 0, 0).await?;
+        let fetched = client.fetch("keys", p, 0, FetchOptions::default()).await?;
         let mine: Vec<String> = fetched
             .records
             .iter()
-            .map(|r| {
-                String::from_utf8_lossy(&r.record.clone().unwrap_or_default().value).into_owned()
-            })
+            .map(|r| String::from_utf8_lossy(&r.record.value.clone()).into_owned())
             .filter(|v| v.starts_with(&format!("{k} ")))
             .collect();
         let want: Vec<String> = (0..60)
@@ -51,7 +49,7 @@ async fn keyed_records_land_on_kafkas_partition_and_keep_their_order() -> anyhow
 async fn pipelined_stream_acks_in_request_order_with_increasing_offsets() -> anyhow::Result<()> {
     let broker = Broker::start()?;
     let client = broker.client().await?;
-    client.create_topic("pipe", 1, 0).await?;
+    client.create_topic("pipe", &TopicConfig::new(1)).await?;
     let (mut tx, mut rx) = client.produce_stream(256).await?;
     let sender = tokio::spawn(async move {
         for i in 0..500u64 {
@@ -67,19 +65,19 @@ async fn pipelined_stream_acks_in_request_order_with_increasing_offsets() -> any
     });
     let mut next = 0u64;
     for i in 0..500u64 {
-        let (id, result) = rx.next().await.expect("response");
-        assert_eq!(id, i, "responses in request order");
-        let acks = result?;
+        let answer = rx.next().await.expect("response")?;
+        assert_eq!(answer.request_id, i, "responses in request order");
+        let acks = answer.result?;
         assert_eq!(acks[0].base_offset, next, "offsets follow request order");
         next += u64::from(acks[0].record_count);
     }
-    let (_, bad) = rx.next().await.expect("response to the bad request");
+    let bad = rx.next().await.expect("response to the bad request")?;
     assert_eq!(
-        bad.expect_err("unknown topic").code(),
+        bad.result.expect_err("unknown topic").code(),
         Some(tonic::Code::NotFound)
     );
-    let (_, after) = rx.next().await.expect("stream still open");
-    assert_eq!(after?[0].base_offset, next);
+    let after = rx.next().await.expect("stream still open")?;
+    assert_eq!(after.result?[0].base_offset, next);
     sender.await??;
     Ok(())
 }
@@ -88,14 +86,36 @@ async fn pipelined_stream_acks_in_request_order_with_increasing_offsets() -> any
 async fn long_poll_returns_a_record_produced_while_waiting() -> anyhow::Result<()> {
     let broker = Broker::start()?;
     let client = broker.client().await?;
-    client.create_topic("poll", 1, 0).await?;
+    client.create_topic("poll", &TopicConfig::new(1)).await?;
     // Nothing there: a short wait returns empty at the next offset.
-    let empty = client.fetch("poll", 0, 0, 0, 100).await?;
+    let empty = client
+        .fetch(
+            "poll",
+            0,
+            0,
+            FetchOptions {
+                max_wait: Duration::from_millis(100),
+                ..FetchOptions::default()
+            },
+        )
+        .await?;
     assert!(empty.records.is_empty());
     assert_eq!(empty.next_offset, 0);
     let waiting = {
         let client = client.clone();
-        tokio::spawn(async move { client.fetch("poll", 0, 0, 0, 30_000).await })
+        tokio::spawn(async move {
+            client
+                .fetch(
+                    "poll",
+                    0,
+                    0,
+                    FetchOptions {
+                        max_wait: Duration::from_secs(30),
+                        ..FetchOptions::default()
+                    },
+                )
+                .await
+        })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     client
@@ -103,10 +123,7 @@ async fn long_poll_returns_a_record_produced_while_waiting() -> anyhow::Result<(
         .await?;
     let got = waiting.await??;
     assert_eq!(got.records.len(), 1);
-    assert_eq!(
-        got.records[0].record.clone().unwrap_or_default().value,
-        "wake up"
-    );
+    assert_eq!(got.records[0].record.value.clone(), "wake up");
     Ok(())
 }
 
@@ -115,7 +132,7 @@ async fn a_stream_with_more_bytes_in_flight_than_the_broker_buffers_is_answered_
 -> anyhow::Result<()> {
     let broker = Broker::start()?;
     let client = broker.client().await?;
-    client.create_topic("big", 2, 0).await?;
+    client.create_topic("big", &TopicConfig::new(2)).await?;
     // 96 requests of 1 MiB sent without waiting: more than the broker's 64 MiB per stream,
     // so it must stop reading, answer, and read on — never fail or stall.
     let (mut tx, mut rx) = client.produce_stream(128).await?;
@@ -130,11 +147,11 @@ async fn a_stream_with_more_bytes_in_flight_than_the_broker_buffers_is_answered_
     });
     let mut next = [0u64; 2];
     for i in 0..96u64 {
-        let (id, r) = tokio::time::timeout(Duration::from_secs(60), rx.next())
+        let answer = tokio::time::timeout(Duration::from_secs(60), rx.next())
             .await?
-            .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
-        assert_eq!(id, i);
-        let acks = r?;
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+        assert_eq!(answer.request_id, i);
+        let acks = answer.result?;
         let p = acks[0].partition as usize;
         assert_eq!(acks[0].base_offset, next[p]);
         next[p] += 16;

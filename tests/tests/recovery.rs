@@ -4,14 +4,14 @@
 
 use std::time::Duration;
 
-use weir_client::{Record, RecordExt};
+use weir_client::{FetchOptions, Record, TopicConfig};
 use weir_tests::Broker;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_resumes_every_partition_reading_only_its_tail_batch() -> anyhow::Result<()> {
     let mut broker = Broker::start()?;
     let client = broker.client().await?;
-    client.create_topic("resume", 4, 0).await?;
+    client.create_topic("resume", &TopicConfig::new(4)).await?;
     for i in 0..200u32 {
         let records = (0..5).map(|j| Record::value(format!("{i}-{j}"))).collect();
         client.produce("resume", Some(i % 4), records).await?;
@@ -48,7 +48,7 @@ async fn restart_resumes_every_partition_reading_only_its_tail_batch() -> anyhow
 async fn sigterm_finishes_in_flight_produces_and_exits_zero() -> anyhow::Result<()> {
     let mut broker = Broker::start()?;
     let client = broker.client().await?;
-    client.create_topic("drain", 2, 0).await?;
+    client.create_topic("drain", &TopicConfig::new(2)).await?;
     let (mut tx, mut rx) = client.produce_stream(64).await?;
     let sender = tokio::spawn(async move {
         for i in 0u64.. {
@@ -66,8 +66,8 @@ async fn sigterm_finishes_in_flight_produces_and_exits_zero() -> anyhow::Result<
     });
     let mut acked = Vec::new();
     let receiver = tokio::spawn(async move {
-        while let Some((_, r)) = rx.next().await {
-            match r {
+        while let Some(answer) = rx.next().await {
+            match answer.and_then(|a| a.result) {
                 Ok(acks) => acked.extend(acks),
                 Err(_) => break,
             }
@@ -104,7 +104,7 @@ async fn deleted_topic_data_is_gone_and_a_new_topic_of_that_name_starts_at_zero(
 -> anyhow::Result<()> {
     let mut broker = Broker::start()?;
     let client = broker.client().await?;
-    client.create_topic("gone", 2, 0).await?;
+    client.create_topic("gone", &TopicConfig::new(2)).await?;
     for _ in 0..10 {
         client
             .produce(
@@ -116,7 +116,7 @@ async fn deleted_topic_data_is_gone_and_a_new_topic_of_that_name_starts_at_zero(
     }
     client.delete_topic("gone").await?;
     assert!(client.describe_topic("gone").await.is_err());
-    let t = client.create_topic("gone", 1, 0).await?;
+    let t = client.create_topic("gone", &TopicConfig::new(1)).await?;
     assert_eq!(t.messages, 0);
     let acks = client
         .produce("gone", None, vec![Record::value("new")])
@@ -126,11 +126,11 @@ async fn deleted_topic_data_is_gone_and_a_new_topic_of_that_name_starts_at_zero(
     broker.kill();
     broker.restart()?;
     let client = broker.client().await?;
-    let fetched = client.fetch("gone", 0, 0, 0, 0).await?;
+    let fetched = client.fetch("gone", 0, 0, FetchOptions::default()).await?;
     let values: Vec<_> = fetched
         .records
         .iter()
-        .map(|r| r.record.clone().unwrap_or_default().value)
+        .map(|r| r.record.value.clone())
         .collect();
     assert_eq!(values, vec![bytes::Bytes::from_static(b"new")]);
     Ok(())

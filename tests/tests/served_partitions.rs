@@ -2,15 +2,11 @@
 //! (`TopicConfig.served_partitions`). Real broker process, real gRPC client.
 
 use tonic::Code;
-use weir_client::{Client, Record, RecordExt, pb};
+use weir_client::{Client, FetchOptions, GroupConfig, GroupType, Record, TopicConfig};
 use weir_tests::Broker;
 
-fn served(partitions: u32, served: &[u32]) -> pb::TopicConfig {
-    pb::TopicConfig {
-        partitions,
-        served_partitions: served.to_vec(),
-        ..pb::TopicConfig::default()
-    }
+fn served(partitions: u32, served: &[u32]) -> TopicConfig {
+    TopicConfig::new(partitions).with_served_partitions(served.to_vec())
 }
 
 async fn counts(client: &Client, topic: &str) -> anyhow::Result<Vec<u64>> {
@@ -27,9 +23,7 @@ async fn counts(client: &Client, topic: &str) -> anyhow::Result<Vec<u64>> {
 async fn a_broker_serves_only_its_partitions() -> anyhow::Result<()> {
     let mut broker = Broker::start()?;
     let client = broker.client().await?;
-    client
-        .create_topic_with("orders", served(4, &[1, 3]))
-        .await?;
+    client.create_topic("orders", &served(4, &[1, 3])).await?;
 
     // Explicit partition of another broker: refused, nothing stored, the message says where.
     let e = client
@@ -39,7 +33,15 @@ async fn a_broker_serves_only_its_partitions() -> anyhow::Result<()> {
     assert_eq!(e.code(), Some(Code::FailedPrecondition), "{e}");
     assert!(e.to_string().contains("serves partitions [1, 3]"), "{e}");
     let e = client
-        .fetch("orders", 2, 0, 1 << 20, 0)
+        .fetch(
+            "orders",
+            2,
+            0,
+            FetchOptions {
+                max_bytes: Some(1 << 20),
+                ..FetchOptions::default()
+            },
+        )
         .await
         .expect_err("fetch of partition 2 is refused");
     assert_eq!(e.code(), Some(Code::FailedPrecondition), "{e}");
@@ -71,17 +73,16 @@ async fn a_broker_serves_only_its_partitions() -> anyhow::Result<()> {
     broker.restart()?;
     let client = broker.client().await?;
     let d = client.describe_topic("orders").await?;
-    assert_eq!(
-        d.config.map(|c| c.served_partitions).unwrap_or_default(),
-        vec![1, 3]
-    );
+    assert_eq!(d.config.served_partitions, vec![1, 3]);
     let out = broker.weir(&["topic", "describe", "orders"], b"")?;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("served here: partitions 1, 3"),
         "weir topic describe says which partitions this broker serves: {text}"
     );
-    client.update_topic("orders", served(6, &[1, 3, 5])).await?;
+    client
+        .update_topic("orders", &served(6, &[1, 3, 5]))
+        .await?;
     client
         .produce("orders", Some(5), vec![Record::value("new")])
         .await?;
@@ -89,7 +90,7 @@ async fn a_broker_serves_only_its_partitions() -> anyhow::Result<()> {
 
     // Serving a partition the topic does not have is refused with the range.
     let e = client
-        .update_topic("orders", served(6, &[7]))
+        .update_topic("orders", &served(6, &[7]))
         .await
         .expect_err("partition 7 of 6");
     assert_eq!(e.code(), Some(Code::InvalidArgument), "{e}");
@@ -101,14 +102,10 @@ async fn a_broker_serves_only_its_partitions() -> anyhow::Result<()> {
 async fn ordered_groups_assign_only_served_partitions() -> anyhow::Result<()> {
     let broker = Broker::start()?;
     let client = broker.client().await?;
-    client.create_topic_with("logs", served(4, &[0, 2])).await?;
-    let group = pb::GroupConfig {
-        topic: "logs".into(),
-        r#type: pb::GroupType::Ordered as i32,
-        ..pb::GroupConfig::default()
-    };
-    let a = client.subscribe("readers", Some(group.clone()), 10).await?;
-    let b = client.subscribe("readers", Some(group), 10).await?;
+    client.create_topic("logs", &served(4, &[0, 2])).await?;
+    let group = GroupConfig::new("logs", GroupType::Ordered);
+    let a = client.subscribe("readers", Some(&group), 10).await?;
+    let b = client.subscribe("readers", Some(&group), 10).await?;
     // Join order decides; each member owns one served partition once handover settles.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
@@ -116,7 +113,7 @@ async fn ordered_groups_assign_only_served_partitions() -> anyhow::Result<()> {
         let owned = |m: &str| {
             d.partitions
                 .iter()
-                .filter(|p| p.owner == m)
+                .filter(|p| p.owner.as_deref() == Some(m))
                 .map(|p| p.partition)
                 .collect::<Vec<_>>()
         };

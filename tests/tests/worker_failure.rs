@@ -17,7 +17,7 @@ use weir_broker::{
     produce,
     server::{self, ServeOptions},
 };
-use weir_client::{Client, Record as PbRecord, RecordExt};
+use weir_client::{Client, Record as PbRecord};
 use weir_tests::Broker;
 
 fn get(addr: &str, path: &str) -> anyhow::Result<String> {
@@ -35,7 +35,9 @@ async fn a_panicking_writer_makes_the_broker_exit_non_zero() -> anyhow::Result<(
     let mut broker = Broker::start_with(dir.path(), &["--failpoint", "writer-panic"])?;
     assert!(get(&broker.http_addr, "/readyz")?.contains(" 200 "));
     let client = broker.client().await?;
-    client.create_topic("t", 1, 0).await?;
+    client
+        .create_topic("t", &weir_client::TopicConfig::new(1))
+        .await?;
     let produced = client
         .produce("t", None, vec![PbRecord::value("never stored")])
         .await;
@@ -123,7 +125,9 @@ async fn an_in_process_broker_serves_and_stops_cleanly() -> anyhow::Result<()> {
         ServeOptions::default(),
     ));
     let client = Client::connect(&url).await?;
-    client.create_topic("t", 2, 0).await?;
+    client
+        .create_topic("t", &weir_client::TopicConfig::new(2))
+        .await?;
     let acks = client
         .produce(
             "t",

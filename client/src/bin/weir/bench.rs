@@ -10,7 +10,7 @@ use std::{collections::VecDeque, time::Instant};
 use bytes::Bytes;
 use clap::{Args, Subcommand};
 use hdrhistogram::Histogram;
-use weir_client::{Client, Record, pb};
+use weir_client::{Client, GroupConfig, GroupType, Record, StartFrom, TopicConfig};
 
 use crate::Output;
 
@@ -55,10 +55,10 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn pb(self) -> i32 {
+    fn group_type(self) -> GroupType {
         match self {
-            Self::Ordered => pb::GroupType::Ordered as i32,
-            Self::Shared => pb::GroupType::Shared as i32,
+            Self::Ordered => GroupType::Ordered,
+            Self::Shared => GroupType::Shared,
         }
     }
 }
@@ -374,7 +374,7 @@ async fn produce(
                 Histogram::<u64>::new(3).map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
             let mut messages = 0u64;
             let mut pending: VecDeque<Instant> = VecDeque::new();
-            while let Some((_, result)) = rx.next().await {
+            while let Some(answer) = rx.next().await {
                 while let Ok(t) = ts_rx.try_recv() {
                     pending.push_back(t);
                 }
@@ -383,7 +383,7 @@ async fn produce(
                         pending.push_back(t);
                     }
                 }
-                let acks = result?;
+                let acks = answer?.result?;
                 if let Some(t) = pending.pop_front() {
                     let _ = hist.record(t.elapsed().as_micros() as u64);
                 }
@@ -454,26 +454,16 @@ async fn ensure_topic(
     let d = match client.describe_topic(topic).await {
         Ok(d) => d,
         Err(e) if e.code() == Some(tonic::Code::NotFound) => {
-            client
-                .create_topic_with(
-                    topic,
-                    pb::TopicConfig {
-                        partitions,
-                        durability: match durability {
-                            Durability::Fsync => pb::Durability::Fsync,
-                            Durability::Buffered => pb::Durability::Buffered,
-                        } as i32,
-                        ..pb::TopicConfig::default()
-                    },
-                )
-                .await?
+            let config = TopicConfig::new(partitions).with_durability(match durability {
+                Durability::Fsync => weir_client::Durability::Fsync,
+                Durability::Buffered => weir_client::Durability::Buffered,
+            });
+            client.create_topic(topic, &config).await?
         }
         Err(e) => return Err(e.into()),
     };
     Ok(
-        if d.config
-            .is_some_and(|c| c.durability == pb::Durability::Buffered as i32)
-        {
+        if d.config.durability == weir_client::Durability::Buffered {
             "buffered (acked once written to the OS)"
         } else {
             "fsync (acked after fsync, group commit)"
@@ -500,12 +490,8 @@ async fn consume(
         .group
         .clone()
         .unwrap_or_else(|| unique_group("bench-consume"));
-    let create = pb::GroupConfig {
-        topic: settings.topic.clone(),
-        r#type: settings.r#type.pb(),
-        ..pb::GroupConfig::default()
-    };
-    let created = client.create_group(&group, create.clone()).await?;
+    let create = GroupConfig::new(settings.topic.clone(), settings.r#type.group_type());
+    let created = client.create_group(&group, &create).await?;
     let total = settings
         .messages
         .unwrap_or(created.lag.min(topic.messages.max(created.lag)));
@@ -536,8 +522,9 @@ async fn consume(
                 received.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 let bytes: usize = batch
                     .iter()
-                    .filter_map(|d| d.record.as_ref())
-                    .map(|r| r.value.len() + r.key.as_ref().map_or(0, bytes::Bytes::len))
+                    .map(|d| {
+                        d.record.value.len() + d.record.key.as_ref().map_or(0, bytes::Bytes::len)
+                    })
                     .sum();
                 received_bytes.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
                 bar.inc(batch.len() as u64);
@@ -605,15 +592,9 @@ async fn end_to_end(
     )
     .await?;
     let group = unique_group("bench-e2e");
-    let create = pb::GroupConfig {
-        topic: settings.topic.clone(),
-        r#type: settings.r#type.pb(),
-        start: Some(pb::StartPosition {
-            position: Some(pb::start_position::Position::Latest(true)),
-        }),
-        ..pb::GroupConfig::default()
-    };
-    let mut consumer = client.subscribe(&group, Some(create), 5000).await?;
+    let create = GroupConfig::new(settings.topic.clone(), settings.r#type.group_type())
+        .with_start(StartFrom::Latest);
+    let mut consumer = client.subscribe(&group, Some(&create), 5000).await?;
     let size = settings.message_size.max(16);
     // Batches every millisecond at the requested rate.
     let per_ms = (settings.rate as f64 / 1000.0).max(1.0);
@@ -624,8 +605,8 @@ async fn end_to_end(
         tokio::spawn(async move {
             let (mut tx, mut rx) = client.produce_stream(64).await?;
             let acks = tokio::spawn(async move {
-                while let Some((_, r)) = rx.next().await {
-                    r?;
+                while let Some(answer) = rx.next().await {
+                    answer?.result?;
                 }
                 Ok::<_, weir_client::Error>(())
             });
@@ -672,8 +653,8 @@ async fn end_to_end(
         let d = d?;
         if let Some(sent) = d
             .record
-            .as_ref()
-            .and_then(|r| r.value.get(..8))
+            .value
+            .get(..8)
             .and_then(|b| b.try_into().ok())
             .map(u64::from_le_bytes)
         {

@@ -9,7 +9,9 @@ use tokio::{
     io::{AsyncWriteExt, BufWriter},
     sync::mpsc,
 };
-use weir_client::{Client, pb};
+use weir_client::{
+    Client, Delivery, FetchOptions, GroupConfig, GroupType, PartitionInfo, StartFrom, StoredRecord,
+};
 
 use crate::Output;
 
@@ -20,8 +22,9 @@ pub struct ConsumeArgs {
     /// Read only this partition (default: all).
     #[arg(long)]
     partition: Option<u32>,
-    /// Start at this offset (in every partition read); overrides --from.
-    #[arg(long)]
+    /// Start at this offset of the partition given with --partition; overrides --from.
+    /// (Offsets differ between partitions, so --offset needs --partition.)
+    #[arg(long, requires = "partition")]
     offset: Option<u64>,
     /// Where to start when --offset is not given.
     #[arg(long, value_enum, default_value_t = From::Earliest)]
@@ -63,14 +66,14 @@ pub enum From {
 }
 
 /// Longest one fetch waits on the broker.
-const FETCH_WAIT_MS: u32 = 1000;
+const FETCH_WAIT: Duration = Duration::from_secs(1);
 
 pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::Result<()> {
     if let Some(group) = args.group.clone() {
         return run_group(client, &group, args, output).await;
     }
     let topic = client.describe_topic(&args.topic).await?;
-    let partitions: Vec<&pb::PartitionStats> = match args.partition {
+    let partitions: Vec<&PartitionInfo> = match args.partition {
         Some(p) => vec![
             topic
                 .partitions
@@ -86,7 +89,7 @@ pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::
         ],
         None => topic.partitions.iter().collect(),
     };
-    let (tx, mut rx) = mpsc::channel::<anyhow::Result<(u32, Vec<pb::StoredRecord>)>>(64);
+    let (tx, mut rx) = mpsc::channel::<anyhow::Result<(u32, Vec<StoredRecord>)>>(64);
     for p in partitions {
         let start = match (args.offset, args.from) {
             (Some(o), _) => o,
@@ -120,7 +123,7 @@ pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::
             if count >= max {
                 break;
             }
-            write_record(&mut out, partition, r, output).await?;
+            write_record(&mut out, partition, r.offset, &r.record, output).await?;
             count += 1;
         }
         if rx.is_empty() {
@@ -132,7 +135,7 @@ pub async fn run(client: &Client, args: ConsumeArgs, output: Output) -> anyhow::
 }
 
 /// Channel of fetched batches, tagged with their partition.
-type Batches = mpsc::Sender<anyhow::Result<(u32, Vec<pb::StoredRecord>)>>;
+type Batches = mpsc::Sender<anyhow::Result<(u32, Vec<StoredRecord>)>>;
 
 /// Fetches `topic`/`partition` from `start` forever, sending each non-empty batch to `tx`;
 /// stops at the first error (sent on) or when the receiver is gone.
@@ -141,7 +144,7 @@ fn spawn_fetcher(client: Client, topic: String, partition: u32, start: u64, tx: 
         let mut offset = start;
         loop {
             match client
-                .fetch(&topic, partition, offset, 0, FETCH_WAIT_MS)
+                .fetch(&topic, partition, offset, FetchOptions::wait(FETCH_WAIT))
                 .await
             {
                 Ok(resp) => {
@@ -169,10 +172,10 @@ fn spawn_fetcher(client: Client, topic: String, partition: u32, start: u64, tx: 
 async fn write_record(
     out: &mut BufWriter<tokio::io::Stdout>,
     partition: u32,
-    r: pb::StoredRecord,
+    offset: u64,
+    rec: &weir_client::Record,
     output: Output,
 ) -> std::io::Result<()> {
-    let rec = r.record.unwrap_or_default();
     match output {
         Output::Human => {
             out.write_all(&rec.value).await?;
@@ -181,8 +184,8 @@ async fn write_record(
         Output::Json => {
             let v = serde_json::json!({
                 "partition": partition,
-                "offset": r.offset,
-                "timestampMs": rec.timestamp_ms,
+                "offset": offset,
+                "timestampMs": rec.timestamp.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_millis()),
                 "key": rec.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
                 "value": String::from_utf8_lossy(&rec.value),
             });
@@ -199,21 +202,16 @@ async fn run_group(
     args: ConsumeArgs,
     output: Output,
 ) -> anyhow::Result<()> {
-    let create = pb::GroupConfig {
-        topic: args.topic.clone(),
-        r#type: match args.r#type {
-            GroupKind::Ordered => pb::GroupType::Ordered,
-            GroupKind::Shared => pb::GroupType::Shared,
-        } as i32,
-        start: Some(pb::StartPosition {
-            position: Some(match args.from {
-                From::Earliest => pb::start_position::Position::Earliest(true),
-                From::Latest => pb::start_position::Position::Latest(true),
-            }),
-        }),
-        ..pb::GroupConfig::default()
+    let group_type = match args.r#type {
+        GroupKind::Ordered => GroupType::Ordered,
+        GroupKind::Shared => GroupType::Shared,
     };
-    let mut consumer = client.subscribe(group, Some(create), args.window).await?;
+    let start = match args.from {
+        From::Earliest => StartFrom::Earliest,
+        From::Latest => StartFrom::Latest,
+    };
+    let create = GroupConfig::new(args.topic.clone(), group_type).with_start(start);
+    let mut consumer = client.subscribe(group, Some(&create), args.window).await?;
     let mut out = BufWriter::with_capacity(1 << 20, tokio::io::stdout());
     let max = args.max_messages.unwrap_or(u64::MAX);
     let mut count = 0u64;
@@ -230,12 +228,15 @@ async fn run_group(
             None => consumer.next().await,
         };
         let Some(delivery) = next else { break };
-        let delivery = delivery?;
-        let stored = pb::StoredRecord {
-            offset: delivery.offset,
-            record: delivery.record.clone(),
-        };
-        write_record(&mut out, delivery.partition, stored, output).await?;
+        let delivery: Delivery = delivery?;
+        write_record(
+            &mut out,
+            delivery.partition,
+            delivery.offset,
+            &delivery.record,
+            output,
+        )
+        .await?;
         // At-least-once: the message is written (flushed) before it is acked.
         out.flush().await?;
         consumer.ack(&delivery).await?;

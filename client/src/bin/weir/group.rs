@@ -1,7 +1,7 @@
 //! `weir group list|describe|reset`.
 
 use clap::Subcommand;
-use weir_client::{Client, pb};
+use weir_client::{Client, GroupInfo, GroupType, StartFrom};
 
 use crate::Output;
 
@@ -33,24 +33,13 @@ pub enum GroupCommand {
     },
 }
 
-fn position(to: &str) -> anyhow::Result<pb::StartPosition> {
-    use pb::start_position::Position;
-    let position = match to {
-        "earliest" => Position::Earliest(true),
-        "latest" => Position::Latest(true),
-        other => {
-            let t = humantime::parse_rfc3339_weak(other).map_err(|e| {
-                anyhow::anyhow!("--to {other:?}: {e}; use earliest, latest or an RFC 3339 time")
-            })?;
-            let ms = t
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_err(|_| anyhow::anyhow!("--to {other:?} is before 1970"))?
-                .as_millis();
-            Position::TimestampMs(i64::try_from(ms)?)
-        }
-    };
-    Ok(pb::StartPosition {
-        position: Some(position),
+fn position(to: &str) -> anyhow::Result<StartFrom> {
+    Ok(match to {
+        "earliest" => StartFrom::Earliest,
+        "latest" => StartFrom::Latest,
+        other => StartFrom::Time(humantime::parse_rfc3339_weak(other).map_err(|e| {
+            anyhow::anyhow!("--to {other:?}: {e}; use earliest, latest or an RFC 3339 time")
+        })?),
     })
 }
 
@@ -80,31 +69,30 @@ pub async fn run(client: &Client, cmd: GroupCommand, output: Output) -> anyhow::
     Ok(())
 }
 
-fn type_name(t: i32) -> &'static str {
-    match pb::GroupType::try_from(t) {
-        Ok(pb::GroupType::Ordered) => "ordered",
-        Ok(pb::GroupType::Shared) => "shared",
-        _ => "unknown",
+fn type_name(t: GroupType) -> &'static str {
+    match t {
+        GroupType::Ordered => "ordered",
+        GroupType::Shared => "shared",
     }
 }
 
-fn print(groups: &[pb::GroupDescription], output: Output, detail: bool) {
+fn print(groups: &[GroupInfo], output: Output, detail: bool) {
     match output {
         Output::Json => {
             for g in groups {
-                let c = g.config.clone().unwrap_or_default();
+                let c = &g.config;
                 println!(
                     "{}",
                     serde_json::json!({
-                        "name": g.name, "topic": c.topic, "type": type_name(c.r#type),
+                        "name": g.name, "topic": c.topic, "type": type_name(c.group_type),
                         "members": g.members.iter().map(|m| serde_json::json!({
-                            "memberId": m.member_id, "partitions": m.partitions, "pending": m.pending,
+                            "memberId": m.id, "partitions": m.partitions, "pending": m.pending,
                         })).collect::<Vec<_>>(),
                         "lag": g.lag, "pending": g.pending, "deadLettered": g.dead_lettered,
                         "generation": g.generation,
                         "partitions": g.partitions.iter().map(|p| serde_json::json!({
                             "partition": p.partition, "committedOffset": p.committed_offset,
-                            "nextOffset": p.next_offset, "lag": p.lag, "pending": p.pending, "owner": p.owner,
+                            "nextOffset": p.next_offset, "lag": p.lag, "pending": p.pending, "owner": p.owner.clone().unwrap_or_default(),
                         })).collect::<Vec<_>>(),
                     })
                 );
@@ -116,12 +104,12 @@ fn print(groups: &[pb::GroupDescription], output: Output, detail: bool) {
                 "GROUP", "TOPIC", "TYPE", "MEMBERS", "LAG", "PENDING", "DEAD-LETTERED"
             );
             for g in groups {
-                let c = g.config.clone().unwrap_or_default();
+                let c = &g.config;
                 println!(
                     "{:<24} {:<24} {:<8} {:>7} {:>10} {:>9} {:>13}",
                     g.name,
                     c.topic,
-                    type_name(c.r#type),
+                    type_name(c.group_type),
                     g.members.len(),
                     g.lag,
                     g.pending,
@@ -143,14 +131,14 @@ fn print(groups: &[pb::GroupDescription], output: Output, detail: bool) {
                             p.next_offset,
                             p.lag,
                             p.pending,
-                            p.owner
+                            p.owner.as_deref().unwrap_or("")
                         );
                     }
                     if !g.members.is_empty() {
                         println!();
                         println!("{:<40} {:>9}  PARTITIONS", "MEMBER", "PENDING");
                         for m in &g.members {
-                            println!("{:<40} {:>9}  {:?}", m.member_id, m.pending, m.partitions);
+                            println!("{:<40} {:>9}  {:?}", m.id, m.pending, m.partitions);
                         }
                     }
                 }

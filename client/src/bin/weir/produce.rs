@@ -98,8 +98,8 @@ pub async fn run(client: &Client, args: ProduceArgs, output: Output) -> anyhow::
 
     let mut messages = 0u64;
     let mut failure = None;
-    while let Some((_, result)) = rx.next().await {
-        match result {
+    while let Some(answer) = rx.next().await {
+        match answer.and_then(|a| a.result) {
             Ok(acks) => messages += acks.iter().map(|a| u64::from(a.record_count)).sum::<u64>(),
             Err(e) => {
                 failure = Some(e);

@@ -1,7 +1,7 @@
 //! `weir topic create|list|describe|delete`.
 
 use clap::Subcommand;
-use weir_client::{Client, pb};
+use weir_client::{Client, Durability, Overflow, Retention, TopicConfig, TopicInfo};
 
 use crate::Output;
 
@@ -36,42 +36,43 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Applies the given flags to `c`.
-    fn apply(&self, mut c: pb::TopicConfig) -> anyhow::Result<pb::TopicConfig> {
+    /// Applies the given flags to `c` (`0` for a limit means none).
+    fn apply(&self, mut c: TopicConfig) -> anyhow::Result<TopicConfig> {
+        let limit = |v: u64| (v != 0).then_some(v);
         if let Some(p) = self.partitions {
             c.partitions = p;
         }
         if let Some(b) = self.max_message_bytes {
-            c.max_message_bytes = u32::try_from(b.as_u64()).map_err(|_| {
+            c.max_message_bytes = Some(u32::try_from(b.as_u64()).map_err(|_| {
                 anyhow::anyhow!("--max-message-bytes {b} is too large; the limit is 16MiB")
-            })?;
+            })?);
         }
         if let Some(r) = self.retention {
             c.retention = match r {
-                RetentionArg::Limits => pb::RetentionPolicy::Limits,
-                RetentionArg::WorkQueue => pb::RetentionPolicy::WorkQueue,
-            } as i32;
+                RetentionArg::Limits => Retention::Limits,
+                RetentionArg::WorkQueue => Retention::WorkQueue,
+            };
         }
         if let Some(a) = self.max_age {
-            c.max_age_ms = u64::try_from(a.as_millis())?;
+            c.max_age = (!a.is_zero()).then_some(a);
         }
         if let Some(b) = self.max_bytes {
-            c.max_bytes = b.as_u64();
+            c.max_bytes = limit(b.as_u64());
         }
         if let Some(m) = self.max_messages {
-            c.max_messages = m;
+            c.max_messages = limit(m);
         }
         if let Some(o) = self.overflow {
             c.overflow = match o {
-                OverflowArg::DropOldest => pb::Overflow::DropOldest,
-                OverflowArg::Reject => pb::Overflow::Reject,
-            } as i32;
+                OverflowArg::DropOldest => Overflow::DropOldest,
+                OverflowArg::Reject => Overflow::Reject,
+            };
         }
         if let Some(d) = self.durability {
             c.durability = match d {
-                DurabilityArg::Fsync => pb::Durability::Fsync,
-                DurabilityArg::Buffered => pb::Durability::Buffered,
-            } as i32;
+                DurabilityArg::Fsync => Durability::Fsync,
+                DurabilityArg::Buffered => Durability::Buffered,
+            };
         }
         Ok(c)
     }
@@ -137,17 +138,14 @@ pub enum TopicCommand {
 pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::Result<()> {
     match cmd {
         TopicCommand::Create { name, settings } => {
-            let config = settings.apply(pb::TopicConfig {
-                partitions: 1,
-                ..pb::TopicConfig::default()
-            })?;
-            let t = client.create_topic_with(&name, config).await?;
+            let config = settings.apply(TopicConfig::new(1))?;
+            let t = client.create_topic(&name, &config).await?;
             print_topics(&[t], output, true);
         }
         TopicCommand::Update { name, settings } => {
             let current = client.describe_topic(&name).await?;
-            let config = settings.apply(current.config.unwrap_or_default())?;
-            let t = client.update_topic(&name, config).await?;
+            let config = settings.apply(current.config)?;
+            let t = client.update_topic(&name, &config).await?;
             print_topics(&[t], output, true);
         }
         TopicCommand::List => print_topics(&client.list_topics().await?, output, false),
@@ -165,22 +163,43 @@ pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::
     Ok(())
 }
 
-fn topic_json(t: &pb::TopicDescription) -> serde_json::Value {
-    let c = t.config.clone().unwrap_or_default();
+fn retention(r: Retention) -> &'static str {
+    match r {
+        Retention::Limits => "limits",
+        Retention::WorkQueue => "work-queue",
+    }
+}
+
+fn overflow(o: Overflow) -> &'static str {
+    match o {
+        Overflow::DropOldest => "drop-oldest",
+        Overflow::Reject => "reject",
+    }
+}
+
+fn durability(d: Durability) -> &'static str {
+    match d {
+        Durability::Fsync => "fsync",
+        Durability::Buffered => "buffered",
+    }
+}
+
+fn topic_json(t: &TopicInfo) -> serde_json::Value {
+    let c = &t.config;
     serde_json::json!({
         "name": t.name,
         "partitions": c.partitions,
         "maxMessageBytes": c.max_message_bytes,
-        "retention": if c.retention == pb::RetentionPolicy::WorkQueue as i32 { "work-queue" } else { "limits" },
-        "maxAgeMs": c.max_age_ms,
-        "maxBytes": c.max_bytes,
-        "maxMessages": c.max_messages,
-        "overflow": if c.overflow == pb::Overflow::Reject as i32 { "reject" } else { "drop-oldest" },
-        "durability": if c.durability == pb::Durability::Buffered as i32 { "buffered" } else { "fsync" },
+        "retention": retention(c.retention),
+        "maxAgeMs": c.max_age.map_or(0, |d| d.as_millis()),
+        "maxBytes": c.max_bytes.unwrap_or(0),
+        "maxMessages": c.max_messages.unwrap_or(0),
+        "overflow": overflow(c.overflow),
+        "durability": durability(c.durability),
         "servedPartitions": c.served_partitions,
         "messages": t.messages,
         "bytes": t.bytes,
-        "createdAtMs": t.created_at_ms,
+        "createdAtMs": t.created_at.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_millis()),
         "partitionStats": t.partitions.iter().map(|p| serde_json::json!({
             "partition": p.partition,
             "earliestOffset": p.earliest_offset,
@@ -191,7 +210,7 @@ fn topic_json(t: &pb::TopicDescription) -> serde_json::Value {
     })
 }
 
-fn print_topics(topics: &[pb::TopicDescription], output: Output, detail: bool) {
+fn print_topics(topics: &[TopicInfo], output: Output, detail: bool) {
     match output {
         Output::Json => {
             for t in topics {
@@ -204,14 +223,14 @@ fn print_topics(topics: &[pb::TopicDescription], output: Output, detail: bool) {
                 "TOPIC", "PARTITIONS", "MESSAGES", "BYTES", "MAX MSG"
             );
             for t in topics {
-                let c = t.config.clone().unwrap_or_default();
+                let c = &t.config;
                 println!(
                     "{:<32} {:>10} {:>12} {:>12} {:>12}",
                     t.name,
                     c.partitions,
                     t.messages,
                     bytesize::ByteSize(t.bytes).display().iec().to_string(),
-                    bytesize::ByteSize(u64::from(c.max_message_bytes))
+                    bytesize::ByteSize(u64::from(c.max_message_bytes.unwrap_or(1024 * 1024)))
                         .display()
                         .iec()
                         .to_string()
@@ -219,37 +238,27 @@ fn print_topics(topics: &[pb::TopicDescription], output: Output, detail: bool) {
             }
             if detail {
                 for t in topics {
-                    let c = t.config.clone().unwrap_or_default();
-                    let limit = |v: u64, f: &dyn Fn(u64) -> String| {
-                        if v == 0 { "none".to_owned() } else { f(v) }
+                    let c = &t.config;
+                    let limit = |v: Option<u64>, f: &dyn Fn(u64) -> String| {
+                        v.map_or_else(|| "none".to_owned(), f)
                     };
                     println!();
                     println!(
                         "limits: max-age {}  max-bytes {}  max-messages {}  overflow {}  retention {}  durability {}",
-                        limit(c.max_age_ms, &|v| humantime::format_duration(
-                            std::time::Duration::from_millis(v)
-                        )
-                        .to_string()),
+                        limit(
+                            c.max_age
+                                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                            &|v| humantime::format_duration(std::time::Duration::from_millis(v))
+                                .to_string()
+                        ),
                         limit(c.max_bytes, &|v| bytesize::ByteSize(v)
                             .display()
                             .iec()
                             .to_string()),
                         limit(c.max_messages, &|v| v.to_string()),
-                        if c.overflow == pb::Overflow::Reject as i32 {
-                            "reject"
-                        } else {
-                            "drop-oldest"
-                        },
-                        if c.retention == pb::RetentionPolicy::WorkQueue as i32 {
-                            "work-queue"
-                        } else {
-                            "limits"
-                        },
-                        if c.durability == pb::Durability::Buffered as i32 {
-                            "buffered"
-                        } else {
-                            "fsync"
-                        },
+                        overflow(c.overflow),
+                        retention(c.retention),
+                        durability(c.durability),
                     );
                     println!(
                         "usage:  {} messages, {}",
