@@ -82,6 +82,43 @@ pub fn bin(name: &str) -> PathBuf {
     }
 }
 
+/// Path of the example program `name` of the client crate (`client/examples/`), built
+/// once per test run in the profile the tests were built with.
+///
+/// # Panics
+///
+/// When the build fails.
+pub fn example(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let profile_dir = bin("weir")
+            .parent()
+            .ok_or("binary without a directory")?
+            .to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--examples", "-p", "weir-client"]);
+        if release {
+            cmd.arg("--release");
+        }
+        if let Some(target) = profile_dir.parent() {
+            cmd.env("CARGO_TARGET_DIR", target);
+        }
+        let status = cmd
+            .status()
+            .map_err(|e| format!("running cargo build --examples: {e}"))?;
+        if !status.success() {
+            return Err(format!("cargo build of the examples failed: {status}"));
+        }
+        Ok(profile_dir.join("examples"))
+    });
+    match dir {
+        Ok(d) => d.join(name),
+        Err(e) => panic!("{e}"),
+    }
+}
+
 /// grpcurl version the tests use.
 pub const GRPCURL_VERSION: &str = "v1.9.3";
 
