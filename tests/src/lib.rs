@@ -49,37 +49,45 @@ pub fn bin(name: &str) -> PathBuf {
             .and_then(Path::parent)
             .ok_or("test executable has no profile directory")?
             .to_path_buf();
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--bins",
-            "-p",
-            "weir-broker",
-            "-p",
-            "weir-client",
-            "-p",
-            "weir-operator",
-        ]);
-        if release {
-            cmd.arg("--release");
-        }
-        if let Some(target) = profile_dir.parent() {
-            cmd.env("CARGO_TARGET_DIR", target);
-        }
-        let status = cmd
-            .status()
-            .map_err(|e| format!("running cargo build: {e}"))?;
-        if !status.success() {
-            return Err(format!("cargo build of the binaries failed: {status}"));
-        }
+        cargo_build(
+            &profile_dir,
+            &[
+                "--bins",
+                "-p",
+                "weir-broker",
+                "-p",
+                "weir-client",
+                "-p",
+                "weir-operator",
+            ],
+        )?;
         Ok(profile_dir)
     });
     match dir {
         Ok(d) => d.join(name),
         Err(e) => panic!("{e}"),
     }
+}
+
+/// Runs `cargo build ARGS` into the target directory and profile of `profile_dir`.
+fn cargo_build(profile_dir: &Path, args: &[&str]) -> Result<(), String> {
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build").args(args);
+    if release {
+        cmd.arg("--release");
+    }
+    if let Some(target) = profile_dir.parent() {
+        cmd.env("CARGO_TARGET_DIR", target);
+    }
+    let status = cmd
+        .status()
+        .map_err(|e| format!("running cargo build {args:?}: {e}"))?;
+    if !status.success() {
+        return Err(format!("cargo build {args:?} failed: {status}"));
+    }
+    Ok(())
 }
 
 /// Path of the example program `name` of the client crate (`client/examples/`), built
@@ -95,22 +103,7 @@ pub fn example(name: &str) -> PathBuf {
             .parent()
             .ok_or("binary without a directory")?
             .to_path_buf();
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--examples", "-p", "weir-client"]);
-        if release {
-            cmd.arg("--release");
-        }
-        if let Some(target) = profile_dir.parent() {
-            cmd.env("CARGO_TARGET_DIR", target);
-        }
-        let status = cmd
-            .status()
-            .map_err(|e| format!("running cargo build --examples: {e}"))?;
-        if !status.success() {
-            return Err(format!("cargo build of the examples failed: {status}"));
-        }
+        cargo_build(&profile_dir, &["--examples", "-p", "weir-client"])?;
         Ok(profile_dir.join("examples"))
     });
     match dir {

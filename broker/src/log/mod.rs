@@ -501,7 +501,11 @@ impl Log {
         let result = self.call(|reply| Command::Shutdown { reply }).await;
         let handle = self.writer.lock().take();
         if let Some(handle) = handle {
-            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+            match tokio::task::spawn_blocking(move || handle.join()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => tracing::error!("the log writer thread had panicked"),
+                Err(e) => tracing::error!(error = %e, "joining the log writer thread failed"),
+            }
         }
         result
     }

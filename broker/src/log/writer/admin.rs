@@ -41,25 +41,12 @@ impl Writer {
         };
         let appended = Arc::new(tokio::sync::watch::Sender::new(0));
         let partitions = new_partitions(name, id, 0..config.partitions, &appended);
-        let stored_json = encode_topic(&stored)?;
-        let mut wb = self
-            .shared
-            .db
-            .batch()
-            .durability(Some(PersistMode::SyncData));
+        let mut wb = self.topic_batch(&stored, &partitions)?;
         wb.insert(
             &self.shared.meta,
             keys::TOPIC_ID_KEY,
             (id + 1).to_be_bytes(),
         );
-        wb.insert(&self.shared.meta, keys::topic_key(name), stored_json);
-        for p in &partitions {
-            wb.insert(
-                &self.shared.meta,
-                p.meta_key(),
-                PartitionMeta::default().encode().to_vec(),
-            );
-        }
         wb.commit().map_err(Error::Commit)?;
         self.shared.next_topic_id.store(id + 1, Ordering::Relaxed);
         let topic = Arc::new(Topic {
@@ -115,21 +102,9 @@ impl Writer {
             config,
             created_at_ms: topic.created_at_ms,
         };
-        let stored_json = encode_topic(&stored)?;
-        let mut wb = self
-            .shared
-            .db
-            .batch()
-            .durability(Some(PersistMode::SyncData));
-        wb.insert(&self.shared.meta, keys::topic_key(name), stored_json);
-        for p in &added {
-            wb.insert(
-                &self.shared.meta,
-                p.meta_key(),
-                PartitionMeta::default().encode().to_vec(),
-            );
-        }
-        wb.commit().map_err(Error::Commit)?;
+        self.topic_batch(&stored, &added)?
+            .commit()
+            .map_err(Error::Commit)?;
         topic.partitions.write().extend(added);
         *topic.config.write() = config;
         tracing::info!(
@@ -198,6 +173,30 @@ impl Writer {
         wb.commit().map_err(Error::Commit)?;
         tracing::info!(topic = name, "topic deleted");
         Ok(())
+    }
+
+    /// A fsynced batch that stores the topic's settings and empty counters for `new`
+    /// partitions; nothing is written when the settings do not encode.
+    fn topic_batch(
+        &self,
+        stored: &TopicMeta,
+        new: &[Arc<Partition>],
+    ) -> Result<fjall::OwnedWriteBatch, Error> {
+        let json = encode_topic(stored)?;
+        let mut wb = self
+            .shared
+            .db
+            .batch()
+            .durability(Some(PersistMode::SyncData));
+        wb.insert(&self.shared.meta, keys::topic_key(&stored.name), json);
+        for p in new {
+            wb.insert(
+                &self.shared.meta,
+                p.meta_key(),
+                PartitionMeta::default().encode().to_vec(),
+            );
+        }
+        Ok(wb)
     }
 
     /// Puts and deletes in the metadata keyspace in one atomic batch. Without `durable` the

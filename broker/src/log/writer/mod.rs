@@ -450,8 +450,11 @@ impl Writer {
             if self.shared.records.sealed_memtable_count() == 0
                 && self.shared.meta.sealed_memtable_count() == 0
             {
-                let _ = self.shared.records.rotate_memtable();
-                let _ = self.shared.meta.rotate_memtable();
+                for keyspace in [&self.shared.records, &self.shared.meta] {
+                    if let Err(e) = keyspace.rotate_memtable() {
+                        tracing::warn!(error = %e, "sealing a memtable during a write stall failed");
+                    }
+                }
                 self.since_rotation.set(0);
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
