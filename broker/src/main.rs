@@ -25,11 +25,27 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: what failed and why, outermost first.
-            eprintln!("weir-broker: {e:#}");
+            eprintln!("weir-broker: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// What failed and why, outermost first, on one line; a cause whose text the message
+/// before it already shows is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

@@ -12,12 +12,12 @@ use crate::validate::InvalidConfig;
 #[non_exhaustive]
 pub enum Error {
     /// The database directory could not be opened or recovered.
-    #[error("opening the database at {}: {source}", path.display())]
+    #[error("opening the database at {}: {}", path.display(), describe_fjall(cause))]
     OpenDatabase {
         /// Data directory.
         path: PathBuf,
-        /// fjall's error.
-        source: fjall::Error,
+        /// fjall's error (described in the message, so not repeated as a source).
+        cause: fjall::Error,
     },
     /// Another process holds the data directory's lock.
     #[error(
@@ -211,7 +211,21 @@ impl Error {
         }
         Self::OpenDatabase {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         }
+    }
+}
+
+/// fjall's error in words: its `Display` is its `Debug` form (`FjallError: Io(Os { … })`).
+pub fn describe_fjall(e: &fjall::Error) -> String {
+    match e {
+        fjall::Error::Io(io) => io.to_string(),
+        fjall::Error::Locked => "the directory is locked by another process".into(),
+        fjall::Error::Poisoned => {
+            "an earlier write failed, so the storage engine accepts no more (restart to recover)"
+                .into()
+        }
+        fjall::Error::Storage(inner) => format!("storage: {inner}"),
+        other => format!("{other:?}"),
     }
 }
