@@ -55,6 +55,43 @@ fn flip_byte(data_dir: &Path, topic: &str, partition: u32, base_offset: u64) -> 
     Ok(())
 }
 
+/// Opens the broker's database (the broker stopped) and calls `change` with its keyspaces
+/// and the id of `topic`.
+fn with_db(
+    data_dir: &Path,
+    topic: &str,
+    change: impl FnOnce(&fjall::Keyspace, &fjall::Keyspace, u32) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let db = Database::builder(data_dir).open()?;
+    let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
+    let records = db.keyspace("records", KeyspaceCreateOptions::default)?;
+    let topic_meta = meta
+        .get(format!("t/{topic}"))?
+        .ok_or_else(|| anyhow::anyhow!("topic metadata missing"))?;
+    let id = serde_json::from_slice::<serde_json::Value>(&topic_meta)?["id"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("topic id missing"))? as u32;
+    change(&meta, &records, id)?;
+    db.persist(PersistMode::SyncAll)?;
+    Ok(())
+}
+
+fn record_key(id: u32, partition: u32, offset: u64) -> Vec<u8> {
+    [
+        &id.to_be_bytes()[..],
+        &partition.to_be_bytes(),
+        &offset.to_be_bytes(),
+    ]
+    .concat()
+}
+
+fn values(records: &[weir_client::StoredRecord]) -> Vec<(u64, String)> {
+    records
+        .iter()
+        .map(|r| (r.offset, r.record.text().into_owned()))
+        .collect()
+}
+
 fn expect_data_loss<T: std::fmt::Debug>(r: Result<T, weir_client::Error>, needle: &str) {
     let err = r.expect_err("a corrupt batch must not be returned");
     assert_eq!(err.code(), Some(Code::DataLoss), "{err}");
@@ -194,6 +231,133 @@ async fn corrupt_tail_batch_is_reported_at_start_up_and_offsets_never_repeat() -
             .records
             .len() as u64,
         BATCHES * PER_BATCH
+    );
+    Ok(())
+}
+
+/// The journal's tail holding the partition counters is lost while the records were
+/// already flushed (simulated by putting back older counters): the broker takes the next
+/// offset from the stored batches, so a new record never gets an acknowledged offset and
+/// every acknowledged offset still reads its own record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_behind_the_stored_batches_never_give_an_offset_twice() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut broker = Broker::start_in(dir.path())?;
+    fill(&broker.client().await?).await?;
+    assert_eq!(broker.terminate()?, Some(0));
+    with_db(dir.path(), "corrupt", |meta, _, id| {
+        let key = [&b"p/"[..], &id.to_be_bytes(), &0u32.to_be_bytes()].concat();
+        // next offset 20, earliest 0, 100 bytes: what the counters said two batches ago.
+        let old = [
+            20u64.to_le_bytes(),
+            0u64.to_le_bytes(),
+            100u64.to_le_bytes(),
+        ]
+        .concat();
+        meta.insert(key, old)?;
+        Ok(())
+    })?;
+    broker.restart()?;
+    assert!(
+        broker
+            .log_text()
+            .contains("stored counters were behind the stored batches"),
+        "{}",
+        broker.log_text()
+    );
+    let client = broker.client().await?;
+    let acks = client
+        .produce("corrupt", Some(0), vec![Record::value("new")])
+        .await?;
+    assert_eq!(
+        acks[0].base_offset,
+        BATCHES * PER_BATCH,
+        "no offset given twice"
+    );
+    let all = client
+        .fetch(
+            "corrupt",
+            0,
+            0,
+            FetchOptions {
+                max_bytes: Some(16 << 20),
+                ..FetchOptions::default()
+            },
+        )
+        .await?;
+    let got = values(&all.records);
+    assert_eq!(got.len() as u64, BATCHES * PER_BATCH + 1);
+    for (i, (offset, value)) in got.iter().enumerate() {
+        assert_eq!(*offset, i as u64);
+        if (i as u64) < BATCHES * PER_BATCH {
+            let want = format!("p0 b{} r{}", i as u64 / PER_BATCH, i as u64 % PER_BATCH);
+            assert_eq!(value, &want, "offset {i} reads its acknowledged record");
+        }
+    }
+    let t = client.describe_topic("corrupt").await?;
+    assert_eq!(t.partitions[0].messages, BATCHES * PER_BATCH + 1);
+    Ok(())
+}
+
+/// Batches lost from storage (a lost table or blob file): reads stop before them, the
+/// missing offsets answer DATA_LOSS naming the range and never another record, reads after
+/// them work, and new records get new offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_batches_are_data_loss_and_never_another_record() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut broker = Broker::start_in(dir.path())?;
+    fill(&broker.client().await?).await?;
+    assert_eq!(broker.terminate()?, Some(0));
+    with_db(dir.path(), "corrupt", |_, records, id| {
+        records.remove(record_key(id, 0, 2 * PER_BATCH))?;
+        records.remove(record_key(id, 1, (BATCHES - 1) * PER_BATCH))?;
+        Ok(())
+    })?;
+    broker.restart()?;
+    let client = broker.client().await?;
+    let big = FetchOptions {
+        max_bytes: Some(16 << 20),
+        ..FetchOptions::default()
+    };
+    let head = client.fetch("corrupt", 0, 0, big).await?;
+    let offsets: Vec<u64> = head.records.iter().map(|r| r.offset).collect();
+    assert_eq!(
+        offsets,
+        (0..2 * PER_BATCH).collect::<Vec<_>>(),
+        "stops before the gap"
+    );
+    expect_data_loss(
+        client.fetch("corrupt", 0, 2 * PER_BATCH, big).await,
+        &format!(
+            "offsets {}..{} of corrupt/0 are missing",
+            2 * PER_BATCH,
+            3 * PER_BATCH
+        ),
+    );
+    expect_data_loss(
+        client.fetch("corrupt", 0, 2 * PER_BATCH + 5, big).await,
+        &format!("offsets {}..{}", 2 * PER_BATCH + 5, 3 * PER_BATCH),
+    );
+    let after = client.fetch("corrupt", 0, 3 * PER_BATCH, big).await?;
+    assert_eq!(after.records.len() as u64, 2 * PER_BATCH);
+    assert_eq!(after.records[0].record.text(), "p0 b3 r0");
+    // The tail of partition 1 is gone; its offsets are not given out again.
+    let tail = (BATCHES - 1) * PER_BATCH;
+    expect_data_loss(
+        client.fetch("corrupt", 1, tail, big).await,
+        &format!(
+            "offsets {tail}..{} of corrupt/1 are missing",
+            BATCHES * PER_BATCH
+        ),
+    );
+    let acks = client
+        .produce("corrupt", Some(1), vec![Record::value("new")])
+        .await?;
+    assert_eq!(acks[0].base_offset, BATCHES * PER_BATCH);
+    let new = client.fetch("corrupt", 1, BATCHES * PER_BATCH, big).await?;
+    assert_eq!(
+        values(&new.records),
+        [(BATCHES * PER_BATCH, "new".to_owned())]
     );
     Ok(())
 }

@@ -829,3 +829,35 @@ async fn a_member_that_misses_its_session_timeout_loses_its_partitions() -> anyh
     assert_eq!(err.code(), Some(Code::InvalidArgument));
     Ok(())
 }
+
+/// A push member with no credits left still hears at once that it lost a partition: the
+/// assignment does not wait for its next grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_member_without_credits_is_told_its_new_assignment() -> anyhow::Result<()> {
+    let broker = Broker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("orders", &TopicConfig::new(2)).await?;
+    for p in 0..2 {
+        client
+            .produce("orders", Some(p), vec![Record::value(format!("p{p}"))])
+            .await?;
+    }
+    let group = config("orders", GroupType::Ordered);
+    let mut a = client.subscribe("pickers", Some(&group), 1).await?;
+    assert_eq!(a.partitions(), [0, 1]);
+    // One delivery uses a's only credit; it keeps it unacked.
+    let held = tokio::time::timeout(Duration::from_secs(5), a.next())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("stream ended"))??;
+    let generation = a.generation();
+    let _b = client.subscribe("pickers", Some(&group), 1).await?;
+    // a reads its stream (no delivery can come: no credits) and sees the new assignment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while a.generation() == generation && std::time::Instant::now() < deadline {
+        let _ = tokio::time::timeout(Duration::from_millis(200), a.next()).await;
+    }
+    assert!(a.generation() > generation, "no assignment reached a");
+    assert_eq!(a.partitions().len(), 1, "{:?}", a.partitions());
+    a.ack(&held).await?;
+    Ok(())
+}

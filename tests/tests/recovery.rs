@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use weir_client::{FetchOptions, Record, TopicConfig};
-use weir_tests::Broker;
+use weir_client::{FetchOptions, GroupConfig, GroupType, Record, TopicConfig};
+use weir_tests::{Broker, produce_as};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_resumes_every_partition_reading_only_its_tail_batch() -> anyhow::Result<()> {
@@ -114,14 +114,47 @@ async fn deleted_topic_data_is_gone_and_a_new_topic_of_that_name_starts_at_zero(
             )
             .await?;
     }
+    // A group with progress and an idempotent producer with a sequence on the old topic.
+    let member = client
+        .join(
+            "readers",
+            Some(&GroupConfig::new("gone", GroupType::Shared)),
+        )
+        .await?;
+    let taken = member.pull(10, Duration::from_secs(1)).await?;
+    member.ack(&taken).await?;
+    let producer = weir_client::new_producer_id();
+    produce_as(
+        &client,
+        "gone",
+        None,
+        vec![Record::value("old seq 0")],
+        producer,
+        0,
+    )
+    .await?;
     client.delete_topic("gone").await?;
     assert!(client.describe_topic("gone").await.is_err());
     let t = client.create_topic("gone", &TopicConfig::new(1)).await?;
     assert_eq!(t.messages, 0);
-    let acks = client
-        .produce("gone", None, vec![Record::value("new")])
-        .await?;
-    assert_eq!(acks[0].base_offset, 0);
+    // A new topic: nothing of the old one applies (as Kafka's topic IDs make it).
+    assert!(
+        client.describe_group("readers").await.is_err(),
+        "the group went with its topic"
+    );
+    let acks = produce_as(
+        &client,
+        "gone",
+        None,
+        vec![Record::value("new")],
+        producer,
+        0,
+    )
+    .await?;
+    assert_eq!(
+        acks[0].base_offset, 0,
+        "sequence 0 is new here, not a retry of the old one"
+    );
     drop(client);
     broker.kill();
     broker.restart()?;

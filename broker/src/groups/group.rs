@@ -212,6 +212,12 @@ impl Group {
         Ok((st.generation, st.assignment(member)))
     }
 
+    /// Resolves the next time the group changes (acks, nacks, membership, resets); call
+    /// `enable` on it before checking the state it waits for.
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
     /// Current generation and `member`'s assignment (Ordered).
     pub fn assignment(&self, member: &str) -> (u64, Vec<u32>) {
         let st = self.state.lock();

@@ -330,6 +330,25 @@ async fn read_subscribe_requests(
     closed.send_replace(true);
 }
 
+/// Sends `member` its assignment when the group's generation moved past `generation`;
+/// false when the stream is gone.
+async fn send_assignment(group: &Group, member: &str, generation: &mut u64, tx: &Outbound) -> bool {
+    let (g, partitions) = group.assignment(member);
+    if g == *generation {
+        return true;
+    }
+    *generation = g;
+    let msg = pb::SubscribeResponse {
+        response: Some(pb::subscribe_response::Response::Assignment(
+            pb::HeartbeatResponse {
+                generation: g,
+                partitions,
+            },
+        )),
+    };
+    tx.send(Ok(msg)).await.is_ok()
+}
+
 /// Sends deliveries to a push member while it has credits (one credit per delivery), and
 /// its new assignment when the generation changes; leaves the group when the stream ends.
 async fn push_deliveries(
@@ -343,8 +362,17 @@ async fn push_deliveries(
 ) {
     'outer: loop {
         while credits.0.load(Ordering::Acquire) == 0 {
+            // Without credits no delivery goes out, but a new assignment still does (a
+            // member must learn at once that it lost a partition).
+            let changed = group.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !send_assignment(&group, &member, &mut generation, &tx).await {
+                break 'outer;
+            }
             tokio::select! {
                 () = credits.1.notified() => {}
+                () = &mut changed => {}
                 _ = closed.wait_for(|c| *c) => break 'outer,
                 _ = shutdown.wait_for(|s| *s) => break 'outer,
             }
@@ -378,20 +406,8 @@ async fn push_deliveries(
                 break 'outer;
             }
         }
-        let (g, partitions) = group.assignment(&member);
-        if g != generation {
-            generation = g;
-            let msg = pb::SubscribeResponse {
-                response: Some(pb::subscribe_response::Response::Assignment(
-                    pb::HeartbeatResponse {
-                        generation: g,
-                        partitions,
-                    },
-                )),
-            };
-            if tx.send(Ok(msg)).await.is_err() {
-                break;
-            }
+        if !send_assignment(&group, &member, &mut generation, &tx).await {
+            break;
         }
     }
     if let Err(e) = group.leave(&member) {

@@ -29,7 +29,7 @@ fn log_code(e: &log::Error) -> Code {
         | E::PartitionsShrink { .. } => Code::InvalidArgument,
         E::TopicFull { .. } => Code::ResourceExhausted,
         E::OffsetOutOfRange { .. } => Code::OutOfRange,
-        E::Corrupt { .. } => Code::DataLoss,
+        E::Corrupt { .. } | E::Missing { .. } | E::Damaged { .. } => Code::DataLoss,
         E::ShuttingDown => Code::Unavailable,
         _ => Code::Internal,
     }

@@ -89,6 +89,38 @@ pub enum Error {
         /// What the decoder found.
         source: batch::DecodeError,
     },
+    /// Offsets below the partition's next offset that have no stored batch: records that
+    /// were stored and are gone (a lost table or blob file, a torn journal). Never served
+    /// as anything else; offsets are never reused.
+    #[error(
+        "offsets {from}..{to} of {topic}/{partition} are missing from storage (a lost or damaged file); read from offset {to} to skip them"
+    )]
+    Missing {
+        /// Topic name.
+        topic: String,
+        /// Partition index.
+        partition: u32,
+        /// First missing offset.
+        from: u64,
+        /// First offset after the missing range.
+        to: u64,
+    },
+    /// The storage engine could not read a batch back: a block failed its checksum or a
+    /// file is gone.
+    #[error(
+        "records of {topic}/{partition} from offset {offset} cannot be read back (damaged storage: {}); read from a later offset to skip them",
+        describe_fjall(source)
+    )]
+    Damaged {
+        /// Topic name.
+        topic: String,
+        /// Partition index.
+        partition: u32,
+        /// First offset that could not be read.
+        offset: u64,
+        /// fjall's error.
+        source: fjall::Error,
+    },
     /// The named topic does not exist.
     #[error("topic {0:?} does not exist")]
     TopicNotFound(String),
@@ -213,6 +245,57 @@ impl Error {
             path: path.to_path_buf(),
             cause: source,
         }
+    }
+}
+
+impl Error {
+    /// Maps an error of reading `topic`/`partition` at `offset`: damage to stored data
+    /// (a failed checksum, an undecodable block, a lost file) is [`Error::Damaged`], other
+    /// failures (I/O) [`Error::Read`].
+    pub(crate) fn from_read(
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        source: fjall::Error,
+    ) -> Self {
+        if is_damage(&source) {
+            Self::Damaged {
+                topic: topic.to_owned(),
+                partition,
+                offset,
+                source,
+            }
+        } else {
+            Self::Read {
+                topic: topic.to_owned(),
+                partition,
+                source,
+            }
+        }
+    }
+}
+
+/// Whether a fjall error means stored data is damaged or gone (rather than the disk or the
+/// process failing now).
+pub fn is_damage(e: &fjall::Error) -> bool {
+    use fjall::LsmError as Lsm;
+    match e {
+        fjall::Error::Decompress(_)
+        | fjall::Error::InvalidTag(_)
+        | fjall::Error::InvalidTrailer
+        | fjall::Error::Unrecoverable => true,
+        fjall::Error::Io(io) => io.kind() == std::io::ErrorKind::NotFound,
+        fjall::Error::Storage(inner) => match inner {
+            Lsm::Io(io) => io.kind() == std::io::ErrorKind::NotFound,
+            Lsm::ChecksumMismatch { .. }
+            | Lsm::Decompress(_)
+            | Lsm::InvalidTag(_)
+            | Lsm::InvalidTrailer
+            | Lsm::InvalidHeader(_)
+            | Lsm::Unrecoverable => true,
+            _ => false,
+        },
+        _ => false,
     }
 }
 

@@ -177,6 +177,8 @@ pub struct WriterStats {
     /// Time the writer waited for flushes because memtables held `max_write_buffer_bytes`,
     /// in ns.
     pub stall_nanos: std::sync::atomic::AtomicU64,
+    /// Reads refused because offsets below the next offset had no stored batch.
+    pub missing_reads: std::sync::atomic::AtomicU64,
 }
 
 pub(crate) struct Shared {
@@ -248,6 +250,7 @@ impl Log {
             partitions = report.partitions,
             batches_read = report.batches_read,
             corrupt_tails = report.corrupt_tails,
+            counters_behind = report.counters_behind,
             elapsed_ms = report.elapsed_ms,
             "log recovered"
         );

@@ -12,8 +12,12 @@ impl Log {
     /// `max_bytes` (record sizes) or `max_records` is reached; at least one record when one is
     /// available. Returns an empty list at `next_offset`. Blocking.
     ///
-    /// A batch that fails its CRC ends the read: records before it are returned; when it is
-    /// the first batch, the call fails with [`Error::Corrupt`].
+    /// Damage ends the read: the intact records before it are returned; when the damage
+    /// is where the read starts, the call fails with the error that names it: a batch that
+    /// fails its CRC ([`Error::Corrupt`]), offsets with no stored batch ([`Error::Missing`],
+    /// e.g. a lost table or blob file), or a batch the storage engine cannot read back
+    /// ([`Error::Damaged`], a failed block checksum). An offset is never answered with
+    /// another offset's record.
     pub fn read(
         &self,
         partition: &Partition,
@@ -35,10 +39,20 @@ impl Log {
         if offset == next {
             return Ok(Vec::new());
         }
-        let read_err = |source| Error::Read {
-            topic: partition.topic.clone(),
-            partition: partition.index,
-            source,
+        let mut out = Vec::new();
+        // Ends the read at damage: what was read so far, or the damage itself.
+        let stop = |out: Vec<StoredRecord>, err: Error| {
+            let (what, at) = match &err {
+                Error::Corrupt { offset, .. } => ("corrupt batch refused", *offset),
+                Error::Missing { from, .. } => ("missing records refused", *from),
+                Error::Damaged { offset, .. } => ("unreadable records refused", *offset),
+                _ => ("read failed", offset),
+            };
+            tracing::error!(topic = %partition.topic, partition = partition.index, offset = at, error = %err, "{what}");
+            if out.is_empty() { Err(err) } else { Ok(out) }
+        };
+        let damage = |at: u64, source: fjall::Error| {
+            Error::from_read(&partition.topic, partition.index, at, source)
         };
         // The batch holding `offset` is the last one whose base offset is ≤ offset.
         let first_key = match self
@@ -47,21 +61,32 @@ impl Log {
             .range(partition.key(0)..=partition.key(offset))
             .next_back()
         {
-            Some(guard) => guard.key().map_err(read_err)?,
-            None => return Ok(Vec::new()),
+            Some(guard) => match guard.key() {
+                Ok(k) => k,
+                Err(e) => return stop(out, damage(offset, e)),
+            },
+            None => partition.key(offset).to_vec().into(),
         };
-        let mut out = Vec::new();
         let mut bytes = 0usize;
+        // The first offset not yet seen in a batch: a batch starting after it means the
+        // offsets between are missing.
+        let mut expected = offset;
         for guard in self
             .shared
             .records
             .range(first_key.as_ref()..partition.key(next).as_slice())
         {
-            let (key, value) = guard.into_inner().map_err(read_err)?;
+            let (key, value) = match guard.into_inner() {
+                Ok(kv) => kv,
+                Err(e) => return stop(out, damage(expected, e)),
+            };
             let base = keys::record_key_offset(&key).unwrap_or(u64::MAX);
+            if base > expected {
+                return stop(out, self.missing(partition, expected, base));
+            }
             let value: Bytes = value.into();
-            let records = match batch::decode(&value) {
-                Ok((_, records)) => records,
+            let (header, records) = match batch::decode(&value) {
+                Ok(decoded) => decoded,
                 Err(source) => {
                     let err = Error::Corrupt {
                         topic: partition.topic.clone(),
@@ -69,13 +94,10 @@ impl Log {
                         offset: base,
                         source,
                     };
-                    tracing::error!(topic = %partition.topic, partition = partition.index, offset = base, error = %err, "corrupt batch refused");
-                    if out.is_empty() {
-                        return Err(err);
-                    }
-                    return Ok(out);
+                    return stop(out, err);
                 }
             };
+            expected = expected.max(header.next_offset());
             for r in records {
                 if r.offset < offset {
                     continue;
@@ -87,7 +109,21 @@ impl Log {
                 }
             }
         }
+        if expected < next {
+            return stop(out, self.missing(partition, expected, next));
+        }
         Ok(out)
+    }
+
+    /// [`Error::Missing`] for offsets `from..to` of `partition`, counted.
+    fn missing(&self, partition: &Partition, from: u64, to: u64) -> Error {
+        super::relaxed_add(&self.shared.stats.missing_reads, 1);
+        Error::Missing {
+            topic: partition.topic.clone(),
+            partition: partition.index,
+            from,
+            to,
+        }
     }
 
     /// Offset of the first record of `partition` with a timestamp at or after `ts_ms`, or

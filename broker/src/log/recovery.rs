@@ -32,6 +32,10 @@ pub struct RecoveryReport {
     pub batches_read: usize,
     /// Partitions whose tail batch failed its check (logged with topic, partition, offset).
     pub corrupt_tails: usize,
+    /// Partitions whose stored counters were behind their stored batches (the journal's
+    /// tail was lost after the records were flushed): the next offset was taken from the
+    /// batches, so no offset is given out twice.
+    pub counters_behind: usize,
     /// Time to open fjall and recover, in ms.
     pub elapsed_ms: u64,
 }
@@ -135,9 +139,11 @@ pub(crate) fn recover_topics(
                 })?,
                 None => PartitionMeta::default(),
             };
+            let probe =
+                Partition::new(&stored.name, stored.id, index, state, Arc::clone(&appended));
+            let state = catch_up(records, &probe, state, report)?;
             let partition =
                 Partition::new(&stored.name, stored.id, index, state, Arc::clone(&appended));
-            check_tail(records, &partition, state, report);
             // The first stored batch may start before the (logical) earliest offset. Only
             // for a non-empty partition: the batch holding `earliest` is then found at once,
             // without stepping over tombstones.
@@ -190,44 +196,80 @@ pub(crate) fn recover_producers(meta: &Keyspace) -> Result<Producers, Error> {
     Ok(out)
 }
 
-/// Verifies the last batch of a partition at start-up: its CRC, and that it ends at the
-/// stored next offset. Problems are logged with topic, partition and offset; the stored
-/// counters stay authoritative so offsets never repeat.
-fn check_tail(
-    records: &Keyspace,
-    p: &Partition,
-    state: PartitionMeta,
-    report: &mut RecoveryReport,
-) {
-    if state.next_offset == state.earliest_offset {
-        return;
-    }
-    let Some(guard) = records.prefix(p.prefix).next_back() else {
-        tracing::error!(topic = %p.topic, partition = p.index, next_offset = state.next_offset, "partition counters say records exist but none are stored");
-        report.corrupt_tails += 1;
-        return;
-    };
+/// The end of the last stored batch of a partition, checked: its CRC, and that its key
+/// matches its header. `None` when there is no batch or it fails its check (logged and
+/// counted).
+fn tail_end(records: &Keyspace, p: &Partition, report: &mut RecoveryReport) -> Option<u64> {
+    let guard = records.prefix(p.prefix).next_back()?;
     report.batches_read += 1;
     match guard.into_inner() {
         Ok((key, value)) => {
             let base = keys::record_key_offset(&key).unwrap_or(u64::MAX);
             match batch::verify(&value) {
-                Ok(h) if h.base_offset == base && h.next_offset() == state.next_offset => {}
+                Ok(h) if h.base_offset == base => Some(h.next_offset()),
                 Ok(h) => {
                     report.corrupt_tails += 1;
-                    tracing::error!(topic = %p.topic, partition = p.index, offset = base, batch_end = h.next_offset(), next_offset = state.next_offset, "tail batch does not end at the stored next offset");
+                    tracing::error!(topic = %p.topic, partition = p.index, offset = base, header_offset = h.base_offset, "tail batch is stored under another offset than its header says");
+                    None
                 }
                 Err(e) => {
                     report.corrupt_tails += 1;
                     tracing::error!(topic = %p.topic, partition = p.index, offset = base, error = %e, "tail batch failed its check at start-up");
+                    None
                 }
             }
         }
         Err(e) => {
             report.corrupt_tails += 1;
             tracing::error!(topic = %p.topic, partition = p.index, error = %e, "tail batch unreadable at start-up");
+            None
         }
     }
+}
+
+/// Checks a partition's stored counters against its last stored batch and returns the
+/// counters to start from. Offsets are never given out twice:
+///
+/// - batches beyond the counters (the journal's tail, which held the counters, was lost
+///   after the records had been flushed to tables): the next offset and the bytes are taken
+///   from the batches, logged and counted;
+/// - counters beyond the last batch (records lost): the counters stay; reads of the range
+///   between answer that it is missing ([`Error::Missing`]).
+fn catch_up(
+    records: &Keyspace,
+    p: &Partition,
+    mut state: PartitionMeta,
+    report: &mut RecoveryReport,
+) -> Result<PartitionMeta, Error> {
+    let Some(end) = tail_end(records, p, report) else {
+        if state.next_offset != state.earliest_offset
+            && records.prefix(p.prefix).next_back().is_none()
+        {
+            report.corrupt_tails += 1;
+            tracing::error!(topic = %p.topic, partition = p.index, next_offset = state.next_offset, "partition counters say records exist but none are stored");
+        }
+        return Ok(state);
+    };
+    if end > state.next_offset {
+        // Every batch from the stored next offset on is beyond the counters.
+        let mut added = 0u64;
+        for guard in records.range(p.key(state.next_offset)..p.key(end)) {
+            let (_, value) = guard.into_inner().map_err(|source| Error::Read {
+                topic: p.topic.clone(),
+                partition: p.index,
+                source,
+            })?;
+            added += value.len() as u64;
+        }
+        tracing::warn!(topic = %p.topic, partition = p.index, stored_next_offset = state.next_offset, batches_end = end, "stored counters were behind the stored batches (a lost journal tail); the next offset is taken from the batches");
+        report.counters_behind += 1;
+        state.next_offset = end;
+        state.bytes += added;
+    } else if end < state.next_offset {
+        tracing::error!(topic = %p.topic, partition = p.index, from = end, to = state.next_offset, "the last stored batch ends before the stored next offset: these offsets are missing and are reported as such to readers");
+        report.corrupt_tails += 1;
+    }
+    Ok(state)
 }
 
 #[cfg(test)]
