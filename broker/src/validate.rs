@@ -7,6 +7,20 @@
 /// Longest topic or group name, as Kafka's topic names.
 pub const MAX_NAME_LEN: usize = 249;
 
+/// Longest piece of an input an error message quotes, in characters: a message that
+/// quoted a 10,000-character name whole would be larger than gRPC clients accept in a
+/// status.
+pub const MAX_QUOTED_CHARS: usize = 200;
+
+/// `input` as an error message quotes it: whole up to [`MAX_QUOTED_CHARS`] characters,
+/// else its beginning and `…`.
+pub fn quote(input: &str) -> String {
+    match input.char_indices().nth(MAX_QUOTED_CHARS) {
+        None => input.to_owned(),
+        Some((cut, _)) => format!("{}…", &input[..cut]),
+    }
+}
+
 /// A name or setting that breaks a rule. A request refused with it changed nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
@@ -61,11 +75,7 @@ pub fn validate_name(kind: NameKind, name: &str) -> Result<(), InvalidConfig> {
     let bad = |why: &str| {
         // The name itself is shown only when short: a 10,000-character name would make
         // the error larger than gRPC allows in a status.
-        let shown = if name.chars().count() <= MAX_NAME_LEN {
-            format!("{name:?}")
-        } else {
-            format!("{:?}…", name.chars().take(32).collect::<String>())
-        };
+        let shown = format!("{:?}", quote(name));
         Err(InvalidConfig::new(
             field,
             format!(
@@ -117,6 +127,16 @@ mod tests {
     }
 
     #[test]
+    fn quotes_are_cut_at_200_characters() {
+        assert_eq!(quote("short"), "short");
+        let long = "é".repeat(250);
+        let q = quote(&long);
+        assert_eq!(q.chars().count(), MAX_QUOTED_CHARS + 1);
+        assert!(q.ends_with('…'));
+        assert_eq!(quote(&"x".repeat(200)), "x".repeat(200));
+    }
+
+    #[test]
     fn a_group_name_error_says_group_and_a_long_name_is_cut() {
         let err = validate_name(NameKind::Group, "a b").expect_err("space");
         assert_eq!(err.field, "group name");
@@ -125,7 +145,7 @@ mod tests {
         let err = validate_name(NameKind::Topic, &long)
             .expect_err("too long")
             .to_string();
-        assert!(err.len() < 300, "{} bytes: {err}", err.len());
+        assert!(err.len() < 400, "{} bytes: {err}", err.len());
         assert!(err.contains("10000 characters long"), "{err}");
     }
 }

@@ -236,6 +236,7 @@ pub struct TopicStatus {
     printcolumn = r#"{"name":"Lag","type":"integer","jsonPath":".status.lag"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
 )]
+#[x_kube(validation = Rule::new("!has(self.maxDeliveries) || (has(self.type) && self.type == 'Shared')").message("maxDeliveries applies to Shared groups only: an Ordered group redelivers in order and dead-letters nothing"))]
 #[serde(rename_all = "camelCase")]
 pub struct ConsumerGroupSpec {
     /// Topic the group reads (same namespace). Immutable.

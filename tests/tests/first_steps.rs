@@ -175,3 +175,38 @@ fn the_broker_listens_on_host_names_and_refuses_a_data_directory_in_use() -> any
     assert!(err.contains("expected HOST:PORT"), "{err}");
     Ok(())
 }
+
+/// A 10,000-character name is refused or not found with a short message that quotes its
+/// beginning only (a whole quote would not fit in a gRPC status).
+#[test]
+fn huge_names_get_short_errors() -> anyhow::Result<()> {
+    let broker = Broker::start()?;
+    let huge = "n".repeat(10_000);
+    for args in [
+        vec!["topic", "create", huge.as_str()],
+        vec!["topic", "describe", huge.as_str()],
+        vec!["group", "describe", huge.as_str()],
+        vec![
+            "consume",
+            huge.as_str(),
+            "--group",
+            huge.as_str(),
+            "--max-messages",
+            "1",
+        ],
+    ] {
+        let mut all = vec!["--broker", broker.addr.as_str()];
+        all.extend(args.iter().copied());
+        let (code, _, err) = weir(&all)?;
+        let what = args[..2].join(" ");
+        assert!(err.len() < 600, "{what}: {} bytes", err.len());
+        assert_eq!(code, Some(1), "{what}: {err}");
+        one_line(&err);
+        assert!(
+            err.contains("INVALID_ARGUMENT") || err.contains("NOT_FOUND"),
+            "{what}: {err}"
+        );
+        assert!(!err.contains("h2 protocol error"), "{err}");
+    }
+    Ok(())
+}

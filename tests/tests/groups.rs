@@ -861,3 +861,59 @@ async fn a_push_member_without_credits_is_told_its_new_assignment() -> anyhow::R
     a.ack(&held).await?;
     Ok(())
 }
+
+/// Values that mean nothing or overflow are refused with the allowed range, and change
+/// nothing: a nack delay past a day, `max_deliveries` on an Ordered group, a reset that does
+/// not say where to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meaningless_or_absurd_group_values_are_refused() -> anyhow::Result<()> {
+    let broker = Broker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("q", &TopicConfig::new(1)).await?;
+    client.produce("q", None, vec![Record::value("x")]).await?;
+    let member = client
+        .join("pullers", Some(&config("q", GroupType::Shared)))
+        .await?;
+    let got = member.pull(1, Duration::from_secs(1)).await?;
+    let err = member
+        .nack(&got[0], Duration::from_secs(50 * 86_400), "later")
+        .await
+        .expect_err("50 days");
+    assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+    assert!(
+        err.to_string().contains("at most 86400000 (1 day)"),
+        "{err}"
+    );
+    assert_eq!(
+        client.describe_group("pullers").await?.pending,
+        1,
+        "still pending"
+    );
+
+    let mut ordered = config("q", GroupType::Ordered);
+    ordered.max_deliveries = Some(3);
+    let err = client
+        .create_group("ordered", &ordered)
+        .await
+        .expect_err("max_deliveries on Ordered");
+    assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+    assert!(err.to_string().contains("Shared groups only"), "{err}");
+
+    let err = client
+        .raw()
+        .admin
+        .reset_group(pb::ResetGroupRequest {
+            name: "pullers".into(),
+            to: None,
+        })
+        .await
+        .expect_err("no target");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("has no target"), "{err}");
+    assert_eq!(
+        client.describe_group("pullers").await?.pending,
+        1,
+        "not reset"
+    );
+    Ok(())
+}

@@ -118,6 +118,11 @@ fn invalid_topics_and_groups_are_refused_at_apply_with_a_clear_message() -> anyh
             "should be greater than or equal to 1",
         ),
         (
+            "max deliveries on an Ordered group",
+            group("od", "{topic: grows, type: Ordered, maxDeliveries: 3}"),
+            "maxDeliveries applies to Shared groups only",
+        ),
+        (
             "malformed ack wait",
             group("aw", "{topic: grows, ackWait: 30 seconds}"),
             "spec.ackWait: Invalid value",

@@ -10,6 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::validate::InvalidConfig;
+
 use super::{AckRange, Delivery, Error, Group, GroupType, OffsetRef, cursor::Cursor, group::State};
 
 /// An offset chosen for a member, before its record is read.
@@ -196,6 +198,17 @@ impl Group {
         nack_delay: Duration,
         error: &str,
     ) -> Result<(), Error> {
+        if nack_delay > super::MAX_NACK_DELAY {
+            return Err(InvalidConfig::new(
+                "nack_delay_ms",
+                format!(
+                    "nack_delay_ms is {}; it must be at most {} (1 day)",
+                    nack_delay.as_millis(),
+                    super::MAX_NACK_DELAY.as_millis()
+                ),
+            )
+            .into());
+        }
         let config = self.config();
         let malformed = |detail: String| Error::MalformedAck {
             group: self.name.clone(),

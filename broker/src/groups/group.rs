@@ -197,7 +197,7 @@ impl Group {
         if !removed {
             return Err(Error::NotMember {
                 group: self.name.clone(),
-                member: member.to_owned(),
+                member: crate::validate::quote(member),
             });
         }
         self.changed.notify_waiters();

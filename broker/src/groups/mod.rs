@@ -58,6 +58,9 @@ use crate::{
 pub const TICK: Duration = Duration::from_millis(100);
 /// `ackWait` when a group leaves it at 0: 30 s, NATS JetStream's default.
 pub const DEFAULT_ACK_WAIT_MS: u32 = 30_000;
+/// Longest delay a nack may ask for before the message is redelivered: 1 day, the longest
+/// `ack_wait` too.
+pub const MAX_NACK_DELAY: Duration = Duration::from_secs(86_400);
 /// Session timeout when a group leaves it at 0: 10 s.
 pub const DEFAULT_SESSION_TIMEOUT_MS: u32 = 10_000;
 
@@ -130,6 +133,15 @@ impl GroupConfig {
                 format!(
                     "ack_wait_ms must be between 100 and 86400000 (1 day), got {}",
                     self.ack_wait_ms
+                ),
+            ));
+        }
+        if self.group_type == GroupType::Ordered && self.max_deliveries != 0 {
+            return Err(InvalidConfig::new(
+                "max_deliveries",
+                format!(
+                    "max_deliveries is {}, but it applies to Shared groups only (an Ordered group redelivers in order and dead-letters nothing); leave it 0 or use a Shared group",
+                    self.max_deliveries
                 ),
             ));
         }

@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     log::{self, Log, Topic, keys},
-    validate::{NameKind, validate_name},
+    validate::{NameKind, quote, validate_name},
 };
 
 /// Every group of the broker.
@@ -71,7 +71,7 @@ impl Groups {
             .read()
             .get(name)
             .cloned()
-            .ok_or_else(|| Error::GroupNotFound(name.to_owned()))
+            .ok_or_else(|| Error::GroupNotFound(quote(name)))
     }
 
     /// Every group, optionally only those of `topic`, sorted by name.
@@ -237,7 +237,7 @@ impl Groups {
                         group: name.to_owned(),
                         have_topic: have.topic,
                         have_type: have.group_type,
-                        want_topic: want.topic,
+                        want_topic: quote(&want.topic),
                         want_type: want.group_type,
                     });
                 }

@@ -154,11 +154,21 @@ impl Admin for AdminService {
         request: Request<pb::ResetGroupRequest>,
     ) -> Result<Response<pb::ResetGroupResponse>, Status> {
         let req = request.into_inner();
-        let group = self
-            .ctx
-            .groups
-            .reset(&req.name, start_from_pb(req.to.as_ref()))
-            .await?;
+        // A reset must say where to: a missing target is not "earliest".
+        let to = match req.to.as_ref().and_then(|t| t.position) {
+            Some(
+                pb::start_position::Position::Earliest(true)
+                | pb::start_position::Position::Latest(true)
+                | pb::start_position::Position::TimestampMs(_),
+            ) => start_from_pb(req.to.as_ref()),
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "reset of group {:?} has no target; set to.earliest, to.latest or to.timestamp_ms",
+                    crate::validate::quote(&req.name)
+                )));
+            }
+        };
+        let group = self.ctx.groups.reset(&req.name, to).await?;
         Ok(Response::new(pb::ResetGroupResponse {
             group: Some(group_to_pb(&group.info())),
         }))

@@ -10,6 +10,7 @@ use crate::{
         self,
         topic::{Durability, Overflow, Retention},
     },
+    validate::quote,
 };
 
 pub(crate) fn record_from_pb(r: pb::Record) -> log::Record {
@@ -83,7 +84,8 @@ pub(crate) fn topic_config_from_pb(
 ) -> Result<log::TopicConfig, Status> {
     let c = c.ok_or_else(|| {
         Status::invalid_argument(format!(
-            "topic {what:?}: config is missing; set at least config.partitions (1..=1024)"
+            "topic {:?}: config is missing; set at least config.partitions (1..=1024)",
+            quote(what)
         ))
     })?;
     let mut config = log::TopicConfig::new(c.partitions, c.max_message_bytes)?;
@@ -92,7 +94,8 @@ pub(crate) fn topic_config_from_pb(
         Ok(pb::RetentionPolicy::WorkQueue) => Retention::WorkQueue,
         Err(_) => {
             return Err(Status::invalid_argument(format!(
-                "topic {what:?}: retention {} is unknown; use RETENTION_POLICY_LIMITS (0) or RETENTION_POLICY_WORK_QUEUE (1)",
+                "topic {:?}: retention {} is unknown; use RETENTION_POLICY_LIMITS (0) or RETENTION_POLICY_WORK_QUEUE (1)",
+                quote(what),
                 c.retention
             )));
         }
@@ -102,7 +105,8 @@ pub(crate) fn topic_config_from_pb(
         Ok(pb::Overflow::Reject) => Overflow::Reject,
         Err(_) => {
             return Err(Status::invalid_argument(format!(
-                "topic {what:?}: overflow {} is unknown; use OVERFLOW_DROP_OLDEST (0) or OVERFLOW_REJECT (1)",
+                "topic {:?}: overflow {} is unknown; use OVERFLOW_DROP_OLDEST (0) or OVERFLOW_REJECT (1)",
+                quote(what),
                 c.overflow
             )));
         }
@@ -112,7 +116,8 @@ pub(crate) fn topic_config_from_pb(
         Ok(pb::Durability::Buffered) => Durability::Buffered,
         Err(_) => {
             return Err(Status::invalid_argument(format!(
-                "topic {what:?}: durability {} is unknown; use DURABILITY_FSYNC (0) or DURABILITY_BUFFERED (1)",
+                "topic {:?}: durability {} is unknown; use DURABILITY_FSYNC (0) or DURABILITY_BUFFERED (1)",
+                quote(what),
                 c.durability
             )));
         }
@@ -150,7 +155,8 @@ pub(crate) fn group_config_from_pb(
 ) -> Result<GroupConfig, Status> {
     let c = c.ok_or_else(|| {
         Status::invalid_argument(format!(
-            "group {group:?}: config is missing; set at least config.topic and config.type"
+            "group {:?}: config is missing; set at least config.topic and config.type",
+            quote(group)
         ))
     })?;
     let group_type = match pb::GroupType::try_from(c.r#type) {
@@ -158,14 +164,16 @@ pub(crate) fn group_config_from_pb(
         Ok(pb::GroupType::Shared) => GroupType::Shared,
         _ => {
             return Err(Status::invalid_argument(format!(
-                "group {group:?}: type must be GROUP_TYPE_ORDERED (1) or GROUP_TYPE_SHARED (2), got {}",
+                "group {:?}: type must be GROUP_TYPE_ORDERED (1) or GROUP_TYPE_SHARED (2), got {}",
+                quote(group),
                 c.r#type
             )));
         }
     };
     if c.topic.is_empty() {
         return Err(Status::invalid_argument(format!(
-            "group {group:?}: config.topic is empty; name the topic the group reads"
+            "group {:?}: config.topic is empty; name the topic the group reads",
+            quote(group)
         )));
     }
     Ok(GroupConfig {

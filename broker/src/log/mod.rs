@@ -56,7 +56,7 @@ pub use self::{
     topic::{Partition, Topic, TopicConfig},
 };
 use self::{idempotence::Idempotence, writer::Command};
-use crate::validate::{NameKind, validate_name};
+use crate::validate::{NameKind, quote, validate_name};
 
 /// Where the records of one partition of a produce request landed: the one shape of an
 /// append's result, from the writer to the gRPC answer. Stored in idempotent producers'
@@ -344,7 +344,7 @@ impl Log {
             .read()
             .get(name)
             .cloned()
-            .ok_or_else(|| Error::TopicNotFound(name.to_owned()))
+            .ok_or_else(|| Error::TopicNotFound(quote(name)))
     }
 
     /// All topics, sorted by name.

@@ -81,7 +81,7 @@ impl Writer {
             .read()
             .get(name)
             .cloned()
-            .ok_or_else(|| Error::TopicNotFound(name.to_owned()))?;
+            .ok_or_else(|| Error::TopicNotFound(crate::validate::quote(name)))?;
         let current = topic.config();
         if config.partitions < current.partitions {
             return Err(Error::PartitionsShrink {
@@ -122,7 +122,7 @@ impl Writer {
             .topics
             .write()
             .remove(name)
-            .ok_or_else(|| Error::TopicNotFound(name.to_owned()))?;
+            .ok_or_else(|| Error::TopicNotFound(crate::validate::quote(name)))?;
         let partitions = topic.partitions();
         for p in &partitions {
             p.deleted.store(true, Ordering::Release);
