@@ -917,3 +917,42 @@ async fn meaningless_or_absurd_group_values_are_refused() -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+/// The README's promise for a process crash: acks are stored within ~100 ms, so acks older
+/// than that survive a SIGKILL and are not redelivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_older_than_a_tick_survive_sigkill() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut broker = Broker::start_in(dir.path())?;
+    let client = broker.client().await?;
+    client.create_topic("jobs", &TopicConfig::new(2)).await?;
+    client
+        .produce(
+            "jobs",
+            None,
+            (0..200)
+                .map(|i| Record::keyed(format!("k{i}"), "x"))
+                .collect(),
+        )
+        .await?;
+    let member = client
+        .join("workers", Some(&config("jobs", GroupType::Shared)))
+        .await?;
+    let mut acked = 0;
+    while acked < 150 {
+        let got = member.pull(150 - acked, Duration::from_secs(1)).await?;
+        member.ack(&got).await?;
+        acked += got.len() as u32;
+    }
+    // Two ticks, then the process dies without a chance to persist anything more.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    broker.kill();
+    broker.restart()?;
+    let client = broker.client().await?;
+    let group = client.describe_group("workers").await?;
+    assert_eq!(
+        group.lag, 50,
+        "every ack older than a tick survived SIGKILL"
+    );
+    Ok(())
+}
