@@ -56,6 +56,13 @@ pub struct Config {
     #[arg(long, env = "WEIR_MAX_WRITE_BUFFER_SIZE", default_value = "128MiB")]
     pub max_write_buffer_size: bytesize::ByteSize,
 
+    /// Produce requests are refused (`RESOURCE_EXHAUSTED`, "the disk … is full") while the
+    /// file system of the data directory has less than this available, e.g. `256MiB`, so
+    /// the storage engine never runs out of space mid-write; reads, acks and deletions go
+    /// on, and produce resumes once space is freed. `0` never refuses.
+    #[arg(long, env = "WEIR_MIN_FREE_DISK", default_value = "256MiB")]
+    pub min_free_disk: bytesize::ByteSize,
+
     /// How often records of `Buffered` topics are fsynced, e.g. `1s`.
     #[arg(long, env = "WEIR_BUFFERED_FLUSH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub buffered_flush_interval: Duration,

@@ -66,6 +66,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         max_journal_bytes: config.max_journal_size.as_u64(),
         memtable_bytes: config.memtable_size.as_u64(),
         max_write_buffer_bytes: config.max_write_buffer_size.as_u64(),
+        min_free_disk_bytes: config.min_free_disk.as_u64(),
         failpoint: config.failpoint.map(Into::into),
         ..LogOptions::default()
     };

@@ -283,10 +283,17 @@ async fn metrics_handler(State(s): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn ready_handler(State(s): State<HttpState>) -> impl IntoResponse {
-    if *s.ready.borrow() && !s.log.is_failed() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    if !*s.ready.borrow() || s.log.is_failed() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned());
+    }
+    // A full disk refuses produce requests only: reads and acks go on, so the broker stays
+    // ready (consumers must be able to drain) and says why it refuses writes.
+    match s.log.disk_free() {
+        (free, true) => (
+            StatusCode::OK,
+            format!("ready; produce refused: the disk is full ({free} bytes available)\n"),
+        ),
+        _ => (StatusCode::OK, "ready\n".to_owned()),
     }
 }
 

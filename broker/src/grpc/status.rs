@@ -27,7 +27,7 @@ fn log_code(e: &log::Error) -> Code {
         | E::EmptyProduce
         | E::RecordTooLarge { .. }
         | E::PartitionsShrink { .. } => Code::InvalidArgument,
-        E::TopicFull { .. } => Code::ResourceExhausted,
+        E::TopicFull { .. } | E::DiskFull { .. } => Code::ResourceExhausted,
         E::OffsetOutOfRange { .. } => Code::OutOfRange,
         E::Corrupt { .. } | E::Missing { .. } | E::Damaged { .. } => Code::DataLoss,
         E::ShuttingDown => Code::Unavailable,

@@ -205,6 +205,17 @@ pub enum Error {
         /// What the request would add.
         adding: u64,
     },
+    /// The file system holding the data directory has less space available than
+    /// `--min-free-disk`; nothing of the request was stored.
+    #[error(
+        "the disk holding the data directory is full: {free} bytes available, below --min-free-disk {min_free}; nothing of this request was stored. Free disk space (delete topics, lower retention, let work queues drain) and retry"
+    )]
+    DiskFull {
+        /// Available bytes.
+        free: u64,
+        /// The configured minimum.
+        min_free: u64,
+    },
     /// A produce request with no records.
     #[error("a produce request needs at least one record; this one has none")]
     EmptyProduce,

@@ -27,6 +27,7 @@
 //! - `read`: reads of records and of offsets by time.
 
 pub mod batch;
+mod disk;
 mod error;
 pub mod idempotence;
 pub mod keys;
@@ -141,6 +142,9 @@ pub struct LogOptions {
     /// instead of the broker's memory growing (RocksDB's `WriteBufferManager` stall does
     /// the same). 0 means no limit beyond fjall's own (4 sealed memtables).
     pub max_write_buffer_bytes: u64,
+    /// Produce requests are refused with [`Error::DiskFull`] while the data directory's
+    /// file system has less than this many bytes available; 0 never refuses.
+    pub min_free_disk_bytes: u64,
     /// A fault to inject, for tests; `None` in production.
     pub failpoint: Option<Failpoint>,
 }
@@ -156,6 +160,7 @@ impl Default for LogOptions {
             memtable_bytes: 64 * 1024 * 1024,
             max_queued_bytes: 32 * 1024 * 1024,
             max_write_buffer_bytes: 128 * 1024 * 1024,
+            min_free_disk_bytes: 256 * 1024 * 1024,
             failpoint: None,
         }
     }
@@ -192,6 +197,8 @@ pub(crate) struct Shared {
     pub failed: watch::Sender<Option<String>>,
     /// Idempotent producers' state per (topic id, producer id); changed by the writer.
     pub producers: parking_lot::Mutex<idempotence::Producers>,
+    /// Free space of the data directory's file system.
+    pub disk: disk::DiskSpace,
 }
 
 /// The log engine. Cheap to share behind an `Arc`.
@@ -263,6 +270,7 @@ impl Log {
             stats: WriterStats::default(),
             failed: watch::Sender::new(None),
             producers: parking_lot::Mutex::new(producers),
+            disk: disk::DiskSpace::new(dir, options.min_free_disk_bytes),
         });
         let (commands, rx) = mpsc::channel(options.max_commit_commands);
         let writer = writer::spawn(Arc::clone(&shared), rx, options.clone()).map_err(|source| {
@@ -301,6 +309,12 @@ impl Log {
     /// exit and recover.
     pub fn failed(&self) -> watch::Receiver<Option<String>> {
         self.shared.failed.subscribe()
+    }
+
+    /// Available bytes on the data directory's file system at the last measurement, and
+    /// whether produce requests are being refused because of it.
+    pub fn disk_free(&self) -> (u64, bool) {
+        (self.shared.disk.free(), self.shared.disk.is_full())
     }
 
     /// Whether a commit has failed or a worker died (see [`Log::failed`]).

@@ -255,6 +255,10 @@ impl Writer {
             let _ = reply.send(Err(Error::TopicNotFound(topic.name.clone())));
             return;
         }
+        if let Err(e) = self.shared.disk.check() {
+            let _ = reply.send(Err(e));
+            return;
+        }
         let config = topic.config();
         let mut producers = self.shared.producers.lock();
         if let Some(idem) = producer {
