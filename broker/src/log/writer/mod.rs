@@ -296,26 +296,15 @@ impl Writer {
                 record_count: b.records,
             })
             .collect();
-        let producer_entry = match producer {
-            Some(idem) => {
-                let mut state = producers
-                    .get(&(topic.id, idem.producer_id))
-                    .cloned()
-                    .unwrap_or_default();
-                state.record(idem.sequence, acks.clone());
-                match serde_json::to_vec(&state) {
-                    Ok(json) => Some((idem.producer_id, state, json)),
-                    Err(source) => {
-                        let _ = reply.send(Err(Error::Encode {
-                            what: "idempotent producer state",
-                            source,
-                        }));
-                        return;
-                    }
+        let producer_entry =
+            match producer.map(|idem| next_state(&producers, topic.id, idem, &acks)) {
+                None => None,
+                Some(Ok(entry)) => Some(entry),
+                Some(Err(e)) => {
+                    let _ = reply.send(Err(e));
+                    return;
                 }
-            }
-            None => None,
-        };
+            };
         let mut parts = Vec::with_capacity(batches.len());
         for PartBatch {
             partition,
@@ -543,6 +532,26 @@ impl Writer {
             }
         }
     }
+}
+
+/// The producer's state after `idem` is appended with `acks`, and its stored form, without
+/// changing anything yet: `(producer id, state, JSON)`.
+fn next_state(
+    producers: &crate::log::idempotence::Producers,
+    topic_id: u32,
+    idem: Idempotence,
+    acks: &[Ack],
+) -> Result<(u64, ProducerState, Vec<u8>), Error> {
+    let mut state = producers
+        .get(&(topic_id, idem.producer_id))
+        .cloned()
+        .unwrap_or_default();
+    state.record(idem.sequence, acks.to_vec());
+    let json = serde_json::to_vec(&state).map_err(|source| Error::Encode {
+        what: "idempotent producer state",
+        source,
+    })?;
+    Ok((idem.producer_id, state, json))
 }
 
 enum Flow {
