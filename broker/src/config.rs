@@ -28,6 +28,12 @@ pub struct Config {
     #[arg(long, env = "WEIR_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// Most client connections the gRPC port holds at once; at most half the open-files
+    /// limit (raised to its hard limit at start-up) is used, a quarter is kept for storage.
+    /// A connection past the bound is closed at once; one silent for 10 s is closed.
+    #[arg(long, env = "WEIR_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+
     /// Block cache of the database, e.g. `64MiB`.
     #[arg(long, env = "WEIR_CACHE_SIZE", default_value = "64MiB")]
     pub cache_size: bytesize::ByteSize,

@@ -13,10 +13,12 @@
 //! - [`jobs`]: every periodic job, what runs how often and why.
 //! - [`grpc`]: tonic services of `weir.v1`; the only place that builds `tonic::Status`.
 //! - [`metrics`]: Prometheus metrics and the HTTP port.
+//! - [`connections`]: bounds on connections and file descriptors.
 //! - [`server`]: runs the gRPC and HTTP servers on given listeners, graceful shutdown.
 //! - [`config`]: `weir-broker` flags and their `WEIR_*` environment variables.
 
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod groups;
 pub mod grpc;

@@ -9,6 +9,7 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use weir_broker::{
     config::{Config, LogFormat},
+    connections::{FdBudget, raise_open_files_limit},
     log::{Log, LogOptions},
     server::{self, ServeOptions},
 };
@@ -58,6 +59,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if config.buffered_flush_interval.is_zero() {
         anyhow::bail!("--buffered-flush-interval must be more than 0, e.g. 1s");
     }
+    let budget = FdBudget::new(raise_open_files_limit(), config.max_connections);
+    tracing::info!(
+        open_files = budget.open_files,
+        storage_files = budget.storage_files,
+        grpc_connections = budget.grpc_connections,
+        http_connections = budget.http_connections,
+        "file descriptors shared out"
+    );
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let options = LogOptions {
@@ -67,6 +76,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         memtable_bytes: config.memtable_size.as_u64(),
         max_write_buffer_bytes: config.max_write_buffer_size.as_u64(),
         min_free_disk_bytes: config.min_free_disk.as_u64(),
+        max_cached_files: Some(budget.storage_files),
         failpoint: config.failpoint.map(Into::into),
         ..LogOptions::default()
     };
@@ -84,6 +94,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let options = ServeOptions {
         grace: config.shutdown_timeout,
         buffered_flush_interval: config.buffered_flush_interval,
+        grpc_connections: budget.grpc_connections,
+        http_connections: budget.http_connections,
     };
     server::run(log, grpc, http, shutdown_signal(), options).await?;
     Ok(())

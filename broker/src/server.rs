@@ -9,7 +9,7 @@
 use std::{sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Server;
 use weir_proto::v1::{
     FILE_DESCRIPTOR_SET, admin_server::AdminServer, consumer_server::ConsumerServer,
@@ -17,6 +17,7 @@ use weir_proto::v1::{
 };
 
 use crate::{
+    connections::{ConnectionStats, HttpListener, accept_limited},
     groups::Groups,
     grpc::{AdminService, ConsumerService, Context, MAX_MESSAGE_BYTES, ProducerService},
     jobs,
@@ -32,14 +33,20 @@ pub struct ServeOptions {
     /// How often writes that were not fsynced at once (`Buffered` topics, group acks) are
     /// fsynced.
     pub buffered_flush_interval: Duration,
+    /// Most connections the gRPC port holds at once ([`crate::connections::FdBudget`]).
+    pub grpc_connections: usize,
+    /// Most connections the HTTP port holds at once.
+    pub http_connections: usize,
 }
 
 impl Default for ServeOptions {
-    /// 10 s grace, fsync every 1 s.
+    /// 10 s grace, fsync every 1 s, 1024 gRPC and 64 HTTP connections.
     fn default() -> Self {
         Self {
             grace: Duration::from_secs(10),
             buffered_flush_interval: Duration::from_secs(1),
+            grpc_connections: 1024,
+            http_connections: 64,
         }
     }
 }
@@ -105,14 +112,27 @@ pub async fn run(
         .local_addr()
         .map_or_else(|e| e.to_string(), |a| a.to_string());
     let mut stop_grpc = stop_rx.clone();
-    // Accepted sockets get TCP_NODELAY: with Nagle, the tail of a large response waits for
-    // the peer's delayed ACK (tens of ms). tonic's own nodelay setting only covers listeners
-    // it binds itself.
-    let incoming = futures::StreamExt::map(TcpListenerStream::new(grpc), |conn| {
-        conn.inspect(|s| {
-            let _ = s.set_nodelay(true);
-        })
-    });
+    // Bounded, silent connections closed, TCP_NODELAY set (`connections`).
+    let connection_stats = Arc::new(ConnectionStats::default());
+    let http_local = http.local_addr().map_err(Error::ServeHttp)?;
+    let incoming = futures::StreamExt::map(
+        ReceiverStream::new(accept_limited(
+            grpc,
+            "grpc",
+            options.grpc_connections,
+            Arc::clone(&connection_stats),
+        )),
+        |(conn, _)| Ok::<_, std::io::Error>(conn),
+    );
+    let http = HttpListener {
+        incoming: accept_limited(
+            http,
+            "http",
+            options.http_connections,
+            Arc::clone(&connection_stats),
+        ),
+        addr: http_local,
+    };
     let grpc_server =
         grpc_router(&ctx, health_service)?.serve_with_incoming_shutdown(incoming, async move {
             let _ = stop_grpc.wait_for(|s| *s).await;
@@ -130,18 +150,7 @@ pub async fn run(
     ready_tx.send_replace(true);
     tracing::info!(grpc_addr, http_addr, "broker ready");
 
-    let mut failed = log.failed();
-    let failure = tokio::select! {
-        () = shutdown => None,
-        reason = failed.wait_for(Option::is_some) => {
-            let reason = match reason {
-                Ok(r) => (*r).clone().unwrap_or_default(),
-                Err(_) => "the log stopped".to_owned(),
-            };
-            tracing::error!(reason, "a worker failed; shutting down so the broker restarts and recovers");
-            Some(reason)
-        }
-    };
+    let failure = until_stop_or_failure(&log, shutdown).await;
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     ready_tx.send_replace(false);
     set_health(&health, false).await;
@@ -178,6 +187,28 @@ pub async fn run(
     tracing::info!("log persisted; bye");
     Ok(())
 }
+
+/// Waits for `shutdown` or for a worker's failure; returns the failure's reason.
+async fn until_stop_or_failure(
+    log: &Log,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Option<String> {
+    let mut failed = log.failed();
+    tokio::select! {
+        () = shutdown => None,
+        reason = failed.wait_for(Option::is_some) => {
+            let reason = match reason {
+                Ok(r) => (*r).clone().unwrap_or_default(),
+                Err(_) => "the log stopped".to_owned(),
+            };
+            tracing::error!(reason, "a worker failed; shutting down so the broker restarts and recovers");
+            Some(reason)
+        }
+    }
+}
+
+/// Most concurrent streams (calls) on one gRPC connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
 /// Marks every `weir.v1` service SERVING or NOT_SERVING in `grpc.health.v1`.
 async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
@@ -217,6 +248,10 @@ fn grpc_router(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     Ok(Server::builder()
+        // A peer that vanished (half-open connection) stops answering pings and is closed.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         // Large HTTP/2 windows so big produce requests are not throttled by window updates.
         .initial_stream_window_size(Some(8 * 1024 * 1024))
         .initial_connection_window_size(Some(32 * 1024 * 1024))

@@ -207,6 +207,8 @@ pub struct Broker {
     args: Vec<String>,
     /// gRPC listen address for the next start (`127.0.0.1:0` until pinned).
     listen: String,
+    /// Open-files limit (soft and hard) to start the broker under, if any.
+    open_files: Option<u64>,
 }
 
 impl Broker {
@@ -234,13 +236,46 @@ impl Broker {
             logs: Arc::new(Mutex::new(Vec::new())),
             args: args.iter().map(|a| (*a).to_owned()).collect(),
             listen: "127.0.0.1:0".into(),
+            open_files: None,
+        };
+        b.spawn()?;
+        Ok(b)
+    }
+
+    /// Starts a broker on `data_dir` with extra flags under an open-files limit of
+    /// `open_files` (soft and hard, as `ulimit -n` sets them).
+    pub fn start_with_open_files(
+        data_dir: &Path,
+        args: &[&str],
+        open_files: u64,
+    ) -> anyhow::Result<Self> {
+        let mut b = Self {
+            child: None,
+            data_dir: data_dir.to_path_buf(),
+            temp_dir: None,
+            addr: String::new(),
+            http_addr: String::new(),
+            logs: Arc::new(Mutex::new(Vec::new())),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            listen: "127.0.0.1:0".into(),
+            open_files: Some(open_files),
         };
         b.spawn()?;
         Ok(b)
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let mut child = Command::new(bin("weir-broker"))
+        let mut command = match self.open_files {
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(bin("weir-broker"));
+                c
+            }
+            None => Command::new(bin("weir-broker")),
+        };
+        let mut child = command
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(["--listen", &self.listen, "--http-listen", "127.0.0.1:0"])

@@ -142,6 +142,9 @@ pub struct LogOptions {
     /// instead of the broker's memory growing (RocksDB's `WriteBufferManager` stall does
     /// the same). 0 means no limit beyond fjall's own (4 sealed memtables).
     pub max_write_buffer_bytes: u64,
+    /// Most files the storage engine keeps open (fjall's descriptor cache, at least 10);
+    /// `None` for fjall's default (900).
+    pub max_cached_files: Option<usize>,
     /// Produce requests are refused with [`Error::DiskFull`] while the data directory's
     /// file system has less than this many bytes available; 0 never refuses.
     pub min_free_disk_bytes: u64,
@@ -160,6 +163,7 @@ impl Default for LogOptions {
             memtable_bytes: 64 * 1024 * 1024,
             max_queued_bytes: 32 * 1024 * 1024,
             max_write_buffer_bytes: 128 * 1024 * 1024,
+            max_cached_files: None,
             min_free_disk_bytes: 256 * 1024 * 1024,
             failpoint: None,
         }
@@ -234,6 +238,9 @@ impl Log {
             .max_journaling_size(options.max_journal_bytes.max(64 * 1024 * 1024));
         if let Some(n) = options.storage_workers {
             builder = builder.worker_threads(n.max(1));
+        }
+        if let Some(n) = options.max_cached_files {
+            builder = builder.max_cached_files(Some(n.max(10)));
         }
         let db = builder.open().map_err(open_err)?;
         let memtable = options.memtable_bytes.max(1024 * 1024);
