@@ -141,6 +141,17 @@ pub fn grpcurl() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// `GET path` over HTTP/1.0 from `addr` (the broker's HTTP port); the whole response, status
+/// line first.
+pub fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
 /// Total size in bytes of the files under `dir` (what `du -sb` counts, without directories).
 pub fn dir_size(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -227,19 +238,7 @@ impl Broker {
 
     /// Starts a broker on `data_dir` with extra `weir-broker` flags.
     pub fn start_with(data_dir: &Path, args: &[&str]) -> anyhow::Result<Self> {
-        let mut b = Self {
-            child: None,
-            data_dir: data_dir.to_path_buf(),
-            temp_dir: None,
-            addr: String::new(),
-            http_addr: String::new(),
-            logs: Arc::new(Mutex::new(Vec::new())),
-            args: args.iter().map(|a| (*a).to_owned()).collect(),
-            listen: "127.0.0.1:0".into(),
-            open_files: None,
-        };
-        b.spawn()?;
-        Ok(b)
+        Self::launch(data_dir, args, None)
     }
 
     /// Starts a broker on `data_dir` with extra flags under an open-files limit of
@@ -249,6 +248,10 @@ impl Broker {
         args: &[&str],
         open_files: u64,
     ) -> anyhow::Result<Self> {
+        Self::launch(data_dir, args, Some(open_files))
+    }
+
+    fn launch(data_dir: &Path, args: &[&str], open_files: Option<u64>) -> anyhow::Result<Self> {
         let mut b = Self {
             child: None,
             data_dir: data_dir.to_path_buf(),
@@ -258,7 +261,7 @@ impl Broker {
             logs: Arc::new(Mutex::new(Vec::new())),
             args: args.iter().map(|a| (*a).to_owned()).collect(),
             listen: "127.0.0.1:0".into(),
-            open_files: Some(open_files),
+            open_files,
         };
         b.spawn()?;
         Ok(b)

@@ -3,11 +3,11 @@
 //! broker stays up and says why, and producing resumes once space is freed; nothing
 //! acknowledged is lost. Mounting needs root (CAP_SYS_ADMIN), as the tests run here and in CI.
 
-use std::{io::Read, path::PathBuf, process::Command, time::Duration};
+use std::{path::PathBuf, process::Command, time::Duration};
 
 use tonic::Code;
 use weir_client::{FetchOptions, Record, TopicConfig};
-use weir_tests::Broker;
+use weir_tests::{Broker, http_get};
 
 /// A tmpfs of `size` mounted on a new temporary directory; unmounted on drop.
 struct Tmpfs {
@@ -37,15 +37,6 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.path).status();
     }
-}
-
-fn readyz(addr: &str) -> anyhow::Result<String> {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(addr)?;
-    write!(s, "GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,7 +83,7 @@ async fn a_full_disk_refuses_produce_keeps_reads_and_recovers_once_space_is_free
     );
 
     // Still up, ready, and saying why produce is refused; reads work.
-    let ready = readyz(&broker.http_addr)?;
+    let ready = http_get(&broker.http_addr, "/readyz")?;
     assert!(
         ready.contains(" 200 ") && ready.contains("the disk is full"),
         "{ready}"

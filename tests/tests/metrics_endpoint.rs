@@ -1,17 +1,7 @@
 //! The broker's HTTP endpoint: Prometheus text with live figures, health and readiness.
 
-use std::io::{Read, Write};
-
 use weir_client::{Record, TopicConfig};
-use weir_tests::Broker;
-
-fn get(addr: &str, path: &str) -> anyhow::Result<String> {
-    let mut s = std::net::TcpStream::connect(addr)?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
-}
+use weir_tests::{Broker, http_get};
 
 fn value(metrics: &str, name: &str) -> Option<f64> {
     metrics
@@ -33,7 +23,7 @@ async fn metrics_report_stored_messages_and_resident_memory() -> anyhow::Result<
             (0..10).map(|i| Record::value(format!("v{i}"))).collect(),
         )
         .await?;
-    let metrics = get(&broker.http_addr, "/metrics")?;
+    let metrics = http_get(&broker.http_addr, "/metrics")?;
     assert!(
         metrics.starts_with("HTTP/1.0 200") || metrics.starts_with("HTTP/1.1 200"),
         "{metrics}"
@@ -46,7 +36,7 @@ async fn metrics_report_stored_messages_and_resident_memory() -> anyhow::Result<
     assert_eq!(value(&metrics, "weir_topics"), Some(1.0));
     let rss = value(&metrics, "weir_resident_memory_bytes").unwrap_or(0.0);
     assert!(rss > 1_000_000.0, "resident memory reported: {rss}");
-    assert!(get(&broker.http_addr, "/healthz")?.contains(" 200 "));
-    assert!(get(&broker.http_addr, "/readyz")?.contains(" 200 "));
+    assert!(http_get(&broker.http_addr, "/healthz")?.contains(" 200 "));
+    assert!(http_get(&broker.http_addr, "/readyz")?.contains(" 200 "));
     Ok(())
 }

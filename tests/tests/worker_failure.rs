@@ -3,11 +3,7 @@
 //! forever. The writer is killed with the hidden `--failpoint writer-panic` (it panics on
 //! the first produce).
 
-use std::{
-    io::{Read, Write},
-    sync::Arc,
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use weir_broker::{
@@ -18,22 +14,14 @@ use weir_broker::{
     server::{self, ServeOptions},
 };
 use weir_client::{Client, Record as PbRecord};
-use weir_tests::Broker;
-
-fn get(addr: &str, path: &str) -> anyhow::Result<String> {
-    let mut s = std::net::TcpStream::connect(addr)?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
-}
+use weir_tests::{Broker, http_get};
 
 /// The broker process: a produce fails, the broker exits with 1 and says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_writer_makes_the_broker_exit_non_zero() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut broker = Broker::start_with(dir.path(), &["--failpoint", "writer-panic"])?;
-    assert!(get(&broker.http_addr, "/readyz")?.contains(" 200 "));
+    assert!(http_get(&broker.http_addr, "/readyz")?.contains(" 200 "));
     let client = broker.client().await?;
     client
         .create_topic("t", &weir_client::TopicConfig::new(1))
@@ -75,7 +63,7 @@ async fn readiness_fails_and_serving_ends_once_the_writer_died() -> anyhow::Resu
     let router = metrics::router(Arc::clone(&log), groups, Arc::new(Metrics::new()), ready);
     tokio::spawn(async move { axum::serve(http, router).await });
     let addr = http_addr.clone();
-    let before = tokio::task::spawn_blocking(move || get(&addr, "/readyz")).await??;
+    let before = tokio::task::spawn_blocking(move || http_get(&addr, "/readyz")).await??;
     assert!(before.contains(" 200 "), "{before}");
 
     let produced = produce::produce(&log, "t", None, vec![Record::default()]).await;
@@ -83,7 +71,7 @@ async fn readiness_fails_and_serving_ends_once_the_writer_died() -> anyhow::Resu
     let mut failed = log.failed();
     tokio::time::timeout(Duration::from_secs(10), failed.wait_for(Option::is_some)).await??;
     let addr = http_addr.clone();
-    let after = tokio::task::spawn_blocking(move || get(&addr, "/readyz")).await??;
+    let after = tokio::task::spawn_blocking(move || http_get(&addr, "/readyz")).await??;
     assert!(after.contains(" 503 "), "{after}");
 
     // A whole in-process broker on the same dead log ends on its own, with the reason.
