@@ -21,7 +21,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Runnable programs are in `client/examples/`: a producer, an Ordered consumer and a
+//! Runnable programs are in the workspace's `examples/`: a producer, an Ordered consumer and a
 //! Shared worker that nacks and dead-letters.
 
 mod consumer;

@@ -90,7 +90,7 @@ fn cargo_build(profile_dir: &Path, args: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
-/// Path of the example program `name` of the client crate (`client/examples/`), built
+/// Path of the example program `name` of the client crate (`examples/*.rs`), built
 /// once per test run in the profile the tests were built with.
 ///
 /// # Panics

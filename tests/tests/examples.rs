@@ -1,4 +1,4 @@
-//! The example programs of `client/examples/`, run as a newcomer would run them, against a
+//! The example programs of `examples/`, run as a newcomer would run them, against a
 //! real broker: the producer's orders reach the Ordered consumer in key order, and the
 //! Shared worker's poison message ends in the dead-letter topic with its origin.
 
