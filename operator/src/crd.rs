@@ -73,9 +73,10 @@ fn one() -> u32 {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Retention {
-    /// Delete records older than this, e.g. `10d`, `12h`.
+    /// Delete records older than this, e.g. `10d`, `12h`; at least `1s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
+    #[x_kube(validation = Rule::new("self.matches('[dw]') || duration(self) >= duration('1s')").message("maxAge must be at least 1s"))]
     pub max_age: Option<String>,
     /// Most bytes stored over all partitions, e.g. `1GiB`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -251,9 +252,11 @@ pub struct ConsumerGroupSpec {
     /// Where a new group starts.
     #[serde(default)]
     pub start_from: StartFrom,
-    /// Shared: redeliver a message not acked within this long, e.g. `30s`.
+    /// Shared: redeliver a message not acked within this long, e.g. `30s`; `100ms` to
+    /// `24h`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
+    #[x_kube(validation = Rule::new("self.matches('[dw]') ? self == '1d' : (duration(self) >= duration('100ms') && duration(self) <= duration('24h'))").message("ackWait must be between 100ms and 24h (1d)"))]
     pub ack_wait: Option<String>,
     /// Shared: after this many deliveries without an ack the message goes to the dead-letter
     /// topic; unset means never.

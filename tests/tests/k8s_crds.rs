@@ -118,6 +118,21 @@ fn invalid_topics_and_groups_are_refused_at_apply_with_a_clear_message() -> anyh
             "should be greater than or equal to 1",
         ),
         (
+            "ack wait past a day",
+            group("aw2", "{topic: grows, type: Shared, ackWait: 2d}"),
+            "ackWait must be between 100ms and 24h",
+        ),
+        (
+            "ack wait below 100ms",
+            group("aw3", "{topic: grows, type: Shared, ackWait: 5ms}"),
+            "ackWait must be between 100ms and 24h",
+        ),
+        (
+            "max age below a second",
+            topic("young", "{partitions: 1, retention: {maxAge: 10ms}}"),
+            "maxAge must be at least 1s",
+        ),
+        (
             "max deliveries on an Ordered group",
             group("od", "{topic: grows, type: Ordered, maxDeliveries: 3}"),
             "maxDeliveries applies to Shared groups only",
