@@ -34,6 +34,7 @@ pub const SIZE_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(B|KB|MB|GB|TB|KiB|MiB|GiB|Ti
     validation = Rule::new("self.metadata.name.size() <= 249").message("a topic name has at most 249 characters (Kafka's rule)")
 )]
 #[x_kube(validation = Rule::new("!has(oldSelf.partitions) || self.partitions >= oldSelf.partitions").message("partitions can only grow: a topic's partitions cannot be removed"))]
+#[x_kube(validation = Rule::new("!has(self.retention) || !has(self.retention.policy) || self.retention.policy != 'WorkQueue' || (!has(self.retention.maxMessages) && !has(self.retention.maxBytes)) || (has(self.overflow) && self.overflow == 'Reject')").message("a WorkQueue topic with maxMessages or maxBytes needs overflow: Reject (dropping unacked work would lose it)"))]
 #[serde(rename_all = "camelCase")]
 pub struct TopicSpec {
     /// Number of partitions, 1 to 1024. Can grow later, never shrink.

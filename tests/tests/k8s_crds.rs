@@ -133,6 +133,14 @@ fn invalid_topics_and_groups_are_refused_at_apply_with_a_clear_message() -> anyh
             "maxAge must be at least 1s",
         ),
         (
+            "a bounded work queue that would drop work",
+            topic(
+                "wq",
+                "{partitions: 1, retention: {policy: WorkQueue, maxMessages: 10}}",
+            ),
+            "needs overflow: Reject",
+        ),
+        (
             "max deliveries on an Ordered group",
             group("od", "{topic: grows, type: Ordered, maxDeliveries: 3}"),
             "maxDeliveries applies to Shared groups only",
