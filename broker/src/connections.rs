@@ -185,7 +185,11 @@ pub fn accept_limited(
                 }
             };
             let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                if stats.refused.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
+                if stats
+                    .refused
+                    .fetch_add(1, Ordering::Relaxed)
+                    .is_multiple_of(1000)
+                {
                     tracing::warn!(port, max, %peer, "connection refused: the port has its most connections open");
                 }
                 continue;

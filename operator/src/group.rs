@@ -185,21 +185,22 @@ async fn apply(group: &ConsumerGroup, ctx: &Context) -> Result<Action, Error> {
         }
     }
     status.partitions.sort_by_key(|p| p.partition);
-    if waiting.is_empty() && apply_reset {
-        if let Some(to) = &group.spec.reset_to {
-            status.last_reset = Some(AppliedReset {
-                to: to.clone(),
-                generation,
-            });
-            ctx.event(
-                group,
-                false,
-                "GroupReset",
-                "Reset",
-                format!("moved to {to} on every broker"),
-            )
-            .await;
-        }
+    if waiting.is_empty()
+        && apply_reset
+        && let Some(to) = &group.spec.reset_to
+    {
+        status.last_reset = Some(AppliedReset {
+            to: to.clone(),
+            generation,
+        });
+        ctx.event(
+            group,
+            false,
+            "GroupReset",
+            "Reset",
+            format!("moved to {to} on every broker"),
+        )
+        .await;
     }
     let ready = waiting.is_empty();
     let (reason, message) = if ready {

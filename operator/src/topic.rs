@@ -336,15 +336,14 @@ async fn ensure_on_broker(
         if let Ok(f) = client
             .fetch(name, p.partition, p.earliest_offset, first)
             .await
-        {
-            if let Some(ts) = f.records.first().map(|r| {
+            && let Some(ts) = f.records.first().map(|r| {
                 r.record
                     .timestamp
                     .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                     .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            }) {
-                seen.oldest_ms = Some(seen.oldest_ms.map_or(ts, |o| o.min(ts)));
-            }
+            })
+        {
+            seen.oldest_ms = Some(seen.oldest_ms.map_or(ts, |o| o.min(ts)));
         }
     }
     Ok(())

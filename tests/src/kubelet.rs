@@ -265,10 +265,10 @@ async fn sync_pod(
 ) -> anyhow::Result<()> {
     let uid = pod.metadata.uid.clone().unwrap_or_default();
     if pod.metadata.deletion_timestamp.is_some() {
-        if let Some(mut p) = procs.lock().await.remove(name) {
-            if let Some(c) = p.child.as_mut() {
-                terminate(c).await;
-            }
+        if let Some(mut p) = procs.lock().await.remove(name)
+            && let Some(c) = p.child.as_mut()
+        {
+            terminate(c).await;
         }
         // The kubelet confirms that the containers are gone.
         let _ = pods

@@ -372,7 +372,7 @@ async fn idempotent_producer_appends_exactly_once_across_lost_acks_and_sigkills(
                         rng ^= rng << 13;
                         rng ^= rng >> 7;
                         rng ^= rng << 17;
-                        if rng % 3 == 0 {
+                        if rng.is_multiple_of(3) {
                             first_ack = Some(acks);
                             continue;
                         }

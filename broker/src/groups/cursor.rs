@@ -231,12 +231,13 @@ impl Cursor {
     /// Adds `offset..end` as pending for `member`, joined to the run before when that one
     /// ends at `offset` with the same holder and deadline.
     fn pend(&mut self, offset: u64, end: u64, member: &Arc<str>, deadline: Instant) {
-        if let Some((_, prev)) = self.pending.range_mut(..offset).next_back() {
-            if prev.end == offset && Arc::ptr_eq(&prev.member, member) && prev.deadline == deadline
-            {
-                prev.end = end;
-                return;
-            }
+        if let Some((_, prev)) = self.pending.range_mut(..offset).next_back()
+            && prev.end == offset
+            && Arc::ptr_eq(&prev.member, member)
+            && prev.deadline == deadline
+        {
+            prev.end = end;
+            return;
         }
         self.pending.insert(
             offset,

@@ -321,10 +321,10 @@ async fn read_subscribe_requests(
             )),
             None => Some(Status::invalid_argument("empty SubscribeRequest")),
         };
-        if let Some(e) = err {
-            if tx.send(Ok(stream_error(&e))).await.is_err() {
-                break;
-            }
+        if let Some(e) = err
+            && tx.send(Ok(stream_error(&e))).await.is_err()
+        {
+            break;
         }
     }
     closed.send_replace(true);

@@ -280,11 +280,12 @@ impl Writer {
                 }
             }
         }
-        if config.overflow == Overflow::Reject && config.has_size_limits() {
-            if let Err(e) = retention::check_room(topic, &config, &batches) {
-                let _ = reply.send(Err(e));
-                return;
-            }
+        if config.overflow == Overflow::Reject
+            && config.has_size_limits()
+            && let Err(e) = retention::check_room(topic, &config, &batches)
+        {
+            let _ = reply.send(Err(e));
+            return;
         }
         // Offsets first, without changing anything: the producer state that names them must
         // encode before the request takes effect.

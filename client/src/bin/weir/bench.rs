@@ -378,10 +378,10 @@ async fn produce(
                 while let Ok(t) = ts_rx.try_recv() {
                     pending.push_back(t);
                 }
-                if pending.is_empty() {
-                    if let Some(t) = ts_rx.recv().await {
-                        pending.push_back(t);
-                    }
+                if pending.is_empty()
+                    && let Some(t) = ts_rx.recv().await
+                {
+                    pending.push_back(t);
                 }
                 let acks = answer?.result?;
                 if let Some(t) = pending.pop_front() {
