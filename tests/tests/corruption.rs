@@ -361,3 +361,116 @@ async fn missing_batches_are_data_loss_and_never_another_record() -> anyhow::Res
     );
     Ok(())
 }
+
+/// Every blob file (record data of the records keyspace) in the data directory.
+fn blob_files(data_dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(keyspaces) = std::fs::read_dir(data_dir.join("keyspaces")) {
+        for ks in keyspaces.filter_map(Result::ok) {
+            if let Ok(blobs) = std::fs::read_dir(ks.path().join("blobs")) {
+                out.extend(blobs.filter_map(Result::ok).map(|b| b.path()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Produces `batches` batches of 100 records of ~1 KB to `topic`/0.
+async fn produce_kb(client: &Client, topic: &str, batches: u32) -> anyhow::Result<()> {
+    for b in 0..batches {
+        let records = (0..100)
+            .map(|i| Record::value(format!("{topic} {b} {i} {}", "v".repeat(1000))))
+            .collect();
+        client.produce(topic, Some(0), records).await?;
+    }
+    Ok(())
+}
+
+/// Waits until the set of blob files has not changed for a second (flushes settled).
+async fn settled_blobs(data_dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut last = blob_files(data_dir);
+    for _ in 0..20 {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let now = blob_files(data_dir);
+        if now == last && !now.is_empty() {
+            break;
+        }
+        last = now;
+    }
+    last
+}
+
+/// Bytes overwritten inside a blob file (where flushed record data lives): reads that reach
+/// the damaged data answer DATA_LOSS, never other bytes; the other topic reads whole and
+/// producing goes on, and the broker stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_blob_file_is_data_loss_for_its_records_only() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut broker = Broker::start_with(dir.path(), &["--memtable-size", "1MiB"])?;
+    let client = broker.client().await?;
+    client.create_topic("kept", &TopicConfig::new(1)).await?;
+    client.create_topic("hit", &TopicConfig::new(1)).await?;
+    produce_kb(&client, "kept", 60).await?;
+    let before = settled_blobs(dir.path()).await;
+    produce_kb(&client, "hit", 60).await?;
+    let after = settled_blobs(dir.path()).await;
+    let hit: Vec<_> = after.iter().filter(|f| !before.contains(f)).collect();
+    let target = hit
+        .iter()
+        .max_by_key(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+        .ok_or_else(|| anyhow::anyhow!("no blob file written for the second topic"))?
+        .to_path_buf();
+    assert_eq!(broker.terminate()?, Some(0));
+    let mut bytes = std::fs::read(&target)?;
+    let middle = bytes.len() / 2;
+    for b in &mut bytes[middle..middle + 64] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&target, bytes)?;
+    broker.restart()?;
+    let client = broker.client().await?;
+    let big = FetchOptions {
+        max_bytes: Some(16 << 20),
+        ..FetchOptions::default()
+    };
+
+    // The other topic: whole.
+    let kept = client.fetch("kept", 0, 0, big).await?;
+    assert_eq!(kept.records.len(), 6000);
+    // The damaged one: records before the damage, then DATA_LOSS, never altered bytes.
+    let mut offset = 0u64;
+    let mut losses = 0;
+    while offset < 6000 {
+        match client.fetch("hit", 0, offset, big).await {
+            Ok(f) if !f.records.is_empty() => {
+                for r in &f.records {
+                    let want = format!(
+                        "hit {} {} {}",
+                        r.offset / 100,
+                        r.offset % 100,
+                        "v".repeat(1000)
+                    );
+                    assert_eq!(r.record.text(), want, "offset {}", r.offset);
+                }
+                offset = f.records.last().map_or(offset, |r| r.offset + 1);
+            }
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e.code(), Some(Code::DataLoss), "{e}");
+                losses += 1;
+                offset += 100;
+            }
+        }
+    }
+    assert!(losses > 0, "the damaged blob file was never read");
+    let acks = client
+        .produce("kept", Some(0), vec![Record::value("after")])
+        .await?;
+    assert_eq!(acks[0].base_offset, 6000);
+    assert!(
+        broker.wait_exit(std::time::Duration::from_secs(2)).is_err(),
+        "still running"
+    );
+    Ok(())
+}
