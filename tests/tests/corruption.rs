@@ -416,11 +416,11 @@ async fn a_damaged_blob_file_is_data_loss_for_its_records_only() -> anyhow::Resu
     produce_kb(&client, "hit", 60).await?;
     let after = settled_blobs(dir.path()).await;
     let hit: Vec<_> = after.iter().filter(|f| !before.contains(f)).collect();
-    let target = hit
+    let target: std::path::PathBuf = hit
         .iter()
         .max_by_key(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
-        .ok_or_else(|| anyhow::anyhow!("no blob file written for the second topic"))?
-        .to_path_buf();
+        .map(|f| (*f).clone())
+        .ok_or_else(|| anyhow::anyhow!("no blob file written for the second topic"))?;
     assert_eq!(broker.terminate()?, Some(0));
     let mut bytes = std::fs::read(&target)?;
     let middle = bytes.len() / 2;
