@@ -13,6 +13,13 @@ use tonic::Code;
 use weir_client::{Client, FetchOptions, Record, TopicConfig};
 use weir_tests::Broker;
 
+/// A fetch that takes every record of these small partitions at once.
+const WHOLE: FetchOptions = FetchOptions {
+    max_bytes: Some(16 << 20),
+    max_records: None,
+    max_wait: std::time::Duration::ZERO,
+};
+
 const BATCHES: u64 = 5;
 const PER_BATCH: u64 = 10;
 
@@ -113,17 +120,7 @@ async fn corrupt_batch_in_the_middle_is_refused_and_other_data_keeps_flowing() -
     let client = broker.client().await?;
 
     // Reading from the start stops before the bad batch.
-    let head = client
-        .fetch(
-            "corrupt",
-            0,
-            0,
-            FetchOptions {
-                max_bytes: Some(16 << 20),
-                ..FetchOptions::default()
-            },
-        )
-        .await?;
+    let head = client.fetch("corrupt", 0, 0, WHOLE).await?;
     let offsets: Vec<u64> = head.records.iter().map(|r| r.offset).collect();
     assert_eq!(offsets, (0..2 * PER_BATCH).collect::<Vec<_>>());
 
@@ -150,29 +147,9 @@ async fn corrupt_batch_in_the_middle_is_refused_and_other_data_keeps_flowing() -
     );
 
     // After it, and on the other partition, everything is served.
-    let tail = client
-        .fetch(
-            "corrupt",
-            0,
-            3 * PER_BATCH,
-            FetchOptions {
-                max_bytes: Some(16 << 20),
-                ..FetchOptions::default()
-            },
-        )
-        .await?;
+    let tail = client.fetch("corrupt", 0, 3 * PER_BATCH, WHOLE).await?;
     assert_eq!(tail.records.len() as u64, 2 * PER_BATCH);
-    let other = client
-        .fetch(
-            "corrupt",
-            1,
-            0,
-            FetchOptions {
-                max_bytes: Some(16 << 20),
-                ..FetchOptions::default()
-            },
-        )
-        .await?;
+    let other = client.fetch("corrupt", 1, 0, WHOLE).await?;
     assert_eq!(other.records.len() as u64, BATCHES * PER_BATCH);
     let acks = client
         .produce("corrupt", Some(0), vec![Record::value("after")])
@@ -217,19 +194,7 @@ async fn corrupt_tail_batch_is_reported_at_start_up_and_offsets_never_repeat() -
     assert_eq!(fetched.records.len(), 1);
     // Partition 0 is intact.
     assert_eq!(
-        client
-            .fetch(
-                "corrupt",
-                0,
-                0,
-                FetchOptions {
-                    max_bytes: Some(16 << 20),
-                    ..FetchOptions::default()
-                }
-            )
-            .await?
-            .records
-            .len() as u64,
+        client.fetch("corrupt", 0, 0, WHOLE).await?.records.len() as u64,
         BATCHES * PER_BATCH
     );
     Ok(())
@@ -274,17 +239,7 @@ async fn counters_behind_the_stored_batches_never_give_an_offset_twice() -> anyh
         BATCHES * PER_BATCH,
         "no offset given twice"
     );
-    let all = client
-        .fetch(
-            "corrupt",
-            0,
-            0,
-            FetchOptions {
-                max_bytes: Some(16 << 20),
-                ..FetchOptions::default()
-            },
-        )
-        .await?;
+    let all = client.fetch("corrupt", 0, 0, WHOLE).await?;
     let got = values(&all.records);
     assert_eq!(got.len() as u64, BATCHES * PER_BATCH + 1);
     for (i, (offset, value)) in got.iter().enumerate() {
@@ -315,11 +270,7 @@ async fn missing_batches_are_data_loss_and_never_another_record() -> anyhow::Res
     })?;
     broker.restart()?;
     let client = broker.client().await?;
-    let big = FetchOptions {
-        max_bytes: Some(16 << 20),
-        ..FetchOptions::default()
-    };
-    let head = client.fetch("corrupt", 0, 0, big).await?;
+    let head = client.fetch("corrupt", 0, 0, WHOLE).await?;
     let offsets: Vec<u64> = head.records.iter().map(|r| r.offset).collect();
     assert_eq!(
         offsets,
@@ -327,7 +278,7 @@ async fn missing_batches_are_data_loss_and_never_another_record() -> anyhow::Res
         "stops before the gap"
     );
     expect_data_loss(
-        client.fetch("corrupt", 0, 2 * PER_BATCH, big).await,
+        client.fetch("corrupt", 0, 2 * PER_BATCH, WHOLE).await,
         &format!(
             "offsets {}..{} of corrupt/0 are missing",
             2 * PER_BATCH,
@@ -335,16 +286,16 @@ async fn missing_batches_are_data_loss_and_never_another_record() -> anyhow::Res
         ),
     );
     expect_data_loss(
-        client.fetch("corrupt", 0, 2 * PER_BATCH + 5, big).await,
+        client.fetch("corrupt", 0, 2 * PER_BATCH + 5, WHOLE).await,
         &format!("offsets {}..{}", 2 * PER_BATCH + 5, 3 * PER_BATCH),
     );
-    let after = client.fetch("corrupt", 0, 3 * PER_BATCH, big).await?;
+    let after = client.fetch("corrupt", 0, 3 * PER_BATCH, WHOLE).await?;
     assert_eq!(after.records.len() as u64, 2 * PER_BATCH);
     assert_eq!(after.records[0].record.text(), "p0 b3 r0");
     // The tail of partition 1 is gone; its offsets are not given out again.
     let tail = (BATCHES - 1) * PER_BATCH;
     expect_data_loss(
-        client.fetch("corrupt", 1, tail, big).await,
+        client.fetch("corrupt", 1, tail, WHOLE).await,
         &format!(
             "offsets {tail}..{} of corrupt/1 are missing",
             BATCHES * PER_BATCH
@@ -354,7 +305,9 @@ async fn missing_batches_are_data_loss_and_never_another_record() -> anyhow::Res
         .produce("corrupt", Some(1), vec![Record::value("new")])
         .await?;
     assert_eq!(acks[0].base_offset, BATCHES * PER_BATCH);
-    let new = client.fetch("corrupt", 1, BATCHES * PER_BATCH, big).await?;
+    let new = client
+        .fetch("corrupt", 1, BATCHES * PER_BATCH, WHOLE)
+        .await?;
     assert_eq!(
         values(&new.records),
         [(BATCHES * PER_BATCH, "new".to_owned())]
@@ -430,19 +383,15 @@ async fn a_damaged_blob_file_is_data_loss_for_its_records_only() -> anyhow::Resu
     std::fs::write(&target, bytes)?;
     broker.restart()?;
     let client = broker.client().await?;
-    let big = FetchOptions {
-        max_bytes: Some(16 << 20),
-        ..FetchOptions::default()
-    };
 
     // The other topic: whole.
-    let kept = client.fetch("kept", 0, 0, big).await?;
+    let kept = client.fetch("kept", 0, 0, WHOLE).await?;
     assert_eq!(kept.records.len(), 6000);
     // The damaged one: records before the damage, then DATA_LOSS, never altered bytes.
     let mut offset = 0u64;
     let mut losses = 0;
     while offset < 6000 {
-        match client.fetch("hit", 0, offset, big).await {
+        match client.fetch("hit", 0, offset, WHOLE).await {
             Ok(f) if !f.records.is_empty() => {
                 for r in &f.records {
                     let want = format!(
