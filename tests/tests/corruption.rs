@@ -38,28 +38,27 @@ async fn fill(client: &Client) -> anyhow::Result<()> {
 
 /// Flips the last byte of the batch of `topic`/`partition` at `base_offset`.
 fn flip_byte(data_dir: &Path, topic: &str, partition: u32, base_offset: u64) -> anyhow::Result<()> {
-    let db = Database::builder(data_dir).open()?;
-    let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
-    let records = db.keyspace("records", KeyspaceCreateOptions::default)?;
-    let topic_meta = meta
-        .get(format!("t/{topic}"))?
-        .ok_or_else(|| anyhow::anyhow!("topic metadata missing"))?;
-    let id = serde_json::from_slice::<serde_json::Value>(&topic_meta)?["id"]
-        .as_u64()
-        .ok_or_else(|| anyhow::anyhow!("topic id missing"))? as u32;
-    let mut key = Vec::new();
-    key.extend_from_slice(&id.to_be_bytes());
-    key.extend_from_slice(&partition.to_be_bytes());
-    key.extend_from_slice(&base_offset.to_be_bytes());
-    let mut value = records
-        .get(&key)?
-        .ok_or_else(|| anyhow::anyhow!("no batch at {partition}/{base_offset}"))?
-        .to_vec();
-    let last = value.len() - 1;
-    value[last] ^= 0x01;
-    records.insert(key, value)?;
-    db.persist(PersistMode::SyncAll)?;
-    Ok(())
+    with_db(data_dir, topic, |_, records, id| {
+        let key = record_key(id, partition, base_offset);
+        let mut value = records
+            .get(&key)?
+            .ok_or_else(|| anyhow::anyhow!("no batch at {partition}/{base_offset}"))?
+            .to_vec();
+        let last = value.len() - 1;
+        value[last] ^= 0x01;
+        records.insert(key, value)?;
+        Ok(())
+    })
+}
+
+/// A broker on a new directory with [`fill`]'s records, stopped gracefully (exit 0) so
+/// its data can be damaged.
+async fn filled_and_stopped() -> anyhow::Result<(tempfile::TempDir, Broker)> {
+    let dir = tempfile::tempdir()?;
+    let mut broker = Broker::start_in(dir.path())?;
+    fill(&broker.client().await?).await?;
+    assert_eq!(broker.terminate()?, Some(0), "graceful stop exits 0");
+    Ok((dir, broker))
 }
 
 /// Opens the broker's database (the broker stopped) and calls `change` with its keyspaces
@@ -111,10 +110,7 @@ fn expect_data_loss<T: std::fmt::Debug>(r: Result<T, weir_client::Error>, needle
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_batch_in_the_middle_is_refused_and_other_data_keeps_flowing() -> anyhow::Result<()>
 {
-    let dir = tempfile::tempdir()?;
-    let mut broker = Broker::start_in(dir.path())?;
-    fill(&broker.client().await?).await?;
-    assert_eq!(broker.terminate()?, Some(0), "graceful stop exits 0");
+    let (dir, mut broker) = filled_and_stopped().await?;
     flip_byte(dir.path(), "corrupt", 0, 2 * PER_BATCH)?;
     broker.restart()?;
     let client = broker.client().await?;
@@ -161,10 +157,7 @@ async fn corrupt_batch_in_the_middle_is_refused_and_other_data_keeps_flowing() -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_tail_batch_is_reported_at_start_up_and_offsets_never_repeat() -> anyhow::Result<()>
 {
-    let dir = tempfile::tempdir()?;
-    let mut broker = Broker::start_in(dir.path())?;
-    fill(&broker.client().await?).await?;
-    assert_eq!(broker.terminate()?, Some(0));
+    let (dir, mut broker) = filled_and_stopped().await?;
     let tail = (BATCHES - 1) * PER_BATCH;
     flip_byte(dir.path(), "corrupt", 1, tail)?;
     broker.restart()?;
@@ -206,10 +199,7 @@ async fn corrupt_tail_batch_is_reported_at_start_up_and_offsets_never_repeat() -
 /// every acknowledged offset still reads its own record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_behind_the_stored_batches_never_give_an_offset_twice() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let mut broker = Broker::start_in(dir.path())?;
-    fill(&broker.client().await?).await?;
-    assert_eq!(broker.terminate()?, Some(0));
+    let (dir, mut broker) = filled_and_stopped().await?;
     with_db(dir.path(), "corrupt", |meta, _, id| {
         let key = [&b"p/"[..], &id.to_be_bytes(), &0u32.to_be_bytes()].concat();
         // next offset 20, earliest 0, 100 bytes: what the counters said two batches ago.
@@ -259,10 +249,7 @@ async fn counters_behind_the_stored_batches_never_give_an_offset_twice() -> anyh
 /// them work, and new records get new offsets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_batches_are_data_loss_and_never_another_record() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let mut broker = Broker::start_in(dir.path())?;
-    fill(&broker.client().await?).await?;
-    assert_eq!(broker.terminate()?, Some(0));
+    let (dir, mut broker) = filled_and_stopped().await?;
     with_db(dir.path(), "corrupt", |_, records, id| {
         records.remove(record_key(id, 0, 2 * PER_BATCH))?;
         records.remove(record_key(id, 1, (BATCHES - 1) * PER_BATCH))?;
