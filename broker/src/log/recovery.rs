@@ -15,7 +15,7 @@ use parking_lot::RwLock;
 use tokio::sync::watch;
 
 use super::{
-    Error, Partition, Topic, batch,
+    Error, Partition, Topic, batch, checkpoint,
     idempotence::{ProducerState, Producers},
     keys,
     topic::{PartitionMeta, TopicMeta},
@@ -36,6 +36,14 @@ pub struct RecoveryReport {
     /// tail was lost after the records were flushed): the next offset was taken from the
     /// batches, so no offset is given out twice.
     pub counters_behind: usize,
+    /// Partitions whose log end checkpoint was beyond everything stored: acknowledged
+    /// records were lost with the journal's tail. The next offset was taken from the
+    /// checkpoint, so those offsets are not given out again and reads of them answer that
+    /// they are missing.
+    pub acked_lost: usize,
+    /// Damaged storage files moved to `quarantine/` before the database would open
+    /// ([`super::salvage`]).
+    pub quarantined: usize,
     /// Time to open fjall and recover, in ms.
     pub elapsed_ms: u64,
 }
@@ -105,10 +113,12 @@ pub(crate) fn migrate(db: &Database, meta: &Keyspace) -> Result<u32, Error> {
     Ok(next_topic_id)
 }
 
-/// Loads every topic (`t/`) with its partitions' counters (`p/`).
+/// Loads every topic (`t/`) with its partitions' counters (`p/`), checked against the last
+/// stored batch and the log end checkpoint (`ends`).
 pub(crate) fn recover_topics(
     records: &Keyspace,
     meta: &Keyspace,
+    ends: &checkpoint::Ends,
     report: &mut RecoveryReport,
 ) -> Result<BTreeMap<String, Arc<Topic>>, Error> {
     let mut topics = BTreeMap::new();
@@ -142,6 +152,7 @@ pub(crate) fn recover_topics(
             let probe =
                 Partition::new(&stored.name, stored.id, index, state, Arc::clone(&appended));
             let state = catch_up(records, &probe, state, report)?;
+            let state = past_checkpoint(&probe, state, ends.get(&probe.prefix).copied(), report);
             let partition =
                 Partition::new(&stored.name, stored.id, index, state, Arc::clone(&appended));
             // The first stored batch may start before the (logical) earliest offset. Only
@@ -270,6 +281,26 @@ fn catch_up(
         report.corrupt_tails += 1;
     }
     Ok(state)
+}
+
+/// Moves the next offset to the log end checkpoint when the checkpoint is beyond it: the
+/// records up to the checkpoint were acknowledged and are lost (the journal's tail was
+/// damaged after a crash). Those offsets then read as missing ([`Error::Missing`]) and are
+/// never acknowledged again. Logged and counted.
+fn past_checkpoint(
+    p: &Partition,
+    mut state: PartitionMeta,
+    checkpoint: Option<u64>,
+    report: &mut RecoveryReport,
+) -> PartitionMeta {
+    if let Some(end) = checkpoint
+        && end > state.next_offset
+    {
+        tracing::error!(topic = %p.topic, partition = p.index, from = state.next_offset, to = end, "acknowledged records were lost with the journal's tail: these offsets are missing, are reported as such to readers and are not given out again");
+        report.acked_lost += 1;
+        state.next_offset = end;
+    }
+    state
 }
 
 #[cfg(test)]

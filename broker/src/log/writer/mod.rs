@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Ack, Error, Failpoint, LogOptions, MetaEntries, Shared, Topic, TopicConfig, batch,
+    checkpoint::EndCheckpoint,
     idempotence::{Idempotence, ProducerState, SequenceCheck},
     keys, relaxed_add,
     topic::{Durability, Overflow, Partition},
@@ -119,6 +120,7 @@ pub(crate) fn spawn(
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Command>,
     options: LogOptions,
+    checkpoint: EndCheckpoint,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("weir-log-writer".into())
@@ -129,6 +131,7 @@ pub(crate) fn spawn(
                 options,
                 unsynced: std::cell::Cell::new(false),
                 since_rotation: std::cell::Cell::new(0),
+                checkpoint: std::cell::RefCell::new(checkpoint),
             }
             .run(rx);
         })
@@ -159,6 +162,8 @@ struct Writer {
     unsynced: std::cell::Cell<bool>,
     /// Record bytes committed since the records keyspace's memtable was last rotated here.
     since_rotation: std::cell::Cell<u64>,
+    /// Each partition's committed end, recorded after a commit and before its acks.
+    checkpoint: std::cell::RefCell<EndCheckpoint>,
 }
 
 /// A request that is in the current fjall batch, waiting for the commit.
@@ -394,6 +399,13 @@ impl Writer {
         }
         let added: u64 = touched.iter().map(|(_, b)| *b).sum();
         self.rotate_if_full(added)?;
+        // The new ends outside the journal before any ack: a journal tail lost later can
+        // then never give these offsets out again (see `checkpoint`).
+        self.checkpoint.borrow_mut().record(
+            touched
+                .iter()
+                .map(|(p, _)| (p.prefix, p.assigned_next.load(Ordering::Relaxed))),
+        );
         for (p, added) in touched {
             relaxed_add(&p.bytes, added);
             let next = p.assigned_next.load(Ordering::Relaxed);
