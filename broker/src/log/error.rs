@@ -36,6 +36,27 @@ pub enum Error {
         /// The operating system's error.
         source: std::io::Error,
     },
+    /// The log end checkpoint ([`super::checkpoint`]) could not be read or written at
+    /// start-up.
+    #[error("{action} the log end checkpoint {}: {source}", path.display())]
+    Checkpoint {
+        /// "reading" or "writing".
+        action: &'static str,
+        /// The checkpoint file.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// The storage engine refused to open the data directory and salvaging it failed.
+    #[error(
+        "the storage engine refused to open the data directory ({cause}), and salvaging it failed: {source}"
+    )]
+    Salvage {
+        /// Why the storage engine refused.
+        cause: String,
+        /// What failed in salvage.
+        source: super::salvage::SalvageError,
+    },
     /// Stored metadata did not parse.
     #[error("recovering metadata key {key:?}: {detail}")]
     RecoverMetadata {

@@ -22,11 +22,15 @@
 //! - [`keys`]: the key schema.
 //! - [`topic`]: topics and partitions in memory.
 //! - [`recovery`]: start-up and schema migration.
+//! - [`salvage`]: a data directory that fjall refuses to open because of a damaged file.
+//! - `checkpoint`: each partition's committed end, kept outside the journal so that a lost
+//!   journal tail never gives acknowledged offsets out again.
 //! - [`idempotence`]: idempotent producers' sequences.
 //! - `writer`: the single group-commit writer thread, its retention and admin commands.
 //! - `read`: reads of records and of offsets by time.
 
 pub mod batch;
+mod checkpoint;
 mod disk;
 mod error;
 pub mod idempotence;
@@ -34,6 +38,7 @@ pub mod keys;
 pub mod partitioner;
 mod read;
 pub mod recovery;
+pub mod salvage;
 pub mod topic;
 mod writer;
 
@@ -230,19 +235,7 @@ impl Log {
     pub fn open(dir: &Path, options: &LogOptions) -> Result<Self, Error> {
         let started = Instant::now();
         let open_err = |source| Error::open(dir, source);
-        let mut builder = Database::builder(dir)
-            .cache_size(options.cache_bytes)
-            // Record values are often already compressed or random; LZ4 on the journal
-            // write path costs the single writer CPU for little. Tables still compress.
-            .journal_compression(fjall::CompressionType::None)
-            .max_journaling_size(options.max_journal_bytes.max(64 * 1024 * 1024));
-        if let Some(n) = options.storage_workers {
-            builder = builder.worker_threads(n.max(1));
-        }
-        if let Some(n) = options.max_cached_files {
-            builder = builder.max_cached_files(Some(n.max(10)));
-        }
-        let db = builder.open().map_err(open_err)?;
+        let (db, salvaged) = open_database(dir, options)?;
         let memtable = options.memtable_bytes.max(1024 * 1024);
         let records = db
             .keyspace("records", || {
@@ -255,8 +248,30 @@ impl Log {
             .keyspace("meta", KeyspaceCreateOptions::default)
             .map_err(open_err)?;
         let next_topic_id = recovery::migrate(&db, &meta)?;
-        let mut report = RecoveryReport::default();
-        let topics = recovery::recover_topics(&records, &meta, &mut report)?;
+        let mut report = RecoveryReport {
+            quarantined: salvaged.quarantined.len(),
+            ..RecoveryReport::default()
+        };
+        let ends = checkpoint::read(dir).map_err(|source| Error::Checkpoint {
+            action: "reading",
+            path: dir.join(checkpoint::FILE_NAME),
+            source,
+        })?;
+        let topics = recovery::recover_topics(&records, &meta, &ends, &mut report)?;
+        // The recovered ends, durably, before anything new is acknowledged.
+        let checkpoint = checkpoint::EndCheckpoint::create(
+            dir,
+            topics.values().flat_map(|t| {
+                t.partitions()
+                    .into_iter()
+                    .map(|p| (p.prefix, p.next_offset.load(Ordering::Relaxed)))
+            }),
+        )
+        .map_err(|source| Error::Checkpoint {
+            action: "writing",
+            path: dir.join(checkpoint::FILE_NAME),
+            source,
+        })?;
         let producers = recovery::recover_producers(&meta)?;
         report.elapsed_ms = started.elapsed().as_millis() as u64;
         tracing::info!(
@@ -265,6 +280,8 @@ impl Log {
             batches_read = report.batches_read,
             corrupt_tails = report.corrupt_tails,
             counters_behind = report.counters_behind,
+            acked_lost = report.acked_lost,
+            quarantined = report.quarantined,
             elapsed_ms = report.elapsed_ms,
             "log recovered"
         );
@@ -280,12 +297,12 @@ impl Log {
             disk: disk::DiskSpace::new(dir, options.min_free_disk_bytes),
         });
         let (commands, rx) = mpsc::channel(options.max_commit_commands);
-        let writer = writer::spawn(Arc::clone(&shared), rx, options.clone()).map_err(|source| {
-            Error::StartThread {
+        let writer = writer::spawn(Arc::clone(&shared), rx, options.clone(), checkpoint).map_err(
+            |source| Error::StartThread {
                 thread: "log writer",
                 source,
-            }
-        })?;
+            },
+        )?;
         Ok(Self {
             shared,
             commands,
@@ -552,6 +569,47 @@ pub fn partition_messages(p: &Partition) -> u64 {
 
 pub(crate) fn relaxed_add(counter: &std::sync::atomic::AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Opens fjall in `dir`; when it refuses because of damaged files, salvages the data
+/// directory ([`salvage`]) and opens again. Returns what salvage moved aside.
+fn open_database(
+    dir: &Path,
+    options: &LogOptions,
+) -> Result<(Database, salvage::SalvageReport), Error> {
+    let open_err = |source| Error::open(dir, source);
+    let builder = || {
+        let mut builder = Database::builder(dir)
+            .cache_size(options.cache_bytes)
+            // Record values are often already compressed or random; LZ4 on the journal
+            // write path costs the single writer CPU for little. Tables still compress.
+            .journal_compression(fjall::CompressionType::None)
+            .max_journaling_size(options.max_journal_bytes.max(64 * 1024 * 1024));
+        if let Some(n) = options.storage_workers {
+            builder = builder.worker_threads(n.max(1));
+        }
+        if let Some(n) = options.max_cached_files {
+            builder = builder.max_cached_files(Some(n.max(10)));
+        }
+        builder
+    };
+    match builder().open() {
+        Ok(db) => Ok((db, salvage::SalvageReport::default())),
+        Err(fjall::Error::Locked) => Err(open_err(fjall::Error::Locked)),
+        Err(first) => {
+            // A damaged or lost file of the records keyspace: move it aside and open
+            // without it; the records it held are then reported as missing.
+            tracing::error!(error = %error::describe_fjall(&first), "the storage engine refused to open the data directory; looking for damaged files");
+            let salvaged = salvage::salvage(dir).map_err(|source| Error::Salvage {
+                cause: error::describe_fjall(&first),
+                source,
+            })?;
+            if salvaged.is_empty() {
+                return Err(open_err(first));
+            }
+            Ok((builder().open().map_err(open_err)?, salvaged))
+        }
+    }
 }
 
 #[cfg(test)]
