@@ -17,6 +17,18 @@ pub const DURATION_PATTERN: &str = r"^([0-9]+(ns|us|ms|s|m|h|d|w))+$";
 /// GiB, TiB (powers of 1024), e.g. `1GiB`, `500MB`, `4096`.
 pub const SIZE_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$";
 
+/// CEL: the bytes of the size string `s` (the forms of [`SIZE_PATTERN`]), as a double.
+fn cel_size(s: &str) -> String {
+    format!(
+        "(double({s}.find('^[0-9]+([.][0-9]+)?')) * ({s}.endsWith('KiB') ? 1024.0 : {s}.endsWith('MiB') ? 1048576.0 : {s}.endsWith('GiB') ? 1073741824.0 : {s}.endsWith('TiB') ? 1099511627776.0 : {s}.endsWith('KB') ? 1000.0 : {s}.endsWith('MB') ? 1000000.0 : {s}.endsWith('GB') ? 1000000000.0 : {s}.endsWith('TB') ? 1000000000000.0 : 1.0))"
+    )
+}
+
+/// CEL: the milliseconds of the duration string `self` (the forms of [`DURATION_PATTERN`],
+/// including `d` and `w`, which CEL's own `duration()` does not read), as an int; ns and us
+/// parts round down.
+const CEL_DURATION_MS: &str = "self.findAll('[0-9]+[a-z]+').map(c, c.endsWith('ns') ? int(c.find('[0-9]+')) / 1000000 : c.endsWith('us') ? int(c.find('[0-9]+')) / 1000 : c.endsWith('ms') ? int(c.find('[0-9]+')) : c.endsWith('s') ? int(c.find('[0-9]+')) * 1000 : c.endsWith('m') ? int(c.find('[0-9]+')) * 60000 : c.endsWith('h') ? int(c.find('[0-9]+')) * 3600000 : c.endsWith('d') ? int(c.find('[0-9]+')) * 86400000 : int(c.find('[0-9]+')) * 604800000).sum()";
+
 /// A topic: a named, partitioned log on the Weir brokers of this namespace.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
@@ -34,6 +46,7 @@ pub const SIZE_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(B|KB|MB|GB|TB|KiB|MiB|GiB|Ti
     validation = Rule::new("self.metadata.name.size() <= 249").message("a topic name has at most 249 characters (Kafka's rule)")
 )]
 #[x_kube(validation = Rule::new("!has(oldSelf.partitions) || self.partitions >= oldSelf.partitions").message("partitions can only grow: a topic's partitions cannot be removed"))]
+#[x_kube(validation = Rule::new(format!("!has(self.retention) || !has(self.retention.maxBytes) || ({max_bytes} >= 65536.0 && {max_bytes} >= (has(self.maxMessageBytes) ? {max_message_bytes} : 1048576.0))", max_bytes = cel_size("self.retention.maxBytes"), max_message_bytes = cel_size("self.maxMessageBytes"))).message("retention.maxBytes must be at least 64KiB and at least maxMessageBytes (1MiB when unset): a smaller limit could not hold one record"))]
 #[x_kube(validation = Rule::new("!has(self.retention) || !has(self.retention.policy) || self.retention.policy != 'WorkQueue' || (!has(self.retention.maxMessages) && !has(self.retention.maxBytes)) || (has(self.overflow) && self.overflow == 'Reject')").message("a WorkQueue topic with maxMessages or maxBytes needs overflow: Reject (dropping unacked work would lose it)"))]
 #[serde(rename_all = "camelCase")]
 pub struct TopicSpec {
@@ -53,7 +66,8 @@ pub struct TopicSpec {
     pub overflow: Overflow,
     /// Largest record accepted (key + value + headers), e.g. `1MiB`; at most 16 MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = SIZE_PATTERN))]
+    #[schemars(regex(pattern = SIZE_PATTERN), length(max = 32))]
+    #[x_kube(validation = Rule::new(format!("{} <= 16777216.0", cel_size("self"))).message("maxMessageBytes must be at most 16MiB"))]
     pub max_message_bytes: Option<String>,
     /// When a produce is acknowledged: `Fsync` after fsync (survives machine crashes),
     /// `Buffered` once the write reaches the OS (survives process crashes).
@@ -77,15 +91,18 @@ pub struct Retention {
     /// Delete records older than this, e.g. `10d`, `12h`; at least `1s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
-    #[x_kube(validation = Rule::new("self.matches('[dw]') || duration(self) >= duration('1s')").message("maxAge must be at least 1s"))]
+    #[x_kube(validation = Rule::new(format!("{CEL_DURATION_MS} >= 1000")).message("maxAge must be at least 1s"))]
+    #[x_kube(validation = Rule::new(format!("{CEL_DURATION_MS} <= 3153600000000")).message("maxAge must be at most 100 years (36500d)"))]
     pub max_age: Option<String>,
-    /// Most bytes stored over all partitions, e.g. `1GiB`.
+    /// Most bytes stored over all partitions, e.g. `1GiB`; at least 64 KiB and at least
+    /// `maxMessageBytes`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = SIZE_PATTERN))]
+    #[schemars(regex(pattern = SIZE_PATTERN), length(max = 32))]
+    #[x_kube(validation = Rule::new(format!("{} <= 9.2e18", cel_size("self"))).message("maxBytes must be below 8EiB (a signed 64-bit count of bytes)"))]
     pub max_bytes: Option<String>,
     /// Most records stored over all partitions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 9_223_372_036_854_775_807_u64))]
     pub max_messages: Option<u64>,
     /// `Limits` keeps records until a limit deletes them; `WorkQueue` deletes a record once
     /// every group has acknowledged it. Immutable.

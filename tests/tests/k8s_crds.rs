@@ -133,6 +133,45 @@ fn invalid_topics_and_groups_are_refused_at_apply_with_a_clear_message() -> anyh
             "maxAge must be at least 1s",
         ),
         (
+            "max age past 100 years",
+            topic("old", "{partitions: 1, retention: {maxAge: 5300w}}"),
+            "maxAge must be at most 100 years",
+        ),
+        (
+            "max age below a second, in parts",
+            topic(
+                "young2",
+                "{partitions: 1, retention: {maxAge: 900ms50000us}}",
+            ),
+            "maxAge must be at least 1s",
+        ),
+        (
+            "max bytes below 64 KiB",
+            topic(
+                "tiny",
+                "{partitions: 1, retention: {maxBytes: 1KiB}, maxMessageBytes: 512B}",
+            ),
+            "retention.maxBytes must be at least 64KiB and at least maxMessageBytes",
+        ),
+        (
+            "max bytes below the default max message bytes",
+            topic("small", "{partitions: 1, retention: {maxBytes: 512KiB}}"),
+            "retention.maxBytes must be at least 64KiB and at least maxMessageBytes",
+        ),
+        (
+            "max bytes below max message bytes",
+            topic(
+                "small2",
+                "{partitions: 1, retention: {maxBytes: 2MiB}, maxMessageBytes: 4.5MiB}",
+            ),
+            "retention.maxBytes must be at least 64KiB and at least maxMessageBytes",
+        ),
+        (
+            "max message bytes past 16 MiB",
+            topic("huge", "{partitions: 1, maxMessageBytes: 17MiB}"),
+            "maxMessageBytes must be at most 16MiB",
+        ),
+        (
             "a bounded work queue that would drop work",
             topic(
                 "wq",
@@ -172,6 +211,26 @@ fn invalid_topics_and_groups_are_refused_at_apply_with_a_clear_message() -> anyh
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Values at the bounds are taken.
+    cp.apply(
+        &ns,
+        &topic(
+            "bounds",
+            "{partitions: 1, retention: {maxAge: 36500d, maxBytes: 64KiB}, maxMessageBytes: 64KiB}",
+        ),
+    )?;
+    cp.apply(
+        &ns,
+        &topic(
+            "bounds2",
+            "{partitions: 1, retention: {maxAge: 1s, maxBytes: 1MiB}}",
+        ),
+    )?;
+    cp.run(
+        "kubectl",
+        &["delete", "-n", &ns, "topic", "bounds", "bounds2"],
+        None,
+    )?;
     // Nothing refused was stored, and growing is fine.
     let names = cp.kubectl(&["get", "topics", "-n", &ns, "-o", "name"])?;
     assert_eq!(names.lines().count(), 2, "{names}");
