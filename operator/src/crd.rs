@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 /// Durations as `weir` and humantime write them: one or more `<number><unit>` with units
 /// ns, us, ms, s, m, h, d, w (e.g. `10d`, `1h30m`).
 pub const DURATION_PATTERN: &str = r"^([0-9]+(ns|us|ms|s|m|h|d|w))+$";
+/// Topic and group names on the brokers: a-z, A-Z, 0-9, `.`, `_` and `-` (Kafka's rule).
+pub const NAME_PATTERN: &str = r"^[a-zA-Z0-9._-]+$";
 /// Byte sizes: a number with an optional unit B, KB, MB, GB, TB (powers of 1000) or KiB, MiB,
 /// GiB, TiB (powers of 1024), e.g. `1GiB`, `500MB`, `4096`.
 pub const SIZE_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$";
@@ -253,13 +255,16 @@ pub struct TopicStatus {
     printcolumn = r#"{"name":"Type","type":"string","jsonPath":".spec.type"}"#,
     printcolumn = r#"{"name":"Members","type":"integer","jsonPath":".status.members"}"#,
     printcolumn = r#"{"name":"Lag","type":"integer","jsonPath":".status.lag"}"#,
-    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    validation = Rule::new("self.metadata.name.size() <= 249").message("a group name has at most 249 characters"),
+    validation = Rule::new("has(self.spec.deadLetterTopic) || self.spec.topic.size() + self.metadata.name.size() + 5 <= 249").message("the default dead-letter topic <topic>-<group>-DLQ would be longer than 249 characters; set spec.deadLetterTopic")
 )]
+#[x_kube(validation = Rule::new("!has(self.deadLetterTopic) || self.deadLetterTopic != self.topic").message("deadLetterTopic must differ from topic"))]
 #[x_kube(validation = Rule::new("!has(self.maxDeliveries) || (has(self.type) && self.type == 'Shared')").message("maxDeliveries applies to Shared groups only: an Ordered group redelivers in order and dead-letters nothing"))]
 #[serde(rename_all = "camelCase")]
 pub struct ConsumerGroupSpec {
     /// Topic the group reads (same namespace). Immutable.
-    #[schemars(length(min = 1, max = 249))]
+    #[schemars(length(min = 1, max = 249), regex(pattern = NAME_PATTERN))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("topic is immutable; create a new group instead"))]
     pub topic: String,
     /// `Ordered`: one member per partition, in order. `Shared`: any member, per-message acks.
@@ -274,7 +279,7 @@ pub struct ConsumerGroupSpec {
     /// `24h`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN), length(max = 32))]
-    #[x_kube(validation = Rule::new("self.matches('[dw]') ? self == '1d' : (duration(self) >= duration('100ms') && duration(self) <= duration('24h'))").message("ackWait must be between 100ms and 24h (1d)"))]
+    #[x_kube(validation = Rule::new(format!("{CEL_DURATION_MS} >= 100 && {CEL_DURATION_MS} <= 86400000")).message("ackWait must be between 100ms and 24h (1d)"))]
     pub ack_wait: Option<String>,
     /// Shared: after this many deliveries without an ack the message goes to the dead-letter
     /// topic; unset means never.
@@ -283,6 +288,8 @@ pub struct ConsumerGroupSpec {
     pub max_deliveries: Option<u32>,
     /// Dead-letter topic; default `<topic>-<group>-DLQ`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 249), regex(pattern = NAME_PATTERN))]
+    #[x_kube(validation = Rule::new("self != '.' && self != '..'").message("'.' and '..' are reserved topic names"))]
     pub dead_letter_topic: Option<String>,
     /// Moves the group, once, to `Earliest`, `Latest` or an RFC 3339 time (the first record
     /// at or after it), forgetting unacked deliveries (Kafka's `kafka-consumer-groups

@@ -180,6 +180,29 @@ fn invalid_topics_and_groups_are_refused_at_apply_with_a_clear_message() -> anyh
             "needs overflow: Reject",
         ),
         (
+            "a dead-letter topic that is the topic",
+            group("dl", "{topic: grows, deadLetterTopic: grows}"),
+            "deadLetterTopic must differ from topic",
+        ),
+        (
+            "a dead-letter topic with a space",
+            group("dl2", "{topic: grows, deadLetterTopic: 'dead letters'}"),
+            "spec.deadLetterTopic: Invalid value",
+        ),
+        (
+            "a default dead-letter topic past 249 characters",
+            group(
+                "g".repeat(200).as_str(),
+                &format!("{{topic: {}}}", "t".repeat(60)),
+            ),
+            "set spec.deadLetterTopic",
+        ),
+        (
+            "ack wait past a day in parts",
+            group("aw4", "{topic: grows, type: Shared, ackWait: 1d1s}"),
+            "ackWait must be between 100ms and 24h",
+        ),
+        (
             "max deliveries on an Ordered group",
             group("od", "{topic: grows, type: Ordered, maxDeliveries: 3}"),
             "maxDeliveries applies to Shared groups only",
