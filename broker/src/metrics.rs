@@ -29,6 +29,8 @@ pub struct Metrics {
     fetch_requests: Counter,
     fetch_records: Counter,
     commits: Counter,
+    data_loss_reads: Counter,
+    accepted_lost_records: Counter,
     committed_records: Counter,
     committed_bytes: Counter,
     commit_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
@@ -64,6 +66,8 @@ impl Metrics {
             fetch_requests: Counter::default(),
             fetch_records: Counter::default(),
             commits: Counter::default(),
+            data_loss_reads: Counter::default(),
+            accepted_lost_records: Counter::default(),
             committed_records: Counter::default(),
             committed_bytes: Counter::default(),
             commit_seconds: Counter::default(),
@@ -106,6 +110,16 @@ impl Metrics {
             "fetch_records",
             "Records returned by fetches",
             m.fetch_records.clone(),
+        );
+        registry.register(
+            "log_data_loss_reads",
+            "Reads answered DATA_LOSS: offsets with no stored batch, a batch failing its CRC, or storage that cannot be read back",
+            m.data_loss_reads.clone(),
+        );
+        registry.register(
+            "log_accepted_lost_records",
+            "Offsets whose loss was accepted with `weir topic repair`; reads step over them",
+            m.accepted_lost_records.clone(),
         );
         registry.register(
             "log_commits",
@@ -199,6 +213,14 @@ impl Metrics {
             }
         };
         set(&self.commits, w.commits.load(Ordering::Relaxed));
+        set(
+            &self.data_loss_reads,
+            w.data_loss_reads.load(Ordering::Relaxed),
+        );
+        set(
+            &self.accepted_lost_records,
+            w.accepted_lost_records.load(Ordering::Relaxed),
+        );
         set(&self.committed_records, w.records.load(Ordering::Relaxed));
         set(&self.committed_bytes, w.bytes.load(Ordering::Relaxed));
         for (counter, nanos) in [

@@ -53,8 +53,8 @@ pub use self::{
         ProduceReceiver, ProduceSender, Producer, RetryPolicy, StreamAnswer, new_producer_id,
     },
     types::{
-        Ack, Durability, FetchOptions, Fetched, Overflow, PartitionInfo, Record, Retention,
-        StoredRecord, TopicConfig, TopicInfo,
+        Ack, Durability, FetchOptions, Fetched, LostRange, Overflow, PartitionInfo, Record,
+        Retention, StoredRecord, TopicConfig, TopicInfo,
     },
 };
 
@@ -198,6 +198,38 @@ impl Client {
         }))
         .await?;
         Ok(())
+    }
+
+    /// Accepts the loss of records of `name` that can no longer be read back (reads of them
+    /// answer DATA_LOSS): the broker deletes damaged batches and records the lost ranges,
+    /// and reads step over them from then on. `partitions` empty means all. Returns the
+    /// ranges accepted by this call.
+    ///
+    /// # Errors
+    ///
+    /// `NOT_FOUND` for an unknown topic or partition; `INTERNAL` when a partition cannot be
+    /// scanned.
+    pub async fn repair_topic(
+        &self,
+        name: &str,
+        partitions: &[u32],
+    ) -> Result<Vec<LostRange>, Error> {
+        let resp = self
+            .call(self.admin.clone().repair_topic(pb::RepairTopicRequest {
+                name: name.to_owned(),
+                partitions: partitions.to_vec(),
+            }))
+            .await?;
+        Ok(resp
+            .lost
+            .into_iter()
+            .map(|r| LostRange {
+                partition: r.partition,
+                from: r.from_offset,
+                to: r.to_offset,
+                reason: r.reason,
+            })
+            .collect())
     }
 
     /// Settings and live figures of topic `name`.

@@ -419,3 +419,18 @@ impl From<pb::FetchResponse> for Fetched {
 pub(crate) fn millis_u32(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
+
+/// Offsets `from..to` of a partition whose records were lost, as `Client::repair_topic`
+/// accepted them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LostRange {
+    /// Partition index.
+    pub partition: u32,
+    /// First lost offset.
+    pub from: u64,
+    /// First offset after the range.
+    pub to: u64,
+    /// `missing` (no stored batch) or `damaged` (a batch that fails its check or cannot be
+    /// read back).
+    pub reason: String,
+}

@@ -151,6 +151,26 @@ async fn corrupt_batch_in_the_middle_is_refused_and_other_data_keeps_flowing() -
         .produce("corrupt", Some(0), vec![Record::value("after")])
         .await?;
     assert_eq!(acks[0].base_offset, BATCHES * PER_BATCH);
+
+    // Accepting the loss deletes the bad batch; reads step over it from then on.
+    let lost = client.repair_topic("corrupt", &[]).await?;
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert_eq!(
+        (
+            lost[0].partition,
+            lost[0].from,
+            lost[0].to,
+            lost[0].reason.as_str()
+        ),
+        (0, 2 * PER_BATCH, 3 * PER_BATCH, "damaged")
+    );
+    let all = client.fetch("corrupt", 0, 0, WHOLE).await?;
+    let offsets: Vec<u64> = all.records.iter().map(|r| r.offset).collect();
+    let want: Vec<u64> = (0..2 * PER_BATCH)
+        .chain(3 * PER_BATCH..=BATCHES * PER_BATCH)
+        .collect();
+    assert_eq!(offsets, want, "the accepted range is stepped over");
+    assert!(client.repair_topic("corrupt", &[]).await?.is_empty());
     Ok(())
 }
 
@@ -249,13 +269,7 @@ async fn counters_behind_the_stored_batches_never_give_an_offset_twice() -> anyh
 /// them work, and new records get new offsets.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_batches_are_data_loss_and_never_another_record() -> anyhow::Result<()> {
-    let (dir, mut broker) = filled_and_stopped().await?;
-    with_db(dir.path(), "corrupt", |_, records, id| {
-        records.remove(record_key(id, 0, 2 * PER_BATCH))?;
-        records.remove(record_key(id, 1, (BATCHES - 1) * PER_BATCH))?;
-        Ok(())
-    })?;
-    broker.restart()?;
+    let (_dir, broker) = with_missing_batches().await?;
     let client = broker.client().await?;
     let head = client.fetch("corrupt", 0, 0, WHOLE).await?;
     let offsets: Vec<u64> = head.records.iter().map(|r| r.offset).collect();
@@ -299,6 +313,85 @@ async fn missing_batches_are_data_loss_and_never_another_record() -> anyhow::Res
         values(&new.records),
         [(BATCHES * PER_BATCH, "new".to_owned())]
     );
+
+    Ok(())
+}
+
+/// [`fill`]'s records with two batches deleted (one in the middle of partition 0, the tail
+/// of partition 1), the broker restarted on them.
+async fn with_missing_batches() -> anyhow::Result<(tempfile::TempDir, Broker)> {
+    let (dir, mut broker) = filled_and_stopped().await?;
+    with_db(dir.path(), "corrupt", |_, records, id| {
+        records.remove(record_key(id, 0, 2 * PER_BATCH))?;
+        records.remove(record_key(id, 1, (BATCHES - 1) * PER_BATCH))?;
+        Ok(())
+    })?;
+    broker.restart()?;
+    Ok((dir, broker))
+}
+
+/// `weir topic repair` accepts the loss: the ranges are printed, logged and counted, and
+/// reads step over them, also after a restart; a second repair finds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weir_topic_repair_accepts_a_loss_and_reads_step_over_it() -> anyhow::Result<()> {
+    let (_dir, mut broker) = with_missing_batches().await?;
+    let tail = (BATCHES - 1) * PER_BATCH;
+    broker
+        .client()
+        .await?
+        .produce("corrupt", Some(1), vec![Record::value("new")])
+        .await?;
+    let out = broker.weir(&["topic", "repair", "corrupt"], b"")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        format!(
+            "0  {:>20}  {:>20}  {:>8}  missing",
+            2 * PER_BATCH,
+            3 * PER_BATCH,
+            PER_BATCH
+        ),
+        format!(
+            "1  {:>20}  {:>20}  {:>8}  missing",
+            tail,
+            BATCHES * PER_BATCH,
+            PER_BATCH
+        ),
+    ] {
+        assert!(text.contains(&line), "{text} lacks {line:?}");
+    }
+    let metrics = weir_tests::http_get(&broker.http_addr, "/metrics")?;
+    assert!(
+        metrics.contains(&format!(
+            "weir_log_accepted_lost_records_total {}",
+            2 * PER_BATCH
+        )),
+        "{metrics}"
+    );
+    assert!(broker.log_text().contains("loss accepted"));
+    for round in ["before", "after"] {
+        if round == "after" {
+            broker.restart()?;
+        }
+        let client = broker.client().await?;
+        let all = client.fetch("corrupt", 0, 0, WHOLE).await?;
+        let offsets: Vec<u64> = all.records.iter().map(|r| r.offset).collect();
+        let want: Vec<u64> = (0..2 * PER_BATCH)
+            .chain(3 * PER_BATCH..BATCHES * PER_BATCH)
+            .collect();
+        assert_eq!(offsets, want, "{round} a restart");
+        let p1 = client.fetch("corrupt", 1, tail, WHOLE).await?;
+        assert_eq!(
+            values(&p1.records),
+            [(BATCHES * PER_BATCH, "new".to_owned())]
+        );
+    }
+    let again = broker.weir(&["topic", "repair", "corrupt"], b"")?;
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing lost"));
     Ok(())
 }
 

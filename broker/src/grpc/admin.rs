@@ -67,6 +67,25 @@ impl Admin for AdminService {
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }
 
+    async fn repair_topic(
+        &self,
+        request: Request<pb::RepairTopicRequest>,
+    ) -> Result<Response<pb::RepairTopicResponse>, Status> {
+        let req = request.into_inner();
+        let lost = self.ctx.log.repair(&req.name, &req.partitions).await?;
+        Ok(Response::new(pb::RepairTopicResponse {
+            lost: lost
+                .into_iter()
+                .map(|r| pb::LostRange {
+                    partition: r.partition,
+                    from_offset: r.from,
+                    to_offset: r.to,
+                    reason: r.reason.to_owned(),
+                })
+                .collect(),
+        }))
+    }
+
     async fn describe_topic(
         &self,
         request: Request<pb::DescribeTopicRequest>,

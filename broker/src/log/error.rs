@@ -266,6 +266,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether this is damage to stored records (answered DATA_LOSS): a missing range, a
+    /// batch failing its CRC, or storage that cannot be read back.
+    pub fn is_data_loss(&self) -> bool {
+        matches!(
+            self,
+            Self::Missing { .. } | Self::Corrupt { .. } | Self::Damaged { .. }
+        )
+    }
+
     /// Maps an error of opening fjall, turning a held lock into [`Error::DataDirectoryLocked`].
     pub(crate) fn open(path: &std::path::Path, source: fjall::Error) -> Self {
         if matches!(source, fjall::Error::Locked) {

@@ -20,6 +20,7 @@
 //! | `q/<topic id (u32)><producer id (u64)>` | idempotent producer's last sequence and recent acks (JSON) | appends with a producer id |
 //! | `g/<group name>` | group settings, topic id, dead-lettered count (JSON) | group admin, dead letters |
 //! | `o/<group name>/<partition (u32)>` | ack floor, acks above it, delivery counts (JSON) | group acks, every tick |
+//! | `l/<topic id (u32)><partition (u32)><first offset (u64)>` | end of a range of lost records whose loss was accepted (u64 big-endian) | `weir topic repair` |
 //!
 //! Schema versions: 1 had no `v/schema` key and stored `n/topic-id` little-endian; opening
 //! a schema-1 database rewrites that value big-endian and writes `v/schema` = 2, in one
@@ -37,6 +38,28 @@ pub const TOPIC_PREFIX: &[u8] = b"t/";
 pub const PRODUCER_PREFIX: &[u8] = b"q/";
 /// Prefix of group settings.
 pub const GROUP_PREFIX: &[u8] = b"g/";
+/// Prefix of accepted lost ranges.
+pub const LOSS_PREFIX: &[u8] = b"l/";
+
+/// Metadata key of an accepted lost range of a partition starting at `from`:
+/// `l/` ‖ partition prefix ‖ from (big-endian).
+pub fn loss_key(prefix: [u8; 8], from: u64) -> [u8; 18] {
+    let mut key = [0u8; 18];
+    key[..2].copy_from_slice(LOSS_PREFIX);
+    key[2..10].copy_from_slice(&prefix);
+    key[10..].copy_from_slice(&from.to_be_bytes());
+    key
+}
+
+/// `(partition prefix, from)` of a [`loss_key`]; `None` for a malformed key.
+pub fn parse_loss_key(key: &[u8]) -> Option<([u8; 8], u64)> {
+    if key.len() != 18 || !key.starts_with(LOSS_PREFIX) {
+        return None;
+    }
+    let prefix: [u8; 8] = key.get(2..10)?.try_into().ok()?;
+    let from = u64::from_be_bytes(key.get(10..18)?.try_into().ok()?);
+    Some((prefix, from))
+}
 
 /// `topic id ‖ partition index`, big-endian: the prefix of every record key of a partition.
 pub fn partition_prefix(topic_id: u32, partition: u32) -> [u8; 8] {
@@ -132,6 +155,15 @@ mod tests {
         assert_eq!(parse_producer_key(&k), Some((7, u64::MAX - 1)));
         assert_eq!(parse_producer_key(&k[..13]), None);
         assert_eq!(parse_producer_key(b"g/xxxxxxxxxxxx"), None);
+    }
+
+    #[test]
+    fn loss_keys_round_trip_and_sort_by_offset() {
+        let p = partition_prefix(3, 1);
+        let k = loss_key(p, 1000);
+        assert_eq!(parse_loss_key(&k), Some((p, 1000)));
+        assert!(loss_key(p, 999) < k && k < loss_key(p, 1001));
+        assert_eq!(parse_loss_key(&k[..17]), None);
     }
 
     #[test]

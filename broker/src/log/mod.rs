@@ -28,6 +28,7 @@
 //! - [`idempotence`]: idempotent producers' sequences.
 //! - `writer`: the single group-commit writer thread, its retention and admin commands.
 //! - `read`: reads of records and of offsets by time.
+//! - `repair`: finding lost ranges and accepting their loss (`weir topic repair`).
 
 pub mod batch;
 mod checkpoint;
@@ -38,6 +39,7 @@ pub mod keys;
 pub mod partitioner;
 mod read;
 pub mod recovery;
+mod repair;
 pub mod salvage;
 pub mod topic;
 mod writer;
@@ -54,6 +56,7 @@ use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use self::repair::LostRange;
 pub use self::writer::PartBatch;
 pub use self::{
     batch::{Record, StoredRecord},
@@ -191,8 +194,12 @@ pub struct WriterStats {
     /// Time the writer waited for flushes because memtables held `max_write_buffer_bytes`,
     /// in ns.
     pub stall_nanos: std::sync::atomic::AtomicU64,
-    /// Reads refused because offsets below the next offset had no stored batch.
-    pub missing_reads: std::sync::atomic::AtomicU64,
+    /// Reads refused with DATA_LOSS: offsets below the next offset with no stored batch, a
+    /// batch failing its CRC, or storage that cannot be read back.
+    pub data_loss_reads: std::sync::atomic::AtomicU64,
+    /// Records whose loss was accepted with `weir topic repair` (offsets in accepted lost
+    /// ranges).
+    pub accepted_lost_records: std::sync::atomic::AtomicU64,
 }
 
 pub(crate) struct Shared {
@@ -273,6 +280,11 @@ impl Log {
             source,
         })?;
         let producers = recovery::recover_producers(&meta)?;
+        let by_prefix = topics
+            .values()
+            .flat_map(|t| t.partitions().into_iter().map(|p| (p.prefix, p)))
+            .collect();
+        repair::recover_losses(&meta, &by_prefix)?;
         report.elapsed_ms = started.elapsed().as_millis() as u64;
         tracing::info!(
             topics = report.topics,

@@ -49,6 +49,9 @@ impl Log {
                 _ => ("read failed", offset),
             };
             tracing::error!(topic = %partition.topic, partition = partition.index, offset = at, error = %err, "{what}");
+            if err.is_data_loss() {
+                super::relaxed_add(&self.shared.stats.data_loss_reads, 1);
+            }
             if out.is_empty() { Err(err) } else { Ok(out) }
         };
         let damage = |at: u64, source: fjall::Error| {
@@ -82,7 +85,10 @@ impl Log {
             };
             let base = keys::record_key_offset(&key).unwrap_or(u64::MAX);
             if base > expected {
-                return stop(out, self.missing(partition, expected, base));
+                expected = past_accepted(partition, expected, base);
+                if base > expected {
+                    return stop(out, Self::missing(partition, expected, base));
+                }
             }
             let value: Bytes = value.into();
             let (header, records) = match batch::decode(&value) {
@@ -110,14 +116,16 @@ impl Log {
             }
         }
         if expected < next {
-            return stop(out, self.missing(partition, expected, next));
+            expected = past_accepted(partition, expected, next);
+            if expected < next {
+                return stop(out, Self::missing(partition, expected, next));
+            }
         }
         Ok(out)
     }
 
-    /// [`Error::Missing`] for offsets `from..to` of `partition`, counted.
-    fn missing(&self, partition: &Partition, from: u64, to: u64) -> Error {
-        super::relaxed_add(&self.shared.stats.missing_reads, 1);
+    /// [`Error::Missing`] for offsets `from..to` of `partition`.
+    fn missing(partition: &Partition, from: u64, to: u64) -> Error {
         Error::Missing {
             topic: partition.topic.clone(),
             partition: partition.index,
@@ -160,4 +168,16 @@ impl Log {
         }
         Ok(next)
     }
+}
+
+/// The first offset at or after `from` (and at most `until`) that is not in an accepted lost
+/// range of `partition`: reads step over losses accepted with `weir topic repair`.
+fn past_accepted(partition: &Partition, mut from: u64, until: u64) -> u64 {
+    while from < until {
+        match partition.accepted_loss_end(from) {
+            Some(end) => from = end,
+            None => break,
+        }
+    }
+    from.min(until)
 }

@@ -401,6 +401,9 @@ pub struct Partition {
     pub(crate) durable: watch::Sender<u64>,
     /// The topic's append signal (shared by its partitions).
     pub(crate) appended: std::sync::Arc<watch::Sender<u64>>,
+    /// Ranges of lost records whose loss was accepted (`weir topic repair`): first offset →
+    /// first offset after. Reads step over them instead of answering DATA_LOSS.
+    pub(crate) accepted_losses: parking_lot::RwLock<std::collections::BTreeMap<u64, u64>>,
 }
 
 impl Partition {
@@ -425,7 +428,17 @@ impl Partition {
             deleted: AtomicBool::new(false),
             durable: watch::Sender::new(state.next_offset),
             appended,
+            accepted_losses: parking_lot::RwLock::default(),
         }
+    }
+
+    /// When `offset` lies in an accepted lost range, the first offset after that range.
+    pub(crate) fn accepted_loss_end(&self, offset: u64) -> Option<u64> {
+        self.accepted_losses
+            .read()
+            .range(..=offset)
+            .next_back()
+            .and_then(|(_, &to)| (offset < to).then_some(to))
     }
 
     /// Offset the next record will get; every offset below it is durable.

@@ -116,6 +116,40 @@ impl Writer {
         Ok(topic)
     }
 
+    /// Deletes `damaged_keys` (record batches that cannot be read back) and stores `ranges`
+    /// of `p` as accepted losses, in one fsynced batch; then reads step over them.
+    pub(super) fn accept_loss(
+        &self,
+        p: &Partition,
+        ranges: &[(u64, u64)],
+        damaged_keys: Vec<Vec<u8>>,
+    ) -> Result<(), Error> {
+        if p.deleted.load(Ordering::Acquire) {
+            return Err(Error::TopicNotFound(p.topic.clone()));
+        }
+        let mut wb = self
+            .shared
+            .db
+            .batch()
+            .durability(Some(PersistMode::SyncData));
+        for key in damaged_keys {
+            wb.remove(&self.shared.records, key);
+        }
+        for &(from, to) in ranges {
+            wb.insert(
+                &self.shared.meta,
+                keys::loss_key(p.prefix, from),
+                to.to_be_bytes(),
+            );
+        }
+        wb.commit().map_err(Error::Commit)?;
+        let mut accepted = p.accepted_losses.write();
+        for &(from, to) in ranges {
+            accepted.insert(from, to);
+        }
+        Ok(())
+    }
+
     pub(super) fn delete_topic(&self, name: &str) -> Result<(), Error> {
         let topic = self
             .shared
@@ -165,6 +199,16 @@ impl Writer {
         };
         for id in producers {
             wb.remove(&self.shared.meta, keys::producer_key(topic.id, id));
+        }
+        for p in &partitions {
+            let prefix = [keys::LOSS_PREFIX, &p.prefix[..]].concat();
+            for guard in self.shared.meta.prefix(&prefix) {
+                let key = guard.key().map_err(|source| Error::ReadMetadata {
+                    prefix: "l/".into(),
+                    source,
+                })?;
+                wb.remove(&self.shared.meta, key);
+            }
         }
         wb.remove(&self.shared.meta, keys::topic_key(name));
         for p in &partitions {

@@ -107,6 +107,15 @@ pub(crate) enum Command {
         cutoff_ms: i64,
         reply: Reply<u64>,
     },
+    /// Deletes damaged batches of a partition and records lost ranges as accepted
+    /// (`weir topic repair`), durably.
+    AcceptLoss {
+        partition: Arc<Partition>,
+        /// `(from, to)` offset ranges.
+        ranges: Vec<(u64, u64)>,
+        damaged_keys: Vec<Vec<u8>>,
+        reply: Reply<()>,
+    },
     /// Fsync if anything was committed without fsync since the last one.
     Sync {
         reply: Reply<()>,
@@ -523,6 +532,13 @@ impl Writer {
                 cutoff_ms,
                 reply,
             } => finish(self.expire(&partition, cutoff_ms), reply).map(|()| Flow::Continue),
+            Command::AcceptLoss {
+                partition,
+                ranges,
+                damaged_keys,
+                reply,
+            } => finish(self.accept_loss(&partition, &ranges, damaged_keys), reply)
+                .map(|()| Flow::Continue),
             Command::Sync { reply } => {
                 let result = if self.unsynced.replace(false) {
                     self.shared

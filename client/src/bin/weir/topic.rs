@@ -133,6 +133,16 @@ pub enum TopicCommand {
         /// Topic name.
         name: String,
     },
+    /// Accept the loss of records that can no longer be read back (fetches of them answer
+    /// DATA_LOSS): damaged batches are deleted and the lost ranges recorded, so reads and
+    /// groups step over them from then on. Prints the ranges accepted.
+    Repair {
+        /// Topic name.
+        name: String,
+        /// Only this partition (repeat for more); all when not given.
+        #[arg(long = "partition")]
+        partitions: Vec<u32>,
+    },
 }
 
 pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::Result<()> {
@@ -151,6 +161,32 @@ pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::
         TopicCommand::List => print_topics(&client.list_topics().await?, output, false),
         TopicCommand::Describe { name } => {
             print_topics(&[client.describe_topic(&name).await?], output, true);
+        }
+        TopicCommand::Repair { name, partitions } => {
+            let lost = client.repair_topic(&name, &partitions).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::json!({ "topic": name, "lost": lost })),
+                Output::Human if lost.is_empty() => {
+                    println!("topic {name}: nothing lost that was not accepted before");
+                }
+                Output::Human => {
+                    println!(
+                        "{:>9}  {:>20}  {:>20}  {:>8}  REASON",
+                        "PARTITION", "FROM", "TO", "RECORDS"
+                    );
+                    for r in &lost {
+                        println!(
+                            "{:>9}  {:>20}  {:>20}  {:>8}  {}",
+                            r.partition,
+                            r.from,
+                            r.to,
+                            r.to - r.from,
+                            r.reason
+                        );
+                    }
+                    println!("accepted: reads of topic {name} step over these offsets from now on");
+                }
+            }
         }
         TopicCommand::Delete { name } => {
             client.delete_topic(&name).await?;
