@@ -104,7 +104,7 @@ pub struct Retention {
     pub max_bytes: Option<String>,
     /// Most records stored over all partitions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 9_223_372_036_854_775_807_u64))]
+    #[schemars(range(min = 1))]
     pub max_messages: Option<u64>,
     /// `Limits` keeps records until a limit deletes them; `WorkQueue` deletes a record once
     /// every group has acknowledged it. Immutable.

@@ -239,7 +239,7 @@ fn invalid_topics_and_groups_are_refused_at_apply_with_a_clear_message() -> anyh
         &ns,
         &topic(
             "bounds",
-            "{partitions: 1, retention: {maxAge: 36500d, maxBytes: 64KiB}, maxMessageBytes: 64KiB}",
+            "{partitions: 1, retention: {maxAge: 36500d, maxBytes: 64KiB, maxMessages: 1000}, maxMessageBytes: 64KiB}",
         ),
     )?;
     cp.apply(
