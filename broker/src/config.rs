@@ -19,6 +19,16 @@ pub struct Config {
     #[arg(long, env = "WEIR_LISTEN", default_value = "0.0.0.0:7070", value_parser = parse_listen)]
     pub listen: SocketAddr,
 
+    /// This broker's id in the cluster (`docs/cluster.md`): unique per broker, stable across
+    /// restarts (in Kubernetes, the Pod's ordinal).
+    #[arg(long, env = "WEIR_NODE_ID", default_value_t = 0)]
+    pub node_id: u64,
+
+    /// `HOST:PORT` at which peers and clients reach this broker's gRPC port; by default the
+    /// bound address, with this host's name when bound to every interface (`0.0.0.0`).
+    #[arg(long, env = "WEIR_ADVERTISE", value_parser = parse_advertise)]
+    pub advertise: Option<String>,
+
     /// Address of the HTTP server: /metrics (Prometheus), /healthz, /readyz; `HOST:PORT`.
     #[arg(long, env = "WEIR_HTTP_LISTEN", default_value = "0.0.0.0:7071", value_parser = parse_listen)]
     pub http_listen: SocketAddr,
@@ -141,4 +151,19 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// `--advertise`: `HOST:PORT` with a port in 1..=65535.
+fn parse_advertise(s: &str) -> Result<String, String> {
+    let bad = || {
+        format!(
+            "--advertise {:?} is not HOST:PORT with a port from 1 to 65535, e.g. weir-broker-0.weir-broker:7070",
+            crate::validate::quote(s)
+        )
+    };
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && !host.is_empty() => Ok(s.to_owned()),
+        _ => Err(bad()),
+    }
 }

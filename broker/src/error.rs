@@ -1,7 +1,7 @@
 //! The broker's error: one type over the layers' own errors, converted to a gRPC status
 //! once, at the edge ([`crate::grpc`]).
 
-use crate::{groups, log, validate::InvalidConfig};
+use crate::{cluster, groups, log, validate::InvalidConfig};
 
 /// Any error a broker call can end with. Each layer keeps its own type; this one only says
 /// which layer failed.
@@ -17,4 +17,7 @@ pub enum Error {
     /// A name or setting broke a rule.
     #[error(transparent)]
     InvalidConfig(#[from] InvalidConfig),
+    /// The cluster's metadata group failed or has no leader.
+    #[error(transparent)]
+    Cluster(#[from] cluster::Error),
 }

@@ -17,6 +17,7 @@
 //! - [`server`]: runs the gRPC and HTTP servers on given listeners, graceful shutdown.
 //! - [`config`]: `weir-broker` flags and their `WEIR_*` environment variables.
 
+pub mod cluster;
 pub mod config;
 pub mod connections;
 pub mod error;

@@ -96,6 +96,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         buffered_flush_interval: config.buffered_flush_interval,
         grpc_connections: budget.grpc_connections,
         http_connections: budget.http_connections,
+        node_id: config.node_id,
+        advertise: config.advertise.clone(),
     };
     server::run(log, grpc, http, shutdown_signal(), options).await?;
     Ok(())
@@ -119,7 +121,7 @@ async fn shutdown_signal() {
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
     // Colours only on a terminal: a file or a log collector gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

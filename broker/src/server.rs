@@ -12,14 +12,18 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Server;
 use weir_proto::v1::{
-    FILE_DESCRIPTOR_SET, admin_server::AdminServer, consumer_server::ConsumerServer,
-    producer_server::ProducerServer,
+    FILE_DESCRIPTOR_SET, admin_server::AdminServer, cluster_server::ClusterServer,
+    consumer_server::ConsumerServer, producer_server::ProducerServer, raft_server::RaftServer,
 };
 
 use crate::{
+    cluster::{BrokerId, Cluster, ClusterOptions},
     connections::{ConnectionStats, HttpListener, accept_limited},
     groups::Groups,
-    grpc::{AdminService, ConsumerService, Context, MAX_MESSAGE_BYTES, ProducerService},
+    grpc::{
+        AdminService, ClusterService, ConsumerService, Context, MAX_MESSAGE_BYTES, ProducerService,
+        RaftService,
+    },
     jobs,
     log::Log,
     metrics::{self, Metrics},
@@ -37,6 +41,11 @@ pub struct ServeOptions {
     pub grpc_connections: usize,
     /// Most connections the HTTP port holds at once.
     pub http_connections: usize,
+    /// `--node-id`: this broker's id in the cluster.
+    pub node_id: BrokerId,
+    /// `--advertise`: `host:port` peers and clients use to reach the gRPC port; `None` for
+    /// the bound address (this host's name when bound to every interface).
+    pub advertise: Option<String>,
 }
 
 impl Default for ServeOptions {
@@ -47,6 +56,8 @@ impl Default for ServeOptions {
             buffered_flush_interval: Duration::from_secs(1),
             grpc_connections: 1024,
             http_connections: 64,
+            node_id: 0,
+            advertise: None,
         }
     }
 }
@@ -74,6 +85,9 @@ pub enum Error {
     /// Persisting at shutdown failed.
     #[error("closing the log: {0}")]
     CloseLog(#[from] crate::log::Error),
+    /// The cluster's metadata group could not be started or joined.
+    #[error("joining the cluster: {0}")]
+    Cluster(#[from] crate::cluster::Error),
 }
 
 /// Serves `log` on the given listeners until `shutdown` resolves, then shuts down
@@ -87,6 +101,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
     options: ServeOptions,
 ) -> Result<(), Error> {
+    let cluster = Cluster::open(
+        Arc::clone(&log),
+        ClusterOptions {
+            node_id: options.node_id,
+            advertise: options
+                .advertise
+                .clone()
+                .unwrap_or_else(|| default_advertise(&grpc)),
+        },
+    )
+    .await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::new());
@@ -101,16 +126,13 @@ pub async fn run(
         shutdown: stop_rx.clone(),
         metrics: Arc::clone(&metrics),
         groups: Arc::clone(&groups),
+        cluster: Arc::clone(&cluster),
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, true).await;
-    let grpc_addr = grpc
-        .local_addr()
-        .map_or_else(|e| e.to_string(), |a| a.to_string());
-    let http_addr = http
-        .local_addr()
-        .map_or_else(|e| e.to_string(), |a| a.to_string());
+    let grpc_addr = local_addr(&grpc);
+    let http_addr = local_addr(&http);
     let mut stop_grpc = stop_rx.clone();
     // Bounded, silent connections closed, TCP_NODELAY set (`connections`).
     let connection_stats = Arc::new(ConnectionStats::default());
@@ -147,6 +169,8 @@ pub async fn run(
     });
     let grpc_task = tokio::spawn(grpc_server);
     let http_task = tokio::spawn(async move { http_server.await });
+    // Peers reach this broker's metadata node from here on; ready once in the cluster.
+    cluster.join(&log).await?;
     ready_tx.send_replace(true);
     tracing::info!(grpc_addr, http_addr, "broker ready");
 
@@ -155,7 +179,27 @@ pub async fn run(
     ready_tx.send_replace(false);
     set_health(&health, false).await;
     stop_tx.send_replace(true);
-    let grace = options.grace;
+    drain(grpc_task, http_task, jobs, options.grace).await;
+    if let Some(reason) = failure {
+        // Storage may be poisoned: persist nothing more, recovery starts from what is on disk.
+        return Err(Error::WorkerFailed(reason));
+    }
+    if let Err(e) = groups.flush().await {
+        tracing::warn!(error = %e, "persisting group state at shutdown failed");
+    }
+    cluster.shutdown().await;
+    log.close().await?;
+    tracing::info!("log persisted; bye");
+    Ok(())
+}
+
+/// Waits up to `grace` for the servers to finish in-flight requests, then for the jobs.
+async fn drain(
+    grpc_task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    http_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    jobs: Vec<tokio::task::JoinHandle<()>>,
+    grace: Duration,
+) {
     let drained = tokio::time::timeout(grace, async {
         let g = grpc_task.await;
         let h = http_task.await;
@@ -176,16 +220,6 @@ pub async fn run(
             tracing::warn!(error = %e, "a periodic job ended abnormally");
         }
     }
-    if let Some(reason) = failure {
-        // Storage may be poisoned: persist nothing more, recovery starts from what is on disk.
-        return Err(Error::WorkerFailed(reason));
-    }
-    if let Err(e) = groups.flush().await {
-        tracing::warn!(error = %e, "persisting group state at shutdown failed");
-    }
-    log.close().await?;
-    tracing::info!("log persisted; bye");
-    Ok(())
 }
 
 /// Waits for `shutdown` or for a worker's failure; returns the failure's reason.
@@ -204,6 +238,28 @@ async fn until_stop_or_failure(
             tracing::error!(reason, "a worker failed; shutting down so the broker restarts and recovers");
             Some(reason)
         }
+    }
+}
+
+fn local_addr(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string())
+}
+
+/// The address peers and clients are told when `--advertise` is not given: the bound
+/// address, with this host's name in place of an unspecified IP (`0.0.0.0`, `::`).
+fn default_advertise(grpc: &TcpListener) -> String {
+    match grpc.local_addr() {
+        Ok(a) if a.ip().is_unspecified() => {
+            let host = rustix::system::uname()
+                .nodename()
+                .to_string_lossy()
+                .into_owned();
+            format!("{host}:{}", a.port())
+        }
+        Ok(a) => a.to_string(),
+        Err(_) => "localhost:7070".into(),
     }
 }
 
@@ -258,6 +314,14 @@ fn grpc_router(
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha)
+        .add_service(ClusterServer::new(ClusterService::new(Arc::clone(
+            &ctx.cluster,
+        ))))
+        .add_service(
+            RaftServer::new(RaftService::new(Arc::clone(&ctx.cluster)))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
         .add_service(
             AdminServer::new(AdminService::new(ctx.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -39,7 +39,8 @@ use tonic::transport::{Channel, Endpoint};
 /// [`Client::raw`]).
 pub use weir_proto::v1 as pb;
 use weir_proto::v1::{
-    admin_client::AdminClient, consumer_client::ConsumerClient, producer_client::ProducerClient,
+    admin_client::AdminClient, cluster_client::ClusterClient, consumer_client::ConsumerClient,
+    producer_client::ProducerClient,
 };
 
 pub use self::{
@@ -53,8 +54,8 @@ pub use self::{
         ProduceReceiver, ProduceSender, Producer, RetryPolicy, StreamAnswer, new_producer_id,
     },
     types::{
-        Ack, Durability, FetchOptions, Fetched, LostRange, Overflow, PartitionInfo, Record,
-        Retention, StoredRecord, TopicConfig, TopicInfo,
+        Ack, BrokerInfo, ClusterMetadata, Durability, FetchOptions, Fetched, LostRange, Overflow,
+        PartitionInfo, PartitionLeader, Record, Retention, StoredRecord, TopicConfig, TopicInfo,
     },
 };
 
@@ -81,6 +82,7 @@ pub struct Raw {
 pub struct Client {
     url: Arc<str>,
     admin: AdminClient<Channel>,
+    cluster: ClusterClient<Channel>,
     producer: ProducerClient<Channel>,
     pub(crate) consumer: ConsumerClient<Channel>,
 }
@@ -129,6 +131,8 @@ impl Client {
             admin: AdminClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            cluster: ClusterClient::new(channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
             producer: ProducerClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -198,6 +202,19 @@ impl Client {
         }))
         .await?;
         Ok(())
+    }
+
+    /// The cluster as the broker sees it: its brokers, the metadata leader (controller) and
+    /// each partition's leader and replicas (Kafka's `Metadata` request).
+    ///
+    /// # Errors
+    ///
+    /// Transport errors.
+    pub async fn metadata(&self) -> Result<ClusterMetadata, Error> {
+        let m = self
+            .call(self.cluster.clone().metadata(pb::MetadataRequest {}))
+            .await?;
+        Ok(ClusterMetadata::from(m))
     }
 
     /// Accepts the loss of records of `name` that can no longer be read back (reads of them

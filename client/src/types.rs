@@ -434,3 +434,71 @@ pub struct LostRange {
     /// read back).
     pub reason: String,
 }
+
+/// The cluster as one broker sees it (`Client::metadata`); serialized with the keys
+/// `weir cluster describe --output json` prints.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterMetadata {
+    /// The metadata group's leader (the controller), when one is known.
+    pub metadata_leader: Option<u64>,
+    /// Every broker.
+    pub brokers: Vec<BrokerInfo>,
+    /// Every partition of every topic.
+    pub partitions: Vec<PartitionLeader>,
+}
+
+/// A broker of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BrokerInfo {
+    /// `--node-id`.
+    pub id: u64,
+    /// `--advertise`: `host:port` of its gRPC port.
+    pub address: String,
+    /// `Alive`.
+    pub state: String,
+}
+
+/// Where a partition lives.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionLeader {
+    /// Topic name.
+    pub topic: String,
+    /// Partition index.
+    pub partition: u32,
+    /// Broker id of its leader.
+    pub leader: u64,
+    /// Broker ids of its replicas, leader first.
+    pub replicas: Vec<u64>,
+    /// Broker ids of the replicas that are caught up.
+    pub in_sync: Vec<u64>,
+}
+
+impl From<pb::MetadataResponse> for ClusterMetadata {
+    fn from(m: pb::MetadataResponse) -> Self {
+        Self {
+            metadata_leader: m.metadata_leader,
+            brokers: m
+                .brokers
+                .into_iter()
+                .map(|b| BrokerInfo {
+                    id: b.id,
+                    address: b.address,
+                    state: b.state,
+                })
+                .collect(),
+            partitions: m
+                .partitions
+                .into_iter()
+                .map(|p| PartitionLeader {
+                    topic: p.topic,
+                    partition: p.partition,
+                    leader: p.leader,
+                    replicas: p.replicas,
+                    in_sync: p.in_sync,
+                })
+                .collect(),
+        }
+    }
+}

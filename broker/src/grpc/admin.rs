@@ -38,7 +38,8 @@ impl Admin for AdminService {
         let req = request.into_inner();
         validate_name(NameKind::Topic, &req.name)?;
         let config = config(&req.name, req.config)?;
-        let (topic, created) = self.ctx.log.create_topic(&req.name, config).await?;
+        let created = self.ctx.cluster.create_topic(&req.name, config).await?;
+        let topic = self.ctx.log.topic(&req.name)?;
         Ok(Response::new(pb::CreateTopicResponse {
             topic: Some(describe(&topic)),
             created,
@@ -51,7 +52,8 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::UpdateTopicResponse>, Status> {
         let req = request.into_inner();
         let config = config(&req.name, req.config)?;
-        let topic = self.ctx.log.update_topic(&req.name, config).await?;
+        self.ctx.cluster.update_topic(&req.name, config).await?;
+        let topic = self.ctx.log.topic(&req.name)?;
         Ok(Response::new(pb::UpdateTopicResponse {
             topic: Some(describe(&topic)),
         }))
@@ -62,7 +64,7 @@ impl Admin for AdminService {
         request: Request<pb::DeleteTopicRequest>,
     ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
         let req = request.into_inner();
-        self.ctx.log.delete_topic(&req.name).await?;
+        self.ctx.cluster.delete_topic(&req.name).await?;
         self.ctx.groups.delete_for_topic(&req.name).await?;
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }

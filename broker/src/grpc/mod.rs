@@ -5,6 +5,7 @@
 //! ([`status`]: `impl From<crate::Error> for Status`), so handlers use `?`.
 
 mod admin;
+mod cluster;
 mod consumer;
 mod convert;
 mod producer;
@@ -12,7 +13,12 @@ pub mod status;
 
 use std::sync::Arc;
 
-pub use self::{admin::AdminService, consumer::ConsumerService, producer::ProducerService};
+pub use self::{
+    admin::AdminService,
+    cluster::{ClusterService, RaftService},
+    consumer::ConsumerService,
+    producer::ProducerService,
+};
 use crate::{groups::Groups, log::Log};
 
 /// Largest gRPC message the broker accepts or sends: 64 MiB.
@@ -29,4 +35,6 @@ pub struct Context {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Consumer groups.
     pub groups: Arc<Groups>,
+    /// The cluster's metadata group.
+    pub cluster: Arc<crate::cluster::Cluster>,
 }

@@ -6,7 +6,7 @@
 
 use tonic::{Code, Status};
 
-use crate::{Error, groups, log, validate::InvalidConfig};
+use crate::{Error, cluster, groups, log, validate::InvalidConfig};
 
 /// Longest status message sent, in bytes: gRPC clients refuse responses whose metadata
 /// exceeds their limit (8 KiB by default in grpc-go and tonic), so an error that quotes a
@@ -51,6 +51,20 @@ fn group_code(e: &groups::Error) -> Code {
     }
 }
 
+fn cluster_code(e: &cluster::Error) -> Code {
+    match e {
+        cluster::Error::NoLeader(_) => Code::Unavailable,
+        cluster::Error::Log(e) => log_code(e),
+        _ => Code::Internal,
+    }
+}
+
+impl From<cluster::Error> for Status {
+    fn from(e: cluster::Error) -> Self {
+        Error::from(e).into()
+    }
+}
+
 /// `message` cut to [`MAX_STATUS_MESSAGE_BYTES`] on a character boundary.
 fn bounded(mut message: String) -> String {
     if message.len() > MAX_STATUS_MESSAGE_BYTES {
@@ -70,6 +84,7 @@ impl From<Error> for Status {
             Error::Log(e) => log_code(e),
             Error::Group(e) => group_code(e),
             Error::InvalidConfig(_) => Code::InvalidArgument,
+            Error::Cluster(e) => cluster_code(e),
         };
         let mut status = Status::new(code, bounded(e.to_string()));
         if code == Code::ResourceExhausted

@@ -331,6 +331,25 @@ impl Log {
         })
     }
 
+    /// A keyspace of the log's database for another part of the broker (the cluster's Raft
+    /// log and state machine), created when missing. Sharing the database shares the journal
+    /// and its fsyncs.
+    ///
+    /// # Errors
+    ///
+    /// fjall cannot create or open it.
+    pub fn keyspace(&self, name: &str) -> Result<Keyspace, Error> {
+        self.shared
+            .db
+            .keyspace(name, KeyspaceCreateOptions::default)
+            .map_err(Error::Commit)
+    }
+
+    /// The log's fjall database (for [`Log::keyspace`]'s users to batch and persist).
+    pub fn database(&self) -> Database {
+        self.shared.db.clone()
+    }
+
     /// What recovery found when this log was opened.
     pub fn recovery_report(&self) -> &RecoveryReport {
         &self.report

@@ -3,6 +3,7 @@
 //! Exit codes: 0 ok, 1 error (one line on stderr), 2 usage error.
 
 mod bench;
+mod cluster;
 mod consume;
 mod group;
 mod produce;
@@ -53,6 +54,9 @@ enum Command {
     /// List, describe, reset or delete consumer groups.
     #[command(subcommand)]
     Group(group::GroupCommand),
+    /// Show the cluster: brokers, the metadata leader, each partition's leader and replicas.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
     /// Load tests; print a table of their figures.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -86,6 +90,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Produce(args) => produce::run(&client, args, cli.output).await,
         Command::Consume(args) => consume::run(&client, args, cli.output).await,
         Command::Group(cmd) => group::run(&client, cmd, cli.output).await,
+        Command::Cluster(cmd) => cluster::run(&client, cmd, cli.output).await,
         Command::Bench(cmd) => bench::run(&client, &cli.broker, cmd, cli.output).await,
     }
 }

@@ -1,0 +1,306 @@
+//! The cluster's metadata: what the metadata group replicates, and the commands that change
+//! it. Pure: applying a command depends on the state and the command only (the controller
+//! decides placement before it proposes), so every broker that applies the same log reaches
+//! the same state.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::log::TopicConfig;
+
+/// A broker's id (`--node-id`), also its id in the metadata group.
+pub type BrokerId = u64;
+
+/// A broker as the cluster knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokerInfo {
+    /// `--node-id`.
+    pub id: BrokerId,
+    /// `--advertise`: `host:port` where peers and clients reach its gRPC port.
+    pub address: String,
+    /// `Alive` once registered.
+    pub state: BrokerState,
+}
+
+/// A broker's state in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BrokerState {
+    /// Registered; serves its partitions.
+    Alive,
+}
+
+/// A topic as the cluster knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicState {
+    /// Cluster-wide topic id: a topic deleted and created again gets a new one.
+    pub id: u64,
+    /// Settings (as the broker's admin API takes them).
+    pub config: TopicConfig,
+    /// Per partition: its replicas, the first being the leader (one replica for now).
+    pub replicas: Vec<Vec<BrokerId>>,
+}
+
+impl TopicState {
+    /// The leader of `partition`, if the partition exists.
+    pub fn leader(&self, partition: u32) -> Option<BrokerId> {
+        self.replicas
+            .get(partition as usize)
+            .and_then(|r| r.first().copied())
+    }
+}
+
+/// Everything the metadata group replicates.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Brokers by id.
+    pub brokers: BTreeMap<BrokerId, BrokerInfo>,
+    /// Topics by name.
+    pub topics: BTreeMap<String, TopicState>,
+    /// Id of the next topic created.
+    pub next_topic_id: u64,
+}
+
+/// A change to the cluster's metadata: one entry of the metadata group's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// A broker announces itself (at every start; its address may have changed).
+    RegisterBroker {
+        /// Broker id.
+        id: BrokerId,
+        /// Advertised `host:port`.
+        address: String,
+    },
+    /// A topic is created with the placement the controller chose.
+    CreateTopic {
+        /// Topic name.
+        name: String,
+        /// Settings.
+        config: TopicConfig,
+        /// Replicas per partition, leader first.
+        replicas: Vec<Vec<BrokerId>>,
+    },
+    /// A topic's settings change; `added` places new partitions (partitions only grow).
+    UpdateTopic {
+        /// Topic name.
+        name: String,
+        /// New settings.
+        config: TopicConfig,
+        /// Replicas of the partitions added, leader first.
+        added: Vec<Vec<BrokerId>>,
+    },
+    /// A topic is deleted.
+    DeleteTopic {
+        /// Topic name.
+        name: String,
+    },
+}
+
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::RegisterBroker { id, address } => write!(f, "register broker {id} at {address}"),
+            Self::CreateTopic { name, config, .. } => {
+                write!(f, "create topic {name} ({} partitions)", config.partitions)
+            }
+            Self::UpdateTopic { name, config, .. } => {
+                write!(f, "update topic {name} ({} partitions)", config.partitions)
+            }
+            Self::DeleteTopic { name } => write!(f, "delete topic {name}"),
+        }
+    }
+}
+
+/// What applying a command did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// The topic id a `CreateTopic` gave, or that an update or delete concerned.
+    pub topic_id: Option<u64>,
+    /// Whether the command changed nothing (a repeated registration or creation).
+    pub unchanged: bool,
+}
+
+impl ClusterState {
+    /// Applies `cmd`. Commands are validated by the controller before they are proposed;
+    /// one that no longer fits (a topic deleted meanwhile) changes nothing.
+    pub fn apply(&mut self, cmd: &Command) -> Applied {
+        match cmd {
+            Command::RegisterBroker { id, address } => {
+                let info = BrokerInfo {
+                    id: *id,
+                    address: address.clone(),
+                    state: BrokerState::Alive,
+                };
+                let unchanged = self.brokers.get(id) == Some(&info);
+                self.brokers.insert(*id, info);
+                Applied {
+                    topic_id: None,
+                    unchanged,
+                }
+            }
+            Command::CreateTopic {
+                name,
+                config,
+                replicas,
+            } => {
+                if let Some(t) = self.topics.get(name) {
+                    return Applied {
+                        topic_id: Some(t.id),
+                        unchanged: true,
+                    };
+                }
+                let id = self.next_topic_id.max(1);
+                self.next_topic_id = id + 1;
+                self.topics.insert(
+                    name.clone(),
+                    TopicState {
+                        id,
+                        config: *config,
+                        replicas: replicas.clone(),
+                    },
+                );
+                Applied {
+                    topic_id: Some(id),
+                    unchanged: false,
+                }
+            }
+            Command::UpdateTopic {
+                name,
+                config,
+                added,
+            } => match self.topics.get_mut(name) {
+                Some(t) => {
+                    t.config = *config;
+                    t.replicas.extend(added.iter().cloned());
+                    Applied {
+                        topic_id: Some(t.id),
+                        unchanged: false,
+                    }
+                }
+                None => Applied {
+                    topic_id: None,
+                    unchanged: true,
+                },
+            },
+            Command::DeleteTopic { name } => match self.topics.remove(name) {
+                Some(t) => Applied {
+                    topic_id: Some(t.id),
+                    unchanged: false,
+                },
+                None => Applied {
+                    topic_id: None,
+                    unchanged: true,
+                },
+            },
+        }
+    }
+
+    /// Replicas for `count` new partitions of a topic: each partition's leader is the broker
+    /// with the fewest partition leaders so far (ties by lowest id), so leaders spread
+    /// evenly; existing partitions never move (sticky). One replica per partition for now.
+    pub fn place(&self, count: u32) -> Vec<Vec<BrokerId>> {
+        let mut load: BTreeMap<BrokerId, usize> = self.brokers.keys().map(|&b| (b, 0)).collect();
+        for t in self.topics.values() {
+            for r in &t.replicas {
+                if let Some(leader) = r.first()
+                    && let Some(n) = load.get_mut(leader)
+                {
+                    *n += 1;
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let Some((&broker, _)) = load.iter().min_by_key(|&(&id, &n)| (n, id)) else {
+                break;
+            };
+            out.push(vec![broker]);
+            if let Some(n) = load.get_mut(&broker) {
+                *n += 1;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state_with_brokers(ids: &[BrokerId]) -> ClusterState {
+        let mut s = ClusterState::default();
+        for &id in ids {
+            s.apply(&Command::RegisterBroker {
+                id,
+                address: format!("b{id}:7070"),
+            });
+        }
+        s
+    }
+
+    fn config(partitions: u32) -> TopicConfig {
+        TopicConfig::new(partitions, 0).expect("config")
+    }
+
+    #[test]
+    fn placement_spreads_leaders_and_is_sticky() {
+        let mut s = state_with_brokers(&[0, 1, 2]);
+        let placed = s.place(6);
+        assert_eq!(
+            placed,
+            vec![vec![0], vec![1], vec![2], vec![0], vec![1], vec![2]]
+        );
+        s.apply(&Command::CreateTopic {
+            name: "a".into(),
+            config: config(6),
+            replicas: placed.clone(),
+        });
+        // A second topic of 2 partitions starts where the load is lowest.
+        let second = s.place(2);
+        assert_eq!(second, vec![vec![0], vec![1]]);
+        // Growing keeps the existing partitions where they are.
+        s.apply(&Command::UpdateTopic {
+            name: "a".into(),
+            config: config(7),
+            added: s.place(1),
+        });
+        assert_eq!(s.topics["a"].replicas[..6], placed[..]);
+        assert_eq!(s.topics["a"].replicas.len(), 7);
+    }
+
+    #[test]
+    fn topic_ids_are_never_reused() {
+        let mut s = state_with_brokers(&[0]);
+        let create = Command::CreateTopic {
+            name: "t".into(),
+            config: config(1),
+            replicas: vec![vec![0]],
+        };
+        let first = s.apply(&create);
+        assert_eq!(first.topic_id, Some(1));
+        assert!(s.apply(&create).unchanged, "creating again changes nothing");
+        s.apply(&Command::DeleteTopic { name: "t".into() });
+        let again = s.apply(&create);
+        assert_eq!(again.topic_id, Some(2), "delete + create is a new topic");
+    }
+
+    #[test]
+    fn registering_again_with_the_same_address_changes_nothing() {
+        let mut s = state_with_brokers(&[0]);
+        assert!(
+            s.apply(&Command::RegisterBroker {
+                id: 0,
+                address: "b0:7070".into()
+            })
+            .unchanged
+        );
+        assert!(
+            !s.apply(&Command::RegisterBroker {
+                id: 0,
+                address: "elsewhere:7070".into()
+            })
+            .unchanged
+        );
+        assert_eq!(s.brokers[&0].address, "elsewhere:7070");
+    }
+}

@@ -1,0 +1,469 @@
+//! The metadata group's Raft log and state machine, in the broker's fjall database
+//! (keyspace `raft`), after openraft's `log-rocks` and `sm-rocks` examples.
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `l` ‖ index (u64 big-endian) | a log entry (JSON) |
+//! | `v` | the vote (JSON) |
+//! | `c` | the committed log id (JSON) |
+//! | `p` | the last purged log id (JSON) |
+//! | `s` | the state machine: last applied log id, membership and [`ClusterState`] (JSON) |
+//!
+//! Appends and votes are fsynced before openraft is told (`PersistMode::SyncData`, which
+//! also covers whatever the broker's record writer committed meanwhile). The state machine is
+//! written in one batch per `apply` call; metadata changes are rare (admin calls, broker
+//! registrations), so one small fsync each is cheap. A snapshot is the state machine's JSON.
+//!
+//! Applying a command also makes the local log match it (`local_effects`): the topics with
+//! a partition led here exist locally with the partitions they lead. Those effects are
+//! idempotent, so an entry applied again after a crash (before `s` was written) does no harm.
+
+use std::{fmt::Debug, io, ops::RangeBounds, sync::Arc};
+
+use fjall::{Database, Keyspace, PersistMode};
+use futures::{Stream, TryStreamExt};
+use openraft::{
+    EntryPayload, LogState, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
+    alias::{EntryOf, LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf, VoteOf},
+    entry::RaftEntry,
+    storage::{EntryResponder, IOFlushed, RaftLogStorage, RaftStateMachine},
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{
+    TypeConfig,
+    state::{Applied, BrokerId, ClusterState, Command},
+};
+use crate::log::{Log, TopicConfig, topic::Served};
+
+type C = TypeConfig;
+
+fn io_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+fn to_json<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> io::Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+fn log_key(index: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = b'l';
+    k[1..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(io_err)?
+}
+
+/// The metadata group's log.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Database,
+    ks: Keyspace,
+}
+
+impl LogStore {
+    pub(crate) fn new(db: Database, ks: Keyspace) -> Self {
+        Self { db, ks }
+    }
+
+    fn get_json<T: for<'de> Deserialize<'de>>(&self, key: &[u8]) -> io::Result<Option<T>> {
+        match self.ks.get(key).map_err(io_err)? {
+            Some(v) => from_json(&v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn put_json_synced<T: Serialize>(&self, key: &'static [u8], value: &T) -> io::Result<()> {
+        self.ks.insert(key, to_json(value)?).map_err(io_err)?;
+        self.db.persist(PersistMode::SyncData).map_err(io_err)
+    }
+
+    /// Whether nothing was ever stored (no vote, no entry): a broker that has never been
+    /// part of a cluster.
+    pub(crate) fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.ks.get(b"v").map_err(io_err)?.is_none() && self.ks.prefix(b"l").next().is_none())
+    }
+}
+
+impl RaftLogReader<C> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<EntryOf<C>>, io::Error> {
+        let start = match range.start_bound() {
+            std::ops::Bound::Included(x) => *x,
+            std::ops::Bound::Excluded(x) => x + 1,
+            std::ops::Bound::Unbounded => 0,
+        };
+        let mut out = Vec::new();
+        for guard in self.ks.range(log_key(start)..=log_key(u64::MAX)) {
+            let (key, value) = guard.into_inner().map_err(io_err)?;
+            let index = u64::from_be_bytes(
+                key.get(1..9)
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| io_err("malformed raft log key"))?,
+            );
+            if !range.contains(&index) {
+                break;
+            }
+            out.push(from_json(&value)?);
+        }
+        Ok(out)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<VoteOf<C>>, io::Error> {
+        self.get_json(b"v")
+    }
+}
+
+impl RaftLogStorage<C> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<C>, io::Error> {
+        let last_purged: Option<LogIdOf<C>> = self.get_json(b"p")?;
+        let last = match self.ks.prefix(b"l").next_back() {
+            Some(guard) => {
+                let (_, value) = guard.into_inner().map_err(io_err)?;
+                Some(from_json::<EntryOf<C>>(&value)?.log_id())
+            }
+            None => None,
+        };
+        Ok(LogState {
+            last_log_id: last.or(last_purged),
+            last_purged_log_id: last_purged,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &VoteOf<C>) -> Result<(), io::Error> {
+        let store = self.clone();
+        let vote = *vote;
+        blocking(move || store.put_json_synced(b"v", &vote)).await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogIdOf<C>>) -> Result<(), io::Error> {
+        self.ks.insert(b"c", to_json(&committed)?).map_err(io_err)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogIdOf<C>>, io::Error> {
+        Ok(self.get_json::<Option<LogIdOf<C>>>(b"c")?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<C>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = EntryOf<C>> + OptionalSend,
+    {
+        let mut batch = self.db.batch();
+        for entry in entries {
+            batch.insert(&self.ks, log_key(entry.index()), to_json(&entry)?);
+        }
+        // Written here, so the entries can be read once this returns; fsynced in the
+        // background, and openraft told when it is done.
+        batch.commit().map_err(io_err)?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            callback.io_completed(db.persist(PersistMode::SyncData).map_err(io_err));
+        });
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<C>>) -> Result<(), io::Error> {
+        let from = last_log_id.map_or(0, |l| l.index() + 1);
+        let mut batch = self.db.batch();
+        for guard in self.ks.range(log_key(from)..=log_key(u64::MAX)) {
+            batch.remove(&self.ks, guard.key().map_err(io_err)?);
+        }
+        batch.commit().map_err(io_err)
+    }
+
+    async fn purge(&mut self, log_id: LogIdOf<C>) -> Result<(), io::Error> {
+        // The purge point first: entries at or before it are ignored from then on.
+        self.ks.insert(b"p", to_json(&log_id)?).map_err(io_err)?;
+        let mut batch = self.db.batch();
+        for guard in self.ks.range(log_key(0)..=log_key(log_id.index())) {
+            batch.remove(&self.ks, guard.key().map_err(io_err)?);
+        }
+        batch.commit().map_err(io_err)
+    }
+}
+
+/// The applied state as the state machine publishes it: (index applied, state).
+pub type AppliedState = watch::Receiver<(u64, Arc<ClusterState>)>;
+
+/// The state machine as stored under `s` and sent as a snapshot.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Stored {
+    last_applied: Option<LogIdOf<C>>,
+    membership: StoredMembershipOf<C>,
+    state: ClusterState,
+}
+
+/// The metadata group's state machine: [`ClusterState`], and this broker's log made to
+/// match it.
+pub struct StateMachine {
+    db: Database,
+    ks: Keyspace,
+    stored: Stored,
+    /// Publishes the state after every apply, with the index applied.
+    published: watch::Sender<(u64, Arc<ClusterState>)>,
+    log: Arc<Log>,
+    me: BrokerId,
+}
+
+impl StateMachine {
+    /// Loads the stored state machine (empty when none).
+    pub(crate) fn open(
+        db: Database,
+        ks: Keyspace,
+        log: Arc<Log>,
+        me: BrokerId,
+    ) -> io::Result<(Self, AppliedState)> {
+        let stored: Stored = match ks.get(b"s").map_err(io_err)? {
+            Some(v) => from_json(&v)?,
+            None => Stored::default(),
+        };
+        let index = stored
+            .last_applied
+            .as_ref()
+            .map_or(0, openraft::LogId::index);
+        let (published, rx) = watch::channel((index, Arc::new(stored.state.clone())));
+        Ok((
+            Self {
+                db,
+                ks,
+                stored,
+                published,
+                log,
+                me,
+            },
+            rx,
+        ))
+    }
+
+    async fn persist(&self) -> io::Result<()> {
+        let bytes = to_json(&self.stored)?;
+        let (db, ks) = (self.db.clone(), self.ks.clone());
+        blocking(move || {
+            ks.insert(b"s", bytes).map_err(io_err)?;
+            db.persist(PersistMode::SyncData).map_err(io_err)
+        })
+        .await
+    }
+
+    fn publish(&self) {
+        let index = self
+            .stored
+            .last_applied
+            .as_ref()
+            .map_or(0, openraft::LogId::index);
+        self.published
+            .send_replace((index, Arc::new(self.stored.state.clone())));
+    }
+
+    /// Makes the local log match `cmd`, applied to `state` (the state after it).
+    async fn local_effects(&self, cmd: &Command, state: &ClusterState) -> io::Result<()> {
+        match cmd {
+            Command::RegisterBroker { .. } => Ok(()),
+            Command::CreateTopic { name, .. } | Command::UpdateTopic { name, .. } => {
+                let Some(topic) = state.topics.get(name) else {
+                    return Ok(());
+                };
+                let Some(config) = local_config(&topic.config, &topic.replicas, self.me) else {
+                    return Ok(());
+                };
+                let result = if self.log.topic(name).is_ok() {
+                    self.log.update_topic(name, config).await.map(|_| ())
+                } else {
+                    self.log.create_topic(name, config).await.map(|_| ())
+                };
+                local_result(name, result)
+            }
+            Command::DeleteTopic { name } => match self.log.delete_topic(name).await {
+                Err(crate::log::Error::TopicNotFound(_)) => Ok(()),
+                other => local_result(name, other),
+            },
+        }
+    }
+}
+
+/// The local settings of a topic whose partitions are placed by `replicas`: `None` when no
+/// partition is led here; all partitions served when every one is (and then `config`'s own
+/// `served` list, which a standalone broker's admin callers may set), else those led here.
+fn local_config(
+    config: &TopicConfig,
+    replicas: &[Vec<BrokerId>],
+    me: BrokerId,
+) -> Option<TopicConfig> {
+    let led: Vec<u32> = replicas
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.first() == Some(&me))
+        .map(|(i, _)| i as u32)
+        .collect();
+    if led.is_empty() {
+        return None;
+    }
+    let mut local = *config;
+    if led.len() != replicas.len() {
+        local.served = Served::from_list(&led, config.partitions).ok()?;
+    }
+    Some(local)
+}
+
+/// A storage failure of the local log is fatal to the state machine (openraft stops, the
+/// broker exits and recovers, as after any failed commit); a refusal means the local log
+/// and the cluster's state disagree, which is logged and left for the operator.
+fn local_result(name: &str, result: Result<(), crate::log::Error>) -> io::Result<()> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(e @ (crate::log::Error::Commit(_) | crate::log::Error::ShuttingDown)) => Err(io_err(
+            format!("applying topic {name} to the local log: {e}"),
+        )),
+        Err(e) => {
+            tracing::error!(topic = %name, error = %e, "the local log refused a change of the cluster's metadata");
+            Ok(())
+        }
+    }
+}
+
+impl RaftSnapshotBuilder<C> for StateMachineSnapshot {
+    type SnapshotData = Vec<u8>;
+
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<C, Vec<u8>>, io::Error> {
+        Ok(SnapshotOf::<C, Vec<u8>> {
+            meta: self.meta.clone(),
+            snapshot: self.data.clone(),
+        })
+    }
+}
+
+/// A copy of the state machine taken for a snapshot.
+pub struct StateMachineSnapshot {
+    meta: SnapshotMetaOf<C>,
+    data: Vec<u8>,
+}
+
+impl StateMachine {
+    fn snapshot_now(&self) -> io::Result<StateMachineSnapshot> {
+        Ok(StateMachineSnapshot {
+            meta: SnapshotMetaOf::<C> {
+                last_log_id: self.stored.last_applied,
+                last_membership: self.stored.membership.clone(),
+            },
+            data: to_json(&self.stored)?,
+        })
+    }
+}
+
+impl RaftStateMachine<C> for StateMachine {
+    type SnapshotData = Vec<u8>;
+    type SnapshotBuilder = StateMachineSnapshot;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogIdOf<C>>, StoredMembershipOf<C>), io::Error> {
+        Ok((self.stored.last_applied, self.stored.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<C>, io::Error>> + Unpin + OptionalSend,
+    {
+        let mut answers = Vec::new();
+        while let Some((entry, responder)) = entries.try_next().await? {
+            self.stored.last_applied = Some(entry.log_id());
+            let applied = match &entry.payload {
+                EntryPayload::Blank => Applied::default(),
+                EntryPayload::Normal(cmd) => {
+                    let applied = self.stored.state.apply(cmd);
+                    if !applied.unchanged {
+                        self.local_effects(cmd, &self.stored.state).await?;
+                    }
+                    applied
+                }
+                EntryPayload::Membership(m) => {
+                    self.stored.membership =
+                        StoredMembershipOf::<C>::new(Some(entry.log_id()), m.clone());
+                    Applied::default()
+                }
+            };
+            if let Some(r) = responder {
+                answers.push((r, applied));
+            }
+        }
+        self.persist().await?;
+        self.publish();
+        for (r, applied) in answers {
+            r.send(applied);
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.snapshot_now().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "encoding the metadata snapshot failed");
+            StateMachineSnapshot {
+                meta: SnapshotMetaOf::<C>::default(),
+                data: Vec::new(),
+            }
+        })
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMetaOf<C>,
+        snapshot: Self::SnapshotData,
+    ) -> Result<(), io::Error> {
+        let mut stored: Stored = from_json(&snapshot)?;
+        stored.last_applied.clone_from(&meta.last_log_id);
+        stored.membership.clone_from(&meta.last_membership);
+        let before = std::mem::replace(&mut self.stored, stored);
+        // The local log follows the new state: topics created, grown or deleted meanwhile.
+        for name in before.state.topics.keys() {
+            if !self.stored.state.topics.contains_key(name) {
+                self.local_effects(
+                    &Command::DeleteTopic { name: name.clone() },
+                    &self.stored.state,
+                )
+                .await?;
+            }
+        }
+        for (name, t) in &self.stored.state.topics {
+            if before.state.topics.get(name) != Some(t) {
+                let cmd = Command::CreateTopic {
+                    name: name.clone(),
+                    config: t.config,
+                    replicas: t.replicas.clone(),
+                };
+                self.local_effects(&cmd, &self.stored.state).await?;
+            }
+        }
+        self.persist().await?;
+        self.publish();
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<C, Vec<u8>>>, io::Error> {
+        if self.stored.last_applied.is_none() {
+            return Ok(None);
+        }
+        let s = self.snapshot_now()?;
+        Ok(Some(SnapshotOf::<C, Vec<u8>> {
+            meta: s.meta,
+            snapshot: s.data,
+        }))
+    }
+}

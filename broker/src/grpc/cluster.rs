@@ -1,0 +1,134 @@
+//! `weir.v1.Cluster` (the cluster's metadata for clients) and `weir.v1.Raft` (the metadata
+//! group's messages between brokers).
+
+use std::sync::Arc;
+
+use openraft::errors::RaftError;
+use tonic::{Request, Response, Status};
+use weir_proto::v1::{
+    self as pb, cluster_server::Cluster as ClusterRpc, raft_server::Raft as RaftRpc,
+};
+
+use crate::cluster::{Cluster, TypeConfig, state::BrokerState};
+
+/// Serves `weir.v1.Cluster`.
+#[derive(Debug, Clone)]
+pub struct ClusterService {
+    cluster: Arc<Cluster>,
+}
+
+impl ClusterService {
+    /// A service over `cluster`.
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        Self { cluster }
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterRpc for ClusterService {
+    async fn metadata(
+        &self,
+        _request: Request<pb::MetadataRequest>,
+    ) -> Result<Response<pb::MetadataResponse>, Status> {
+        let state = self.cluster.state();
+        let brokers = state
+            .brokers
+            .values()
+            .map(|b| pb::BrokerMetadata {
+                id: b.id,
+                address: b.address.clone(),
+                state: match b.state {
+                    BrokerState::Alive => "Alive".into(),
+                },
+            })
+            .collect();
+        let partitions = state
+            .topics
+            .iter()
+            .flat_map(|(name, t)| {
+                t.replicas
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, replicas)| pb::PartitionMetadata {
+                        topic: name.clone(),
+                        partition: i as u32,
+                        leader: replicas.first().copied().unwrap_or_default(),
+                        replicas: replicas.clone(),
+                        // One replica per partition: the leader is the in-sync set.
+                        in_sync: replicas.iter().take(1).copied().collect(),
+                    })
+            })
+            .collect();
+        Ok(Response::new(pb::MetadataResponse {
+            metadata_leader: self.cluster.metadata_leader(),
+            brokers,
+            partitions,
+            answered_by: self.cluster.me(),
+        }))
+    }
+}
+
+/// Serves `weir.v1.Raft`: hands openraft's messages to this broker's metadata node.
+#[derive(Debug, Clone)]
+pub struct RaftService {
+    cluster: Arc<Cluster>,
+}
+
+impl RaftService {
+    /// A service over `cluster`'s node.
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        Self { cluster }
+    }
+}
+
+fn decode<T: for<'de> serde::Deserialize<'de>>(m: &pb::RaftMessage) -> Result<T, Status> {
+    serde_json::from_slice(&m.json)
+        .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))
+}
+
+fn encode<T: serde::Serialize>(answer: &T) -> Result<Response<pb::RaftMessage>, Status> {
+    serde_json::to_vec(answer)
+        .map(|json| Response::new(pb::RaftMessage { json: json.into() }))
+        .map_err(|e| Status::internal(format!("encoding a raft answer: {e}")))
+}
+
+#[tonic::async_trait]
+impl RaftRpc for RaftService {
+    async fn append_entries(
+        &self,
+        request: Request<pb::RaftMessage>,
+    ) -> Result<Response<pb::RaftMessage>, Status> {
+        let req = decode(request.get_ref())?;
+        encode(&self.cluster.raft().append_entries(req).await)
+    }
+
+    async fn vote(
+        &self,
+        request: Request<pb::RaftMessage>,
+    ) -> Result<Response<pb::RaftMessage>, Status> {
+        let req = decode(request.get_ref())?;
+        encode(&self.cluster.raft().vote(req).await)
+    }
+
+    async fn snapshot(
+        &self,
+        request: Request<pb::RaftMessage>,
+    ) -> Result<Response<pb::RaftMessage>, Status> {
+        let (vote, meta, data): (
+            openraft::alias::VoteOf<TypeConfig>,
+            openraft::alias::SnapshotMetaOf<TypeConfig>,
+            Vec<u8>,
+        ) = decode(request.get_ref())?;
+        let snapshot = openraft::alias::SnapshotOf::<TypeConfig, Vec<u8>> {
+            meta,
+            snapshot: data,
+        };
+        let answer: Result<_, RaftError<TypeConfig>> = self
+            .cluster
+            .raft()
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(RaftError::Fatal);
+        encode(&answer)
+    }
+}

@@ -1,0 +1,58 @@
+//! `weir cluster describe`: brokers, the metadata leader, each partition's leader and
+//! replicas.
+
+use clap::Subcommand;
+use weir_client::Client;
+
+use crate::Output;
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Show the brokers, the metadata leader (controller) and each partition's leader,
+    /// replicas and in-sync replicas.
+    Describe,
+}
+
+pub async fn run(client: &Client, cmd: ClusterCommand, output: Output) -> anyhow::Result<()> {
+    match cmd {
+        ClusterCommand::Describe => {
+            let m = client.metadata().await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string(&m)?),
+                Output::Human => {
+                    let leader = m
+                        .metadata_leader
+                        .map_or_else(|| "none".to_owned(), |l| l.to_string());
+                    println!("metadata leader: {leader}");
+                    println!();
+                    println!("{:>6}  {:<40}  STATE", "BROKER", "ADDRESS");
+                    for b in &m.brokers {
+                        println!("{:>6}  {:<40}  {}", b.id, b.address, b.state);
+                    }
+                    println!();
+                    println!(
+                        "{:<32}  {:>9}  {:>6}  {:<12}  IN-SYNC",
+                        "TOPIC", "PARTITION", "LEADER", "REPLICAS"
+                    );
+                    let list = |ids: &[u64]| {
+                        ids.iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    };
+                    for p in &m.partitions {
+                        println!(
+                            "{:<32}  {:>9}  {:>6}  {:<12}  {}",
+                            p.topic,
+                            p.partition,
+                            p.leader,
+                            list(&p.replicas),
+                            list(&p.in_sync)
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
