@@ -29,6 +29,12 @@ pub struct Config {
     #[arg(long, env = "WEIR_ADVERTISE", value_parser = parse_advertise)]
     pub advertise: Option<String>,
 
+    /// The metadata group's initial voters, `ID=HOST:PORT` separated by commas, this broker
+    /// among them (`0=weir-broker-0.weir-broker:7070,1=…`): 1, 3 or 5 brokers. Every voter
+    /// gets the same list. Empty: a cluster of one.
+    #[arg(long, env = "WEIR_PEERS", value_parser = parse_peers, default_value = "")]
+    pub peers: Peers,
+
     /// Address of the HTTP server: /metrics (Prometheus), /healthz, /readyz; `HOST:PORT`.
     #[arg(long, env = "WEIR_HTTP_LISTEN", default_value = "0.0.0.0:7071", value_parser = parse_listen)]
     pub http_listen: SocketAddr,
@@ -153,7 +159,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// `--advertise`: `HOST:PORT` with a port in 1..=65535.
+/// `--advertise` (and each `--peers` address): `HOST:PORT` with a port in 1..=65535.
 fn parse_advertise(s: &str) -> Result<String, String> {
     let bad = || {
         format!(
@@ -166,4 +172,32 @@ fn parse_advertise(s: &str) -> Result<String, String> {
         Ok(p) if p > 0 && !host.is_empty() => Ok(s.to_owned()),
         _ => Err(bad()),
     }
+}
+
+/// `--peers`: broker id → `HOST:PORT`.
+pub type Peers = std::collections::BTreeMap<u64, String>;
+
+/// `--peers ID=HOST:PORT,…` with distinct ids and well-formed addresses.
+fn parse_peers(s: &str) -> Result<Peers, String> {
+    let mut peers = Peers::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part.split_once('=').ok_or_else(|| {
+            format!(
+                "--peers entry {:?} is not ID=HOST:PORT, e.g. 0=weir-broker-0.weir-broker:7070",
+                crate::validate::quote(part)
+            )
+        })?;
+        let id: u64 = id.trim().parse().map_err(|_| {
+            format!(
+                "--peers entry {:?}: {:?} is not a broker id (a number)",
+                crate::validate::quote(part),
+                crate::validate::quote(id)
+            )
+        })?;
+        let addr = parse_advertise(addr.trim())?;
+        if peers.insert(id, addr).is_some() {
+            return Err(format!("--peers names broker {id} twice"));
+        }
+    }
+    Ok(peers)
 }

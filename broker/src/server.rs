@@ -46,6 +46,8 @@ pub struct ServeOptions {
     /// `--advertise`: `host:port` peers and clients use to reach the gRPC port; `None` for
     /// the bound address (this host's name when bound to every interface).
     pub advertise: Option<String>,
+    /// `--peers`: the metadata group's initial voters (empty: a cluster of one).
+    pub peers: std::collections::BTreeMap<BrokerId, String>,
 }
 
 impl Default for ServeOptions {
@@ -58,6 +60,7 @@ impl Default for ServeOptions {
             http_connections: 64,
             node_id: 0,
             advertise: None,
+            peers: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -108,7 +111,9 @@ pub async fn run(
             advertise: options
                 .advertise
                 .clone()
+                .or_else(|| options.peers.get(&options.node_id).cloned())
                 .unwrap_or_else(|| default_advertise(&grpc)),
+            peers: options.peers.clone(),
         },
     )
     .await?;

@@ -32,6 +32,13 @@ use std::{
 
 use anyhow::{Context, bail};
 
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound, then released).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// Path of the workspace binary `name` (`weir-broker`, `weir` or `weir-operator`) in the profile the tests
 /// were built with. The first call runs `cargo build` for both binaries, which is a no-op
 /// when they are fresh.
@@ -241,6 +248,60 @@ impl Broker {
         Self::launch(data_dir, args, None)
     }
 
+    /// Starts `n` brokers as one cluster on loopback: ids 0.., fixed free ports, every one
+    /// with the same `--peers`, each on its own new data directory, plus `args`. Returns once
+    /// every broker is ready (joined the metadata group).
+    pub fn start_cluster(n: usize, args: &[&str]) -> anyhow::Result<Vec<Self>> {
+        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
+        let peers = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{i}=127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut brokers = Vec::with_capacity(n);
+        let mut waiting = Vec::with_capacity(n);
+        for (i, port) in ports.iter().enumerate() {
+            let temp = tempfile::tempdir()?;
+            let mut all: Vec<String> = vec![
+                "--node-id".into(),
+                i.to_string(),
+                "--peers".into(),
+                peers.clone(),
+            ];
+            all.extend(args.iter().map(|a| (*a).to_owned()));
+            let mut b = Self {
+                child: None,
+                data_dir: temp.path().to_path_buf(),
+                temp_dir: Some(temp),
+                addr: String::new(),
+                http_addr: String::new(),
+                logs: Arc::new(Mutex::new(Vec::new())),
+                args: all,
+                listen: format!("127.0.0.1:{port}"),
+                open_files: None,
+            };
+            waiting.push(b.spawn_process()?);
+            brokers.push(b);
+        }
+        for (b, rx) in brokers.iter_mut().zip(&waiting) {
+            b.await_ready(rx)?;
+        }
+        Ok(brokers)
+    }
+
+    /// Starts the broker again without waiting for it to be ready; [`Broker::wait_ready`]
+    /// waits. For a broker of a cluster, which is ready only once a majority is up.
+    pub fn restart_nowait(&mut self) -> anyhow::Result<mpsc::Receiver<String>> {
+        self.kill();
+        self.spawn_process()
+    }
+
+    /// Waits for the "broker ready" line of a [`Broker::restart_nowait`].
+    pub fn wait_ready(&mut self, ready: &mpsc::Receiver<String>) -> anyhow::Result<()> {
+        self.await_ready(ready)
+    }
+
     /// Starts a broker on `data_dir` with extra flags under an open-files limit of
     /// `open_files` (soft and hard, as `ulimit -n` sets them).
     pub fn start_with_open_files(
@@ -268,6 +329,12 @@ impl Broker {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
+        let ready = self.spawn_process()?;
+        self.await_ready(&ready)
+    }
+
+    /// Starts the process; the receiver gets its "broker ready" log line.
+    fn spawn_process(&mut self) -> anyhow::Result<mpsc::Receiver<String>> {
         let mut command = match self.open_files {
             Some(n) => {
                 let mut c = Command::new("sh");
@@ -304,6 +371,11 @@ impl Broker {
             }
         });
         self.child = Some(child);
+        Ok(rx)
+    }
+
+    /// Waits up to 30 s for the "broker ready" line and takes the bound addresses from it.
+    fn await_ready(&mut self, rx: &mpsc::Receiver<String>) -> anyhow::Result<()> {
         let Ok(ready) = rx.recv_timeout(Duration::from_secs(30)) else {
             bail!(
                 "broker did not log \"broker ready\" within 30 s; logs:\n{}",

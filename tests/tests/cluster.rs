@@ -138,3 +138,98 @@ fn a_malformed_advertise_address_is_refused() -> anyhow::Result<()> {
     assert!(err.contains("is not HOST:PORT"), "{err}");
     Ok(())
 }
+
+fn leaders(m: &Value, topic: &str) -> Vec<u64> {
+    partitions_of(m, topic)
+        .iter()
+        .filter_map(|p| p["leader"].as_u64())
+        .collect()
+}
+
+/// Three brokers started with `--peers` form one cluster: they agree on the metadata
+/// leader and the brokers; a topic created through any broker is placed over all three
+/// (leaders spread evenly) and every broker describes it; admin keeps working through the
+/// survivors when the metadata leader is SIGKILLed, and the killed broker rejoins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_brokers_form_one_cluster_and_survive_losing_the_metadata_leader()
+-> anyhow::Result<()> {
+    let mut brokers = Broker::start_cluster(3, &[])?;
+    let views: Vec<Value> = brokers
+        .iter()
+        .map(describe_json)
+        .collect::<anyhow::Result<_>>()?;
+    let leader = views[0]["metadataLeader"]
+        .as_u64()
+        .expect("a metadata leader");
+    for v in &views {
+        assert_eq!(v["metadataLeader"], leader, "every broker agrees: {v}");
+        assert_eq!(v["brokers"].as_array().map(Vec::len), Some(3), "{v}");
+    }
+    for (i, b) in brokers.iter().enumerate() {
+        assert_eq!(
+            views[0]["brokers"][i]["address"].as_str(),
+            Some(b.url().trim_start_matches("http://")),
+            "{}",
+            views[0]
+        );
+    }
+
+    // Created through broker 0, seen on broker 2: leaders spread two per broker.
+    brokers[0]
+        .client()
+        .await?
+        .create_topic("spread", &TopicConfig::new(6))
+        .await?;
+    let m = describe_json(&brokers[2])?;
+    let mut spread = leaders(&m, "spread");
+    spread.sort_unstable();
+    assert_eq!(spread, [0, 0, 1, 1, 2, 2], "{m}");
+    // Admin through every broker, whichever leads the metadata group.
+    for (i, b) in brokers.iter().enumerate() {
+        let client = b.client().await?;
+        let name = format!("via-{i}");
+        let t = client.create_topic(&name, &TopicConfig::new(2)).await?;
+        assert_eq!(t.config.partitions, 2);
+        // Read-your-writes on the broker that was asked.
+        assert_eq!(client.describe_topic(&name).await?.config.partitions, 2);
+    }
+    brokers[1].client().await?.delete_topic("via-0").await?;
+    let m = describe_json(&brokers[0])?;
+    assert!(partitions_of(&m, "via-0").is_empty(), "{m}");
+    assert_eq!(partitions_of(&m, "via-1").len(), 2, "{m}");
+
+    // The metadata leader dies: the others elect a new one and admin goes on.
+    let dead = usize::try_from(leader)?;
+    brokers[dead].kill();
+    let alive: Vec<usize> = (0..3).filter(|&i| i != dead).collect();
+    let started = std::time::Instant::now();
+    let survivor = brokers[alive[0]].client().await?;
+    let mut created = false;
+    while started.elapsed() < std::time::Duration::from_secs(20) {
+        if survivor
+            .create_topic("after-the-loss", &TopicConfig::new(3))
+            .await
+            .is_ok()
+        {
+            created = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(created, "admin did not work again within 20 s");
+    println!(
+        "admin worked again {:?} after the metadata leader died",
+        started.elapsed()
+    );
+    let m = describe_json(&brokers[alive[1]])?;
+    assert_ne!(m["metadataLeader"], leader, "{m}");
+    assert_eq!(partitions_of(&m, "after-the-loss").len(), 3, "{m}");
+
+    // The killed broker rejoins and catches up.
+    let ready = brokers[dead].restart_nowait()?;
+    brokers[dead].wait_ready(&ready)?;
+    let m = describe_json(&brokers[dead])?;
+    assert_eq!(partitions_of(&m, "after-the-loss").len(), 3, "{m}");
+    assert_eq!(partitions_of(&m, "spread").len(), 6, "{m}");
+    Ok(())
+}

@@ -18,6 +18,8 @@ pub mod store;
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use openraft::{BasicNode, async_runtime::WatchReceiver};
+use serde::{Deserialize, Serialize};
+use weir_proto::v1::{RaftMessage, raft_client::RaftClient};
 
 use self::state::{Applied, Command};
 pub use self::state::{BrokerId, ClusterState};
@@ -40,6 +42,60 @@ pub struct ClusterOptions {
     pub node_id: BrokerId,
     /// `--advertise`: `host:port` where peers and clients reach this broker's gRPC port.
     pub advertise: String,
+    /// `--peers`: the metadata group's initial voters by id (empty: a cluster of one).
+    pub peers: BTreeMap<BrokerId, String>,
+}
+
+/// A topic change as a broker forwards it to the controller (the metadata leader), which
+/// checks it against the state, places partitions and proposes it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AdminOp {
+    /// Create a topic.
+    CreateTopic {
+        /// Topic name.
+        name: String,
+        /// Settings.
+        config: TopicConfig,
+    },
+    /// Change a topic's settings.
+    UpdateTopic {
+        /// Topic name.
+        name: String,
+        /// Settings.
+        config: TopicConfig,
+    },
+    /// Delete a topic.
+    DeleteTopic {
+        /// Topic name.
+        name: String,
+    },
+    /// A broker announces its address.
+    RegisterBroker {
+        /// Broker id.
+        id: BrokerId,
+        /// Advertised `host:port`.
+        address: String,
+    },
+}
+
+/// The controller's answer to a forwarded [`AdminOp`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Forwarded {
+    /// `CreateTopic`: whether it created the topic (`false`: it existed with the same
+    /// settings).
+    pub created: bool,
+    /// The metadata log index the change was applied at; the forwarding broker answers its
+    /// client once it has applied that far itself (read-your-writes on every broker).
+    pub index: u64,
+}
+
+/// An error the controller answered a forwarded call with: a gRPC status code and message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemoteError {
+    /// `tonic::Code` as an integer.
+    pub code: i32,
+    /// The message.
+    pub message: String,
 }
 
 /// Errors of the cluster layer.
@@ -59,6 +115,17 @@ pub enum Error {
     /// The local log refused or failed.
     #[error(transparent)]
     Log(#[from] log::Error),
+    /// The controller refused a forwarded change (its status code and message).
+    #[error("{message}")]
+    Remote {
+        /// `tonic::Code` as an integer.
+        code: i32,
+        /// The controller's message.
+        message: String,
+    },
+    /// This broker is not the metadata leader (a leader change happened meanwhile).
+    #[error("this broker is not the metadata leader; retry")]
+    NotLeader,
 }
 
 /// This broker's view of, and part in, the cluster.
@@ -69,6 +136,12 @@ pub struct Cluster {
     state: store::AppliedState,
     /// Nothing of a metadata group was stored when this broker started.
     fresh: bool,
+    /// The initial voters (`--peers`), empty for a cluster of one.
+    peers: BTreeMap<BrokerId, String>,
+    /// Channels to peers for forwarded admin calls, by address.
+    channels: parking_lot::Mutex<
+        std::collections::HashMap<String, RaftClient<tonic::transport::Channel>>,
+    >,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -119,6 +192,8 @@ impl Cluster {
             address: options.advertise,
             state,
             fresh,
+            peers: options.peers,
+            channels: parking_lot::Mutex::default(),
         }))
     }
 
@@ -132,17 +207,27 @@ impl Cluster {
     pub async fn join(&self, log: &Log) -> Result<(), Error> {
         let cluster = self;
         if self.fresh {
-            let members = BTreeMap::from([(
-                self.me,
-                BasicNode {
-                    addr: self.address.clone(),
-                },
-            )]);
-            cluster
-                .raft
-                .initialize(members)
-                .await
-                .map_err(|e| Error::Storage(format!("initializing the metadata group: {e}")))?;
+            // Every initial voter initializes with the same membership (openraft allows it:
+            // the entry is identical everywhere, one election wins).
+            let members: BTreeMap<BrokerId, BasicNode> = if self.peers.is_empty() {
+                BTreeMap::from([(self.me, BasicNode::new(self.address.clone()))])
+            } else {
+                self.peers
+                    .iter()
+                    .map(|(&id, addr)| (id, BasicNode::new(addr.clone())))
+                    .collect()
+            };
+            match cluster.raft.initialize(members).await {
+                Ok(()) => {}
+                Err(openraft::errors::RaftError::APIError(e)) => {
+                    tracing::info!(reason = %e, "the metadata group was initialized already");
+                }
+                Err(e) => {
+                    return Err(Error::Storage(format!(
+                        "initializing the metadata group: {e}"
+                    )));
+                }
+            }
         } else if cluster.is_sole_voter() {
             // A cluster of one need not wait out an election timeout at every restart.
             if let Err(e) = cluster.raft.trigger().elect(false).await {
@@ -168,30 +253,36 @@ impl Cluster {
         voters == [self.me]
     }
 
+    /// Waits until the metadata group has a leader, as long as it takes (a broker of a
+    /// cluster starts before its peers are up); says so every 30 s.
     async fn wait_for_leader(&self) -> Result<(), Error> {
-        self.raft
-            .wait(Some(LEADER_WAIT))
-            .metrics(|m| m.current_leader.is_some(), "a metadata leader")
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::NoLeader(e.to_string()))
+        loop {
+            match self
+                .raft
+                .wait(Some(LEADER_WAIT))
+                .metrics(|m| m.current_leader.is_some(), "a metadata leader")
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(openraft::metrics::WaitError::Timeout(..)) => {
+                    tracing::warn!(peers = ?self.peers, "no metadata leader yet: waiting for a majority of the peers");
+                }
+                Err(e) => return Err(Error::Storage(e.to_string())),
+            }
+        }
     }
 
-    /// Announces this broker's address (again) unless the state already has it.
+    /// Announces this broker's address, through the controller, and waits until this broker
+    /// has applied that entry: so a broker is ready only once it has caught up with the
+    /// metadata committed before it (a registration with an unchanged address changes
+    /// nothing else).
     async fn register(&self) -> Result<(), Error> {
-        let known = self
-            .state()
-            .brokers
-            .get(&self.me)
-            .map(|b| b.address.clone());
-        if known.as_deref() != Some(self.address.as_str()) {
-            self.propose(Command::RegisterBroker {
-                id: self.me,
-                address: self.address.clone(),
-            })
-            .await?;
-        }
-        Ok(())
+        self.admin(AdminOp::RegisterBroker {
+            id: self.me,
+            address: self.address.clone(),
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Puts the topics of a data directory written before the cluster existed into the
@@ -209,6 +300,7 @@ impl Cluster {
                 replicas: vec![vec![self.me]; config.partitions as usize],
             })
             .await?;
+            // Adoption runs on a fresh cluster of one, where this broker leads.
             adopted += 1;
         }
         if adopted > 0 {
@@ -244,6 +336,9 @@ impl Cluster {
     pub async fn propose(&self, cmd: Command) -> Result<Applied, Error> {
         match self.raft.client_write(cmd).await {
             Ok(answer) => Ok(answer.data),
+            Err(openraft::errors::RaftError::APIError(
+                openraft::errors::ClientWriteError::ForwardToLeader(_),
+            )) => Err(Error::NotLeader),
             Err(openraft::errors::RaftError::APIError(e)) => Err(Error::NoLeader(e.to_string())),
             Err(e) => Err(Error::Storage(e.to_string())),
         }
@@ -256,6 +351,14 @@ impl Cluster {
     ///
     /// [`log::Error::TopicExists`] with other settings; see [`Cluster::propose`].
     pub async fn create_topic(&self, name: &str, config: TopicConfig) -> Result<bool, Error> {
+        self.admin(AdminOp::CreateTopic {
+            name: name.to_owned(),
+            config,
+        })
+        .await
+    }
+
+    async fn create_topic_here(&self, name: &str, config: TopicConfig) -> Result<bool, Error> {
         if let Some(existing) = self.state().topics.get(name) {
             return same_config(name, existing.config, config).map(|()| false);
         }
@@ -284,6 +387,15 @@ impl Cluster {
     /// [`log::Error::TopicNotFound`], [`log::Error::PartitionsShrink`]; see
     /// [`Cluster::propose`].
     pub async fn update_topic(&self, name: &str, config: TopicConfig) -> Result<(), Error> {
+        self.admin(AdminOp::UpdateTopic {
+            name: name.to_owned(),
+            config,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn update_topic_here(&self, name: &str, config: TopicConfig) -> Result<(), Error> {
         let state = self.state();
         let current = state
             .topics
@@ -313,6 +425,14 @@ impl Cluster {
     ///
     /// [`log::Error::TopicNotFound`]; see [`Cluster::propose`].
     pub async fn delete_topic(&self, name: &str) -> Result<(), Error> {
+        self.admin(AdminOp::DeleteTopic {
+            name: name.to_owned(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn delete_topic_here(&self, name: &str) -> Result<(), Error> {
         if !self.state().topics.contains_key(name) {
             return Err(log::Error::TopicNotFound(crate::validate::quote(name)).into());
         }
@@ -325,6 +445,139 @@ impl Cluster {
             return Err(log::Error::TopicNotFound(crate::validate::quote(name)).into());
         }
         Ok(())
+    }
+
+    /// Runs `op` on the controller: here when this broker leads the metadata group, else
+    /// forwarded to the leader (one hop), retried over a leader change. Returns once this
+    /// broker has applied the change too.
+    async fn admin(&self, op: AdminOp) -> Result<bool, Error> {
+        let mut last = Error::NoLeader("no attempt made".into());
+        for attempt in 0..5u32 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+            }
+            let Some(leader) = self.leader_within(Duration::from_secs(5)).await else {
+                last = Error::NoLeader("no leader elected within 5 s".into());
+                continue;
+            };
+            let result = if leader == self.me {
+                self.admin_here(&op).await.map(|f| f.created)
+            } else {
+                self.forward(leader, &op).await
+            };
+            match result {
+                Err(e @ (Error::NotLeader | Error::NoLeader(_))) => last = e,
+                Err(Error::Remote { code, message }) if code == tonic::Code::Unavailable as i32 => {
+                    last = Error::NoLeader(message);
+                }
+                other => return other,
+            }
+        }
+        Err(last)
+    }
+
+    /// Runs `op` here, on the metadata leader; `Error::NotLeader` if this broker is not.
+    ///
+    /// # Errors
+    ///
+    /// The checks of each change; see [`Cluster::propose`].
+    pub async fn admin_here(&self, op: &AdminOp) -> Result<Forwarded, Error> {
+        let created = match op {
+            AdminOp::CreateTopic { name, config } => self.create_topic_here(name, *config).await?,
+            AdminOp::UpdateTopic { name, config } => {
+                self.update_topic_here(name, *config).await?;
+                false
+            }
+            AdminOp::DeleteTopic { name } => {
+                self.delete_topic_here(name).await?;
+                false
+            }
+            AdminOp::RegisterBroker { id, address } => {
+                // Always proposed: its commit is what tells a (re)starting broker that it
+                // has caught up.
+                self.propose(Command::RegisterBroker {
+                    id: *id,
+                    address: address.clone(),
+                })
+                .await?;
+                false
+            }
+        };
+        Ok(Forwarded {
+            created,
+            index: self.state.borrow().0,
+        })
+    }
+
+    /// The metadata leader, waiting up to `wait` for one.
+    async fn leader_within(&self, wait: Duration) -> Option<BrokerId> {
+        if let Some(l) = self.metadata_leader() {
+            return Some(l);
+        }
+        self.raft
+            .wait(Some(wait))
+            .metrics(|m| m.current_leader.is_some(), "a metadata leader")
+            .await
+            .ok()
+            .and_then(|m| m.current_leader)
+    }
+
+    /// Sends `op` to the leader `leader` and waits until this broker applied it.
+    async fn forward(&self, leader: BrokerId, op: &AdminOp) -> Result<bool, Error> {
+        let address = {
+            let metrics = self.raft.metrics().borrow_watched().clone();
+            metrics
+                .membership_config
+                .membership()
+                .get_node(&leader)
+                .map(|n| n.addr.clone())
+        }
+        .ok_or_else(|| Error::NoLeader(format!("no address known for broker {leader}")))?;
+        let mut client = self.channel(&address)?;
+        let json = serde_json::to_vec(op).map_err(|e| Error::Storage(e.to_string()))?;
+        let mut request = tonic::Request::new(RaftMessage { json: json.into() });
+        request.set_timeout(Duration::from_secs(30));
+        let answer = client.forward(request).await.map_err(|s| {
+            Error::NoLeader(format!(
+                "forwarding to broker {leader} at {address}: {}",
+                s.message()
+            ))
+        })?;
+        let answer: Result<Forwarded, RemoteError> =
+            serde_json::from_slice(&answer.into_inner().json).map_err(|e| {
+                Error::Storage(format!("undecodable answer of broker {leader}: {e}"))
+            })?;
+        let forwarded = answer.map_err(|e| Error::Remote {
+            code: e.code,
+            message: e.message,
+        })?;
+        self.wait_applied(forwarded.index).await?;
+        Ok(forwarded.created)
+    }
+
+    fn channel(&self, address: &str) -> Result<RaftClient<tonic::transport::Channel>, Error> {
+        let mut channels = self.channels.lock();
+        if let Some(c) = channels.get(address) {
+            return Ok(c.clone());
+        }
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| Error::NoLeader(format!("bad peer address {address}: {e}")))?
+            .connect_timeout(Duration::from_secs(2));
+        let client = RaftClient::new(endpoint.connect_lazy());
+        channels.insert(address.to_owned(), client.clone());
+        Ok(client)
+    }
+
+    /// Waits until this broker's state machine applied `index` (at most 10 s).
+    async fn wait_applied(&self, index: u64) -> Result<(), Error> {
+        let mut rx = self.state.clone();
+        match tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|(i, _)| *i >= index)).await
+        {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(Error::NoLeader(format!(
+                "the change was committed but this broker has not applied it within 10 s (index {index})"
+            ))),
+        }
     }
 
     /// Stops the Raft node.

@@ -5,7 +5,10 @@ use weir_proto::v1::{self as pb, admin_server::Admin};
 
 use super::{
     Context,
-    convert::{describe, group_config_from_pb, group_to_pb, start_from_pb, topic_config_from_pb},
+    convert::{
+        describe, describe_remote, group_config_from_pb, group_to_pb, start_from_pb,
+        topic_config_from_pb,
+    },
 };
 use crate::{
     log::TopicConfig,
@@ -25,6 +28,20 @@ impl AdminService {
     }
 }
 
+impl AdminService {
+    /// `name` as this broker knows it: with live figures when it leads a partition of it,
+    /// else its settings from the cluster's metadata.
+    fn describe_any(&self, name: &str) -> Result<pb::TopicDescription, Status> {
+        if let Ok(topic) = self.ctx.log.topic(name) {
+            return Ok(describe(&topic));
+        }
+        match self.ctx.cluster.state().topics.get(name) {
+            Some(t) => Ok(describe_remote(name, &t.config)),
+            None => Err(crate::log::Error::TopicNotFound(crate::validate::quote(name)).into()),
+        }
+    }
+}
+
 fn config(name: &str, c: Option<pb::TopicConfig>) -> Result<TopicConfig, Status> {
     topic_config_from_pb(name, c)
 }
@@ -39,9 +56,8 @@ impl Admin for AdminService {
         validate_name(NameKind::Topic, &req.name)?;
         let config = config(&req.name, req.config)?;
         let created = self.ctx.cluster.create_topic(&req.name, config).await?;
-        let topic = self.ctx.log.topic(&req.name)?;
         Ok(Response::new(pb::CreateTopicResponse {
-            topic: Some(describe(&topic)),
+            topic: Some(self.describe_any(&req.name)?),
             created,
         }))
     }
@@ -53,9 +69,8 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let config = config(&req.name, req.config)?;
         self.ctx.cluster.update_topic(&req.name, config).await?;
-        let topic = self.ctx.log.topic(&req.name)?;
         Ok(Response::new(pb::UpdateTopicResponse {
-            topic: Some(describe(&topic)),
+            topic: Some(self.describe_any(&req.name)?),
         }))
     }
 
@@ -93,9 +108,8 @@ impl Admin for AdminService {
         request: Request<pb::DescribeTopicRequest>,
     ) -> Result<Response<pb::DescribeTopicResponse>, Status> {
         let req = request.into_inner();
-        let topic = self.ctx.log.topic(&req.name)?;
         Ok(Response::new(pb::DescribeTopicResponse {
-            topic: Some(describe(&topic)),
+            topic: Some(self.describe_any(&req.name)?),
         }))
     }
 
@@ -103,8 +117,13 @@ impl Admin for AdminService {
         &self,
         _request: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        let state = self.ctx.cluster.state();
         Ok(Response::new(pb::ListTopicsResponse {
-            topics: self.ctx.log.topics().iter().map(|t| describe(t)).collect(),
+            topics: state
+                .topics
+                .keys()
+                .filter_map(|name| self.describe_any(name).ok())
+                .collect(),
         }))
     }
 

@@ -9,7 +9,7 @@ use weir_proto::v1::{
     self as pb, cluster_server::Cluster as ClusterRpc, raft_server::Raft as RaftRpc,
 };
 
-use crate::cluster::{Cluster, TypeConfig, state::BrokerState};
+use crate::cluster::{AdminOp, Cluster, Forwarded, RemoteError, TypeConfig, state::BrokerState};
 
 /// Serves `weir.v1.Cluster`.
 #[derive(Debug, Clone)]
@@ -108,6 +108,22 @@ impl RaftRpc for RaftService {
     ) -> Result<Response<pb::RaftMessage>, Status> {
         let req = decode(request.get_ref())?;
         encode(&self.cluster.raft().vote(req).await)
+    }
+
+    async fn forward(
+        &self,
+        request: Request<pb::RaftMessage>,
+    ) -> Result<Response<pb::RaftMessage>, Status> {
+        let op: AdminOp = decode(request.get_ref())?;
+        let answer: Result<Forwarded, RemoteError> =
+            self.cluster.admin_here(&op).await.map_err(|e| {
+                let status = Status::from(e);
+                RemoteError {
+                    code: status.code() as i32,
+                    message: status.message().to_owned(),
+                }
+            });
+        encode(&answer)
     }
 
     async fn snapshot(

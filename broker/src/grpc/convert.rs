@@ -50,30 +50,44 @@ pub(crate) fn describe(topic: &log::Topic) -> pb::TopicDescription {
         .collect();
     pb::TopicDescription {
         name: topic.name.clone(),
-        config: Some(pb::TopicConfig {
-            partitions: config.partitions,
-            max_message_bytes: config.max_message_bytes,
-            retention: match config.retention {
-                Retention::Limits => pb::RetentionPolicy::Limits,
-                Retention::WorkQueue => pb::RetentionPolicy::WorkQueue,
-            } as i32,
-            max_age_ms: config.max_age_ms,
-            max_bytes: config.max_bytes,
-            max_messages: config.max_messages,
-            overflow: match config.overflow {
-                Overflow::DropOldest => pb::Overflow::DropOldest,
-                Overflow::Reject => pb::Overflow::Reject,
-            } as i32,
-            durability: match config.durability {
-                Durability::Fsync => pb::Durability::Fsync,
-                Durability::Buffered => pb::Durability::Buffered,
-            } as i32,
-            served_partitions: config.served.to_list(),
-        }),
+        config: Some(config_to_pb(&config)),
         messages: partitions.iter().map(|p| p.messages).sum(),
         bytes: partitions.iter().map(|p| p.bytes).sum(),
         partitions,
         created_at_ms: topic.created_at_ms,
+    }
+}
+
+/// A topic this broker leads no partition of, from the cluster's metadata: its settings,
+/// without live figures (those are on the brokers that lead its partitions).
+pub(crate) fn describe_remote(name: &str, config: &log::TopicConfig) -> pb::TopicDescription {
+    pb::TopicDescription {
+        name: name.to_owned(),
+        config: Some(config_to_pb(config)),
+        ..Default::default()
+    }
+}
+
+fn config_to_pb(config: &log::TopicConfig) -> pb::TopicConfig {
+    pb::TopicConfig {
+        partitions: config.partitions,
+        max_message_bytes: config.max_message_bytes,
+        retention: match config.retention {
+            Retention::Limits => pb::RetentionPolicy::Limits,
+            Retention::WorkQueue => pb::RetentionPolicy::WorkQueue,
+        } as i32,
+        max_age_ms: config.max_age_ms,
+        max_bytes: config.max_bytes,
+        max_messages: config.max_messages,
+        overflow: match config.overflow {
+            Overflow::DropOldest => pb::Overflow::DropOldest,
+            Overflow::Reject => pb::Overflow::Reject,
+        } as i32,
+        durability: match config.durability {
+            Durability::Fsync => pb::Durability::Fsync,
+            Durability::Buffered => pb::Durability::Buffered,
+        } as i32,
+        served_partitions: config.served.to_list(),
     }
 }
 

@@ -53,7 +53,8 @@ fn group_code(e: &groups::Error) -> Code {
 
 fn cluster_code(e: &cluster::Error) -> Code {
     match e {
-        cluster::Error::NoLeader(_) => Code::Unavailable,
+        cluster::Error::NoLeader(_) | cluster::Error::NotLeader => Code::Unavailable,
+        cluster::Error::Remote { code, .. } => Code::from(*code),
         cluster::Error::Log(e) => log_code(e),
         _ => Code::Internal,
     }
