@@ -29,6 +29,7 @@ pub struct Metrics {
     fetch_requests: Counter,
     fetch_records: Counter,
     commits: Counter,
+    forwarded: Counter,
     data_loss_reads: Counter,
     accepted_lost_records: Counter,
     committed_records: Counter,
@@ -66,6 +67,7 @@ impl Metrics {
             fetch_requests: Counter::default(),
             fetch_records: Counter::default(),
             commits: Counter::default(),
+            forwarded: Counter::default(),
             data_loss_reads: Counter::default(),
             accepted_lost_records: Counter::default(),
             committed_records: Counter::default(),
@@ -110,6 +112,11 @@ impl Metrics {
             "fetch_records",
             "Records returned by fetches",
             m.fetch_records.clone(),
+        );
+        registry.register(
+            "forwarded_requests",
+            "Produce and fetch calls forwarded to the broker that leads the partition",
+            m.forwarded.clone(),
         );
         registry.register(
             "log_data_loss_reads",
@@ -190,6 +197,11 @@ impl Metrics {
         } else {
             self.produce_errors.inc();
         }
+    }
+
+    /// Counts a call forwarded to broker `_leader` (the partition's leader).
+    pub fn observe_forward(&self, _leader: u64) {
+        self.forwarded.inc();
     }
 
     /// Counts a fetch that returned `records` records.

@@ -4,7 +4,7 @@
 //! data directory written before the cluster existed is adopted.
 
 use serde_json::{Value, json};
-use weir_client::TopicConfig;
+use weir_client::{Record, TopicConfig};
 use weir_tests::Broker;
 
 fn describe_json(broker: &Broker) -> anyhow::Result<Value> {
@@ -231,5 +231,110 @@ async fn three_brokers_form_one_cluster_and_survive_losing_the_metadata_leader()
     let m = describe_json(&brokers[dead])?;
     assert_eq!(partitions_of(&m, "after-the-loss").len(), 3, "{m}");
     assert_eq!(partitions_of(&m, "spread").len(), 6, "{m}");
+    Ok(())
+}
+
+/// Produce and fetch through any broker of a cluster: a call for a partition led elsewhere
+/// is forwarded to its leader (one hop, counted), keyed records reach their key's partition,
+/// and a request whose records would need two leaders is refused, storing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_and_fetch_work_through_any_broker() -> anyhow::Result<()> {
+    let brokers = Broker::start_cluster(3, &[])?;
+    let entry = brokers[1].client().await?;
+    entry.create_topic("any", &TopicConfig::new(6)).await?;
+    let m = describe_json(&brokers[0])?;
+    let leader_of: Vec<u64> = leaders(&m, "any");
+    // Through broker 1 only: every partition, also those led by 0 and 2.
+    for p in 0..6u32 {
+        let acks = entry
+            .produce(
+                "any",
+                Some(p),
+                (0..10)
+                    .map(|i| Record::value(format!("p{p} r{i}")))
+                    .collect(),
+            )
+            .await?;
+        assert_eq!(acks[0].partition, p);
+        assert_eq!(acks[0].base_offset, 0);
+    }
+    // One key per request, through broker 1: each lands on its key's partition.
+    for key in ["alpha", "beta", "gamma"] {
+        for i in 0..5 {
+            entry
+                .produce("any", None, vec![Record::keyed(key, format!("{key} {i}"))])
+                .await?;
+        }
+    }
+    // Read back through broker 2 only.
+    let reader = brokers[2].client().await?;
+    let mut by_key = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for p in 0..6u32 {
+        let f = reader
+            .fetch("any", p, 0, weir_client::FetchOptions::default())
+            .await?;
+        let texts: Vec<String> = f
+            .records
+            .iter()
+            .map(|r| r.record.text().into_owned())
+            .collect();
+        assert_eq!(
+            texts[..10],
+            (0..10).map(|i| format!("p{p} r{i}")).collect::<Vec<_>>()[..],
+            "partition {p} (leader {})",
+            leader_of[p as usize]
+        );
+        for r in &f.records[10..] {
+            let key =
+                String::from_utf8_lossy(r.record.key.as_deref().unwrap_or_default()).into_owned();
+            by_key
+                .entry(key)
+                .or_default()
+                .push(r.record.text().into_owned());
+        }
+    }
+    for key in ["alpha", "beta", "gamma"] {
+        assert_eq!(
+            by_key.get(key).cloned().unwrap_or_default(),
+            (0..5).map(|i| format!("{key} {i}")).collect::<Vec<_>>(),
+            "every record of {key}, in order, on one partition"
+        );
+    }
+    let metrics = weir_tests::http_get(&brokers[1].http_addr, "/metrics")?;
+    let forwarded: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("weir_forwarded_requests_total "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        forwarded >= 4.0,
+        "partitions led elsewhere were forwarded: {forwarded}"
+    );
+
+    // Keys of two leaders in one request: refused, nothing stored.
+    let keys: Vec<String> = (0..50).map(|i| format!("k{i}")).collect();
+    let err = entry
+        .produce(
+            "any",
+            None,
+            keys.iter().map(|k| Record::keyed(k.clone(), "x")).collect(),
+        )
+        .await
+        .expect_err("records for several leaders");
+    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
+    assert!(
+        err.to_string().contains("send one request per leader"),
+        "{err}"
+    );
+    for p in 0..6u32 {
+        let f = reader
+            .fetch("any", p, 0, weir_client::FetchOptions::default())
+            .await?;
+        assert!(
+            f.records.iter().all(|r| r.record.text() != "x"),
+            "partition {p}: nothing of the refused request"
+        );
+    }
     Ok(())
 }

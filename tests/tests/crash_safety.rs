@@ -337,6 +337,14 @@ impl Torture<'_> {
         for round in 0..self.rounds {
             let client = broker.client().await?;
             let producer = tokio::spawn(produce_until_error(client, round, Arc::clone(&ledger)));
+            // Once this round has an acknowledgement (the broker is serving; on a loaded
+            // machine that can take a while), a random while longer, then the kill.
+            let serving = std::time::Instant::now();
+            while ledger.lock().expect("ledger").acked.len() == last_acked
+                && serving.elapsed() < Duration::from_secs(10)
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             tokio::time::sleep(Duration::from_millis(100 + rng.below(400))).await;
             broker.kill();
             producer.await?;

@@ -12,6 +12,7 @@
 //! fjall), [`network`] (the messages between brokers).
 
 pub mod network;
+pub mod route;
 pub mod state;
 pub mod store;
 
@@ -138,10 +139,8 @@ pub struct Cluster {
     fresh: bool,
     /// The initial voters (`--peers`), empty for a cluster of one.
     peers: BTreeMap<BrokerId, String>,
-    /// Channels to peers for forwarded admin calls, by address.
-    channels: parking_lot::Mutex<
-        std::collections::HashMap<String, RaftClient<tonic::transport::Channel>>,
-    >,
+    /// Channels to peers for forwarded calls (admin and data path), by address.
+    channels: parking_lot::Mutex<std::collections::HashMap<String, tonic::transport::Channel>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -533,7 +532,7 @@ impl Cluster {
                 .map(|n| n.addr.clone())
         }
         .ok_or_else(|| Error::NoLeader(format!("no address known for broker {leader}")))?;
-        let mut client = self.channel(&address)?;
+        let mut client = RaftClient::new(self.channel(&address)?);
         let json = serde_json::to_vec(op).map_err(|e| Error::Storage(e.to_string()))?;
         let mut request = tonic::Request::new(RaftMessage { json: json.into() });
         request.set_timeout(Duration::from_secs(30));
@@ -555,17 +554,22 @@ impl Cluster {
         Ok(forwarded.created)
     }
 
-    fn channel(&self, address: &str) -> Result<RaftClient<tonic::transport::Channel>, Error> {
+    fn channel(&self, address: &str) -> Result<tonic::transport::Channel, Error> {
         let mut channels = self.channels.lock();
         if let Some(c) = channels.get(address) {
             return Ok(c.clone());
         }
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| Error::NoLeader(format!("bad peer address {address}: {e}")))?
-            .connect_timeout(Duration::from_secs(2));
-        let client = RaftClient::new(endpoint.connect_lazy());
-        channels.insert(address.to_owned(), client.clone());
-        Ok(client)
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(8 * 1024 * 1024)
+            .initial_connection_window_size(32 * 1024 * 1024);
+        let channel = endpoint.connect_lazy();
+        channels.insert(address.to_owned(), channel.clone());
+        Ok(channel)
     }
 
     /// Waits until this broker's state machine applied `index` (at most 10 s).

@@ -236,7 +236,22 @@ impl Consumer for ConsumerService {
         &self,
         request: Request<pb::FetchRequest>,
     ) -> Result<Response<pb::FetchResponse>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
+        if !super::forward::is_forwarded(&metadata)
+            && let crate::cluster::route::Route::Leader { id, address } =
+                self.ctx.cluster.route_partition(&req.topic, req.partition)
+        {
+            let mut client = weir_proto::v1::consumer_client::ConsumerClient::new(
+                self.ctx.cluster.channel_to(&address)?,
+            )
+            .max_decoding_message_size(super::MAX_MESSAGE_BYTES);
+            self.ctx.metrics.observe_forward(id);
+            return client
+                .fetch(super::forward::forwarded(&metadata, req))
+                .await
+                .map(|r| Response::new(r.into_inner()));
+        }
         let wait = wait_of(req.max_wait_ms)?;
         let topic = self.ctx.log.topic(&req.topic)?;
         let partition = topic.served_partition(req.partition)?;

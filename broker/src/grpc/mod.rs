@@ -8,6 +8,7 @@ mod admin;
 mod cluster;
 mod consumer;
 mod convert;
+mod forward;
 mod producer;
 pub mod status;
 

@@ -6,10 +6,11 @@ use futures::{Stream, StreamExt};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use weir_proto::v1::{self as pb, producer_server::Producer};
+use weir_proto::v1::{self as pb, producer_client::ProducerClient, producer_server::Producer};
 
-use super::{Context, convert::record_from_pb, status};
+use super::{Context, MAX_MESSAGE_BYTES, convert::record_from_pb, forward, status};
 use crate::{
+    cluster::route::Route,
     log::idempotence::Idempotence,
     produce::{self, Ack},
 };
@@ -73,7 +74,36 @@ impl Producer for ProducerService {
         request: Request<pb::ProduceRequest>,
     ) -> Result<Response<pb::ProduceResponse>, Status> {
         let started = Instant::now();
+        let metadata = request.metadata().clone();
         let mut req = request.into_inner();
+        if !forward::is_forwarded(&metadata) {
+            let cluster = &self.ctx.cluster;
+            let route = match req.partition {
+                Some(p) => cluster.route_partition(&req.topic, p),
+                None => {
+                    cluster.route_records(&req.topic, req.records.iter().map(|r| r.key.as_deref()))
+                }
+            };
+            match route {
+                Route::Here => {}
+                Route::Leader { id, address } => {
+                    let n = req.records.len();
+                    let mut client = ProducerClient::new(cluster.channel_to(&address)?)
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+                    let answer = client.produce(forward::forwarded(&metadata, req)).await;
+                    self.ctx.metrics.observe_forward(id);
+                    self.ctx.metrics.observe_produce(n, started, answer.is_ok());
+                    return answer.map(|r| Response::new(r.into_inner()));
+                }
+                Route::Spread(leaders) => {
+                    return Err(Status::failed_precondition(format!(
+                        "the records of this request go to partitions of topic {:?} led by brokers {leaders:?}; send one request per leader (`weir cluster describe` shows them) or set a partition",
+                        crate::validate::quote(&req.topic)
+                    )));
+                }
+            }
+        }
         let recs = records(&mut req);
         let n = recs.len();
         let producer = idempotence(&req);

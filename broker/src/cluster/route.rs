@@ -1,0 +1,107 @@
+//! Where a data-path call goes: here, or to the broker that leads the partition (one hop).
+//!
+//! A call another broker forwarded carries [`FORWARDED`] and is served here whatever the
+//! state says: a broker forwards at most once, so a stale view can cost a refusal, never a
+//! loop.
+
+use super::{BrokerId, Cluster, ClusterState};
+use crate::log::partitioner;
+
+/// Metadata key a forwarded call carries.
+pub const FORWARDED: &str = "weir-forwarded";
+
+/// Where a call goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Served by this broker.
+    Here,
+    /// Forwarded to this broker.
+    Leader {
+        /// Broker id.
+        id: BrokerId,
+        /// Its advertised `host:port`.
+        address: String,
+    },
+    /// The records of one produce request go to partitions of several brokers.
+    Spread(Vec<BrokerId>),
+}
+
+impl Cluster {
+    /// The route of a call for `topic`/`partition` (fetch, and produce to one partition).
+    /// Unknown topics and partitions are served here (and refused here).
+    pub fn route_partition(&self, topic: &str, partition: u32) -> Route {
+        let state = self.state();
+        match state.topics.get(topic).and_then(|t| t.leader(partition)) {
+            Some(leader) => self.to(&state, leader),
+            None => Route::Here,
+        }
+    }
+
+    /// The route of a produce request of `topic` without an explicit partition, whose
+    /// records have `keys`: keyed records go to their partition's leader
+    /// (`murmur2(key) mod partitions`); unkeyed records stay here when this broker leads a
+    /// partition of the topic, else go to the leader of partition 0.
+    pub fn route_records<'a>(
+        &self,
+        topic: &str,
+        keys: impl Iterator<Item = Option<&'a [u8]>>,
+    ) -> Route {
+        let state = self.state();
+        let Some(t) = state.topics.get(topic) else {
+            return Route::Here;
+        };
+        let count = t.replicas.len() as u32;
+        if count == 0 {
+            return Route::Here;
+        }
+        let leads_one = t.replicas.iter().any(|r| r.first() == Some(&self.me()));
+        let unkeyed_to = if leads_one {
+            self.me()
+        } else {
+            t.leader(0).unwrap_or(self.me())
+        };
+        let mut leaders: Vec<BrokerId> = Vec::new();
+        for key in keys {
+            let leader = match key {
+                Some(k) => t
+                    .leader(partitioner::partition_for_key(k, count))
+                    .unwrap_or(self.me()),
+                None => unkeyed_to,
+            };
+            if !leaders.contains(&leader) {
+                leaders.push(leader);
+            }
+        }
+        match leaders.as_slice() {
+            [] => Route::Here,
+            [one] => self.to(&state, *one),
+            _ => {
+                leaders.sort_unstable();
+                Route::Spread(leaders)
+            }
+        }
+    }
+
+    fn to(&self, state: &ClusterState, leader: BrokerId) -> Route {
+        if leader == self.me() {
+            return Route::Here;
+        }
+        match state.brokers.get(&leader) {
+            Some(b) => Route::Leader {
+                id: leader,
+                address: b.address.clone(),
+            },
+            // A leader that never registered cannot be reached; refused here.
+            None => Route::Here,
+        }
+    }
+
+    /// A pooled channel to the broker at `address` (one per peer, HTTP/2 multiplexed).
+    ///
+    /// # Errors
+    ///
+    /// An address that is not a valid URI authority.
+    pub fn channel_to(&self, address: &str) -> Result<tonic::transport::Channel, super::Error> {
+        self.channel(address)
+    }
+}

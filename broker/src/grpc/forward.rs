@@ -1,0 +1,80 @@
+//! Forwarding a data-path call to the partition's leader (`docs/cluster.md`): one hop over a
+//! pooled channel, the caller's deadline carried over, the call marked so that it is never
+//! forwarded again. Dropping the incoming call (the client cancelled) drops the forwarded
+//! one, which cancels its HTTP/2 stream.
+
+use std::time::Duration;
+
+use tonic::{Request, metadata::MetadataMap};
+
+use crate::cluster::route::FORWARDED;
+
+/// Whether another broker forwarded this call.
+pub(crate) fn is_forwarded(metadata: &MetadataMap) -> bool {
+    metadata.contains_key(FORWARDED)
+}
+
+/// `message` as a call forwarded on behalf of a call with `incoming` metadata.
+pub(crate) fn forwarded<T>(incoming: &MetadataMap, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Some(timeout) = incoming
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+    {
+        request.set_timeout(timeout);
+    }
+    request
+        .metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    request
+}
+
+/// A `grpc-timeout` header value: digits and a unit, `H`, `M`, `S`, `m`, `u` or `n`
+/// (gRPC over HTTP/2, "Timeout").
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit() {
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("150m"), Some(Duration::from_millis(150)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("7n"), Some(Duration::from_nanos(7)));
+        assert_eq!(parse_grpc_timeout("S"), None);
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+    }
+
+    #[test]
+    fn a_forwarded_call_keeps_the_deadline_and_is_marked() {
+        let mut incoming = MetadataMap::new();
+        incoming.insert(
+            "grpc-timeout",
+            tonic::metadata::MetadataValue::from_static("250m"),
+        );
+        let r = forwarded(&incoming, ());
+        assert!(is_forwarded(r.metadata()));
+        assert_eq!(
+            r.metadata()
+                .get("grpc-timeout")
+                .and_then(|v| v.to_str().ok()),
+            Some("250000u")
+        );
+    }
+}
