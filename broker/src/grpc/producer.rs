@@ -123,12 +123,18 @@ impl Producer for ProducerService {
         &self,
         request: Request<Streaming<pb::ProduceStreamRequest>>,
     ) -> Result<Response<Self::ProduceStreamStream>, Status> {
+        let metadata = request.metadata().clone();
+        let forwarded_stream = forward::is_forwarded(&metadata);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<AckFuture>(MAX_IN_FLIGHT_PER_STREAM);
         let in_flight_bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES_PER_STREAM));
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
             let mut shutdown = ctx.shutdown.clone();
+            // Streams to the leaders of partitions led elsewhere, one per leader, opened on
+            // first use: requests to one leader keep their order.
+            let mut outbound: std::collections::HashMap<u64, Outbound> =
+                std::collections::HashMap::new();
             loop {
                 let next = tokio::select! {
                     m = inbound.message() => m,
@@ -147,7 +153,31 @@ impl Producer for ProducerService {
                 let started = Instant::now();
                 // Queue the batches now, in stream order, so offsets follow request order;
                 // only the wait for durability is pipelined.
+                let route = match &msg.request {
+                    Some(req) if !forwarded_stream => route_of(&ctx, req),
+                    _ => Route::Here,
+                };
+                if let (Route::Leader { id, address }, Some(req)) = (&route, &msg.request) {
+                    let fut = forward_in_stream(
+                        &ctx,
+                        &mut outbound,
+                        (*id, address),
+                        &metadata,
+                        req.clone(),
+                        (request_id, permit),
+                    )
+                    .await;
+                    if tx.send(fut).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
                 let submitted = match msg.request {
+                    Some(_) if matches!(route, Route::Spread(_)) => {
+                        Err(Status::failed_precondition(
+                            "the records of this request go to partitions led by several brokers; send one request per leader (`weir cluster describe` shows them) or set a partition",
+                        ))
+                    }
                     Some(mut req) => {
                         let recs = records(&mut req);
                         let n = recs.len();
@@ -191,5 +221,134 @@ impl Producer for ProducerService {
         });
         let out = ReceiverStream::new(rx).then(|fut| async move { Ok(fut.await) });
         Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// Where a produce request goes (see [`crate::cluster::route`]).
+fn route_of(ctx: &Context, req: &pb::ProduceRequest) -> Route {
+    match req.partition {
+        Some(p) => ctx.cluster.route_partition(&req.topic, p),
+        None => ctx
+            .cluster
+            .route_records(&req.topic, req.records.iter().map(|r| r.key.as_deref())),
+    }
+}
+
+/// Sends `req` of an incoming stream to the leader `(id, address)` on the stream
+/// `outbound` keeps for it (opened on first use, opened again after it failed); the future
+/// answers with the leader's answer under the incoming `request_id`, holding `permit`.
+async fn forward_in_stream(
+    ctx: &Context,
+    outbound: &mut std::collections::HashMap<u64, Outbound>,
+    (id, address): (u64, &str),
+    incoming: &tonic::metadata::MetadataMap,
+    req: pb::ProduceRequest,
+    (request_id, permit): (u64, tokio::sync::OwnedSemaphorePermit),
+) -> AckFuture {
+    let answer = match outbound.entry(id) {
+        std::collections::hash_map::Entry::Occupied(o) => Ok(o.into_mut()),
+        std::collections::hash_map::Entry::Vacant(v) => Outbound::open(ctx, address, incoming)
+            .await
+            .map(|o| v.insert(o)),
+    }
+    .and_then(|o| o.send(req));
+    if answer.is_err() {
+        // Opened again for the next request.
+        outbound.remove(&id);
+    }
+    ctx.metrics.observe_forward(id);
+    Box::pin(async move {
+        let _permit = permit;
+        let result = match answer {
+            Ok(rx) => rx.await.ok().and_then(|r| r.result).unwrap_or_else(|| {
+                pb::produce_stream_response::Result::Error(status::to_pb(&Status::unavailable(
+                    "the partition's leader closed the forwarded stream; retry",
+                )))
+            }),
+            Err(s) => pb::produce_stream_response::Result::Error(status::to_pb(&s)),
+        };
+        pb::ProduceStreamResponse {
+            request_id,
+            result: Some(result),
+        }
+    })
+}
+
+/// A `ProduceStream` to one partition leader on behalf of one incoming stream: requests
+/// are sent in order and answered in order, so each answer goes to the oldest waiting
+/// request.
+struct Outbound {
+    requests: mpsc::Sender<pb::ProduceStreamRequest>,
+    waiting: Waiting,
+    /// Set once the leader's answers ended; the stream is then opened again.
+    closed: Arc<std::sync::atomic::AtomicBool>,
+    next_id: u64,
+}
+
+/// The requests sent on an [`Outbound`] stream and not answered yet, oldest first.
+type Waiting = Arc<
+    parking_lot::Mutex<
+        std::collections::VecDeque<tokio::sync::oneshot::Sender<pb::ProduceStreamResponse>>,
+    >,
+>;
+
+impl Outbound {
+    async fn open(
+        ctx: &Context,
+        address: &str,
+        incoming: &tonic::metadata::MetadataMap,
+    ) -> Result<Self, Status> {
+        let (requests, rx) = mpsc::channel(MAX_IN_FLIGHT_PER_STREAM);
+        let mut client = ProducerClient::new(ctx.cluster.channel_to(address)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let mut answers = client
+            .produce_stream(forward::forwarded(incoming, ReceiverStream::new(rx)))
+            .await?
+            .into_inner();
+        let waiting = Waiting::default();
+        let queue = Arc::clone(&waiting);
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ended = Arc::clone(&closed);
+        tokio::spawn(async move {
+            while let Ok(Some(answer)) = answers.message().await {
+                let Some(w) = queue.lock().pop_front() else {
+                    break;
+                };
+                let _ = w.send(answer);
+            }
+            // The stream ended: the requests still waiting get no answer (their receivers
+            // see the sender dropped and answer UNAVAILABLE).
+            ended.store(true, std::sync::atomic::Ordering::Release);
+            queue.lock().clear();
+        });
+        Ok(Self {
+            requests,
+            waiting,
+            closed,
+            next_id: 0,
+        })
+    }
+
+    /// Sends `req`; the receiver gets its answer.
+    fn send(
+        &mut self,
+        req: pb::ProduceRequest,
+    ) -> Result<tokio::sync::oneshot::Receiver<pb::ProduceStreamResponse>, Status> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.next_id += 1;
+        // Queued before it is sent, so the answer finds it.
+        self.waiting.lock().push_back(tx);
+        let sent = self.requests.try_send(pb::ProduceStreamRequest {
+            request_id: self.next_id,
+            request: Some(req),
+        });
+        if sent.is_err() || self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            self.waiting.lock().pop_back();
+            return Err(Status::unavailable(
+                "the forwarded stream to the partition's leader is full or closed; retry",
+            ));
+        }
+        Ok(rx)
     }
 }
