@@ -312,53 +312,6 @@ async fn produce_and_fetch_work_through_any_broker() -> anyhow::Result<()> {
         "partitions led elsewhere were forwarded: {forwarded}"
     );
 
-    // A pipelined stream through broker 0: requests for partitions led elsewhere go over one
-    // forwarded stream per leader, answered in request order.
-    let (mut tx, mut rx) = brokers[0].client().await?.produce_stream(8).await?;
-    // Idempotent sequences count per topic, and each leader would see only its share of
-    // them (a gap): per-partition sequences come with replication (docs/cluster.md).
-    tx.disable_idempotence();
-    let sender = tokio::spawn(async move {
-        for round in 0..5 {
-            for p in 0..6u32 {
-                let records = vec![Record::value(format!("stream p{p} {round}"))];
-                if tx.send("any", Some(p), records).await.is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    let mut answered = 0;
-    while answered < 30 {
-        let answer = rx.next().await.expect("an answer per request")?;
-        let acks = answer.result?;
-        assert_eq!(
-            acks[0].partition,
-            (answered % 6) as u32,
-            "answers in request order"
-        );
-        answered += 1;
-    }
-    sender.await?;
-    for p in 0..6u32 {
-        let f = reader
-            .fetch("any", p, 0, weir_client::FetchOptions::default())
-            .await?;
-        let streamed: Vec<String> = f
-            .records
-            .iter()
-            .map(|r| r.record.text().into_owned())
-            .filter(|t| t.starts_with("stream "))
-            .collect();
-        assert_eq!(
-            streamed,
-            (0..5)
-                .map(|r| format!("stream p{p} {r}"))
-                .collect::<Vec<_>>(),
-            "partition {p}: every streamed record, in order"
-        );
-    }
-
     // Keys of two leaders in one request: refused, nothing stored.
     let keys: Vec<String> = (0..50).map(|i| format!("k{i}")).collect();
     let err = entry
@@ -383,5 +336,63 @@ async fn produce_and_fetch_work_through_any_broker() -> anyhow::Result<()> {
             "partition {p}: nothing of the refused request"
         );
     }
+    Ok(())
+}
+
+/// A pipelined `ProduceStream` through one broker: requests for partitions led elsewhere
+/// go over one forwarded stream per leader and are answered in request order; every record
+/// lands in order on its partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_produce_stream_through_one_broker_reaches_every_leader() -> anyhow::Result<()> {
+    let brokers = Broker::start_cluster(3, &[])?;
+    brokers[1]
+        .client()
+        .await?
+        .create_topic("any", &TopicConfig::new(6))
+        .await?;
+    let reader = brokers[2].client().await?;
+    // A pipelined stream through broker 0: requests for partitions led elsewhere go over one
+    // forwarded stream per leader, answered in request order.
+    let (mut tx, mut rx) = brokers[0].client().await?.produce_stream(8).await?;
+    // Idempotent sequences count per topic, and each leader would see only its share of
+    // them (a gap): per-partition sequences come with replication (docs/cluster.md).
+    tx.disable_idempotence();
+    let sender = tokio::spawn(async move {
+        for round in 0..5 {
+            for p in 0..6u32 {
+                let records = vec![Record::value(format!("stream p{p} {round}"))];
+                if tx.send("any", Some(p), records).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let mut answered = 0u32;
+    while answered < 30 {
+        let answer = rx.next().await.expect("an answer per request")?;
+        let acks = answer.result?;
+        assert_eq!(acks[0].partition, answered % 6, "answers in request order");
+        answered += 1;
+    }
+    sender.await?;
+    for p in 0..6u32 {
+        let f = reader
+            .fetch("any", p, 0, weir_client::FetchOptions::default())
+            .await?;
+        let streamed: Vec<String> = f
+            .records
+            .iter()
+            .map(|r| r.record.text().into_owned())
+            .filter(|t| t.starts_with("stream "))
+            .collect();
+        assert_eq!(
+            streamed,
+            (0..5)
+                .map(|r| format!("stream p{p} {r}"))
+                .collect::<Vec<_>>(),
+            "partition {p}: every streamed record, in order"
+        );
+    }
+
     Ok(())
 }
