@@ -175,7 +175,12 @@ pub async fn run(
     let grpc_task = tokio::spawn(grpc_server);
     let http_task = tokio::spawn(async move { http_server.await });
     // Peers reach this broker's metadata node from here on; ready once in the cluster.
-    cluster.join(&log).await?;
+    if let Err(e) = cluster.join(&log).await {
+        if let Some(reason) = log.failed().borrow().clone() {
+            return Err(Error::WorkerFailed(reason));
+        }
+        return Err(e.into());
+    }
     ready_tx.send_replace(true);
     tracing::info!(grpc_addr, http_addr, "broker ready");
 

@@ -32,6 +32,63 @@ use std::{
 
 use anyhow::{Context, bail};
 
+/// grpcio's version in the Python environment of the tests.
+pub const GRPCIO_VERSION: &str = "1.85.1";
+
+/// The Python interpreter of a virtual environment with `grpcio` and `grpcio-tools` at
+/// [`GRPCIO_VERSION`], created under `~/.cache/weir/tools` on first use (python3 and PyPI are
+/// needed then; prebuilt wheels, a few seconds).
+///
+/// # Errors
+///
+/// python3 is missing or pip cannot install the packages: the message says which.
+pub fn python_grpc() -> anyhow::Result<PathBuf> {
+    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            let env = cache_dir()
+                .join("tools")
+                .join(format!("python-grpcio-{GRPCIO_VERSION}"));
+            let python = env.join("bin").join("python");
+            let ready = env.join(".installed");
+            if ready.exists() {
+                return Ok(python);
+            }
+            let run = |cmd: &mut Command, what: &str| -> Result<(), String> {
+                let out = cmd
+                    .output()
+                    .map_err(|e| format!("{what}: {e} (is python3 installed?)"))?;
+                if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{what} failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    ))
+                }
+            };
+            run(
+                Command::new("python3").arg("-m").arg("venv").arg(&env),
+                "creating a Python virtual environment",
+            )?;
+            run(
+                Command::new(&python).args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    &format!("grpcio=={GRPCIO_VERSION}"),
+                    &format!("grpcio-tools=={GRPCIO_VERSION}"),
+                ]),
+                "installing grpcio and grpcio-tools from PyPI",
+            )?;
+            std::fs::write(&ready, GRPCIO_VERSION).map_err(|e| e.to_string())?;
+            Ok(python)
+        })
+        .clone()
+        .map_err(|e| anyhow::anyhow!(e))
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago (bound, then released).
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?

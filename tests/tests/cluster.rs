@@ -490,3 +490,51 @@ fn partitions_of_all(m: &Value) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// A client generated from `proto/` in another language (Python grpcio) through one broker
+/// address of a three-broker cluster: creates a topic, produces two Loghub files (one key
+/// each) and reads every partition back, all through broker 1; each file comes back whole
+/// and in order.
+#[test]
+fn a_python_grpcio_client_works_through_one_address() -> anyhow::Result<()> {
+    let python = weir_tests::python_grpc()?;
+    let brokers = Broker::start_cluster(3, &[])?;
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("no workspace directory"))?
+        .to_path_buf();
+    let out_dir = tempfile::tempdir()?;
+    let files = ["Apache_2k.log", "Zookeeper_2k.log"].map(|f| weir_tests::loghub_dir().join(f));
+    let out = std::process::Command::new(python)
+        .arg(repo.join("tests").join("python").join("produce_fetch.py"))
+        .arg(repo.join("proto"))
+        .arg(out_dir.path())
+        .arg(brokers[1].url().trim_start_matches("http://"))
+        .arg("py-logs")
+        .arg("6")
+        .args(&files)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "python client failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_str(stdout.trim())?;
+    for f in ["Apache_2k.log", "Zookeeper_2k.log"] {
+        assert_eq!(summary[f]["same"], true, "{summary}");
+        assert_eq!(summary[f]["read"], summary[f]["sent"], "{summary}");
+        assert!(
+            summary[f]["sent"].as_u64().unwrap_or(0) >= 2000,
+            "{summary}"
+        );
+    }
+    let metrics = weir_tests::http_get(&brokers[1].http_addr, "/metrics")?;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("weir_forwarded_requests_total ") && !l.ends_with(" 0")),
+        "some calls were forwarded: {metrics}"
+    );
+    Ok(())
+}

@@ -20,6 +20,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use openraft::{BasicNode, async_runtime::WatchReceiver};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use weir_proto::v1::{RaftMessage, raft_client::RaftClient};
 
 use self::state::{Applied, Command};
@@ -139,6 +140,9 @@ pub struct Cluster {
     fresh: bool,
     /// The initial voters (`--peers`), empty for a cluster of one.
     peers: BTreeMap<BrokerId, String>,
+    /// Set once [`Cluster::join`] finished: admin calls wait for it, so none is placed
+    /// before this broker registered.
+    joined: watch::Sender<bool>,
     /// Channels to peers for forwarded calls (admin and data path), by address.
     channels: parking_lot::Mutex<std::collections::HashMap<String, tonic::transport::Channel>>,
 }
@@ -192,6 +196,7 @@ impl Cluster {
             state,
             fresh,
             peers: options.peers,
+            joined: watch::Sender::new(false),
             channels: parking_lot::Mutex::default(),
         }))
     }
@@ -238,6 +243,7 @@ impl Cluster {
         if self.fresh {
             cluster.adopt_local(log).await?;
         }
+        self.joined.send_replace(true);
         Ok(())
     }
 
@@ -350,6 +356,7 @@ impl Cluster {
     ///
     /// [`log::Error::TopicExists`] with other settings; see [`Cluster::propose`].
     pub async fn create_topic(&self, name: &str, config: TopicConfig) -> Result<bool, Error> {
+        self.until_joined().await?;
         self.admin(AdminOp::CreateTopic {
             name: name.to_owned(),
             config,
@@ -386,6 +393,7 @@ impl Cluster {
     /// [`log::Error::TopicNotFound`], [`log::Error::PartitionsShrink`]; see
     /// [`Cluster::propose`].
     pub async fn update_topic(&self, name: &str, config: TopicConfig) -> Result<(), Error> {
+        self.until_joined().await?;
         self.admin(AdminOp::UpdateTopic {
             name: name.to_owned(),
             config,
@@ -424,6 +432,7 @@ impl Cluster {
     ///
     /// [`log::Error::TopicNotFound`]; see [`Cluster::propose`].
     pub async fn delete_topic(&self, name: &str) -> Result<(), Error> {
+        self.until_joined().await?;
         self.admin(AdminOp::DeleteTopic {
             name: name.to_owned(),
         })
@@ -444,6 +453,17 @@ impl Cluster {
             return Err(log::Error::TopicNotFound(crate::validate::quote(name)).into());
         }
         Ok(())
+    }
+
+    /// Waits (up to 30 s) until this broker has joined the cluster.
+    async fn until_joined(&self) -> Result<(), Error> {
+        let mut joined = self.joined.subscribe();
+        match tokio::time::timeout(LEADER_WAIT, joined.wait_for(|j| *j)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(Error::NoLeader(
+                "this broker has not joined the cluster yet".into(),
+            )),
+        }
     }
 
     /// Runs `op` on the controller: here when this broker leads the metadata group, else

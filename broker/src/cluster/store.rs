@@ -284,7 +284,11 @@ impl StateMachine {
                 let Some(config) = local_config(&topic.config, &topic.replicas, self.me) else {
                     return Ok(());
                 };
-                let result = if self.log.topic(name).is_ok() {
+                let result = if let Ok(local) = self.log.topic(name) {
+                    if local.config() == config {
+                        // Already so (an adopted topic, an entry applied again).
+                        return Ok(());
+                    }
                     self.log.update_topic(name, config).await.map(|_| ())
                 } else {
                     self.log.create_topic(name, config).await.map(|_| ())
