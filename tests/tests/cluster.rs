@@ -300,6 +300,20 @@ async fn produce_and_fetch_work_through_any_broker() -> anyhow::Result<()> {
             "every record of {key}, in order, on one partition"
         );
     }
+    // Figures of every partition through any broker: asked of each leader.
+    let described = entry.describe_topic("any").await?;
+    assert_eq!(described.partitions.len(), 6);
+    assert!(
+        described.partitions.iter().all(|p| p.messages >= 10),
+        "{described:?}"
+    );
+    assert_eq!(described.messages, 75, "{described:?}");
+    let listed = reader.list_topics().await?;
+    let any = listed
+        .iter()
+        .find(|t| t.name == "any")
+        .ok_or_else(|| anyhow::anyhow!("topic listed"))?;
+    assert_eq!(any.messages, 75);
     let metrics = weir_tests::http_get(&brokers[1].http_addr, "/metrics")?;
     let forwarded: f64 = metrics
         .lines()

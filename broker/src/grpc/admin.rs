@@ -42,6 +42,109 @@ impl AdminService {
     }
 }
 
+impl AdminService {
+    /// Every other broker that leads a partition of a topic in `topics` (all topics when
+    /// `None`), with its address.
+    fn other_leaders(&self, topics: Option<&str>) -> Vec<(u64, String)> {
+        let state = self.ctx.cluster.state();
+        let me = self.ctx.cluster.me();
+        let mut ids: Vec<u64> = state
+            .topics
+            .iter()
+            .filter(|(n, _)| topics.is_none_or(|t| t == n.as_str()))
+            .flat_map(|(_, t)| t.replicas.iter().filter_map(|r| r.first().copied()))
+            .filter(|&l| l != me)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.into_iter()
+            .filter_map(|id| state.brokers.get(&id).map(|b| (id, b.address.clone())))
+            .collect()
+    }
+
+    /// Asks each other leader for its topics' figures (`ListTopics`, one call per broker,
+    /// marked forwarded) and puts the partitions it leads into `descs`. A broker that does
+    /// not answer leaves its partitions' figures at zero (logged).
+    async fn merge_remote_figures(
+        &self,
+        descs: &mut [pb::TopicDescription],
+        incoming: &tonic::metadata::MetadataMap,
+    ) {
+        let only = (descs.len() == 1).then(|| descs[0].name.clone());
+        let state = self.ctx.cluster.state();
+        for (leader, address) in self.other_leaders(only.as_deref()) {
+            let answer = match self.ctx.cluster.channel_to(&address) {
+                Ok(channel) => {
+                    let mut client = weir_proto::v1::admin_client::AdminClient::new(channel);
+                    client
+                        .list_topics(super::forward::forwarded(
+                            incoming,
+                            pb::ListTopicsRequest {},
+                        ))
+                        .await
+                        .map_err(|s| s.to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            let remote = match answer {
+                Ok(r) => r.into_inner().topics,
+                Err(e) => {
+                    tracing::warn!(broker = leader, error = %e, "figures of partitions led elsewhere are unavailable");
+                    continue;
+                }
+            };
+            for desc in descs.iter_mut() {
+                let (Some(t), Some(r)) = (
+                    state.topics.get(&desc.name),
+                    remote.iter().find(|r| r.name == desc.name),
+                ) else {
+                    continue;
+                };
+                for p in &r.partitions {
+                    if t.leader(p.partition) == Some(leader)
+                        && let Some(slot) = desc.partitions.get_mut(p.partition as usize)
+                    {
+                        *slot = *p;
+                    }
+                }
+                if desc.created_at_ms == 0 {
+                    desc.created_at_ms = r.created_at_ms;
+                }
+            }
+        }
+        for desc in descs.iter_mut() {
+            desc.messages = desc.partitions.iter().map(|p| p.messages).sum();
+            desc.bytes = desc.partitions.iter().map(|p| p.bytes).sum();
+        }
+    }
+
+    /// `name` with its settings from the cluster's metadata and one entry per partition
+    /// (figures of this broker's partitions filled in).
+    fn describe_all_partitions(&self, name: &str) -> Result<pb::TopicDescription, Status> {
+        let mut desc = self.describe_any(name)?;
+        if let Some(t) = self.ctx.cluster.state().topics.get(name) {
+            let count = t.replicas.len() as u32;
+            let mut parts: Vec<pb::PartitionStats> = (0..count)
+                .map(|i| pb::PartitionStats {
+                    partition: i,
+                    ..Default::default()
+                })
+                .collect();
+            let me = self.ctx.cluster.me();
+            for p in &desc.partitions {
+                if t.leader(p.partition) == Some(me)
+                    && let Some(slot) = parts.get_mut(p.partition as usize)
+                {
+                    *slot = *p;
+                }
+            }
+            desc.partitions = parts;
+            desc.config = Some(super::convert::config_to_pb(&t.config));
+        }
+        Ok(desc)
+    }
+}
+
 fn config(name: &str, c: Option<pb::TopicConfig>) -> Result<TopicConfig, Status> {
     topic_config_from_pb(name, c)
 }
@@ -107,24 +210,44 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DescribeTopicRequest>,
     ) -> Result<Response<pb::DescribeTopicResponse>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
+        if super::forward::is_forwarded(&metadata) {
+            return Ok(Response::new(pb::DescribeTopicResponse {
+                topic: Some(self.describe_any(&req.name)?),
+            }));
+        }
+        let mut descs = [self.describe_all_partitions(&req.name)?];
+        self.merge_remote_figures(&mut descs, &metadata).await;
+        let [desc] = descs;
         Ok(Response::new(pb::DescribeTopicResponse {
-            topic: Some(self.describe_any(&req.name)?),
+            topic: Some(desc),
         }))
     }
 
     async fn list_topics(
         &self,
-        _request: Request<pb::ListTopicsRequest>,
+        request: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
         let state = self.ctx.cluster.state();
-        Ok(Response::new(pb::ListTopicsResponse {
-            topics: state
-                .topics
-                .keys()
-                .filter_map(|name| self.describe_any(name).ok())
-                .collect(),
-        }))
+        if super::forward::is_forwarded(request.metadata()) {
+            // Another broker collects figures: this broker's own partitions only.
+            return Ok(Response::new(pb::ListTopicsResponse {
+                topics: state
+                    .topics
+                    .keys()
+                    .filter_map(|name| self.describe_any(name).ok())
+                    .collect(),
+            }));
+        }
+        let mut descs: Vec<pb::TopicDescription> = state
+            .topics
+            .keys()
+            .filter_map(|name| self.describe_all_partitions(name).ok())
+            .collect();
+        self.merge_remote_figures(&mut descs, request.metadata())
+            .await;
+        Ok(Response::new(pb::ListTopicsResponse { topics: descs }))
     }
 
     async fn create_group(

@@ -68,7 +68,7 @@ pub(crate) fn describe_remote(name: &str, config: &log::TopicConfig) -> pb::Topi
     }
 }
 
-fn config_to_pb(config: &log::TopicConfig) -> pb::TopicConfig {
+pub(crate) fn config_to_pb(config: &log::TopicConfig) -> pb::TopicConfig {
     pb::TopicConfig {
         partitions: config.partitions,
         max_message_bytes: config.max_message_bytes,
