@@ -98,12 +98,35 @@ pub fn broker_url(address: &str) -> String {
 
 impl Client {
     /// Connects to the broker at `address`: `HOST:PORT` (`127.0.0.1:7070`,
-    /// `weir.shop.svc:7070`) or a URL (`http://127.0.0.1:7070`).
+    /// `weir.shop.svc:7070`) or a URL (`http://127.0.0.1:7070`); or to the first that
+    /// answers of a comma-separated list (`a:7070,b:7070,c:7070`, like Kafka's
+    /// `bootstrap.servers`: in a cluster every broker serves every call). The client stays
+    /// on the broker it connected to.
     ///
     /// Errors: [`Error::InvalidAddress`] for an address that does not parse,
     /// [`Error::Connect`] (with the innermost cause, e.g. `Connection refused`) when nothing
-    /// answers.
+    /// answers (the last address's cause for a list).
     pub async fn connect(address: &str) -> Result<Self, Error> {
+        let addresses: Vec<&str> = address
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .collect();
+        let mut last = None;
+        for a in &addresses {
+            match Self::connect_one(a).await {
+                Ok(client) => return Ok(client),
+                Err(e @ Error::InvalidAddress { .. }) => return Err(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::InvalidAddress {
+            address: address.to_owned(),
+            reason: "no address given; use HOST:PORT, e.g. 127.0.0.1:7070".into(),
+        }))
+    }
+
+    async fn connect_one(address: &str) -> Result<Self, Error> {
         let url = broker_url(address);
         let endpoint = Endpoint::from_shared(url.clone()).map_err(|e| Error::InvalidAddress {
             address: address.to_owned(),

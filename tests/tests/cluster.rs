@@ -554,3 +554,33 @@ fn forwarded_requests(broker: &Broker) -> anyhow::Result<f64> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0))
 }
+
+/// `--broker a,b,c` (like `bootstrap.servers`): the first broker that answers is used, so a
+/// list whose first broker is down still works; a list of which none answers says so.
+#[test]
+fn a_broker_list_connects_to_the_first_that_answers() -> anyhow::Result<()> {
+    let brokers = Broker::start_cluster(3, &[])?;
+    let dead = format!("127.0.0.1:{}", weir_tests::free_port()?);
+    let list = format!(
+        "{dead},{},{}",
+        brokers[1].url().trim_start_matches("http://"),
+        brokers[2].url().trim_start_matches("http://")
+    );
+    let out = std::process::Command::new(weir_tests::bin("weir"))
+        .args(["--broker", &list, "--output", "json", "cluster", "describe"])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(m["brokers"].as_array().map(Vec::len), Some(3), "{m}");
+    let none = std::process::Command::new(weir_tests::bin("weir"))
+        .args(["--broker", &format!("{dead},{dead}"), "topic", "list"])
+        .output()?;
+    assert_eq!(none.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&none.stderr);
+    assert!(err.contains(&dead), "names the address: {err}");
+    Ok(())
+}

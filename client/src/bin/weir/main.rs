@@ -16,7 +16,9 @@ use weir_client::Client;
 #[derive(Debug, Parser)]
 #[command(name = "weir", version)]
 struct Cli {
-    /// Broker gRPC URL.
+    /// Broker gRPC address, `HOST:PORT` or a URL; or several, comma-separated
+    /// (`a:7070,b:7070`): the first that answers is used (every broker of a cluster serves
+    /// every call).
     #[arg(
         long,
         global = true,
@@ -91,6 +93,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Consume(args) => consume::run(&client, args, cli.output).await,
         Command::Group(cmd) => group::run(&client, cmd, cli.output).await,
         Command::Cluster(cmd) => cluster::run(&client, cmd, cli.output).await,
-        Command::Bench(cmd) => bench::run(&client, &cli.broker, cmd, cli.output).await,
+        Command::Bench(cmd) => {
+            let url = client.url().to_owned();
+            bench::run(&client, &url, cmd, cli.output).await
+        }
     }
 }
