@@ -592,8 +592,19 @@ impl Cluster {
         Ok(channel)
     }
 
-    /// Waits until this broker's state machine applied `index` (at most 10 s).
-    async fn wait_applied(&self, index: u64) -> Result<(), Error> {
+    /// The metadata log index this broker has applied.
+    pub fn applied_index(&self) -> u64 {
+        self.state.borrow().0
+    }
+
+    /// Waits until this broker's state machine applied `index` (at most 10 s): a call
+    /// forwarded by a broker that has seen newer metadata (a topic just created) is served
+    /// only once this broker has too.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoLeader`] after 10 s.
+    pub async fn wait_applied(&self, index: u64) -> Result<(), Error> {
         let mut rx = self.state.clone();
         match tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|(i, _)| *i >= index)).await
         {

@@ -7,11 +7,42 @@ use std::time::Duration;
 
 use tonic::{Request, metadata::MetadataMap};
 
-use crate::cluster::route::FORWARDED;
+use crate::cluster::{Cluster, route::FORWARDED};
+
+/// Metadata key of the metadata log index the forwarding broker had applied.
+pub(crate) const METADATA_INDEX: &str = "weir-metadata-index";
 
 /// Whether another broker forwarded this call.
 pub(crate) fn is_forwarded(metadata: &MetadataMap) -> bool {
     metadata.contains_key(FORWARDED)
+}
+
+/// For a forwarded call: waits until this broker has applied the metadata the forwarding
+/// broker had (a topic created through it a moment ago exists here too).
+pub(crate) async fn catch_up(
+    cluster: &Cluster,
+    metadata: &MetadataMap,
+) -> Result<(), tonic::Status> {
+    let index = metadata
+        .get(METADATA_INDEX)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match index {
+        Some(i) if i > cluster.applied_index() => {
+            cluster.wait_applied(i).await.map_err(tonic::Status::from)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `message` as a call forwarded on behalf of a call with `incoming` metadata, by a
+/// broker that has applied the metadata up to `index`.
+pub(crate) fn forwarded_at<T>(incoming: &MetadataMap, message: T, index: u64) -> Request<T> {
+    let mut request = forwarded(incoming, message);
+    if let Ok(v) = index.to_string().parse() {
+        request.metadata_mut().insert(METADATA_INDEX, v);
+    }
+    request
 }
 
 /// `message` as a call forwarded on behalf of a call with `incoming` metadata.

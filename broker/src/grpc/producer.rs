@@ -76,7 +76,9 @@ impl Producer for ProducerService {
         let started = Instant::now();
         let metadata = request.metadata().clone();
         let mut req = request.into_inner();
-        if !forward::is_forwarded(&metadata) {
+        if forward::is_forwarded(&metadata) {
+            forward::catch_up(&self.ctx.cluster, &metadata).await?;
+        } else {
             let cluster = &self.ctx.cluster;
             let route = match req.partition {
                 Some(p) => cluster.route_partition(&req.topic, p),
@@ -91,7 +93,13 @@ impl Producer for ProducerService {
                     let mut client = ProducerClient::new(cluster.channel_to(&address)?)
                         .max_decoding_message_size(MAX_MESSAGE_BYTES)
                         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-                    let answer = client.produce(forward::forwarded(&metadata, req)).await;
+                    let answer = client
+                        .produce(forward::forwarded_at(
+                            &metadata,
+                            req,
+                            cluster.applied_index(),
+                        ))
+                        .await;
                     self.ctx.metrics.observe_forward(id);
                     self.ctx.metrics.observe_produce(n, started, answer.is_ok());
                     return answer.map(|r| Response::new(r.into_inner()));
@@ -125,6 +133,9 @@ impl Producer for ProducerService {
     ) -> Result<Response<Self::ProduceStreamStream>, Status> {
         let metadata = request.metadata().clone();
         let forwarded_stream = forward::is_forwarded(&metadata);
+        if forwarded_stream {
+            forward::catch_up(&self.ctx.cluster, &metadata).await?;
+        }
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel::<AckFuture>(MAX_IN_FLIGHT_PER_STREAM);
         let in_flight_bytes = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES_PER_STREAM));
@@ -303,7 +314,11 @@ impl Outbound {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let mut answers = client
-            .produce_stream(forward::forwarded(incoming, ReceiverStream::new(rx)))
+            .produce_stream(forward::forwarded_at(
+                incoming,
+                ReceiverStream::new(rx),
+                ctx.cluster.applied_index(),
+            ))
             .await?
             .into_inner();
         let waiting = Waiting::default();
