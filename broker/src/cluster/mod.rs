@@ -140,6 +140,8 @@ pub struct Cluster {
     fresh: bool,
     /// The initial voters (`--peers`), empty for a cluster of one.
     peers: BTreeMap<BrokerId, String>,
+    /// This broker's log (to tell an apply in progress from an unknown topic).
+    log: Arc<Log>,
     /// Set once [`Cluster::join`] finished: admin calls wait for it, so none is placed
     /// before this broker registered.
     joined: watch::Sender<bool>,
@@ -197,6 +199,7 @@ impl Cluster {
             fresh,
             peers: options.peers,
             joined: watch::Sender::new(false),
+            log,
             channels: parking_lot::Mutex::default(),
         }))
     }

@@ -27,6 +27,22 @@ pub enum Route {
 }
 
 impl Cluster {
+    /// Waits (at most 1 s) while `topic` is in this broker's log but not yet in the
+    /// published metadata: the entry that creates it is being applied (the log is changed
+    /// first, the state published after), and routing before it would send the call to a
+    /// local topic that serves only some of the partitions.
+    pub async fn settle(&self, topic: &str) {
+        if self.state().topics.contains_key(topic) || self.log.topic(topic).is_err() {
+            return;
+        }
+        let mut rx = self.state.clone();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            rx.wait_for(|(_, s)| s.topics.contains_key(topic)),
+        )
+        .await;
+    }
+
     /// The route of a call for `topic`/`partition` (fetch, and produce to one partition).
     /// Unknown topics and partitions are served here (and refused here).
     pub fn route_partition(&self, topic: &str, partition: u32) -> Route {

@@ -240,22 +240,25 @@ impl Consumer for ConsumerService {
         let req = request.into_inner();
         if super::forward::is_forwarded(&metadata) {
             super::forward::catch_up(&self.ctx.cluster, &metadata).await?;
-        } else if let crate::cluster::route::Route::Leader { id, address } =
-            self.ctx.cluster.route_partition(&req.topic, req.partition)
-        {
-            let mut client = weir_proto::v1::consumer_client::ConsumerClient::new(
-                self.ctx.cluster.channel_to(&address)?,
-            )
-            .max_decoding_message_size(super::MAX_MESSAGE_BYTES);
-            self.ctx.metrics.observe_forward(id);
-            return client
-                .fetch(super::forward::forwarded_at(
-                    &metadata,
-                    req,
-                    self.ctx.cluster.applied_index(),
-                ))
-                .await
-                .map(|r| Response::new(r.into_inner()));
+        } else {
+            self.ctx.cluster.settle(&req.topic).await;
+            if let crate::cluster::route::Route::Leader { id, address } =
+                self.ctx.cluster.route_partition(&req.topic, req.partition)
+            {
+                let mut client = weir_proto::v1::consumer_client::ConsumerClient::new(
+                    self.ctx.cluster.channel_to(&address)?,
+                )
+                .max_decoding_message_size(super::MAX_MESSAGE_BYTES);
+                self.ctx.metrics.observe_forward(id);
+                return client
+                    .fetch(super::forward::forwarded_at(
+                        &metadata,
+                        req,
+                        self.ctx.cluster.applied_index(),
+                    ))
+                    .await
+                    .map(|r| Response::new(r.into_inner()));
+            }
         }
         let wait = wait_of(req.max_wait_ms)?;
         let topic = self.ctx.log.topic(&req.topic)?;

@@ -80,6 +80,7 @@ impl Producer for ProducerService {
             forward::catch_up(&self.ctx.cluster, &metadata).await?;
         } else {
             let cluster = &self.ctx.cluster;
+            cluster.settle(&req.topic).await;
             let route = match req.partition {
                 Some(p) => cluster.route_partition(&req.topic, p),
                 None => {
@@ -164,6 +165,9 @@ impl Producer for ProducerService {
                 let started = Instant::now();
                 // Queue the batches now, in stream order, so offsets follow request order;
                 // only the wait for durability is pipelined.
+                if let (Some(req), false) = (&msg.request, forwarded_stream) {
+                    ctx.cluster.settle(&req.topic).await;
+                }
                 let route = match &msg.request {
                     Some(req) if !forwarded_stream => route_of(&ctx, req),
                     _ => Route::Here,
