@@ -89,6 +89,29 @@ pub fn python_grpc() -> anyhow::Result<PathBuf> {
         .map_err(|e| anyhow::anyhow!(e))
 }
 
+/// A new temporary directory holding `data/`, a data directory written by the broker before
+/// metadata schema 2 and before the cluster (`tests/data/schema-1-data-dir.tar.gz`: topic
+/// `old` with 2 partitions and three keyed records, group `readers` that acked two of them,
+/// topic `second`).
+///
+/// # Errors
+///
+/// `tar` is missing or fails.
+pub fn schema_1_data_dir() -> anyhow::Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    let archive = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data")
+        .join("schema-1-data-dir.tar.gz");
+    let status = Command::new("tar")
+        .arg("xzf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(dir.path())
+        .status()?;
+    anyhow::ensure!(status.success(), "unpacking {}", archive.display());
+    Ok(dir)
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago (bound, then released).
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?

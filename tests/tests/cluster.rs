@@ -84,17 +84,7 @@ async fn a_standalone_broker_is_a_cluster_of_one() -> anyhow::Result<()> {
 /// uses it): its topics are adopted into the cluster's metadata, all partitions led here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_directory_from_before_the_cluster_is_adopted() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let archive = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("data")
-        .join("schema-1-data-dir.tar.gz");
-    let status = std::process::Command::new("tar")
-        .arg("xzf")
-        .arg(&archive)
-        .arg("-C")
-        .arg(dir.path())
-        .status()?;
-    anyhow::ensure!(status.success(), "unpacking {}", archive.display());
+    let dir = weir_tests::schema_1_data_dir()?;
     let mut broker = Broker::start_in(&dir.path().join("data"))?;
     assert!(
         broker

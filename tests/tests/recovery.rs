@@ -176,17 +176,7 @@ async fn deleted_topic_data_is_gone_and_a_new_topic_of_that_name_starts_at_zero(
 /// topics do not collide with old ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_directory_of_the_previous_version_is_taken_over() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let archive = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("data")
-        .join("schema-1-data-dir.tar.gz");
-    let status = std::process::Command::new("tar")
-        .arg("xzf")
-        .arg(&archive)
-        .arg("-C")
-        .arg(dir.path())
-        .status()?;
-    anyhow::ensure!(status.success(), "unpacking {}", archive.display());
+    let dir = weir_tests::schema_1_data_dir()?;
     let data = dir.path().join("data");
     let mut broker = Broker::start_in(&data)?;
     assert!(

@@ -276,13 +276,7 @@ fn parse_tables(mut r: &[u8]) -> std::io::Result<Vec<Vec<Vec<TableEntry>>>> {
             let mut run = Vec::with_capacity(n.min(1 << 16) as usize);
             for _ in 0..n {
                 let id = r.read_u64::<LittleEndian>()?;
-                let kind = r.read_u8()?;
-                if kind != 0 {
-                    return Err(std::io::Error::other(format!(
-                        "checksum type {kind}, expected 0 (XXH3)"
-                    )));
-                }
-                let checksum = r.read_u128::<LittleEndian>()?;
+                let checksum = read_checksum(&mut r)?;
                 let global_seqno = r.read_u64::<LittleEndian>()?;
                 run.push(TableEntry {
                     id,
@@ -297,18 +291,23 @@ fn parse_tables(mut r: &[u8]) -> std::io::Result<Vec<Vec<Vec<TableEntry>>>> {
     Ok(levels)
 }
 
+/// A checksum as the version file stores it: its type (0, XXH3) then 128 bits.
+fn read_checksum(r: &mut &[u8]) -> std::io::Result<u128> {
+    let kind = r.read_u8()?;
+    if kind != 0 {
+        return Err(std::io::Error::other(format!(
+            "checksum type {kind}, expected 0 (XXH3)"
+        )));
+    }
+    r.read_u128::<LittleEndian>()
+}
+
 fn parse_blob_files(mut r: &[u8]) -> std::io::Result<Vec<(u64, u128)>> {
     let n = r.read_u32::<LittleEndian>()?;
     let mut out = Vec::with_capacity(n.min(1 << 16) as usize);
     for _ in 0..n {
         let id = r.read_u64::<LittleEndian>()?;
-        let kind = r.read_u8()?;
-        if kind != 0 {
-            return Err(std::io::Error::other(format!(
-                "checksum type {kind}, expected 0 (XXH3)"
-            )));
-        }
-        out.push((id, r.read_u128::<LittleEndian>()?));
+        out.push((id, read_checksum(&mut r)?));
     }
     Ok(out)
 }
