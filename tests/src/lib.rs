@@ -27,7 +27,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex, OnceLock, mpsc},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
@@ -112,11 +112,63 @@ pub fn schema_1_data_dir() -> anyhow::Result<tempfile::TempDir> {
     Ok(dir)
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago (bound, then released).
+/// A TCP port on 127.0.0.1 that was free a moment ago (bound, then released) and that this
+/// process has not handed out before.
+///
+/// Ports come from 20000–32767, below Linux's default ephemeral range (32768–60999,
+/// `/proc/sys/net/ipv4/ip_local_port_range`): a port the kernel picked for `bind(0)` is
+/// also what it picks for the next outgoing connection, so a port taken that way can be in
+/// use as a client's source port by the time a broker binds it (seen in CI as "Address
+/// already in use"). Each process starts at an offset from its pid, so test binaries run at
+/// the same time rarely meet.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_768;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % COUNT,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..COUNT {
+        let port = FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % COUNT;
+        let port = u16::try_from(port)?;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!(
+        "no free TCP port on 127.0.0.1 in {FIRST}..{}",
+        FIRST + COUNT
+    )
+}
+
+/// Waits up to 30 s until the `Metadata` of every broker at `urls` lists `urls.len()`
+/// brokers.
+fn await_members(urls: &[String]) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for url in urls {
+        loop {
+            let seen = rt.block_on(async {
+                let client = weir_client::Client::connect(url).await?;
+                anyhow::Ok(client.metadata().await?.brokers.len())
+            });
+            match seen {
+                Ok(n) if n == urls.len() => break,
+                _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                other => bail!(
+                    "{url} lists {other:?} brokers after 30 s, not {}",
+                    urls.len()
+                ),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Path of the workspace binary `name` (`weir-broker`, `weir` or `weir-operator`) in the profile the tests
@@ -367,7 +419,22 @@ impl Broker {
         for (b, rx) in brokers.iter_mut().zip(&waiting) {
             b.await_ready(rx)?;
         }
+        Self::await_members(&brokers)?;
         Ok(brokers)
+    }
+
+    /// Waits up to 30 s until every broker's `Metadata` lists all `brokers`. A broker is
+    /// ready once a majority is up, so it may not yet have applied the registration of the
+    /// last one to start.
+    ///
+    /// Runs on a thread of its own, since callers may be inside a Tokio runtime.
+    fn await_members(brokers: &[Self]) -> anyhow::Result<()> {
+        let urls: Vec<String> = brokers.iter().map(Self::url).collect();
+        std::thread::scope(|s| {
+            s.spawn(|| await_members(&urls))
+                .join()
+                .map_err(|_| anyhow::anyhow!("waiting for the cluster's members panicked"))?
+        })
     }
 
     /// Starts the broker again without waiting for it to be ready; [`Broker::wait_ready`]
@@ -510,13 +577,13 @@ impl Broker {
         let Some(child) = self.child.as_mut() else {
             bail!("broker is not running")
         };
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait()? {
                 self.child = None;
                 return Ok(status.code());
             }
-            if std::time::Instant::now() >= deadline {
+            if Instant::now() >= deadline {
                 bail!(
                     "broker still running after {timeout:?}; logs:\n{}",
                     self.log_text()

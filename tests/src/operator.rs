@@ -52,12 +52,7 @@ pub fn install_crds(cp: &ControlPlane) -> anyhow::Result<()> {
 /// `weir-broker` binary.
 pub const BROKER_IMAGE: &str = "weir-broker:test";
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
+pub use crate::free_port;
 
 /// A running `weir-operator run` process; killed when dropped.
 #[derive(Debug)]
