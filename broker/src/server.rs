@@ -93,6 +93,16 @@ pub enum Error {
     Cluster(#[from] crate::cluster::Error),
 }
 
+/// Loads the consumer groups this broker coordinates.
+async fn open_groups(log: &Arc<Log>, cluster: &Arc<Cluster>) -> Result<Arc<Groups>, Error> {
+    let log_for_groups = Arc::clone(log);
+    let remote = crate::cluster::remote::GroupsRemote::new(Arc::clone(cluster), Arc::clone(log));
+    match tokio::task::spawn_blocking(move || Groups::open(log_for_groups, remote)).await {
+        Ok(opened) => opened.map_err(Error::OpenGroups),
+        Err(e) => Err(Error::WorkerFailed(format!("loading consumer groups: {e}"))),
+    }
+}
+
 /// Serves `log` on the given listeners until `shutdown` resolves, then shuts down
 /// gracefully: requests in flight finish (at most `options.grace`), the log commits what is
 /// queued and persists. When a worker dies first (the log reports a failure), the broker
@@ -120,11 +130,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::new());
-    let log_for_groups = Arc::clone(&log);
-    let groups = match tokio::task::spawn_blocking(move || Groups::open(log_for_groups)).await {
-        Ok(opened) => opened.map_err(Error::OpenGroups)?,
-        Err(e) => return Err(Error::WorkerFailed(format!("loading consumer groups: {e}"))),
-    };
+    let groups = open_groups(&log, &cluster).await?;
     let jobs = jobs::spawn(&log, &groups, options.buffered_flush_interval, &stop_rx);
     let ctx = Context {
         log: Arc::clone(&log),
@@ -175,7 +181,12 @@ pub async fn run(
     let grpc_task = tokio::spawn(grpc_server);
     let http_task = tokio::spawn(async move { http_server.await });
     // Peers reach this broker's metadata node from here on; ready once in the cluster.
-    if let Err(e) = cluster.join(&log).await {
+    let local_groups = groups
+        .list(None)
+        .iter()
+        .map(|g| (g.name.clone(), g.config()))
+        .collect();
+    if let Err(e) = cluster.join(&log, local_groups).await {
         if let Some(reason) = log.failed().borrow().clone() {
             return Err(Error::WorkerFailed(reason));
         }

@@ -56,7 +56,17 @@ async fn readiness_fails_and_serving_ends_once_the_writer_died() -> anyhow::Resu
     log.create_topic("t", TopicConfig::new(1, 0)?).await?;
 
     // The HTTP endpoint alone, marked ready, over the log whose writer is about to die.
-    let groups = Groups::open(Arc::clone(&log))?;
+    let cluster = weir_broker::cluster::Cluster::open(
+        Arc::clone(&log),
+        weir_broker::cluster::ClusterOptions {
+            node_id: 0,
+            advertise: "127.0.0.1:1".into(),
+            peers: std::collections::BTreeMap::new(),
+        },
+    )
+    .await?;
+    let remote = weir_broker::cluster::remote::GroupsRemote::new(cluster, Arc::clone(&log));
+    let groups = Groups::open(Arc::clone(&log), remote)?;
     let (_ready_tx, ready) = tokio::sync::watch::channel(true);
     let http = TcpListener::bind("127.0.0.1:0").await?;
     let http_addr = http.local_addr()?.to_string();

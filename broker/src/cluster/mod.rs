@@ -12,6 +12,7 @@
 //! fjall), [`network`] (the messages between brokers).
 
 pub mod network;
+pub mod remote;
 pub mod route;
 pub mod state;
 pub mod store;
@@ -25,7 +26,10 @@ use weir_proto::v1::{RaftMessage, raft_client::RaftClient};
 
 use self::state::{Applied, Command};
 pub use self::state::{BrokerId, ClusterState};
-use crate::log::{self, Log, TopicConfig};
+use crate::{
+    groups::GroupConfig,
+    log::{self, Log, TopicConfig},
+};
 
 openraft::declare_raft_types!(
     /// The metadata group's types: commands in, [`Applied`] out, brokers by id and address.
@@ -70,6 +74,27 @@ pub enum AdminOp {
     DeleteTopic {
         /// Topic name.
         name: String,
+    },
+    /// Record a group coordinated by `coordinator` (created there, or its settings changed).
+    PutGroup {
+        /// Group name.
+        name: String,
+        /// Settings.
+        config: GroupConfig,
+        /// The broker that coordinates it.
+        coordinator: BrokerId,
+    },
+    /// Remove a group.
+    DeleteGroup {
+        /// Group name.
+        name: String,
+    },
+    /// Record the groups a broker had before groups were in the cluster's metadata.
+    AdoptGroups {
+        /// The broker.
+        broker: BrokerId,
+        /// Its groups.
+        groups: Vec<(String, GroupConfig)>,
     },
     /// A broker announces its address.
     RegisterBroker {
@@ -147,6 +172,9 @@ pub struct Cluster {
     joined: watch::Sender<bool>,
     /// Channels to peers for forwarded calls (admin and data path), by address.
     channels: parking_lot::Mutex<std::collections::HashMap<String, tonic::transport::Channel>>,
+    /// Work-queue ack floors that groups coordinated elsewhere reported for partitions led
+    /// here.
+    reported_floors: parking_lot::Mutex<remote::ReportedFloors>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -201,6 +229,7 @@ impl Cluster {
             joined: watch::Sender::new(false),
             log,
             channels: parking_lot::Mutex::default(),
+            reported_floors: parking_lot::Mutex::default(),
         }))
     }
 
@@ -211,7 +240,7 @@ impl Cluster {
     /// # Errors
     ///
     /// Storage errors, or no leader within 30 s.
-    pub async fn join(&self, log: &Log) -> Result<(), Error> {
+    pub async fn join(&self, log: &Log, groups: Vec<(String, GroupConfig)>) -> Result<(), Error> {
         let cluster = self;
         if self.fresh {
             // Every initial voter initializes with the same membership (openraft allows it:
@@ -245,6 +274,21 @@ impl Cluster {
         cluster.register().await?;
         if self.fresh {
             cluster.adopt_local(log).await?;
+        }
+        if !self.state().groups_adopted.contains(&self.me) {
+            // Once per data directory: its groups of before the cluster kept groups.
+            let count = groups.len();
+            self.admin(AdminOp::AdoptGroups {
+                broker: self.me,
+                groups,
+            })
+            .await?;
+            if count > 0 {
+                tracing::info!(
+                    groups = count,
+                    "groups of the data directory adopted into the cluster's metadata"
+                );
+            }
         }
         self.joined.send_replace(true);
         Ok(())
@@ -458,6 +502,36 @@ impl Cluster {
         Ok(())
     }
 
+    async fn put_group_here(
+        &self,
+        name: &str,
+        config: &GroupConfig,
+        coordinator: BrokerId,
+    ) -> Result<(), Error> {
+        let state = self.state();
+        if !state.topics.contains_key(&config.topic) {
+            return Err(log::Error::TopicNotFound(crate::validate::quote(&config.topic)).into());
+        }
+        if let Some(g) = state.groups.get(name)
+            && g.coordinator != coordinator
+        {
+            return Err(Error::Remote {
+                code: tonic::Code::AlreadyExists as i32,
+                message: format!(
+                    "group {name:?} exists, coordinated by broker {}",
+                    g.coordinator
+                ),
+            });
+        }
+        self.propose(Command::PutGroup {
+            name: name.to_owned(),
+            config: config.clone(),
+            coordinator,
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Waits (up to 30 s) until this broker has joined the cluster.
     async fn until_joined(&self) -> Result<(), Error> {
         let mut joined = self.joined.subscribe();
@@ -512,6 +586,27 @@ impl Cluster {
             }
             AdminOp::DeleteTopic { name } => {
                 self.delete_topic_here(name).await?;
+                false
+            }
+            AdminOp::PutGroup {
+                name,
+                config,
+                coordinator,
+            } => {
+                self.put_group_here(name, config, *coordinator).await?;
+                false
+            }
+            AdminOp::DeleteGroup { name } => {
+                self.propose(Command::DeleteGroup { name: name.clone() })
+                    .await?;
+                false
+            }
+            AdminOp::AdoptGroups { broker, groups } => {
+                self.propose(Command::AdoptGroups {
+                    broker: *broker,
+                    groups: groups.clone(),
+                })
+                .await?;
                 false
             }
             AdminOp::RegisterBroker { id, address } => {

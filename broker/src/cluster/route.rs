@@ -98,6 +98,17 @@ impl Cluster {
         }
     }
 
+    /// The route of a call of group `name` (of `topic`, when the call may create it): its
+    /// coordinator ([`ClusterState::coordinator`]). Unknown groups are served here (and
+    /// refused here).
+    pub fn route_group(&self, name: &str, topic: Option<&str>) -> Route {
+        let state = self.state();
+        match state.coordinator(name, topic) {
+            Some(coordinator) => self.to(&state, coordinator),
+            None => Route::Here,
+        }
+    }
+
     fn to(&self, state: &ClusterState, leader: BrokerId) -> Route {
         if leader == self.me() {
             return Route::Here;

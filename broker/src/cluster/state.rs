@@ -3,11 +3,14 @@
 //! decides placement before it proposes), so every broker that applies the same log reaches
 //! the same state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::log::TopicConfig;
+use crate::{
+    groups::GroupConfig,
+    log::{TopicConfig, partitioner},
+};
 
 /// A broker's id (`--node-id`), also its id in the metadata group.
 pub type BrokerId = u64;
@@ -50,6 +53,16 @@ impl TopicState {
     }
 }
 
+/// A consumer group as the cluster knows it. Its members, assignment and cursors live on
+/// its coordinator (as a Kafka group's offsets live with its coordinator).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupState {
+    /// Settings (normalized).
+    pub config: GroupConfig,
+    /// The broker that coordinates the group.
+    pub coordinator: BrokerId,
+}
+
 /// Everything the metadata group replicates.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
@@ -59,6 +72,13 @@ pub struct ClusterState {
     pub topics: BTreeMap<String, TopicState>,
     /// Id of the next topic created.
     pub next_topic_id: u64,
+    /// Consumer groups by name.
+    #[serde(default)]
+    pub groups: BTreeMap<String, GroupState>,
+    /// Brokers that have put the groups of their data directory into the state (once, on
+    /// their first start with groups in the cluster's metadata).
+    #[serde(default)]
+    pub groups_adopted: BTreeSet<BrokerId>,
 }
 
 /// A change to the cluster's metadata: one entry of the metadata group's log.
@@ -89,10 +109,31 @@ pub enum Command {
         /// Replicas of the partitions added, leader first.
         added: Vec<Vec<BrokerId>>,
     },
-    /// A topic is deleted.
+    /// A topic is deleted, and its groups with it.
     DeleteTopic {
         /// Topic name.
         name: String,
+    },
+    /// A group is created (or its settings change) on its coordinator.
+    PutGroup {
+        /// Group name.
+        name: String,
+        /// Settings.
+        config: GroupConfig,
+        /// Its coordinator.
+        coordinator: BrokerId,
+    },
+    /// A group is deleted.
+    DeleteGroup {
+        /// Group name.
+        name: String,
+    },
+    /// A broker's groups of before the cluster kept groups, coordinated by it.
+    AdoptGroups {
+        /// The broker.
+        broker: BrokerId,
+        /// Its groups, by name.
+        groups: Vec<(String, GroupConfig)>,
     },
 }
 
@@ -107,6 +148,13 @@ impl std::fmt::Display for Command {
                 write!(f, "update topic {name} ({} partitions)", config.partitions)
             }
             Self::DeleteTopic { name } => write!(f, "delete topic {name}"),
+            Self::PutGroup {
+                name, coordinator, ..
+            } => write!(f, "put group {name} (coordinator {coordinator})"),
+            Self::DeleteGroup { name } => write!(f, "delete group {name}"),
+            Self::AdoptGroups { broker, groups } => {
+                write!(f, "adopt {} groups of broker {broker}", groups.len())
+            }
         }
     }
 }
@@ -183,16 +231,91 @@ impl ClusterState {
                 },
             },
             Command::DeleteTopic { name } => match self.topics.remove(name) {
-                Some(t) => Applied {
-                    topic_id: Some(t.id),
-                    unchanged: false,
-                },
+                Some(t) => {
+                    self.groups.retain(|_, g| g.config.topic != *name);
+                    Applied {
+                        topic_id: Some(t.id),
+                        unchanged: false,
+                    }
+                }
                 None => Applied {
                     topic_id: None,
                     unchanged: true,
                 },
             },
+            Command::PutGroup { .. }
+            | Command::DeleteGroup { .. }
+            | Command::AdoptGroups { .. } => self.apply_group(cmd),
         }
+    }
+
+    /// The group commands of [`ClusterState::apply`].
+    fn apply_group(&mut self, cmd: &Command) -> Applied {
+        match cmd {
+            Command::PutGroup {
+                name,
+                config,
+                coordinator,
+            } => {
+                let group = GroupState {
+                    config: config.clone(),
+                    coordinator: *coordinator,
+                };
+                let unchanged = !self.topics.contains_key(&config.topic)
+                    || self.groups.get(name) == Some(&group);
+                if !unchanged {
+                    self.groups.insert(name.clone(), group);
+                }
+                Applied {
+                    topic_id: None,
+                    unchanged,
+                }
+            }
+            Command::DeleteGroup { name } => Applied {
+                topic_id: None,
+                unchanged: self.groups.remove(name).is_none(),
+            },
+            Command::AdoptGroups { broker, groups } => {
+                let unchanged = !self.groups_adopted.insert(*broker);
+                if !unchanged {
+                    for (name, config) in groups {
+                        if self.topics.contains_key(&config.topic) {
+                            self.groups
+                                .entry(name.clone())
+                                .or_insert_with(|| GroupState {
+                                    config: config.clone(),
+                                    coordinator: *broker,
+                                });
+                        }
+                    }
+                }
+                Applied {
+                    topic_id: None,
+                    unchanged,
+                }
+            }
+            _ => Applied {
+                topic_id: None,
+                unchanged: true,
+            },
+        }
+    }
+
+    /// The broker that coordinates group `name` of `topic`: the one the state names, else
+    /// (a group not created yet) the leader of partition `murmur2(name) mod partitions`
+    /// (Kafka picks a group's coordinator by hashing its name onto a partition too), so
+    /// every broker routes a new group's calls to the same broker. `None` for an unknown
+    /// topic.
+    pub fn coordinator(&self, name: &str, topic: Option<&str>) -> Option<BrokerId> {
+        if let Some(g) = self.groups.get(name) {
+            return Some(g.coordinator);
+        }
+        let t = self.topics.get(topic?)?;
+        let count = t.replicas.len() as u32;
+        if count == 0 {
+            return None;
+        }
+        t.leader(partitioner::partition_for_key(name.as_bytes(), count))
     }
 
     /// Replicas for `count` new partitions of a topic: each partition's leader is the broker
@@ -282,6 +405,62 @@ mod tests {
         s.apply(&Command::DeleteTopic { name: "t".into() });
         let again = s.apply(&create);
         assert_eq!(again.topic_id, Some(2), "delete + create is a new topic");
+    }
+
+    #[test]
+    fn groups_go_with_their_topic_and_are_adopted_once() {
+        let mut s = state_with_brokers(&[0, 1]);
+        let placed = s.place(4);
+        s.apply(&Command::CreateTopic {
+            name: "t".into(),
+            config: config(4),
+            replicas: placed,
+        });
+        let group = GroupConfig {
+            topic: "t".into(),
+            group_type: crate::groups::GroupType::Ordered,
+            start: crate::groups::StartFrom::Earliest,
+            ack_wait_ms: 30_000,
+            max_deliveries: 0,
+            dead_letter_topic: "t-g-DLQ".into(),
+            session_timeout_ms: 10_000,
+        };
+        let coordinator = s.coordinator("g", Some("t")).expect("a coordinator");
+        let p = partitioner::partition_for_key(b"g", 4);
+        assert_eq!(Some(coordinator), s.topics["t"].leader(p));
+        assert!(
+            !s.apply(&Command::PutGroup {
+                name: "g".into(),
+                config: group.clone(),
+                coordinator,
+            })
+            .unchanged
+        );
+        assert_eq!(s.coordinator("g", None), Some(coordinator));
+        let mut other = group.clone();
+        other.topic = "missing".into();
+        assert!(
+            s.apply(&Command::PutGroup {
+                name: "h".into(),
+                config: other,
+                coordinator: 0,
+            })
+            .unchanged,
+            "a group of an unknown topic is not stored"
+        );
+        let adopt = Command::AdoptGroups {
+            broker: 1,
+            groups: vec![("g".into(), group.clone()), ("a".into(), group.clone())],
+        };
+        assert!(!s.apply(&adopt).unchanged);
+        assert_eq!(
+            s.groups["g"].coordinator, coordinator,
+            "existing groups kept"
+        );
+        assert_eq!(s.groups["a"].coordinator, 1);
+        assert!(s.apply(&adopt).unchanged, "adopted once");
+        s.apply(&Command::DeleteTopic { name: "t".into() });
+        assert!(s.groups.is_empty(), "a topic's groups go with it");
     }
 
     #[test]

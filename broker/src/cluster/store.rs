@@ -276,7 +276,11 @@ impl StateMachine {
     /// Makes the local log match `cmd`, applied to `state` (the state after it).
     async fn local_effects(&self, cmd: &Command, state: &ClusterState) -> io::Result<()> {
         match cmd {
-            Command::RegisterBroker { .. } => Ok(()),
+            // A group's state lives on its coordinator, which changes it before it proposes.
+            Command::RegisterBroker { .. }
+            | Command::PutGroup { .. }
+            | Command::DeleteGroup { .. }
+            | Command::AdoptGroups { .. } => Ok(()),
             Command::CreateTopic { name, .. } | Command::UpdateTopic { name, .. } => {
                 let Some(topic) = state.topics.get(name) else {
                     return Ok(());

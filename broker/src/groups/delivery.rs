@@ -10,9 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::validate::InvalidConfig;
+use crate::{log::StoredRecord, validate::InvalidConfig};
 
-use super::{AckRange, Delivery, Error, Group, GroupType, OffsetRef, cursor::Cursor, group::State};
+use super::{
+    AckRange, Delivery, Error, Group, GroupType, OffsetRef, ReadError, cursor::Cursor, group::State,
+};
 
 /// An offset chosen for a member, before its record is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +56,7 @@ impl Group {
             appends.borrow_and_update();
             let (claims, next_due) = self.take(member, max)?;
             if !claims.is_empty() {
-                let out = self.read_deliveries(claims).await;
+                let out = self.read_deliveries(member, claims).await;
                 if !out.is_empty() {
                     return Ok(out);
                 }
@@ -81,11 +83,15 @@ impl Group {
     fn take(&self, member: &str, max: usize) -> Result<(Vec<Claim>, Option<Instant>), Error> {
         let config = self.config();
         let parts = self.topic.partitions();
+        let served = self.topic.config().served;
+        let ends: Vec<Option<(u64, u64)>> = (0..parts.len())
+            .map(|p| self.ends(&parts, served, p))
+            .collect();
         let now = Instant::now();
         let ack_wait = Duration::from_millis(u64::from(config.ack_wait_ms));
         let mut st = self.state.lock();
         st.touch_member(&self.name, member)?;
-        st.ensure_partitions(&parts, self.topic.config().served);
+        st.ensure_partitions(&parts, served);
         let n = st.cursors.len();
         let mut out = Vec::new();
         let start = st.round_robin;
@@ -102,8 +108,10 @@ impl Group {
             if !allowed {
                 continue;
             }
-            let end = parts.get(p).map_or(0, |x| x.next_offset());
-            let earliest = parts.get(p).map_or(0, |x| x.earliest_offset());
+            // A partition whose leader was not heard from yet waits.
+            let Some((earliest, end)) = ends.get(p).copied().flatten() else {
+                continue;
+            };
             let skipped = st.cursors[p].clamp_to(earliest);
             if skipped > 0 {
                 self.report_skip(p, skipped);
@@ -122,12 +130,76 @@ impl Group {
         Ok((out, next_due))
     }
 
-    /// Reads the records of `claims`; offsets the log no longer has (deleted by retention)
-    /// or cannot return (damaged) are settled and logged, never delivered.
-    pub(super) async fn read_deliveries(&self, claims: Vec<Claim>) -> Vec<Delivery> {
+    /// Reads the records of `claims`, taken for `member`: from the log for partitions this
+    /// broker serves, from their leaders for the others. Offsets that are gone (retention)
+    /// or cannot be returned (damaged) are settled and logged, never delivered; claims whose
+    /// leader could not be reached are handed out again (an Ordered partition rewinds to
+    /// the first of them; a Shared message is redelivered at once).
+    pub(super) async fn read_deliveries(&self, member: &str, claims: Vec<Claim>) -> Vec<Delivery> {
+        let served = self.topic.config().served;
+        let (local, remote): (Vec<Claim>, Vec<Claim>) = claims
+            .into_iter()
+            .partition(|c| served.contains(c.partition));
+        let (mut out, mut skipped) = if local.is_empty() {
+            (Vec::new(), Vec::new())
+        } else {
+            match self.read_local(local).await {
+                Ok(read) => read,
+                Err(e) => {
+                    // The deliveries stay pending and are redelivered after ack_wait.
+                    tracing::error!(group = %self.name, error = %e, "reading deliveries failed");
+                    (Vec::new(), Vec::new())
+                }
+            }
+        };
+        let mut unavailable = Vec::new();
+        for run in remote.chunk_by(|a, b| a.partition == b.partition && b.offset == a.offset + 1) {
+            self.read_remote(run, &mut out, &mut skipped, &mut unavailable)
+                .await;
+        }
+        if skipped.is_empty() && unavailable.is_empty() {
+            return out;
+        }
+        let group_type = self.group_type();
+        let now = Instant::now();
+        let mut st = self.state.lock();
+        for (c, why) in &skipped {
+            tracing::warn!(group = %self.name, topic = %self.topic.name, partition = c.partition, offset = c.offset, reason = %why, "message cannot be delivered; skipped");
+            if let Some(cursor) = st.cursors.get_mut(c.partition as usize) {
+                cursor.settle(c.offset);
+            }
+            st.dirty.insert(c.partition as usize);
+        }
+        for (c, why) in &unavailable {
+            let Some(cursor) = st.cursors.get_mut(c.partition as usize) else {
+                continue;
+            };
+            match group_type {
+                // Claims of a partition are in offset order: the first rewinds over the rest.
+                GroupType::Ordered => cursor.rewind_to(c.offset),
+                GroupType::Shared => {
+                    let _ = cursor.nack(c.offset, member, now, why);
+                }
+            }
+            st.dirty.insert(c.partition as usize);
+        }
+        if let Some((c, why)) = unavailable.first() {
+            tracing::warn!(group = %self.name, topic = %self.topic.name, partition = c.partition, messages = unavailable.len(), reason = %why, "the partition's leader did not answer; messages handed out again");
+        }
+        drop(st);
+        self.changed.notify_waiters();
+        out
+    }
+
+    /// Reads `claims` of partitions this broker serves: deliveries, and claims that cannot
+    /// be delivered with the reason.
+    async fn read_local(
+        &self,
+        claims: Vec<Claim>,
+    ) -> Result<(Vec<Delivery>, Vec<(Claim, String)>), tokio::task::JoinError> {
         let log = Arc::clone(&self.log);
         let partitions = self.topic.partitions();
-        let read = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let mut out = Vec::with_capacity(claims.len());
             let mut skipped = Vec::new();
             // A run of consecutive offsets of one partition is one read.
@@ -140,22 +212,7 @@ impl Group {
                     None => Ok(Vec::new()),
                 };
                 match records {
-                    Ok(records) => {
-                        // Both in offset order: one merge, no lookup per record.
-                        let mut records = records.into_iter().peekable();
-                        for c in run {
-                            while records.next_if(|r| r.offset < c.offset).is_some() {}
-                            match records.next_if(|r| r.offset == c.offset) {
-                                Some(r) => out.push(Delivery {
-                                    partition: c.partition,
-                                    offset: c.offset,
-                                    count: c.count,
-                                    record: r.record,
-                                }),
-                                None => skipped.push((*c, "not stored".to_owned())),
-                            }
-                        }
-                    }
+                    Ok(records) => merge(run, records, &mut out, &mut skipped),
                     Err(e) => {
                         let why = e.to_string();
                         skipped.extend(run.iter().map(|c| (*c, why.clone())));
@@ -164,26 +221,53 @@ impl Group {
             }
             (out, skipped)
         })
-        .await;
-        let (out, skipped) = match read {
-            Ok(read) => read,
-            Err(e) => {
-                // The deliveries stay pending and are redelivered after ack_wait.
-                tracing::error!(group = %self.name, error = %e, "reading deliveries failed");
-                return Vec::new();
-            }
+        .await
+    }
+
+    /// Reads a run of consecutive claims of one partition from its leader, as many
+    /// fetches as it takes.
+    async fn read_remote(
+        &self,
+        run: &[Claim],
+        out: &mut Vec<Delivery>,
+        skipped: &mut Vec<(Claim, String)>,
+        unavailable: &mut Vec<(Claim, String)>,
+    ) {
+        let (Some(first), Some(last)) = (run.first(), run.last()) else {
+            return;
         };
-        if !skipped.is_empty() {
-            let mut st = self.state.lock();
-            for (c, why) in &skipped {
-                tracing::warn!(group = %self.name, topic = %self.topic.name, partition = c.partition, offset = c.offset, reason = %why, "message cannot be delivered; skipped");
-                if let Some(cursor) = st.cursors.get_mut(c.partition as usize) {
-                    cursor.settle(c.offset);
+        let mut next = first.offset;
+        let mut records = Vec::new();
+        let mut failed = None;
+        while next <= last.offset {
+            let want = (last.offset - next + 1) as usize;
+            match self
+                .remote
+                .read(&self.topic.name, first.partition, next, want)
+                .await
+            {
+                Ok(read) => match read.last() {
+                    Some(r) => {
+                        next = r.offset + 1;
+                        records.extend(read);
+                    }
+                    None => break,
+                },
+                Err(e) => {
+                    failed = Some(e);
+                    break;
                 }
-                st.dirty.insert(c.partition as usize);
             }
         }
-        out
+        let (read, rest): (Vec<Claim>, Vec<Claim>) = run.iter().partition(|c| c.offset < next);
+        merge(&read, records, out, skipped);
+        for c in rest {
+            match &failed {
+                Some(ReadError::Unavailable(why)) => unavailable.push((c, why.clone())),
+                Some(ReadError::Gone(why)) => skipped.push((c, why.clone())),
+                None => skipped.push((c, "not stored".to_owned())),
+            }
+        }
     }
 
     /// Acks and nacks deliveries of `member`. `acks` are inclusive ranges; `nacks` name
@@ -326,6 +410,30 @@ impl Group {
 impl AckRange {
     fn contains(self, r: OffsetRef) -> bool {
         self.partition == r.partition && (self.first..=self.last).contains(&r.offset)
+    }
+}
+
+/// Matches `run` (claims of one partition in offset order) with `records` read from that
+/// partition (in offset order): one merge, no lookup per record. Claims without a record
+/// are skipped as "not stored".
+fn merge(
+    run: &[Claim],
+    records: Vec<StoredRecord>,
+    out: &mut Vec<Delivery>,
+    skipped: &mut Vec<(Claim, String)>,
+) {
+    let mut records = records.into_iter().peekable();
+    for c in run {
+        while records.next_if(|r| r.offset < c.offset).is_some() {}
+        match records.next_if(|r| r.offset == c.offset) {
+            Some(r) => out.push(Delivery {
+                partition: c.partition,
+                offset: c.offset,
+                count: c.count,
+                record: r.record,
+            }),
+            None => skipped.push((*c, "not stored".to_owned())),
+        }
     }
 }
 

@@ -108,4 +108,15 @@ pub enum Error {
         /// The join error.
         detail: String,
     },
+    /// The cluster refused or could not take a change of the group (its status code and
+    /// message).
+    #[error("group {group:?}: {message}")]
+    Cluster {
+        /// Group name.
+        group: String,
+        /// `tonic::Code` as an integer.
+        code: i32,
+        /// What the cluster answered.
+        message: String,
+    },
 }

@@ -19,6 +19,7 @@ use super::{
     Error, GroupConfig, GroupInfo, GroupType, Joined, MemberInfo, PartitionInfo,
     cursor::{Cursor, MemberId},
     membership::Member,
+    remote::Remote,
     stored::{self, GroupMeta},
 };
 use crate::log::{Log, MetaEntries, Partition, Topic, topic::Served};
@@ -104,6 +105,8 @@ pub struct Group {
     pub(super) skipped: AtomicU64,
     /// Set when the group is deleted, so waiting pulls end.
     pub(super) deleted: AtomicBool,
+    /// The partitions of the topic other brokers lead, and the cluster's metadata.
+    pub(super) remote: Arc<dyn Remote>,
 }
 
 impl Group {
@@ -113,6 +116,7 @@ impl Group {
         log: Arc<Log>,
         config: GroupConfig,
         state: State,
+        remote: Arc<dyn Remote>,
     ) -> Self {
         Self {
             name: name.to_owned(),
@@ -123,6 +127,22 @@ impl Group {
             changed: Notify::new(),
             skipped: AtomicU64::new(0),
             deleted: AtomicBool::new(false),
+            remote,
+        }
+    }
+
+    /// `(earliest, next)` offsets of partition `p`: from the log when this broker serves
+    /// it, else as last heard from its leader (`None` until then).
+    pub(super) fn ends(
+        &self,
+        parts: &[Arc<Partition>],
+        served: Served,
+        p: usize,
+    ) -> Option<(u64, u64)> {
+        if served.contains(p as u32) {
+            parts.get(p).map(|x| (x.earliest_offset(), x.next_offset()))
+        } else {
+            self.remote.ends(&self.topic, p as u32)
         }
     }
 
@@ -146,7 +166,7 @@ impl Group {
         self.config.read().clone()
     }
 
-    fn group_type(&self) -> GroupType {
+    pub(super) fn group_type(&self) -> GroupType {
         self.config.read().group_type
     }
 
@@ -250,15 +270,24 @@ impl Group {
     pub fn info(&self) -> GroupInfo {
         let config = self.config();
         let parts = self.topic.partitions();
+        let served = self.topic.config().served;
+        let ends: Vec<Option<(u64, u64)>> = (0..parts.len())
+            .map(|p| self.ends(&parts, served, p))
+            .collect();
         let mut st = self.state.lock();
-        st.ensure_partitions(&parts, self.topic.config().served);
+        st.ensure_partitions(&parts, served);
         let now = Instant::now();
         let partitions = st
             .cursors
             .iter()
             .enumerate()
             .map(|(p, c)| {
-                let next = parts.get(p).map_or(0, |x| x.next_offset());
+                // Not heard from the leader yet: no lag known, none shown.
+                let next = ends
+                    .get(p)
+                    .copied()
+                    .flatten()
+                    .map_or(c.floor(), |(_, next)| next);
                 PartitionInfo {
                     partition: p as u32,
                     committed: c.floor(),

@@ -6,10 +6,12 @@
 //! 4. Shared: redeliver after `ack_wait`, hold and write dead letters;
 //!    Ordered: finish handovers;
 //! 5. write changed cursors (no fsync wait: a crash redelivers at most one tick of acks);
-//! 6. delete what every group of a work-queue topic has acked.
+//! 6. delete what every group of a work-queue topic has acked: groups coordinated here
+//!    report their floors of partitions led elsewhere to those leaders, and the partitions
+//!    led here go as far as the groups here and the reports from elsewhere allow;
+//! 7. drop groups whose topic was deleted (through any broker).
 
 use std::{
-    collections::BTreeMap,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -21,7 +23,7 @@ use super::{
     cursor::MemberId,
     delivery::{Claim, DEAD_LETTER_HOLD, DEAD_LETTER_HOLDER},
 };
-use crate::log::{self, Topic, topic::Retention};
+use crate::log::{self, topic::Retention};
 
 /// A message that reached `max_deliveries`, on its way to the dead-letter topic.
 #[derive(Debug, Clone)]
@@ -36,6 +38,11 @@ impl Groups {
     pub async fn tick(&self) -> Result<(), Error> {
         let groups = self.list(None);
         for g in &groups {
+            if !g.topic_exists() {
+                tracing::info!(group = %g.name, topic = %g.topic.name, "the group's topic was deleted; group deleted");
+                self.delete_local(&g.name).await?;
+                continue;
+            }
             let (dead, mut woke) = g.maintain(Instant::now());
             if !dead.is_empty() {
                 g.dead_letter(dead).await;
@@ -45,8 +52,41 @@ impl Groups {
                 g.changed.notify_waiters();
             }
             g.persist().await?;
+            g.report_floors();
         }
-        work_queue_retention(&groups).await
+        self.work_queue_retention(&groups).await
+    }
+
+    /// Step 6 for the partitions led here: for each work-queue topic, deletes batches below
+    /// the lowest ack floor of its groups, here and (as reported) elsewhere. A topic with
+    /// no group yet keeps its records.
+    async fn work_queue_retention(&self, groups: &[Arc<Group>]) -> Result<(), Error> {
+        for topic in self.log.topics() {
+            if topic.config().retention != Retention::WorkQueue {
+                continue;
+            }
+            let served = topic.config().served;
+            let mut floors: Vec<u64> = vec![u64::MAX; topic.partitions().len()];
+            for g in groups.iter().filter(|g| Arc::ptr_eq(&g.topic, &topic)) {
+                let st = g.state.lock();
+                for (f, c) in floors.iter_mut().zip(&st.cursors) {
+                    *f = (*f).min(c.floor());
+                }
+            }
+            for (p, part) in topic.partitions().iter().enumerate() {
+                if !served.contains(p as u32) {
+                    continue;
+                }
+                let Some(reported) = self.remote.reported_floor(&topic, p as u32) else {
+                    continue;
+                };
+                let floor = floors[p].min(reported);
+                if floor != u64::MAX && floor > part.earliest_offset() {
+                    self.log.truncate(Arc::clone(part), floor).await?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -56,10 +96,14 @@ impl Group {
     fn maintain(&self, now: Instant) -> (Vec<DeadLetter>, bool) {
         let config = self.config();
         let parts = self.topic.partitions();
+        let served = self.topic.config().served;
+        let ends: Vec<Option<(u64, u64)>> = (0..parts.len())
+            .map(|p| self.ends(&parts, served, p))
+            .collect();
         let mut dead = Vec::new();
         let mut woke = false;
         let mut st = self.state.lock();
-        if st.ensure_partitions(&parts, self.topic.config().served)
+        if st.ensure_partitions(&parts, served)
             && config.group_type == GroupType::Ordered
             && !st.members.is_empty()
         {
@@ -79,8 +123,8 @@ impl Group {
             woke = true;
         }
         for p in 0..st.cursors.len() {
-            if let Some(part) = parts.get(p) {
-                let skipped = st.cursors[p].clamp_to(part.earliest_offset());
+            if let Some((earliest, _)) = ends.get(p).copied().flatten() {
+                let skipped = st.cursors[p].clamp_to(earliest);
                 if skipped > 0 {
                     self.report_skip(p, skipped);
                     st.dirty.insert(p);
@@ -116,19 +160,18 @@ impl Group {
     async fn dead_letter(&self, dead: Vec<DeadLetter>) {
         let config = self.config();
         let deliveries = self
-            .read_deliveries(dead.iter().map(|d| d.claim).collect())
+            .read_deliveries(DEAD_LETTER_HOLDER, dead.iter().map(|d| d.claim).collect())
             .await;
         let dlq_config = log::TopicConfig {
             max_message_bytes: log::topic::MAX_MESSAGE_BYTES_LIMIT,
             ..log::TopicConfig::default()
         };
         if let Err(e) = self
-            .log
-            .create_topic(&config.dead_letter_topic, dlq_config)
+            .remote
+            .ensure_topic(&config.dead_letter_topic, dlq_config)
             .await
-            && !matches!(e, log::Error::TopicExists { .. })
         {
-            tracing::warn!(group = %self.name, dlq = %config.dead_letter_topic, error = %e, "dead-letter topic unavailable; will retry");
+            tracing::warn!(group = %self.name, dlq = %config.dead_letter_topic, error = %e.message, "dead-letter topic unavailable; will retry");
             self.release_held();
             return;
         }
@@ -149,15 +192,8 @@ impl Group {
                 h("weir-dlq-group", self.name.clone()),
                 h("weir-dlq-error", error),
             ]);
-            match crate::produce::produce(
-                &self.log,
-                &config.dead_letter_topic,
-                Some(0),
-                vec![record],
-            )
-            .await
-            {
-                Ok(_) => {
+            match self.remote.produce(&config.dead_letter_topic, record).await {
+                Ok(()) => {
                     let mut st = self.state.lock();
                     if let Some(c) = st.cursors.get_mut(d.partition as usize) {
                         c.settle(d.offset);
@@ -167,7 +203,7 @@ impl Group {
                     tracing::info!(group = %self.name, topic = %self.topic.name, partition = d.partition, offset = d.offset, deliveries = d.count, dlq = %config.dead_letter_topic, "message dead-lettered");
                 }
                 Err(e) => {
-                    tracing::warn!(group = %self.name, error = %e, "writing to the dead-letter topic failed; will retry");
+                    tracing::warn!(group = %self.name, error = %e.message, "writing to the dead-letter topic failed; will retry");
                 }
             }
         }
@@ -185,6 +221,33 @@ impl Group {
         }
     }
 
+    /// Whether the group's topic is still the one in the log (not deleted, nor deleted and
+    /// created again).
+    fn topic_exists(&self) -> bool {
+        self.log
+            .topic(&self.topic.name)
+            .is_ok_and(|t| t.id == self.topic.id)
+    }
+
+    /// Step 6 for partitions led elsewhere: reports this group's ack floors of a
+    /// work-queue topic's partitions that other brokers lead to them.
+    fn report_floors(&self) {
+        let config = self.topic.config();
+        if config.retention != Retention::WorkQueue || config.served.is_all() {
+            return;
+        }
+        let floors: Vec<(u32, u64)> = self
+            .state
+            .lock()
+            .cursors
+            .iter()
+            .enumerate()
+            .filter(|(p, _)| !config.served.contains(*p as u32))
+            .map(|(p, c)| (p as u32, c.floor()))
+            .collect();
+        self.remote.report_floors(&self.topic, &self.name, floors);
+    }
+
     /// Returns messages still held for dead-lettering to redelivery.
     fn release_held(&self) {
         let now = Instant::now();
@@ -193,37 +256,4 @@ impl Group {
             c.release(DEAD_LETTER_HOLDER, now);
         }
     }
-}
-
-/// For `WorkQueue` topics with at least one group: deletes batches every group has acked.
-async fn work_queue_retention(groups: &[Arc<Group>]) -> Result<(), Error> {
-    let mut floors: BTreeMap<String, (Arc<Topic>, Vec<u64>)> = BTreeMap::new();
-    for g in groups {
-        if g.topic.config().retention != Retention::WorkQueue {
-            continue;
-        }
-        let st = g.state.lock();
-        let entry = floors
-            .entry(g.topic.name.clone())
-            .or_insert_with(|| (Arc::clone(&g.topic), vec![u64::MAX; st.cursors.len()]));
-        for (p, c) in st.cursors.iter().enumerate() {
-            if let Some(f) = entry.1.get_mut(p) {
-                *f = (*f).min(c.floor());
-            }
-        }
-    }
-    let Some(log) = groups.first().map(|g| Arc::clone(&g.log)) else {
-        return Ok(());
-    };
-    for (topic, floors) in floors.into_values() {
-        for (p, floor) in floors.into_iter().enumerate() {
-            let Ok(part) = topic.partition(p as u32) else {
-                continue;
-            };
-            if floor != u64::MAX && floor > part.earliest_offset() {
-                log.truncate(part, floor).await?;
-            }
-        }
-    }
-    Ok(())
 }

@@ -40,6 +40,7 @@ mod group;
 mod maintenance;
 mod membership;
 mod registry;
+mod remote;
 mod stored;
 
 use std::time::Duration;
@@ -47,7 +48,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use self::cursor::MemberId;
-pub use self::{error::Error, group::Group, registry::Groups};
+pub use self::{
+    error::Error,
+    group::Group,
+    registry::Groups,
+    remote::{ReadError, Remote, RemoteError},
+};
 use crate::{
     log::Record,
     validate::{InvalidConfig, NameKind, validate_name},

@@ -15,6 +15,7 @@ use super::{
     Error, Group, GroupConfig, Joined, StartFrom,
     cursor::Cursor,
     group::State,
+    remote::{Remote, RemoteError},
     stored::{self, GroupMeta},
 };
 use crate::{
@@ -25,18 +26,20 @@ use crate::{
 /// Every group of the broker.
 #[derive(Debug)]
 pub struct Groups {
-    log: Arc<Log>,
+    pub(super) log: Arc<Log>,
     by_name: RwLock<BTreeMap<String, Arc<Group>>>,
     /// Join order of members, broker-wide.
     member_seq: AtomicU64,
     /// Distinguishes member ids of this process from those of an earlier one.
     incarnation: String,
+    /// The cluster: partitions led elsewhere, the metadata groups are recorded in.
+    pub(super) remote: Arc<dyn Remote>,
 }
 
 impl Groups {
     /// Loads every group stored in the log. Blocking. A group whose topic no longer exists
     /// (or was created again since) is dropped with a warning.
-    pub fn open(log: Arc<Log>) -> Result<Arc<Self>, Error> {
+    pub fn open(log: Arc<Log>, remote: Arc<dyn Remote>) -> Result<Arc<Self>, Error> {
         let mut groups = BTreeMap::new();
         for (key, value) in log.scan_meta(keys::GROUP_PREFIX)? {
             let meta = GroupMeta::decode(&key, &value)?;
@@ -53,7 +56,14 @@ impl Groups {
                 .map(|(k, v)| stored::decode_cursor(k, v))
                 .collect::<Result<Vec<_>, _>>()?;
             let state = State::with_cursors(cursors, meta.dead_lettered);
-            let group = Group::new(&meta.name, topic, Arc::clone(&log), meta.config, state);
+            let group = Group::new(
+                &meta.name,
+                topic,
+                Arc::clone(&log),
+                meta.config,
+                state,
+                Arc::clone(&remote),
+            );
             groups.insert(meta.name, Arc::new(group));
         }
         tracing::info!(groups = groups.len(), "groups recovered");
@@ -62,6 +72,7 @@ impl Groups {
             by_name: RwLock::new(groups),
             member_seq: AtomicU64::new(0),
             incarnation: format!("{:x}", log::now_ms()),
+            remote,
         }))
     }
 
@@ -84,26 +95,49 @@ impl Groups {
             .collect()
     }
 
-    /// Offsets per partition of `topic` where `start` points.
-    async fn start_offsets(&self, topic: &Arc<Topic>, start: StartFrom) -> Result<Vec<u64>, Error> {
+    /// Offsets per partition of `topic` where `start` points: from the log for the
+    /// partitions served here, asked of their leaders for the others.
+    async fn start_offsets(
+        &self,
+        group: &str,
+        topic: &Arc<Topic>,
+        start: StartFrom,
+    ) -> Result<Vec<u64>, Error> {
         let log = Arc::clone(&self.log);
         let partitions = topic.partitions();
-        tokio::task::spawn_blocking(move || {
+        let served = topic.config().served;
+        let mut offsets = tokio::task::spawn_blocking(move || {
             partitions
                 .iter()
-                .map(|p| match start {
-                    StartFrom::Earliest => Ok(p.earliest_offset()),
-                    StartFrom::Latest => Ok(p.next_offset()),
-                    StartFrom::Timestamp(ts) => log.offset_for_timestamp(p, ts),
+                .map(|p| {
+                    if !served.contains(p.index) {
+                        return Ok(None);
+                    }
+                    match start {
+                        StartFrom::Earliest => Ok(p.earliest_offset()),
+                        StartFrom::Latest => Ok(p.next_offset()),
+                        StartFrom::Timestamp(ts) => log.offset_for_timestamp(p, ts),
+                    }
+                    .map(Some)
                 })
-                .collect::<Result<Vec<u64>, log::Error>>()
+                .collect::<Result<Vec<Option<u64>>, log::Error>>()
         })
         .await
         .map_err(|e| Error::Task {
             group: topic.name.clone(),
             detail: e.to_string(),
-        })?
-        .map_err(Error::from)
+        })??;
+        for (p, offset) in offsets.iter_mut().enumerate() {
+            if offset.is_none() {
+                let at = self
+                    .remote
+                    .offset_for(&topic.name, p as u32, start)
+                    .await
+                    .map_err(|e| cluster_error(group, e))?;
+                *offset = Some(at);
+            }
+        }
+        Ok(offsets.into_iter().flatten().collect())
     }
 
     /// Creates a group; returns it and whether it is new. Identical settings: unchanged;
@@ -128,14 +162,15 @@ impl Groups {
             };
         }
         let topic = self.log.topic(&config.topic)?;
-        let starts = self.start_offsets(&topic, config.start).await?;
+        let starts = self.start_offsets(name, &topic, config.start).await?;
         let cursors: Vec<Cursor> = starts.iter().map(|s| Cursor::at(*s)).collect();
         let group = Group::new(
             name,
             topic,
             Arc::clone(&self.log),
-            config,
+            config.clone(),
             State::with_cursors(cursors, 0),
+            Arc::clone(&self.remote),
         );
         let mut puts = vec![group.meta().entry()?];
         for (p, c) in group.state.lock().cursors.iter().enumerate() {
@@ -143,11 +178,18 @@ impl Groups {
         }
         self.log.write_meta(puts, Vec::new(), true).await?;
         let group = Arc::new(group);
-        let mut groups = self.by_name.write();
-        if let Some(raced) = groups.get(name) {
-            return Ok((Arc::clone(raced), false));
+        {
+            let mut groups = self.by_name.write();
+            if let Some(raced) = groups.get(name) {
+                return Ok((Arc::clone(raced), false));
+            }
+            groups.insert(name.to_owned(), Arc::clone(&group));
         }
-        groups.insert(name.to_owned(), Arc::clone(&group));
+        // Recorded in the cluster's metadata last: a group there always exists here.
+        if let Err(e) = self.remote.put_group(name, &config).await {
+            self.delete_local(name).await?;
+            return Err(cluster_error(name, e));
+        }
         tracing::info!(group = name, topic = %group.topic.name, "group created");
         Ok((group, true))
     }
@@ -169,6 +211,10 @@ impl Groups {
             start: current.start,
             ..config
         };
+        self.remote
+            .put_group(name, &config)
+            .await
+            .map_err(|e| cluster_error(name, e))?;
         let mut meta = group.meta();
         meta.config = config.clone();
         self.log
@@ -178,8 +224,19 @@ impl Groups {
         Ok(group)
     }
 
-    /// Deletes a group and its state.
+    /// Deletes a group and its state, from the cluster's metadata first.
     pub async fn delete(&self, name: &str) -> Result<(), Error> {
+        self.get(name)?;
+        self.remote
+            .delete_group(name)
+            .await
+            .map_err(|e| cluster_error(name, e))?;
+        self.delete_local(name).await
+    }
+
+    /// Deletes a group and its state here only (its topic is gone, so the cluster's
+    /// metadata dropped it already).
+    pub(super) async fn delete_local(&self, name: &str) -> Result<(), Error> {
         let group = self.get(name)?;
         let partitions = group.state.lock().cursors.len() as u32;
         let mut deletes = vec![keys::group_key(name)];
@@ -195,7 +252,7 @@ impl Groups {
     /// Deletes every group of `topic` (when the topic is deleted).
     pub async fn delete_for_topic(&self, topic: &str) -> Result<(), Error> {
         for g in self.list(Some(topic)) {
-            self.delete(&g.name).await?;
+            self.delete_local(&g.name).await?;
         }
         Ok(())
     }
@@ -203,7 +260,7 @@ impl Groups {
     /// Moves the group to `to`, forgetting pending deliveries.
     pub async fn reset(&self, name: &str, to: StartFrom) -> Result<Arc<Group>, Error> {
         let group = self.get(name)?;
-        let starts = self.start_offsets(&group.topic, to).await?;
+        let starts = self.start_offsets(name, &group.topic, to).await?;
         {
             let mut st = group.state.lock();
             st.ensure_partitions(&group.topic.partitions(), group.topic.config().served);
@@ -275,5 +332,13 @@ impl Group {
             return Err(e.into());
         }
         Ok(())
+    }
+}
+
+fn cluster_error(group: &str, e: RemoteError) -> Error {
+    Error::Cluster {
+        group: group.to_owned(),
+        code: e.code,
+        message: e.message,
     }
 }

@@ -1,7 +1,7 @@
 //! `weir.v1.Admin`: topic administration.
 
 use tonic::{Request, Response, Status};
-use weir_proto::v1::{self as pb, admin_server::Admin};
+use weir_proto::v1::{self as pb, admin_client::AdminClient, admin_server::Admin};
 
 use super::{
     Context,
@@ -9,6 +9,7 @@ use super::{
         describe, describe_remote, group_config_from_pb, group_to_pb, start_from_pb,
         topic_config_from_pb,
     },
+    forward::to_coordinator,
 };
 use crate::{
     log::TopicConfig,
@@ -254,7 +255,18 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::CreateGroupRequest>,
     ) -> Result<Response<pb::CreateGroupResponse>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
+        let topic = req.config.as_ref().map(|c| c.topic.clone());
+        to_coordinator!(
+            &self.ctx,
+            metadata,
+            req,
+            &req.name,
+            topic.as_deref(),
+            AdminClient,
+            create_group
+        );
         let config = group_config_from_pb(&req.name, req.config)?;
         let (group, created) = self.ctx.groups.create(&req.name, config).await?;
         Ok(Response::new(pb::CreateGroupResponse {
@@ -267,7 +279,17 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::UpdateGroupRequest>,
     ) -> Result<Response<pb::UpdateGroupResponse>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
+        to_coordinator!(
+            &self.ctx,
+            metadata,
+            req,
+            &req.name,
+            None,
+            AdminClient,
+            update_group
+        );
         let config = group_config_from_pb(&req.name, req.config)?;
         let group = self.ctx.groups.update(&req.name, config).await?;
         Ok(Response::new(pb::UpdateGroupResponse {
@@ -279,7 +301,17 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DeleteGroupRequest>,
     ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
+        to_coordinator!(
+            &self.ctx,
+            metadata,
+            req,
+            &req.name,
+            None,
+            AdminClient,
+            delete_group
+        );
         self.ctx.groups.delete(&req.name).await?;
         Ok(Response::new(pb::DeleteGroupResponse {}))
     }
@@ -288,7 +320,17 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DescribeGroupRequest>,
     ) -> Result<Response<pb::DescribeGroupResponse>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
+        to_coordinator!(
+            &self.ctx,
+            metadata,
+            req,
+            &req.name,
+            None,
+            AdminClient,
+            describe_group
+        );
         let info = self.ctx.groups.get(&req.name)?.info();
         Ok(Response::new(pb::DescribeGroupResponse {
             group: Some(group_to_pb(&info)),
@@ -299,24 +341,67 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
         let topic = (!req.topic.is_empty()).then_some(req.topic.as_str());
-        Ok(Response::new(pb::ListGroupsResponse {
-            groups: self
-                .ctx
-                .groups
-                .list(topic)
-                .iter()
-                .map(|g| group_to_pb(&g.info()))
-                .collect(),
-        }))
+        let mut groups: Vec<pb::GroupDescription> = self
+            .ctx
+            .groups
+            .list(topic)
+            .iter()
+            .map(|g| group_to_pb(&g.info()))
+            .collect();
+        if super::forward::is_forwarded(&metadata) {
+            return Ok(Response::new(pb::ListGroupsResponse { groups }));
+        }
+        // Groups coordinated elsewhere: one call per coordinator.
+        let state = self.ctx.cluster.state();
+        let coordinators: std::collections::BTreeSet<u64> = state
+            .groups
+            .values()
+            .filter(|g| topic.is_none_or(|t| g.config.topic == t))
+            .map(|g| g.coordinator)
+            .filter(|c| *c != self.ctx.cluster.me())
+            .collect();
+        for c in coordinators {
+            let address = state
+                .brokers
+                .get(&c)
+                .map(|b| b.address.clone())
+                .ok_or_else(|| Status::unavailable(format!("broker {c} has no known address")))?;
+            let mut client = AdminClient::new(self.ctx.cluster.channel_to(&address)?)
+                .max_decoding_message_size(super::MAX_MESSAGE_BYTES);
+            let remote = client
+                .list_groups(super::forward::forwarded(&metadata, req.clone()))
+                .await
+                .map_err(|s| {
+                    Status::unavailable(format!(
+                        "listing the groups coordinated by broker {c} at {address}: {}",
+                        s.message()
+                    ))
+                })?;
+            groups.extend(remote.into_inner().groups);
+        }
+        groups.sort_by(|a, b| a.name.cmp(&b.name));
+        groups.dedup_by(|a, b| a.name == b.name);
+        Ok(Response::new(pb::ListGroupsResponse { groups }))
     }
 
     async fn reset_group(
         &self,
         request: Request<pb::ResetGroupRequest>,
     ) -> Result<Response<pb::ResetGroupResponse>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
+        to_coordinator!(
+            &self.ctx,
+            metadata,
+            req,
+            &req.name,
+            None,
+            AdminClient,
+            reset_group
+        );
         // A reset must say where to: a missing target is not "earliest".
         let to = match req.to.as_ref().and_then(|t| t.position) {
             Some(

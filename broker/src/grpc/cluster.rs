@@ -126,6 +126,22 @@ impl RaftRpc for RaftService {
         encode(&answer)
     }
 
+    async fn peer(
+        &self,
+        request: Request<pb::RaftMessage>,
+    ) -> Result<Response<pb::RaftMessage>, Status> {
+        let call: crate::cluster::remote::PeerCall = decode(request.get_ref())?;
+        let answer: Result<crate::cluster::remote::PeerAnswer, RemoteError> =
+            self.cluster.peer_here(call).await.map_err(|e| {
+                let status = Status::from(e);
+                RemoteError {
+                    code: status.code() as i32,
+                    message: status.message().to_owned(),
+                }
+            });
+        encode(&answer)
+    }
+
     async fn snapshot(
         &self,
         request: Request<pb::RaftMessage>,

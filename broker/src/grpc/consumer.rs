@@ -9,15 +9,16 @@ use std::{
     time::Duration,
 };
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use weir_proto::v1::{self as pb, consumer_server::Consumer};
+use weir_proto::v1::{self as pb, consumer_client::ConsumerClient, consumer_server::Consumer};
 
 use super::{
     Context,
     convert::{group_config_from_pb, record_to_pb},
+    forward::to_coordinator,
     status,
 };
 use crate::{
@@ -117,7 +118,18 @@ impl Consumer for ConsumerService {
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
+        let topic = req.create.as_ref().map(|c| c.topic.clone());
+        to_coordinator!(
+            &self.ctx,
+            metadata,
+            req,
+            &req.group,
+            topic.as_deref(),
+            ConsumerClient,
+            join
+        );
         let create = match req.create {
             Some(c) => Some(group_config_from_pb(&req.group, Some(c))?),
             None => None,
@@ -134,7 +146,17 @@ impl Consumer for ConsumerService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
+        to_coordinator!(
+            &self.ctx,
+            metadata,
+            req,
+            &req.group,
+            None,
+            ConsumerClient,
+            heartbeat
+        );
         let (generation, partitions) =
             self.ctx.groups.get(&req.group)?.heartbeat(&req.member_id)?;
         Ok(Response::new(pb::HeartbeatResponse {
@@ -147,7 +169,17 @@ impl Consumer for ConsumerService {
         &self,
         request: Request<pb::LeaveRequest>,
     ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
+        to_coordinator!(
+            &self.ctx,
+            metadata,
+            req,
+            &req.group,
+            None,
+            ConsumerClient,
+            leave
+        );
         self.ctx.groups.get(&req.group)?.leave(&req.member_id)?;
         Ok(Response::new(pb::LeaveResponse {}))
     }
@@ -156,7 +188,17 @@ impl Consumer for ConsumerService {
         &self,
         request: Request<pb::PullRequest>,
     ) -> Result<Response<pb::PullResponse>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
+        to_coordinator!(
+            &self.ctx,
+            metadata,
+            req,
+            &req.group,
+            None,
+            ConsumerClient,
+            pull
+        );
         let wait = wait_of(req.max_wait_ms)?;
         let deliveries = self
             .ctx
@@ -173,7 +215,17 @@ impl Consumer for ConsumerService {
         &self,
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
+        let metadata = request.metadata().clone();
         let req = request.into_inner();
+        to_coordinator!(
+            &self.ctx,
+            metadata,
+            req,
+            &req.group,
+            None,
+            ConsumerClient,
+            ack
+        );
         ack(&*self.ctx.groups.get(&req.group)?, &req.member_id, &req)?;
         Ok(Response::new(pb::AckResponse {}))
     }
@@ -185,15 +237,33 @@ impl Consumer for ConsumerService {
         &self,
         request: Request<Streaming<pb::SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let metadata = request.metadata().clone();
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
             Status::invalid_argument("the subscribe stream closed before its join request")
         })?;
-        let Some(pb::subscribe_request::Request::Join(join)) = first.request else {
+        let Some(pb::subscribe_request::Request::Join(join)) = first.request.clone() else {
             return Err(Status::invalid_argument(
                 "the first SubscribeRequest must be a join",
             ));
         };
+        let topic = join.create.as_ref().map(|c| c.topic.clone());
+        let route =
+            super::forward::group_route(&self.ctx, &metadata, &join.group, topic.as_deref())
+                .await?;
+        if let Some(channel) = route {
+            // The whole stream is relayed to the coordinator, which pushes from every
+            // partition; the member's stream ending (or failing) ends the relayed one.
+            let requests = futures::stream::once(async move { first })
+                .chain(tokio_stream::StreamExt::map_while(inbound, Result::ok));
+            let index = self.ctx.cluster.applied_index();
+            let answers = ConsumerClient::new(channel)
+                .max_decoding_message_size(super::MAX_MESSAGE_BYTES)
+                .subscribe(super::forward::forwarded_at(&metadata, requests, index))
+                .await?
+                .into_inner();
+            return Ok(Response::new(Box::pin(answers)));
+        }
         let create = match join.create {
             Some(c) => Some(group_config_from_pb(&join.group, Some(c))?),
             None => None,

@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use tonic::{Request, metadata::MetadataMap};
 
-use crate::cluster::{Cluster, route::FORWARDED};
+use crate::cluster::{
+    Cluster,
+    route::{FORWARDED, Route},
+};
 
 /// Metadata key of the metadata log index the forwarding broker had applied.
 pub(crate) const METADATA_INDEX: &str = "weir-metadata-index";
@@ -32,6 +35,49 @@ pub(crate) async fn catch_up(
             cluster.wait_applied(i).await.map_err(tonic::Status::from)
         }
         _ => Ok(()),
+    }
+}
+
+/// Forwards a unary group call to the group's coordinator when another broker coordinates
+/// it (returning its answer from the handler): `to_coordinator!(ctx, metadata, request,
+/// group, topic, Client, method)`.
+macro_rules! to_coordinator {
+    ($ctx:expr, $metadata:expr, $req:expr, $group:expr, $topic:expr, $client:ident, $method:ident) => {
+        let route = super::forward::group_route($ctx, &$metadata, $group, $topic).await?;
+        if let Some(channel) = route {
+            let index = $ctx.cluster.applied_index();
+            return $client::new(channel)
+                .max_decoding_message_size(super::MAX_MESSAGE_BYTES)
+                .$method(super::forward::forwarded_at(&$metadata, $req, index))
+                .await
+                .map(|r| Response::new(r.into_inner()));
+        }
+    };
+}
+pub(crate) use to_coordinator;
+
+/// Where a call of group `group` goes: `None` when this broker serves it (it coordinates
+/// the group, or another broker forwarded the call), else a channel to the group's
+/// coordinator. `topic` names the group's topic when the call may create the group.
+pub(crate) async fn group_route(
+    ctx: &super::Context,
+    metadata: &MetadataMap,
+    group: &str,
+    topic: Option<&str>,
+) -> Result<Option<tonic::transport::Channel>, tonic::Status> {
+    if is_forwarded(metadata) {
+        catch_up(&ctx.cluster, metadata).await?;
+        return Ok(None);
+    }
+    if let Some(t) = topic {
+        ctx.cluster.settle(t).await;
+    }
+    match ctx.cluster.route_group(group, topic) {
+        Route::Leader { id, address } => {
+            ctx.metrics.observe_forward(id);
+            Ok(Some(ctx.cluster.channel_to(&address)?))
+        }
+        _ => Ok(None),
     }
 }
 

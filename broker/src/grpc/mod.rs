@@ -7,7 +7,7 @@
 mod admin;
 mod cluster;
 mod consumer;
-mod convert;
+pub(crate) mod convert;
 mod forward;
 mod producer;
 pub mod status;

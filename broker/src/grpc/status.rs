@@ -47,6 +47,7 @@ fn group_code(e: &groups::Error) -> Code {
         | E::PullNothing
         | E::InvalidConfig(_) => Code::InvalidArgument,
         E::Log(e) => log_code(e),
+        E::Cluster { code, .. } => Code::from(*code),
         _ => Code::Internal,
     }
 }
