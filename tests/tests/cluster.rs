@@ -81,7 +81,8 @@ async fn a_standalone_broker_is_a_cluster_of_one() -> anyhow::Result<()> {
 }
 
 /// A data directory written before the cluster existed (schema 1, as the recovery test
-/// uses it): its topics are adopted into the cluster's metadata, all partitions led here.
+/// uses it): its topics are adopted into the cluster's metadata, all partitions led here,
+/// and its group is recorded there, coordinated here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_directory_from_before_the_cluster_is_adopted() -> anyhow::Result<()> {
     let dir = weir_tests::schema_1_data_dir()?;
@@ -111,6 +112,16 @@ async fn a_data_directory_from_before_the_cluster_is_adopted() -> anyhow::Result
         broker.client().await?.describe_topic("old").await?.messages,
         3
     );
+    // Its group too, coordinated here, with its cursor; recorded once.
+    assert_eq!(
+        logs.matches("groups of the data directory recorded in the cluster's metadata")
+            .count(),
+        1,
+        "{logs}"
+    );
+    let groups = broker.client().await?.list_groups(None).await?;
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    assert_eq!((groups[0].name.as_str(), groups[0].lag), ("readers", 1));
     Ok(())
 }
 

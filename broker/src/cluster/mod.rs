@@ -286,7 +286,7 @@ impl Cluster {
             if count > 0 {
                 tracing::info!(
                     groups = count,
-                    "groups of the data directory adopted into the cluster's metadata"
+                    "groups of the data directory recorded in the cluster's metadata, coordinated here"
                 );
             }
         }

@@ -356,6 +356,13 @@ impl Remote for GroupsRemote {
         })
     }
 
+    fn led_elsewhere(&self, topic: &str, partition: u32) -> bool {
+        matches!(
+            self.cluster.route_partition(topic, partition),
+            Route::Leader { .. }
+        )
+    }
+
     fn read(
         &self,
         topic: &str,

@@ -91,7 +91,7 @@ impl Group {
         let ack_wait = Duration::from_millis(u64::from(config.ack_wait_ms));
         let mut st = self.state.lock();
         st.touch_member(&self.name, member)?;
-        st.ensure_partitions(&parts, served);
+        st.ensure_partitions(&parts, self.assignable(&parts, served));
         let n = st.cursors.len();
         let mut out = Vec::new();
         let start = st.round_robin;

@@ -131,6 +131,24 @@ impl Group {
         }
     }
 
+    /// The partitions assigned to members: those served here and those another broker
+    /// leads (a partition of a standalone broker's `served_partitions` list that it does
+    /// not serve has no leader, and is not assigned).
+    pub(super) fn assignable(&self, parts: &[Arc<Partition>], served: Served) -> Served {
+        if served.is_all() {
+            return served;
+        }
+        let n = parts.len() as u32;
+        let list: Vec<u32> = (0..n)
+            .filter(|&p| served.contains(p) || self.remote.led_elsewhere(&self.topic.name, p))
+            .collect();
+        if list.len() == parts.len() {
+            Served::ALL
+        } else {
+            Served::from_list(&list, n).unwrap_or(served)
+        }
+    }
+
     /// `(earliest, next)` offsets of partition `p`: from the log when this broker serves
     /// it, else as last heard from its leader (`None` until then).
     pub(super) fn ends(
@@ -190,7 +208,8 @@ impl Group {
         let group_type = self.group_type();
         let joined = {
             let mut st = self.state.lock();
-            st.ensure_partitions(&self.topic.partitions(), self.topic.config().served);
+            let parts = self.topic.partitions();
+            st.ensure_partitions(&parts, self.assignable(&parts, self.topic.config().served));
             let member = Member {
                 seq,
                 last_seen: Instant::now(),
@@ -275,7 +294,7 @@ impl Group {
             .map(|p| self.ends(&parts, served, p))
             .collect();
         let mut st = self.state.lock();
-        st.ensure_partitions(&parts, served);
+        st.ensure_partitions(&parts, self.assignable(&parts, served));
         let now = Instant::now();
         let partitions = st
             .cursors

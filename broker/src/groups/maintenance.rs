@@ -103,7 +103,7 @@ impl Group {
         let mut dead = Vec::new();
         let mut woke = false;
         let mut st = self.state.lock();
-        if st.ensure_partitions(&parts, served)
+        if st.ensure_partitions(&parts, self.assignable(&parts, served))
             && config.group_type == GroupType::Ordered
             && !st.members.is_empty()
         {

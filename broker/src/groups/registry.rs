@@ -95,8 +95,8 @@ impl Groups {
             .collect()
     }
 
-    /// Offsets per partition of `topic` where `start` points: from the log for the
-    /// partitions served here, asked of their leaders for the others.
+    /// Offsets per partition of `topic` where `start` points: asked of their leaders for
+    /// partitions another broker leads, from the log for the others.
     async fn start_offsets(
         &self,
         group: &str,
@@ -106,11 +106,16 @@ impl Groups {
         let log = Arc::clone(&self.log);
         let partitions = topic.partitions();
         let served = topic.config().served;
+        let elsewhere: Vec<bool> = partitions
+            .iter()
+            .map(|p| !served.contains(p.index) && self.remote.led_elsewhere(&topic.name, p.index))
+            .collect();
         let mut offsets = tokio::task::spawn_blocking(move || {
             partitions
                 .iter()
-                .map(|p| {
-                    if !served.contains(p.index) {
+                .zip(elsewhere)
+                .map(|(p, elsewhere)| {
+                    if elsewhere {
                         return Ok(None);
                     }
                     match start {
@@ -263,7 +268,11 @@ impl Groups {
         let starts = self.start_offsets(name, &group.topic, to).await?;
         {
             let mut st = group.state.lock();
-            st.ensure_partitions(&group.topic.partitions(), group.topic.config().served);
+            let parts = group.topic.partitions();
+            st.ensure_partitions(
+                &parts,
+                group.assignable(&parts, group.topic.config().served),
+            );
             for (p, start) in starts.iter().enumerate() {
                 if let Some(c) = st.cursors.get_mut(p) {
                     c.reset(*start);

@@ -51,6 +51,10 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
     /// fires here too, so waiting pulls look again.
     fn ends(&self, topic: &Arc<Topic>, partition: u32) -> Option<(u64, u64)>;
 
+    /// Whether another broker leads partition `partition` of `topic` (then it is assigned
+    /// to members like the partitions served here).
+    fn led_elsewhere(&self, topic: &str, partition: u32) -> bool;
+
     /// Up to `max` records of a partition led elsewhere, from `offset` on.
     fn read(
         &self,

@@ -1,0 +1,355 @@
+//! Consumer groups across a cluster of three brokers (`docs/cluster.md`, "Groups across the
+//! cluster"): a group lives on its coordinator, its members join through any broker, an
+//! Ordered group's partitions have one owner cluster-wide, a Shared group's members draw
+//! from every partition, and a work-queue topic's records are deleted at each partition's
+//! leader once the group coordinated elsewhere acked them.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
+use weir_client::{
+    Client, Delivery, GroupConfig, GroupType, PullMember, Record, Retention, TopicConfig,
+};
+use weir_tests::Broker;
+
+/// Lines of a Loghub sample, as records keyed by the file's name.
+fn lines(file: &str) -> Vec<String> {
+    String::from_utf8_lossy(&weir_tests::loghub(file))
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Pulls and acks through `member` until `want` deliveries arrived or 60 s passed.
+async fn drain(member: &PullMember, want: usize) -> anyhow::Result<Vec<Delivery>> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got.len() < want && Instant::now() < deadline {
+        let batch = member.pull(500, Duration::from_millis(500)).await?;
+        if !batch.is_empty() {
+            member.ack(&batch).await?;
+            got.extend(batch);
+        }
+    }
+    Ok(got)
+}
+
+/// Pulls and acks through `member` until three pulls in a row (500 ms each) find nothing.
+async fn drain_until_idle(member: &PullMember) -> anyhow::Result<Vec<Delivery>> {
+    let mut got = Vec::new();
+    let mut idle = 0;
+    while idle < 3 {
+        let batch = member.pull(500, Duration::from_millis(500)).await?;
+        if batch.is_empty() {
+            idle += 1;
+            continue;
+        }
+        idle = 0;
+        member.ack(&batch).await?;
+        got.extend(batch);
+    }
+    Ok(got)
+}
+
+/// The broker ids that lead the partitions of `topic`, by partition.
+async fn leaders(client: &Client, topic: &str) -> anyhow::Result<Vec<u64>> {
+    let mut parts: Vec<(u32, u64)> = client
+        .metadata()
+        .await?
+        .partitions
+        .iter()
+        .filter(|p| p.topic == topic)
+        .map(|p| (p.partition, p.leader))
+        .collect();
+    parts.sort_unstable();
+    Ok(parts.into_iter().map(|(_, l)| l).collect())
+}
+
+/// A Shared group with one member on each broker, pulling at the same time, gets each of
+/// the `total` records of `logs` exactly once.
+async fn shared_members_on_every_broker_get_each_line_once(
+    brokers: &[Broker],
+    total: usize,
+) -> anyhow::Result<()> {
+    let admin = brokers[0].client().await?;
+    let config = GroupConfig::new("logs", GroupType::Shared);
+    let mut members = Vec::new();
+    for b in brokers {
+        members.push(b.client().await?.join("everyone", Some(&config)).await?);
+    }
+    let described = admin.describe_group("everyone").await?;
+    assert_eq!(
+        described.members.len(),
+        3,
+        "members cluster-wide: {described:?}"
+    );
+    let pulls = members.iter().map(|m| async move {
+        let mut got = Vec::new();
+        let mut idle = 0;
+        while idle < 6 {
+            let batch = m.pull(100, Duration::from_millis(500)).await?;
+            if batch.is_empty() {
+                idle += 1;
+                continue;
+            }
+            idle = 0;
+            m.ack(&batch).await?;
+            got.extend(batch);
+        }
+        anyhow::Ok(got)
+    });
+    let results = futures::future::try_join_all(pulls).await?;
+    let mut seen = BTreeSet::new();
+    let mut lines_seen = 0;
+    for (i, got) in results.iter().enumerate() {
+        assert!(!got.is_empty(), "member on broker {i} got deliveries");
+        for d in got {
+            assert!(
+                seen.insert((d.partition, d.offset)),
+                "partition {} offset {} delivered twice",
+                d.partition,
+                d.offset
+            );
+            lines_seen += 1;
+        }
+    }
+    assert_eq!(lines_seen, total, "every line exactly once");
+    let described = brokers[1]
+        .client()
+        .await?
+        .describe_group("everyone")
+        .await?;
+    assert_eq!((described.lag, described.pending), (0, 0), "{described:?}");
+    Ok(())
+}
+
+/// Acceptance 1 (groups): a 6-partition topic created through broker 0, two Loghub files
+/// produced through broker 1 only (one key per file), read back complete and in order per
+/// key by an Ordered group through broker 2 only; a Shared group with one member on each
+/// broker gets every line exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_read_every_partition_through_any_broker() -> anyhow::Result<()> {
+    let brokers = Broker::start_cluster(3, &[])?;
+    let admin = brokers[0].client().await?;
+    admin.create_topic("logs", &TopicConfig::new(6)).await?;
+    let leader_of = leaders(&admin, "logs").await?;
+    assert_eq!(
+        leader_of.iter().collect::<BTreeSet<_>>().len(),
+        3,
+        "partitions spread over the brokers: {leader_of:?}"
+    );
+
+    let files = ["Apache_2k.log", "Zookeeper_2k.log"];
+    let producer = brokers[1].client().await?;
+    let mut total = 0;
+    for file in files {
+        let all = lines(file);
+        total += all.len();
+        for chunk in all.chunks(250) {
+            producer
+                .produce(
+                    "logs",
+                    None,
+                    chunk
+                        .iter()
+                        .map(|l| Record::keyed(file, l.clone()))
+                        .collect(),
+                )
+                .await?;
+        }
+    }
+
+    // Ordered, through broker 2 only.
+    let reader = brokers[2].client().await?;
+    let ordered = reader
+        .join(
+            "by-key",
+            Some(&GroupConfig::new("logs", GroupType::Ordered)),
+        )
+        .await?;
+    let got = drain(&ordered, total).await?;
+    if got.len() != total {
+        for b in &brokers {
+            eprintln!("{}", b.log_text());
+        }
+    }
+    let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for d in &got {
+        let key = String::from_utf8_lossy(d.record.key.as_deref().unwrap_or_default()).into_owned();
+        by_key
+            .entry(key)
+            .or_default()
+            .push(d.record.text().into_owned());
+    }
+    for file in files {
+        assert_eq!(
+            by_key.get(file).map(Vec::len),
+            Some(lines(file).len()),
+            "every line of {file}"
+        );
+        assert!(
+            by_key.get(file) == Some(&lines(file)),
+            "the lines of {file} in order"
+        );
+    }
+    assert_eq!(got.len(), total, "nothing twice");
+    let described = reader.describe_group("by-key").await?;
+    assert_eq!(described.lag, 0, "{described:?}");
+    assert_eq!(described.members.len(), 1, "{described:?}");
+
+    shared_members_on_every_broker_get_each_line_once(&brokers, total).await?;
+    let listed = brokers[2].client().await?.list_groups(None).await?;
+    let names: Vec<&str> = listed.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["by-key", "everyone"],
+        "every group, through any broker"
+    );
+    Ok(())
+}
+
+/// Acceptance 2: an Ordered group with 3 members on 3 brokers: each partition has exactly
+/// one owner cluster-wide; a member leaves, its partitions move; nothing lost or delivered
+/// to two owners.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_group_has_one_owner_per_partition_cluster_wide() -> anyhow::Result<()> {
+    let brokers = Broker::start_cluster(3, &[])?;
+    let admin = brokers[0].client().await?;
+    admin.create_topic("orders", &TopicConfig::new(6)).await?;
+    for p in 0..6u32 {
+        admin
+            .produce(
+                "orders",
+                Some(p),
+                (0..50).map(|i| Record::value(format!("{p}/{i}"))).collect(),
+            )
+            .await?;
+    }
+    let config = GroupConfig::new("orders", GroupType::Ordered);
+    let mut members = Vec::new();
+    for b in &brokers {
+        members.push(b.client().await?.join("owners", Some(&config)).await?);
+    }
+    for m in &mut members {
+        m.heartbeat().await?;
+    }
+    let assigned: Vec<Vec<u32>> = members.iter().map(|m| m.partitions().to_vec()).collect();
+    let mut all: Vec<u32> = assigned.iter().flatten().copied().collect();
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (0..6).collect::<Vec<_>>(),
+        "one owner each: {assigned:?}"
+    );
+    assert!(
+        assigned.iter().all(|a| a.len() == 2),
+        "spread evenly over members of different brokers: {assigned:?}"
+    );
+
+    // Each member takes some of its partitions' records: only from partitions it owns.
+    let mut owner_of: BTreeMap<(u32, u64), usize> = BTreeMap::new();
+    for (i, m) in members.iter().enumerate() {
+        let batch = m.pull(30, Duration::from_secs(2)).await?;
+        assert!(!batch.is_empty(), "member {i} got deliveries");
+        for d in &batch {
+            assert!(
+                assigned[i].contains(&d.partition),
+                "member {i} got partition {} it does not own",
+                d.partition
+            );
+            assert!(owner_of.insert((d.partition, d.offset), i).is_none());
+        }
+        m.ack(&batch).await?;
+    }
+
+    // The member on broker 2 leaves: its partitions move to the others.
+    let leaving = members
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("three members"))?;
+    leaving.leave().await?;
+    for m in &mut members {
+        m.heartbeat().await?;
+    }
+    let moved: Vec<u32> = members
+        .iter()
+        .flat_map(|m| m.partitions().to_vec())
+        .collect();
+    let mut moved_sorted = moved.clone();
+    moved_sorted.sort_unstable();
+    assert_eq!(moved_sorted, (0..6).collect::<Vec<_>>(), "{moved:?}");
+    for (i, m) in members.iter().enumerate() {
+        let partitions = m.partitions().to_vec();
+        let got = drain_until_idle(m).await?;
+        for d in got {
+            assert!(
+                partitions.contains(&d.partition),
+                "member {i} got partition {} it does not own",
+                d.partition
+            );
+            assert!(
+                owner_of.insert((d.partition, d.offset), i).is_none(),
+                "partition {} offset {} delivered to two owners",
+                d.partition,
+                d.offset
+            );
+        }
+    }
+    assert_eq!(owner_of.len(), 300, "every record delivered once");
+    let described = admin.describe_group("owners").await?;
+    assert_eq!(described.lag, 0, "{described:?}");
+    Ok(())
+}
+
+/// A work-queue topic whose partitions three brokers lead: records acked by a group
+/// coordinated on one broker are deleted on every leader; nothing unacked is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_work_queue_is_emptied_on_every_leader() -> anyhow::Result<()> {
+    let brokers = Broker::start_cluster(3, &[])?;
+    let admin = brokers[0].client().await?;
+    admin
+        .create_topic(
+            "jobs",
+            &TopicConfig::new(3).with_retention(Retention::WorkQueue),
+        )
+        .await?;
+    for p in 0..3u32 {
+        admin
+            .produce(
+                "jobs",
+                Some(p),
+                (0..20).map(|i| Record::value(format!("{p}/{i}"))).collect(),
+            )
+            .await?;
+    }
+    let member = brokers[1]
+        .client()
+        .await?
+        .join(
+            "workers",
+            Some(&GroupConfig::new("jobs", GroupType::Shared)),
+        )
+        .await?;
+    let got = drain(&member, 60).await?;
+    assert_eq!(got.len(), 60);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let t = admin.describe_topic("jobs").await?;
+        if t.messages == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "acked records still stored after 20 s: {t:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Unacked records stay.
+    admin
+        .produce("jobs", Some(2), vec![Record::value("later")])
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(admin.describe_topic("jobs").await?.messages, 1);
+    Ok(())
+}
