@@ -1,8 +1,9 @@
 """A client generated from proto/weir/v1/weir.proto with Python grpcio, talking to one
 broker address only: creates a topic, produces every line of the given files (one key per
-file, one record per line, in requests of up to 100 lines), and reads every partition back.
-Prints one JSON line: the lines read per key, and whether each key's lines came back
-complete and in order.
+file, one record per line, in requests of up to 100 lines), reads every partition back, and
+reads everything again as the one member of an Ordered consumer group (join, pull, ack).
+Prints one JSON line: per key, the lines read by fetch and by the group, and whether each
+came back complete and in order.
 
 Usage: produce_fetch.py PROTO_DIR OUT_DIR ADDRESS TOPIC PARTITIONS FILE...
 """
@@ -78,10 +79,61 @@ def main():
             for r in answer.records:
                 got.setdefault(r.record.key.decode(), []).append(r.record.value)
                 offset = r.offset + 1
+    # The same through an Ordered group: join (creating it), pull and ack until every line
+    # came, or 60 s of empty pulls.
+    group = topic + "-readers"
+    joined = consumer.Join(
+        pb.JoinRequest(
+            group=group,
+            create=pb.GroupConfig(
+                topic=topic,
+                type=pb.GROUP_TYPE_ORDERED,
+                start=pb.StartPosition(earliest=True),
+            ),
+        ),
+        timeout=30,
+    )
+    total = sum(len(lines) for lines in sent.values())
+    by_group = {}
+    received = 0
+    empty = 0
+    while received < total and empty < 60:
+        answer = consumer.Pull(
+            pb.PullRequest(
+                group=group,
+                member_id=joined.member_id,
+                max_messages=500,
+                max_wait_ms=1000,
+            ),
+            timeout=30,
+        )
+        if not answer.deliveries:
+            empty += 1
+            continue
+        for d in answer.deliveries:
+            by_group.setdefault(d.record.key.decode(), []).append(d.record.value)
+        received += len(answer.deliveries)
+        consumer.Ack(
+            pb.AckRequest(
+                group=group,
+                member_id=joined.member_id,
+                acks=[
+                    pb.DeliveryRef(partition=d.partition, offset=d.offset)
+                    for d in answer.deliveries
+                ],
+            ),
+            timeout=30,
+        )
     print(
         json.dumps(
             {
-                key: {"sent": len(lines), "read": len(got.get(key, [])), "same": got.get(key) == lines}
+                key: {
+                    "sent": len(lines),
+                    "read": len(got.get(key, [])),
+                    "same": got.get(key) == lines,
+                    "group_read": len(by_group.get(key, [])),
+                    "group_same": by_group.get(key) == lines,
+                }
                 for key, lines in sent.items()
             }
         )

@@ -505,8 +505,8 @@ fn partitions_of_all(m: &Value) -> Vec<String> {
 
 /// A client generated from `proto/` in another language (Python grpcio) through one broker
 /// address of a three-broker cluster: creates a topic, produces two Loghub files (one key
-/// each) and reads every partition back, all through broker 1; each file comes back whole
-/// and in order.
+/// each), reads every partition back and reads everything again as an Ordered group's
+/// member, all through broker 1; each file comes back whole and in order both ways.
 #[test]
 fn a_python_grpcio_client_works_through_one_address() -> anyhow::Result<()> {
     let python = weir_tests::python_grpc()?;
@@ -536,6 +536,8 @@ fn a_python_grpcio_client_works_through_one_address() -> anyhow::Result<()> {
     for f in ["Apache_2k.log", "Zookeeper_2k.log"] {
         assert_eq!(summary[f]["same"], true, "{summary}");
         assert_eq!(summary[f]["read"], summary[f]["sent"], "{summary}");
+        assert_eq!(summary[f]["group_same"], true, "{summary}");
+        assert_eq!(summary[f]["group_read"], summary[f]["sent"], "{summary}");
         assert!(
             summary[f]["sent"].as_u64().unwrap_or(0) >= 2000,
             "{summary}"
