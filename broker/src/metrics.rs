@@ -30,6 +30,10 @@ pub struct Metrics {
     fetch_records: Counter,
     commits: Counter,
     forwarded: Counter,
+    metadata_commits: Counter,
+    metadata_leader_changes: Counter,
+    metadata_term: Gauge,
+    metadata_leader: Gauge,
     data_loss_reads: Counter,
     accepted_lost_records: Counter,
     committed_records: Counter,
@@ -68,6 +72,10 @@ impl Metrics {
             fetch_records: Counter::default(),
             commits: Counter::default(),
             forwarded: Counter::default(),
+            metadata_commits: Counter::default(),
+            metadata_leader_changes: Counter::default(),
+            metadata_term: Gauge::default(),
+            metadata_leader: Gauge::default(),
             data_loss_reads: Counter::default(),
             accepted_lost_records: Counter::default(),
             committed_records: Counter::default(),
@@ -115,8 +123,28 @@ impl Metrics {
         );
         registry.register(
             "forwarded_requests",
-            "Produce and fetch calls forwarded to the broker that leads the partition",
+            "Calls forwarded to another broker: produce and fetch to the partition's leader, group calls to the group's coordinator",
             m.forwarded.clone(),
+        );
+        registry.register(
+            "metadata_commits",
+            "Entries of the metadata group's log applied by this broker (its last applied index)",
+            m.metadata_commits.clone(),
+        );
+        registry.register(
+            "metadata_leader_changes",
+            "Times this broker saw the metadata group elect a leader",
+            m.metadata_leader_changes.clone(),
+        );
+        registry.register(
+            "metadata_term",
+            "The metadata group's current Raft term, as this broker knows it",
+            m.metadata_term.clone(),
+        );
+        registry.register(
+            "metadata_leader",
+            "1 while this broker leads the metadata group (is the controller), else 0",
+            m.metadata_leader.clone(),
         );
         registry.register(
             "log_data_loss_reads",
@@ -202,6 +230,21 @@ impl Metrics {
     /// Counts a call forwarded to broker `_leader` (the partition's leader).
     pub fn observe_forward(&self, _leader: u64) {
         self.forwarded.inc();
+    }
+
+    /// Records the metadata group's state as this broker sees it: entries applied, term,
+    /// whether it leads, and whether the leader changed since the last call.
+    pub fn observe_metadata(&self, applied: u64, term: u64, leads: bool, leader_changed: bool) {
+        let cur = self.metadata_commits.get();
+        if applied > cur {
+            self.metadata_commits.inc_by(applied - cur);
+        }
+        self.metadata_term
+            .set(i64::try_from(term).unwrap_or(i64::MAX));
+        self.metadata_leader.set(i64::from(leads));
+        if leader_changed {
+            self.metadata_leader_changes.inc();
+        }
     }
 
     /// Counts a fetch that returned `records` records.

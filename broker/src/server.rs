@@ -131,6 +131,7 @@ pub async fn run(
     let (ready_tx, ready_rx) = watch::channel(false);
     let metrics = Arc::new(Metrics::new());
     let groups = open_groups(&log, &cluster).await?;
+    cluster.spawn_metrics(Arc::clone(&metrics));
     let jobs = jobs::spawn(&log, &groups, options.buffered_flush_interval, &stop_rx);
     let ctx = Context {
         log: Arc::clone(&log),

@@ -53,6 +53,17 @@ async fn drain_until_idle(member: &PullMember) -> anyhow::Result<Vec<Delivery>> 
     Ok(got)
 }
 
+/// The value of metric `name` (a sample without labels) of `broker`, 0 when absent.
+fn metric(broker: &Broker, name: &str) -> anyhow::Result<f64> {
+    let text = weir_tests::http_get(&broker.http_addr, "/metrics")?;
+    Ok(text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0))
+}
+
 /// The broker ids that lead the partitions of `topic`, by partition.
 async fn leaders(client: &Client, topic: &str) -> anyhow::Result<Vec<u64>> {
     let mut parts: Vec<(u32, u64)> = client
@@ -200,6 +211,19 @@ async fn groups_read_every_partition_through_any_broker() -> anyhow::Result<()> 
     assert_eq!(described.members.len(), 1, "{described:?}");
 
     shared_members_on_every_broker_get_each_line_once(&brokers, total).await?;
+    // Group calls through brokers that do not coordinate were forwarded; the metadata
+    // group's figures are there on every broker.
+    let mut forwarded = 0.0;
+    let mut leading = 0.0;
+    for b in &brokers {
+        forwarded += metric(b, "weir_forwarded_requests_total")?;
+        leading += metric(b, "weir_metadata_leader")?;
+        assert!(metric(b, "weir_metadata_commits_total")? > 0.0);
+        assert!(metric(b, "weir_metadata_leader_changes_total")? >= 1.0);
+        assert!(metric(b, "weir_metadata_term")? >= 1.0);
+    }
+    assert!(forwarded > 0.0, "group calls were forwarded");
+    assert!((leading - 1.0).abs() < f64::EPSILON, "one controller");
     let listed = brokers[2].client().await?.list_groups(None).await?;
     let names: Vec<&str> = listed.iter().map(|g| g.name.as_str()).collect();
     assert_eq!(

@@ -713,6 +713,32 @@ impl Cluster {
         }
     }
 
+    /// Reports the metadata group's figures to `metrics` until the node stops: entries
+    /// applied, term, leadership, leader changes.
+    pub fn spawn_metrics(&self, metrics: Arc<crate::metrics::Metrics>) {
+        let mut rx = self.raft.metrics();
+        let me = self.me;
+        tokio::spawn(async move {
+            let mut leader = None;
+            loop {
+                let (applied, term, current) = {
+                    let m = rx.borrow_watched();
+                    (
+                        m.last_applied.as_ref().map_or(0, openraft::LogId::index),
+                        m.current_term,
+                        m.current_leader,
+                    )
+                };
+                let changed = current.is_some() && current != leader;
+                leader = current;
+                metrics.observe_metadata(applied, term, current == Some(me), changed);
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
     /// Stops the Raft node.
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {
