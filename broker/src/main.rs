@@ -56,13 +56,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
             config.max_journal_size
         );
     }
-    if !config.peers.is_empty() && !config.peers.contains_key(&config.node_id) {
-        anyhow::bail!(
-            "--peers names brokers {:?} but not this broker's --node-id {}; list every initial voter, this one included",
-            config.peers.keys().collect::<Vec<_>>(),
-            config.node_id
-        );
-    }
     if ![0, 1, 3, 5].contains(&config.peers.len()) {
         anyhow::bail!(
             "--peers names {} brokers; the metadata group takes 1, 3 or 5 voters (a majority must survive a loss)",

@@ -384,9 +384,21 @@ impl Broker {
     /// with the same `--peers`, each on its own new data directory, plus `args`. Returns once
     /// every broker is ready (joined the metadata group).
     pub fn start_cluster(n: usize, args: &[&str]) -> anyhow::Result<Vec<Self>> {
+        Self::start_cluster_with_peers(n, n, args)
+    }
+
+    /// Starts `n` brokers of which only the first `peers` are in `--peers` (the initial
+    /// voters); the others join as learners (and are promoted to voters while the group has
+    /// fewer than three). Waits until every broker is ready and lists all of them.
+    pub fn start_cluster_with_peers(
+        n: usize,
+        peers: usize,
+        args: &[&str],
+    ) -> anyhow::Result<Vec<Self>> {
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
         let peers = ports
             .iter()
+            .take(peers)
             .enumerate()
             .map(|(i, p)| format!("{i}=127.0.0.1:{p}"))
             .collect::<Vec<_>>()

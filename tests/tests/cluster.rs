@@ -125,6 +125,54 @@ async fn a_data_directory_from_before_the_cluster_is_adopted() -> anyhow::Result
     Ok(())
 }
 
+/// Brokers that are not among `--peers` (a StatefulSet that grew) join the metadata group
+/// as learners and are promoted to voters: with one seed voter and two joiners, the group
+/// has three voters, so it survives losing the seed; the seed rejoins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brokers_beyond_the_peers_join_and_become_voters() -> anyhow::Result<()> {
+    let mut brokers = Broker::start_cluster_with_peers(3, 1, &[])?;
+    for b in &brokers {
+        let m = describe_json(b)?;
+        assert_eq!(m["brokers"].as_array().map(Vec::len), Some(3), "{m}");
+    }
+    let logs = brokers[0].log_text();
+    assert!(
+        logs.contains("learners promoted to voters of the metadata group"),
+        "{logs}"
+    );
+    brokers[1]
+        .client()
+        .await?
+        .create_topic("before", &TopicConfig::new(3))
+        .await?;
+    // The seed (the only initial voter) dies: the two promoted voters go on.
+    brokers[0].kill();
+    let survivor = brokers[2].client().await?;
+    let started = std::time::Instant::now();
+    let mut created = false;
+    while started.elapsed() < std::time::Duration::from_secs(20) {
+        if survivor
+            .create_topic("without-the-seed", &TopicConfig::new(1))
+            .await
+            .is_ok()
+        {
+            created = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        created,
+        "admin did not work again within 20 s of losing the seed"
+    );
+    let ready = brokers[0].restart_nowait()?;
+    brokers[0].wait_ready(&ready)?;
+    let m = describe_json(&brokers[0])?;
+    assert_eq!(partitions_of(&m, "without-the-seed").len(), 1, "{m}");
+    assert_eq!(partitions_of(&m, "before").len(), 3, "{m}");
+    Ok(())
+}
+
 /// A malformed `--advertise` is refused at start-up with what would be right.
 #[test]
 fn a_malformed_advertise_address_is_refused() -> anyhow::Result<()> {

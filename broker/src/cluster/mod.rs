@@ -96,6 +96,14 @@ pub enum AdminOp {
         /// Its groups.
         groups: Vec<(String, GroupConfig)>,
     },
+    /// Add a broker that is not among `--peers` to the metadata group (as a learner, then a
+    /// voter while there are fewer than [`VOTERS`]).
+    AddBroker {
+        /// Broker id.
+        id: BrokerId,
+        /// Advertised `host:port`.
+        address: String,
+    },
     /// A broker announces its address.
     RegisterBroker {
         /// Broker id.
@@ -186,6 +194,9 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
+/// Voters the controller promotes learners to: a majority survives one broker's loss.
+pub const VOTERS: usize = 3;
+
 /// How long start-up waits for the metadata group to elect a leader.
 const LEADER_WAIT: Duration = Duration::from_secs(30);
 
@@ -242,7 +253,9 @@ impl Cluster {
     /// Storage errors, or no leader within 30 s.
     pub async fn join(&self, log: &Log, groups: Vec<(String, GroupConfig)>) -> Result<(), Error> {
         let cluster = self;
-        if self.fresh {
+        if self.fresh && !self.peers.is_empty() && !self.peers.contains_key(&self.me) {
+            self.join_as_learner().await?;
+        } else if self.fresh {
             // Every initial voter initializes with the same membership (openraft allows it:
             // the entry is identical everywhere, one election wins).
             let members: BTreeMap<BrokerId, BasicNode> = if self.peers.is_empty() {
@@ -386,14 +399,11 @@ impl Cluster {
     /// [`Error::NoLeader`] when this broker is not the leader (forwarding comes with
     /// clusters of several brokers) or no leader is known.
     pub async fn propose(&self, cmd: Command) -> Result<Applied, Error> {
-        match self.raft.client_write(cmd).await {
-            Ok(answer) => Ok(answer.data),
-            Err(openraft::errors::RaftError::APIError(
-                openraft::errors::ClientWriteError::ForwardToLeader(_),
-            )) => Err(Error::NotLeader),
-            Err(openraft::errors::RaftError::APIError(e)) => Err(Error::NoLeader(e.to_string())),
-            Err(e) => Err(Error::Storage(e.to_string())),
-        }
+        self.raft
+            .client_write(cmd)
+            .await
+            .map(|answer| answer.data)
+            .map_err(write_error)
     }
 
     /// Creates a topic through the metadata group: `Ok(true)` when created, `Ok(false)` when
@@ -609,6 +619,10 @@ impl Cluster {
                 .await?;
                 false
             }
+            AdminOp::AddBroker { id, address } => {
+                self.add_broker_here(*id, address).await?;
+                false
+            }
             AdminOp::RegisterBroker { id, address } => {
                 // Always proposed: its commit is what tells a (re)starting broker that it
                 // has caught up.
@@ -650,26 +664,118 @@ impl Cluster {
                 .map(|n| n.addr.clone())
         }
         .ok_or_else(|| Error::NoLeader(format!("no address known for broker {leader}")))?;
-        let mut client = RaftClient::new(self.channel(&address)?);
+        let forwarded = self
+            .forward_to(&format!("broker {leader}"), &address, op)
+            .await?;
+        self.wait_applied(forwarded.index).await?;
+        Ok(forwarded.created)
+    }
+
+    /// Sends `op` to the broker at `address` (`who` names it in errors).
+    async fn forward_to(&self, who: &str, address: &str, op: &AdminOp) -> Result<Forwarded, Error> {
+        let mut client = RaftClient::new(self.channel(address)?);
         let json = serde_json::to_vec(op).map_err(|e| Error::Storage(e.to_string()))?;
         let mut request = tonic::Request::new(RaftMessage { json: json.into() });
         request.set_timeout(Duration::from_secs(30));
         let answer = client.forward(request).await.map_err(|s| {
-            Error::NoLeader(format!(
-                "forwarding to broker {leader} at {address}: {}",
-                s.message()
-            ))
+            Error::NoLeader(format!("forwarding to {who} at {address}: {}", s.message()))
         })?;
         let answer: Result<Forwarded, RemoteError> =
-            serde_json::from_slice(&answer.into_inner().json).map_err(|e| {
-                Error::Storage(format!("undecodable answer of broker {leader}: {e}"))
-            })?;
-        let forwarded = answer.map_err(|e| Error::Remote {
+            serde_json::from_slice(&answer.into_inner().json)
+                .map_err(|e| Error::Storage(format!("undecodable answer of {who}: {e}")))?;
+        answer.map_err(|e| Error::Remote {
             code: e.code,
             message: e.message,
-        })?;
-        self.wait_applied(forwarded.index).await?;
-        Ok(forwarded.created)
+        })
+    }
+
+    /// Runs `op` on the controller wherever it is (forwarded when this broker does not
+    /// lead): for a broker that asks a peer to let it join, when the peer may not lead.
+    ///
+    /// # Errors
+    ///
+    /// See [`Cluster::admin_here`].
+    pub async fn relay(&self, op: AdminOp) -> Result<Forwarded, Error> {
+        let created = self.admin(op).await?;
+        Ok(Forwarded {
+            created,
+            index: self.applied_index(),
+        })
+    }
+
+    /// Joins the metadata group that `--peers` formed, this broker not among them: asks
+    /// each peer in turn until one lets it in (the controller adds it as a learner, waits
+    /// until it caught up, and promotes it to voter while the group has fewer than
+    /// [`VOTERS`]).
+    async fn join_as_learner(&self) -> Result<(), Error> {
+        let op = AdminOp::AddBroker {
+            id: self.me,
+            address: self.address.clone(),
+        };
+        let started = std::time::Instant::now();
+        let mut warned = started;
+        loop {
+            for (id, address) in &self.peers {
+                match self.forward_to(&format!("peer {id}"), address, &op).await {
+                    Ok(_) => {
+                        tracing::info!(peer = id, "joined the metadata group");
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        tracing::debug!(peer = id, error = %e, "joining through this peer failed");
+                    }
+                }
+            }
+            if warned.elapsed() > LEADER_WAIT {
+                warned = std::time::Instant::now();
+                tracing::warn!(peers = ?self.peers, waited_s = started.elapsed().as_secs(), "not in the metadata group yet: no peer let this broker join");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// On the controller: adds broker `id` at `address` as a learner (returning once it
+    /// caught up with the log), then promotes learners to voters while there are fewer than
+    /// [`VOTERS`], two at a time from one voter so the count stays odd (a group of two
+    /// voters survives no loss, one of three survives one). The Raft rule: membership
+    /// changes go through joint consensus (openraft `change_membership`).
+    async fn add_broker_here(&self, id: BrokerId, address: &str) -> Result<(), Error> {
+        if self.metadata_leader() != Some(self.me) {
+            return Err(Error::NotLeader);
+        }
+        self.raft
+            .add_learner(id, BasicNode::new(address), true)
+            .await
+            .map_err(write_error)?;
+        tracing::info!(
+            broker = id,
+            address,
+            "broker added to the metadata group as a learner"
+        );
+        let membership = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .clone();
+        let voters: Vec<BrokerId> = membership.voter_ids().collect();
+        let learners: Vec<BrokerId> = membership.learner_ids().collect();
+        let need = VOTERS.saturating_sub(voters.len());
+        if need == 0 || learners.len() < need {
+            return Ok(());
+        }
+        let promoted: std::collections::BTreeSet<BrokerId> =
+            learners.into_iter().take(need).collect();
+        self.raft
+            .change_membership(
+                openraft::ChangeMembers::AddVoterIds(promoted.clone()),
+                false,
+            )
+            .await
+            .map_err(write_error)?;
+        tracing::info!(brokers = ?promoted, "learners promoted to voters of the metadata group");
+        Ok(())
     }
 
     fn channel(&self, address: &str) -> Result<tonic::transport::Channel, Error> {
@@ -749,6 +855,19 @@ impl Cluster {
     /// The node, for the `weir.v1.Raft` service.
     pub fn raft(&self) -> &Raft {
         &self.raft
+    }
+}
+
+/// A failed write to the metadata group as this module's error.
+fn write_error(
+    e: openraft::errors::RaftError<TypeConfig, openraft::errors::ClientWriteError<TypeConfig>>,
+) -> Error {
+    match e {
+        openraft::errors::RaftError::APIError(
+            openraft::errors::ClientWriteError::ForwardToLeader(_),
+        ) => Error::NotLeader,
+        openraft::errors::RaftError::APIError(e) => Error::NoLeader(e.to_string()),
+        e @ openraft::errors::RaftError::Fatal(_) => Error::Storage(e.to_string()),
     }
 }
 

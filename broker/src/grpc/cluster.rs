@@ -115,14 +115,18 @@ impl RaftRpc for RaftService {
         request: Request<pb::RaftMessage>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
         let op: AdminOp = decode(request.get_ref())?;
-        let answer: Result<Forwarded, RemoteError> =
-            self.cluster.admin_here(&op).await.map_err(|e| {
-                let status = Status::from(e);
-                RemoteError {
-                    code: status.code() as i32,
-                    message: status.message().to_owned(),
-                }
-            });
+        // A broker that asks to join knows only its --peers, which need not lead: relayed.
+        let result = match op {
+            AdminOp::AddBroker { .. } => self.cluster.relay(op).await,
+            _ => self.cluster.admin_here(&op).await,
+        };
+        let answer: Result<Forwarded, RemoteError> = result.map_err(|e| {
+            let status = Status::from(e);
+            RemoteError {
+                code: status.code() as i32,
+                message: status.message().to_owned(),
+            }
+        });
         encode(&answer)
     }
 
