@@ -216,8 +216,33 @@ fn meta(name: &str, namespace: &str) -> ObjectMeta {
     }
 }
 
-/// The broker container: args, POD_NAME, ports, gRPC probes, the data volume, resources and
-/// security context.
+/// An env var from a field of the Pod (the downward API).
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+/// The stable name of broker `ordinal` in the namespace of variable `$(POD_NAMESPACE)`,
+/// through the headless Service, with the gRPC port.
+fn broker_dns(pod: &str) -> String {
+    format!("{pod}.{BROKERS}.$(POD_NAMESPACE).svc:{GRPC_PORT}")
+}
+
+/// The broker container: args, env, ports, gRPC probes, the data volume, resources and
+/// security context. Every Pod gets the same arguments (`docs/cluster.md`, "Kubernetes"):
+/// its id is its ordinal (the `apps.kubernetes.io/pod-index` label the StatefulSet
+/// controller sets, Kubernetes 1.28+), it advertises its stable name, and `--peers` names
+/// broker 0 only: the others join the metadata group it started, so growing the
+/// StatefulSet changes no Pod's arguments.
 fn broker_container(s: &BrokerSettings) -> Container {
     Container {
         name: "broker".into(),
@@ -231,18 +256,16 @@ fn broker_container(s: &BrokerSettings) -> Container {
             format!("0.0.0.0:{HTTP_PORT}"),
             "--log-format".into(),
             "json".into(),
+            "--advertise".into(),
+            broker_dns("$(POD_NAME)"),
+            "--peers".into(),
+            format!("0={}", broker_dns(&broker_name(0))),
         ]),
-        env: Some(vec![EnvVar {
-            name: "POD_NAME".into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "metadata.name".into(),
-                    ..ObjectFieldSelector::default()
-                }),
-                ..EnvVarSource::default()
-            }),
-            ..EnvVar::default()
-        }]),
+        env: Some(vec![
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+            field_env("WEIR_NODE_ID", "metadata.labels['apps.kubernetes.io/pod-index']"),
+        ]),
         ports: Some(vec![
             ContainerPort {
                 name: Some("grpc".into()),
@@ -275,8 +298,8 @@ fn broker_container(s: &BrokerSettings) -> Container {
 
 /// The broker StatefulSet: one broker per Pod, each with its own volume (volume claim
 /// template `data`), stable names through the headless Service, gRPC readiness and liveness
-/// probes on the health service, and `OrderedReady` so a broker starts after the previous one
-/// is Ready.
+/// probes on the health service, and `Parallel` Pod management: brokers start together and
+/// those beyond broker 0 join the metadata group once it is up.
 pub fn statefulset(namespace: &str, s: &BrokerSettings) -> StatefulSet {
     let container = broker_container(s);
     StatefulSet {
@@ -284,6 +307,7 @@ pub fn statefulset(namespace: &str, s: &BrokerSettings) -> StatefulSet {
         spec: StatefulSetSpec {
             replicas: Some(s.replicas),
             service_name: Some(BROKERS.into()),
+            pod_management_policy: Some("Parallel".into()),
             selector: LabelSelector {
                 match_labels: Some(selector()),
                 ..LabelSelector::default()
@@ -604,6 +628,25 @@ mod tests {
         let args = c.args.clone().unwrap_or_default();
         assert!(args.windows(2).any(|w| w == ["--data-dir", DATA_DIR]));
         assert!(args.windows(2).any(|w| w == ["--listen", "0.0.0.0:7070"]));
+        assert!(args.windows(2).any(|w| w
+            == [
+                "--advertise",
+                "$(POD_NAME).weir-broker.$(POD_NAMESPACE).svc:7070"
+            ]));
+        assert!(args.windows(2).any(|w| w
+            == [
+                "--peers",
+                "0=weir-broker-0.weir-broker.$(POD_NAMESPACE).svc:7070"
+            ]));
+        let env: Vec<String> = c
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| e.value_from.as_ref()?.field_ref.as_ref())
+            .map(|f| f.field_path.clone())
+            .collect();
+        assert!(env.contains(&"metadata.labels['apps.kubernetes.io/pod-index']".to_owned()));
+        assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
         assert_eq!(
             c.readiness_probe
                 .as_ref()

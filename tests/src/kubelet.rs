@@ -13,7 +13,15 @@
 //! becomes the Pod IP (each process listens on its own address, on the same port), and a
 //! path under a volume mount becomes a per-Pod directory that outlives restarts (as a
 //! StatefulSet's volume does). Env `valueFrom.fieldRef` supports `metadata.name`,
-//! `metadata.namespace` and `status.podIP`.
+//! `metadata.namespace`, `metadata.labels['…']` and `status.podIP`; `$(VAR)` in env values
+//! and args expands to the container's variables, as the kubelet does.
+//!
+//! Names: there is no cluster DNS, so each process runs in its own mount namespace
+//! (`unshare --mount`) whose `/etc/hosts` is the namespace's hosts file, listing every Pod
+//! this kubelet runs by the names a real cluster gives a StatefulSet's Pods
+//! (`<hostname>.<subdomain>.<namespace>.svc[.cluster.local]`, resolved there by the cluster
+//! DNS through the headless Service) at its loopback Pod IP. What the Pods are given is
+//! unchanged; only name resolution is local.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -292,6 +300,7 @@ async fn sync_pod(
             .or_insert_with(|| format!("127.0.0.{}", usize::from(config.first_ip) + n))
             .clone()
     };
+    write_hosts(config, name, &spec, &ip)?;
     let mut procs = procs.lock().await;
     if procs.get(name).is_some_and(|p| p.uid != uid) {
         // The Pod was deleted and created again under the same name: a new Pod.
@@ -477,28 +486,147 @@ fn spawn(
         .create(true)
         .append(true)
         .open(pod_dir.join("container.log"))?;
-    let mut cmd = tokio::process::Command::new(binary);
-    cmd.args(&args)
+    let meta = &pod.metadata;
+    // Env first (each value may refer to the variables before it), then args.
+    let mut vars: Vec<(String, String)> = Vec::new();
+    for e in c.env.iter().flatten() {
+        let value = match (&e.value, &e.value_from) {
+            (Some(v), _) => expand(&rewrite(v), &vars),
+            (None, Some(from)) => {
+                let path = from.field_ref.as_ref().map(|f| f.field_path.as_str());
+                match path {
+                    Some("metadata.name") => name.to_owned(),
+                    Some("metadata.namespace") => meta.namespace.clone().unwrap_or_default(),
+                    Some("status.podIP") => ip.to_owned(),
+                    Some(p) => label_ref(p)
+                        .and_then(|k| meta.labels.as_ref()?.get(k).cloned())
+                        .unwrap_or_default(),
+                    None => String::new(),
+                }
+            }
+            (None, None) => String::new(),
+        };
+        vars.push((e.name.clone(), value));
+    }
+    let args: Vec<String> = args.iter().map(|a| expand(a, &vars)).collect();
+    // The process sees the namespace's hosts file as /etc/hosts (see the module docs).
+    let mut cmd = tokio::process::Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
+        .arg(hosts_file(config))
+        .arg(binary)
+        .args(&args)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .kill_on_drop(true);
-    let meta = &pod.metadata;
-    for e in c.env.iter().flatten() {
-        let value = match (&e.value, &e.value_from) {
-            (Some(v), _) => rewrite(v),
-            (None, Some(from)) => match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
-                Some("metadata.name") => name.to_owned(),
-                Some("metadata.namespace") => meta.namespace.clone().unwrap_or_default(),
-                Some("status.podIP") => ip.to_owned(),
-                _ => String::new(),
-            },
-            (None, None) => String::new(),
-        };
-        cmd.env(&e.name, value);
+    for (k, v) in &vars {
+        cmd.env(k, v);
     }
     cmd.spawn()
         .with_context(|| format!("starting {} for pod {name}", binary.display()))
+}
+
+/// `key` of a `metadata.labels['key']` field path.
+fn label_ref(path: &str) -> Option<&str> {
+    path.strip_prefix("metadata.labels['")?.strip_suffix("']")
+}
+
+/// `s` with every `$(NAME)` of a variable in `vars` replaced by its value; `$$(NAME)` stays
+/// `$(NAME)` and unknown names stay as written (the kubelet's rules for args and env).
+fn expand(s: &str, vars: &[(String, String)]) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(escaped) = after.strip_prefix("$(") {
+            out.push_str("$(");
+            rest = escaped;
+            continue;
+        }
+        if let Some(inner) = after.strip_prefix('(')
+            && let Some(end) = inner.find(')')
+            && let Some((_, v)) = vars.iter().rev().find(|(k, _)| *k == inner[..end])
+        {
+            out.push_str(v);
+            rest = &inner[end + 1..];
+            continue;
+        }
+        out.push('$');
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The hosts file of the kubelet's namespace.
+fn hosts_file(config: &KubeletConfig) -> PathBuf {
+    config.root.join(&config.namespace).join("hosts")
+}
+
+/// Adds `pod` (its `hostname` and `subdomain`, as a StatefulSet sets them) at `ip` to the
+/// namespace's hosts file, written in place so every process's bind mount sees it.
+fn write_hosts(
+    config: &KubeletConfig,
+    pod: &str,
+    spec: &k8s_openapi::api::core::v1::PodSpec,
+    ip: &str,
+) -> anyhow::Result<()> {
+    let path = hosts_file(config);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let current = std::fs::read_to_string(&path).unwrap_or_default();
+    let host = spec.hostname.clone().unwrap_or_else(|| pod.to_owned());
+    let ns = &config.namespace;
+    let names = match &spec.subdomain {
+        Some(sub) => format!(
+            "{host}.{sub}.{ns}.svc.cluster.local {host}.{sub}.{ns}.svc {host}.{sub}.{ns} {host}.{sub}"
+        ),
+        None => host,
+    };
+    let line = format!("{ip} {names}");
+    let mut lines: Vec<String> = current
+        .lines()
+        .filter(|l| !l.starts_with("127.0.0.1 localhost") && !l.starts_with(&format!("{ip} ")))
+        .map(str::to_owned)
+        .collect();
+    lines.push(line);
+    lines.sort();
+    let mut text = String::from("127.0.0.1 localhost\n");
+    for l in lines {
+        text.push_str(&l);
+        text.push('\n');
+    }
+    if text != current {
+        // In place (truncate and write), never a rename: the bind mounts keep the inode.
+        std::fs::write(&path, text)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variables_expand_as_the_kubelet_expands_them() {
+        let vars = vec![
+            ("POD_NAME".to_owned(), "weir-broker-1".to_owned()),
+            ("NS".to_owned(), "shop".to_owned()),
+        ];
+        assert_eq!(
+            expand("$(POD_NAME).weir-broker.$(NS).svc:7070", &vars),
+            "weir-broker-1.weir-broker.shop.svc:7070"
+        );
+        assert_eq!(expand("$$(POD_NAME)", &vars), "$(POD_NAME)");
+        assert_eq!(expand("$(MISSING) $5 $", &vars), "$(MISSING) $5 $");
+        assert_eq!(
+            label_ref("metadata.labels['apps.kubernetes.io/pod-index']"),
+            Some("apps.kubernetes.io/pod-index")
+        );
+    }
 }

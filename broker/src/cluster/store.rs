@@ -309,7 +309,10 @@ impl StateMachine {
 
 /// The local settings of a topic whose partitions are placed by `replicas`: `None` when no
 /// partition is led here; all partitions served when every one is (and then `config`'s own
-/// `served` list, which a standalone broker's admin callers may set), else those led here.
+/// `served` list, which a standalone broker's admin callers may set), else those led here,
+/// with the topic-wide `max_bytes` and `max_messages` shared out in proportion to the
+/// partitions led here (rounded up; `max_bytes` at least 64 KiB and one record, as a topic
+/// requires), as Kafka's limits are per partition.
 fn local_config(
     config: &TopicConfig,
     replicas: &[Vec<BrokerId>],
@@ -327,6 +330,21 @@ fn local_config(
     let mut local = *config;
     if led.len() != replicas.len() {
         local.served = Served::from_list(&led, config.partitions).ok()?;
+        let (n, all) = (led.len() as u64, u64::from(config.partitions.max(1)));
+        let share = |total: u64| {
+            if total == 0 {
+                0
+            } else {
+                total.saturating_mul(n).div_ceil(all).max(1)
+            }
+        };
+        local.max_messages = share(config.max_messages);
+        local.max_bytes = match share(config.max_bytes) {
+            0 => 0,
+            b => b
+                .max(crate::log::topic::MIN_MAX_BYTES)
+                .max(u64::from(config.max_message_bytes)),
+        };
     }
     Some(local)
 }
@@ -473,5 +491,27 @@ impl RaftStateMachine<C> for StateMachine {
             meta: s.meta,
             snapshot: s.data,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broker_leading_some_partitions_gets_its_share_of_the_limits() {
+        let mut config = TopicConfig::new(4, 0).expect("config");
+        config.max_messages = 10;
+        config.max_bytes = 8 << 20;
+        let replicas = vec![vec![0], vec![1], vec![0], vec![2]];
+        let local = local_config(&config, &replicas, 0).expect("leads two");
+        assert_eq!(local.served.to_list(), vec![0, 2]);
+        assert_eq!((local.max_messages, local.max_bytes), (5, 4 << 20));
+        let one = local_config(&config, &replicas, 1).expect("leads one");
+        assert_eq!(one.max_messages, 3, "rounded up");
+        assert!(local_config(&config, &replicas, 3).is_none(), "leads none");
+        let all = local_config(&config, &[vec![0], vec![0], vec![0], vec![0]], 0)
+            .expect("leads all");
+        assert_eq!((all.max_messages, all.max_bytes), (10, 8 << 20));
     }
 }
