@@ -1,5 +1,6 @@
 //! Pure builders of the Kubernetes objects the operator applies for a namespace's brokers,
-//! and partition placement.
+//! and how many brokers there are. Where partitions go is the cluster's business (its
+//! controller places them; `docs/cluster.md`).
 //!
 //! Nothing here talks to the API server: each function takes settings and returns an object,
 //! so every shape is unit-tested on its own (the pipeline of stackabletech's operators:
@@ -25,8 +26,6 @@ use k8s_openapi::{
         util::intstr::IntOrString,
     },
 };
-
-use crate::crd::PartitionPlacement;
 
 /// Name of the broker StatefulSet, its headless Service and its PodDisruptionBudget.
 pub const BROKERS: &str = "weir-broker";
@@ -264,7 +263,10 @@ fn broker_container(s: &BrokerSettings) -> Container {
         env: Some(vec![
             field_env("POD_NAME", "metadata.name"),
             field_env("POD_NAMESPACE", "metadata.namespace"),
-            field_env("WEIR_NODE_ID", "metadata.labels['apps.kubernetes.io/pod-index']"),
+            field_env(
+                "WEIR_NODE_ID",
+                "metadata.labels['apps.kubernetes.io/pod-index']",
+            ),
         ]),
         ports: Some(vec![
             ContainerPort {
@@ -432,67 +434,6 @@ pub fn pod_disruption_budget(namespace: &str) -> PodDisruptionBudget {
     }
 }
 
-/// Places `partitions` partitions on `brokers` evenly and stably. A partition stays where
-/// `previous` put it while that broker is in `brokers` (its records live there; there is no
-/// partition move yet), so growing the topic or adding brokers moves nothing. Each other
-/// partition goes to the broker holding the fewest, ties to the lower ordinal.
-/// Empty when there is no broker.
-pub fn place(
-    partitions: u32,
-    brokers: &[String],
-    previous: &[PartitionPlacement],
-) -> Vec<PartitionPlacement> {
-    if brokers.is_empty() {
-        return Vec::new();
-    }
-    let mut load: Vec<usize> = vec![0; brokers.len()];
-    let mut out: Vec<Option<usize>> = vec![None; partitions as usize];
-    for p in previous {
-        let Some(slot) = out.get_mut(p.partition as usize) else {
-            continue;
-        };
-        if let Some(b) = brokers.iter().position(|b| *b == p.broker) {
-            load[b] += 1;
-            *slot = Some(b);
-        }
-    }
-    for slot in &mut out {
-        if slot.is_none() {
-            let b = (0..brokers.len())
-                .min_by_key(|b| (load[*b], *b))
-                .unwrap_or(0);
-            load[b] += 1;
-            *slot = Some(b);
-        }
-    }
-    out.into_iter()
-        .enumerate()
-        .map(|(i, b)| PartitionPlacement {
-            partition: i as u32,
-            broker: brokers[b.unwrap_or(0)].clone(),
-            address: String::new(),
-        })
-        .collect()
-}
-
-/// The brokers of `placement`, sorted by name: each with the address status gives it and
-/// the partitions it serves (ascending).
-pub fn brokers_of(placement: &[PartitionPlacement]) -> Vec<(String, String, Vec<u32>)> {
-    let mut by: BTreeMap<&str, (String, Vec<u32>)> = BTreeMap::new();
-    for p in placement {
-        by.entry(p.broker.as_str())
-            .or_insert_with(|| (p.address.clone(), Vec::new()))
-            .1
-            .push(p.partition);
-    }
-    by.into_iter()
-        .map(|(broker, (address, mut parts))| {
-            parts.sort_unstable();
-            (broker.to_owned(), address, parts)
-        })
-        .collect()
-}
-
 /// Name of the broker Pod with `ordinal` (a StatefulSet names its Pods `<name>-<ordinal>`).
 pub fn broker_name(ordinal: i32) -> String {
     format!("{BROKERS}-{ordinal}")
@@ -503,108 +444,34 @@ pub fn broker_ordinal(name: &str) -> Option<i32> {
     name.strip_prefix(BROKERS)?.strip_prefix('-')?.parse().ok()
 }
 
-/// How many brokers a namespace runs for its Topics: none without a Topic; otherwise as many
-/// as the widest Topic has partitions, within `min..=max`, and never fewer than the highest
-/// broker that holds a placed partition (scaling below it would strand its records).
-/// `topics` gives each live Topic's partitions and current placement.
-pub fn broker_count(topics: &[(u32, &[PartitionPlacement])], min: i32, max: i32) -> i32 {
-    if topics.is_empty() {
+/// Brokers for a namespace whose Topics have `partitions` partitions each, running
+/// `current` now: none without Topics; else as many as the widest Topic has partitions,
+/// within `min..=max`, and never fewer than `current` (brokers hold partitions and votes).
+pub fn broker_count(partitions: &[u32], min: i32, max: i32, current: i32) -> i32 {
+    let Some(widest) = partitions.iter().copied().max() else {
         return 0;
-    }
-    let widest = topics.iter().map(|(p, _)| *p).max().unwrap_or(1);
+    };
     let wanted = i32::try_from(widest)
         .unwrap_or(i32::MAX)
         .clamp(min.max(1), max.max(min).max(1));
-    let highest_used = topics
-        .iter()
-        .flat_map(|(_, placement)| placement.iter())
-        .filter_map(|p| broker_ordinal(&p.broker))
-        .max()
-        .map_or(0, |o| o + 1);
-    wanted.max(highest_used)
+    wanted.max(current)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn brokers(n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("weir-broker-{i}")).collect()
-    }
-
-    fn counts(p: &[PartitionPlacement]) -> BTreeMap<String, usize> {
-        let mut m = BTreeMap::new();
-        for x in p {
-            *m.entry(x.broker.clone()).or_default() += 1;
-        }
-        m
-    }
-
-    #[test]
-    fn placement_is_even() {
-        let p = place(10, &brokers(3), &[]);
-        assert_eq!(p.len(), 10);
-        let c = counts(&p);
-        assert_eq!(c.values().max(), Some(&4));
-        assert_eq!(c.values().min(), Some(&3));
-        assert!(place(3, &[], &[]).is_empty());
-    }
-
-    #[test]
-    fn placement_is_stable_when_partitions_grow() {
-        let before = place(6, &brokers(3), &[]);
-        let after = place(9, &brokers(3), &before);
-        assert_eq!(&after[..6], &before[..]);
-        assert!(counts(&after).values().all(|n| *n == 3));
-    }
-
-    #[test]
-    fn adding_a_broker_moves_nothing_and_new_partitions_even_the_load() {
-        let before = place(4, &brokers(2), &[]);
-        let after = place(4, &brokers(4), &before);
-        assert_eq!(
-            after, before,
-            "placed partitions keep their records where they are"
-        );
-        let grown = place(8, &brokers(4), &before);
-        assert_eq!(&grown[..4], &before[..]);
-        assert!(counts(&grown).values().all(|n| *n == 2), "{grown:?}");
-    }
-
-    #[test]
-    fn partitions_of_a_removed_broker_are_placed_again() {
-        let before = place(6, &brokers(3), &[]);
-        let after = place(6, &brokers(2), &before);
-        assert!(after.iter().all(|p| p.broker != "weir-broker-2"));
-        assert!(counts(&after).values().all(|n| *n == 3));
-    }
-
-    #[test]
-    fn brokers_of_a_placement_are_sorted_with_their_partitions() {
-        let mut placed = place(5, &brokers(2), &[]);
-        for p in &mut placed {
-            p.address = format!("{}:7070", p.broker);
-        }
-        let b = brokers_of(&placed);
-        assert_eq!(b.len(), 2);
-        assert_eq!(b[0].0, "weir-broker-0");
-        assert_eq!(b[0].1, "weir-broker-0:7070");
-        assert_eq!(b[0].2.len() + b[1].2.len(), 5);
-        assert!(
-            b.iter()
-                .all(|(_, _, parts)| parts.windows(2).all(|w| w[0] < w[1]))
-        );
-    }
-
     #[test]
     fn broker_count_follows_the_widest_topic_within_bounds() {
-        assert_eq!(broker_count(&[], 1, 3), 0, "no topic, no broker");
-        assert_eq!(broker_count(&[(4, &[])], 1, 3), 3);
-        assert_eq!(broker_count(&[(1, &[]), (2, &[])], 1, 3), 2);
-        assert_eq!(broker_count(&[(1, &[])], 2, 3), 2, "the minimum holds");
-        // A partition on weir-broker-4 keeps five brokers even past the maximum.
-        let placed = place(5, &brokers(5), &[]);
-        assert_eq!(broker_count(&[(5, &placed)], 1, 3), 5);
+        assert_eq!(broker_count(&[], 1, 3, 2), 0, "no topic, no broker");
+        assert_eq!(broker_count(&[4], 1, 3, 0), 3);
+        assert_eq!(broker_count(&[1, 2], 1, 3, 0), 2);
+        assert_eq!(broker_count(&[1], 2, 3, 0), 2, "the minimum holds");
+        assert_eq!(
+            broker_count(&[1], 1, 3, 3),
+            3,
+            "never fewer than run now: brokers hold partitions and votes"
+        );
         assert_eq!(broker_ordinal("weir-broker-12"), Some(12));
         assert_eq!(broker_ordinal("weir-brokers-1"), None);
     }

@@ -198,6 +198,44 @@ impl Context {
         Ok(client)
     }
 
+    /// A client of the brokers of `namespace` through one address: the first Ready broker
+    /// Pod (by name) of the `weir` Service's selector that answers, as a client in the
+    /// cluster reaches one endpoint of the Service. Any broker serves any call (the cluster
+    /// forwards), so which one does not matter. Returns the Pod's name with the client.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Waiting`] when no broker Pod is Ready or none answers.
+    pub async fn cluster(&self, namespace: &str) -> Result<(String, weir_client::Client), Error> {
+        let pods = self.broker_pods(namespace).await?;
+        let mut ready: Vec<&BrokerPod> = pods.values().filter(|p| p.ready).collect();
+        ready.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut tried = Vec::new();
+        for pod in ready {
+            let Some(address) = &pod.address else {
+                continue;
+            };
+            match self.broker(&pod.name, address).await {
+                Ok(client) => return Ok((pod.name.clone(), client)),
+                Err(e) => tried.push(format!("{} ({e})", pod.name)),
+            }
+        }
+        Err(Error::Waiting(if tried.is_empty() {
+            let mut why: Vec<String> = pods
+                .values()
+                .map(|p| format!("{} ({})", p.name, p.why))
+                .collect();
+            why.sort();
+            if why.is_empty() {
+                "no broker Pod yet".to_owned()
+            } else {
+                format!("no broker is Ready: {}", why.join(", "))
+            }
+        } else {
+            format!("no broker answered: {}", tried.join(", "))
+        }))
+    }
+
     /// Forgets the connection to `address` (after an error on it).
     pub async fn forget(&self, address: &str) {
         self.conns.lock().await.remove(address);

@@ -130,30 +130,6 @@ pub fn topic_config(spec: &TopicSpec) -> Result<pb::TopicConfig, ConvertError> {
     })
 }
 
-/// The settings of one broker that serves `served` of the topic's partitions: the topic's
-/// settings with `served_partitions` set and the topic-wide `maxBytes` and `maxMessages`
-/// shared out in proportion to the partitions served (rounded up; `maxBytes` at least
-/// 64 KiB and one record, as the broker requires).
-pub fn broker_share(topic: &pb::TopicConfig, served: &[u32]) -> pb::TopicConfig {
-    let partitions = u64::from(topic.partitions.max(1));
-    let n = served.len() as u64;
-    let share = |total: u64| {
-        if total == 0 {
-            0
-        } else {
-            (total.saturating_mul(n)).div_ceil(partitions).max(1)
-        }
-    };
-    let mut c = topic.clone();
-    c.served_partitions = served.to_vec();
-    c.max_messages = share(topic.max_messages);
-    c.max_bytes = match share(topic.max_bytes) {
-        0 => 0,
-        b => b.max(MIN_MAX_BYTES).max(u64::from(topic.max_message_bytes)),
-    };
-    c
-}
-
 /// What a status reports of `c` (a Topic's settings before sharing out).
 pub fn effective(c: &pb::TopicConfig) -> EffectiveSettings {
     EffectiveSettings {
@@ -337,30 +313,6 @@ mod tests {
         assert_eq!(c.ack_wait_ms, 45_000);
         assert_eq!(c.max_deliveries, 5);
         assert_eq!(c.dead_letter_topic, "orders-inventory-DLQ");
-    }
-
-    #[test]
-    fn limits_are_shared_out_by_the_partitions_a_broker_serves() {
-        let mut s = spec();
-        s.retention.max_bytes = Some("1GiB".into());
-        s.retention.max_messages = Some(1000);
-        let c = topic_config(&s).expect("converts");
-        let b0 = broker_share(&c, &[0, 2]);
-        assert_eq!(b0.served_partitions, vec![0, 2]);
-        assert_eq!((b0.max_bytes, b0.max_messages), (1 << 29, 500));
-        let b1 = broker_share(&c, &[1]);
-        assert_eq!((b1.max_bytes, b1.max_messages), (1 << 28, 250));
-        // Unlimited stays unlimited; a small limit never goes below what the broker takes.
-        assert_eq!(
-            broker_share(&topic_config(&spec()).expect("c"), &[1]).max_bytes,
-            0
-        );
-        let mut small = c.clone();
-        small.max_bytes = 100 * 1024;
-        assert_eq!(
-            broker_share(&small, &[3]).max_bytes,
-            u64::from(DEFAULT_MAX_MESSAGE_BYTES)
-        );
     }
 
     #[test]

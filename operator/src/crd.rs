@@ -182,10 +182,12 @@ pub struct Condition {
 pub struct PartitionPlacement {
     /// Partition index.
     pub partition: u32,
-    /// Broker Pod that owns it. A placed partition never moves: its records live there.
+    /// Broker Pod that leads it (the cluster's controller placed it there; the Pod's
+    /// ordinal is the broker id).
     pub broker: String,
-    /// gRPC address (`<pod IP>:7070`) of that broker when last seen Ready; empty before.
-    /// Clients send produce, fetch and group requests for the partition there.
+    /// The leader's advertised gRPC address, its stable name through the headless Service
+    /// (`weir-broker-<n>.weir-broker.<namespace>.svc:7070`). Clients need not use it: any
+    /// broker (the `weir` Service) serves every partition.
     #[serde(default)]
     pub address: String,
 }
@@ -225,7 +227,7 @@ pub struct TopicStatus {
     /// Generation of the spec last acted on.
     #[serde(default)]
     pub observed_generation: i64,
-    /// Which broker owns each partition.
+    /// Which broker leads each partition.
     #[serde(default)]
     pub placement: Vec<PartitionPlacement>,
     /// Records stored over all partitions.

@@ -1,6 +1,7 @@
-//! The ConsumerGroup reconciler: the group created or updated on every broker that serves
-//! partitions of its Topic, a declared `resetTo` applied once, status filled with members,
-//! lag and pending acks per partition; on deletion the group goes from the brokers.
+//! The ConsumerGroup reconciler: the group created or updated through the cluster (its
+//! coordinator keeps it), a declared `resetTo` applied once, status filled with members,
+//! lag and pending acks per partition as the coordinator sees them; on deletion the group
+//! goes from the cluster.
 
 use std::{sync::Arc, time::Instant};
 
@@ -14,7 +15,6 @@ use kube::{
 use tonic::Code;
 
 use crate::{
-    builders,
     context::{self, Context, Error, apply_status, ready_condition},
     convert,
     crd::{AppliedReset, ConsumerGroup, ConsumerGroupStatus, GroupPartitionStatus, Topic},
@@ -121,8 +121,7 @@ async fn apply(group: &ConsumerGroup, ctx: &Context) -> Result<Action, Error> {
         .conditions
         .iter()
         .any(|c| c.type_ == "Ready" && c.status == "True");
-    let brokers = builders::brokers_of(&tstatus.placement);
-    if !topic_ready || brokers.is_empty() || brokers.iter().any(|(_, a, _)| a.is_empty()) {
+    if !topic_ready {
         write_not_ready(
             &api,
             group,
@@ -145,44 +144,41 @@ async fn apply(group: &ConsumerGroup, ctx: &Context) -> Result<Action, Error> {
         ..ConsumerGroupStatus::default()
     };
     let mut waiting = Vec::new();
-    for (broker, address, served) in &brokers {
-        let result = sync_broker(
-            ctx,
-            group,
-            &name,
-            broker,
-            address,
-            &config,
-            apply_reset.then_some(reset).flatten(),
-        )
-        .await;
-        match result {
-            Ok(desc) => {
-                status.members = status.members.max(desc.members.len() as u32);
-                status.pending += desc.pending;
-                status.dead_lettered += desc.dead_lettered;
-                for p in desc
-                    .partitions
+    let result = sync_group(
+        ctx,
+        group,
+        &ns,
+        &name,
+        &config,
+        apply_reset.then_some(reset).flatten(),
+    )
+    .await;
+    match result {
+        Ok(desc) => {
+            // The coordinator sees the whole group: members, lag and acks cluster-wide.
+            status.members = desc.members.len() as u32;
+            status.pending = desc.pending;
+            status.dead_lettered = desc.dead_lettered;
+            status.lag = desc.lag;
+            for p in &desc.partitions {
+                let leader = tstatus
+                    .placement
                     .iter()
-                    .filter(|p| served.contains(&p.partition))
-                {
-                    status.lag += p.lag;
-                    status.partitions.push(GroupPartitionStatus {
-                        partition: p.partition,
-                        broker: broker.clone(),
-                        committed_offset: p.committed_offset,
-                        next_offset: p.next_offset,
-                        lag: p.lag,
-                        pending: p.pending,
-                        owner: p.owner.clone().unwrap_or_default(),
-                    });
-                }
-            }
-            Err(e) => {
-                ctx.forget(address).await;
-                waiting.push(format!("{broker} ({e})"));
+                    .find(|x| x.partition == p.partition)
+                    .map(|x| x.broker.clone())
+                    .unwrap_or_default();
+                status.partitions.push(GroupPartitionStatus {
+                    partition: p.partition,
+                    broker: leader,
+                    committed_offset: p.committed_offset,
+                    next_offset: p.next_offset,
+                    lag: p.lag,
+                    pending: p.pending,
+                    owner: p.owner.clone().unwrap_or_default(),
+                });
             }
         }
+        Err(e) => waiting.push(e.to_string()),
     }
     status.partitions.sort_by_key(|p| p.partition);
     if waiting.is_empty()
@@ -198,20 +194,17 @@ async fn apply(group: &ConsumerGroup, ctx: &Context) -> Result<Action, Error> {
             false,
             "GroupReset",
             "Reset",
-            format!("moved to {to} on every broker"),
+            format!("moved to {to}"),
         )
         .await;
     }
     let ready = waiting.is_empty();
     let (reason, message) = if ready {
-        (
-            "GroupReady",
-            format!("on {} brokers; lag {}", brokers.len(), status.lag),
-        )
+        ("GroupReady", format!("lag {}", status.lag))
     } else {
         (
             "BrokersNotReady",
-            format!("waiting for brokers: {}", waiting.join(", ")),
+            format!("waiting for the brokers: {}", waiting.join(", ")),
         )
     };
     status.conditions = vec![ready_condition(
@@ -238,19 +231,19 @@ async fn apply(group: &ConsumerGroup, ctx: &Context) -> Result<Action, Error> {
     })
 }
 
-/// Creates or updates the group on one broker, applies a pending reset, and describes it.
-async fn sync_broker(
+/// Creates or updates the group through the cluster (any Ready broker forwards to the
+/// group's coordinator), applies a pending reset, and describes it.
+async fn sync_group(
     ctx: &Context,
     group: &ConsumerGroup,
+    ns: &str,
     name: &str,
-    broker: &str,
-    address: &str,
     config: &weir_client::pb::GroupConfig,
     reset: Option<weir_client::pb::StartPosition>,
 ) -> Result<weir_client::GroupInfo, Error> {
-    let client = ctx.broker(broker, address).await?;
+    let (broker, client) = ctx.cluster(ns).await?;
     let err = |source| Error::Broker {
-        broker: broker.to_owned(),
+        broker: broker.clone(),
         source,
     };
     let want = weir_client::GroupConfig::try_from(config.clone()).map_err(err)?;
@@ -259,14 +252,8 @@ async fn sync_broker(
         Ok(_) => client.update_group(name, &want).await.map_err(err)?,
         Err(e) if e.code() == Some(Code::NotFound) => {
             let d = client.create_group(name, &want).await.map_err(err)?;
-            ctx.event(
-                group,
-                false,
-                "GroupCreated",
-                "Create",
-                format!("created on {broker}"),
-            )
-            .await;
+            ctx.event(group, false, "GroupCreated", "Create", "created".into())
+                .await;
             d
         }
         Err(e) => return Err(err(e)),
@@ -280,39 +267,21 @@ async fn sync_broker(
     Ok(desc)
 }
 
-/// Deletion: the group goes from every broker of its Topic; a Topic that is gone took its
-/// groups with it.
+/// Deletion: the group is deleted through the cluster; a Topic that is gone took its
+/// groups with it, and without broker Pods there is nothing to reach.
 async fn cleanup(group: &ConsumerGroup, ctx: &Context) -> Result<Action, Error> {
     let ns = group.namespace().unwrap_or_default();
     let name = group.name_any();
     let topics: Api<Topic> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(topic) = topics.get_opt(&group.spec.topic).await? else {
+    if topics.get_opt(&group.spec.topic).await?.is_none() || ctx.broker_pods(&ns).await?.is_empty()
+    {
         return Ok(Action::await_change());
-    };
-    let placement = topic.status.map(|s| s.placement).unwrap_or_default();
-    let pods = ctx.broker_pods(&ns).await?;
-    for (broker, _, _) in builders::brokers_of(&placement) {
-        let Some(address) = pods
-            .get(&broker)
-            .filter(|b| b.ready)
-            .and_then(|b| b.address.clone())
-        else {
-            if pods.contains_key(&broker) {
-                return Err(Error::Waiting(format!(
-                    "group {name}: broker {broker} is not Ready; the group is deleted once it is"
-                )));
-            }
-            continue;
-        };
-        let client = ctx.broker(&broker, &address).await?;
-        match client.delete_group(&name).await {
-            Ok(()) => {}
-            Err(e) if e.code() == Some(Code::NotFound) => {}
-            Err(source) => {
-                ctx.forget(&address).await;
-                return Err(Error::Broker { broker, source });
-            }
-        }
+    }
+    let (broker, client) = ctx.cluster(&ns).await?;
+    match client.delete_group(&name).await {
+        Ok(()) => {}
+        Err(e) if e.code() == Some(Code::NotFound) => {}
+        Err(source) => return Err(Error::Broker { broker, source }),
     }
     Ok(Action::await_change())
 }

@@ -1,6 +1,7 @@
-//! The Topic reconciler: brokers of the namespace sized and applied, partitions placed,
-//! the topic created or updated on each broker that serves some of them, status written;
-//! on deletion, data removed per `deletionPolicy` before the finalizer is released.
+//! The Topic reconciler: brokers of the namespace sized and applied, the topic created or
+//! updated through the cluster (any Ready broker; the cluster's controller places the
+//! partitions), status written with each partition's leader and live figures; on deletion,
+//! data removed per `deletionPolicy` before the finalizer is released.
 
 use std::{sync::Arc, time::Instant};
 
@@ -69,18 +70,24 @@ async fn live_topics(ctx: &Context, ns: &str) -> Result<Vec<Topic>, Error> {
 /// Applies the namespace's broker objects, sized for `topics` and owned by them (several
 /// non-controller owner references: the objects go with the last Topic, and while Topics
 /// exist none of them alone takes the brokers away). Returns the broker count.
+///
+/// The count follows the widest Topic within the operator's bounds and never shrinks while
+/// Topics exist: a broker leads partitions and votes in the metadata group, and moving
+/// them off before removing it is not built yet (`docs/cluster.md`).
 async fn apply_brokers(ctx: &Context, ns: &str, topics: &[Topic]) -> Result<i32, Error> {
-    let placed: Vec<(u32, &[PartitionPlacement])> = topics
-        .iter()
-        .map(|t| {
-            (
-                t.spec.partitions,
-                t.status.as_ref().map_or(&[][..], |s| &s.placement[..]),
-            )
-        })
-        .collect();
-    let replicas =
-        builders::broker_count(&placed, ctx.settings.min_brokers, ctx.settings.max_brokers);
+    let sts_api = Api::<StatefulSet>::namespaced(ctx.client.clone(), ns);
+    let current = sts_api
+        .get_opt(builders::BROKERS)
+        .await?
+        .and_then(|s| s.spec.replicas)
+        .unwrap_or(0);
+    let partitions: Vec<u32> = topics.iter().map(|t| t.spec.partitions).collect();
+    let replicas = builders::broker_count(
+        &partitions,
+        ctx.settings.min_brokers,
+        ctx.settings.max_brokers,
+        current,
+    );
     let owners: Vec<OwnerReference> = topics
         .iter()
         .filter_map(|t| {
@@ -128,13 +135,13 @@ where
     Ok(())
 }
 
-/// What one pass over the brokers found.
+/// What one pass through the cluster found.
 #[derive(Default)]
 struct Observed {
-    waiting: Vec<String>,
     messages: u64,
     bytes: u64,
     oldest_ms: Option<i64>,
+    placement: Vec<PartitionPlacement>,
 }
 
 // One reconcile pass, read top to bottom: validate, place, sync brokers, write status.
@@ -170,63 +177,33 @@ async fn apply(topic: &Topic, ctx: &Context) -> Result<Action, Error> {
     };
 
     let topics = live_topics(ctx, &ns).await?;
-    let replicas = apply_brokers(ctx, &ns, &topics).await?;
-    let names: Vec<String> = (0..replicas).map(builders::broker_name).collect();
-    let mut placement = builders::place(topic.spec.partitions, &names, &previous.placement);
-    let pods = ctx.broker_pods(&ns).await?;
-    for p in &mut placement {
-        if let Some(addr) = pods
-            .get(&p.broker)
-            .filter(|b| b.ready)
-            .and_then(|b| b.address.clone())
-        {
-            p.address = addr;
-        } else if let Some(old) = previous
-            .placement
-            .iter()
-            .find(|o| o.partition == p.partition && o.broker == p.broker)
-        {
-            p.address.clone_from(&old.address);
-        }
-    }
-
-    let mut seen = Observed::default();
-    for (broker, _, served) in builders::brokers_of(&placement) {
-        let Some(pod) = pods.get(&broker).filter(|b| b.ready) else {
-            let why = pods
-                .get(&broker)
-                .map_or_else(|| "not created yet".to_owned(), |b| b.why.clone());
-            seen.waiting.push(format!("{broker} ({why})"));
-            continue;
-        };
-        let Some(address) = pod.address.clone() else {
-            seen.waiting.push(format!("{broker} (no Pod IP yet)"));
-            continue;
-        };
-        let want = convert::broker_share(&config, &served);
-        match ensure_on_broker(ctx, topic, &name, &broker, &address, &want, &mut seen).await {
-            Ok(()) => {}
-            Err(e) => {
-                ctx.forget(&address).await;
-                seen.waiting.push(format!("{broker} ({e})"));
+    let brokers = apply_brokers(ctx, &ns, &topics).await?;
+    let (ready, reason, message, seen) =
+        match sync_topic(ctx, topic, &ns, &name, &config, brokers).await {
+            Ok(seen) => {
+                let leaders: std::collections::BTreeSet<&str> =
+                    seen.placement.iter().map(|p| p.broker.as_str()).collect();
+                (
+                    true,
+                    "TopicReady",
+                    format!(
+                        "{} partitions, led by {} brokers",
+                        topic.spec.partitions,
+                        leaders.len()
+                    ),
+                    seen,
+                )
             }
-        }
-    }
-
-    let brokers = builders::brokers_of(&placement).len();
-    let (ready, reason, message) = if seen.waiting.is_empty() {
-        (
-            true,
-            "TopicReady",
-            format!("{} partitions on {brokers} brokers", topic.spec.partitions),
-        )
-    } else {
-        (
-            false,
-            "BrokersNotReady",
-            format!("waiting for brokers: {}", seen.waiting.join(", ")),
-        )
-    };
+            Err(e) => (
+                false,
+                "BrokersNotReady",
+                format!("waiting for the brokers: {e}"),
+                Observed {
+                    placement: previous.placement.clone(),
+                    ..Observed::default()
+                },
+            ),
+        };
     let now_ms = k8s_openapi::jiff::Timestamp::now().as_millisecond();
     let status = TopicStatus {
         conditions: vec![ready_condition(
@@ -237,7 +214,7 @@ async fn apply(topic: &Topic, ctx: &Context) -> Result<Action, Error> {
             generation,
         )],
         observed_generation: generation,
-        placement,
+        placement: seen.placement,
         messages: if ready {
             seen.messages
         } else {
@@ -272,61 +249,105 @@ async fn apply(topic: &Topic, ctx: &Context) -> Result<Action, Error> {
     })
 }
 
-/// Creates or updates the topic on one broker and adds its live figures to `seen`.
-async fn ensure_on_broker(
+/// Creates or updates the topic through the cluster (one address: any Ready broker
+/// forwards to the controller) and reads its live figures and each partition's leader. A
+/// new topic is created only once all `brokers` are Ready, so the controller spreads its
+/// partitions over all of them (it places over the brokers it knows).
+async fn sync_topic(
+    ctx: &Context,
+    topic: &Topic,
+    ns: &str,
+    name: &str,
+    want: &pb::TopicConfig,
+    brokers: i32,
+) -> Result<Observed, Error> {
+    let (broker, client) = ctx.cluster(ns).await?;
+    let pods = ctx.broker_pods(ns).await?;
+    let ready = pods.values().filter(|p| p.ready).count();
+    let may_create = ready >= usize::try_from(brokers).unwrap_or(usize::MAX);
+    let result = sync_topic_with(ctx, topic, name, want, &client, may_create).await;
+    if let Err(Error::Broker { .. }) = &result
+        && let Some(address) = pods.get(&broker).and_then(|p| p.address.clone())
+    {
+        ctx.forget(&address).await;
+    }
+    let seen = result.map_err(|e| match e {
+        Error::Broker { source, .. } => Error::Broker { broker, source },
+        other => other,
+    })?;
+    // A partition whose leader is not Ready is unavailable: the topic is not Ready either.
+    let mut down: Vec<String> = seen
+        .placement
+        .iter()
+        .map(|p| &p.broker)
+        .filter(|b| !pods.get(*b).is_some_and(|p| p.ready))
+        .map(|b| {
+            let why = pods.get(b).map_or("no Pod", |p| p.why.as_str());
+            format!("{b} ({why})")
+        })
+        .collect();
+    down.sort();
+    down.dedup();
+    if !down.is_empty() {
+        return Err(Error::Waiting(format!(
+            "partition leaders not Ready: {}",
+            down.join(", ")
+        )));
+    }
+    Ok(seen)
+}
+
+async fn sync_topic_with(
     ctx: &Context,
     topic: &Topic,
     name: &str,
-    broker: &str,
-    address: &str,
     want: &pb::TopicConfig,
-    seen: &mut Observed,
-) -> Result<(), Error> {
-    let client = ctx.broker(broker, address).await?;
+    client: &weir_client::Client,
+    may_create: bool,
+) -> Result<Observed, Error> {
     let err = |source| Error::Broker {
-        broker: broker.to_owned(),
+        broker: String::new(),
         source,
     };
     let want_config = weir_client::TopicConfig::from(want.clone());
     let desc = match client.describe_topic(name).await {
-        Ok(d) => {
-            if convert::topic_matches(&pb::TopicConfig::from(&d.config), want) {
-                d
-            } else {
-                let d = client.update_topic(name, &want_config).await.map_err(err)?;
-                ctx.event(
-                    topic,
-                    false,
-                    "TopicUpdated",
-                    "Update",
-                    format!(
-                        "updated on {broker}: partitions {:?} of {}",
-                        want.served_partitions, want.partitions
-                    ),
-                )
-                .await;
-                d
-            }
+        Ok(d) if convert::topic_matches(&pb::TopicConfig::from(&d.config), want) => d,
+        Ok(_) => {
+            let d = client.update_topic(name, &want_config).await.map_err(err)?;
+            ctx.event(
+                topic,
+                false,
+                "TopicUpdated",
+                "Update",
+                format!("updated: {} partitions", want.partitions),
+            )
+            .await;
+            d
         }
         Err(e) if e.code() == Some(Code::NotFound) => {
+            if !may_create {
+                return Err(Error::Waiting(
+                    "not every broker is Ready yet; the topic is created once they are, so its partitions spread over all of them".into(),
+                ));
+            }
             let d = client.create_topic(name, &want_config).await.map_err(err)?;
             ctx.event(
                 topic,
                 false,
                 "TopicCreated",
                 "Create",
-                format!(
-                    "created on {broker}: partitions {:?} of {}",
-                    want.served_partitions, want.partitions
-                ),
+                format!("created: {} partitions", want.partitions),
             )
             .await;
             d
         }
         Err(e) => return Err(err(e)),
     };
-    seen.messages += desc.messages;
-    seen.bytes += desc.bytes;
+    let mut seen = Observed {
+        messages: desc.messages,
+        bytes: desc.bytes,
+        ..Observed::default()
+    };
     for p in desc.partitions.iter().filter(|p| p.messages > 0) {
         // The oldest record of a partition is its first stored one.
         let first = weir_client::FetchOptions {
@@ -346,47 +367,42 @@ async fn ensure_on_broker(
             seen.oldest_ms = Some(seen.oldest_ms.map_or(ts, |o| o.min(ts)));
         }
     }
-    Ok(())
+    let metadata = client.metadata().await.map_err(err)?;
+    let mut placement: Vec<PartitionPlacement> = metadata
+        .partitions
+        .iter()
+        .filter(|p| p.topic == name)
+        .map(|p| PartitionPlacement {
+            partition: p.partition,
+            broker: builders::broker_name(i32::try_from(p.leader).unwrap_or(i32::MAX)),
+            address: metadata
+                .brokers
+                .iter()
+                .find(|b| b.id == p.leader)
+                .map(|b| b.address.clone())
+                .unwrap_or_default(),
+        })
+        .collect();
+    placement.sort_by_key(|p| p.partition);
+    seen.placement = placement;
+    Ok(seen)
 }
 
-/// Deletion: with `Delete`, the topic goes from every broker that has it (a broker that
-/// cannot be reached keeps the finalizer until it can); with `Retain` nothing is touched.
+/// Deletion: with `Delete`, the topic is deleted through the cluster (while brokers run
+/// but none is Ready, the finalizer stays until one is); with `Retain` nothing is touched.
 /// Then the brokers are resized for the remaining Topics.
 async fn cleanup(topic: &Topic, ctx: &Context) -> Result<Action, Error> {
     let ns = topic.namespace().unwrap_or_default();
     let name = topic.name_any();
-    let placement = topic
-        .status
-        .as_ref()
-        .map(|s| s.placement.clone())
-        .unwrap_or_default();
     if topic.spec.deletion_policy == DeletionPolicy::Delete {
-        let pods = ctx.broker_pods(&ns).await?;
-        for (broker, _, _) in &builders::brokers_of(&placement) {
-            let Some(address) = pods
-                .get(broker)
-                .filter(|b| b.ready)
-                .and_then(|b| b.address.clone())
-            else {
-                if pods.contains_key(broker) {
-                    return Err(Error::Waiting(format!(
-                        "topic {name}: broker {broker} is not Ready; its data is deleted once it is"
-                    )));
-                }
-                // The broker Pod is gone (scaled away or never created): nothing to reach.
-                continue;
-            };
-            let client = ctx.broker(broker, &address).await?;
+        if ctx.broker_pods(&ns).await?.is_empty() {
+            // No broker Pod (scaled away or never created): nothing to reach.
+        } else {
+            let (broker, client) = ctx.cluster(&ns).await?;
             match client.delete_topic(&name).await {
                 Ok(()) => {}
                 Err(e) if e.code() == Some(Code::NotFound) => {}
-                Err(source) => {
-                    ctx.forget(&address).await;
-                    return Err(Error::Broker {
-                        broker: broker.clone(),
-                        source,
-                    });
-                }
+                Err(source) => return Err(Error::Broker { broker, source }),
             }
         }
         ctx.event(
@@ -394,7 +410,7 @@ async fn cleanup(topic: &Topic, ctx: &Context) -> Result<Action, Error> {
             false,
             "DataDeleted",
             "Delete",
-            format!("deleted topic {name} from its brokers (deletionPolicy Delete)"),
+            format!("deleted topic {name} from the brokers (deletionPolicy Delete)"),
         )
         .await;
     } else {
@@ -403,7 +419,7 @@ async fn cleanup(topic: &Topic, ctx: &Context) -> Result<Action, Error> {
             false,
             "DataRetained",
             "Delete",
-            format!("kept the records of topic {name} on its brokers (deletionPolicy Retain)"),
+            format!("kept the records of topic {name} on the brokers (deletionPolicy Retain)"),
         )
         .await;
     }

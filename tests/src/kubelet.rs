@@ -175,7 +175,12 @@ async fn ensure_node(client: &Client, node: &str) -> anyhow::Result<()> {
             "kind": "Node",
             "metadata": { "name": node, "labels": { "kubernetes.io/hostname": node } },
         }))?;
-        nodes.create(&PostParams::default(), &n).await?;
+        match nodes.create(&PostParams::default(), &n).await {
+            Ok(_) => {}
+            // Another test's kubelet registered it meanwhile.
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     heartbeat(client, node).await
 }

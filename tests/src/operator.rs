@@ -215,6 +215,81 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// A client of broker Pod `pod`, at its Pod IP.
+    pub async fn pod_client(&self, pod: &str) -> anyhow::Result<weir_client::Client> {
+        let ip = self
+            .kubelet
+            .ip(pod)
+            .await
+            .ok_or_else(|| anyhow::anyhow!("broker Pod {pod} has no IP"))?;
+        Ok(weir_client::Client::connect(&format!("http://{ip}:7070")).await?)
+    }
+
+    /// A client through one address of the `weir` Service: one of its ready endpoints (there
+    /// is no kube-proxy in the test cluster to give the Service's ClusterIP a route).
+    pub async fn service_client(&self) -> anyhow::Result<weir_client::Client> {
+        let address = self.service_endpoint().await?;
+        Ok(weir_client::Client::connect(&format!("http://{address}")).await?)
+    }
+
+    /// `ip:port` of one ready endpoint of the `weir` Service, waiting up to a minute for
+    /// one: a Ready Pod its selector matches, at the port its `grpc` port targets. That is
+    /// what the endpoint-slice controller would list; here it cannot, since EndpointSlices
+    /// refuse loopback addresses (the loopback kubelet's Pod IPs).
+    pub async fn service_endpoint(&self) -> anyhow::Result<String> {
+        let svc: serde_json::Value =
+            serde_json::from_str(&self.kubectl(&["get", "service", "weir", "-o", "json"])?)?;
+        let selector = svc["spec"]["selector"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .ok_or_else(|| anyhow::anyhow!("the weir Service has no selector: {svc}"))?;
+        let port = svc["spec"]["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == "grpc")
+            .and_then(|p| p["port"].as_u64())
+            .ok_or_else(|| anyhow::anyhow!("the weir Service has no grpc port: {svc}"))?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let pods: serde_json::Value = serde_json::from_str(
+                &self.kubectl(&["get", "pods", "-l", &selector, "-o", "json"])?,
+            )?;
+            let mut ready: Vec<(String, String)> = pods["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| {
+                    p["status"]["conditions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+                .filter_map(|p| {
+                    Some((
+                        p["metadata"]["name"].as_str()?.to_owned(),
+                        p["status"]["podIP"].as_str()?.to_owned(),
+                    ))
+                })
+                .collect();
+            ready.sort();
+            if let Some((_, ip)) = ready.first() {
+                return Ok(format!("{ip}:{port}"));
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the weir Service has no ready endpoint after a minute"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    }
+
     /// Sets up namespace `test-…` with broker Pod IPs from `127.0.0.<first_ip>` and an
     /// operator started with `operator_args`.
     pub async fn start(test: &str, first_ip: u8, operator_args: &[&str]) -> anyhow::Result<Self> {
@@ -410,16 +485,18 @@ pub fn placement(topic: &serde_json::Value) -> Vec<(u32, String, String)> {
         .unwrap_or_default()
 }
 
-/// Per broker of a Topic (by Pod name): a client connected to the address its
-/// `status.placement` names, and the partitions it serves.
+/// Per broker that leads partitions of a Topic (by Pod name, as its `status.placement`
+/// names them): a client connected to the Pod's IP (the address a Pod of the cluster
+/// would reach through the headless Service's name), and the partitions it leads.
 pub async fn broker_clients(
+    cluster: &Cluster,
     topic: &serde_json::Value,
 ) -> anyhow::Result<std::collections::BTreeMap<String, (weir_client::Client, Vec<u32>)>> {
     let mut out: std::collections::BTreeMap<String, (weir_client::Client, Vec<u32>)> =
         std::collections::BTreeMap::new();
-    for (p, broker, address) in placement(topic) {
+    for (p, broker, _) in placement(topic) {
         if !out.contains_key(&broker) {
-            let client = weir_client::Client::connect(&format!("http://{address}")).await?;
+            let client = cluster.pod_client(&broker).await?;
             out.insert(broker.clone(), (client, Vec::new()));
         }
         if let Some((_, parts)) = out.get_mut(&broker) {

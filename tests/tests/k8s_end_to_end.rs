@@ -1,15 +1,15 @@
 //! End to end, as a user does it: `helm install` of the chart, the operator running with the
 //! chart's RBAC (a token of its ServiceAccount), `kubectl apply` of the examples, broker Pods
-//! run as real broker processes by the loopback kubelet, real Loghub lines produced and
-//! consumed through the brokers the Topic's status names, the seed scenarios (publish/
-//! subscribe, work sharing, a bounded queue), a broker killed with SIGKILL, more partitions,
-//! and teardown.
+//! run as real broker processes by the loopback kubelet (one cluster, their names resolved
+//! as the headless Service gives them), real Loghub lines produced and consumed through one
+//! address of the `weir` Service, the seed scenarios (publish/subscribe, work sharing, a
+//! bounded queue), a partition's leader killed with SIGKILL, more partitions, and teardown.
 
 // One scenario, step by step, as a user would go through it.
 #![allow(clippy::too_many_lines, clippy::many_single_char_names)]
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -27,13 +27,6 @@ use weir_tests::{
 };
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-/// Partition → client of its broker.
-fn routes(b: &BTreeMap<String, (Client, Vec<u32>)>) -> BTreeMap<u32, Client> {
-    b.values()
-        .flat_map(|(c, parts)| parts.iter().map(move |p| (*p, c.clone())))
-        .collect()
-}
 
 /// Receives and acks deliveries on every subscription at once until `n` arrived in total
 /// (each subscription stops after `idle` without one); returns the subscriptions and what
@@ -80,17 +73,16 @@ async fn drain(
     Ok((subs, got))
 }
 
+/// `members` push members of `group`, all through `client` (one address).
 async fn subscribe_all(
-    b: &BTreeMap<String, (Client, Vec<u32>)>,
+    client: &Client,
     group: &str,
-    per_broker: usize,
+    members: usize,
     window: u32,
 ) -> anyhow::Result<Vec<GroupConsumer>> {
     let mut subs = Vec::new();
-    for (client, _) in b.values() {
-        for _ in 0..per_broker {
-            subs.push(client.subscribe(group, None, window).await?);
-        }
+    for _ in 0..members {
+        subs.push(client.subscribe(group, None, window).await?);
     }
     Ok(subs)
 }
@@ -140,11 +132,14 @@ async fn from_helm_install_through_traffic_to_teardown() -> anyhow::Result<()> {
     .await?;
     println!("examples Ready after {:?}", started.elapsed());
 
-    // 3. Every line of four Loghub files, round robin over the partitions, each sent to the
-    // broker status names; the declared group reads them all back, byte for byte.
-    let b = broker_clients(&topic).await?;
-    let route = routes(&b);
-    let partitions = route.len() as u32;
+    // 3. Every line of four Loghub files, round robin over the partitions, all through one
+    // address of the `weir` Service; the declared group reads them all back through the
+    // same address, byte for byte.
+    let address = c.service_endpoint().await?;
+    let svc = Client::connect(&format!("http://{address}")).await?;
+    println!("producing and consuming through the weir Service endpoint {address} only");
+    let partitions = placement(&topic).len() as u32;
+    assert_eq!(partitions, 4);
     let mut sent: Vec<Vec<u8>> = Vec::new();
     for file in [
         "Apache_2k.log",
@@ -157,11 +152,11 @@ async fn from_helm_install_through_traffic_to_teardown() -> anyhow::Result<()> {
         for (n, chunk) in all.chunks(100).enumerate() {
             let p = (n as u32) % partitions;
             let records = chunk.iter().map(|l| Record::value(l.to_vec())).collect();
-            route[&p].produce("orders", Some(p), records).await?;
+            svc.produce("orders", Some(p), records).await?;
             sent.extend(chunk.iter().map(|l| l.to_vec()));
         }
     }
-    let subs = subscribe_all(&b, "inventory", 1, 500).await?;
+    let subs = subscribe_all(&svc, "inventory", 1, 500).await?;
     let (subs, got) = drain(subs, sent.len(), Duration::from_secs(20)).await?;
     let mut received: Vec<Vec<u8>> = got.into_iter().flatten().collect();
     received.sort();
@@ -204,33 +199,31 @@ async fn from_helm_install_through_traffic_to_teardown() -> anyhow::Result<()> {
     let signups = c
         .wait_for("topic", "signups", MINUTE, "Ready", |t| is_ready(t, "True"))
         .await?;
+    assert_eq!(placement(&signups).len(), 2);
     for g in ["mailer", "sms", "workers"] {
         c.wait_for("consumergroup", g, MINUTE, "Ready", |x| is_ready(x, "True"))
             .await?;
     }
-    let sb = broker_clients(&signups).await?;
-    let sroute = routes(&sb);
-    for (p, client) in &sroute {
-        client
-            .produce(
-                "signups",
-                Some(*p),
-                (0..100)
-                    .map(|i| Record::value(format!("user-{p}-{i}")))
-                    .collect(),
-            )
-            .await?;
+    for p in 0..2u32 {
+        svc.produce(
+            "signups",
+            Some(p),
+            (0..100)
+                .map(|i| Record::value(format!("user-{p}-{i}")))
+                .collect(),
+        )
+        .await?;
     }
     for g in ["mailer", "sms"] {
-        let subs = subscribe_all(&sb, g, 1, 500).await?;
+        let subs = subscribe_all(&svc, g, 1, 500).await?;
         let (subs, got) = drain(subs, 200, Duration::from_secs(20)).await?;
         let got: BTreeSet<Vec<u8>> = got.into_iter().flatten().collect();
         assert_eq!(got.len(), 200, "group {g} got every message");
         close(subs).await?;
     }
-    // 4b. A Shared group splits the work: two members per broker, each message once.
-    // A small window, as a worker takes a few jobs at a time.
-    let subs = subscribe_all(&sb, "workers", 2, 5).await?;
+    // 4b. A Shared group splits the work: four members, each message once. A small window,
+    // as a worker takes a few jobs at a time.
+    let subs = subscribe_all(&svc, "workers", 4, 5).await?;
     let (subs, got) = drain(subs, 200, Duration::from_secs(20)).await?;
     assert!(
         got.iter().all(|m| !m.is_empty()),
@@ -258,11 +251,8 @@ async fn from_helm_install_through_traffic_to_teardown() -> anyhow::Result<()> {
         is_ready(x, "True")
     })
     .await?;
-    let fb = broker_clients(&flash).await?;
-    let (fclient, _) = fb
-        .values()
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("no broker"))?;
+    assert_eq!(placement(&flash).len(), 1);
+    let fclient = &svc;
     fclient
         .produce(
             "flash-sale",
@@ -277,7 +267,7 @@ async fn from_helm_install_through_traffic_to_teardown() -> anyhow::Result<()> {
         .await
         .expect_err("full");
     assert_eq!(e.code(), Some(Code::ResourceExhausted), "{e}");
-    let subs = subscribe_all(&fb, "fulfil", 1, 10).await?;
+    let subs = subscribe_all(&svc, "fulfil", 1, 10).await?;
     let (subs, _) = drain(subs, 50, Duration::from_secs(20)).await?;
     let deadline = Instant::now() + MINUTE;
     loop {
@@ -294,16 +284,20 @@ async fn from_helm_install_through_traffic_to_teardown() -> anyhow::Result<()> {
     }
     close(subs).await?;
 
-    // 5. SIGKILL a broker: the kubelet restarts it, the Topic goes not-Ready (and says
-    // which broker it waits for) and back to Ready, and no acknowledged message is lost.
-    let (victim, (vclient, vparts)) = b
-        .iter()
-        .next()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .ok_or_else(|| anyhow::anyhow!("no broker"))?;
-    let p = vparts[0];
+    // 5. SIGKILL the leader of a partition that the Service endpoint does not run: the
+    // kubelet restarts it, the Topic goes not-Ready (and says which broker it waits for) and
+    // back to Ready, and no acknowledged message is lost.
+    let endpoint_ip = address.split(':').next().unwrap_or_default().to_owned();
+    let mut victim = None;
+    for (p, broker, _) in placement(&topic) {
+        if c.kubelet.ip(&broker).await.as_deref() != Some(endpoint_ip.as_str()) {
+            victim = Some((p, broker));
+            break;
+        }
+    }
+    let (p, victim) = victim.ok_or_else(|| anyhow::anyhow!("every partition led by one broker"))?;
     let acked: Vec<String> = (0..500).map(|i| format!("acked-{i}")).collect();
-    let acks = vclient
+    let acks = svc
         .produce(
             "orders",
             Some(p),
@@ -351,13 +345,10 @@ async fn from_helm_install_through_traffic_to_teardown() -> anyhow::Result<()> {
         why.contains(&victim),
         "status says which broker it waits for: {why}"
     );
-    let topic = c.get("topic", "orders")?.unwrap_or_default();
-    let b = broker_clients(&topic).await?;
-    let (vclient, _) = &b[&victim];
     let mut values = Vec::new();
     let mut offset = first;
     while values.len() < acked.len() {
-        let f = vclient
+        let f = svc
             .fetch(
                 "orders",
                 p,
@@ -398,18 +389,8 @@ async fn from_helm_install_through_traffic_to_teardown() -> anyhow::Result<()> {
             is_ready(t, "True") && placement(t).len() == 6
         })
         .await?;
-    let b = broker_clients(&topic).await?;
-    let route = routes(&b);
-    for (broker, (client, parts)) in &b {
-        let cfg = client.describe_topic("orders").await?.config;
-        assert_eq!(
-            (cfg.partitions, &cfg.served_partitions),
-            (6, parts),
-            "{broker}"
-        );
-    }
-    route[&5]
-        .produce("orders", Some(5), vec![Record::value("on a new partition")])
+    assert_eq!(svc.describe_topic("orders").await?.config.partitions, 6);
+    svc.produce("orders", Some(5), vec![Record::value("on a new partition")])
         .await?;
     c.wait_for(
         "consumergroup",
@@ -423,7 +404,7 @@ async fn from_helm_install_through_traffic_to_teardown() -> anyhow::Result<()> {
         },
     )
     .await?;
-    let subs = subscribe_all(&b, "inventory", 1, 500).await?;
+    let subs = subscribe_all(&svc, "inventory", 1, 500).await?;
     let (subs, got) = drain(subs, 501, Duration::from_secs(20)).await?;
     let got: Vec<Vec<u8>> = got.into_iter().flatten().collect();
     assert!(
@@ -438,6 +419,7 @@ async fn from_helm_install_through_traffic_to_teardown() -> anyhow::Result<()> {
     c.apply("apiVersion: weir.dev/v1alpha1\nkind: Topic\nmetadata: {name: keeper}\nspec: {partitions: 3}\n")?;
     c.wait_for("topic", "keeper", MINUTE, "Ready", |t| is_ready(t, "True"))
         .await?;
+    let b = broker_clients(&c, &topic).await?;
     c.kubectl(&["delete", "topic", "orders", "--wait=true", "--timeout=60s"])?;
     assert_deleted_from(&b, "orders").await?;
     c.kubectl(&["delete", "topics", "--all", "--wait=true", "--timeout=60s"])?;

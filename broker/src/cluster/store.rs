@@ -510,8 +510,8 @@ mod tests {
         let one = local_config(&config, &replicas, 1).expect("leads one");
         assert_eq!(one.max_messages, 3, "rounded up");
         assert!(local_config(&config, &replicas, 3).is_none(), "leads none");
-        let all = local_config(&config, &[vec![0], vec![0], vec![0], vec![0]], 0)
-            .expect("leads all");
+        let all =
+            local_config(&config, &[vec![0], vec![0], vec![0], vec![0]], 0).expect("leads all");
         assert_eq!((all.max_messages, all.max_bytes), (10, 8 << 20));
     }
 }
