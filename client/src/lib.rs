@@ -87,6 +87,84 @@ pub struct Client {
     pub(crate) consumer: ConsumerClient<Channel>,
 }
 
+/// The URL and tonic endpoint of broker `address` (`HOST:PORT` or a URL), with the client's
+/// connection settings.
+fn endpoint(address: &str) -> Result<(String, Endpoint), Error> {
+    let url = broker_url(address);
+    let endpoint = Endpoint::from_shared(url.clone()).map_err(|e| Error::InvalidAddress {
+        address: address.to_owned(),
+        reason: error::innermost(&e),
+    })?;
+    Ok((
+        url,
+        endpoint
+            .tcp_nodelay(true)
+            .connect_timeout(std::time::Duration::from_secs(5))
+            // Large HTTP/2 windows: batches of deliveries and produce requests are hundreds of
+            // KiB; the 64 KiB default costs a window update round trip per 64 KiB.
+            .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
+            .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES)),
+    ))
+}
+
+/// `HOST:PORT` of broker `address` (a URL's scheme dropped).
+fn host_port(address: &str) -> String {
+    let a = address.split_once("://").map_or(address, |(_, rest)| rest);
+    a.trim_end_matches('/').to_owned()
+}
+
+/// A connector over the brokers at `addresses` (`HOST:PORT`): each connection goes to the
+/// first that accepts a TCP connection, starting at the one that last did (`first` at the
+/// start). A channel reconnects through it when its connection breaks, so a client given a
+/// bootstrap list moves to another broker when its broker goes down; calls in flight on the
+/// broken connection fail (their outcome is unknown), later ones go to the new broker.
+fn failover_connector(
+    addresses: Vec<String>,
+    first: usize,
+) -> impl tower::Service<
+    tonic::transport::Uri,
+    Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>,
+    Error = std::io::Error,
+    Future = impl Future<Output = std::io::Result<hyper_util::rt::TokioIo<tokio::net::TcpStream>>>
+             + Send,
+> + Send
++ 'static {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(first));
+    let addresses = std::sync::Arc::new(addresses);
+    tower::service_fn(move |_: tonic::transport::Uri| {
+        let (addresses, next) = (
+            std::sync::Arc::clone(&addresses),
+            std::sync::Arc::clone(&next),
+        );
+        async move {
+            let start = next.load(std::sync::atomic::Ordering::Relaxed);
+            let mut last = None;
+            for i in 0..addresses.len() {
+                let k = (start + i) % addresses.len();
+                let attempt = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    tokio::net::TcpStream::connect(addresses[k].as_str()),
+                );
+                match attempt.await {
+                    Ok(Ok(stream)) => {
+                        stream.set_nodelay(true)?;
+                        next.store(k, std::sync::atomic::Ordering::Relaxed);
+                        return Ok(hyper_util::rt::TokioIo::new(stream));
+                    }
+                    Ok(Err(e)) => last = Some(e),
+                    Err(_) => {
+                        last = Some(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("connecting to {} timed out after 5 s", addresses[k]),
+                        ));
+                    }
+                }
+            }
+            Err(last.unwrap_or_else(|| std::io::Error::other("no broker address")))
+        }
+    })
+}
+
 /// `address` as a URL: `HOST:PORT` gets `http://` in front; a URL is kept.
 pub fn broker_url(address: &str) -> String {
     if address.contains("://") {
@@ -100,8 +178,10 @@ impl Client {
     /// Connects to the broker at `address`: `HOST:PORT` (`127.0.0.1:7070`,
     /// `weir.shop.svc:7070`) or a URL (`http://127.0.0.1:7070`); or to the first that
     /// answers of a comma-separated list (`a:7070,b:7070,c:7070`, like Kafka's
-    /// `bootstrap.servers`: in a cluster every broker serves every call). The client stays
-    /// on the broker it connected to.
+    /// `bootstrap.servers`: in a cluster every broker serves every call). With a list, when
+    /// the broker goes down the client reconnects to the next of the list that answers:
+    /// calls in flight then fail, later ones go to the new broker; a stream ends with its
+    /// broker and is opened again by the caller.
     ///
     /// Errors: [`Error::InvalidAddress`] for an address that does not parse,
     /// [`Error::Connect`] (with the innermost cause, e.g. `Connection refused`) when nothing
@@ -112,39 +192,39 @@ impl Client {
             .map(str::trim)
             .filter(|a| !a.is_empty())
             .collect();
+        let endpoints = addresses
+            .iter()
+            .map(|a| endpoint(a))
+            .collect::<Result<Vec<(String, Endpoint)>, Error>>()?;
         let mut last = None;
-        for a in &addresses {
-            match Self::connect_one(a).await {
-                Ok(client) => return Ok(client),
-                Err(e @ Error::InvalidAddress { .. }) => return Err(e),
-                Err(e) => last = Some(e),
+        for (i, (url, endpoint)) in endpoints.iter().enumerate() {
+            match endpoint.connect().await {
+                Ok(channel) if endpoints.len() == 1 => return Ok(Self::from_channel(url, channel)),
+                // The channel's connection then goes to this broker, and when it breaks,
+                // reconnects to the next of the list that accepts.
+                Ok(_) => {
+                    let addresses = addresses.iter().map(|a| host_port(a)).collect();
+                    let channel = endpoint
+                        .connect_with_connector(failover_connector(addresses, i))
+                        .await
+                        .map_err(|e| Error::Connect {
+                            url: url.clone(),
+                            reason: error::innermost(&e),
+                        })?;
+                    return Ok(Self::from_channel(url, channel));
+                }
+                Err(e) => {
+                    last = Some(Error::Connect {
+                        url: url.clone(),
+                        reason: error::innermost(&e),
+                    });
+                }
             }
         }
         Err(last.unwrap_or_else(|| Error::InvalidAddress {
             address: address.to_owned(),
             reason: "no address given; use HOST:PORT, e.g. 127.0.0.1:7070".into(),
         }))
-    }
-
-    async fn connect_one(address: &str) -> Result<Self, Error> {
-        let url = broker_url(address);
-        let endpoint = Endpoint::from_shared(url.clone()).map_err(|e| Error::InvalidAddress {
-            address: address.to_owned(),
-            reason: error::innermost(&e),
-        })?;
-        let channel = endpoint
-            .tcp_nodelay(true)
-            // Large HTTP/2 windows: batches of deliveries and produce requests are hundreds of
-            // KiB; the 64 KiB default costs a window update round trip per 64 KiB.
-            .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
-            .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
-            .connect()
-            .await
-            .map_err(|e| Error::Connect {
-                url: url.clone(),
-                reason: error::innermost(&e),
-            })?;
-        Ok(Self::from_channel(&url, channel))
     }
 
     /// A client over an existing channel to `url`.

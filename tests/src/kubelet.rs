@@ -323,16 +323,21 @@ async fn sync_pod(
         None => true,
         Some(c) => !matches!(c.try_wait(), Ok(None)),
     };
+    let mut restarted = false;
     if exited {
         if p.child.is_some() {
             p.restarts += 1;
             p.ready = false;
+            restarted = true;
         }
         p.child = Some(spawn(config, name, &pod, &container, &ip)?);
         p.started = now();
     }
     let port = grpc_port(&container).unwrap_or(config.default_grpc_port);
-    p.ready = healthy(&ip, port).await;
+    // A container that died is not Ready until a later probe passes (a kubelet reports the
+    // dead container at once and probes the new one on its period), so the Pod is seen
+    // not Ready for at least one pass however fast the process starts again.
+    p.ready = !restarted && healthy(&ip, port).await;
     let ready = if p.ready { "True" } else { "False" };
     let status = serde_json::json!({
         "status": {

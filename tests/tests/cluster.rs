@@ -598,6 +598,41 @@ fn a_python_grpcio_client_works_through_one_address() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A client given all three brokers (`a,b,c`) keeps working when the broker it first
+/// reached goes down: later calls go to the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_a_broker_list_routes_around_a_broker_that_goes_down() -> anyhow::Result<()> {
+    let mut brokers = Broker::start_cluster(3, &[])?;
+    let list = brokers
+        .iter()
+        .map(|b| b.url().trim_start_matches("http://").to_owned())
+        .collect::<Vec<_>>()
+        .join(",");
+    let client = weir_client::Client::connect(&list).await?;
+    assert_eq!(client.metadata().await?.brokers.len(), 3);
+    brokers[0].kill();
+    let mut failures = 0;
+    let mut answered = 0;
+    let started = std::time::Instant::now();
+    while answered < 20 {
+        match client.metadata().await {
+            Ok(m) => {
+                assert_ne!(m.brokers.len(), 0);
+                answered += 1;
+            }
+            Err(e) => {
+                failures += 1;
+                assert!(
+                    failures <= 1 && answered == 0,
+                    "only a call racing the broker's death may fail: {e}"
+                );
+            }
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    }
+    Ok(())
+}
+
 /// `weir_forwarded_requests_total` of `broker`.
 fn forwarded_requests(broker: &Broker) -> anyhow::Result<f64> {
     let metrics = weir_tests::http_get(&broker.http_addr, "/metrics")?;
