@@ -72,6 +72,8 @@ struct Proc {
     restarts: i32,
     ready: bool,
     started: Timestamp,
+    /// When the process was last started again after it died.
+    restarted: Option<Instant>,
     last_status: Option<serde_json::Value>,
 }
 
@@ -317,27 +319,36 @@ async fn sync_pod(
         restarts: 0,
         ready: false,
         started: now(),
+        restarted: None,
         last_status: None,
     });
     let exited = match p.child.as_mut() {
         None => true,
         Some(c) => !matches!(c.try_wait(), Ok(None)),
     };
-    let mut restarted = false;
     if exited {
         if p.child.is_some() {
             p.restarts += 1;
             p.ready = false;
-            restarted = true;
+            p.restarted = Some(Instant::now());
         }
         p.child = Some(spawn(config, name, &pod, &container, &ip)?);
         p.started = now();
     }
     let port = grpc_port(&container).unwrap_or(config.default_grpc_port);
-    // A container that died is not Ready until a later probe passes (a kubelet reports the
-    // dead container at once and probes the new one on its period), so the Pod is seen
-    // not Ready for at least one pass however fast the process starts again.
-    p.ready = !restarted && healthy(&ip, port).await;
+    // A container that died is not Ready until its readiness probe passes on the probe's
+    // period (a kubelet reports the dead container at once and probes the new one every
+    // `periodSeconds`), so the Pod is seen not Ready for one period however fast the
+    // process starts again.
+    let period = Duration::from_secs(
+        container
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.period_seconds)
+            .and_then(|s| u64::try_from(s).ok())
+            .unwrap_or(10),
+    );
+    p.ready = p.restarted.is_none_or(|t| t.elapsed() >= period) && healthy(&ip, port).await;
     let ready = if p.ready { "True" } else { "False" };
     let status = serde_json::json!({
         "status": {
