@@ -141,8 +141,10 @@ pub async fn run(
         cluster: Arc::clone(&cluster),
     };
 
+    // NOT_SERVING (the overall status too, which Kubernetes' gRPC probes ask) until this
+    // broker has joined the cluster: a Pod is Ready only once the controller knows it.
     let (health, health_service) = tonic_health::server::health_reporter();
-    set_health(&health, true).await;
+    set_health(&health, false).await;
     let grpc_addr = local_addr(&grpc);
     let http_addr = local_addr(&http);
     let mut stop_grpc = stop_rx.clone();
@@ -194,6 +196,7 @@ pub async fn run(
         return Err(e.into());
     }
     ready_tx.send_replace(true);
+    set_health(&health, true).await;
     tracing::info!(grpc_addr, http_addr, "broker ready");
 
     let failure = until_stop_or_failure(&log, shutdown).await;
@@ -288,8 +291,16 @@ fn default_advertise(grpc: &TcpListener) -> String {
 /// Most concurrent streams (calls) on one gRPC connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
-/// Marks every `weir.v1` service SERVING or NOT_SERVING in `grpc.health.v1`.
+/// Marks the broker (the overall status, service `""`) and every `weir.v1` service
+/// SERVING or NOT_SERVING in `grpc.health.v1`.
 async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
+    use tonic_health::ServingStatus;
+    let overall = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    health.set_service_status("", overall).await;
     if serving {
         health.set_serving::<AdminServer<AdminService>>().await;
         health

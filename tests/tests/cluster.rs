@@ -173,6 +173,62 @@ async fn brokers_beyond_the_peers_join_and_become_voters() -> anyhow::Result<()>
     Ok(())
 }
 
+/// A broker that has not joined the cluster (no majority of the peers is up) is not ready:
+/// gRPC health (the overall status, which Kubernetes' gRPC probes ask) says NOT_SERVING, so
+/// a Pod is Ready only once the controller knows its broker (before, it said SERVING from
+/// the start, and a Topic was placed over fewer brokers than were "Ready").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_without_a_majority_is_not_ready() -> anyhow::Result<()> {
+    let mut brokers = Broker::start_cluster(3, &[])?;
+    brokers[1].kill();
+    brokers[2].kill();
+    let _starting = brokers[0].restart_nowait()?;
+    let address = brokers[0].url();
+    let started = std::time::Instant::now();
+    let status = loop {
+        let probe = async {
+            let channel = tonic::transport::Endpoint::from_shared(address.clone())?
+                .connect()
+                .await?;
+            let answer = tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await?;
+            anyhow::Ok(answer.into_inner().status)
+        };
+        if let Ok(status) = probe.await {
+            break status;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "the restarted broker never answered gRPC"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
+    // Still so a while later (an election timeout is at most 1 s).
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let channel = tonic::transport::Endpoint::from_shared(address)?
+        .connect()
+        .await?;
+    let later = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner()
+        .status;
+    assert_eq!(
+        later,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
+    Ok(())
+}
+
 /// A malformed `--advertise` is refused at start-up with what would be right.
 #[test]
 fn a_malformed_advertise_address_is_refused() -> anyhow::Result<()> {
