@@ -17,8 +17,8 @@ use weir_client::Client;
 #[command(name = "weir", version)]
 struct Cli {
     /// Broker gRPC address, `HOST:PORT` or a URL; or several, comma-separated
-    /// (`a:7070,b:7070`): the first that answers is used (every broker of a cluster serves
-    /// every call).
+    /// (`a:7070,b:7070`): the first that answers is used, and the next that answers when it
+    /// goes down (every broker of a cluster serves every call).
     #[arg(
         long,
         global = true,
