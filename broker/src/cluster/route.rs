@@ -43,6 +43,17 @@ impl Cluster {
         .await;
     }
 
+    /// Waits (at most `wait`) until group `name` is in the published metadata: a group
+    /// created through another broker a moment ago may not be applied here yet, and a call
+    /// naming it without its topic can only be routed once it is.
+    pub async fn settle_group(&self, name: &str, wait: std::time::Duration) {
+        if self.state().groups.contains_key(name) {
+            return;
+        }
+        let mut rx = self.state.clone();
+        let _ = tokio::time::timeout(wait, rx.wait_for(|(_, s)| s.groups.contains_key(name))).await;
+    }
+
     /// The route of a call for `topic`/`partition` (fetch, and produce to one partition).
     /// Unknown topics and partitions are served here (and refused here).
     pub fn route_partition(&self, topic: &str, partition: u32) -> Route {

@@ -43,14 +43,24 @@ pub(crate) async fn catch_up(
 /// group, topic, Client, method)`.
 macro_rules! to_coordinator {
     ($ctx:expr, $metadata:expr, $req:expr, $group:expr, $topic:expr, $client:ident, $method:ident) => {
-        let route = super::forward::group_route($ctx, &$metadata, $group, $topic).await?;
+        let group_name: String = ($group).to_owned();
+        let route = super::forward::group_route($ctx, &$metadata, &group_name, $topic).await?;
         if let Some(channel) = route {
+            let known = $ctx.cluster.state().groups.contains_key(&group_name);
             let index = $ctx.cluster.applied_index();
-            return $client::new(channel)
+            let answer = $client::new(channel)
                 .max_decoding_message_size(super::MAX_MESSAGE_BYTES)
                 .$method(super::forward::forwarded_at(&$metadata, $req, index))
                 .await
                 .map(|r| Response::new(r.into_inner()));
+            if answer.is_ok() && !known {
+                // The call created the group: answered once this broker knows it too, so
+                // the caller's next call through it finds the group (read-your-writes).
+                $ctx.cluster
+                    .settle_group(&group_name, std::time::Duration::from_secs(5))
+                    .await;
+            }
+            return answer;
         }
     };
 }
@@ -69,8 +79,15 @@ pub(crate) async fn group_route(
         catch_up(&ctx.cluster, metadata).await?;
         return Ok(None);
     }
-    if let Some(t) = topic {
-        ctx.cluster.settle(t).await;
+    match topic {
+        Some(t) => ctx.cluster.settle(t).await,
+        // Without its topic, an unknown group can be routed only once its creation (through
+        // any broker) is applied here.
+        None => {
+            ctx.cluster
+                .settle_group(group, Duration::from_secs(1))
+                .await;
+        }
     }
     match ctx.cluster.route_group(group, topic) {
         Route::Leader { id, address } => {
