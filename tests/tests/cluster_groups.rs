@@ -172,6 +172,14 @@ async fn groups_read_every_partition_through_any_broker() -> anyhow::Result<()> 
         }
     }
 
+    // A new group's first description counts the records of every partition, also those
+    // its coordinator reads from other brokers (it reported 0 for them before).
+    let counted = admin
+        .create_group("counted", &GroupConfig::new("logs", GroupType::Shared))
+        .await?;
+    assert_eq!(counted.lag, total as u64, "{counted:?}");
+    admin.delete_group("counted").await?;
+
     // Ordered, through broker 2 only.
     let reader = brokers[2].client().await?;
     let ordered = reader

@@ -149,6 +149,24 @@ impl Group {
         }
     }
 
+    /// Starts following the partitions other brokers lead and waits (at most `wait`) until
+    /// their ends are known.
+    pub(super) async fn await_remote_ends(&self, wait: std::time::Duration) {
+        let deadline = Instant::now() + wait;
+        loop {
+            let parts = self.topic.partitions();
+            let served = self.topic.config().served;
+            let unknown = (0..parts.len())
+                .filter(|&p| !served.contains(p as u32))
+                .filter(|&p| self.remote.led_elsewhere(&self.topic.name, p as u32))
+                .any(|p| self.ends(&parts, served, p).is_none());
+            if !unknown || Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     /// `(earliest, next)` offsets of partition `p`: from the log when this broker serves
     /// it, else as last heard from its leader (`None` until then).
     pub(super) fn ends(

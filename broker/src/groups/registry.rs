@@ -23,6 +23,10 @@ use crate::{
     validate::{NameKind, quote, validate_name},
 };
 
+/// Longest a new group waits to hear the ends of the partitions other brokers lead, so its
+/// first description (the answer to its creation) shows their lag.
+const REMOTE_ENDS_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Every group of the broker.
 #[derive(Debug)]
 pub struct Groups {
@@ -195,6 +199,7 @@ impl Groups {
             self.delete_local(name).await?;
             return Err(cluster_error(name, e));
         }
+        group.await_remote_ends(REMOTE_ENDS_WAIT).await;
         tracing::info!(group = name, topic = %group.topic.name, "group created");
         Ok((group, true))
     }
