@@ -556,6 +556,18 @@ impl Broker {
         &self.data_dir
     }
 
+    /// The value of metric `name` (a sample without labels, e.g.
+    /// `weir_forwarded_requests_total`) on the broker's `/metrics`; 0 when absent.
+    pub fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let text = http_get(&self.http_addr, "/metrics")?;
+        Ok(text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0))
+    }
+
     /// A connected client.
     pub async fn client(&self) -> anyhow::Result<weir_client::Client> {
         Ok(weir_client::Client::connect(&self.url()).await?)

@@ -148,23 +148,7 @@ async fn brokers_beyond_the_peers_join_and_become_voters() -> anyhow::Result<()>
     // The seed (the only initial voter) dies: the two promoted voters go on.
     brokers[0].kill();
     let survivor = brokers[2].client().await?;
-    let started = std::time::Instant::now();
-    let mut created = false;
-    while started.elapsed() < std::time::Duration::from_secs(20) {
-        if survivor
-            .create_topic("without-the-seed", &TopicConfig::new(1))
-            .await
-            .is_ok()
-        {
-            created = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(
-        created,
-        "admin did not work again within 20 s of losing the seed"
-    );
+    create_within_20s(&survivor, "without-the-seed", 1).await?;
     let ready = brokers[0].restart_nowait()?;
     brokers[0].wait_ready(&ready)?;
     let m = describe_json(&brokers[0])?;
@@ -244,6 +228,28 @@ fn a_malformed_advertise_address_is_refused() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Creates topic `name` of `partitions` partitions through `client`, retrying every 100 ms
+/// (the metadata group may be electing a leader); fails after 20 s.
+async fn create_within_20s(
+    client: &weir_client::Client,
+    name: &str,
+    partitions: u32,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    loop {
+        match client
+            .create_topic(name, &TopicConfig::new(partitions))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if started.elapsed() >= std::time::Duration::from_secs(20) => {
+                anyhow::bail!("admin did not work again within 20 s: {e}")
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+}
+
 fn leaders(m: &Value, topic: &str) -> Vec<u64> {
     partitions_of(m, topic)
         .iter()
@@ -309,19 +315,7 @@ async fn three_brokers_form_one_cluster_and_survive_losing_the_metadata_leader()
     let alive: Vec<usize> = (0..3).filter(|&i| i != dead).collect();
     let started = std::time::Instant::now();
     let survivor = brokers[alive[0]].client().await?;
-    let mut created = false;
-    while started.elapsed() < std::time::Duration::from_secs(20) {
-        if survivor
-            .create_topic("after-the-loss", &TopicConfig::new(3))
-            .await
-            .is_ok()
-        {
-            created = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(created, "admin did not work again within 20 s");
+    create_within_20s(&survivor, "after-the-loss", 3).await?;
     println!(
         "admin worked again {:?} after the metadata leader died",
         started.elapsed()
@@ -419,7 +413,7 @@ async fn produce_and_fetch_work_through_any_broker() -> anyhow::Result<()> {
         .find(|t| t.name == "any")
         .ok_or_else(|| anyhow::anyhow!("topic listed"))?;
     assert_eq!(any.messages, 75);
-    let forwarded = forwarded_requests(&brokers[1])?;
+    let forwarded = brokers[1].metric("weir_forwarded_requests_total")?;
     assert!(
         forwarded >= 4.0,
         "partitions led elsewhere were forwarded: {forwarded}"
@@ -648,7 +642,7 @@ fn a_python_grpcio_client_works_through_one_address() -> anyhow::Result<()> {
         );
     }
     assert!(
-        forwarded_requests(&brokers[1])? > 0.0,
+        brokers[1].metric("weir_forwarded_requests_total")? > 0.0,
         "some calls were forwarded"
     );
     Ok(())
@@ -687,17 +681,6 @@ async fn a_client_with_a_broker_list_routes_around_a_broker_that_goes_down() -> 
         assert!(started.elapsed() < std::time::Duration::from_secs(20));
     }
     Ok(())
-}
-
-/// `weir_forwarded_requests_total` of `broker`.
-fn forwarded_requests(broker: &Broker) -> anyhow::Result<f64> {
-    let metrics = weir_tests::http_get(&broker.http_addr, "/metrics")?;
-    Ok(metrics
-        .lines()
-        .find(|l| l.starts_with("weir_forwarded_requests_total "))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0))
 }
 
 /// `--broker a,b,c` (like `bootstrap.servers`): the first broker that answers is used, so a

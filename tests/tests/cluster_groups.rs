@@ -38,10 +38,20 @@ async fn drain(member: &PullMember, want: usize) -> anyhow::Result<Vec<Delivery>
 
 /// Pulls and acks through `member` until three pulls in a row (500 ms each) find nothing.
 async fn drain_until_idle(member: &PullMember) -> anyhow::Result<Vec<Delivery>> {
+    drain_until(member, 500, 3).await
+}
+
+/// Pulls (at most `max` at a time) and acks through `member` until `idle` pulls in a row
+/// (500 ms each) find nothing.
+async fn drain_until(
+    member: &PullMember,
+    max: u32,
+    idle_pulls: u32,
+) -> anyhow::Result<Vec<Delivery>> {
     let mut got = Vec::new();
     let mut idle = 0;
-    while idle < 3 {
-        let batch = member.pull(500, Duration::from_millis(500)).await?;
+    while idle < idle_pulls {
+        let batch = member.pull(max, Duration::from_millis(500)).await?;
         if batch.is_empty() {
             idle += 1;
             continue;
@@ -51,17 +61,6 @@ async fn drain_until_idle(member: &PullMember) -> anyhow::Result<Vec<Delivery>> 
         got.extend(batch);
     }
     Ok(got)
-}
-
-/// The value of metric `name` (a sample without labels) of `broker`, 0 when absent.
-fn metric(broker: &Broker, name: &str) -> anyhow::Result<f64> {
-    let text = weir_tests::http_get(&broker.http_addr, "/metrics")?;
-    Ok(text
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0))
 }
 
 /// The broker ids that lead the partitions of `topic`, by partition.
@@ -96,21 +95,8 @@ async fn shared_members_on_every_broker_get_each_line_once(
         3,
         "members cluster-wide: {described:?}"
     );
-    let pulls = members.iter().map(|m| async move {
-        let mut got = Vec::new();
-        let mut idle = 0;
-        while idle < 6 {
-            let batch = m.pull(100, Duration::from_millis(500)).await?;
-            if batch.is_empty() {
-                idle += 1;
-                continue;
-            }
-            idle = 0;
-            m.ack(&batch).await?;
-            got.extend(batch);
-        }
-        anyhow::Ok(got)
-    });
+    // Small pulls, so every member gets some of the work.
+    let pulls = members.iter().map(|m| drain_until(m, 100, 6));
     let results = futures::future::try_join_all(pulls).await?;
     let mut seen = BTreeSet::new();
     let mut lines_seen = 0;
@@ -224,11 +210,11 @@ async fn groups_read_every_partition_through_any_broker() -> anyhow::Result<()> 
     let mut forwarded = 0.0;
     let mut leading = 0.0;
     for b in &brokers {
-        forwarded += metric(b, "weir_forwarded_requests_total")?;
-        leading += metric(b, "weir_metadata_leader")?;
-        assert!(metric(b, "weir_metadata_commits_total")? > 0.0);
-        assert!(metric(b, "weir_metadata_leader_changes_total")? >= 1.0);
-        assert!(metric(b, "weir_metadata_term")? >= 1.0);
+        forwarded += b.metric("weir_forwarded_requests_total")?;
+        leading += b.metric("weir_metadata_leader")?;
+        assert!(b.metric("weir_metadata_commits_total")? > 0.0);
+        assert!(b.metric("weir_metadata_leader_changes_total")? >= 1.0);
+        assert!(b.metric("weir_metadata_term")? >= 1.0);
     }
     assert!(forwarded > 0.0, "group calls were forwarded");
     assert!((leading - 1.0).abs() < f64::EPSILON, "one controller");

@@ -86,6 +86,18 @@ fn decode<T: for<'de> serde::Deserialize<'de>>(m: &pb::RaftMessage) -> Result<T,
         .map_err(|e| Status::invalid_argument(format!("undecodable raft message: {e}")))
 }
 
+/// A call's result as the calling broker receives it: the answer, or the status code and
+/// message this broker would have answered a client with.
+fn remote_answer<T>(result: Result<T, crate::cluster::Error>) -> Result<T, RemoteError> {
+    result.map_err(|e| {
+        let status = Status::from(e);
+        RemoteError {
+            code: status.code() as i32,
+            message: status.message().to_owned(),
+        }
+    })
+}
+
 fn encode<T: serde::Serialize>(answer: &T) -> Result<Response<pb::RaftMessage>, Status> {
     serde_json::to_vec(answer)
         .map(|json| Response::new(pb::RaftMessage { json: json.into() }))
@@ -120,14 +132,7 @@ impl RaftRpc for RaftService {
             AdminOp::AddBroker { .. } => self.cluster.relay(op).await,
             _ => self.cluster.admin_here(&op).await,
         };
-        let answer: Result<Forwarded, RemoteError> = result.map_err(|e| {
-            let status = Status::from(e);
-            RemoteError {
-                code: status.code() as i32,
-                message: status.message().to_owned(),
-            }
-        });
-        encode(&answer)
+        encode(&remote_answer::<Forwarded>(result))
     }
 
     async fn peer(
@@ -135,15 +140,9 @@ impl RaftRpc for RaftService {
         request: Request<pb::RaftMessage>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
         let call: crate::cluster::remote::PeerCall = decode(request.get_ref())?;
-        let answer: Result<crate::cluster::remote::PeerAnswer, RemoteError> =
-            self.cluster.peer_here(call).await.map_err(|e| {
-                let status = Status::from(e);
-                RemoteError {
-                    code: status.code() as i32,
-                    message: status.message().to_owned(),
-                }
-            });
-        encode(&answer)
+        encode(&remote_answer::<crate::cluster::remote::PeerAnswer>(
+            self.cluster.peer_here(call).await,
+        ))
     }
 
     async fn snapshot(
