@@ -23,7 +23,9 @@ use crate::log::{
 /// The request is atomic: all its batches are stored or none. Nothing is written when any
 /// check fails: an empty request, an unknown topic or partition, a record above the topic's
 /// `max_message_bytes`, a full `Reject` topic, or (with `producer` = (id, sequence)) a
-/// sequence out of order; a retried sequence is answered with its original acks.
+/// request that would not land on exactly one partition (unkeyed records without
+/// `partition`, or keys of several partitions: sequences count per partition) or a sequence
+/// out of order; a retried sequence is answered with its original acks.
 pub async fn submit(
     log: &Log,
     topic: &str,
@@ -46,6 +48,11 @@ pub async fn submit(
                 max: config.max_message_bytes,
             });
         }
+    }
+    if producer.is_some() && partition.is_none() && records.iter().any(|r| r.key.is_none()) {
+        return Err(Error::IdempotentWithoutPartition {
+            topic: topic.name.clone(),
+        });
     }
     let partitions = topic.partitions();
     let count = partitions.len() as u32;
@@ -72,6 +79,12 @@ pub async fn submit(
         }
     }
     routed.sort_by_key(|(p, _)| *p);
+    if producer.is_some() && routed.len() > 1 {
+        return Err(Error::IdempotentSpansPartitions {
+            topic: topic.name.clone(),
+            partitions: routed.iter().map(|(p, _)| *p).collect(),
+        });
+    }
     for (p, _) in &routed {
         // A key that hashes to a partition of another broker: the client routes keyed
         // records itself (Kafka clients do the same from the cluster metadata).

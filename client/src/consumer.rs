@@ -7,7 +7,9 @@ use std::{collections::VecDeque, time::Duration};
 use tokio::sync::mpsc;
 use tonic::{Code, Status, Streaming};
 
-use crate::{Client, Delivery, Error, pb, ranges, types::millis_u32};
+use crate::{
+    Client, Delivery, Error, consumer_client, pb, ranges, route::Target, types::millis_u32,
+};
 
 /// An ack request for `deliveries`.
 fn ack_request(deliveries: &[Delivery]) -> pb::AckRequest {
@@ -211,14 +213,17 @@ impl PullMember {
 
     /// Up to `max` deliveries, waiting up to `wait` (at most 60 s) for the first.
     pub async fn pull(&self, max: u32, wait: Duration) -> Result<Vec<Delivery>, Error> {
+        let request = pb::PullRequest {
+            group: self.group.clone(),
+            member_id: self.member_id.clone(),
+            max_messages: max,
+            max_wait_ms: millis_u32(wait),
+        };
         let resp = self
             .client
-            .call(self.client.consumer.clone().pull(pb::PullRequest {
-                group: self.group.clone(),
-                member_id: self.member_id.clone(),
-                max_messages: max,
-                max_wait_ms: millis_u32(wait),
-            }))
+            .routed(Target::Group(&self.group, None), |c| async move {
+                consumer_client(c).pull(request).await
+            })
             .await?;
         Ok(resp.deliveries.into_iter().map(Delivery::from).collect())
     }
@@ -239,24 +244,24 @@ impl PullMember {
         request.group.clone_from(&self.group);
         request.member_id.clone_from(&self.member_id);
         self.client
-            .call(self.client.consumer.clone().ack(request))
+            .routed(Target::Group(&self.group, None), |c| async move {
+                consumer_client(c).ack(request).await
+            })
             .await?;
         Ok(())
     }
 
     /// Tells the group this member is alive; refreshes its generation and partitions.
     pub async fn heartbeat(&mut self) -> Result<(), Error> {
+        let request = pb::HeartbeatRequest {
+            group: self.group.clone(),
+            member_id: self.member_id.clone(),
+        };
         let resp = self
             .client
-            .call(
-                self.client
-                    .consumer
-                    .clone()
-                    .heartbeat(pb::HeartbeatRequest {
-                        group: self.group.clone(),
-                        member_id: self.member_id.clone(),
-                    }),
-            )
+            .routed(Target::Group(&self.group, None), |c| async move {
+                consumer_client(c).heartbeat(request).await
+            })
             .await?;
         self.generation = resp.generation;
         self.partitions = resp.partitions;
@@ -265,11 +270,14 @@ impl PullMember {
 
     /// Leaves the group at once: unacked deliveries go back to the other members.
     pub async fn leave(self) -> Result<(), Error> {
+        let request = pb::LeaveRequest {
+            group: self.group.clone(),
+            member_id: self.member_id.clone(),
+        };
         self.client
-            .call(self.client.consumer.clone().leave(pb::LeaveRequest {
-                group: self.group.clone(),
-                member_id: self.member_id.clone(),
-            }))
+            .routed(Target::Group(&self.group, None), |c| async move {
+                consumer_client(c).leave(request).await
+            })
             .await?;
         Ok(())
     }

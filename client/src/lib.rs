@@ -28,6 +28,7 @@ mod consumer;
 mod error;
 mod group_types;
 mod producer;
+mod route;
 mod types;
 
 use std::{collections::VecDeque, future::Future, sync::Arc};
@@ -54,8 +55,9 @@ pub use self::{
         ProduceReceiver, ProduceSender, Producer, RetryPolicy, StreamAnswer, new_producer_id,
     },
     types::{
-        Ack, BrokerInfo, ClusterMetadata, Durability, FetchOptions, Fetched, LostRange, Overflow,
-        PartitionInfo, PartitionLeader, Record, Retention, StoredRecord, TopicConfig, TopicInfo,
+        Ack, BrokerInfo, ClusterMetadata, Durability, FetchOptions, Fetched, GroupCoordinator,
+        LostRange, Overflow, PartitionInfo, PartitionLeader, Record, Retention, StoredRecord,
+        TopicConfig, TopicInfo,
     },
 };
 
@@ -77,7 +79,15 @@ pub struct Raw {
     pub consumer: ConsumerClient<Channel>,
 }
 
-/// A connection to one broker. Cheap to clone and share.
+/// A connection to a broker (or a cluster, through one or more bootstrap brokers). Cheap to
+/// clone and share.
+///
+/// In a cluster, produce, fetch and group calls go straight to the broker that leads the
+/// partition or coordinates the group, from the cluster's cached `Metadata` (refreshed every
+/// 30 s, when a topic or group is missing from it, and from the leader hint a forwarding
+/// broker returns); admin calls go to the bootstrap broker. A leader whose advertised address
+/// cannot be reached from here is reached through the bootstrap broker, which forwards.
+/// [`Client::without_routing`] sends every call to the bootstrap broker.
 #[derive(Debug, Clone)]
 pub struct Client {
     url: Arc<str>,
@@ -85,6 +95,7 @@ pub struct Client {
     cluster: ClusterClient<Channel>,
     producer: ProducerClient<Channel>,
     pub(crate) consumer: ConsumerClient<Channel>,
+    pub(crate) router: Arc<route::Router>,
 }
 
 /// The URL and tonic endpoint of broker `address` (`HOST:PORT` or a URL), with the client's
@@ -165,6 +176,20 @@ fn failover_connector(
     })
 }
 
+/// The `weir.v1.Producer` client over `channel`, with the client's message limits.
+pub(crate) fn producer_client(channel: Channel) -> ProducerClient<Channel> {
+    ProducerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// The `weir.v1.Consumer` client over `channel`, with the client's message limits.
+pub(crate) fn consumer_client(channel: Channel) -> ConsumerClient<Channel> {
+    ConsumerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
 /// `address` as a URL: `HOST:PORT` gets `http://` in front; a URL is kept.
 pub fn broker_url(address: &str) -> String {
     if address.contains("://") {
@@ -227,10 +252,11 @@ impl Client {
         }))
     }
 
-    /// A client over an existing channel to `url`.
+    /// A client over an existing channel to `url` (routing calls as [`Client`] says).
     pub fn from_channel(url: &str, channel: Channel) -> Self {
         Self {
             url: url.into(),
+            router: Arc::new(route::Router::new(channel.clone(), true)),
             admin: AdminClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -245,9 +271,56 @@ impl Client {
         }
     }
 
+    /// This client with every call sent to its bootstrap broker, which forwards calls for
+    /// partitions and groups served elsewhere (one hop more per call, and one connection):
+    /// for networks where only that address is reachable, and to measure forwarding.
+    #[must_use]
+    pub fn without_routing(mut self) -> Self {
+        self.router = Arc::new(route::Router::new(self.router.bootstrap_channel(), false));
+        self
+    }
+
     /// The broker's URL.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Runs a unary call about `target` on the channel the router chooses (its leader or
+    /// coordinator when known and reachable), learning from the answer's leader hint. A
+    /// transport failure of a call sent straight to a broker makes the next call fetch the
+    /// metadata again (the call itself is not retried: its outcome is unknown).
+    pub(crate) async fn routed<T, F, Fut>(
+        &self,
+        target: route::Target<'_>,
+        call: F,
+    ) -> Result<T, Error>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let chosen = self.router.channel(target).await;
+        let answer = call(chosen.channel).await;
+        match answer {
+            Ok(r) => {
+                self.router
+                    .learn(target, r.metadata(), chosen.direct.as_deref());
+                Ok(r.into_inner())
+            }
+            Err(status) => {
+                self.router.learn(target, status.metadata(), None);
+                let url = chosen
+                    .direct
+                    .as_deref()
+                    .map_or_else(|| self.url.to_string(), broker_url);
+                let e = Error::from_call(&url, status);
+                if let Some(address) = &chosen.direct
+                    && e.is_retriable()
+                {
+                    self.router.forget(target, address);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// The generated clients, for requests this API does not build (tests of the broker's
@@ -375,38 +448,85 @@ impl Client {
     }
 
     /// Produces `records` to `topic` (to `partition` when given, else by key, else one
-    /// partition round robin) and returns one ack per partition once durable. Not
-    /// idempotent: use a [`Producer`] to retry safely.
+    /// partition round robin) and returns one ack per partition once durable. Sent to the
+    /// partition's leader when the records go to one partition (`partition`, or keys of one
+    /// partition); otherwise the broker splits them and a request whose keys span leaders
+    /// is refused (`FAILED_PRECONDITION`). Not idempotent: use a [`Producer`] to retry
+    /// safely.
     pub async fn produce(
         &self,
         topic: &str,
         partition: Option<u32>,
         records: Vec<Record>,
     ) -> Result<Vec<Ack>, Error> {
-        self.produce_request(pb::ProduceRequest {
-            topic: topic.to_owned(),
-            partition,
-            records: records.into_iter().map(Into::into).collect(),
-            ..pb::ProduceRequest::default()
-        })
+        let wire: Vec<pb::Record> = records.into_iter().map(Into::into).collect();
+        let target = match partition {
+            Some(p) => Some(p),
+            None => self.partition_of_keys(topic, &wire).await,
+        };
+        self.produce_request(
+            pb::ProduceRequest {
+                topic: topic.to_owned(),
+                partition,
+                records: wire,
+                ..pb::ProduceRequest::default()
+            },
+            target,
+        )
         .await
     }
 
+    /// The one partition every record of `records` goes to by its key (Kafka's default
+    /// partitioner over the topic's partitions in the metadata); `None` when a record has no
+    /// key, the keys span partitions, or the topic is not in the metadata.
+    pub(crate) async fn partition_of_keys(
+        &self,
+        topic: &str,
+        records: &[pb::Record],
+    ) -> Option<u32> {
+        if !self.router.is_direct() {
+            return None;
+        }
+        let count = self.router.partitions(topic).await?;
+        let mut one = None;
+        for r in records {
+            let p = weir_proto::partitioner::partition_for_key(r.key.as_deref()?, count);
+            match one {
+                None => one = Some(p),
+                Some(q) if q == p => {}
+                Some(_) => return None,
+            }
+        }
+        one
+    }
+
+    /// Sends `request`, straight to the leader of `partition` when given and known.
     pub(crate) async fn produce_request(
         &self,
         request: pb::ProduceRequest,
+        partition: Option<u32>,
     ) -> Result<Vec<Ack>, Error> {
-        let resp = self.call(self.producer.clone().produce(request)).await?;
+        let resp = match partition {
+            Some(p) => {
+                let topic = request.topic.clone();
+                self.routed(route::Target::Partition(&topic, p), |channel| async move {
+                    producer_client(channel).produce(request).await
+                })
+                .await?
+            }
+            None => self.call(self.producer.clone().produce(request)).await?,
+        };
         Ok(resp.acks.into_iter().map(Ack::from).collect())
     }
 
-    /// An idempotent [`Producer`] on this client's broker, with a new producer id.
+    /// An idempotent [`Producer`] over this client, with a new producer id.
     pub fn producer(&self, retry: RetryPolicy) -> Producer {
-        Producer::new(&self.url, retry)
+        Producer::with_client(self.clone(), retry)
     }
 
-    /// Opens a pipelined produce stream (idempotent: a random producer id, sequences per
-    /// topic): send requests with [`ProduceSender::send`] without waiting, and read one
+    /// Opens a pipelined produce stream on the bootstrap broker, which forwards each
+    /// request to its partition's leader (idempotent: a random producer id, sequences per
+    /// partition): send requests with [`ProduceSender::send`] without waiting, and read one
     /// answer per request, in order, from [`ProduceReceiver::next`]. At most `window`
     /// requests are in flight (sent and not yet answered); `send` waits past that.
     pub async fn produce_stream(
@@ -416,6 +536,7 @@ impl Client {
         let window = window.max(1);
         let (tx, rx) = mpsc::channel(window);
         let permits = Arc::new(Semaphore::new(window));
+        let (parts_tx, parts_rx) = mpsc::unbounded_channel();
         let inbound = self
             .call(
                 self.producer
@@ -426,11 +547,18 @@ impl Client {
         Ok((
             ProduceSender {
                 tx,
+                client: self.clone(),
                 next_id: 0,
+                next_wire_id: 0,
                 permits: Arc::clone(&permits),
                 sequences: Some(producer::Sequences::new()),
+                parts: parts_tx,
             },
-            ProduceReceiver { inbound, permits },
+            ProduceReceiver {
+                inbound,
+                permits,
+                parts: parts_rx,
+            },
         ))
     }
 
@@ -442,15 +570,19 @@ impl Client {
         offset: u64,
         options: FetchOptions,
     ) -> Result<Fetched, Error> {
+        let request = pb::FetchRequest {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            max_bytes: options.max_bytes.unwrap_or(0),
+            max_records: options.max_records.unwrap_or(0),
+            max_wait_ms: types::millis_u32(options.max_wait),
+        };
         let resp = self
-            .call(self.consumer.clone().fetch(pb::FetchRequest {
-                topic: topic.to_owned(),
-                partition,
-                offset,
-                max_bytes: options.max_bytes.unwrap_or(0),
-                max_records: options.max_records.unwrap_or(0),
-                max_wait_ms: types::millis_u32(options.max_wait),
-            }))
+            .routed(
+                route::Target::Partition(topic, partition),
+                |channel| async move { consumer_client(channel).fetch(request).await },
+            )
             .await?;
         Ok(resp.into())
     }
@@ -538,11 +670,15 @@ impl Client {
         group: &str,
         create: Option<&GroupConfig>,
     ) -> Result<PullMember, Error> {
+        let request = pb::JoinRequest {
+            group: group.to_owned(),
+            create: create.map(Into::into),
+        };
+        let topic = create.map(|c| c.topic.as_str());
         let joined = self
-            .call(self.consumer.clone().join(pb::JoinRequest {
-                group: group.to_owned(),
-                create: create.map(Into::into),
-            }))
+            .routed(route::Target::Group(group, topic), |c| async move {
+                consumer_client(c).join(request).await
+            })
             .await?;
         Ok(PullMember {
             client: self.clone(),
@@ -570,13 +706,18 @@ impl Client {
             })),
         };
         tx.send(join).await.map_err(|_| Error::StreamClosed)?;
+        let topic = create.map(|c| c.topic.as_str());
+        let target = route::Target::Group(group, topic);
+        let url = self.url.clone();
         let mut inbound = self
-            .call(self.consumer.clone().subscribe(ReceiverStream::new(rx)))
+            .routed(target, |c| async move {
+                consumer_client(c).subscribe(ReceiverStream::new(rx)).await
+            })
             .await?;
         let first = inbound
             .message()
             .await
-            .map_err(|s| Error::from_call(&self.url, s))?;
+            .map_err(|s| Error::from_call(&url, s))?;
         let Some(pb::SubscribeResponse {
             response: Some(pb::subscribe_response::Response::Joined(joined)),
         }) = first

@@ -7,15 +7,20 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use tokio::sync::{Semaphore, mpsc};
 use tonic::{Code, Status, Streaming};
 
+use weir_proto::partitioner;
+
 use crate::{Ack, Client, Error, Record, pb};
 
-/// A producer id and the next sequence per topic: the one sequence logic of the client.
-/// The broker stores a request with `(producer id, sequence)` once, however often it is
-/// retried, and refuses a gap.
+/// A producer id and the next sequence per partition: the one sequence logic of the
+/// client. The broker stores a request with `(producer id, partition, sequence)` once,
+/// however often it is retried, and refuses a gap (Kafka's KIP-98).
 #[derive(Debug, Clone)]
 pub(crate) struct Sequences {
     producer_id: u64,
-    next: HashMap<String, u64>,
+    next: HashMap<(String, u32), u64>,
+    /// Per topic, the partition the next request of unkeyed records goes to (round robin,
+    /// one partition per request: Kafka's sticky partitioner).
+    unkeyed: HashMap<String, u32>,
 }
 
 impl Sequences {
@@ -23,6 +28,7 @@ impl Sequences {
         Self {
             producer_id: new_producer_id(),
             next: HashMap::new(),
+            unkeyed: HashMap::new(),
         }
     }
 
@@ -30,15 +36,63 @@ impl Sequences {
         self.producer_id
     }
 
-    /// The sequence the next request to `topic` carries.
-    pub fn peek(&self, topic: &str) -> u64 {
-        self.next.get(topic).copied().unwrap_or(0)
+    /// The sequence the next request to `topic`/`partition` carries.
+    pub fn peek(&self, topic: &str, partition: u32) -> u64 {
+        self.next
+            .get(&(topic.to_owned(), partition))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Moves past the sequence [`peek`](Self::peek) returned (the request was stored, or
     /// is on its way in a stream that keeps order).
-    pub fn advance(&mut self, topic: &str) {
-        *self.next.entry(topic.to_owned()).or_insert(0) += 1;
+    pub fn advance(&mut self, topic: &str, partition: u32) {
+        *self.next.entry((topic.to_owned(), partition)).or_insert(0) += 1;
+    }
+
+    /// Splits `records` of a topic with `count` partitions by the partition each goes to:
+    /// all to `partition` when given; else keyed records to `murmur2(key) mod count` and
+    /// unkeyed ones to this request's round-robin partition. Partitions ascending; records
+    /// of one partition keep their order.
+    pub fn split(
+        &mut self,
+        topic: &str,
+        partition: Option<u32>,
+        count: u32,
+        records: Vec<pb::Record>,
+    ) -> Vec<(u32, Vec<pb::Record>)> {
+        if let Some(p) = partition {
+            return vec![(p, records)];
+        }
+        let count = count.max(1);
+        let mut unkeyed = None;
+        let mut parts: Vec<(u32, Vec<pb::Record>)> = Vec::new();
+        for r in records {
+            let p = match r.key.as_deref() {
+                Some(k) => partitioner::partition_for_key(k, count),
+                None => *unkeyed.get_or_insert_with(|| {
+                    let turn = self.unkeyed.entry(topic.to_owned()).or_insert(0);
+                    let p = *turn % count;
+                    *turn = turn.wrapping_add(1);
+                    p
+                }),
+            };
+            match parts.iter_mut().find(|(q, _)| *q == p) {
+                Some((_, v)) => v.push(r),
+                None => parts.push((p, vec![r])),
+            }
+        }
+        parts.sort_by_key(|(p, _)| *p);
+        parts
+    }
+}
+
+/// Partitions of `topic`: from the client's cached metadata, else asked of the broker
+/// (`NOT_FOUND` for an unknown topic).
+pub(crate) async fn partition_count(client: &Client, topic: &str) -> Result<u32, Error> {
+    match client.router.partitions(topic).await {
+        Some(n) => Ok(n),
+        None => Ok(client.describe_topic(topic).await?.config.partitions),
     }
 }
 
@@ -76,9 +130,10 @@ impl Default for RetryPolicy {
 }
 
 /// An idempotent producer that retries: each [`send`](Self::send) gets the next sequence of
-/// its topic and is retried with the same sequence after transport errors and
-/// `UNAVAILABLE`, reconnecting as needed, so a request is stored exactly once even when
-/// acks are lost or the broker restarts.
+/// each partition it writes to and is retried with the same sequence after transport errors
+/// and `UNAVAILABLE`, reconnecting as needed, so a request is stored exactly once even when
+/// acks are lost or the broker restarts. Requests go straight to the partition's leader in a
+/// cluster ([`Client`]'s routing).
 #[derive(Debug)]
 pub struct Producer {
     address: String,
@@ -88,12 +143,23 @@ pub struct Producer {
 }
 
 impl Producer {
-    /// A producer for the broker at `address` with a new random producer id; connects
-    /// lazily.
+    /// A producer for the broker (or comma-separated bootstrap brokers) at `address` with a
+    /// new random producer id; connects lazily.
     pub fn new(address: &str, retry: RetryPolicy) -> Self {
         Self {
             address: address.to_owned(),
             client: None,
+            sequences: Sequences::new(),
+            retry,
+        }
+    }
+
+    /// A producer over `client`'s connections (and cached metadata), with a new random
+    /// producer id.
+    pub fn with_client(client: Client, retry: RetryPolicy) -> Self {
+        Self {
+            address: client.url().to_owned(),
+            client: Some(client),
             sequences: Sequences::new(),
             retry,
         }
@@ -104,48 +170,83 @@ impl Producer {
         self.sequences.producer_id()
     }
 
-    /// Sends `records` to `topic` (to `partition`, else by key or round robin) and returns
-    /// one ack per partition; retries transport failures with the same sequence. Other
-    /// errors are returned at once and the sequence is not used up (so the caller may send
-    /// the same records again, e.g. after `RESOURCE_EXHAUSTED` from a full topic).
+    /// The client, connected on first use (transport failures are retried).
+    async fn client(&mut self) -> Result<Client, Error> {
+        let mut last = Error::StreamClosed;
+        for _ in 0..self.retry.attempts.max(1) {
+            if let Some(c) = &self.client {
+                return Ok(c.clone());
+            }
+            match Client::connect(&self.address).await {
+                Ok(c) => self.client = Some(c),
+                Err(e) => {
+                    last = e;
+                    tokio::time::sleep(self.retry.backoff).await;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Sends `records` to `topic` (to `partition`, else by key, else one partition round
+    /// robin) and returns one ack per partition written, in ascending partition order.
+    ///
+    /// Sequences count per partition (Kafka's KIP-98), so records for several partitions
+    /// go as one request per partition, each with that partition's next sequence, one after
+    /// another in ascending partition order; each is retried after transport failures with
+    /// the same sequence. Other errors are returned at once and that partition's sequence is
+    /// not used up (the caller may send the same records again, e.g. after
+    /// `RESOURCE_EXHAUSTED` from a full topic); the requests of lower partitions were then
+    /// stored (a retry of the whole call stores them again under new sequences).
     pub async fn send(
         &mut self,
         topic: &str,
         partition: Option<u32>,
         records: Vec<Record>,
     ) -> Result<Vec<Ack>, Error> {
-        let sequence = self.sequences.peek(topic);
         let wire: Vec<pb::Record> = records.into_iter().map(Into::into).collect();
+        let parts = if let Some(p) = partition {
+            vec![(p, wire)]
+        } else {
+            let client = self.client().await?;
+            let count = partition_count(&client, topic).await?;
+            self.sequences.split(topic, None, count, wire)
+        };
+        let mut acks = Vec::with_capacity(parts.len());
+        for (p, records) in parts {
+            acks.extend(self.send_to(topic, p, records).await?);
+        }
+        Ok(acks)
+    }
+
+    /// Sends one request to `topic`/`partition` with the partition's next sequence,
+    /// retrying transport failures with the same sequence.
+    async fn send_to(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        records: Vec<pb::Record>,
+    ) -> Result<Vec<Ack>, Error> {
+        let sequence = self.sequences.peek(topic, partition);
         let mut last = Error::StreamClosed;
         for _ in 0..self.retry.attempts.max(1) {
-            let client = match &self.client {
-                Some(c) => c.clone(),
-                None => match Client::connect(&self.address).await {
-                    Ok(c) => {
-                        self.client = Some(c.clone());
-                        c
-                    }
-                    Err(e) => {
-                        last = e;
-                        tokio::time::sleep(self.retry.backoff).await;
-                        continue;
-                    }
-                },
+            let client = match self.client().await {
+                Ok(c) => c,
+                Err(e) => return Err(e),
             };
             let request = pb::ProduceRequest {
                 topic: topic.to_owned(),
-                partition,
-                records: wire.clone(),
+                partition: Some(partition),
+                records: records.clone(),
                 producer_id: self.sequences.producer_id(),
                 sequence,
             };
-            match client.produce_request(request).await {
+            match client.produce_request(request, Some(partition)).await {
                 Ok(acks) => {
-                    self.sequences.advance(topic);
+                    self.sequences.advance(topic, partition);
                     return Ok(acks);
                 }
                 Err(e) if e.is_retriable() => {
-                    self.client = None;
                     last = e;
                     tokio::time::sleep(self.retry.backoff).await;
                 }
@@ -160,50 +261,87 @@ impl Producer {
 #[derive(Debug)]
 pub struct ProduceSender {
     pub(crate) tx: mpsc::Sender<pb::ProduceStreamRequest>,
+    /// The client the stream was opened on (its metadata gives partition counts).
+    pub(crate) client: Client,
+    /// Id of the next request [`send`](Self::send) returns.
     pub(crate) next_id: u64,
-    /// One permit per request that may still be sent; the receiver returns them.
+    /// Id of the next message on the wire (a request may need one per partition).
+    pub(crate) next_wire_id: u64,
+    /// One permit per message that may still be sent; the receiver returns them.
     pub(crate) permits: Arc<Semaphore>,
     /// `None` once idempotence is disabled.
     pub(crate) sequences: Option<Sequences>,
+    /// Per request, in order: its id and how many wire messages carry it.
+    pub(crate) parts: mpsc::UnboundedSender<(u64, u32)>,
 }
 
 impl ProduceSender {
     /// Queues a produce request; returns its request id (0, 1, 2, … in sending order).
     /// Waits only when the window is full.
+    ///
+    /// Idempotent (the default), the request's records go as one message per partition
+    /// they land on (sequences count per partition; unkeyed records without `partition`
+    /// go to one partition chosen round robin per request), and its answer combines theirs.
     pub async fn send(
         &mut self,
         topic: &str,
         partition: Option<u32>,
         records: Vec<Record>,
     ) -> Result<u64, Error> {
-        self.permits
-            .acquire()
-            .await
-            .map_err(|_| Error::StreamClosed)?
-            .forget();
+        let wire: Vec<pb::Record> = records.into_iter().map(Into::into).collect();
+        let messages: Vec<pb::ProduceRequest> = if self.sequences.is_none() {
+            vec![pb::ProduceRequest {
+                topic: topic.to_owned(),
+                partition,
+                records: wire,
+                ..pb::ProduceRequest::default()
+            }]
+        } else {
+            let count = match partition {
+                Some(_) => 1,
+                None => partition_count(&self.client, topic).await?,
+            };
+            let Some(s) = &mut self.sequences else {
+                return Err(Error::StreamClosed);
+            };
+            s.split(topic, partition, count, wire)
+                .into_iter()
+                .map(|(p, records)| {
+                    let sequence = s.peek(topic, p);
+                    s.advance(topic, p);
+                    pb::ProduceRequest {
+                        topic: topic.to_owned(),
+                        partition: Some(p),
+                        records,
+                        producer_id: s.producer_id(),
+                        sequence,
+                    }
+                })
+                .collect()
+        };
         let id = self.next_id;
         self.next_id += 1;
-        let (producer_id, sequence) = match &mut self.sequences {
-            Some(s) => {
-                let sequence = s.peek(topic);
-                s.advance(topic);
-                (s.producer_id(), sequence)
-            }
-            None => (0, 0),
-        };
-        self.tx
-            .send(pb::ProduceStreamRequest {
-                request_id: id,
-                request: Some(pb::ProduceRequest {
-                    topic: topic.to_owned(),
-                    partition,
-                    records: records.into_iter().map(Into::into).collect(),
-                    producer_id,
-                    sequence,
-                }),
-            })
-            .await
+        let count = u32::try_from(messages.len()).map_err(|_| Error::StreamClosed)?;
+        // Announced before its messages, so the receiver knows the request of every answer.
+        self.parts
+            .send((id, count))
             .map_err(|_| Error::StreamClosed)?;
+        for request in messages {
+            self.permits
+                .acquire()
+                .await
+                .map_err(|_| Error::StreamClosed)?
+                .forget();
+            let request_id = self.next_wire_id;
+            self.next_wire_id += 1;
+            self.tx
+                .send(pb::ProduceStreamRequest {
+                    request_id,
+                    request: Some(request),
+                })
+                .await
+                .map_err(|_| Error::StreamClosed)?;
+        }
         Ok(id)
     }
 
@@ -232,6 +370,8 @@ pub struct StreamAnswer {
 pub struct ProduceReceiver {
     pub(crate) inbound: Streaming<pb::ProduceStreamResponse>,
     pub(crate) permits: Arc<Semaphore>,
+    /// Per request, in order: its id and how many wire messages carry it.
+    pub(crate) parts: mpsc::UnboundedReceiver<(u64, u32)>,
 }
 
 impl Drop for ProduceReceiver {
@@ -243,33 +383,57 @@ impl Drop for ProduceReceiver {
 
 impl ProduceReceiver {
     /// The next answer; `None` once the stream has ended, `Some(Err)` when the stream
-    /// itself failed (the requests without an answer may or may not be stored).
+    /// itself failed (the requests without an answer may or may not be stored). A request
+    /// sent as several messages (one per partition) is answered once, with the acks of all
+    /// (ascending partition) or the first error among them.
     pub async fn next(&mut self) -> Option<Result<StreamAnswer, Error>> {
-        match self.inbound.message().await {
-            Ok(Some(resp)) => {
-                self.permits.add_permits(1);
-                let result = match resp.result {
-                    Some(pb::produce_stream_response::Result::Ack(a)) => {
-                        Ok(a.acks.into_iter().map(Ack::from).collect())
-                    }
-                    Some(pb::produce_stream_response::Result::Error(e)) => {
-                        Err(Error::Status(Status::new(Code::from(e.code), e.message)))
-                    }
-                    None => Err(Error::Malformed("ProduceStreamResponse.result")),
-                };
-                Some(Ok(StreamAnswer {
-                    request_id: resp.request_id,
-                    result,
-                }))
+        let mut request = None;
+        let mut acks = Vec::new();
+        let mut failed = None;
+        loop {
+            let answer = match self.inbound.message().await {
+                Ok(Some(resp)) => resp,
+                Ok(None) => {
+                    self.permits.close();
+                    return request.map(|_| Err(Error::StreamClosed));
+                }
+                Err(status) => {
+                    self.permits.close();
+                    return Some(Err(Error::Status(status)));
+                }
+            };
+            self.permits.add_permits(1);
+            let (id, left) = match request.take() {
+                Some(r) => r,
+                // Announced before its messages were sent: here by now.
+                None => match self.parts.recv().await {
+                    Some(r) => r,
+                    None => return Some(Err(Error::Malformed("an answer to no request"))),
+                },
+            };
+            match answer.result {
+                Some(pb::produce_stream_response::Result::Ack(a)) => {
+                    acks.extend(a.acks.into_iter().map(Ack::from));
+                }
+                Some(pb::produce_stream_response::Result::Error(e)) => {
+                    failed.get_or_insert(Error::Status(Status::new(Code::from(e.code), e.message)));
+                }
+                None => {
+                    failed.get_or_insert(Error::Malformed("ProduceStreamResponse.result"));
+                }
             }
-            Ok(None) => {
-                self.permits.close();
-                None
+            if left > 1 {
+                request = Some((id, left - 1));
+                continue;
             }
-            Err(status) => {
-                self.permits.close();
-                Some(Err(Error::Status(status)))
-            }
+            acks.sort_by_key(|a| a.partition);
+            return Some(Ok(StreamAnswer {
+                request_id: id,
+                result: match failed {
+                    Some(e) => Err(e),
+                    None => Ok(acks),
+                },
+            }));
         }
     }
 }
@@ -279,13 +443,59 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sequences_count_per_topic_from_zero() {
+    fn sequences_count_per_partition_from_zero() {
         let mut s = Sequences::new();
         assert_ne!(s.producer_id(), 0);
-        assert_eq!(s.peek("a"), 0);
-        s.advance("a");
-        s.advance("a");
-        assert_eq!(s.peek("a"), 2);
-        assert_eq!(s.peek("b"), 0, "each topic has its own sequence");
+        assert_eq!(s.peek("a", 0), 0);
+        s.advance("a", 0);
+        s.advance("a", 0);
+        assert_eq!(s.peek("a", 0), 2);
+        assert_eq!(s.peek("a", 1), 0, "each partition has its own sequence");
+        assert_eq!(s.peek("b", 0), 0, "each topic has its own sequences");
+    }
+
+    fn keyed(key: &str) -> pb::Record {
+        pb::Record {
+            key: Some(bytes::Bytes::copy_from_slice(key.as_bytes())),
+            ..pb::Record::default()
+        }
+    }
+
+    #[test]
+    fn records_split_by_the_brokers_partitioner_and_keep_their_order() {
+        let mut s = Sequences::new();
+        let keys = ["a", "b", "c", "a", "d", "b"];
+        let parts = s.split("t", None, 4, keys.iter().map(|k| keyed(k)).collect());
+        let mut seen = 0;
+        for (p, records) in &parts {
+            for r in records {
+                let k = r.key.as_deref().expect("keyed");
+                assert_eq!(partitioner::partition_for_key(k, 4), *p);
+            }
+            seen += records.len();
+        }
+        assert_eq!(seen, keys.len());
+        assert!(parts.windows(2).all(|w| w[0].0 < w[1].0), "ascending");
+        let a = parts
+            .iter()
+            .find(|(p, _)| *p == partitioner::partition_for_key(b"a", 4))
+            .expect("a's partition");
+        let order: Vec<&[u8]> = a.1.iter().filter_map(|r| r.key.as_deref()).collect();
+        assert_eq!(order.first(), Some(&b"a".as_slice()), "order kept");
+    }
+
+    #[test]
+    fn unkeyed_requests_go_round_robin_one_partition_each() {
+        let mut s = Sequences::new();
+        let unkeyed = || vec![pb::Record::default(), pb::Record::default()];
+        let first: Vec<u32> = (0..6)
+            .map(|_| {
+                let parts = s.split("t", None, 3, unkeyed());
+                assert_eq!(parts.len(), 1, "one partition per request");
+                parts[0].0
+            })
+            .collect();
+        assert_eq!(first, vec![0, 1, 2, 0, 1, 2]);
+        assert_eq!(s.split("t", Some(2), 3, unkeyed())[0].0, 2);
     }
 }

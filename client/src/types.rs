@@ -446,6 +446,19 @@ pub struct ClusterMetadata {
     pub brokers: Vec<BrokerInfo>,
     /// Every partition of every topic.
     pub partitions: Vec<PartitionLeader>,
+    /// Every consumer group and its coordinator, sorted by name.
+    pub groups: Vec<GroupCoordinator>,
+}
+
+/// Where a consumer group lives.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GroupCoordinator {
+    /// Group name.
+    pub group: String,
+    /// Its topic.
+    pub topic: String,
+    /// Broker id of its coordinator, which keeps its members and cursors.
+    pub coordinator: u64,
 }
 
 /// A broker of the cluster.
@@ -497,6 +510,15 @@ impl From<pb::MetadataResponse> for ClusterMetadata {
                     leader: p.leader,
                     replicas: p.replicas,
                     in_sync: p.in_sync,
+                })
+                .collect(),
+            groups: m
+                .groups
+                .into_iter()
+                .map(|g| GroupCoordinator {
+                    group: g.group,
+                    topic: g.topic,
+                    coordinator: g.coordinator,
                 })
                 .collect(),
         }

@@ -568,9 +568,16 @@ impl Broker {
             .unwrap_or(0.0))
     }
 
-    /// A connected client.
+    /// A connected client (in a cluster, routing calls straight to leaders and
+    /// coordinators).
     pub async fn client(&self) -> anyhow::Result<weir_client::Client> {
         Ok(weir_client::Client::connect(&self.url()).await?)
+    }
+
+    /// A connected client that sends every call to this broker, which forwards what other
+    /// brokers serve ([`weir_client::Client::without_routing`]).
+    pub async fn client_through(&self) -> anyhow::Result<weir_client::Client> {
+        Ok(self.client().await?.without_routing())
     }
 
     /// Kills the broker with SIGKILL and waits for it to die.

@@ -4,7 +4,9 @@
 //! data directory written before the cluster existed is adopted.
 
 use serde_json::{Value, json};
-use weir_client::{Record, TopicConfig};
+use std::time::Duration;
+
+use weir_client::{GroupConfig, GroupType, Record, TopicConfig};
 use weir_tests::Broker;
 
 fn describe_json(broker: &Broker) -> anyhow::Result<Value> {
@@ -339,7 +341,7 @@ async fn three_brokers_form_one_cluster_and_survive_losing_the_metadata_leader()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produce_and_fetch_work_through_any_broker() -> anyhow::Result<()> {
     let brokers = Broker::start_cluster(3, &[])?;
-    let entry = brokers[1].client().await?;
+    let entry = brokers[1].client_through().await?;
     entry.create_topic("any", &TopicConfig::new(6)).await?;
     let m = describe_json(&brokers[0])?;
     let leader_of: Vec<u64> = leaders(&m, "any");
@@ -366,7 +368,7 @@ async fn produce_and_fetch_work_through_any_broker() -> anyhow::Result<()> {
         }
     }
     // Read back through broker 2 only.
-    let reader = brokers[2].client().await?;
+    let reader = brokers[2].client_through().await?;
     let mut by_key = std::collections::BTreeMap::<String, Vec<String>>::new();
     for p in 0..6u32 {
         let f = reader
@@ -460,13 +462,10 @@ async fn a_produce_stream_through_one_broker_reaches_every_leader() -> anyhow::R
         .await?
         .create_topic("any", &TopicConfig::new(6))
         .await?;
-    let reader = brokers[2].client().await?;
+    let reader = brokers[2].client_through().await?;
     // A pipelined stream through broker 0: requests for partitions led elsewhere go over one
     // forwarded stream per leader, answered in request order.
-    let (mut tx, mut rx) = brokers[0].client().await?.produce_stream(8).await?;
-    // Idempotent sequences count per topic, and each leader would see only its share of
-    // them (a gap): per-partition sequences come with replication (docs/cluster.md).
-    tx.disable_idempotence();
+    let (mut tx, mut rx) = brokers[0].client_through().await?.produce_stream(8).await?;
     let sender = tokio::spawn(async move {
         for round in 0..5 {
             for p in 0..6u32 {
@@ -485,6 +484,25 @@ async fn a_produce_stream_through_one_broker_reaches_every_leader() -> anyhow::R
         answered += 1;
     }
     sender.await?;
+    // Idempotent (sequences per partition): one request whose keys span partitions goes as
+    // one message per partition and is answered once, with every partition's ack.
+    let (mut tx, mut rx) = brokers[0].client_through().await?.produce_stream(8).await?;
+    let keys: Vec<String> = (0..12).map(|i| format!("spread-{i}")).collect();
+    let id = tx
+        .send(
+            "any",
+            None,
+            keys.iter()
+                .map(|k| Record::keyed(k.clone(), "spread"))
+                .collect(),
+        )
+        .await?;
+    let answer = rx.next().await.expect("an answer")?;
+    assert_eq!(answer.request_id, id);
+    let acks = answer.result?;
+    assert!(acks.len() > 1, "keys of several partitions: {acks:?}");
+    assert!(acks.windows(2).all(|w| w[0].partition < w[1].partition));
+    assert_eq!(acks.iter().map(|a| a.record_count).sum::<u32>(), 12);
     for p in 0..6u32 {
         let f = reader
             .fetch("any", p, 0, weir_client::FetchOptions::default())
@@ -504,6 +522,94 @@ async fn a_produce_stream_through_one_broker_reaches_every_leader() -> anyhow::R
         );
     }
 
+    Ok(())
+}
+
+/// A client that routes by itself (the default) sends produce, fetch and group calls
+/// straight to the partition's leader or the group's coordinator, so no broker forwards
+/// anything; an idempotent producer's keyed records span every leader (sequences per
+/// partition, KIP-98) and each is stored once, in order per key. The same calls through one
+/// broker without routing are forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routing_client_sends_every_call_to_its_leader() -> anyhow::Result<()> {
+    let brokers = Broker::start_cluster(3, &[])?;
+    let client = brokers[0].client().await?;
+    client.create_topic("direct", &TopicConfig::new(6)).await?;
+    let mut producer = client.producer(weir_client::RetryPolicy::default());
+    let keys: Vec<String> = (0..24).map(|i| format!("key-{i}")).collect();
+    for round in 0..5 {
+        let records = keys
+            .iter()
+            .map(|k| Record::keyed(k.clone(), format!("{k} {round}")))
+            .collect();
+        let acks = producer.send("direct", None, records).await?;
+        assert!(acks.len() > 1, "keys of several partitions: {acks:?}");
+        assert_eq!(acks.iter().map(|a| a.record_count).sum::<u32>(), 24);
+    }
+    for i in 0..6 {
+        let acks = producer
+            .send("direct", None, vec![Record::value(format!("unkeyed {i}"))])
+            .await?;
+        assert_eq!(acks.len(), 1, "unkeyed records: one partition per request");
+    }
+    let mut per_key = std::collections::BTreeMap::<String, Vec<String>>::new();
+    let mut unkeyed = 0;
+    for p in 0..6u32 {
+        let f = client
+            .fetch("direct", p, 0, weir_client::FetchOptions::default())
+            .await?;
+        for r in &f.records {
+            match r.record.key.as_ref() {
+                Some(k) => per_key
+                    .entry(String::from_utf8_lossy(k).into_owned())
+                    .or_default()
+                    .push(r.record.text().into_owned()),
+                None => unkeyed += 1,
+            }
+        }
+    }
+    assert_eq!(unkeyed, 6);
+    for k in &keys {
+        assert_eq!(
+            per_key.get(k).cloned().unwrap_or_default(),
+            (0..5).map(|r| format!("{k} {r}")).collect::<Vec<_>>(),
+            "every record of {k} once, in order"
+        );
+    }
+    let member = client
+        .join(
+            "direct-readers",
+            Some(&GroupConfig::new("direct", GroupType::Shared)),
+        )
+        .await?;
+    let mut taken = 0;
+    while taken < 126 {
+        let d = member.pull(200, Duration::from_secs(2)).await?;
+        anyhow::ensure!(!d.is_empty(), "only {taken} of 126 delivered");
+        taken += d.len();
+        member.ack(&d).await?;
+    }
+    let mut forwarded = 0.0;
+    for b in &brokers {
+        forwarded += b.metric("weir_forwarded_requests_total")?;
+    }
+    assert!(forwarded < 0.5, "a routing client pays no hop: {forwarded} forwarded");
+
+    let through = brokers[0].client_through().await?;
+    for p in 0..6u32 {
+        through
+            .fetch("direct", p, 0, weir_client::FetchOptions::default())
+            .await?;
+    }
+    let led_elsewhere = leaders(&describe_json(&brokers[0])?, "direct")
+        .iter()
+        .filter(|&&l| l != 0)
+        .count();
+    let forwarded = brokers[0].metric("weir_forwarded_requests_total")?;
+    assert!(
+        (forwarded - led_elsewhere as f64).abs() < 0.5,
+        "without routing, the {led_elsewhere} partitions led elsewhere are forwarded: {forwarded}"
+    );
     Ok(())
 }
 

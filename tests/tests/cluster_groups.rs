@@ -83,11 +83,16 @@ async fn shared_members_on_every_broker_get_each_line_once(
     brokers: &[Broker],
     total: usize,
 ) -> anyhow::Result<()> {
-    let admin = brokers[0].client().await?;
+    let admin = brokers[0].client_through().await?;
     let config = GroupConfig::new("logs", GroupType::Shared);
     let mut members = Vec::new();
     for b in brokers {
-        members.push(b.client().await?.join("everyone", Some(&config)).await?);
+        members.push(
+            b.client_through()
+                .await?
+                .join("everyone", Some(&config))
+                .await?,
+        );
     }
     let described = admin.describe_group("everyone").await?;
     assert_eq!(
@@ -129,7 +134,7 @@ async fn shared_members_on_every_broker_get_each_line_once(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn groups_read_every_partition_through_any_broker() -> anyhow::Result<()> {
     let brokers = Broker::start_cluster(3, &[])?;
-    let admin = brokers[0].client().await?;
+    let admin = brokers[0].client_through().await?;
     admin.create_topic("logs", &TopicConfig::new(6)).await?;
     let leader_of = leaders(&admin, "logs").await?;
     assert_eq!(
@@ -139,7 +144,7 @@ async fn groups_read_every_partition_through_any_broker() -> anyhow::Result<()> 
     );
 
     let files = ["Apache_2k.log", "Zookeeper_2k.log"];
-    let producer = brokers[1].client().await?;
+    let producer = brokers[1].client_through().await?;
     let mut total = 0;
     for file in files {
         let all = lines(file);
@@ -167,7 +172,7 @@ async fn groups_read_every_partition_through_any_broker() -> anyhow::Result<()> 
     admin.delete_group("counted").await?;
 
     // Ordered, through broker 2 only.
-    let reader = brokers[2].client().await?;
+    let reader = brokers[2].client_through().await?;
     let ordered = reader
         .join(
             "by-key",
@@ -218,7 +223,7 @@ async fn groups_read_every_partition_through_any_broker() -> anyhow::Result<()> 
     }
     assert!(forwarded > 0.0, "group calls were forwarded");
     assert!((leading - 1.0).abs() < f64::EPSILON, "one controller");
-    let listed = brokers[2].client().await?.list_groups(None).await?;
+    let listed = brokers[2].client_through().await?.list_groups(None).await?;
     let names: Vec<&str> = listed.iter().map(|g| g.name.as_str()).collect();
     assert_eq!(
         names,
@@ -234,7 +239,7 @@ async fn groups_read_every_partition_through_any_broker() -> anyhow::Result<()> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ordered_group_has_one_owner_per_partition_cluster_wide() -> anyhow::Result<()> {
     let brokers = Broker::start_cluster(3, &[])?;
-    let admin = brokers[0].client().await?;
+    let admin = brokers[0].client_through().await?;
     admin.create_topic("orders", &TopicConfig::new(6)).await?;
     for p in 0..6u32 {
         admin
@@ -248,7 +253,12 @@ async fn an_ordered_group_has_one_owner_per_partition_cluster_wide() -> anyhow::
     let config = GroupConfig::new("orders", GroupType::Ordered);
     let mut members = Vec::new();
     for b in &brokers {
-        members.push(b.client().await?.join("owners", Some(&config)).await?);
+        members.push(
+            b.client_through()
+                .await?
+                .join("owners", Some(&config))
+                .await?,
+        );
     }
     for m in &mut members {
         m.heartbeat().await?;
@@ -325,7 +335,7 @@ async fn an_ordered_group_has_one_owner_per_partition_cluster_wide() -> anyhow::
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_work_queue_is_emptied_on_every_leader() -> anyhow::Result<()> {
     let brokers = Broker::start_cluster(3, &[])?;
-    let admin = brokers[0].client().await?;
+    let admin = brokers[0].client_through().await?;
     admin
         .create_topic(
             "jobs",

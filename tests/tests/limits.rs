@@ -359,7 +359,8 @@ async fn idempotent_producer_appends_exactly_once_across_lost_acks_and_sigkills(
                     Some(partition),
                     records.clone(),
                     producer_id,
-                    seq,
+                    // Sequences count per partition: this partition's request number.
+                    seq / 3,
                 )
                 .await
                 {
@@ -526,25 +527,72 @@ async fn bad_limits_and_out_of_order_sequences_are_refused_and_store_nothing() -
     client.create_topic("seq", &TopicConfig::new(1)).await?;
     let id = weir_client::new_producer_id();
     // A new producer starts at 0.
-    let err = produce_as(&client, "seq", None, vec![Record::value("x")], id, 5)
+    let err = produce_as(&client, "seq", Some(0), vec![Record::value("x")], id, 5)
         .await
         .expect_err("must start at 0");
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("first sequence must be 0"), "{err}");
-    produce_as(&client, "seq", None, vec![Record::value("a")], id, 0).await?;
+    produce_as(&client, "seq", Some(0), vec![Record::value("a")], id, 0).await?;
     // A gap.
-    let err = produce_as(&client, "seq", None, vec![Record::value("c")], id, 2)
+    let err = produce_as(&client, "seq", Some(0), vec![Record::value("c")], id, 2)
         .await
         .expect_err("gap");
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("expected 1, got 2"), "{err}");
     // A retry of 0 gets the original offset and stores nothing.
-    let again = produce_as(&client, "seq", None, vec![Record::value("a")], id, 0).await?;
+    let again = produce_as(&client, "seq", Some(0), vec![Record::value("a")], id, 0).await?;
     assert_eq!(again[0].base_offset, 0);
     let t = client.describe_topic("seq").await?;
     assert_eq!(t.messages, 1);
     // The next sequence goes on; after a restart the producer's state is still there.
-    produce_as(&client, "seq", None, vec![Record::value("b")], id, 1).await?;
+    produce_as(&client, "seq", Some(0), vec![Record::value("b")], id, 1).await?;
+
+    // Sequences count per partition (KIP-98): each partition of a producer starts at 0, and
+    // an idempotent request must land on one partition, else it is refused whole.
+    client.create_topic("seq2", &TopicConfig::new(2)).await?;
+    let key_of = |p: u32| {
+        (0..1000)
+            .map(|i| format!("k{i}"))
+            .find(|k| weir_proto::partitioner::partition_for_key(k.as_bytes(), 2) == p)
+            .unwrap_or_default()
+    };
+    let (k0, k1) = (key_of(0), key_of(1));
+    for p in 0..2 {
+        produce_as(
+            &client,
+            "seq2",
+            Some(p),
+            vec![Record::value("first")],
+            id,
+            0,
+        )
+        .await?;
+    }
+    let both = vec![
+        Record::keyed(k0.clone(), "a"),
+        Record::keyed(k1.clone(), "b"),
+    ];
+    let err = produce_as(&client, "seq2", None, both, id, 1)
+        .await
+        .expect_err("spans partitions");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("must land on one partition"),
+        "{err}"
+    );
+    let err = produce_as(&client, "seq2", None, vec![Record::value("u")], id, 1)
+        .await
+        .expect_err("unkeyed without partition");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("no `partition`"), "{err}");
+    // Keys of one partition need no `partition`: sequence 1 of partition 1.
+    let acks = produce_as(&client, "seq2", None, vec![Record::keyed(k1, "c")], id, 1).await?;
+    assert_eq!((acks[0].partition, acks[0].base_offset), (1, 1));
+    assert_eq!(
+        client.describe_topic("seq2").await?.messages,
+        3,
+        "the refused requests stored nothing"
+    );
     Ok(())
 }
 
@@ -555,12 +603,12 @@ async fn producer_state_survives_restart_and_limits_can_change_later() -> anyhow
     let client = broker.client().await?;
     client.create_topic("later", &TopicConfig::new(1)).await?;
     let id = weir_client::new_producer_id();
-    let first = produce_as(&client, "later", None, vec![Record::value("one")], id, 0).await?;
+    let first = produce_as(&client, "later", Some(0), vec![Record::value("one")], id, 0).await?;
     drop(client);
     broker.kill();
     broker.restart()?;
     let client = broker.client().await?;
-    let retry = produce_as(&client, "later", None, vec![Record::value("one")], id, 0).await?;
+    let retry = produce_as(&client, "later", Some(0), vec![Record::value("one")], id, 0).await?;
     assert_eq!(retry, first, "a retry after restart gets the original ack");
     assert_eq!(client.describe_topic("later").await?.messages, 1);
     // Limits set later apply at once.

@@ -127,7 +127,7 @@ async fn deleted_topic_data_is_gone_and_a_new_topic_of_that_name_starts_at_zero(
     produce_as(
         &client,
         "gone",
-        None,
+        Some(0),
         vec![Record::value("old seq 0")],
         producer,
         0,
@@ -145,7 +145,7 @@ async fn deleted_topic_data_is_gone_and_a_new_topic_of_that_name_starts_at_zero(
     let acks = produce_as(
         &client,
         "gone",
-        None,
+        Some(0),
         vec![Record::value("new")],
         producer,
         0,

@@ -59,11 +59,21 @@ impl ClusterRpc for ClusterService {
                     })
             })
             .collect();
+        let groups = state
+            .groups
+            .iter()
+            .map(|(name, g)| pb::GroupMetadata {
+                group: name.clone(),
+                topic: g.config.topic.clone(),
+                coordinator: g.coordinator,
+            })
+            .collect();
         Ok(Response::new(pb::MetadataResponse {
             metadata_leader: self.cluster.metadata_leader(),
             brokers,
             partitions,
             answered_by: self.cluster.me(),
+            groups,
         }))
     }
 }

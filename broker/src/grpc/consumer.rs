@@ -251,18 +251,18 @@ impl Consumer for ConsumerService {
         let route =
             super::forward::group_route(&self.ctx, &metadata, &join.group, topic.as_deref())
                 .await?;
-        if let Some(channel) = route {
+        if let Some((channel, id, address)) = route {
             // The whole stream is relayed to the coordinator, which pushes from every
             // partition; the member's stream ending (or failing) ends the relayed one.
             let requests = futures::stream::once(async move { first })
                 .chain(tokio_stream::StreamExt::map_while(inbound, Result::ok));
             let index = self.ctx.cluster.applied_index();
-            let answers = ConsumerClient::new(channel)
+            let answer = ConsumerClient::new(channel)
                 .max_decoding_message_size(super::MAX_MESSAGE_BYTES)
                 .subscribe(super::forward::forwarded_at(&metadata, requests, index))
-                .await?
-                .into_inner();
-            return Ok(Response::new(Box::pin(answers)));
+                .await;
+            return super::forward::hinted(answer, id, &address)
+                .map(|r| r.map(|answers| -> Self::SubscribeStream { Box::pin(answers) }));
         }
         let create = match join.create {
             Some(c) => Some(group_config_from_pb(&join.group, Some(c))?),
@@ -320,14 +320,14 @@ impl Consumer for ConsumerService {
                 )
                 .max_decoding_message_size(super::MAX_MESSAGE_BYTES);
                 self.ctx.metrics.observe_forward(id);
-                return client
+                let answer = client
                     .fetch(super::forward::forwarded_at(
                         &metadata,
                         req,
                         self.ctx.cluster.applied_index(),
                     ))
-                    .await
-                    .map(|r| Response::new(r.into_inner()));
+                    .await;
+                return super::forward::hinted(answer, id, &address);
             }
         }
         let wait = wait_of(req.max_wait_ms)?;

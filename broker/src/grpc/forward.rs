@@ -15,6 +15,42 @@ use crate::cluster::{
 /// Metadata key of the metadata log index the forwarding broker had applied.
 pub(crate) const METADATA_INDEX: &str = "weir-metadata-index";
 
+/// Response header (or error trailer) of a forwarded call: the id of the broker that
+/// leads the partition or coordinates the group (Kafka's KIP-951 leader hint), so a client
+/// that routes by itself sends its next call there.
+pub const LEADER_ID: &str = "weir-leader-id";
+/// Response header (or error trailer) of a forwarded call: that broker's advertised
+/// `host:port`.
+pub const LEADER_ADDRESS: &str = "weir-leader-address";
+
+/// Names broker `id` at `address` as the leader in the answer of a call this broker
+/// forwarded there ([`LEADER_ID`], [`LEADER_ADDRESS`]), on success and on error alike.
+pub(crate) fn hinted<T>(
+    answer: Result<tonic::Response<T>, tonic::Status>,
+    id: u64,
+    address: &str,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    fn mark(m: &mut MetadataMap, id: u64, address: &str) {
+        if let Ok(v) = id.to_string().parse() {
+            m.insert(LEADER_ID, v);
+        }
+        if let Ok(v) = address.parse() {
+            m.insert(LEADER_ADDRESS, v);
+        }
+    }
+    match answer {
+        Ok(r) => {
+            let mut out = tonic::Response::new(r.into_inner());
+            mark(out.metadata_mut(), id, address);
+            Ok(out)
+        }
+        Err(mut status) => {
+            mark(status.metadata_mut(), id, address);
+            Err(status)
+        }
+    }
+}
+
 /// Whether another broker forwarded this call.
 pub(crate) fn is_forwarded(metadata: &MetadataMap) -> bool {
     metadata.contains_key(FORWARDED)
@@ -45,14 +81,14 @@ macro_rules! to_coordinator {
     ($ctx:expr, $metadata:expr, $req:expr, $group:expr, $topic:expr, $client:ident, $method:ident) => {
         let group_name: String = ($group).to_owned();
         let route = super::forward::group_route($ctx, &$metadata, &group_name, $topic).await?;
-        if let Some(channel) = route {
+        if let Some((channel, id, address)) = route {
             let known = $ctx.cluster.state().groups.contains_key(&group_name);
             let index = $ctx.cluster.applied_index();
             let answer = $client::new(channel)
                 .max_decoding_message_size(super::MAX_MESSAGE_BYTES)
                 .$method(super::forward::forwarded_at(&$metadata, $req, index))
-                .await
-                .map(|r| Response::new(r.into_inner()));
+                .await;
+            let answer = super::forward::hinted(answer, id, &address);
             if answer.is_ok() && !known {
                 // The call created the group: answered once this broker knows it too, so
                 // the caller's next call through it finds the group (read-your-writes).
@@ -68,13 +104,14 @@ pub(crate) use to_coordinator;
 
 /// Where a call of group `group` goes: `None` when this broker serves it (it coordinates
 /// the group, or another broker forwarded the call), else a channel to the group's
-/// coordinator. `topic` names the group's topic when the call may create the group.
+/// coordinator, its id and address. `topic` names the group's topic when the call may
+/// create the group.
 pub(crate) async fn group_route(
     ctx: &super::Context,
     metadata: &MetadataMap,
     group: &str,
     topic: Option<&str>,
-) -> Result<Option<tonic::transport::Channel>, tonic::Status> {
+) -> Result<Option<(tonic::transport::Channel, u64, String)>, tonic::Status> {
     if is_forwarded(metadata) {
         catch_up(&ctx.cluster, metadata).await?;
         return Ok(None);
@@ -92,7 +129,7 @@ pub(crate) async fn group_route(
     match ctx.cluster.route_group(group, topic) {
         Route::Leader { id, address } => {
             ctx.metrics.observe_forward(id);
-            Ok(Some(ctx.cluster.channel_to(&address)?))
+            Ok(Some((ctx.cluster.channel_to(&address)?, id, address)))
         }
         _ => Ok(None),
     }

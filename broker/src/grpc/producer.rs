@@ -103,7 +103,7 @@ impl Producer for ProducerService {
                         .await;
                     self.ctx.metrics.observe_forward(id);
                     self.ctx.metrics.observe_produce(n, started, answer.is_ok());
-                    return answer.map(|r| Response::new(r.into_inner()));
+                    return forward::hinted(answer, id, &address);
                 }
                 Route::Spread(leaders) => {
                     return Err(Status::failed_precondition(format!(

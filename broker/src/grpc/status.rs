@@ -25,6 +25,8 @@ fn log_code(e: &log::Error) -> Code {
         E::NotServed { .. } | E::Sequence(_) => Code::FailedPrecondition,
         E::InvalidConfig(_)
         | E::EmptyProduce
+        | E::IdempotentSpansPartitions { .. }
+        | E::IdempotentWithoutPartition { .. }
         | E::RecordTooLarge { .. }
         | E::PartitionsShrink { .. } => Code::InvalidArgument,
         E::TopicFull { .. } | E::DiskFull { .. } => Code::ResourceExhausted,

@@ -254,6 +254,26 @@ pub enum Error {
         /// The topic's `max_message_bytes`.
         max: u32,
     },
+    /// An idempotent request whose records would land on several partitions: sequences
+    /// count per partition (Kafka's KIP-98), so such a request has no one sequence.
+    #[error(
+        "an idempotent produce request to topic {topic:?} must land on one partition, this one would land on partitions {partitions:?}: set `partition`, or send one request per partition (keyed records go to murmur2(key) mod partitions), each with that partition's sequence"
+    )]
+    IdempotentSpansPartitions {
+        /// Topic name.
+        topic: String,
+        /// The partitions its records would go to.
+        partitions: Vec<u32>,
+    },
+    /// An idempotent request without `partition` whose records have no key: the broker
+    /// would choose the partition, so the producer could not have numbered it.
+    #[error(
+        "an idempotent produce request to topic {topic:?} has unkeyed records and no `partition`: sequences count per partition, so an idempotent producer chooses the partition (set `partition`) or keys every record"
+    )]
+    IdempotentWithoutPartition {
+        /// Topic name.
+        topic: String,
+    },
     /// An idempotent producer's sequence does not follow its last one.
     #[error(transparent)]
     Sequence(#[from] SequenceError),

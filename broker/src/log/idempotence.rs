@@ -1,10 +1,13 @@
 //! Idempotent producers: a request with `(producer id, sequence)` is stored once, however
 //! often it is retried, and a retry is answered with the original acks.
 //!
-//! Kafka's rule (KIP-98, `ProducerStateManager`), per producer and topic: the next sequence
-//! is accepted, a remembered one is a retry, anything else is refused. The state is written
-//! in the same atomic batch as the records it describes (key [`super::keys::producer_key`]),
-//! so it survives restarts exactly as the records do.
+//! Kafka's rule (KIP-98, `ProducerStateManager`), per producer and partition: the next
+//! sequence is accepted, a remembered one is a retry, anything else is refused. An
+//! idempotent request therefore lands on one partition (the produce path refuses one that
+//! would span several). The state lives with the partition, at its leader, and is written in
+//! the same atomic batch as the records it describes (key [`super::keys::producer_key`]), so
+//! it survives restarts exactly as the records do; a request forwarded to the leader keeps
+//! its guarantee, since the leader holds the state.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -12,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use super::Ack;
 
-/// Requests per producer and topic whose acks are remembered to answer retries (Kafka
-/// keeps 5 batches per partition; a request here may span partitions).
+/// Requests per producer and partition whose acks are remembered to answer retries (Kafka
+/// keeps 5 batches per partition; a client here may keep more in flight on a stream).
 pub const PRODUCER_WINDOW: usize = 64;
 
 /// Producer id and sequence of an idempotent request.
@@ -21,7 +24,7 @@ pub const PRODUCER_WINDOW: usize = 64;
 pub struct Idempotence {
     /// The producer's id (non-zero).
     pub producer_id: u64,
-    /// The request's sequence on its topic, from 0.
+    /// The request's sequence on its partition, from 0.
     pub sequence: u64,
 }
 
@@ -29,27 +32,31 @@ pub struct Idempotence {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum SequenceError {
-    /// A producer new to the topic must start at 0.
+    /// A producer new to the partition must start at 0.
     #[error(
-        "producer {producer_id} is new to topic {topic:?}: its first sequence must be 0, got {got}"
+        "producer {producer_id} is new to {topic}/{partition}: its first sequence must be 0, got {got}"
     )]
     FirstNotZero {
         /// Producer id.
         producer_id: u64,
         /// Topic name.
         topic: String,
+        /// Partition.
+        partition: u32,
         /// Sequence sent.
         got: u64,
     },
     /// Sequences were skipped: requests were lost between the producer and the broker.
     #[error(
-        "out-of-order sequence for producer {producer_id} on topic {topic:?}: expected {expected}, got {got} (requests {expected}..{got} are missing)"
+        "out-of-order sequence for producer {producer_id} on {topic}/{partition}: expected {expected}, got {got} (requests {expected}..{got} are missing)"
     )]
     Gap {
         /// Producer id.
         producer_id: u64,
         /// Topic name.
         topic: String,
+        /// Partition.
+        partition: u32,
         /// The next sequence.
         expected: u64,
         /// Sequence sent.
@@ -57,13 +64,15 @@ pub enum SequenceError {
     },
     /// A retry older than the remembered window.
     #[error(
-        "sequence {got} of producer {producer_id} on topic {topic:?} is older than the last {PRODUCER_WINDOW} remembered (latest {last}); it cannot be answered"
+        "sequence {got} of producer {producer_id} on {topic}/{partition} is older than the last {PRODUCER_WINDOW} remembered (latest {last}); it cannot be answered"
     )]
     Forgotten {
         /// Producer id.
         producer_id: u64,
         /// Topic name.
         topic: String,
+        /// Partition.
+        partition: u32,
         /// Sequence sent.
         got: u64,
         /// Highest sequence stored.
@@ -71,7 +80,7 @@ pub enum SequenceError {
     },
 }
 
-/// Deduplication state of one producer on one topic.
+/// Deduplication state of one producer on one partition.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct ProducerState {
     /// Highest sequence appended.
@@ -91,10 +100,11 @@ pub(crate) enum SequenceCheck {
 
 impl ProducerState {
     /// Applies Kafka's rule to `idem` against this state (`None`: a producer new to the
-    /// topic).
+    /// partition `topic`/`partition`).
     pub fn check(
         state: Option<&Self>,
         topic: &str,
+        partition: u32,
         idem: Idempotence,
     ) -> Result<SequenceCheck, SequenceError> {
         let got = idem.sequence;
@@ -104,12 +114,14 @@ impl ProducerState {
             None => Err(SequenceError::FirstNotZero {
                 producer_id,
                 topic: topic.to_owned(),
+                partition,
                 got,
             }),
             Some(last) if got == last + 1 => Ok(SequenceCheck::New),
             Some(last) if got > last + 1 => Err(SequenceError::Gap {
                 producer_id,
                 topic: topic.to_owned(),
+                partition,
                 expected: last + 1,
                 got,
             }),
@@ -119,6 +131,7 @@ impl ProducerState {
                 .ok_or_else(|| SequenceError::Forgotten {
                     producer_id,
                     topic: topic.to_owned(),
+                    partition,
                     got,
                     last,
                 }),
@@ -136,8 +149,11 @@ impl ProducerState {
     }
 }
 
-/// Idempotent producers' state of every topic, by `(topic id, producer id)`.
-pub(crate) type Producers = HashMap<(u32, u64), ProducerState>;
+/// `(topic id, partition, producer id)`: whose state a [`ProducerState`] is.
+pub(crate) type ProducerKey = (u32, u32, u64);
+
+/// Idempotent producers' state of every partition.
+pub(crate) type Producers = HashMap<ProducerKey, ProducerState>;
 
 #[cfg(test)]
 mod tests {
@@ -153,11 +169,11 @@ mod tests {
     #[test]
     fn sequences_follow_kafkas_rule() {
         assert_eq!(
-            ProducerState::check(None, "t", idem(0)),
+            ProducerState::check(None, "t", 0, idem(0)),
             Ok(SequenceCheck::New)
         );
         assert!(matches!(
-            ProducerState::check(None, "t", idem(1)),
+            ProducerState::check(None, "t", 0, idem(1)),
             Err(SequenceError::FirstNotZero { got: 1, .. })
         ));
         let mut s = ProducerState::default();
@@ -168,14 +184,14 @@ mod tests {
         };
         s.record(0, vec![ack]);
         assert_eq!(
-            ProducerState::check(Some(&s), "t", idem(0)),
+            ProducerState::check(Some(&s), "t", 0, idem(0)),
             Ok(SequenceCheck::Duplicate(vec![ack]))
         );
         assert_eq!(
-            ProducerState::check(Some(&s), "t", idem(1)),
+            ProducerState::check(Some(&s), "t", 0, idem(1)),
             Ok(SequenceCheck::New)
         );
-        let gap = ProducerState::check(Some(&s), "t", idem(3)).expect_err("gap");
+        let gap = ProducerState::check(Some(&s), "t", 0, idem(3)).expect_err("gap");
         assert!(gap.to_string().contains("expected 1, got 3"), "{gap}");
     }
 
@@ -187,11 +203,11 @@ mod tests {
         }
         assert_eq!(s.recent.len(), PRODUCER_WINDOW);
         assert!(matches!(
-            ProducerState::check(Some(&s), "t", idem(0)),
+            ProducerState::check(Some(&s), "t", 0, idem(0)),
             Err(SequenceError::Forgotten { got: 0, .. })
         ));
         assert!(matches!(
-            ProducerState::check(Some(&s), "t", idem(1)),
+            ProducerState::check(Some(&s), "t", 0, idem(1)),
             Ok(SequenceCheck::Duplicate(_))
         ));
     }

@@ -17,17 +17,21 @@
 //! | `n/topic-id` | next topic id, u32 big-endian (little-endian in schema 1) | topic creation |
 //! | `t/<topic name>` | topic settings, id, creation time (JSON) | topic admin |
 //! | `p/<topic id (u32)><partition (u32)>` | partition counters: next offset, earliest offset, bytes (3 × u64 little-endian) | every commit, in the same batch as the records |
-//! | `q/<topic id (u32)><producer id (u64)>` | idempotent producer's last sequence and recent acks (JSON) | appends with a producer id |
+//! | `q/<topic id (u32)><partition (u32)><producer id (u64)>` | idempotent producer's last sequence on the partition and recent acks (JSON) | appends with a producer id |
 //! | `g/<group name>` | group settings, topic id, dead-lettered count (JSON) | group admin, dead letters |
 //! | `o/<group name>/<partition (u32)>` | ack floor, acks above it, delivery counts (JSON) | group acks, every tick |
 //! | `l/<topic id (u32)><partition (u32)><first offset (u64)>` | end of a range of lost records whose loss was accepted (u64 big-endian) | `weir topic repair` |
 //!
 //! Schema versions: 1 had no `v/schema` key and stored `n/topic-id` little-endian; opening
 //! a schema-1 database rewrites that value big-endian and writes `v/schema` = 2, in one
-//! atomic batch ([`super::recovery`]).
+//! atomic batch ([`super::recovery`]). Schema 2 kept idempotent producers' state per topic
+//! (`q/<topic id><producer id>`); schema 3 keeps it per partition (Kafka's KIP-98), and
+//! opening a schema-2 database drops the per-topic entries in the same batch as the
+//! version: they cannot be split by partition, and a producer that carries on after the
+//! upgrade starts its partitions' sequences at 0.
 
 /// Current schema version, stored under [`SCHEMA_KEY`].
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 /// Key of the schema version.
 pub const SCHEMA_KEY: &[u8] = b"v/schema";
 /// Key of the next topic id.
@@ -100,22 +104,26 @@ pub fn topic_key(name: &str) -> Vec<u8> {
     [TOPIC_PREFIX, name.as_bytes()].concat()
 }
 
-/// Metadata key of an idempotent producer's state on a topic.
-pub fn producer_key(topic_id: u32, producer_id: u64) -> Vec<u8> {
-    let mut k = PRODUCER_PREFIX.to_vec();
-    k.extend_from_slice(&topic_id.to_be_bytes());
-    k.extend_from_slice(&producer_id.to_be_bytes());
-    k
+/// Metadata key of an idempotent producer's state on a partition:
+/// `q/` ‖ partition prefix ‖ producer id (big-endian), 18 bytes.
+pub fn producer_key(prefix: [u8; 8], producer_id: u64) -> [u8; 18] {
+    let mut key = [0u8; 18];
+    key[..2].copy_from_slice(PRODUCER_PREFIX);
+    key[2..10].copy_from_slice(&prefix);
+    key[10..].copy_from_slice(&producer_id.to_be_bytes());
+    key
 }
 
-/// `(topic id, producer id)` of a [`producer_key`]; `None` for a malformed key.
-pub fn parse_producer_key(key: &[u8]) -> Option<(u32, u64)> {
-    if key.len() != 14 || !key.starts_with(PRODUCER_PREFIX) {
+/// `(topic id, partition, producer id)` of a [`producer_key`]; `None` for a malformed key
+/// (schema 2's 14-byte per-topic keys included).
+pub fn parse_producer_key(key: &[u8]) -> Option<(u32, u32, u64)> {
+    if key.len() != 18 || !key.starts_with(PRODUCER_PREFIX) {
         return None;
     }
     let topic = u32::from_be_bytes(key.get(2..6)?.try_into().ok()?);
-    let producer = u64::from_be_bytes(key.get(6..14)?.try_into().ok()?);
-    Some((topic, producer))
+    let partition = u32::from_be_bytes(key.get(6..10)?.try_into().ok()?);
+    let producer = u64::from_be_bytes(key.get(10..18)?.try_into().ok()?);
+    Some((topic, partition, producer))
 }
 
 /// Metadata key of a group's settings: `g/<name>`.
@@ -151,9 +159,13 @@ mod tests {
 
     #[test]
     fn producer_keys_round_trip() {
-        let k = producer_key(7, u64::MAX - 1);
-        assert_eq!(parse_producer_key(&k), Some((7, u64::MAX - 1)));
-        assert_eq!(parse_producer_key(&k[..13]), None);
+        let k = producer_key(partition_prefix(7, 3), u64::MAX - 1);
+        assert_eq!(parse_producer_key(&k), Some((7, 3, u64::MAX - 1)));
+        assert_eq!(
+            parse_producer_key(&k[..14]),
+            None,
+            "schema 2's per-topic key"
+        );
         assert_eq!(parse_producer_key(b"g/xxxxxxxxxxxx"), None);
     }
 

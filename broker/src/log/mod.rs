@@ -36,7 +36,7 @@ mod disk;
 mod error;
 pub mod idempotence;
 pub mod keys;
-pub mod partitioner;
+pub use weir_proto::partitioner;
 mod read;
 pub mod recovery;
 mod repair;

@@ -58,7 +58,9 @@ fn read_meta_err(prefix: &[u8]) -> impl Fn(fjall::Error) -> Error + '_ {
 /// Brings the `meta` keyspace to [`keys::SCHEMA_VERSION`] and returns the next topic id.
 ///
 /// Schema 1 (no `v/schema` key) stored `n/topic-id` little-endian: it is rewritten
-/// big-endian together with the version, in one atomic, fsynced batch, so a crash leaves
+/// big-endian. Schema 2 kept idempotent producers' sequences per topic: those entries are
+/// dropped (sequences now count per partition, [`keys::producer_key`]). Either change is
+/// written together with the version, in one atomic, fsynced batch, so a crash leaves
 /// either schema.
 pub(crate) fn migrate(db: &Database, meta: &Keyspace) -> Result<u32, Error> {
     let read = read_meta_err(keys::SCHEMA_KEY);
@@ -102,11 +104,20 @@ pub(crate) fn migrate(db: &Database, meta: &Keyspace) -> Result<u32, Error> {
         if stored_id.is_some() {
             wb.insert(meta, keys::TOPIC_ID_KEY, next_topic_id.to_be_bytes());
         }
+        let mut per_topic_producers = 0u64;
+        for guard in meta.prefix(keys::PRODUCER_PREFIX) {
+            let key = guard.key().map_err(read_meta_err(keys::PRODUCER_PREFIX))?;
+            if keys::parse_producer_key(&key).is_none() {
+                wb.remove(meta, key);
+                per_topic_producers += 1;
+            }
+        }
         wb.insert(meta, keys::SCHEMA_KEY, keys::SCHEMA_VERSION.to_be_bytes());
         wb.commit().map_err(Error::Commit)?;
         tracing::info!(
             from = version,
             to = keys::SCHEMA_VERSION,
+            dropped_per_topic_producer_states = per_topic_producers,
             "metadata schema migrated"
         );
     }
@@ -198,11 +209,11 @@ pub(crate) fn recover_producers(meta: &Keyspace) -> Result<Producers, Error> {
             key: String::from_utf8_lossy(&key).into_owned(),
             detail,
         };
-        let ids =
+        let (topic, partition, producer) =
             keys::parse_producer_key(&key).ok_or_else(|| bad("malformed producer key".into()))?;
         let state: ProducerState = serde_json::from_slice(&value)
             .map_err(|e| bad(format!("unreadable producer state: {e}")))?;
-        out.insert(ids, state);
+        out.insert((topic, partition, producer), state);
     }
     Ok(out)
 }
@@ -361,5 +372,60 @@ mod tests {
             .await
             .expect("created");
         assert_eq!(third.id, 3, "a migrated directory is not migrated twice");
+    }
+
+    /// A schema-2 data directory (idempotent producers' state per topic, 14-byte `q/`
+    /// keys) opens: the per-topic entries are dropped with the version change (they would
+    /// not parse as per-partition keys and stopped the open), per-partition entries stay.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_schema_2_data_directory_drops_per_topic_producer_state() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let per_partition = keys::producer_key(keys::partition_prefix(1, 0), 42);
+        {
+            let db = Database::builder(dir.path()).open().expect("db");
+            let meta = db
+                .keyspace("meta", fjall::KeyspaceCreateOptions::default)
+                .expect("meta");
+            let _records = db
+                .keyspace("records", fjall::KeyspaceCreateOptions::default)
+                .expect("records");
+            let topic = TopicMeta {
+                id: 1,
+                name: "old".into(),
+                config: TopicConfig::new(1, 0).expect("config"),
+                created_at_ms: 1,
+            };
+            meta.insert(
+                keys::topic_key("old"),
+                serde_json::to_vec(&topic).expect("json"),
+            )
+            .expect("topic");
+            meta.insert(keys::TOPIC_ID_KEY, 2u32.to_be_bytes())
+                .expect("topic id");
+            meta.insert(keys::SCHEMA_KEY, 2u32.to_be_bytes())
+                .expect("schema");
+            let mut per_topic = keys::PRODUCER_PREFIX.to_vec();
+            per_topic.extend_from_slice(&1u32.to_be_bytes());
+            per_topic.extend_from_slice(&42u64.to_be_bytes());
+            meta.insert(per_topic, br#"{"last":3,"recent":[]}"#.as_slice())
+                .expect("per-topic producer");
+            meta.insert(per_partition, br#"{"last":5,"recent":[]}"#.as_slice())
+                .expect("per-partition producer");
+            db.persist(PersistMode::SyncAll).expect("persist");
+        }
+        let log = Log::open(dir.path(), &LogOptions::default()).expect("opens");
+        let producers = log.scan_meta(keys::PRODUCER_PREFIX).expect("scan");
+        assert_eq!(producers.len(), 1, "only the per-partition entry is left");
+        assert_eq!(producers[0].0, per_partition.to_vec());
+        assert_eq!(
+            log.shared
+                .producers
+                .lock()
+                .get(&(1, 0, 42))
+                .and_then(|s| s.last),
+            Some(5)
+        );
+        let version = log.scan_meta(keys::SCHEMA_KEY).expect("scan");
+        assert_eq!(version[0].1, keys::SCHEMA_VERSION.to_be_bytes());
     }
 }

@@ -185,20 +185,20 @@ impl Writer {
             .db
             .batch()
             .durability(Some(PersistMode::SyncData));
-        let producers: Vec<u64> = {
+        let producers: Vec<(u32, u32, u64)> = {
             let mut map = self.shared.producers.lock();
-            let ids: Vec<u64> = map
-                .keys()
-                .filter(|(t, _)| *t == topic.id)
-                .map(|(_, p)| *p)
-                .collect();
-            for id in &ids {
-                map.remove(&(topic.id, *id));
+            let gone: Vec<(u32, u32, u64)> =
+                map.keys().filter(|k| k.0 == topic.id).copied().collect();
+            for k in &gone {
+                map.remove(k);
             }
-            ids
+            gone
         };
-        for id in producers {
-            wb.remove(&self.shared.meta, keys::producer_key(topic.id, id));
+        for (t, p, id) in producers {
+            wb.remove(
+                &self.shared.meta,
+                keys::producer_key(keys::partition_prefix(t, p), id),
+            );
         }
         for p in &partitions {
             let prefix = [keys::LOSS_PREFIX, &p.prefix[..]].concat();

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     Ack, Error, Failpoint, LogOptions, MetaEntries, Shared, Topic, TopicConfig, batch,
     checkpoint::EndCheckpoint,
-    idempotence::{Idempotence, ProducerState, SequenceCheck},
+    idempotence::{Idempotence, ProducerKey, ProducerState, SequenceCheck},
     keys, relaxed_add,
     topic::{Durability, Overflow, Partition},
 };
@@ -275,9 +275,17 @@ impl Writer {
         }
         let config = topic.config();
         let mut producers = self.shared.producers.lock();
-        if let Some(idem) = producer {
-            let state = producers.get(&(topic.id, idem.producer_id));
-            match ProducerState::check(state, &topic.name, idem) {
+        let producer = match producer.map(|idem| producer_key(topic, &batches, idem)) {
+            None => None,
+            Some(Ok(found)) => Some(found),
+            Some(Err(e)) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        if let Some((idem, key)) = producer {
+            let state = producers.get(&key);
+            match ProducerState::check(state, &topic.name, key.1, idem) {
                 Ok(SequenceCheck::New) => {}
                 Ok(SequenceCheck::Duplicate(acks)) => {
                     // Answered after this round's commit: the original may be in it.
@@ -312,7 +320,7 @@ impl Writer {
             })
             .collect();
         let producer_entry =
-            match producer.map(|idem| next_state(&producers, topic.id, idem, &acks)) {
+            match producer.map(|(idem, key)| next_state(&producers, key, idem, &acks)) {
                 None => None,
                 Some(Ok(entry)) => Some(entry),
                 Some(Err(e)) => {
@@ -339,13 +347,13 @@ impl Writer {
             partition.assigned_bytes.fetch_add(bytes, Ordering::Relaxed);
             parts.push((partition, bytes));
         }
-        if let Some((producer_id, state, json)) = producer_entry {
+        if let Some((key, state, json)) = producer_entry {
             round.wb.insert(
                 &self.shared.meta,
-                keys::producer_key(topic.id, producer_id),
+                keys::producer_key(keys::partition_prefix(key.0, key.1), key.2),
                 json,
             );
-            producers.insert((topic.id, producer_id), state);
+            producers.insert(key, state);
         }
         if config.durability == Durability::Fsync {
             round.fsync = true;
@@ -563,24 +571,39 @@ impl Writer {
     }
 }
 
-/// The producer's state after `idem` is appended with `acks`, and its stored form, without
-/// changing anything yet: `(producer id, state, JSON)`.
+/// Whose sequence an idempotent request to `batches` of `topic` follows: the one partition
+/// it lands on (`produce::submit` checks it before; checked again here, where the state is).
+fn producer_key(
+    topic: &Topic,
+    batches: &[PartBatch],
+    idem: Idempotence,
+) -> Result<(Idempotence, ProducerKey), Error> {
+    match batches {
+        [only] => Ok((idem, (topic.id, only.partition.index, idem.producer_id))),
+        _ => Err(Error::IdempotentSpansPartitions {
+            topic: topic.name.clone(),
+            partitions: batches.iter().map(|b| b.partition.index).collect(),
+        }),
+    }
+}
+
+/// The producer's state at `key` (topic id, partition, producer id) after `idem` is
+/// appended with `acks`, and its stored form, without changing anything yet:
+/// `(key, state, JSON)`.
 fn next_state(
     producers: &crate::log::idempotence::Producers,
-    topic_id: u32,
+    key: ProducerKey,
     idem: Idempotence,
     acks: &[Ack],
-) -> Result<(u64, ProducerState, Vec<u8>), Error> {
-    let mut state = producers
-        .get(&(topic_id, idem.producer_id))
-        .cloned()
-        .unwrap_or_default();
+) -> Result<(ProducerKey, ProducerState, Vec<u8>), Error> {
+    // A producer new to the partition starts from nothing (checked: its sequence is 0).
+    let mut state = producers.get(&key).cloned().unwrap_or_default();
     state.record(idem.sequence, acks.to_vec());
     let json = serde_json::to_vec(&state).map_err(|source| Error::Encode {
         what: "idempotent producer state",
         source,
     })?;
-    Ok((idem.producer_id, state, json))
+    Ok((key, state, json))
 }
 
 enum Flow {

@@ -1,5 +1,5 @@
 //! `weir cluster describe`: brokers, the metadata leader, each partition's leader and
-//! replicas.
+//! replicas, each group's coordinator.
 
 use clap::Subcommand;
 use weir_client::Client;
@@ -8,8 +8,8 @@ use crate::Output;
 
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
-    /// Show the brokers, the metadata leader (controller) and each partition's leader,
-    /// replicas and in-sync replicas.
+    /// Show the brokers, the metadata leader (controller), each partition's leader,
+    /// replicas and in-sync replicas, and each consumer group's coordinator.
     Describe,
 }
 
@@ -49,6 +49,13 @@ pub async fn run(client: &Client, cmd: ClusterCommand, output: Output) -> anyhow
                             list(&p.replicas),
                             list(&p.in_sync)
                         );
+                    }
+                    if !m.groups.is_empty() {
+                        println!();
+                        println!("{:<32}  {:<32}  COORDINATOR", "GROUP", "TOPIC");
+                        for g in &m.groups {
+                            println!("{:<32}  {:<32}  {}", g.group, g.topic, g.coordinator);
+                        }
                     }
                 }
             }
