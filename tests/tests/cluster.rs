@@ -593,7 +593,10 @@ async fn a_routing_client_sends_every_call_to_its_leader() -> anyhow::Result<()>
     for b in &brokers {
         forwarded += b.metric("weir_forwarded_requests_total")?;
     }
-    assert!(forwarded < 0.5, "a routing client pays no hop: {forwarded} forwarded");
+    assert!(
+        forwarded < 0.5,
+        "a routing client pays no hop: {forwarded} forwarded"
+    );
 
     let through = brokers[0].client_through().await?;
     for p in 0..6u32 {
