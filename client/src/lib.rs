@@ -256,7 +256,11 @@ impl Client {
     pub fn from_channel(url: &str, channel: Channel) -> Self {
         Self {
             url: url.into(),
-            router: Arc::new(route::Router::new(channel.clone(), true)),
+            router: Arc::new(route::Router::new(
+                channel.clone(),
+                Some(host_port(url)),
+                true,
+            )),
             admin: AdminClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -276,7 +280,11 @@ impl Client {
     /// for networks where only that address is reachable, and to measure forwarding.
     #[must_use]
     pub fn without_routing(mut self) -> Self {
-        self.router = Arc::new(route::Router::new(self.router.bootstrap_channel(), false));
+        self.router = Arc::new(route::Router::new(
+            self.router.bootstrap_channel(),
+            None,
+            false,
+        ));
         self
     }
 
@@ -391,6 +399,19 @@ impl Client {
             .call(self.cluster.clone().metadata(pb::MetadataRequest {}))
             .await?;
         Ok(ClusterMetadata::from(m))
+    }
+
+    /// Removes broker `id` from the cluster (scale-down). Refused with
+    /// `FAILED_PRECONDITION` while it holds a partition or is the only voter of the metadata
+    /// group, `NOT_FOUND` for a broker not in the cluster.
+    pub async fn remove_broker(&self, id: u64) -> Result<(), Error> {
+        self.call(
+            self.cluster
+                .clone()
+                .remove_broker(pb::RemoveBrokerRequest { id }),
+        )
+        .await?;
+        Ok(())
     }
 
     /// Accepts the loss of records of `name` that can no longer be read back (reads of them

@@ -55,6 +55,9 @@ pub(crate) enum Target<'a> {
 #[derive(Debug)]
 pub(crate) struct Router {
     bootstrap: Channel,
+    /// `host:port` of the bootstrap broker when it is one address: a leader there is
+    /// reached over the bootstrap channel, not a second connection.
+    bootstrap_address: Option<String>,
     direct: bool,
     state: Mutex<Routes>,
     /// One metadata fetch at a time.
@@ -71,6 +74,9 @@ struct Routes {
     fetched: Option<Instant>,
     /// Channels to brokers by address.
     peers: HashMap<String, Peer>,
+    /// Advertised address of the broker that answered the last metadata fetch: the one the
+    /// bootstrap channel is connected to.
+    bootstrap_at: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -88,10 +94,12 @@ pub(crate) struct Chosen {
 }
 
 impl Router {
-    /// A router over the `bootstrap` channel; with `direct` false every call goes through it.
-    pub fn new(bootstrap: Channel, direct: bool) -> Self {
+    /// A router over the `bootstrap` channel (to the one broker at `bootstrap_address`, when
+    /// known); with `direct` false every call goes through it.
+    pub fn new(bootstrap: Channel, bootstrap_address: Option<String>, direct: bool) -> Self {
         Self {
             bootstrap,
+            bootstrap_address,
             direct,
             state: Mutex::new(Routes::default()),
             refreshing: tokio::sync::Mutex::new(()),
@@ -209,6 +217,7 @@ impl Router {
         };
         let addresses: HashMap<u64, String> =
             m.brokers.into_iter().map(|b| (b.id, b.address)).collect();
+        routes.bootstrap_at = addresses.get(&m.answered_by).cloned();
         let mut topics: HashMap<String, Vec<Option<String>>> = HashMap::new();
         for p in m.partitions {
             let leaders = topics.entry(p.topic).or_default();
@@ -229,10 +238,18 @@ impl Router {
     /// A channel to the broker at `address`, connected on first use; `None` when it cannot
     /// be reached (tried again after [`UNREACHABLE_FOR`]).
     async fn peer(&self, address: &str) -> Option<Channel> {
-        match self.routes().peers.get(address) {
-            Some(Peer::Connected(c)) => return Some(c.clone()),
-            Some(Peer::Unreachable(until)) if *until > Instant::now() => return None,
-            _ => {}
+        {
+            let routes = self.routes();
+            if self.bootstrap_address.as_deref() == Some(address)
+                || routes.bootstrap_at.as_deref() == Some(address)
+            {
+                return Some(self.bootstrap.clone());
+            }
+            match routes.peers.get(address) {
+                Some(Peer::Connected(c)) => return Some(c.clone()),
+                Some(Peer::Unreachable(until)) if *until > Instant::now() => return None,
+                _ => {}
+            }
         }
         let connected = match crate::endpoint(address) {
             Ok((_, endpoint)) => tokio::time::timeout(DIRECT_CONNECT_TIMEOUT, endpoint.connect())
@@ -312,7 +329,7 @@ mod tests {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .expect("endpoint")
             .connect_lazy();
-        Router::new(channel, true)
+        Router::new(channel, None, true)
     }
 
     fn hint(address: &str) -> MetadataMap {
@@ -364,8 +381,33 @@ mod tests {
         ))
         .expect("endpoint")
         .connect_lazy();
-        let r = Router::new(channel, false);
+        let r = Router::new(channel, None, false);
         r.learn(Target::Partition("t", 0), &hint("b1:7070"), None);
         assert!(r.channel(Target::Partition("t", 0)).await.direct.is_none());
+    }
+}
+
+#[cfg(test)]
+mod bootstrap_tests {
+    use super::*;
+
+    /// A leader at the bootstrap broker's own address (as connected to, or as it advertises
+    /// itself in the metadata it answered) is reached over the bootstrap channel: a
+    /// standalone broker gets one connection per client, not two (found when a broker at its
+    /// connection limit refused the second one).
+    #[tokio::test]
+    async fn a_leader_at_the_bootstrap_address_uses_the_bootstrap_channel() {
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        let r = Router::new(channel, Some("127.0.0.1:9".into()), true);
+        assert!(
+            r.peer("127.0.0.1:9").await.is_some(),
+            "no connection attempt"
+        );
+        r.routes().bootstrap_at = Some("host-a:7070".into());
+        assert!(
+            r.peer("host-a:7070").await.is_some(),
+            "the advertised name too"
+        );
+        assert!(r.routes().peers.is_empty(), "no second channel");
     }
 }

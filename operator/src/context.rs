@@ -173,7 +173,10 @@ impl Context {
     }
 
     /// An admin/consumer client of the broker at `address` (`host:port`), connected once and
-    /// reused; a connection that fails is dropped so the next call reconnects.
+    /// reused; a connection that fails is dropped so the next call reconnects. Every call
+    /// goes to that broker, which forwards what others serve
+    /// ([`weir_client::Client::without_routing`]): the operator reaches brokers by Pod IP,
+    /// and the few calls of a status pass are not worth a connection per broker.
     pub async fn broker(&self, name: &str, address: &str) -> Result<weir_client::Client, Error> {
         if let Some(c) = self.conns.lock().await.get(address) {
             return Ok(c.clone());
@@ -190,7 +193,8 @@ impl Context {
                 .map_err(|source| Error::Broker {
                     broker: name.to_owned(),
                     source,
-                })?;
+                })?
+                .without_routing();
         self.conns
             .lock()
             .await

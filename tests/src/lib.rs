@@ -624,6 +624,15 @@ impl Broker {
         }
     }
 
+    /// Kills the broker and empties its data directory (a Pod whose volume was deleted);
+    /// [`Broker::restart`] then starts it empty, with the same id and port.
+    pub fn wipe(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        std::fs::remove_dir_all(&self.data_dir)?;
+        std::fs::create_dir_all(&self.data_dir)?;
+        Ok(())
+    }
+
     /// Starts the broker again on the same data directory (after [`kill`](Self::kill) or
     /// [`terminate`](Self::terminate)).
     pub fn restart(&mut self) -> anyhow::Result<()> {

@@ -159,6 +159,85 @@ async fn brokers_beyond_the_peers_join_and_become_voters() -> anyhow::Result<()>
     Ok(())
 }
 
+/// Scale-down: a broker that holds a partition is not removed (`FAILED_PRECONDITION` naming
+/// them); once its topics are gone it leaves the metadata group and the brokers, nothing is
+/// placed on it any more, the others go on without it, and a broker started empty under its
+/// id joins again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_leaves_the_cluster_only_once_it_holds_no_partition() -> anyhow::Result<()> {
+    let mut brokers = Broker::start_cluster_with_peers(3, 1, &[])?;
+    let c = brokers[0].client().await?;
+    c.create_topic("wide", &TopicConfig::new(3)).await?;
+    let err = c
+        .remove_broker(2)
+        .await
+        .expect_err("broker 2 leads a partition");
+    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
+    assert!(err.to_string().contains("wide/"), "{err}");
+    assert_eq!(
+        describe_json(&brokers[1])?["brokers"]
+            .as_array()
+            .map(Vec::len),
+        Some(3),
+        "a refused removal changes nothing"
+    );
+    c.delete_topic("wide").await?;
+    let out = brokers[1].weir(&["cluster", "remove-broker", "2"], b"")?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = describe_json(&brokers[0])?;
+    let ids: Vec<u64> = m["brokers"]
+        .as_array()
+        .map(|b| b.iter().filter_map(|b| b["id"].as_u64()).collect())
+        .unwrap_or_default();
+    assert_eq!(ids, vec![0, 1], "{m}");
+    assert!(
+        brokers[0]
+            .log_text()
+            .contains("broker removed from the metadata group")
+            || brokers[1]
+                .log_text()
+                .contains("broker removed from the metadata group")
+            || brokers[2]
+                .log_text()
+                .contains("broker removed from the metadata group"),
+        "the controller changed the membership"
+    );
+    let again = c.remove_broker(2).await.expect_err("gone already");
+    assert_eq!(again.code(), Some(tonic::Code::NotFound), "{again}");
+    // The others go on without it; nothing is placed on it.
+    brokers[2].kill();
+    create_within_20s(&c, "after", 4).await?;
+    let led = leaders(&describe_json(&brokers[0])?, "after");
+    assert_eq!(led.len(), 4);
+    assert!(
+        led.iter().all(|l| *l < 2),
+        "placed on brokers 0 and 1 only: {led:?}"
+    );
+    c.produce("after", Some(3), vec![Record::value("on")])
+        .await?;
+    // Started empty under its id, it joins as a new broker.
+    brokers[2].wipe()?;
+    brokers[2].restart()?;
+    let started = std::time::Instant::now();
+    loop {
+        let m = describe_json(&brokers[2])?;
+        if m["brokers"].as_array().map(Vec::len) == Some(3) {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "broker 2 did not rejoin: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    create_within_20s(&brokers[2].client().await?, "rejoined", 3).await?;
+    Ok(())
+}
+
 /// A broker that has not joined the cluster (no majority of the peers is up) is not ready:
 /// gRPC health (the overall status, which Kubernetes' gRPC probes ask) says NOT_SERVING, so
 /// a Pod is Ready only once the controller knows its broker (before, it said SERVING from

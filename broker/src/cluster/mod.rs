@@ -111,6 +111,12 @@ pub enum AdminOp {
         /// Advertised `host:port`.
         address: String,
     },
+    /// Remove a broker from the cluster (the metadata group and the state); refused while
+    /// it leads a partition.
+    RemoveBroker {
+        /// Broker id.
+        id: BrokerId,
+    },
 }
 
 /// The controller's answer to a forwarded [`AdminOp`].
@@ -623,6 +629,10 @@ impl Cluster {
                 self.add_broker_here(*id, address).await?;
                 false
             }
+            AdminOp::RemoveBroker { id } => {
+                self.remove_broker_here(*id).await?;
+                false
+            }
             AdminOp::RegisterBroker { id, address } => {
                 // Always proposed: its commit is what tells a (re)starting broker that it
                 // has caught up.
@@ -775,6 +785,104 @@ impl Cluster {
             .await
             .map_err(write_error)?;
         tracing::info!(brokers = ?promoted, "learners promoted to voters of the metadata group");
+        Ok(())
+    }
+
+    /// Removes broker `id` from the cluster (scale-down): from the state, so nothing is
+    /// placed on it any more, then from the metadata group, a voter replaced by a learner
+    /// when one is there (up to [`VOTERS`]). Only a broker that leads no partition leaves
+    /// (its partitions would be lost with it: moving them is for replication); the check is
+    /// made again when the removal is applied, so a topic placed on it meanwhile keeps it.
+    ///
+    /// # Errors
+    ///
+    /// `NOT_FOUND` for a broker not in the cluster, `FAILED_PRECONDITION` while it leads
+    /// partitions or is the only voter; see [`Cluster::propose`].
+    pub async fn remove_broker(&self, id: BrokerId) -> Result<(), Error> {
+        self.until_joined().await?;
+        self.admin(AdminOp::RemoveBroker { id }).await.map(|_| ())
+    }
+
+    async fn remove_broker_here(&self, id: BrokerId) -> Result<(), Error> {
+        if self.metadata_leader() != Some(self.me) {
+            return Err(Error::NotLeader);
+        }
+        let held = |state: &ClusterState| -> Result<(), Error> {
+            let led = state.partitions_led_by(id);
+            if led.is_empty() {
+                return Ok(());
+            }
+            let shown: Vec<String> = led
+                .iter()
+                .take(10)
+                .map(|(t, p)| format!("{t}/{p}"))
+                .collect();
+            Err(Error::Remote {
+                code: tonic::Code::FailedPrecondition as i32,
+                message: format!(
+                    "broker {id} leads {} partitions ({}{}); a broker leaves the cluster only once it holds no partition: delete their topics first (moving partitions comes with replication)",
+                    led.len(),
+                    shown.join(", "),
+                    if led.len() > shown.len() { ", …" } else { "" }
+                ),
+            })
+        };
+        let state = self.state();
+        held(&state)?;
+        let membership = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .clone();
+        let voters: std::collections::BTreeSet<BrokerId> = membership.voter_ids().collect();
+        let member = membership.nodes().any(|(n, _)| *n == id);
+        if !member && !state.brokers.contains_key(&id) {
+            return Err(Error::Remote {
+                code: tonic::Code::NotFound as i32,
+                message: format!(
+                    "broker {id} is not in the cluster; `weir cluster describe` lists its brokers"
+                ),
+            });
+        }
+        if voters.len() == 1 && voters.contains(&id) {
+            return Err(Error::Remote {
+                code: tonic::Code::FailedPrecondition as i32,
+                message: format!("broker {id} is the metadata group's only voter; it cannot leave"),
+            });
+        }
+        self.propose(Command::RemoveBroker { id }).await?;
+        held(&self.state())?;
+        if voters.contains(&id) {
+            let mut next: std::collections::BTreeSet<BrokerId> =
+                voters.iter().copied().filter(|&v| v != id).collect();
+            for l in membership.learner_ids() {
+                if next.len() >= VOTERS {
+                    break;
+                }
+                if l != id {
+                    next.insert(l);
+                }
+            }
+            self.raft
+                .change_membership(
+                    openraft::ChangeMembers::ReplaceAllVoters(next.clone()),
+                    false,
+                )
+                .await
+                .map_err(write_error)?;
+            tracing::info!(broker = id, voters = ?next, "broker removed from the metadata group");
+        } else if member {
+            self.raft
+                .change_membership(
+                    openraft::ChangeMembers::RemoveNodes(std::collections::BTreeSet::from([id])),
+                    false,
+                )
+                .await
+                .map_err(write_error)?;
+            tracing::info!(broker = id, "learner removed from the metadata group");
+        }
         Ok(())
     }
 

@@ -135,6 +135,11 @@ pub enum Command {
         /// Its groups, by name.
         groups: Vec<(String, GroupConfig)>,
     },
+    /// A broker leaves the cluster; changes nothing while it holds a partition.
+    RemoveBroker {
+        /// Broker id.
+        id: BrokerId,
+    },
 }
 
 impl std::fmt::Display for Command {
@@ -155,6 +160,7 @@ impl std::fmt::Display for Command {
             Self::AdoptGroups { broker, groups } => {
                 write!(f, "adopt {} groups of broker {broker}", groups.len())
             }
+            Self::RemoveBroker { id } => write!(f, "remove broker {id}"),
         }
     }
 }
@@ -243,10 +249,36 @@ impl ClusterState {
                     unchanged: true,
                 },
             },
+            Command::RemoveBroker { id } => {
+                let holds = self
+                    .topics
+                    .values()
+                    .any(|t| t.replicas.iter().any(|r| r.contains(id)));
+                let removed = !holds && self.brokers.remove(id).is_some();
+                Applied {
+                    topic_id: None,
+                    unchanged: !removed,
+                }
+            }
             Command::PutGroup { .. }
             | Command::DeleteGroup { .. }
             | Command::AdoptGroups { .. } => self.apply_group(cmd),
         }
+    }
+
+    /// The partitions broker `id` holds (leads or replicates), as `(topic, partition)`, in
+    /// topic order.
+    pub fn partitions_led_by(&self, id: BrokerId) -> Vec<(String, u32)> {
+        self.topics
+            .iter()
+            .flat_map(|(name, t)| {
+                t.replicas
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.contains(&id))
+                    .map(move |(p, _)| (name.clone(), p as u32))
+            })
+            .collect()
     }
 
     /// The group commands of [`ClusterState::apply`].

@@ -278,6 +278,7 @@ impl StateMachine {
         match cmd {
             // A group's state lives on its coordinator, which changes it before it proposes.
             Command::RegisterBroker { .. }
+            | Command::RemoveBroker { .. }
             | Command::PutGroup { .. }
             | Command::DeleteGroup { .. }
             | Command::AdoptGroups { .. } => Ok(()),

@@ -76,6 +76,16 @@ impl ClusterRpc for ClusterService {
             groups,
         }))
     }
+
+    async fn remove_broker(
+        &self,
+        request: Request<pb::RemoveBrokerRequest>,
+    ) -> Result<Response<pb::RemoveBrokerResponse>, Status> {
+        let id = request.into_inner().id;
+        self.cluster.remove_broker(id).await?;
+        tracing::info!(broker = id, "broker removed from the cluster");
+        Ok(Response::new(pb::RemoveBrokerResponse {}))
+    }
 }
 
 /// Serves `weir.v1.Raft`: hands openraft's messages to this broker's metadata node.

@@ -11,10 +11,22 @@ pub enum ClusterCommand {
     /// Show the brokers, the metadata leader (controller), each partition's leader,
     /// replicas and in-sync replicas, and each consumer group's coordinator.
     Describe,
+    /// Remove a broker from the cluster (scale-down): refused while it holds a partition.
+    RemoveBroker {
+        /// The broker's `--node-id`.
+        id: u64,
+    },
 }
 
 pub async fn run(client: &Client, cmd: ClusterCommand, output: Output) -> anyhow::Result<()> {
     match cmd {
+        ClusterCommand::RemoveBroker { id } => {
+            client.remove_broker(id).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::json!({ "removed": id })),
+                Output::Human => eprintln!("broker {id} removed from the cluster"),
+            }
+        }
         ClusterCommand::Describe => {
             let m = client.metadata().await?;
             match output {
