@@ -337,7 +337,7 @@ pub fn statefulset(namespace: &str, s: &BrokerSettings) -> StatefulSet {
             },
             volume_claim_templates: Some(vec![PersistentVolumeClaim {
                 metadata: ObjectMeta {
-                    name: Some("data".into()),
+                    name: Some(DATA_CLAIM.into()),
                     ..ObjectMeta::default()
                 },
                 spec: Some(PersistentVolumeClaimSpec {
@@ -439,22 +439,29 @@ pub fn broker_name(ordinal: i32) -> String {
     format!("{BROKERS}-{ordinal}")
 }
 
+/// Name of the brokers' volume claim template.
+pub const DATA_CLAIM: &str = "data";
+
+/// The volume claim of the broker with ordinal `ordinal` (the StatefulSet's naming,
+/// `<template>-<pod>`): `data-weir-broker-2`.
+pub fn data_claim(ordinal: i32) -> String {
+    format!("{DATA_CLAIM}-{}", broker_name(ordinal))
+}
+
 /// The ordinal of broker Pod `name`, if it is one.
 pub fn broker_ordinal(name: &str) -> Option<i32> {
     name.strip_prefix(BROKERS)?.strip_prefix('-')?.parse().ok()
 }
 
-/// Brokers for a namespace whose Topics have `partitions` partitions each, running
-/// `current` now: none without Topics; else as many as the widest Topic has partitions,
-/// within `min..=max`, and never fewer than `current` (brokers hold partitions and votes).
-pub fn broker_count(partitions: &[u32], min: i32, max: i32, current: i32) -> i32 {
+/// Brokers wanted for Topics with these `partitions`: as many as the widest Topic has
+/// partitions, between `min` and `max` (at least 1); 0 without Topics.
+pub fn broker_count(partitions: &[u32], min: i32, max: i32) -> i32 {
     let Some(widest) = partitions.iter().copied().max() else {
         return 0;
     };
-    let wanted = i32::try_from(widest)
+    i32::try_from(widest)
         .unwrap_or(i32::MAX)
-        .clamp(min.max(1), max.max(min).max(1));
-    wanted.max(current)
+        .clamp(min.max(1), max.max(min).max(1))
 }
 
 #[cfg(test)]
@@ -463,15 +470,10 @@ mod tests {
 
     #[test]
     fn broker_count_follows_the_widest_topic_within_bounds() {
-        assert_eq!(broker_count(&[], 1, 3, 2), 0, "no topic, no broker");
-        assert_eq!(broker_count(&[4], 1, 3, 0), 3);
-        assert_eq!(broker_count(&[1, 2], 1, 3, 0), 2);
-        assert_eq!(broker_count(&[1], 2, 3, 0), 2, "the minimum holds");
-        assert_eq!(
-            broker_count(&[1], 1, 3, 3),
-            3,
-            "never fewer than run now: brokers hold partitions and votes"
-        );
+        assert_eq!(broker_count(&[], 1, 3), 0, "no topic, no broker");
+        assert_eq!(broker_count(&[4], 1, 3), 3);
+        assert_eq!(broker_count(&[1, 2], 1, 3), 2);
+        assert_eq!(broker_count(&[1], 2, 3), 2, "the minimum holds");
         assert_eq!(broker_ordinal("weir-broker-12"), Some(12));
         assert_eq!(broker_ordinal("weir-brokers-1"), None);
     }

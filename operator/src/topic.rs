@@ -6,7 +6,11 @@
 use std::{sync::Arc, time::Instant};
 
 use k8s_openapi::{
-    api::{apps::v1::StatefulSet, core::v1::Service, policy::v1::PodDisruptionBudget},
+    api::{
+        apps::v1::StatefulSet,
+        core::v1::{PersistentVolumeClaim, Service},
+        policy::v1::PodDisruptionBudget,
+    },
     apimachinery::pkg::apis::meta::v1::OwnerReference,
 };
 use kube::{
@@ -71,9 +75,11 @@ async fn live_topics(ctx: &Context, ns: &str) -> Result<Vec<Topic>, Error> {
 /// non-controller owner references: the objects go with the last Topic, and while Topics
 /// exist none of them alone takes the brokers away). Returns the broker count.
 ///
-/// The count follows the widest Topic within the operator's bounds and never shrinks while
-/// Topics exist: a broker leads partitions and votes in the metadata group, and moving
-/// them off before removing it is not built yet (`docs/cluster.md`).
+/// The count follows the widest Topic within the operator's bounds. While Topics exist it
+/// shrinks one broker at a time ([`scale_down_step`]): the last broker first leaves the
+/// cluster, which it may only once it holds no partition, then the StatefulSet shrinks and
+/// the broker's volume claim is deleted (a broker that comes back under its ordinal starts
+/// empty and joins as a new one).
 async fn apply_brokers(ctx: &Context, ns: &str, topics: &[Topic]) -> Result<i32, Error> {
     let sts_api = Api::<StatefulSet>::namespaced(ctx.client.clone(), ns);
     let current = sts_api
@@ -82,12 +88,19 @@ async fn apply_brokers(ctx: &Context, ns: &str, topics: &[Topic]) -> Result<i32,
         .and_then(|s| s.spec.replicas)
         .unwrap_or(0);
     let partitions: Vec<u32> = topics.iter().map(|t| t.spec.partitions).collect();
-    let replicas = builders::broker_count(
+    let wanted = builders::broker_count(
         &partitions,
         ctx.settings.min_brokers,
         ctx.settings.max_brokers,
-        current,
     );
+    let (replicas, removed) = if wanted >= current || topics.is_empty() {
+        (wanted, None)
+    } else {
+        match scale_down_step(ctx, ns, current).await {
+            Some(gone) => (current - 1, Some(gone)),
+            None => (current, None),
+        }
+    };
     let owners: Vec<OwnerReference> = topics
         .iter()
         .filter_map(|t| {
@@ -119,7 +132,66 @@ async fn apply_brokers(ctx: &Context, ns: &str, topics: &[Topic]) -> Result<i32,
         &pdb,
     )
     .await?;
+    if let Some(gone) = removed {
+        // The broker left the cluster holding nothing: its volume has nothing to keep, and a
+        // broker that comes back under its ordinal must start empty (its old metadata log
+        // says it was removed). The claim protection waits for the Pod to be gone.
+        let claims = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), ns);
+        let name = builders::data_claim(gone);
+        match claims
+            .delete(&name, &kube::api::DeleteParams::default())
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(namespace = ns, claim = %name, "volume claim of the removed broker deleted");
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(replicas)
+}
+
+/// One step towards fewer brokers: the broker with the highest ordinal (`current - 1`, the
+/// one a StatefulSet removes) leaves the cluster once it holds no partition, asked of the
+/// cluster (which checks again when it applies the removal, so a topic placed there
+/// meanwhile keeps it). Returns its ordinal once it is out of the cluster; `None` keeps the
+/// count (it still holds partitions, which would be lost with it: moving them comes with
+/// replication; or the cluster cannot be asked now).
+async fn scale_down_step(ctx: &Context, ns: &str, current: i32) -> Option<i32> {
+    let last = current - 1;
+    let id = u64::try_from(last).ok()?;
+    let (_, client) = ctx.cluster(ns).await.ok()?;
+    let metadata = client.metadata().await.ok()?;
+    let held = metadata
+        .partitions
+        .iter()
+        .filter(|p| p.leader == id || p.replicas.contains(&id))
+        .count();
+    if held > 0 {
+        tracing::debug!(
+            namespace = ns,
+            broker = id,
+            partitions = held,
+            "fewer brokers wanted, but the last one holds partitions: kept"
+        );
+        return None;
+    }
+    match client.remove_broker(id).await {
+        Ok(()) => {
+            tracing::info!(
+                namespace = ns,
+                broker = id,
+                "broker removed from the cluster; the StatefulSet shrinks"
+            );
+            Some(last)
+        }
+        Err(e) if e.code() == Some(Code::NotFound) => Some(last),
+        Err(e) => {
+            tracing::warn!(namespace = ns, broker = id, error = %e, "removing the broker from the cluster failed; retried at the next reconcile");
+            None
+        }
+    }
 }
 
 async fn server_side_apply<K>(api: &Api<K>, obj: &K) -> Result<(), Error>

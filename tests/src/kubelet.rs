@@ -12,7 +12,8 @@
 //! Rewrites so that processes behave like Pods on one machine: `0.0.0.0` in args and env
 //! becomes the Pod IP (each process listens on its own address, on the same port), and a
 //! path under a volume mount becomes a per-Pod directory that outlives restarts (as a
-//! StatefulSet's volume does). Env `valueFrom.fieldRef` supports `metadata.name`,
+//! StatefulSet's volume does), one per volume claim UID (a claim deleted and made again is
+//! a new, empty volume). Env `valueFrom.fieldRef` supports `metadata.name`,
 //! `metadata.namespace`, `metadata.labels['…']` and `status.podIP`; `$(VAR)` in env values
 //! and args expands to the container's variables, as the kubelet does.
 //!
@@ -75,6 +76,9 @@ struct Proc {
     /// When the process was last started again after it died.
     restarted: Option<Instant>,
     last_status: Option<serde_json::Value>,
+    /// UID of the volume claim behind each volume (by volume name), read when the Pod was
+    /// first seen: the claim's directory holds the volume.
+    claims: BTreeMap<String, String>,
 }
 
 /// A running loopback kubelet; stops (and kills its processes) when dropped.
@@ -270,6 +274,19 @@ async fn run(
     }
 }
 
+/// A Pod being deleted: its process is stopped, then the deletion confirmed (the
+/// containers are gone).
+async fn stop_deleted(pods: &Api<Pod>, procs: &Mutex<BTreeMap<String, Proc>>, name: &str) {
+    if let Some(mut p) = procs.lock().await.remove(name)
+        && let Some(c) = p.child.as_mut()
+    {
+        terminate(c).await;
+    }
+    let _ = pods
+        .delete(name, &DeleteParams::default().grace_period(0))
+        .await;
+}
+
 async fn sync_pod(
     pods: &Api<Pod>,
     config: &KubeletConfig,
@@ -280,15 +297,7 @@ async fn sync_pod(
 ) -> anyhow::Result<()> {
     let uid = pod.metadata.uid.clone().unwrap_or_default();
     if pod.metadata.deletion_timestamp.is_some() {
-        if let Some(mut p) = procs.lock().await.remove(name)
-            && let Some(c) = p.child.as_mut()
-        {
-            terminate(c).await;
-        }
-        // The kubelet confirms that the containers are gone.
-        let _ = pods
-            .delete(name, &DeleteParams::default().grace_period(0))
-            .await;
+        stop_deleted(pods, procs, name).await;
         return Ok(());
     }
     let spec = pod.spec.clone().unwrap_or_default();
@@ -308,6 +317,7 @@ async fn sync_pod(
             .clone()
     };
     write_hosts(config, name, &spec, &ip)?;
+    let claims = new_pod_claims(pods, config, procs, name, &uid, &spec).await?;
     let mut procs = procs.lock().await;
     if procs.get(name).is_some_and(|p| p.uid != uid) {
         // The Pod was deleted and created again under the same name: a new Pod.
@@ -321,6 +331,7 @@ async fn sync_pod(
         started: now(),
         restarted: None,
         last_status: None,
+        claims,
     });
     let exited = match p.child.as_mut() {
         None => true,
@@ -332,7 +343,7 @@ async fn sync_pod(
             p.ready = false;
             p.restarted = Some(Instant::now());
         }
-        p.child = Some(spawn(config, name, &pod, &container, &ip)?);
+        p.child = Some(spawn(config, name, &pod, &container, &ip, &p.claims)?);
         p.started = now();
     }
     let port = grpc_port(&container).unwrap_or(config.default_grpc_port);
@@ -463,12 +474,51 @@ async fn terminate(c: &mut Child) {
     let _ = c.kill().await;
 }
 
+/// For a Pod not seen before (or made again under its name), [`claim_uids`]; else nothing
+/// (its process keeps the claims it was first given).
+async fn new_pod_claims(
+    pods: &Api<Pod>,
+    config: &KubeletConfig,
+    procs: &Mutex<BTreeMap<String, Proc>>,
+    name: &str,
+    uid: &str,
+    spec: &k8s_openapi::api::core::v1::PodSpec,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    if procs.lock().await.get(name).is_some_and(|p| p.uid == uid) {
+        return Ok(BTreeMap::new());
+    }
+    claim_uids(pods, config, spec).await
+}
+
+/// The UID of the claim behind each volume of `spec` that names one (a StatefulSet's
+/// `volumeClaimTemplates` become such volumes), by volume name.
+async fn claim_uids(
+    pods: &Api<Pod>,
+    config: &KubeletConfig,
+    spec: &k8s_openapi::api::core::v1::PodSpec,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(pods.clone().into_client(), &config.namespace);
+    let mut out = BTreeMap::new();
+    for v in spec.volumes.iter().flatten() {
+        if let Some(claim) = &v.persistent_volume_claim {
+            let pvc = claims
+                .get(&claim.claim_name)
+                .await
+                .with_context(|| format!("volume claim {}", claim.claim_name))?;
+            out.insert(v.name.clone(), pvc.metadata.uid.unwrap_or_default());
+        }
+    }
+    Ok(out)
+}
+
 fn spawn(
     config: &KubeletConfig,
     name: &str,
     pod: &Pod,
     c: &Container,
     ip: &str,
+    claims: &BTreeMap<String, String>,
 ) -> anyhow::Result<Child> {
     let image = c.image.clone().unwrap_or_default();
     let binary = config
@@ -480,7 +530,15 @@ fn spawn(
         .volume_mounts
         .iter()
         .flatten()
-        .map(|m| (m.mount_path.clone(), pod_dir.join("volumes").join(&m.name)))
+        .map(|m| {
+            // A claim's volume is its own directory: a new claim (the old one deleted) is
+            // an empty volume, as a newly provisioned one is.
+            let dir = match claims.get(&m.name) {
+                Some(uid) => format!("{}-{uid}", m.name),
+                None => m.name.clone(),
+            };
+            (m.mount_path.clone(), pod_dir.join("volumes").join(dir))
+        })
         .collect();
     let rewrite = |s: &str| -> String {
         let mut s = s.replace("0.0.0.0", ip);

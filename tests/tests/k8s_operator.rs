@@ -244,6 +244,95 @@ async fn a_topic_becomes_brokers_grows_updates_and_goes_per_deletion_policy() ->
     Ok(())
 }
 
+/// Scale-down: with fewer partitions wanted the operator removes the last broker from the
+/// cluster (only once it holds no partition), shrinks the StatefulSet one broker at a time
+/// and deletes the removed broker's volume claim; the Topic left stays Ready and takes
+/// records; growing again starts the brokers empty and they join the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fewer_partitions_remove_brokers_that_hold_none() -> anyhow::Result<()> {
+    let c = Cluster::start(
+        "op-shrink",
+        70,
+        &["--min-brokers", "1", "--max-brokers", "3"],
+    )
+    .await?;
+    c.apply("apiVersion: weir.dev/v1alpha1\nkind: Topic\nmetadata: {name: wide}\nspec: {partitions: 3}\n")?;
+    c.wait_for("topic", "wide", MINUTE, "Ready", |t| is_ready(t, "True"))
+        .await?;
+    c.apply("apiVersion: weir.dev/v1alpha1\nkind: Topic\nmetadata: {name: narrow}\nspec: {partitions: 1}\n")?;
+    let narrow = c
+        .wait_for("topic", "narrow", MINUTE, "Ready", |t| is_ready(t, "True"))
+        .await?;
+    let narrow_on = placement(&narrow)[0].1.clone();
+    let ordinal: i32 = narrow_on
+        .rsplit('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("broker name {narrow_on}"))?;
+    // While `wide` holds partitions on every broker, nothing shrinks.
+    let sts = c.get("statefulset", "weir-broker")?.unwrap_or_default();
+    assert_eq!(sts["spec"]["replicas"], 3);
+
+    c.kubectl(&["delete", "topic", "wide", "--wait=true", "--timeout=60s"])?;
+    // Brokers above the one holding `narrow` leave; that one stays.
+    let keep = ordinal + 1;
+    c.wait_for(
+        "statefulset",
+        "weir-broker",
+        2 * MINUTE,
+        "shrunk to the broker holding narrow",
+        |s| s["spec"]["replicas"] == keep,
+    )
+    .await?;
+    let client = c.service_client().await?;
+    let started = Instant::now();
+    loop {
+        let m = client.metadata().await?;
+        let ids: Vec<u64> = m.brokers.iter().map(|b| b.id).collect();
+        if ids.len() == usize::try_from(keep)? {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < MINUTE,
+            "the cluster still lists brokers {ids:?}; operator log:\n{}",
+            c.operator.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for gone in keep..3 {
+        c.wait_gone(
+            "persistentvolumeclaim",
+            &format!("data-weir-broker-{gone}"),
+            MINUTE,
+        )
+        .await?;
+    }
+    let acks = client
+        .produce("narrow", Some(0), vec![Record::value("after the shrink")])
+        .await?;
+    assert_eq!(acks[0].record_count, 1);
+    c.wait_for("topic", "narrow", MINUTE, "still Ready", |t| {
+        is_ready(t, "True") && t["status"]["messages"] == 1
+    })
+    .await?;
+
+    // Growing again: the brokers start empty and join.
+    c.apply("apiVersion: weir.dev/v1alpha1\nkind: Topic\nmetadata: {name: wide-again}\nspec: {partitions: 3}\n")?;
+    let again = c
+        .wait_for(
+            "topic",
+            "wide-again",
+            2 * MINUTE,
+            "Ready on three brokers",
+            |t| is_ready(t, "True"),
+        )
+        .await?;
+    let brokers: std::collections::BTreeSet<String> =
+        placement(&again).into_iter().map(|(_, b, _)| b).collect();
+    assert_eq!(brokers.len(), 3, "{brokers:?}");
+    Ok(())
+}
+
 const EXAMPLE_GROUP: &str = include_str!("../../examples/consumergroup.yaml");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
