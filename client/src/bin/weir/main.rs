@@ -27,6 +27,12 @@ struct Cli {
     )]
     broker: String,
 
+    /// Send every call to the `--broker` address, which forwards calls for partitions and
+    /// groups served elsewhere (by default calls go straight to the partition's leader or the
+    /// group's coordinator, from the cluster's metadata, when its address is reachable).
+    #[arg(long, global = true, env = "WEIR_NO_ROUTE")]
+    no_route: bool,
+
     /// Output for humans (`human`) or one JSON document per line for scripts (`json`).
     #[arg(long, global = true, value_enum, default_value_t = Output::Human)]
     output: Output,
@@ -86,7 +92,10 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = Client::connect(&cli.broker).await?;
+    let mut client = Client::connect(&cli.broker).await?;
+    if cli.no_route {
+        client = client.without_routing();
+    }
     match cli.command {
         Command::Topic(cmd) => topic::run(&client, cmd, cli.output).await,
         Command::Produce(args) => produce::run(&client, args, cli.output).await,
