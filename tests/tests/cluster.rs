@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use std::time::Duration;
 
 use weir_client::{GroupConfig, GroupType, Record, TopicConfig};
-use weir_tests::Broker;
+use weir_tests::{Broker, produce_as};
 
 fn describe_json(broker: &Broker) -> anyhow::Result<Value> {
     let out = broker.weir(&["cluster", "describe", "--output", "json"], b"")?;
@@ -524,6 +524,69 @@ async fn produce_and_fetch_work_through_any_broker() -> anyhow::Result<()> {
             "partition {p}: nothing of the refused request"
         );
     }
+    Ok(())
+}
+
+/// Idempotent producers keep their guarantee through forwarding: the partition's leader
+/// holds its sequences, so a retry (same producer id, partition and sequence) sent through
+/// another broker is answered with the original offsets and stores nothing, and a gap is
+/// refused there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_retry_through_another_broker_is_stored_once() -> anyhow::Result<()> {
+    let brokers = Broker::start_cluster(3, &[])?;
+    let entry = brokers[1].client_through().await?;
+    let reader = brokers[2].client_through().await?;
+    entry.create_topic("any", &TopicConfig::new(6)).await?;
+    let leader_of = leaders(&describe_json(&brokers[0])?, "any");
+    let elsewhere = (0..6u32)
+        .find(|p| leader_of.get(*p as usize) == Some(&0))
+        .ok_or_else(|| anyhow::anyhow!("no partition led by broker 0: {leader_of:?}"))?;
+    let id = weir_client::new_producer_id();
+    let first = produce_as(
+        &entry,
+        "any",
+        Some(elsewhere),
+        vec![Record::value("once")],
+        id,
+        0,
+    )
+    .await?;
+    let retried = produce_as(
+        &reader,
+        "any",
+        Some(elsewhere),
+        vec![Record::value("once")],
+        id,
+        0,
+    )
+    .await?;
+    assert_eq!(
+        first, retried,
+        "the retry is answered with the original offsets"
+    );
+    let gap = produce_as(
+        &entry,
+        "any",
+        Some(elsewhere),
+        vec![Record::value("gap")],
+        id,
+        2,
+    )
+    .await
+    .expect_err("a sequence gap");
+    assert_eq!(gap.code(), tonic::Code::FailedPrecondition, "{gap}");
+    let f = reader
+        .fetch("any", elsewhere, 0, weir_client::FetchOptions::default())
+        .await?;
+    assert_eq!(
+        f.records
+            .iter()
+            .filter(|r| r.record.text() == "once")
+            .count(),
+        1,
+        "stored once"
+    );
+
     Ok(())
 }
 
