@@ -579,6 +579,7 @@ impl Client {
                 inbound,
                 permits,
                 parts: parts_rx,
+                held: None,
             },
         ))
     }

@@ -272,8 +272,13 @@ pub struct ProduceSender {
     /// `None` once idempotence is disabled.
     pub(crate) sequences: Option<Sequences>,
     /// Per request, in order: its id and how many wire messages carry it.
-    pub(crate) parts: mpsc::UnboundedSender<(u64, u32)>,
+    pub(crate) parts: mpsc::UnboundedSender<Parts>,
 }
+
+/// How a request of a produce stream went out: its id and how many wire messages carry it,
+/// or the error it is answered with without going out (its topic's partitions could not be
+/// known).
+pub(crate) type Parts = (u64, u32, Option<Error>);
 
 impl ProduceSender {
     /// Queues a produce request; returns its request id (0, 1, 2, … in sending order).
@@ -299,7 +304,18 @@ impl ProduceSender {
         } else {
             let count = match partition {
                 Some(_) => 1,
-                None => partition_count(&self.client, topic).await?,
+                None => match partition_count(&self.client, topic).await {
+                    Ok(n) => n,
+                    // Answered in its turn, like a refusal by the broker: the stream goes on.
+                    Err(e) => {
+                        let id = self.next_id;
+                        self.next_id += 1;
+                        self.parts
+                            .send((id, 0, Some(e)))
+                            .map_err(|_| Error::StreamClosed)?;
+                        return Ok(id);
+                    }
+                },
             };
             let Some(s) = &mut self.sequences else {
                 return Err(Error::StreamClosed);
@@ -324,7 +340,7 @@ impl ProduceSender {
         let count = u32::try_from(messages.len()).map_err(|_| Error::StreamClosed)?;
         // Announced before its messages, so the receiver knows the request of every answer.
         self.parts
-            .send((id, count))
+            .send((id, count, None))
             .map_err(|_| Error::StreamClosed)?;
         for request in messages {
             self.permits
@@ -371,7 +387,9 @@ pub struct ProduceReceiver {
     pub(crate) inbound: Streaming<pb::ProduceStreamResponse>,
     pub(crate) permits: Arc<Semaphore>,
     /// Per request, in order: its id and how many wire messages carry it.
-    pub(crate) parts: mpsc::UnboundedReceiver<(u64, u32)>,
+    pub(crate) parts: mpsc::UnboundedReceiver<Parts>,
+    /// An answer read while a request answered without going out came first.
+    pub(crate) held: Option<pb::ProduceStreamResponse>,
 }
 
 impl Drop for ProduceReceiver {
@@ -387,27 +405,49 @@ impl ProduceReceiver {
     /// sent as several messages (one per partition) is answered once, with the acks of all
     /// (ascending partition) or the first error among them.
     pub async fn next(&mut self) -> Option<Result<StreamAnswer, Error>> {
-        let mut request = None;
+        let mut request: Option<(u64, u32)> = None;
         let mut acks = Vec::new();
         let mut failed = None;
         loop {
-            let answer = match self.inbound.message().await {
-                Ok(Some(resp)) => resp,
-                Ok(None) => {
-                    self.permits.close();
-                    return request.map(|_| Err(Error::StreamClosed));
+            if request.is_none()
+                && let Ok(parts) = self.parts.try_recv()
+            {
+                match parts {
+                    (id, _, Some(e)) => return Some(Ok(local(id, e))),
+                    (id, n, None) => request = Some((id, n)),
                 }
-                Err(status) => {
-                    self.permits.close();
-                    return Some(Err(Error::Status(status)));
-                }
+            }
+            let answer = match self.held.take() {
+                Some(a) => a,
+                None => match self.inbound.message().await {
+                    Ok(Some(resp)) => {
+                        self.permits.add_permits(1);
+                        resp
+                    }
+                    Ok(None) => {
+                        self.permits.close();
+                        if request.is_none()
+                            && let Ok((id, _, Some(e))) = self.parts.try_recv()
+                        {
+                            return Some(Ok(local(id, e)));
+                        }
+                        return request.map(|_| Err(Error::StreamClosed));
+                    }
+                    Err(status) => {
+                        self.permits.close();
+                        return Some(Err(Error::Status(status)));
+                    }
+                },
             };
-            self.permits.add_permits(1);
             let (id, left) = match request.take() {
                 Some(r) => r,
                 // Announced before its messages were sent: here by now.
                 None => match self.parts.recv().await {
-                    Some(r) => r,
+                    Some((id, _, Some(e))) => {
+                        self.held = Some(answer);
+                        return Some(Ok(local(id, e)));
+                    }
+                    Some((id, n, None)) => (id, n),
                     None => return Some(Err(Error::Malformed("an answer to no request"))),
                 },
             };
@@ -435,6 +475,14 @@ impl ProduceReceiver {
                 },
             }));
         }
+    }
+}
+
+/// The answer of request `id`, refused before it went out.
+fn local(id: u64, e: Error) -> StreamAnswer {
+    StreamAnswer {
+        request_id: id,
+        result: Err(e),
     }
 }
 
