@@ -545,11 +545,12 @@ impl Client {
         Producer::with_client(self.clone(), retry)
     }
 
-    /// Opens a pipelined produce stream on the bootstrap broker, which forwards each
-    /// request to its partition's leader (idempotent: a random producer id, sequences per
+    /// Opens a pipelined produce stream (idempotent: a random producer id, sequences per
     /// partition): send requests with [`ProduceSender::send`] without waiting, and read one
-    /// answer per request, in order, from [`ProduceReceiver::next`]. At most `window`
-    /// requests are in flight (sent and not yet answered); `send` waits past that.
+    /// answer per request, in order, from [`ProduceReceiver::next`]. Each request goes to its
+    /// partition's leader over a stream to that broker (opened on first use) when the
+    /// client routes, else through the bootstrap broker, which forwards it. At most
+    /// `window` messages are in flight (sent and not yet answered); `send` waits past that.
     pub async fn produce_stream(
         &self,
         window: usize,
@@ -557,7 +558,7 @@ impl Client {
         let window = window.max(1);
         let (tx, rx) = mpsc::channel(window);
         let permits = Arc::new(Semaphore::new(window));
-        let (parts_tx, parts_rx) = mpsc::unbounded_channel();
+        let (announce, announced) = mpsc::unbounded_channel();
         let inbound = self
             .call(
                 self.producer
@@ -567,19 +568,21 @@ impl Client {
             .await?;
         Ok((
             ProduceSender {
-                tx,
+                streams: vec![tx],
+                by_address: std::collections::HashMap::new(),
+                by_partition: std::collections::HashMap::new(),
+                window,
                 client: self.clone(),
                 next_id: 0,
                 next_wire_id: 0,
                 permits: Arc::clone(&permits),
                 sequences: Some(producer::Sequences::new()),
-                parts: parts_tx,
+                announce,
             },
             ProduceReceiver {
-                inbound,
+                inbounds: vec![inbound],
                 permits,
-                parts: parts_rx,
-                held: None,
+                announced,
             },
         ))
     }

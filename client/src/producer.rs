@@ -5,6 +5,7 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
 
 use weir_proto::partitioner;
@@ -260,8 +261,18 @@ impl Producer {
 /// Sending half of a produce stream.
 #[derive(Debug)]
 pub struct ProduceSender {
-    pub(crate) tx: mpsc::Sender<pb::ProduceStreamRequest>,
-    /// The client the stream was opened on (its metadata gives partition counts).
+    /// Streams of this produce stream, by index: 0 to the bootstrap broker, then one per
+    /// partition leader reached directly, opened on first use.
+    pub(crate) streams: Vec<mpsc::Sender<pb::ProduceStreamRequest>>,
+    /// Index of the stream to each leader's address.
+    pub(crate) by_address: HashMap<String, usize>,
+    /// The stream each partition's messages go on, chosen at its first message and kept:
+    /// messages of one partition on one stream keep their order (an idempotent producer's
+    /// sequences must arrive in order).
+    pub(crate) by_partition: HashMap<(String, u32), usize>,
+    /// Most messages in flight (also each stream's queue).
+    pub(crate) window: usize,
+    /// The client the stream was opened on (its metadata gives partition counts and leaders).
     pub(crate) client: Client,
     /// Id of the next request [`send`](Self::send) returns.
     pub(crate) next_id: u64,
@@ -271,14 +282,23 @@ pub struct ProduceSender {
     pub(crate) permits: Arc<Semaphore>,
     /// `None` once idempotence is disabled.
     pub(crate) sequences: Option<Sequences>,
-    /// Per request, in order: its id and how many wire messages carry it.
-    pub(crate) parts: mpsc::UnboundedSender<Parts>,
+    /// What the receiver must know, in order.
+    pub(crate) announce: mpsc::UnboundedSender<Announce>,
 }
 
-/// How a request of a produce stream went out: its id and how many wire messages carry it,
-/// or the error it is answered with without going out (its topic's partitions could not be
-/// known).
-pub(crate) type Parts = (u64, u32, Option<Error>);
+/// What the sending half tells the receiving half, in order.
+#[derive(Debug)]
+pub(crate) enum Announce {
+    /// A stream to a leader was opened: the next index.
+    Stream(Streaming<pb::ProduceStreamResponse>),
+    /// A request: its id and the stream of each of its wire messages, or the error it is
+    /// answered with without going out (its topic's partitions could not be known).
+    Request {
+        id: u64,
+        streams: Vec<usize>,
+        refused: Option<Error>,
+    },
+}
 
 impl ProduceSender {
     /// Queues a produce request; returns its request id (0, 1, 2, … in sending order).
@@ -287,62 +307,56 @@ impl ProduceSender {
     /// Idempotent (the default), the request's records go as one message per partition
     /// they land on (sequences count per partition; unkeyed records without `partition`
     /// go to one partition chosen round robin per request), and its answer combines theirs.
+    /// A message for a partition goes straight to its leader when the client routes (a
+    /// stream per leader, opened on first use), else through the broker the stream was
+    /// opened on, which forwards it.
     pub async fn send(
         &mut self,
         topic: &str,
         partition: Option<u32>,
         records: Vec<Record>,
     ) -> Result<u64, Error> {
-        let wire: Vec<pb::Record> = records.into_iter().map(Into::into).collect();
-        let messages: Vec<pb::ProduceRequest> = if self.sequences.is_none() {
-            vec![pb::ProduceRequest {
-                topic: topic.to_owned(),
-                partition,
-                records: wire,
-                ..pb::ProduceRequest::default()
-            }]
-        } else {
-            let count = match partition {
-                Some(_) => 1,
-                None => match partition_count(&self.client, topic).await {
-                    Ok(n) => n,
-                    // Answered in its turn, like a refusal by the broker: the stream goes on.
-                    Err(e) => {
-                        let id = self.next_id;
-                        self.next_id += 1;
-                        self.parts
-                            .send((id, 0, Some(e)))
-                            .map_err(|_| Error::StreamClosed)?;
-                        return Ok(id);
-                    }
-                },
-            };
-            let Some(s) = &mut self.sequences else {
-                return Err(Error::StreamClosed);
-            };
-            s.split(topic, partition, count, wire)
-                .into_iter()
-                .map(|(p, records)| {
-                    let sequence = s.peek(topic, p);
-                    s.advance(topic, p);
-                    pb::ProduceRequest {
-                        topic: topic.to_owned(),
-                        partition: Some(p),
-                        records,
-                        producer_id: s.producer_id(),
-                        sequence,
-                    }
-                })
-                .collect()
-        };
         let id = self.next_id;
         self.next_id += 1;
-        let count = u32::try_from(messages.len()).map_err(|_| Error::StreamClosed)?;
-        // Announced before its messages, so the receiver knows the request of every answer.
-        self.parts
-            .send((id, count, None))
+        let messages = match self.messages(topic, partition, records).await {
+            Ok(m) => m,
+            // Answered in its turn, like a refusal by the broker: the stream goes on.
+            Err(e) => {
+                self.announce
+                    .send(Announce::Request {
+                        id,
+                        streams: Vec::new(),
+                        refused: Some(e),
+                    })
+                    .map_err(|_| Error::StreamClosed)?;
+                return Ok(id);
+            }
+        };
+        let mut streams = Vec::with_capacity(messages.len());
+        for m in &messages {
+            let k = match m.partition {
+                Some(p) => {
+                    if let Some(k) = self.by_partition.get(&(topic.to_owned(), p)) {
+                        *k
+                    } else {
+                        let k = self.stream_to(topic, p).await;
+                        self.by_partition.insert((topic.to_owned(), p), k);
+                        k
+                    }
+                }
+                None => 0,
+            };
+            streams.push(k);
+        }
+        // Announced before its messages, so the receiver knows where every answer comes from.
+        self.announce
+            .send(Announce::Request {
+                id,
+                streams: streams.clone(),
+                refused: None,
+            })
             .map_err(|_| Error::StreamClosed)?;
-        for request in messages {
+        for (request, k) in messages.into_iter().zip(streams) {
             self.permits
                 .acquire()
                 .await
@@ -350,7 +364,9 @@ impl ProduceSender {
                 .forget();
             let request_id = self.next_wire_id;
             self.next_wire_id += 1;
-            self.tx
+            self.streams
+                .get(k)
+                .ok_or(Error::StreamClosed)?
                 .send(pb::ProduceStreamRequest {
                     request_id,
                     request: Some(request),
@@ -359,6 +375,80 @@ impl ProduceSender {
                 .map_err(|_| Error::StreamClosed)?;
         }
         Ok(id)
+    }
+
+    /// The wire messages of a request: one per partition when idempotent, numbered.
+    async fn messages(
+        &mut self,
+        topic: &str,
+        partition: Option<u32>,
+        records: Vec<Record>,
+    ) -> Result<Vec<pb::ProduceRequest>, Error> {
+        let wire: Vec<pb::Record> = records.into_iter().map(Into::into).collect();
+        if self.sequences.is_none() {
+            return Ok(vec![pb::ProduceRequest {
+                topic: topic.to_owned(),
+                partition,
+                records: wire,
+                ..pb::ProduceRequest::default()
+            }]);
+        }
+        let count = match partition {
+            Some(_) => 1,
+            None => partition_count(&self.client, topic).await?,
+        };
+        let Some(s) = &mut self.sequences else {
+            return Err(Error::StreamClosed);
+        };
+        Ok(s.split(topic, partition, count, wire)
+            .into_iter()
+            .map(|(p, records)| {
+                let sequence = s.peek(topic, p);
+                s.advance(topic, p);
+                pb::ProduceRequest {
+                    topic: topic.to_owned(),
+                    partition: Some(p),
+                    records,
+                    producer_id: s.producer_id(),
+                    sequence,
+                }
+            })
+            .collect())
+    }
+
+    /// The index of the stream to the leader of `topic`/`partition`, opened (and announced)
+    /// on first use; 0 (the bootstrap broker's) when the leader is not known, not reachable,
+    /// or the bootstrap broker itself, or a stream to it cannot be opened.
+    async fn stream_to(&mut self, topic: &str, partition: u32) -> usize {
+        let chosen = self
+            .client
+            .router
+            .channel(crate::route::Target::Partition(topic, partition))
+            .await;
+        let Some(address) = chosen.direct.filter(|_| !chosen.bootstrap) else {
+            return 0;
+        };
+        if let Some(k) = self.by_address.get(&address) {
+            return *k;
+        }
+        let (tx, rx) = mpsc::channel(self.window);
+        let Ok(inbound) = crate::producer_client(chosen.channel)
+            .produce_stream(ReceiverStream::new(rx))
+            .await
+        else {
+            return 0;
+        };
+        if self
+            .announce
+            .send(Announce::Stream(inbound.into_inner()))
+            .is_err()
+        {
+            return 0;
+        }
+        self.streams.push(tx);
+        let k = self.streams.len() - 1;
+        self.by_address.insert(address, k);
+        k
     }
 
     /// Sends later requests without producer id and sequence: retries are not deduplicated.
@@ -384,12 +474,11 @@ pub struct StreamAnswer {
 /// Receiving half of a produce stream: answers in request order.
 #[derive(Debug)]
 pub struct ProduceReceiver {
-    pub(crate) inbound: Streaming<pb::ProduceStreamResponse>,
+    /// The streams' answers, by the sender's stream index.
+    pub(crate) inbounds: Vec<Streaming<pb::ProduceStreamResponse>>,
     pub(crate) permits: Arc<Semaphore>,
-    /// Per request, in order: its id and how many wire messages carry it.
-    pub(crate) parts: mpsc::UnboundedReceiver<Parts>,
-    /// An answer read while a request answered without going out came first.
-    pub(crate) held: Option<pb::ProduceStreamResponse>,
+    /// What the sender announced, in order.
+    pub(crate) announced: mpsc::UnboundedReceiver<Announce>,
 }
 
 impl Drop for ProduceReceiver {
@@ -400,56 +489,47 @@ impl Drop for ProduceReceiver {
 }
 
 impl ProduceReceiver {
-    /// The next answer; `None` once the stream has ended, `Some(Err)` when the stream
-    /// itself failed (the requests without an answer may or may not be stored). A request
-    /// sent as several messages (one per partition) is answered once, with the acks of all
-    /// (ascending partition) or the first error among them.
+    /// The next answer; `None` once the sending half is dropped and every request it sent
+    /// is answered; `Some(Err)` when a stream itself failed (the requests without an answer
+    /// may or may not be stored). A request sent as several messages (one per partition) is
+    /// answered once, with the acks of all (ascending partition) or the first error among
+    /// them.
     pub async fn next(&mut self) -> Option<Result<StreamAnswer, Error>> {
-        let mut request: Option<(u64, u32)> = None;
+        let (id, streams) = loop {
+            match self.announced.recv().await? {
+                Announce::Stream(s) => self.inbounds.push(s),
+                Announce::Request {
+                    id,
+                    refused: Some(e),
+                    ..
+                } => {
+                    return Some(Ok(StreamAnswer {
+                        request_id: id,
+                        result: Err(e),
+                    }));
+                }
+                Announce::Request { id, streams, .. } => break (id, streams),
+            }
+        };
         let mut acks = Vec::new();
         let mut failed = None;
-        loop {
-            if request.is_none()
-                && let Ok(parts) = self.parts.try_recv()
-            {
-                match parts {
-                    (id, _, Some(e)) => return Some(Ok(local(id, e))),
-                    (id, n, None) => request = Some((id, n)),
-                }
-            }
-            let answer = match self.held.take() {
-                Some(a) => a,
-                None => match self.inbound.message().await {
-                    Ok(Some(resp)) => {
-                        self.permits.add_permits(1);
-                        resp
-                    }
-                    Ok(None) => {
-                        self.permits.close();
-                        if request.is_none()
-                            && let Ok((id, _, Some(e))) = self.parts.try_recv()
-                        {
-                            return Some(Ok(local(id, e)));
-                        }
-                        return request.map(|_| Err(Error::StreamClosed));
-                    }
-                    Err(status) => {
-                        self.permits.close();
-                        return Some(Err(Error::Status(status)));
-                    }
-                },
+        for k in streams {
+            let Some(inbound) = self.inbounds.get_mut(k) else {
+                return Some(Err(Error::Malformed("an answer on no stream")));
             };
-            let (id, left) = match request.take() {
-                Some(r) => r,
-                // Announced before its messages were sent: here by now.
-                None => match self.parts.recv().await {
-                    Some((id, _, Some(e))) => {
-                        self.held = Some(answer);
-                        return Some(Ok(local(id, e)));
-                    }
-                    Some((id, n, None)) => (id, n),
-                    None => return Some(Err(Error::Malformed("an answer to no request"))),
-                },
+            let answer = match inbound.message().await {
+                Ok(Some(resp)) => {
+                    self.permits.add_permits(1);
+                    resp
+                }
+                Ok(None) => {
+                    self.permits.close();
+                    return Some(Err(Error::StreamClosed));
+                }
+                Err(status) => {
+                    self.permits.close();
+                    return Some(Err(Error::Status(status)));
+                }
             };
             match answer.result {
                 Some(pb::produce_stream_response::Result::Ack(a)) => {
@@ -462,27 +542,15 @@ impl ProduceReceiver {
                     failed.get_or_insert(Error::Malformed("ProduceStreamResponse.result"));
                 }
             }
-            if left > 1 {
-                request = Some((id, left - 1));
-                continue;
-            }
-            acks.sort_by_key(|a| a.partition);
-            return Some(Ok(StreamAnswer {
-                request_id: id,
-                result: match failed {
-                    Some(e) => Err(e),
-                    None => Ok(acks),
-                },
-            }));
         }
-    }
-}
-
-/// The answer of request `id`, refused before it went out.
-fn local(id: u64, e: Error) -> StreamAnswer {
-    StreamAnswer {
-        request_id: id,
-        result: Err(e),
+        acks.sort_by_key(|a| a.partition);
+        Some(Ok(StreamAnswer {
+            request_id: id,
+            result: match failed {
+                Some(e) => Err(e),
+                None => Ok(acks),
+            },
+        }))
     }
 }
 

@@ -91,6 +91,9 @@ pub(crate) struct Chosen {
     pub channel: Channel,
     /// The broker's `host:port` when the call goes straight to it.
     pub direct: Option<String>,
+    /// Whether `channel` is the bootstrap channel (also when the broker it goes to is the
+    /// bootstrap broker).
+    pub bootstrap: bool,
 }
 
 impl Router {
@@ -125,6 +128,7 @@ impl Router {
         Chosen {
             channel: self.bootstrap.clone(),
             direct: None,
+            bootstrap: true,
         }
     }
 
@@ -138,9 +142,10 @@ impl Router {
             return self.bootstrap();
         };
         match self.peer(&address).await {
-            Some(channel) => Chosen {
+            Some((channel, bootstrap)) => Chosen {
                 channel,
                 direct: Some(address),
+                bootstrap,
             },
             None => self.bootstrap(),
         }
@@ -235,18 +240,19 @@ impl Router {
             .collect();
     }
 
-    /// A channel to the broker at `address`, connected on first use; `None` when it cannot
-    /// be reached (tried again after [`UNREACHABLE_FOR`]).
-    async fn peer(&self, address: &str) -> Option<Channel> {
+    /// A channel to the broker at `address`, connected on first use, and whether it is the
+    /// bootstrap channel; `None` when it cannot be reached (tried again after
+    /// [`UNREACHABLE_FOR`]).
+    async fn peer(&self, address: &str) -> Option<(Channel, bool)> {
         {
             let routes = self.routes();
             if self.bootstrap_address.as_deref() == Some(address)
                 || routes.bootstrap_at.as_deref() == Some(address)
             {
-                return Some(self.bootstrap.clone());
+                return Some((self.bootstrap.clone(), true));
             }
             match routes.peers.get(address) {
-                Some(Peer::Connected(c)) => return Some(c.clone()),
+                Some(Peer::Connected(c)) => return Some((c.clone(), false)),
                 Some(Peer::Unreachable(until)) if *until > Instant::now() => return None,
                 _ => {}
             }
@@ -263,7 +269,7 @@ impl Router {
             None => Peer::Unreachable(Instant::now() + UNREACHABLE_FOR),
         };
         self.routes().peers.insert(address.to_owned(), peer);
-        connected
+        connected.map(|c| (c, false))
     }
 
     /// Takes what a call's answer (or error) says of where `target` lives: the leader hint

@@ -667,9 +667,60 @@ async fn a_produce_stream_through_one_broker_reaches_every_leader() -> anyhow::R
     Ok(())
 }
 
-/// A client that routes by itself (the default) sends produce, fetch and group calls
-/// straight to the partition's leader or the group's coordinator, so no broker forwards
-/// anything; an idempotent producer's keyed records span every leader (sequences per
+/// A produce stream of a routing client to topic `direct` (6 partitions): each request on a
+/// stream to its partition's leader, answers in request order, one answer for a request
+/// whose keys span partitions, every partition's records in order.
+async fn stream_to_every_leader(client: &weir_client::Client) -> anyhow::Result<()> {
+    let (mut tx, mut rx) = client.produce_stream(8).await?;
+    let sender = tokio::spawn(async move {
+        for round in 0..4 {
+            for p in 0..6u32 {
+                tx.send(
+                    "direct",
+                    Some(p),
+                    vec![Record::value(format!("s{p} {round}"))],
+                )
+                .await?;
+            }
+        }
+        let spread = (0..12)
+            .map(|i| Record::keyed(format!("k{i}"), "spread"))
+            .collect();
+        tx.send("direct", None, spread).await
+    });
+    for i in 0..24u32 {
+        let answer = rx.next().await.expect("an answer per request")?;
+        assert_eq!(answer.request_id, u64::from(i), "answers in request order");
+        assert_eq!(answer.result?[0].partition, i % 6);
+    }
+    let spread = rx.next().await.expect("the spread request's answer")?;
+    assert_eq!(
+        spread.result?.iter().map(|a| a.record_count).sum::<u32>(),
+        12
+    );
+    sender.await??;
+    for p in 0..6u32 {
+        let f = client
+            .fetch("direct", p, 0, weir_client::FetchOptions::default())
+            .await?;
+        let streamed: Vec<String> = f
+            .records
+            .iter()
+            .map(|r| r.record.text().into_owned())
+            .filter(|t| t.starts_with(&format!("s{p} ")))
+            .collect();
+        assert_eq!(
+            streamed,
+            (0..4).map(|r| format!("s{p} {r}")).collect::<Vec<_>>(),
+            "partition {p}: in order"
+        );
+    }
+    Ok(())
+}
+
+/// A client that routes by itself (the default) sends produce (unary and streamed), fetch
+/// and group calls straight to the partition's leader or the group's coordinator, so no
+/// broker forwards anything; an idempotent producer's keyed records span every leader (sequences per
 /// partition, KIP-98) and each is stored once, in order per key. The same calls through one
 /// broker without routing are forwarded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -731,6 +782,7 @@ async fn a_routing_client_sends_every_call_to_its_leader() -> anyhow::Result<()>
         taken += d.len();
         member.ack(&d).await?;
     }
+    stream_to_every_leader(&client).await?;
     let mut forwarded = 0.0;
     for b in &brokers {
         forwarded += b.metric("weir_forwarded_requests_total")?;
