@@ -99,7 +99,15 @@ pub struct Context {
     recorder: Recorder,
     conns: Mutex<HashMap<String, weir_client::Client>>,
     failures: std::sync::Mutex<HashMap<String, u32>>,
+    /// Per namespace, the broker objects last applied (their JSON) and when: applied again
+    /// only when they change, or after [`REAPPLY_AFTER`] (drift by hand is repaired).
+    applied: std::sync::Mutex<HashMap<String, (Vec<u8>, std::time::Instant)>>,
+    /// The Topic controller's cache, once it runs: Topics listed from it, not the API.
+    topics: std::sync::OnceLock<kube::runtime::reflector::Store<crate::crd::Topic>>,
 }
+
+/// How long broker objects that did not change go without being applied again: 5 minutes.
+pub const REAPPLY_AFTER: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -131,6 +139,46 @@ impl Context {
             recorder,
             conns: Mutex::new(HashMap::new()),
             failures: std::sync::Mutex::new(HashMap::new()),
+            applied: std::sync::Mutex::new(HashMap::new()),
+            topics: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Lists Topics from the Topic controller's cache from now on.
+    pub fn use_topic_store(&self, store: kube::runtime::reflector::Store<crate::crd::Topic>) {
+        let _ = self.topics.set(store);
+    }
+
+    /// The Topic controller's cache, once it runs.
+    pub fn topic_store(&self) -> Option<&kube::runtime::reflector::Store<crate::crd::Topic>> {
+        self.topics.get()
+    }
+
+    /// Whether `objects` (the broker objects of `namespace`, as JSON) differ from the last
+    /// applied, or were applied longer than [`REAPPLY_AFTER`] ago.
+    pub fn broker_objects_changed(&self, namespace: &str, objects: &[u8]) -> bool {
+        let applied = self
+            .applied
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        applied
+            .get(namespace)
+            .is_none_or(|(last, at)| last != objects || at.elapsed() >= REAPPLY_AFTER)
+    }
+
+    /// Records `objects` as applied in `namespace` (`None`: removed, or to be applied again).
+    pub fn broker_objects_applied(&self, namespace: &str, objects: Option<Vec<u8>>) {
+        let mut applied = self
+            .applied
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match objects {
+            Some(o) => {
+                applied.insert(namespace.to_owned(), (o, std::time::Instant::now()));
+            }
+            None => {
+                applied.remove(namespace);
+            }
         }
     }
 

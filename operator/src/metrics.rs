@@ -41,6 +41,7 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     duration: Family<KindLabels, Histogram>,
     leader: Gauge,
+    broker_applies: Counter,
     ready: AtomicBool,
 }
 
@@ -76,6 +77,12 @@ impl Metrics {
             "Time a reconcile took, seconds",
             duration.clone(),
         );
+        let broker_applies = Counter::default();
+        registry.register(
+            "broker_object_applies",
+            "Applies of a namespace's broker objects (StatefulSet, Services, PodDisruptionBudget): only when they change, never per Topic",
+            broker_applies.clone(),
+        );
         let leader = Gauge::default();
         registry.register(
             "leader",
@@ -88,6 +95,7 @@ impl Metrics {
             errors,
             duration,
             leader,
+            broker_applies,
             ready: AtomicBool::new(false),
         }
     }
@@ -97,6 +105,11 @@ impl Metrics {
         let l = KindLabels { kind: kind.into() };
         self.reconciles.get_or_create(&l).inc();
         self.duration.get_or_create(&l).observe(took.as_secs_f64());
+    }
+
+    /// Counts one apply of a namespace's broker objects.
+    pub fn broker_objects_applied(&self) {
+        self.broker_applies.inc();
     }
 
     /// Counts a failed reconcile.

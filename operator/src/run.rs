@@ -59,6 +59,7 @@ pub async fn controllers(ctx: Arc<Context>, namespace: Option<&str>) {
 
     let topics = Controller::new(api::<Topic>(&client, namespace), watcher::Config::default());
     let store = topics.store();
+    ctx.use_topic_store(store.clone());
     let topics = topics
         // A broker Pod that changes (Ready, restarted, IP) concerns every Topic of its
         // namespace.

@@ -5,13 +5,10 @@
 
 use std::{sync::Arc, time::Instant};
 
-use k8s_openapi::{
-    api::{
-        apps::v1::StatefulSet,
-        core::v1::{PersistentVolumeClaim, Service},
-        policy::v1::PodDisruptionBudget,
-    },
-    apimachinery::pkg::apis::meta::v1::OwnerReference,
+use k8s_openapi::api::{
+    apps::v1::StatefulSet,
+    core::v1::{PersistentVolumeClaim, Service},
+    policy::v1::PodDisruptionBudget,
 };
 use kube::{
     Api, Resource, ResourceExt,
@@ -58,8 +55,27 @@ pub fn error_policy(topic: Arc<Topic>, error: &Error, ctx: Arc<Context>) -> Acti
     context::on_error("Topic", topic.as_ref(), error, &ctx)
 }
 
-/// The live Topics of `ns` (not being deleted), sorted by name.
+/// The live Topics of `ns` (not being deleted), sorted by name: from the Topic controller's
+/// cache (no API call per reconcile), and from the API when the cache has none (the cache
+/// may lag, and no Topic means the brokers go).
 async fn live_topics(ctx: &Context, ns: &str) -> Result<Vec<Topic>, Error> {
+    if let Some(store) = ctx.topic_store()
+        && store.wait_until_ready().await.is_ok()
+    {
+        let mut topics: Vec<Topic> = store
+            .state()
+            .iter()
+            .filter(|t| {
+                t.metadata.namespace.as_deref() == Some(ns)
+                    && t.metadata.deletion_timestamp.is_none()
+            })
+            .map(|t| Topic::clone(t))
+            .collect();
+        if !topics.is_empty() {
+            topics.sort_by_key(ResourceExt::name_any);
+            return Ok(topics);
+        }
+    }
     let api: Api<Topic> = Api::namespaced(ctx.client.clone(), ns);
     let mut topics: Vec<Topic> = api
         .list(&kube::api::ListParams::default())
@@ -71,9 +87,13 @@ async fn live_topics(ctx: &Context, ns: &str) -> Result<Vec<Topic>, Error> {
     Ok(topics)
 }
 
-/// Applies the namespace's broker objects, sized for `topics` and owned by them (several
-/// non-controller owner references: the objects go with the last Topic, and while Topics
-/// exist none of them alone takes the brokers away). Returns the broker count.
+/// Applies the namespace's broker objects (StatefulSet, Services, PodDisruptionBudget),
+/// sized for `topics`. Returns the broker count.
+///
+/// The objects have no owner references (one per Topic made every object, and every
+/// reconcile's apply, grow with the Topics): the operator deletes them when the namespace's
+/// last Topic goes. They are applied only when they change (or after
+/// [`context::REAPPLY_AFTER`], so drift by hand is repaired), never on every Topic's pass.
 ///
 /// The count follows the widest Topic within the operator's bounds. While Topics exist it
 /// shrinks one broker at a time ([`scale_down_step`]): the last broker first leaves the
@@ -82,18 +102,22 @@ async fn live_topics(ctx: &Context, ns: &str) -> Result<Vec<Topic>, Error> {
 /// empty and joins as a new one).
 async fn apply_brokers(ctx: &Context, ns: &str, topics: &[Topic]) -> Result<i32, Error> {
     let sts_api = Api::<StatefulSet>::namespaced(ctx.client.clone(), ns);
-    let current = sts_api
-        .get_opt(builders::BROKERS)
-        .await?
-        .and_then(|s| s.spec.replicas)
-        .unwrap_or(0);
+    let existing = sts_api.get_opt(builders::BROKERS).await?;
+    if topics.is_empty() {
+        if existing.is_some() {
+            delete_brokers(ctx, ns).await?;
+        }
+        ctx.broker_objects_applied(ns, None);
+        return Ok(0);
+    }
+    let current = existing.as_ref().and_then(|s| s.spec.replicas).unwrap_or(0);
     let partitions: Vec<u32> = topics.iter().map(|t| t.spec.partitions).collect();
     let wanted = builders::broker_count(
         &partitions,
         ctx.settings.min_brokers,
         ctx.settings.max_brokers,
     );
-    let (replicas, removed) = if wanted >= current || topics.is_empty() {
+    let (replicas, removed) = if wanted >= current {
         (wanted, None)
     } else {
         match scale_down_step(ctx, ns, current).await {
@@ -101,37 +125,28 @@ async fn apply_brokers(ctx: &Context, ns: &str, topics: &[Topic]) -> Result<i32,
             None => (current, None),
         }
     };
-    let owners: Vec<OwnerReference> = topics
-        .iter()
-        .filter_map(|t| {
-            let mut r = t.controller_owner_ref(&())?;
-            r.controller = None;
-            r.block_owner_deletion = None;
-            Some(r)
-        })
-        .collect();
     let settings = BrokerSettings {
         replicas,
         ..ctx.settings.brokers.clone()
     };
-    let mut sts = builders::statefulset(ns, &settings);
-    sts.metadata.owner_references = Some(owners.clone());
-    server_side_apply(
-        &Api::<StatefulSet>::namespaced(ctx.client.clone(), ns),
-        &sts,
-    )
-    .await?;
-    for mut svc in [builders::headless_service(ns), builders::client_service(ns)] {
-        svc.metadata.owner_references = Some(owners.clone());
-        server_side_apply(&Api::<Service>::namespaced(ctx.client.clone(), ns), &svc).await?;
+    let sts = builders::statefulset(ns, &settings);
+    let services = [builders::headless_service(ns), builders::client_service(ns)];
+    let pdb = builders::pod_disruption_budget(ns);
+    let objects = serde_json::to_vec(&(&sts, &services, &pdb))
+        .map_err(|e| Error::Waiting(format!("encoding the broker objects of {ns}: {e}")))?;
+    if existing.is_none() || ctx.broker_objects_changed(ns, &objects) {
+        server_side_apply(&sts_api, &sts).await?;
+        for svc in &services {
+            server_side_apply(&Api::<Service>::namespaced(ctx.client.clone(), ns), svc).await?;
+        }
+        server_side_apply(
+            &Api::<PodDisruptionBudget>::namespaced(ctx.client.clone(), ns),
+            &pdb,
+        )
+        .await?;
+        ctx.broker_objects_applied(ns, Some(objects));
+        ctx.metrics.broker_objects_applied();
     }
-    let mut pdb = builders::pod_disruption_budget(ns);
-    pdb.metadata.owner_references = Some(owners);
-    server_side_apply(
-        &Api::<PodDisruptionBudget>::namespaced(ctx.client.clone(), ns),
-        &pdb,
-    )
-    .await?;
     if let Some(gone) = removed {
         // The broker left the cluster holding nothing: its volume has nothing to keep, and a
         // broker that comes back under its ordinal must start empty (its old metadata log
@@ -150,6 +165,39 @@ async fn apply_brokers(ctx: &Context, ns: &str, topics: &[Topic]) -> Result<i32,
         }
     }
     Ok(replicas)
+}
+
+/// Deletes the namespace's broker objects (its last Topic went). Their volume claims stay,
+/// as a StatefulSet's do: a `Retain` Topic's records are on them.
+async fn delete_brokers(ctx: &Context, ns: &str) -> Result<(), Error> {
+    let params = kube::api::DeleteParams::default();
+    let gone = |r: Result<(), kube::Error>| match r {
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        other => other,
+    };
+    gone(
+        Api::<StatefulSet>::namespaced(ctx.client.clone(), ns)
+            .delete(builders::BROKERS, &params)
+            .await
+            .map(|_| ()),
+    )?;
+    for svc in [builders::headless_service(ns), builders::client_service(ns)] {
+        let name = svc.metadata.name.unwrap_or_default();
+        gone(
+            Api::<Service>::namespaced(ctx.client.clone(), ns)
+                .delete(&name, &params)
+                .await
+                .map(|_| ()),
+        )?;
+    }
+    gone(
+        Api::<PodDisruptionBudget>::namespaced(ctx.client.clone(), ns)
+            .delete(builders::BROKERS, &params)
+            .await
+            .map(|_| ()),
+    )?;
+    tracing::info!(namespace = ns, "no Topic left: broker objects deleted");
+    Ok(())
 }
 
 /// One step towards fewer brokers: the broker with the highest ordinal (`current - 1`, the

@@ -419,16 +419,11 @@ impl Cluster {
             .collect())
     }
 
-    /// Waits until the broker StatefulSet has 0 replicas and no broker process runs.
+    /// Waits until the broker StatefulSet is gone (the operator deletes it with the last
+    /// Topic) and no broker process runs.
     pub async fn wait_scaled_to_zero(&self) -> anyhow::Result<()> {
-        self.wait_for(
-            "statefulset",
-            "weir-broker",
-            Duration::from_secs(60),
-            "replicas 0",
-            |s| s["spec"]["replicas"] == 0,
-        )
-        .await?;
+        self.wait_gone("statefulset", "weir-broker", Duration::from_secs(60))
+            .await?;
         let deadline = Instant::now() + Duration::from_secs(60);
         while !self.kubelet.running().await.is_empty() {
             anyhow::ensure!(

@@ -409,8 +409,8 @@ async fn from_helm_install_through_traffic_to_teardown() -> anyhow::Result<()> {
     close(subs).await?;
 
     // 7. Delete: the data goes from the brokers and the finalizer is released (a second
-    // three-partition Topic keeps the brokers up to look); with no Topic left the
-    // StatefulSet is scaled to zero.
+    // three-partition Topic keeps the brokers up to look); with no Topic left the broker
+    // objects are deleted (with exactly the chart's RBAC).
     c.apply("apiVersion: weir.dev/v1alpha1\nkind: Topic\nmetadata: {name: keeper}\nspec: {partitions: 3}\n")?;
     c.wait_for("topic", "keeper", MINUTE, "Ready", |t| is_ready(t, "True"))
         .await?;

@@ -233,17 +233,18 @@ async fn helm_install_runs_the_operator_with_the_charts_rbac_upgrades_and_uninst
         !secrets.status.success() && String::from_utf8_lossy(&secrets.stderr).contains("forbidden"),
         "reading Secrets in another namespace is refused"
     );
+    // It deletes the broker objects when the last Topic goes, never a broker Pod.
     let del = as_operator(&[
         "delete",
-        "statefulset",
-        "weir-broker",
+        "pod",
+        "weir-broker-0",
         "-n",
         &apps,
         "--dry-run=server",
     ])?;
     assert!(
         !del.status.success() && String::from_utf8_lossy(&del.stderr).contains("forbidden"),
-        "deleting the brokers is refused"
+        "deleting a broker Pod is refused"
     );
     let other = as_operator(&["get", "topics", "-n", &system])?;
     assert!(
