@@ -104,6 +104,26 @@ pub struct Context {
     applied: std::sync::Mutex<HashMap<String, (Vec<u8>, std::time::Instant)>>,
     /// The Topic controller's cache, once it runs: Topics listed from it, not the API.
     topics: std::sync::OnceLock<kube::runtime::reflector::Store<crate::crd::Topic>>,
+    /// Per namespace, the cluster's figures of every topic and its metadata, read with one
+    /// `ListTopics` and one `Metadata` per status interval for all Topics.
+    snapshots: Mutex<HashMap<String, Arc<Snapshot>>>,
+    /// Timestamp of the first stored record per (namespace, topic, partition), with the
+    /// earliest offset it was read at: read again only when that offset moves.
+    oldest: std::sync::Mutex<HashMap<PartitionKey, (u64, i64)>>,
+}
+
+/// `(namespace, topic, partition)`.
+type PartitionKey = (String, String, u32);
+
+/// The cluster's figures of every topic of a namespace and its metadata, as read at `at`.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// When it was read.
+    pub at: std::time::Instant,
+    /// Every topic, by name.
+    pub topics: HashMap<String, weir_client::TopicInfo>,
+    /// Brokers and partition leaders.
+    pub metadata: weir_client::ClusterMetadata,
 }
 
 /// How long broker objects that did not change go without being applied again: 5 minutes.
@@ -141,7 +161,87 @@ impl Context {
             failures: std::sync::Mutex::new(HashMap::new()),
             applied: std::sync::Mutex::new(HashMap::new()),
             topics: std::sync::OnceLock::new(),
+            snapshots: Mutex::new(HashMap::new()),
+            oldest: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The namespace's snapshot, read through `client` when none is younger than `max_age`
+    /// (one read at a time per operator: concurrent reconciles wait for it and share it).
+    ///
+    /// # Errors
+    ///
+    /// The broker's, when `ListTopics` or `Metadata` fails.
+    pub async fn snapshot(
+        &self,
+        namespace: &str,
+        client: &weir_client::Client,
+        max_age: Duration,
+    ) -> Result<Arc<Snapshot>, weir_client::Error> {
+        let mut snapshots = self.snapshots.lock().await;
+        if let Some(s) = snapshots.get(namespace)
+            && s.at.elapsed() < max_age
+        {
+            return Ok(Arc::clone(s));
+        }
+        let at = std::time::Instant::now();
+        let topics = client
+            .list_topics()
+            .await?
+            .into_iter()
+            .map(|t| (t.name.clone(), t))
+            .collect();
+        let metadata = client.metadata().await?;
+        let s = Arc::new(Snapshot {
+            at,
+            topics,
+            metadata,
+        });
+        snapshots.insert(namespace.to_owned(), Arc::clone(&s));
+        Ok(s)
+    }
+
+    /// Forgets the namespace's snapshot (a topic was created or changed through it).
+    pub async fn forget_snapshot(&self, namespace: &str) {
+        self.snapshots.lock().await.remove(namespace);
+    }
+
+    /// The timestamp (ms) of the first record of `topic`/`partition` when its earliest
+    /// offset is `earliest`, if it was read before at that offset.
+    pub fn oldest(
+        &self,
+        namespace: &str,
+        topic: &str,
+        partition: u32,
+        earliest: u64,
+    ) -> Option<i64> {
+        let oldest = self
+            .oldest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        oldest
+            .get(&(namespace.to_owned(), topic.to_owned(), partition))
+            .filter(|(at, _)| *at == earliest)
+            .map(|(_, ts)| *ts)
+    }
+
+    /// Records the timestamp (ms) of the first record of `topic`/`partition` at `earliest`.
+    pub fn remember_oldest(
+        &self,
+        namespace: &str,
+        topic: &str,
+        partition: u32,
+        earliest: u64,
+        ts: i64,
+    ) {
+        let mut oldest = self
+            .oldest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        oldest.insert(
+            (namespace.to_owned(), topic.to_owned(), partition),
+            (earliest, ts),
+        );
     }
 
     /// Lists Topics from the Topic controller's cache from now on.

@@ -363,7 +363,11 @@ async fn apply(topic: &Topic, ctx: &Context) -> Result<Action, Error> {
     apply_status(&api, topic, &status).await?;
     ctx.succeeded(&context::key(topic));
     Ok(if ready {
-        Action::requeue(ctx.settings.status_interval)
+        // The interval grows with the namespace's Topics (10 ms each past 100): every
+        // Topic's pass shares one snapshot read, but its status write is its own.
+        let per_topic = std::time::Duration::from_millis(10)
+            .saturating_mul(u32::try_from(topics.len().saturating_sub(100)).unwrap_or(u32::MAX));
+        Action::requeue(ctx.settings.status_interval + per_topic)
     } else {
         Action::requeue(std::time::Duration::from_secs(2))
     })
@@ -385,7 +389,7 @@ async fn sync_topic(
     let pods = ctx.broker_pods(ns).await?;
     let ready = pods.values().filter(|p| p.ready).count();
     let may_create = ready >= usize::try_from(brokers).unwrap_or(usize::MAX);
-    let result = sync_topic_with(ctx, topic, name, want, &client, may_create).await;
+    let result = sync_topic_with(ctx, topic, (ns, name), want, &client, may_create).await;
     if let Err(Error::Broker { .. }) = &result
         && let Some(address) = pods.get(&broker).and_then(|p| p.address.clone())
     {
@@ -417,10 +421,15 @@ async fn sync_topic(
     Ok(seen)
 }
 
+/// The topic's figures and placement from the namespace's snapshot (one `ListTopics` and
+/// one `Metadata` per half status interval for all Topics, [`Context::snapshot`]); the topic
+/// is created or updated, and asked for by itself, only when the snapshot lacks it or its
+/// settings differ. The first record's timestamp of a partition is fetched only when its
+/// earliest offset moved.
 async fn sync_topic_with(
     ctx: &Context,
     topic: &Topic,
-    name: &str,
+    (ns, name): (&str, &str),
     want: &pb::TopicConfig,
     client: &weir_client::Client,
     may_create: bool,
@@ -430,8 +439,21 @@ async fn sync_topic_with(
         source,
     };
     let want_config = weir_client::TopicConfig::from(want.clone());
-    let desc = match client.describe_topic(name).await {
-        Ok(d) if convert::topic_matches(&pb::TopicConfig::from(&d.config), want) => d,
+    let snap = ctx
+        .snapshot(ns, client, ctx.settings.status_interval / 2)
+        .await
+        .map_err(err)?;
+    let known = match snap.topics.get(name) {
+        Some(d) => Ok(d.clone()),
+        // Not in the snapshot: created since, or not yet.
+        None => client.describe_topic(name).await,
+    };
+    let mut changed = true;
+    let desc = match known {
+        Ok(d) if convert::topic_matches(&pb::TopicConfig::from(&d.config), want) => {
+            changed = false;
+            d
+        }
         Ok(_) => {
             let d = client.update_topic(name, &want_config).await.map_err(err)?;
             ctx.event(
@@ -463,12 +485,19 @@ async fn sync_topic_with(
         }
         Err(e) => return Err(err(e)),
     };
+    if changed {
+        ctx.forget_snapshot(ns).await;
+    }
     let mut seen = Observed {
         messages: desc.messages,
         bytes: desc.bytes,
         ..Observed::default()
     };
     for p in desc.partitions.iter().filter(|p| p.messages > 0) {
+        if let Some(ts) = ctx.oldest(ns, name, p.partition, p.earliest_offset) {
+            seen.oldest_ms = Some(seen.oldest_ms.map_or(ts, |o| o.min(ts)));
+            continue;
+        }
         // The oldest record of a partition is its first stored one.
         let first = weir_client::FetchOptions {
             max_records: Some(1),
@@ -484,10 +513,21 @@ async fn sync_topic_with(
                     .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
             })
         {
+            ctx.remember_oldest(ns, name, p.partition, p.earliest_offset, ts);
             seen.oldest_ms = Some(seen.oldest_ms.map_or(ts, |o| o.min(ts)));
         }
     }
-    let metadata = client.metadata().await.map_err(err)?;
+    let mut placement = placement_of(&snap.metadata, name);
+    if changed || placement.len() != want.partitions as usize {
+        // Placed a moment ago: the snapshot's metadata does not have it yet.
+        placement = placement_of(&client.metadata().await.map_err(err)?, name);
+    }
+    seen.placement = placement;
+    Ok(seen)
+}
+
+/// Each partition's leader of topic `name` in `metadata`, by partition.
+fn placement_of(metadata: &weir_client::ClusterMetadata, name: &str) -> Vec<PartitionPlacement> {
     let mut placement: Vec<PartitionPlacement> = metadata
         .partitions
         .iter()
@@ -504,8 +544,7 @@ async fn sync_topic_with(
         })
         .collect();
     placement.sort_by_key(|p| p.partition);
-    seen.placement = placement;
-    Ok(seen)
+    placement
 }
 
 /// Deletion: with `Delete`, the topic is deleted through the cluster (while brokers run
