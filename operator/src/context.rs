@@ -104,8 +104,9 @@ pub struct Context {
     applied: std::sync::Mutex<HashMap<String, (Vec<u8>, std::time::Instant)>>,
     /// The Topic controller's cache, once it runs: Topics listed from it, not the API.
     topics: std::sync::OnceLock<kube::runtime::reflector::Store<crate::crd::Topic>>,
-    /// Per namespace, the cluster's figures of every topic and its metadata, read with one
-    /// `ListTopics` and one `Metadata` per status interval for all Topics.
+    /// Per namespace, the cluster's figures of every topic and group and its metadata, read
+    /// with one `ListTopics`, one `ListGroups` and one `Metadata` per half status interval
+    /// for all Topics and ConsumerGroups.
     snapshots: Mutex<HashMap<String, Arc<Snapshot>>>,
     /// Timestamp of the first stored record per (namespace, topic, partition), with the
     /// earliest offset it was read at: read again only when that offset moves.
@@ -115,13 +116,16 @@ pub struct Context {
 /// `(namespace, topic, partition)`.
 type PartitionKey = (String, String, u32);
 
-/// The cluster's figures of every topic of a namespace and its metadata, as read at `at`.
+/// The cluster's figures of every topic and group of a namespace and its metadata, as read
+/// at `at`.
 #[derive(Debug)]
 pub struct Snapshot {
     /// When it was read.
     pub at: std::time::Instant,
     /// Every topic, by name.
     pub topics: HashMap<String, weir_client::TopicInfo>,
+    /// Every consumer group, by name (members, lag and pending from their coordinators).
+    pub groups: HashMap<String, weir_client::GroupInfo>,
     /// Brokers and partition leaders.
     pub metadata: weir_client::ClusterMetadata,
 }
@@ -191,17 +195,24 @@ impl Context {
             .into_iter()
             .map(|t| (t.name.clone(), t))
             .collect();
+        let groups = client
+            .list_groups(None)
+            .await?
+            .into_iter()
+            .map(|g| (g.name.clone(), g))
+            .collect();
         let metadata = client.metadata().await?;
         let s = Arc::new(Snapshot {
             at,
             topics,
+            groups,
             metadata,
         });
         snapshots.insert(namespace.to_owned(), Arc::clone(&s));
         Ok(s)
     }
 
-    /// Forgets the namespace's snapshot (a topic was created or changed through it).
+    /// Forgets the namespace's snapshot (a topic or group was created or changed through it).
     pub async fn forget_snapshot(&self, namespace: &str) {
         self.snapshots.lock().await.remove(namespace);
     }

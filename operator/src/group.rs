@@ -232,7 +232,9 @@ async fn apply(group: &ConsumerGroup, ctx: &Context) -> Result<Action, Error> {
 }
 
 /// Creates or updates the group through the cluster (any Ready broker forwards to the
-/// group's coordinator), applies a pending reset, and describes it.
+/// group's coordinator), applies a pending reset, and describes it: from the namespace's
+/// snapshot ([`Context::snapshot`], shared with every Topic and group) unless it is missing
+/// there or its settings differ.
 async fn sync_group(
     ctx: &Context,
     group: &ConsumerGroup,
@@ -247,8 +249,21 @@ async fn sync_group(
         source,
     };
     let want = weir_client::GroupConfig::try_from(config.clone()).map_err(err)?;
-    let mut desc = match client.describe_group(name).await {
-        Ok(d) if convert::group_matches(&(&d.config).into(), config) => d,
+    let snap = ctx
+        .snapshot(ns, &client, ctx.settings.status_interval / 2)
+        .await
+        .map_err(err)?;
+    let known = match snap.groups.get(name) {
+        Some(d) => Ok(d.clone()),
+        // Not in the snapshot: created since, or not yet.
+        None => client.describe_group(name).await,
+    };
+    let mut changed = true;
+    let mut desc = match known {
+        Ok(d) if convert::group_matches(&(&d.config).into(), config) => {
+            changed = false;
+            d
+        }
         Ok(_) => client.update_group(name, &want).await.map_err(err)?,
         Err(e) if e.code() == Some(Code::NotFound) => {
             let d = client.create_group(name, &want).await.map_err(err)?;
@@ -263,6 +278,10 @@ async fn sync_group(
             .reset_group(name, Some(to).into())
             .await
             .map_err(err)?;
+        changed = true;
+    }
+    if changed {
+        ctx.forget_snapshot(ns).await;
     }
     Ok(desc)
 }
