@@ -183,6 +183,16 @@ impl Operator {
         Some(out)
     }
 
+    /// Peak resident memory of the operator process so far (`VmHWM`), in KiB.
+    pub fn peak_rss_kib(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
     /// Value of the metric line starting with `prefix` (e.g. `weir_operator_leader`).
     pub fn metric(&self, prefix: &str) -> Option<f64> {
         self.get("/metrics")?

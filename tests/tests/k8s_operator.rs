@@ -662,3 +662,61 @@ async fn a_killed_operator_is_replaced_and_converges_without_duplicates() -> any
     drop(second);
     Ok(())
 }
+
+/// Many Topics in one namespace (issue "the operator at scale"): `WEIR_SCALE_TOPICS` (default
+/// 1,000) Topics of 1–3 partitions in one `kubectl apply`; prints the time until all are
+/// Ready, the operator's peak RSS and its reconcile count. Minutes long: run by hand,
+/// `cargo test -p weir-tests --test k8s_operator many_topics -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "minutes long; run by hand (see the doc comment)"]
+async fn many_topics_become_ready() -> anyhow::Result<()> {
+    let n: usize = std::env::var("WEIR_SCALE_TOPICS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let c = Cluster::start(
+        "op-scale",
+        90,
+        &["--max-brokers", "3", "--status-interval", "1s"],
+    )
+    .await?;
+    let mut yaml = String::new();
+    for i in 0..n {
+        use std::fmt::Write as _;
+        write!(
+            yaml,
+            "apiVersion: weir.dev/v1alpha1\nkind: Topic\nmetadata: {{name: t{i}}}\nspec: {{partitions: {}}}\n---\n",
+            1 + i % 3
+        )?;
+    }
+    let applied = Instant::now();
+    c.apply(&yaml)?;
+    let deadline = applied + Duration::from_secs(900);
+    loop {
+        let out = c.kubectl(&[
+            "get",
+            "topics",
+            "-o",
+            "jsonpath={range .items[*]}{.status.conditions[0].status}{\"\\n\"}{end}",
+        ])?;
+        let ready = out.lines().filter(|l| *l == "True").count();
+        if ready == n {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{ready} of {n} Topics Ready after {:?}",
+            applied.elapsed()
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    println!(
+        "{n} Topics Ready {:?} after one kubectl apply; operator peak RSS {} KiB; reconciles {}",
+        applied.elapsed(),
+        c.operator.peak_rss_kib().unwrap_or_default(),
+        c.operator
+            .metric("weir_operator_reconciles_total{kind=\"Topic\"}")
+            .unwrap_or_default()
+    );
+    Ok(())
+}
