@@ -153,15 +153,8 @@ async fn apply_brokers(ctx: &Context, ns: &str, topics: &[Topic]) -> Result<i32,
         // says it was removed). The claim protection waits for the Pod to be gone.
         let claims = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), ns);
         let name = builders::data_claim(gone);
-        match claims
-            .delete(&name, &kube::api::DeleteParams::default())
-            .await
-        {
-            Ok(_) => {
-                tracing::info!(namespace = ns, claim = %name, "volume claim of the removed broker deleted");
-            }
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
+        if delete_if_present(&claims, &name).await? {
+            tracing::info!(namespace = ns, claim = %name, "volume claim of the removed broker deleted");
         }
     }
     Ok(replicas)
@@ -170,34 +163,34 @@ async fn apply_brokers(ctx: &Context, ns: &str, topics: &[Topic]) -> Result<i32,
 /// Deletes the namespace's broker objects (its last Topic went). Their volume claims stay,
 /// as a StatefulSet's do: a `Retain` Topic's records are on them.
 async fn delete_brokers(ctx: &Context, ns: &str) -> Result<(), Error> {
-    let params = kube::api::DeleteParams::default();
-    let gone = |r: Result<(), kube::Error>| match r {
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        other => other,
-    };
-    gone(
-        Api::<StatefulSet>::namespaced(ctx.client.clone(), ns)
-            .delete(builders::BROKERS, &params)
-            .await
-            .map(|_| ()),
-    )?;
+    delete_if_present(
+        &Api::<StatefulSet>::namespaced(ctx.client.clone(), ns),
+        builders::BROKERS,
+    )
+    .await?;
     for svc in [builders::headless_service(ns), builders::client_service(ns)] {
         let name = svc.metadata.name.unwrap_or_default();
-        gone(
-            Api::<Service>::namespaced(ctx.client.clone(), ns)
-                .delete(&name, &params)
-                .await
-                .map(|_| ()),
-        )?;
+        delete_if_present(&Api::<Service>::namespaced(ctx.client.clone(), ns), &name).await?;
     }
-    gone(
-        Api::<PodDisruptionBudget>::namespaced(ctx.client.clone(), ns)
-            .delete(builders::BROKERS, &params)
-            .await
-            .map(|_| ()),
-    )?;
+    delete_if_present(
+        &Api::<PodDisruptionBudget>::namespaced(ctx.client.clone(), ns),
+        builders::BROKERS,
+    )
+    .await?;
     tracing::info!(namespace = ns, "no Topic left: broker objects deleted");
     Ok(())
+}
+
+/// Deletes `name`; one that is gone already is fine. Returns whether it was there.
+async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<bool, Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &kube::api::DeleteParams::default()).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// One step towards fewer brokers: the broker with the highest ordinal (`current - 1`, the

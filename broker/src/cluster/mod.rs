@@ -314,14 +314,19 @@ impl Cluster {
     }
 
     fn is_sole_voter(&self) -> bool {
-        let m = self
-            .raft
+        let voters: Vec<_> = self.membership().voter_ids().collect();
+        voters == [self.me]
+    }
+
+    /// The metadata group's effective membership (voters and learners) as this broker
+    /// knows it.
+    fn membership(&self) -> openraft::Membership<BrokerId, BasicNode> {
+        self.raft
             .metrics()
             .borrow_watched()
             .membership_config
-            .clone();
-        let voters: Vec<_> = m.membership().voter_ids().collect();
-        voters == [self.me]
+            .membership()
+            .clone()
     }
 
     /// Waits until the metadata group has a leader, as long as it takes (a broker of a
@@ -762,13 +767,7 @@ impl Cluster {
             address,
             "broker added to the metadata group as a learner"
         );
-        let membership = self
-            .raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .membership()
-            .clone();
+        let membership = self.membership();
         let voters: Vec<BrokerId> = membership.voter_ids().collect();
         let learners: Vec<BrokerId> = membership.learner_ids().collect();
         let need = VOTERS.saturating_sub(voters.len());
@@ -829,13 +828,7 @@ impl Cluster {
         };
         let state = self.state();
         held(&state)?;
-        let membership = self
-            .raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .membership()
-            .clone();
+        let membership = self.membership();
         let voters: std::collections::BTreeSet<BrokerId> = membership.voter_ids().collect();
         let member = membership.nodes().any(|(n, _)| *n == id);
         if !member && !state.brokers.contains_key(&id) {

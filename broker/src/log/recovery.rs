@@ -319,36 +319,42 @@ mod tests {
     use super::*;
     use crate::log::{Log, LogOptions, TopicConfig};
 
+    /// A data directory as an earlier version left it: topic `old` (id 1, one partition) in
+    /// `meta`, plus what `more` writes there, persisted.
+    fn write_old_directory(path: &std::path::Path, more: impl FnOnce(&Keyspace)) {
+        let db = Database::builder(path).open().expect("db");
+        let meta = db
+            .keyspace("meta", fjall::KeyspaceCreateOptions::default)
+            .expect("meta");
+        let _records = db
+            .keyspace("records", fjall::KeyspaceCreateOptions::default)
+            .expect("records");
+        let topic = TopicMeta {
+            id: 1,
+            name: "old".into(),
+            config: TopicConfig::new(1, 0).expect("config"),
+            created_at_ms: 1,
+        };
+        meta.insert(
+            keys::topic_key("old"),
+            serde_json::to_vec(&topic).expect("json"),
+        )
+        .expect("topic");
+        more(&meta);
+        db.persist(PersistMode::SyncAll).expect("persist");
+    }
+
     /// A data directory written by schema 1 (`n/topic-id` little-endian, no `v/schema`)
     /// opens with its topics, the next topic gets the next id, and the value is stored
     /// big-endian from then on.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_schema_1_data_directory_is_migrated() {
         let dir = tempfile::tempdir().expect("temp dir");
-        {
-            // What the previous version wrote for one topic `old` with id 1.
-            let db = Database::builder(dir.path()).open().expect("db");
-            let meta = db
-                .keyspace("meta", fjall::KeyspaceCreateOptions::default)
-                .expect("meta");
-            let _records = db
-                .keyspace("records", fjall::KeyspaceCreateOptions::default)
-                .expect("records");
-            let topic = TopicMeta {
-                id: 1,
-                name: "old".into(),
-                config: TopicConfig::new(1, 0).expect("config"),
-                created_at_ms: 1,
-            };
-            meta.insert(
-                keys::topic_key("old"),
-                serde_json::to_vec(&topic).expect("json"),
-            )
-            .expect("topic");
+        // What the previous version wrote for one topic `old` with id 1.
+        write_old_directory(dir.path(), |meta| {
             meta.insert(keys::TOPIC_ID_KEY, 2u32.to_le_bytes())
                 .expect("topic id");
-            db.persist(PersistMode::SyncAll).expect("persist");
-        }
+        });
         let log = Log::open(dir.path(), &LogOptions::default()).expect("opens");
         assert!(log.topic("old").is_ok());
         let (created, _) = log
@@ -381,25 +387,7 @@ mod tests {
     async fn a_schema_2_data_directory_drops_per_topic_producer_state() {
         let dir = tempfile::tempdir().expect("temp dir");
         let per_partition = keys::producer_key(keys::partition_prefix(1, 0), 42);
-        {
-            let db = Database::builder(dir.path()).open().expect("db");
-            let meta = db
-                .keyspace("meta", fjall::KeyspaceCreateOptions::default)
-                .expect("meta");
-            let _records = db
-                .keyspace("records", fjall::KeyspaceCreateOptions::default)
-                .expect("records");
-            let topic = TopicMeta {
-                id: 1,
-                name: "old".into(),
-                config: TopicConfig::new(1, 0).expect("config"),
-                created_at_ms: 1,
-            };
-            meta.insert(
-                keys::topic_key("old"),
-                serde_json::to_vec(&topic).expect("json"),
-            )
-            .expect("topic");
+        write_old_directory(dir.path(), |meta| {
             meta.insert(keys::TOPIC_ID_KEY, 2u32.to_be_bytes())
                 .expect("topic id");
             meta.insert(keys::SCHEMA_KEY, 2u32.to_be_bytes())
@@ -411,8 +399,7 @@ mod tests {
                 .expect("per-topic producer");
             meta.insert(per_partition, br#"{"last":5,"recent":[]}"#.as_slice())
                 .expect("per-partition producer");
-            db.persist(PersistMode::SyncAll).expect("persist");
-        }
+        });
         let log = Log::open(dir.path(), &LogOptions::default()).expect("opens");
         let producers = log.scan_meta(keys::PRODUCER_PREFIX).expect("scan");
         assert_eq!(producers.len(), 1, "only the per-partition entry is left");
