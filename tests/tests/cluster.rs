@@ -718,6 +718,42 @@ async fn stream_to_every_leader(client: &weir_client::Client) -> anyhow::Result<
     Ok(())
 }
 
+/// `weir` routes by itself (a consume of a partition led elsewhere, through broker 0,
+/// forwards nothing) unless `--no-route` sends it through broker 0, which forwards.
+fn weir_routes_unless_told_not_to(brokers: &[Broker]) -> anyhow::Result<()> {
+    let m = describe_json(&brokers[0])?;
+    let elsewhere = leaders(&m, "direct")
+        .iter()
+        .position(|l| *l != 0)
+        .ok_or_else(|| anyhow::anyhow!("every partition led by broker 0"))?;
+    let p = elsewhere.to_string();
+    for flag in [None, Some("--no-route")] {
+        let before = brokers[0].metric("weir_forwarded_requests_total")?;
+        let mut args = vec!["consume", "direct", "--partition", &p, "--offset", "0"];
+        args.extend(["--max-messages", "1"]);
+        args.extend(flag);
+        let out = brokers[0].weir(&args, b"")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let after = brokers[0].metric("weir_forwarded_requests_total")?;
+        if flag.is_some() {
+            assert!(
+                after > before,
+                "weir --no-route: forwarded ({before} then {after})"
+            );
+        } else {
+            assert!(
+                (after - before).abs() < 0.5,
+                "weir routes itself: nothing forwarded ({before} then {after})"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// A client that routes by itself (the default) sends produce (unary and streamed), fetch
 /// and group calls straight to the partition's leader or the group's coordinator, so no
 /// broker forwards anything; an idempotent producer's keyed records span every leader (sequences per
@@ -807,6 +843,7 @@ async fn a_routing_client_sends_every_call_to_its_leader() -> anyhow::Result<()>
         (forwarded - led_elsewhere as f64).abs() < 0.5,
         "without routing, the {led_elsewhere} partitions led elsewhere are forwarded: {forwarded}"
     );
+    weir_routes_unless_told_not_to(&brokers)?;
     Ok(())
 }
 
