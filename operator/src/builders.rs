@@ -206,6 +206,15 @@ pub fn selector() -> BTreeMap<String, String> {
     ])
 }
 
+/// [`selector`] as a label selector string (`k=v,k=v`), for lists and watches.
+pub fn selector_string() -> String {
+    selector()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn meta(name: &str, namespace: &str) -> ObjectMeta {
     ObjectMeta {
         name: Some(name.to_owned()),

@@ -11,7 +11,7 @@ use kube::{
     runtime::{
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
-        reflector::ObjectRef,
+        reflector::{ObjectRef, Store},
     },
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -19,7 +19,7 @@ use tokio::sync::Mutex;
 
 use crate::{
     builders::{self, BrokerSettings, GRPC_PORT},
-    crd::Condition,
+    crd::{Condition, ConsumerGroup, Topic},
     metrics::Metrics,
 };
 
@@ -101,20 +101,53 @@ pub struct Context {
     failures: std::sync::Mutex<HashMap<String, u32>>,
     /// Per namespace, the broker objects last applied (their JSON) and when: applied again
     /// only when they change, or after [`REAPPLY_AFTER`] (drift by hand is repaired).
-    applied: std::sync::Mutex<HashMap<String, (Vec<u8>, std::time::Instant)>>,
-    /// The Topic controller's cache, once it runs: Topics listed from it, not the API.
-    topics: std::sync::OnceLock<kube::runtime::reflector::Store<crate::crd::Topic>>,
-    /// Per namespace, the cluster's figures of every topic and group and its metadata, read
-    /// with one `ListTopics`, one `ListGroups` and one `Metadata` per half status interval
-    /// for all Topics and ConsumerGroups.
-    snapshots: Mutex<HashMap<String, Arc<Snapshot>>>,
+    applied: std::sync::Mutex<HashMap<String, Applied>>,
+    /// The controllers' caches, once they run: Topics and broker Pods read from them, not
+    /// from the API, on every reconcile.
+    stores: std::sync::OnceLock<Stores>,
+    /// Per namespace: the cluster's figures and metadata shared by every reconcile, and
+    /// what changed through the cluster since they were read.
+    namespaces: std::sync::Mutex<HashMap<String, Arc<Namespace>>>,
     /// Timestamp of the first stored record per (namespace, topic, partition), with the
     /// earliest offset it was read at: read again only when that offset moves.
     oldest: std::sync::Mutex<HashMap<PartitionKey, (u64, i64)>>,
 }
 
+/// A namespace's broker objects as last applied.
+struct Applied {
+    /// The StatefulSet, Services and PodDisruptionBudget as JSON.
+    objects: Vec<u8>,
+    /// The StatefulSet's replicas.
+    replicas: i32,
+    /// When.
+    at: std::time::Instant,
+}
+
 /// `(namespace, topic, partition)`.
 type PartitionKey = (String, String, u32);
+
+/// The watch caches the controllers share (one watch per kind).
+#[derive(Clone)]
+pub struct Stores {
+    /// Every Topic the operator watches.
+    pub topics: Store<Topic>,
+    /// Every ConsumerGroup the operator watches.
+    pub groups: Store<ConsumerGroup>,
+    /// The broker Pods (label selector [`builders::selector`]) the operator watches.
+    pub pods: Store<Pod>,
+}
+
+/// What the operator keeps per namespace between reconciles.
+#[derive(Default)]
+struct Namespace {
+    /// The last snapshot; one read at a time, concurrent reconciles wait and share it.
+    snapshot: Mutex<Option<Arc<Snapshot>>>,
+    /// The newest cluster metadata read and when (by a snapshot or by itself).
+    metadata: Mutex<Option<(std::time::Instant, Arc<weir_client::ClusterMetadata>)>>,
+    /// Topics and groups (`topic/NAME`, `group/NAME`) created or changed through the
+    /// cluster, and when: a snapshot read before that does not describe them.
+    changed: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+}
 
 /// The cluster's figures of every topic and group of a namespace and its metadata, as read
 /// at `at`.
@@ -127,7 +160,7 @@ pub struct Snapshot {
     /// Every consumer group, by name (members, lag and pending from their coordinators).
     pub groups: HashMap<String, weir_client::GroupInfo>,
     /// Brokers and partition leaders.
-    pub metadata: weir_client::ClusterMetadata,
+    pub metadata: Arc<weir_client::ClusterMetadata>,
 }
 
 /// How long broker objects that did not change go without being applied again: 5 minutes.
@@ -164,26 +197,35 @@ impl Context {
             conns: Mutex::new(HashMap::new()),
             failures: std::sync::Mutex::new(HashMap::new()),
             applied: std::sync::Mutex::new(HashMap::new()),
-            topics: std::sync::OnceLock::new(),
-            snapshots: Mutex::new(HashMap::new()),
+            stores: std::sync::OnceLock::new(),
+            namespaces: std::sync::Mutex::new(HashMap::new()),
             oldest: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
+    fn namespace(&self, namespace: &str) -> Arc<Namespace> {
+        let mut all = self
+            .namespaces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(all.entry(namespace.to_owned()).or_default())
+    }
+
     /// The namespace's snapshot, read through `client` when none is younger than `max_age`
-    /// (one read at a time per operator: concurrent reconciles wait for it and share it).
+    /// (one read at a time per namespace: concurrent reconciles wait for it and share it).
     ///
     /// # Errors
     ///
-    /// The broker's, when `ListTopics` or `Metadata` fails.
+    /// The broker's, when `ListTopics`, `ListGroups` or `Metadata` fails.
     pub async fn snapshot(
         &self,
         namespace: &str,
         client: &weir_client::Client,
         max_age: Duration,
     ) -> Result<Arc<Snapshot>, weir_client::Error> {
-        let mut snapshots = self.snapshots.lock().await;
-        if let Some(s) = snapshots.get(namespace)
+        let ns = self.namespace(namespace);
+        let mut snapshot = ns.snapshot.lock().await;
+        if let Some(s) = snapshot.as_ref()
             && s.at.elapsed() < max_age
         {
             return Ok(Arc::clone(s));
@@ -201,20 +243,74 @@ impl Context {
             .into_iter()
             .map(|g| (g.name.clone(), g))
             .collect();
-        let metadata = client.metadata().await?;
+        let metadata = Arc::new(client.metadata().await?);
         let s = Arc::new(Snapshot {
             at,
             topics,
             groups,
-            metadata,
+            metadata: Arc::clone(&metadata),
         });
-        snapshots.insert(namespace.to_owned(), Arc::clone(&s));
+        *snapshot = Some(Arc::clone(&s));
+        drop(snapshot);
+        {
+            let mut newest = ns.metadata.lock().await;
+            if newest.as_ref().is_none_or(|(t, _)| *t < at) {
+                *newest = Some((at, metadata));
+            }
+        }
+        ns.changed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|_, t| *t >= at);
         Ok(s)
     }
 
-    /// Forgets the namespace's snapshot (a topic or group was created or changed through it).
-    pub async fn forget_snapshot(&self, namespace: &str) {
-        self.snapshots.lock().await.remove(namespace);
+    /// The cluster's metadata as read after `since` (a topic created or changed then is
+    /// placed in it): the newest read when it is recent enough, else read through `client`,
+    /// one read at a time per namespace, so reconciles that changed topics together share
+    /// one read.
+    ///
+    /// # Errors
+    ///
+    /// The broker's, when `Metadata` fails.
+    pub async fn metadata_since(
+        &self,
+        namespace: &str,
+        client: &weir_client::Client,
+        since: std::time::Instant,
+    ) -> Result<Arc<weir_client::ClusterMetadata>, weir_client::Error> {
+        let ns = self.namespace(namespace);
+        let mut newest = ns.metadata.lock().await;
+        if let Some((at, m)) = newest.as_ref()
+            && *at >= since
+        {
+            return Ok(Arc::clone(m));
+        }
+        let at = std::time::Instant::now();
+        let m = Arc::new(client.metadata().await?);
+        *newest = Some((at, Arc::clone(&m)));
+        Ok(m)
+    }
+
+    /// Records that `what` (`topic/NAME`, `group/NAME`) of `namespace` was created or
+    /// changed through the cluster now: snapshots read before do not describe it.
+    pub fn changed(&self, namespace: &str, what: &str) {
+        self.namespace(namespace)
+            .changed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(what.to_owned(), std::time::Instant::now());
+    }
+
+    /// Whether `snapshot` of `namespace` still describes `what` (`topic/NAME`,
+    /// `group/NAME`): nothing changed it through the cluster since it was read.
+    pub fn describes(&self, namespace: &str, snapshot: &Snapshot, what: &str) -> bool {
+        self.namespace(namespace)
+            .changed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(what)
+            .is_none_or(|t| *t < snapshot.at)
     }
 
     /// The timestamp (ms) of the first record of `topic`/`partition` when its earliest
@@ -255,14 +351,33 @@ impl Context {
         );
     }
 
-    /// Lists Topics from the Topic controller's cache from now on.
-    pub fn use_topic_store(&self, store: kube::runtime::reflector::Store<crate::crd::Topic>) {
-        let _ = self.topics.set(store);
+    /// Reads Topics, ConsumerGroups and broker Pods from the controllers' caches from now on.
+    pub fn use_stores(&self, stores: Stores) {
+        let _ = self.stores.set(stores);
     }
 
-    /// The Topic controller's cache, once it runs.
-    pub fn topic_store(&self) -> Option<&kube::runtime::reflector::Store<crate::crd::Topic>> {
-        self.topics.get()
+    /// The controllers' caches once they are filled (the first list done); `None` before
+    /// the controllers run (the API is asked instead).
+    pub async fn stores(&self) -> Option<&Stores> {
+        let stores = self.stores.get()?;
+        let ready = stores.topics.wait_until_ready().await.is_ok()
+            && stores.groups.wait_until_ready().await.is_ok()
+            && stores.pods.wait_until_ready().await.is_ok();
+        ready.then_some(stores)
+    }
+
+    /// The broker count last applied in `namespace` by this process, when that was less
+    /// than [`REAPPLY_AFTER`] ago (else the StatefulSet is read again, and the objects
+    /// applied again, so drift by hand is repaired).
+    pub fn applied_replicas(&self, namespace: &str) -> Option<i32> {
+        let applied = self
+            .applied
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        applied
+            .get(namespace)
+            .filter(|a| a.at.elapsed() < REAPPLY_AFTER)
+            .map(|a| a.replicas)
     }
 
     /// Whether `objects` (the broker objects of `namespace`, as JSON) differ from the last
@@ -274,18 +389,26 @@ impl Context {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         applied
             .get(namespace)
-            .is_none_or(|(last, at)| last != objects || at.elapsed() >= REAPPLY_AFTER)
+            .is_none_or(|a| a.objects != objects || a.at.elapsed() >= REAPPLY_AFTER)
     }
 
-    /// Records `objects` as applied in `namespace` (`None`: removed, or to be applied again).
-    pub fn broker_objects_applied(&self, namespace: &str, objects: Option<Vec<u8>>) {
+    /// Records `objects` (with `replicas` brokers) as applied in `namespace` (`None`:
+    /// removed, or to be applied again).
+    pub fn broker_objects_applied(&self, namespace: &str, objects: Option<(Vec<u8>, i32)>) {
         let mut applied = self
             .applied
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match objects {
-            Some(o) => {
-                applied.insert(namespace.to_owned(), (o, std::time::Instant::now()));
+            Some((objects, replicas)) => {
+                applied.insert(
+                    namespace.to_owned(),
+                    Applied {
+                        objects,
+                        replicas,
+                        at: std::time::Instant::now(),
+                    },
+                );
             }
             None => {
                 applied.remove(namespace);
@@ -293,15 +416,34 @@ impl Context {
         }
     }
 
-    /// The broker Pods of `namespace`, by name.
+    /// Topic `name` of `namespace`: from the Topic watch's cache once the controllers run,
+    /// else read from the API.
+    pub async fn topic(&self, namespace: &str, name: &str) -> Result<Option<Arc<Topic>>, Error> {
+        if let Some(stores) = self.stores().await {
+            return Ok(stores.topics.get(&ObjectRef::new(name).within(namespace)));
+        }
+        let api: Api<Topic> = Api::namespaced(self.client.clone(), namespace);
+        Ok(api.get_opt(name).await?.map(Arc::new))
+    }
+
+    /// The broker Pods of `namespace`, by name: from the Pod watch's cache once the
+    /// controllers run, else listed from the API.
     pub async fn broker_pods(&self, namespace: &str) -> Result<HashMap<String, BrokerPod>, Error> {
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        let selector = builders::selector()
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let list = pods.list(&ListParams::default().labels(&selector)).await?;
+        let list: Vec<Arc<Pod>> = if let Some(stores) = self.stores().await {
+            stores
+                .pods
+                .state()
+                .into_iter()
+                .filter(|p| p.metadata.namespace.as_deref() == Some(namespace))
+                .collect()
+        } else {
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+            pods.list(&ListParams::default().labels(&builders::selector_string()))
+                .await?
+                .into_iter()
+                .map(Arc::new)
+                .collect()
+        };
         Ok(list
             .into_iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none())
@@ -427,15 +569,23 @@ impl Context {
 
     /// The action after a failed reconcile of `key`: requeue with exponential backoff,
     /// 1 s doubling to 5 min (controller-runtime's default rate limiter shape).
-    pub fn backoff(&self, key: &str) -> Action {
-        let mut f = self
-            .failures
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = f.entry(key.to_owned()).or_insert(0);
-        *n = (*n + 1).min(20);
-        let secs = (1u64 << (*n - 1).min(9)).min(300);
-        Action::requeue(Duration::from_secs(secs))
+    pub fn backoff<K: Resource<DynamicType = ()>>(&self, obj: &K) -> Action {
+        let secs = {
+            let mut f = self
+                .failures
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let n = f.entry(key(obj)).or_insert(0);
+            *n = (*n + 1).min(20);
+            (1u64 << (*n - 1).min(9)).min(300)
+        };
+        self.requeue(obj, Duration::from_secs(secs))
+    }
+
+    /// Reconcile `obj` again after `after` (counted in the queue metrics once due).
+    pub fn requeue<K: Resource<DynamicType = ()>>(&self, obj: &K, after: Duration) -> Action {
+        self.metrics.requeued(&K::kind(&()), key(obj), after);
+        Action::requeue(after)
     }
 
     /// Forgets the failures of `key` after a successful reconcile.
@@ -466,7 +616,7 @@ pub fn on_error<K: Resource<DynamicType = ()>>(
 ) -> Action {
     ctx.metrics.failed(kind, error.kind());
     tracing::warn!(kind, name = %obj.name_any(), namespace = ?obj.namespace(), error = %error, "reconcile failed; retrying");
-    ctx.backoff(&key(obj))
+    ctx.backoff(obj)
 }
 
 /// The key of an object for backoff bookkeeping.
@@ -474,12 +624,22 @@ pub fn key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     ObjectRef::from_obj(obj).to_string()
 }
 
-/// Writes `status` to the status subresource of `obj` with server-side apply.
-pub async fn apply_status<K, S>(api: &Api<K>, obj: &K, status: &S) -> Result<(), Error>
+/// Writes `status` to the status subresource of `obj` with server-side apply, unless
+/// `previous` (the status `obj` was read with) equals it: a status that did not change is
+/// not written, so idle objects keep their resourceVersion and wake no watcher.
+pub async fn apply_status<K, S>(
+    api: &Api<K>,
+    obj: &K,
+    previous: Option<&S>,
+    status: &S,
+) -> Result<(), Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
-    S: Serialize,
+    S: Serialize + PartialEq,
 {
+    if previous == Some(status) {
+        return Ok(());
+    }
     let patch = serde_json::json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),

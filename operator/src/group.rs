@@ -17,7 +17,7 @@ use tonic::Code;
 use crate::{
     context::{self, Context, Error, apply_status, ready_condition},
     convert,
-    crd::{AppliedReset, ConsumerGroup, ConsumerGroupStatus, GroupPartitionStatus, Topic},
+    crd::{AppliedReset, ConsumerGroup, ConsumerGroupStatus, GroupPartitionStatus},
 };
 
 /// Finalizer on every ConsumerGroup: the group is deleted from the brokers before it goes
@@ -27,6 +27,8 @@ pub const FINALIZER: &str = "weir.dev/group";
 /// Reconciles one ConsumerGroup (the controller's entry point).
 pub async fn reconcile(group: Arc<ConsumerGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
+    ctx.metrics
+        .started("ConsumerGroup", context::key(group.as_ref()));
     let ns = group.namespace().unwrap_or_default();
     let api: Api<ConsumerGroup> = Api::namespaced(ctx.client.clone(), &ns);
     let result = finalizer(&api, FINALIZER, group, |event| async {
@@ -66,7 +68,7 @@ async fn write_not_ready(
         observed_generation: generation,
         ..previous.clone()
     };
-    apply_status(api, group, &status).await
+    apply_status(api, group, group.status.as_ref(), &status).await
 }
 
 // One reconcile pass, read top to bottom: validate, place, sync brokers, write status.
@@ -101,8 +103,7 @@ async fn apply(group: &ConsumerGroup, ctx: &Context) -> Result<Action, Error> {
             return Ok(Action::await_change());
         }
     };
-    let topics: Api<Topic> = Api::namespaced(ctx.client.clone(), &ns);
-    let Some(topic) = topics.get_opt(&group.spec.topic).await? else {
+    let Some(topic) = ctx.topic(&ns, &group.spec.topic).await? else {
         write_not_ready(
             &api,
             group,
@@ -114,7 +115,7 @@ async fn apply(group: &ConsumerGroup, ctx: &Context) -> Result<Action, Error> {
             ),
         )
         .await?;
-        return Ok(Action::requeue(retry));
+        return Ok(ctx.requeue(group, retry));
     };
     let tstatus = topic.status.clone().unwrap_or_default();
     let topic_ready = tstatus
@@ -130,7 +131,7 @@ async fn apply(group: &ConsumerGroup, ctx: &Context) -> Result<Action, Error> {
             format!("topic {} is not Ready yet", group.spec.topic),
         )
         .await?;
-        return Ok(Action::requeue(retry));
+        return Ok(ctx.requeue(group, retry));
     }
 
     let apply_reset = match (&group.spec.reset_to, &previous.last_reset) {
@@ -222,12 +223,25 @@ async fn apply(group: &ConsumerGroup, ctx: &Context) -> Result<Action, Error> {
         status.dead_lettered = previous.dead_lettered;
         status.partitions = previous.partitions.clone();
     }
-    apply_status(&api, group, &status).await?;
+    apply_status(&api, group, group.status.as_ref(), &status).await?;
     ctx.succeeded(&context::key(group));
     Ok(if ready {
-        Action::requeue(ctx.settings.status_interval)
+        // The interval grows with the namespace's groups (10 ms each past 100), as the
+        // Topics' does.
+        let groups = match ctx.stores().await {
+            Some(s) => s
+                .groups
+                .state()
+                .iter()
+                .filter(|g| g.metadata.namespace.as_deref() == Some(ns.as_str()))
+                .count(),
+            None => 0,
+        };
+        let per_group = std::time::Duration::from_millis(10)
+            .saturating_mul(u32::try_from(groups.saturating_sub(100)).unwrap_or(u32::MAX));
+        ctx.requeue(group, ctx.settings.status_interval + per_group)
     } else {
-        Action::requeue(retry)
+        ctx.requeue(group, retry)
     })
 }
 
@@ -253,10 +267,11 @@ async fn sync_group(
         .snapshot(ns, &client, ctx.settings.status_interval / 2)
         .await
         .map_err(err)?;
+    let what = format!("group/{name}");
     let known = match snap.groups.get(name) {
-        Some(d) => Ok(d.clone()),
-        // Not in the snapshot: created since, or not yet.
-        None => client.describe_group(name).await,
+        Some(d) if ctx.describes(ns, &snap, &what) => Ok(d.clone()),
+        // Not in the snapshot (created since, or not yet), or changed since it was read.
+        _ => client.describe_group(name).await,
     };
     let mut changed = true;
     let mut desc = match known {
@@ -281,7 +296,7 @@ async fn sync_group(
         changed = true;
     }
     if changed {
-        ctx.forget_snapshot(ns).await;
+        ctx.changed(ns, &what);
     }
     Ok(desc)
 }
@@ -291,8 +306,7 @@ async fn sync_group(
 async fn cleanup(group: &ConsumerGroup, ctx: &Context) -> Result<Action, Error> {
     let ns = group.namespace().unwrap_or_default();
     let name = group.name_any();
-    let topics: Api<Topic> = Api::namespaced(ctx.client.clone(), &ns);
-    if topics.get_opt(&group.spec.topic).await?.is_none() || ctx.broker_pods(&ns).await?.is_empty()
+    if ctx.topic(&ns, &group.spec.topic).await?.is_none() || ctx.broker_pods(&ns).await?.is_empty()
     {
         return Ok(Action::await_change());
     }

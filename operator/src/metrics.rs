@@ -2,13 +2,18 @@
 //! `/readyz`).
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
+
+/// A due reconcile not started this long after it was due is taken for one of an object
+/// that went (kube's scheduler dropped it): 10 minutes.
+const STALE_DUE: Duration = Duration::from_secs(600);
 
 use axum::{Router, http::StatusCode, routing::get};
 use prometheus_client::{
@@ -33,16 +38,33 @@ pub struct ErrorLabels {
     pub error: String,
 }
 
+/// A count read when the metrics are scraped (e.g. the objects in a watch cache).
+type CountFn = Box<dyn Fn() -> usize + Send + Sync>;
+
 /// The operator's metrics.
-#[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     reconciles: Family<KindLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
     duration: Family<KindLabels, Histogram>,
+    queue_depth: Family<KindLabels, Gauge>,
+    queue_oldest: Family<KindLabels, Gauge<f64, AtomicU64>>,
+    queue_wait: Family<KindLabels, Histogram>,
+    watched: Family<KindLabels, Gauge>,
     leader: Gauge,
     broker_applies: Counter,
     ready: AtomicBool,
+    /// Reconciles due and not started, by (kind, object): since when they are due (a watch
+    /// event: at once; a requeue: after its delay).
+    due: Mutex<HashMap<(String, String), Instant>>,
+    /// Per kind, how many objects its watch cache holds.
+    counts: Mutex<Vec<(String, CountFn)>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
 impl Default for Metrics {
@@ -77,6 +99,34 @@ impl Metrics {
             "Time a reconcile took, seconds",
             duration.clone(),
         );
+        let queue_depth = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "queue_depth",
+            "Reconciles due and not started (woken by a watch event, or a requeue whose delay passed), by resource kind",
+            queue_depth.clone(),
+        );
+        let queue_oldest = Family::<KindLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "queue_oldest_seconds",
+            "How long the longest-waiting due reconcile has waited, seconds, by resource kind",
+            queue_oldest.clone(),
+        );
+        let queue_wait = Family::<KindLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0,
+            ])
+        });
+        registry.register(
+            "queue_wait_seconds",
+            "Time from a reconcile being due to its start, seconds, by resource kind",
+            queue_wait.clone(),
+        );
+        let watched = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "objects_watched",
+            "Objects in the operator's watch caches, by kind (Topic, ConsumerGroup, Pod)",
+            watched.clone(),
+        );
         let broker_applies = Counter::default();
         registry.register(
             "broker_object_applies",
@@ -94,9 +144,92 @@ impl Metrics {
             reconciles,
             errors,
             duration,
+            queue_depth,
+            queue_oldest,
+            queue_wait,
+            watched,
             leader,
             broker_applies,
             ready: AtomicBool::new(false),
+            due: Mutex::new(HashMap::new()),
+            counts: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Records that a reconcile of `object` (a `kind`) is due now (a watch event woke it).
+    pub fn queued(&self, kind: &str, object: String) {
+        self.due_at(kind, object, Instant::now());
+    }
+
+    /// Records that a reconcile of `object` (a `kind`) is due after `delay` (a requeue).
+    pub fn requeued(&self, kind: &str, object: String, delay: Duration) {
+        self.due_at(kind, object, Instant::now() + delay);
+    }
+
+    fn due_at(&self, kind: &str, object: String, at: Instant) {
+        let mut due = self.due.lock().unwrap_or_else(PoisonError::into_inner);
+        due.entry((kind.to_owned(), object))
+            .and_modify(|t| *t = (*t).min(at))
+            .or_insert(at);
+    }
+
+    /// Records that the reconcile of `object` (a `kind`) starts: its wait since it was due
+    /// goes into `weir_operator_queue_wait_seconds`.
+    pub fn started(&self, kind: &str, object: String) {
+        let due = self
+            .due
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(kind.to_owned(), object));
+        if let Some(at) = due {
+            self.queue_wait
+                .get_or_create(&KindLabels { kind: kind.into() })
+                .observe(Instant::now().saturating_duration_since(at).as_secs_f64());
+        }
+    }
+
+    /// Reports the objects of `kind` watched as `count()` at every scrape.
+    pub fn watch_count(&self, kind: &str, count: impl Fn() -> usize + Send + Sync + 'static) {
+        self.counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((kind.to_owned(), Box::new(count)));
+    }
+
+    /// Sets the gauges read at scrape time: queue depth and oldest wait, objects watched.
+    fn refresh(&self) {
+        let now = Instant::now();
+        let mut per_kind: HashMap<String, (i64, Duration)> = HashMap::new();
+        {
+            let mut due = self.due.lock().unwrap_or_else(PoisonError::into_inner);
+            // An object deleted while a requeue was pending never starts: forgotten once
+            // it is long overdue.
+            due.retain(|_, at| now.saturating_duration_since(*at) < STALE_DUE);
+            for ((kind, _), at) in due.iter() {
+                let e = per_kind.entry(kind.clone()).or_default();
+                if *at <= now {
+                    e.0 += 1;
+                    e.1 = e.1.max(now - *at);
+                }
+            }
+        }
+        for kind in ["Topic", "ConsumerGroup"] {
+            let (depth, oldest) = per_kind.remove(kind).unwrap_or_default();
+            let l = KindLabels { kind: kind.into() };
+            self.queue_depth.get_or_create(&l).set(depth);
+            self.queue_oldest
+                .get_or_create(&l)
+                .set(oldest.as_secs_f64());
+        }
+        for (kind, count) in self
+            .counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            self.watched
+                .get_or_create(&KindLabels { kind: kind.clone() })
+                .set(i64::try_from(count()).unwrap_or(i64::MAX));
         }
     }
 
@@ -134,6 +267,7 @@ impl Metrics {
 
     /// The text exposition of every metric.
     pub fn encode(&self) -> String {
+        self.refresh();
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();

@@ -2,19 +2,23 @@
 //! wake them, and leader election with a `coordination.k8s.io` Lease so that only one
 //! replica reconciles at a time.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, PodStatus};
 use kube::{
     Api, Client, ResourceExt,
-    runtime::{Controller, reflector::ObjectRef, watcher},
+    runtime::{
+        Controller, WatchStreamExt, controller,
+        reflector::{self, ObjectRef},
+        watcher::{self, watcher},
+    },
 };
 use kube_lease_manager::LeaseManagerBuilder;
 
 use crate::{
     builders,
-    context::{Context, Settings},
+    context::{self, Context, Settings, Stores},
     crd::{ConsumerGroup, Topic},
     group,
     metrics::Metrics,
@@ -46,30 +50,215 @@ where
     }
 }
 
+/// Reconciles of one kind that run at once: bounds the operator's memory and the requests
+/// in flight when thousands of objects change together.
+const CONCURRENCY: u16 = 16;
+
+/// A hash of `property`.
+fn hash_of(property: impl std::hash::Hash) -> u64 {
+    use std::hash::{DefaultHasher, Hasher};
+    let mut h = DefaultHasher::new();
+    property.hash(&mut h);
+    h.finish()
+}
+
+/// What was last seen of each object, to tell which watch events change what a reader
+/// acts on (kube's predicate filter, keyed by the reader's own property).
+struct Seen<K: kube::Resource<DynamicType = ()>> {
+    last: HashMap<ObjectRef<K>, u64>,
+    property: fn(&K) -> u64,
+}
+
+impl<K: kube::Resource<DynamicType = ()>> Seen<K> {
+    fn new(property: fn(&K) -> u64) -> Self {
+        Self {
+            last: HashMap::new(),
+            property,
+        }
+    }
+
+    /// Whether `obj`'s property changed since it was last seen (the first time: yes; an
+    /// object being deleted: always, and it is forgotten).
+    fn changed(&mut self, obj: &K) -> bool {
+        let key = ObjectRef::from_obj(obj);
+        if obj.meta().deletion_timestamp.is_some() {
+            self.last.remove(&key);
+            return true;
+        }
+        let h = (self.property)(obj);
+        self.last.insert(key, h) != Some(h)
+    }
+}
+
+/// What a Topic's reconcile acts on: its spec (generation), finalizers and deletion.
+fn topic_trigger(t: &Topic) -> u64 {
+    hash_of((&t.metadata.uid, t.metadata.generation, &t.metadata.finalizers))
+}
+
+/// What a ConsumerGroup's reconcile acts on, as [`topic_trigger`].
+fn group_trigger(g: &ConsumerGroup) -> u64 {
+    hash_of((&g.metadata.uid, g.metadata.generation, &g.metadata.finalizers))
+}
+
+/// What a Topic's groups read of it: whether it is Ready and its partitions' leaders.
+fn topic_for_groups(t: &Topic) -> u64 {
+    let status = t.status.as_ref();
+    let ready = status.and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+    let leaders: Vec<(u32, &str)> = status
+        .map(|s| {
+            s.placement
+                .iter()
+                .map(|p| (p.partition, p.broker.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    hash_of((&t.metadata.uid, ready.map(|c| c.status.as_str()), leaders))
+}
+
+/// What the Topics read of a broker Pod: Ready or not, its address, its phase.
+fn pod_for_topics(p: &Pod) -> u64 {
+    let status = p.status.as_ref();
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.status.as_str());
+    hash_of((
+        &p.metadata.uid,
+        ready,
+        status.and_then(|s| s.pod_ip.as_deref()),
+        status.and_then(|s| s.phase.as_deref()),
+    ))
+}
+
+/// Drops from a cached object what the operator never reads (managed fields, annotations
+/// such as kubectl's last-applied copy of the whole object): the caches stay small.
+fn trim_meta(meta: &mut kube::api::ObjectMeta) {
+    meta.managed_fields = None;
+    meta.annotations = None;
+}
+
+/// A broker Pod as cached: its metadata and the status fields the operator reads.
+fn trim_pod(pod: &mut Pod) {
+    trim_meta(&mut pod.metadata);
+    pod.spec = None;
+    if let Some(s) = pod.status.as_mut() {
+        *s = PodStatus {
+            conditions: s.conditions.take(),
+            phase: s.phase.take(),
+            pod_ip: s.pod_ip.take(),
+            ..PodStatus::default()
+        };
+    }
+}
+
+/// Logs a watch's failure (it retries with backoff) and lets the events through.
+fn log_watch<T>(kind: &'static str) -> impl FnMut(&Result<T, watcher::Error>) {
+    move |r| {
+        if let Err(e) = r {
+            tracing::warn!(kind, error = %e, "watch failed; retried with backoff");
+        }
+    }
+}
+
 /// Runs both controllers until SIGTERM/SIGINT.
+///
+/// One watch per kind (Topics, ConsumerGroups, broker Pods), trimmed of what is never
+/// read, fills the caches the controllers and every reconcile read. A reconcile is woken
+/// by a change it acts on (spec, finalizers, deletion), never by the status it writes; a
+/// broker Pod wakes its namespace's Topics when its readiness or address changes; a Topic
+/// wakes its groups when its readiness or leaders change (from the Topic watch: no second
+/// one).
+#[allow(clippy::too_many_lines)] // the wiring, read top to bottom
 pub async fn controllers(ctx: Arc<Context>, namespace: Option<&str>) {
     let client = ctx.client.clone();
-    let broker_pods = watcher::Config::default().labels(
-        &builders::selector()
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(","),
-    );
+    let (topics, topic_writer) = reflector::store::<Topic>();
+    let (groups, group_writer) = reflector::store::<ConsumerGroup>();
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    ctx.use_stores(Stores {
+        topics: topics.clone(),
+        groups: groups.clone(),
+        pods: pods.clone(),
+    });
+    for (kind, count) in [
+        ("Topic", {
+            let s = topics.clone();
+            Box::new(move || s.len()) as Box<dyn Fn() -> usize + Send + Sync>
+        }),
+        ("ConsumerGroup", {
+            let s = groups.clone();
+            Box::new(move || s.len())
+        }),
+        ("Pod", {
+            let s = pods.clone();
+            Box::new(move || s.len())
+        }),
+    ] {
+        ctx.metrics.watch_count(kind, count);
+    }
 
-    let topics = Controller::new(api::<Topic>(&client, namespace), watcher::Config::default());
-    let store = topics.store();
-    ctx.use_topic_store(store.clone());
-    let topics = topics
-        // A broker Pod that changes (Ready, restarted, IP) concerns every Topic of its
-        // namespace.
-        .watches(api::<Pod>(&client, namespace), broker_pods, move |pod| {
+    // Topics: the Topic controller's trigger, and (through a channel) its groups'.
+    let (wake_groups, group_wakes) = futures::channel::mpsc::unbounded::<ObjectRef<ConsumerGroup>>();
+    let metrics = Arc::clone(&ctx.metrics);
+    let store = groups.clone();
+    let mut for_groups = Seen::new(topic_for_groups);
+    let mut for_topic = Seen::new(topic_trigger);
+    let topic_events = watcher(api::<Topic>(&client, namespace), watcher::Config::default())
+        .default_backoff()
+        .modify(|t: &mut Topic| trim_meta(&mut t.metadata))
+        .reflect(topic_writer)
+        .applied_objects()
+        .inspect(log_watch("Topic"))
+        .filter(move |r| {
+            let Ok(t) = r else {
+                return std::future::ready(false);
+            };
+            if for_groups.changed(t) {
+                let (ns, name) = (t.namespace(), t.name_any());
+                for g in store
+                    .state()
+                    .iter()
+                    .filter(|g| g.namespace() == ns && g.spec.topic == name)
+                {
+                    metrics.queued("ConsumerGroup", context::key(g.as_ref()));
+                    // The receiver lives as long as the group controller.
+                    let _ = wake_groups.unbounded_send(ObjectRef::from_obj(g.as_ref()));
+                }
+            }
+            let wake = for_topic.changed(t);
+            if wake {
+                metrics.queued("Topic", context::key(t));
+            }
+            std::future::ready(wake)
+        });
+
+    // Broker Pods: a change of readiness or address wakes the namespace's Topics.
+    let mut seen = Seen::new(pod_for_topics);
+    let pod_events = watcher(
+        api::<Pod>(&client, namespace),
+        watcher::Config::default().labels(&builders::selector_string()),
+    )
+    .default_backoff()
+    .modify(trim_pod)
+    .reflect(pod_writer)
+    .applied_objects()
+    .inspect(log_watch("Pod"))
+    .filter(move |r| std::future::ready(r.as_ref().is_ok_and(|p| seen.changed(p))));
+
+    let config = controller::Config::default().concurrency(CONCURRENCY);
+    let metrics = Arc::clone(&ctx.metrics);
+    let store = topics.clone();
+    let topic_controller = Controller::for_stream(topic_events, topics)
+        .with_config(config.clone())
+        .watches_stream(pod_events, move |pod| {
             let ns = pod.namespace();
             store
                 .state()
                 .into_iter()
                 .filter(|t| t.namespace() == ns)
-                .map(|t| ObjectRef::from_obj(t.as_ref()))
+                .map(|t| {
+                    metrics.queued("Topic", context::key(t.as_ref()));
+                    ObjectRef::from_obj(t.as_ref())
+                })
                 .collect::<Vec<_>>()
         })
         .shutdown_on_signal()
@@ -80,27 +269,27 @@ pub async fn controllers(ctx: Arc<Context>, namespace: Option<&str>) {
             }
         });
 
-    let groups = Controller::new(
+    let metrics = Arc::clone(&ctx.metrics);
+    let mut seen = Seen::new(group_trigger);
+    let group_events = watcher(
         api::<ConsumerGroup>(&client, namespace),
         watcher::Config::default(),
-    );
-    let store = groups.store();
-    let groups = groups
-        // A Topic that changes (Ready, placement) concerns the groups that read it.
-        .watches(
-            api::<Topic>(&client, namespace),
-            watcher::Config::default(),
-            move |t| {
-                let ns = t.namespace();
-                let name = t.name_any();
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|g| g.namespace() == ns && g.spec.topic == name)
-                    .map(|g| ObjectRef::from_obj(g.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+    )
+    .default_backoff()
+    .modify(|g: &mut ConsumerGroup| trim_meta(&mut g.metadata))
+    .reflect(group_writer)
+    .applied_objects()
+    .inspect(log_watch("ConsumerGroup"))
+    .filter(move |r| {
+        let wake = r.as_ref().is_ok_and(|g| seen.changed(g));
+        if let (true, Ok(g)) = (wake, r) {
+            metrics.queued("ConsumerGroup", context::key(g));
+        }
+        std::future::ready(wake)
+    });
+    let group_controller = Controller::for_stream(group_events, groups)
+        .with_config(config)
+        .reconcile_on(group_wakes)
         .shutdown_on_signal()
         .run(group::reconcile, group::error_policy, Arc::clone(&ctx))
         .for_each(|r| async move {
@@ -108,7 +297,7 @@ pub async fn controllers(ctx: Arc<Context>, namespace: Option<&str>) {
                 tracing::debug!(error = %e, "consumer group controller");
             }
         });
-    futures::join!(topics, groups);
+    futures::join!(topic_controller, group_controller);
 }
 
 /// Waits for the leader Lease, then runs the controllers while holding it. Losing the Lease
@@ -157,7 +346,7 @@ pub async fn run(
         }
     };
     tokio::select! {
-        () = controllers(ctx, options.namespace.as_deref()) => {
+        () = Box::pin(controllers(ctx, options.namespace.as_deref())) => {
             tracing::info!("controllers stopped; releasing the lease");
             metrics.set_leader(false);
             drop(leading);

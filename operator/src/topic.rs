@@ -35,6 +35,7 @@ pub const FINALIZER: &str = "weir.dev/topic-data";
 /// Reconciles one Topic (the controller's entry point).
 pub async fn reconcile(topic: Arc<Topic>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
+    ctx.metrics.started("Topic", context::key(topic.as_ref()));
     let ns = topic.namespace().unwrap_or_default();
     let api: Api<Topic> = Api::namespaced(ctx.client.clone(), &ns);
     let result = finalizer(&api, FINALIZER, topic, |event| async {
@@ -55,40 +56,37 @@ pub fn error_policy(topic: Arc<Topic>, error: &Error, ctx: Arc<Context>) -> Acti
     context::on_error("Topic", topic.as_ref(), error, &ctx)
 }
 
-/// The live Topics of `ns` (not being deleted), sorted by name: from the Topic controller's
-/// cache (no API call per reconcile), and from the API when the cache has none (the cache
-/// may lag, and no Topic means the brokers go).
-async fn live_topics(ctx: &Context, ns: &str) -> Result<Vec<Topic>, Error> {
-    if let Some(store) = ctx.topic_store()
-        && store.wait_until_ready().await.is_ok()
-    {
-        let mut topics: Vec<Topic> = store
+/// The partition counts of the live Topics of `ns` (not being deleted): from the Topic
+/// watch's cache (no API call, nothing cloned), and from the API when the cache has none
+/// (the cache may lag, and no Topic means the brokers go).
+async fn live_partitions(ctx: &Context, ns: &str) -> Result<Vec<u32>, Error> {
+    if let Some(stores) = ctx.stores().await {
+        let partitions: Vec<u32> = stores
+            .topics
             .state()
             .iter()
             .filter(|t| {
                 t.metadata.namespace.as_deref() == Some(ns)
                     && t.metadata.deletion_timestamp.is_none()
             })
-            .map(|t| Topic::clone(t))
+            .map(|t| t.spec.partitions)
             .collect();
-        if !topics.is_empty() {
-            topics.sort_by_key(ResourceExt::name_any);
-            return Ok(topics);
+        if !partitions.is_empty() {
+            return Ok(partitions);
         }
     }
     let api: Api<Topic> = Api::namespaced(ctx.client.clone(), ns);
-    let mut topics: Vec<Topic> = api
+    Ok(api
         .list(&kube::api::ListParams::default())
         .await?
         .into_iter()
         .filter(|t| t.metadata.deletion_timestamp.is_none())
-        .collect();
-    topics.sort_by_key(ResourceExt::name_any);
-    Ok(topics)
+        .map(|t| t.spec.partitions)
+        .collect())
 }
 
 /// Applies the namespace's broker objects (StatefulSet, Services, PodDisruptionBudget),
-/// sized for `topics`. Returns the broker count.
+/// sized for Topics of `partitions`. Returns the broker count.
 ///
 /// The objects have no owner references (one per Topic made every object, and every
 /// reconcile's apply, grow with the Topics): the operator deletes them when the namespace's
@@ -100,20 +98,27 @@ async fn live_topics(ctx: &Context, ns: &str) -> Result<Vec<Topic>, Error> {
 /// cluster, which it may only once it holds no partition, then the StatefulSet shrinks and
 /// the broker's volume claim is deleted (a broker that comes back under its ordinal starts
 /// empty and joins as a new one).
-async fn apply_brokers(ctx: &Context, ns: &str, topics: &[Topic]) -> Result<i32, Error> {
+async fn apply_brokers(ctx: &Context, ns: &str, partitions: &[u32]) -> Result<i32, Error> {
     let sts_api = Api::<StatefulSet>::namespaced(ctx.client.clone(), ns);
-    let existing = sts_api.get_opt(builders::BROKERS).await?;
-    if topics.is_empty() {
-        if existing.is_some() {
+    if partitions.is_empty() {
+        if sts_api.get_opt(builders::BROKERS).await?.is_some() {
             delete_brokers(ctx, ns).await?;
         }
         ctx.broker_objects_applied(ns, None);
         return Ok(0);
     }
-    let current = existing.as_ref().and_then(|s| s.spec.replicas).unwrap_or(0);
-    let partitions: Vec<u32> = topics.iter().map(|t| t.spec.partitions).collect();
+    // What this process applied a moment ago, or else what the StatefulSet says.
+    let known = ctx.applied_replicas(ns);
+    let current = match known {
+        Some(r) => r,
+        None => sts_api
+            .get_opt(builders::BROKERS)
+            .await?
+            .and_then(|s| s.spec.replicas)
+            .unwrap_or(0),
+    };
     let wanted = builders::broker_count(
-        &partitions,
+        partitions,
         ctx.settings.min_brokers,
         ctx.settings.max_brokers,
     );
@@ -134,7 +139,7 @@ async fn apply_brokers(ctx: &Context, ns: &str, topics: &[Topic]) -> Result<i32,
     let pdb = builders::pod_disruption_budget(ns);
     let objects = serde_json::to_vec(&(&sts, &services, &pdb))
         .map_err(|e| Error::Waiting(format!("encoding the broker objects of {ns}: {e}")))?;
-    if existing.is_none() || ctx.broker_objects_changed(ns, &objects) {
+    if known.is_none() || ctx.broker_objects_changed(ns, &objects) {
         server_side_apply(&sts_api, &sts).await?;
         for svc in &services {
             server_side_apply(&Api::<Service>::namespaced(ctx.client.clone(), ns), svc).await?;
@@ -144,7 +149,7 @@ async fn apply_brokers(ctx: &Context, ns: &str, topics: &[Topic]) -> Result<i32,
             &pdb,
         )
         .await?;
-        ctx.broker_objects_applied(ns, Some(objects));
+        ctx.broker_objects_applied(ns, Some((objects, replicas)));
         ctx.metrics.broker_objects_applied();
     }
     if let Some(gone) = removed {
@@ -282,15 +287,15 @@ async fn apply(topic: &Topic, ctx: &Context) -> Result<Action, Error> {
                 observed_generation: generation,
                 ..previous.clone()
             };
-            apply_status(&api, topic, &status).await?;
+            apply_status(&api, topic, topic.status.as_ref(), &status).await?;
             ctx.event(topic, true, "InvalidSpec", "Validate", e.to_string())
                 .await;
             return Ok(Action::await_change());
         }
     };
 
-    let topics = live_topics(ctx, &ns).await?;
-    let brokers = apply_brokers(ctx, &ns, &topics).await?;
+    let partitions = live_partitions(ctx, &ns).await?;
+    let brokers = apply_brokers(ctx, &ns, &partitions).await?;
     let (ready, reason, message, seen) =
         match sync_topic(ctx, topic, &ns, &name, &config, brokers).await {
             Ok(seen) => {
@@ -353,16 +358,18 @@ async fn apply(topic: &Topic, ctx: &Context) -> Result<Action, Error> {
         )
         .await;
     }
-    apply_status(&api, topic, &status).await?;
+    apply_status(&api, topic, topic.status.as_ref(), &status).await?;
     ctx.succeeded(&context::key(topic));
     Ok(if ready {
         // The interval grows with the namespace's Topics (10 ms each past 100): every
-        // Topic's pass shares one snapshot read, but its status write is its own.
-        let per_topic = std::time::Duration::from_millis(10)
-            .saturating_mul(u32::try_from(topics.len().saturating_sub(100)).unwrap_or(u32::MAX));
-        Action::requeue(ctx.settings.status_interval + per_topic)
+        // Topic's pass shares one snapshot read, but a status that changed is written by
+        // itself.
+        let per_topic = std::time::Duration::from_millis(10).saturating_mul(
+            u32::try_from(partitions.len().saturating_sub(100)).unwrap_or(u32::MAX),
+        );
+        ctx.requeue(topic, ctx.settings.status_interval + per_topic)
     } else {
-        Action::requeue(std::time::Duration::from_secs(2))
+        ctx.requeue(topic, std::time::Duration::from_secs(2))
     })
 }
 
@@ -436,10 +443,11 @@ async fn sync_topic_with(
         .snapshot(ns, client, ctx.settings.status_interval / 2)
         .await
         .map_err(err)?;
+    let what = format!("topic/{name}");
     let known = match snap.topics.get(name) {
-        Some(d) => Ok(d.clone()),
-        // Not in the snapshot: created since, or not yet.
-        None => client.describe_topic(name).await,
+        Some(d) if ctx.describes(ns, &snap, &what) => Ok(d.clone()),
+        // Not in the snapshot (created since, or not yet), or changed since it was read.
+        _ => client.describe_topic(name).await,
     };
     let mut changed = true;
     let desc = match known {
@@ -478,8 +486,10 @@ async fn sync_topic_with(
         }
         Err(e) => return Err(err(e)),
     };
+    // Reads of the metadata that begin from now on see the topic as it is now.
+    let settled = Instant::now();
     if changed {
-        ctx.forget_snapshot(ns).await;
+        ctx.changed(ns, &what);
     }
     let mut seen = Observed {
         messages: desc.messages,
@@ -512,8 +522,10 @@ async fn sync_topic_with(
     }
     let mut placement = placement_of(&snap.metadata, name);
     if changed || placement.len() != want.partitions as usize {
-        // Placed a moment ago: the snapshot's metadata does not have it yet.
-        placement = placement_of(&client.metadata().await.map_err(err)?, name);
+        // Placed a moment ago: the snapshot's metadata does not have it yet. Topics
+        // created together share one read.
+        let metadata = ctx.metadata_since(ns, client, settled).await.map_err(err)?;
+        placement = placement_of(&metadata, name);
     }
     seen.placement = placement;
     Ok(seen)
@@ -575,8 +587,8 @@ async fn cleanup(topic: &Topic, ctx: &Context) -> Result<Action, Error> {
         )
         .await;
     }
-    let topics = live_topics(ctx, &ns).await?;
-    apply_brokers(ctx, &ns, &topics).await?;
+    let partitions = live_partitions(ctx, &ns).await?;
+    apply_brokers(ctx, &ns, &partitions).await?;
     ctx.succeeded(&context::key(topic));
     Ok(Action::await_change())
 }

@@ -193,6 +193,36 @@ impl Operator {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
+    /// The share (0 to 1) of the reconciles of `kind` (`Topic`, `ConsumerGroup`) that took at
+    /// most `seconds` (a bucket bound of `weir_operator_reconcile_duration_seconds`), from
+    /// the histogram's cumulative buckets; `None` when the metric is unreadable or the
+    /// bound is not a bucket's.
+    pub fn reconciles_within(&self, kind: &str, seconds: f64) -> Option<f64> {
+        let text = self.get("/metrics")?;
+        let label = format!("kind=\"{kind}\"");
+        let mut within = None;
+        let mut total = None;
+        for line in text.lines().filter(|l| l.contains(&label)) {
+            let value: f64 = line.rsplit(' ').next()?.parse().ok()?;
+            if line.starts_with("weir_operator_reconcile_duration_seconds_count") {
+                total = Some(value);
+            } else if line.starts_with("weir_operator_reconcile_duration_seconds_bucket") {
+                let le = line.split("le=\"").nth(1)?.split('"').next()?;
+                if le
+                    .parse::<f64>()
+                    .ok()
+                    .is_some_and(|b| (b - seconds).abs() < 1e-9)
+                {
+                    within = Some(value);
+                }
+            }
+        }
+        match (within, total) {
+            (Some(w), Some(t)) if t > 0.0 => Some(w / t),
+            _ => None,
+        }
+    }
+
     /// Value of the metric line starting with `prefix` (e.g. `weir_operator_leader`).
     pub fn metric(&self, prefix: &str) -> Option<f64> {
         self.get("/metrics")?
