@@ -231,19 +231,26 @@ impl Context {
             return Ok(Arc::clone(s));
         }
         let at = std::time::Instant::now();
-        let topics = client
+        let topics: HashMap<String, weir_client::TopicInfo> = client
             .list_topics()
             .await?
             .into_iter()
             .map(|t| (t.name.clone(), t))
             .collect();
-        let groups = client
+        let groups: HashMap<String, weir_client::GroupInfo> = client
             .list_groups(None)
             .await?
             .into_iter()
             .map(|g| (g.name.clone(), g))
             .collect();
         let metadata = Arc::new(client.metadata().await?);
+        tracing::debug!(
+            namespace,
+            took_ms = at.elapsed().as_millis(),
+            topics = topics.len(),
+            groups = groups.len(),
+            "snapshot read"
+        );
         let s = Arc::new(Snapshot {
             at,
             topics,
@@ -356,13 +363,15 @@ impl Context {
         let _ = self.stores.set(stores);
     }
 
-    /// The controllers' caches once they are filled (the first list done); `None` before
-    /// the controllers run (the API is asked instead).
-    pub async fn stores(&self) -> Option<&Stores> {
+    /// The controllers' caches once they are filled (each one's first list done); `None`
+    /// before (the API is asked instead: a reconcile never waits for a watch).
+    pub fn stores(&self) -> Option<&Stores> {
+        use futures::FutureExt as _;
         let stores = self.stores.get()?;
-        let ready = stores.topics.wait_until_ready().await.is_ok()
-            && stores.groups.wait_until_ready().await.is_ok()
-            && stores.pods.wait_until_ready().await.is_ok();
+        let filled = |ready: Option<Result<(), _>>| ready.is_some_and(|r| r.is_ok());
+        let ready = filled(stores.topics.wait_until_ready().now_or_never())
+            && filled(stores.groups.wait_until_ready().now_or_never())
+            && filled(stores.pods.wait_until_ready().now_or_never());
         ready.then_some(stores)
     }
 
@@ -419,7 +428,7 @@ impl Context {
     /// Topic `name` of `namespace`: from the Topic watch's cache once the controllers run,
     /// else read from the API.
     pub async fn topic(&self, namespace: &str, name: &str) -> Result<Option<Arc<Topic>>, Error> {
-        if let Some(stores) = self.stores().await {
+        if let Some(stores) = self.stores() {
             return Ok(stores.topics.get(&ObjectRef::new(name).within(namespace)));
         }
         let api: Api<Topic> = Api::namespaced(self.client.clone(), namespace);
@@ -429,7 +438,7 @@ impl Context {
     /// The broker Pods of `namespace`, by name: from the Pod watch's cache once the
     /// controllers run, else listed from the API.
     pub async fn broker_pods(&self, namespace: &str) -> Result<HashMap<String, BrokerPod>, Error> {
-        let list: Vec<Arc<Pod>> = if let Some(stores) = self.stores().await {
+        let list: Vec<Arc<Pod>> = if let Some(stores) = self.stores() {
             stores
                 .pods
                 .state()

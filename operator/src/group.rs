@@ -228,7 +228,7 @@ async fn apply(group: &ConsumerGroup, ctx: &Context) -> Result<Action, Error> {
     Ok(if ready {
         // The interval grows with the namespace's groups (10 ms each past 100), as the
         // Topics' does.
-        let groups = match ctx.stores().await {
+        let groups = match ctx.stores() {
             Some(s) => s
                 .groups
                 .state()
@@ -268,25 +268,38 @@ async fn sync_group(
         .await
         .map_err(err)?;
     let what = format!("group/{name}");
+    // A snapshot read after the group's last change through this operator is the truth
+    // about it, absence included: asking a broker about a group it does not know waits for
+    // the group to appear (read-your-writes across brokers), up to a second.
+    let current = ctx.describes(ns, &snap, &what);
     let known = match snap.groups.get(name) {
-        Some(d) if ctx.describes(ns, &snap, &what) => Ok(d.clone()),
-        // Not in the snapshot (created since, or not yet), or changed since it was read.
-        _ => client.describe_group(name).await,
+        Some(d) if current => Some(d.clone()),
+        None if current => None,
+        _ => match client.describe_group(name).await {
+            Ok(d) => Some(d),
+            Err(e) if e.code() == Some(Code::NotFound) => None,
+            Err(e) => return Err(err(e)),
+        },
     };
     let mut changed = true;
     let mut desc = match known {
-        Ok(d) if convert::group_matches(&(&d.config).into(), config) => {
+        Some(d) if convert::group_matches(&(&d.config).into(), config) => {
             changed = false;
             d
         }
-        Ok(_) => client.update_group(name, &want).await.map_err(err)?,
-        Err(e) if e.code() == Some(Code::NotFound) => {
-            let d = client.create_group(name, &want).await.map_err(err)?;
-            ctx.event(group, false, "GroupCreated", "Create", "created".into())
-                .await;
-            d
-        }
-        Err(e) => return Err(err(e)),
+        Some(_) => client.update_group(name, &want).await.map_err(err)?,
+        None => match client.create_group(name, &want).await {
+            Ok(d) => {
+                ctx.event(group, false, "GroupCreated", "Create", "created".into())
+                    .await;
+                d
+            }
+            // Created meanwhile (by another client) with other settings.
+            Err(e) if e.code() == Some(Code::AlreadyExists) => {
+                client.update_group(name, &want).await.map_err(err)?
+            }
+            Err(e) => return Err(err(e)),
+        },
     };
     if let Some(to) = reset {
         desc = client

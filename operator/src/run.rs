@@ -92,12 +92,20 @@ impl<K: kube::Resource<DynamicType = ()>> Seen<K> {
 
 /// What a Topic's reconcile acts on: its spec (generation), finalizers and deletion.
 fn topic_trigger(t: &Topic) -> u64 {
-    hash_of((&t.metadata.uid, t.metadata.generation, &t.metadata.finalizers))
+    hash_of((
+        &t.metadata.uid,
+        t.metadata.generation,
+        &t.metadata.finalizers,
+    ))
 }
 
 /// What a ConsumerGroup's reconcile acts on, as [`topic_trigger`].
 fn group_trigger(g: &ConsumerGroup) -> u64 {
-    hash_of((&g.metadata.uid, g.metadata.generation, &g.metadata.finalizers))
+    hash_of((
+        &g.metadata.uid,
+        g.metadata.generation,
+        &g.metadata.finalizers,
+    ))
 }
 
 /// What a Topic's groups read of it: whether it is Ready and its partitions' leaders.
@@ -197,7 +205,8 @@ pub async fn controllers(ctx: Arc<Context>, namespace: Option<&str>) {
     }
 
     // Topics: the Topic controller's trigger, and (through a channel) its groups'.
-    let (wake_groups, group_wakes) = futures::channel::mpsc::unbounded::<ObjectRef<ConsumerGroup>>();
+    let (wake_groups, group_wakes) =
+        futures::channel::mpsc::unbounded::<ObjectRef<ConsumerGroup>>();
     let metrics = Arc::clone(&ctx.metrics);
     let store = groups.clone();
     let mut for_groups = Seen::new(topic_for_groups);

@@ -60,7 +60,7 @@ pub fn error_policy(topic: Arc<Topic>, error: &Error, ctx: Arc<Context>) -> Acti
 /// watch's cache (no API call, nothing cloned), and from the API when the cache has none
 /// (the cache may lag, and no Topic means the brokers go).
 async fn live_partitions(ctx: &Context, ns: &str) -> Result<Vec<u32>, Error> {
-    if let Some(stores) = ctx.stores().await {
+    if let Some(stores) = ctx.stores() {
         let partitions: Vec<u32> = stores
             .topics
             .state()

@@ -589,8 +589,10 @@ fn spawn(
     }
     let args: Vec<String> = args.iter().map(|a| expand(a, &vars)).collect();
     // The process sees the namespace's hosts file as /etc/hosts (see the module docs).
-    let mut cmd = tokio::process::Command::new("unshare");
-    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+    // And dies with the test process, even one killed without running its destructors.
+    let mut cmd = tokio::process::Command::new("setpriv");
+    cmd.args(["--pdeathsig", "KILL", "unshare"])
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
         .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
         .arg(hosts_file(config))
         .arg(binary)

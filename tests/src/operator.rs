@@ -124,25 +124,58 @@ impl Operator {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
-        let mut child = Command::new(bin("weir-operator"))
+        // `setpriv --pdeathsig`: the operator dies with the test process, even one killed
+        // without running its destructors.
+        let mut child = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--"])
+            .arg(bin("weir-operator"))
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("KUBECONFIG", &self.kubeconfig)
-            .env("RUST_LOG", "info,weir_operator=debug")
+            // `WEIR_OPERATOR_RUST_LOG` overrides the operator's log filter (e.g. to add
+            // `kube_runtime=debug`).
+            .env(
+                "RUST_LOG",
+                std::env::var("WEIR_OPERATOR_RUST_LOG")
+                    .unwrap_or_else(|_| "info,weir_operator=debug".into()),
+            )
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .context("starting weir-operator")?;
+        // The log (stdout) and what the process says when it cannot start (stderr).
+        let stdout = child.stdout.take().context("operator stdout")?;
         let stderr = child.stderr.take().context("operator stderr")?;
-        let logs = Arc::clone(&self.logs);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(mut l) = logs.lock() {
-                    l.push(line);
+        // `WEIR_OPERATOR_LOG=FILE` also appends the log to FILE, to read while a test runs.
+        let copy = match std::env::var_os("WEIR_OPERATOR_LOG") {
+            Some(path) => Some(Arc::new(Mutex::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .with_context(|| format!("opening WEIR_OPERATOR_LOG {}", path.display()))?,
+            ))),
+            None => None,
+        };
+        let readers: [Box<dyn std::io::Read + Send>; 2] = [Box::new(stdout), Box::new(stderr)];
+        for out in readers {
+            let logs = Arc::clone(&self.logs);
+            let copy = copy.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if let Some(f) = copy.as_ref()
+                        && let Ok(mut f) = f.lock()
+                    {
+                        use std::io::Write as _;
+                        let _ = writeln!(f, "{line}");
+                    }
+                    if let Ok(mut l) = logs.lock() {
+                        l.push(line);
+                    }
                 }
-            }
-        });
+            });
+        }
         self.child = Some(child);
         Ok(())
     }
