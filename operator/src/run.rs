@@ -159,13 +159,34 @@ fn trim_pod(pod: &mut Pod) {
     }
 }
 
-/// Logs a watch's failure (it retries with backoff) and lets the events through.
-fn log_watch<T>(kind: &'static str) -> impl FnMut(&Result<T, watcher::Error>) {
-    move |r| {
-        if let Err(e) = r {
-            tracing::warn!(kind, error = %e, "watch failed; retried with backoff");
-        }
-    }
+/// The objects of `kind` as `api` watches them (with backoff; failures logged), each
+/// `trim`med and then cached through `writer`.
+fn cached_watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    trim: impl FnMut(&mut K) + Send + 'static,
+    writer: reflector::store::Writer<K>,
+    kind: &'static str,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    watcher(api, config)
+        .default_backoff()
+        .modify(trim)
+        .reflect(writer)
+        .applied_objects()
+        .inspect(move |r| {
+            if let Err(e) = r {
+                tracing::warn!(kind, error = %e, "watch failed; retried with backoff");
+            }
+        })
 }
 
 /// Runs both controllers until SIGTERM/SIGINT.
@@ -211,46 +232,45 @@ pub async fn controllers(ctx: Arc<Context>, namespace: Option<&str>) {
     let store = groups.clone();
     let mut for_groups = Seen::new(topic_for_groups);
     let mut for_topic = Seen::new(topic_trigger);
-    let topic_events = watcher(api::<Topic>(&client, namespace), watcher::Config::default())
-        .default_backoff()
-        .modify(|t: &mut Topic| trim_meta(&mut t.metadata))
-        .reflect(topic_writer)
-        .applied_objects()
-        .inspect(log_watch("Topic"))
-        .filter(move |r| {
-            let Ok(t) = r else {
-                return std::future::ready(false);
-            };
-            if for_groups.changed(t) {
-                let (ns, name) = (t.namespace(), t.name_any());
-                for g in store
-                    .state()
-                    .iter()
-                    .filter(|g| g.namespace() == ns && g.spec.topic == name)
-                {
-                    metrics.queued("ConsumerGroup", context::key(g.as_ref()));
-                    // The receiver lives as long as the group controller.
-                    let _ = wake_groups.unbounded_send(ObjectRef::from_obj(g.as_ref()));
-                }
+    let topic_events = cached_watch(
+        api::<Topic>(&client, namespace),
+        watcher::Config::default(),
+        |t: &mut Topic| trim_meta(&mut t.metadata),
+        topic_writer,
+        "Topic",
+    )
+    .filter(move |r| {
+        let Ok(t) = r else {
+            return std::future::ready(false);
+        };
+        if for_groups.changed(t) {
+            let (ns, name) = (t.namespace(), t.name_any());
+            for g in store
+                .state()
+                .iter()
+                .filter(|g| g.namespace() == ns && g.spec.topic == name)
+            {
+                metrics.queued("ConsumerGroup", context::key(g.as_ref()));
+                // The receiver lives as long as the group controller.
+                let _ = wake_groups.unbounded_send(ObjectRef::from_obj(g.as_ref()));
             }
-            let wake = for_topic.changed(t);
-            if wake {
-                metrics.queued("Topic", context::key(t));
-            }
-            std::future::ready(wake)
-        });
+        }
+        let wake = for_topic.changed(t);
+        if wake {
+            metrics.queued("Topic", context::key(t));
+        }
+        std::future::ready(wake)
+    });
 
     // Broker Pods: a change of readiness or address wakes the namespace's Topics.
     let mut seen = Seen::new(pod_for_topics);
-    let pod_events = watcher(
+    let pod_events = cached_watch(
         api::<Pod>(&client, namespace),
         watcher::Config::default().labels(&builders::selector_string()),
+        trim_pod,
+        pod_writer,
+        "Pod",
     )
-    .default_backoff()
-    .modify(trim_pod)
-    .reflect(pod_writer)
-    .applied_objects()
-    .inspect(log_watch("Pod"))
     .filter(move |r| std::future::ready(r.as_ref().is_ok_and(|p| seen.changed(p))));
 
     let config = controller::Config::default().concurrency(CONCURRENCY);
@@ -280,15 +300,13 @@ pub async fn controllers(ctx: Arc<Context>, namespace: Option<&str>) {
 
     let metrics = Arc::clone(&ctx.metrics);
     let mut seen = Seen::new(group_trigger);
-    let group_events = watcher(
+    let group_events = cached_watch(
         api::<ConsumerGroup>(&client, namespace),
         watcher::Config::default(),
+        |g: &mut ConsumerGroup| trim_meta(&mut g.metadata),
+        group_writer,
+        "ConsumerGroup",
     )
-    .default_backoff()
-    .modify(|g: &mut ConsumerGroup| trim_meta(&mut g.metadata))
-    .reflect(group_writer)
-    .applied_objects()
-    .inspect(log_watch("ConsumerGroup"))
     .filter(move |r| {
         let wake = r.as_ref().is_ok_and(|g| seen.changed(g));
         if let (true, Ok(g)) = (wake, r) {
