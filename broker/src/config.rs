@@ -85,6 +85,17 @@ pub struct Config {
     #[arg(long, env = "WEIR_MIN_FREE_DISK", default_value = "256MiB")]
     pub min_free_disk: bytesize::ByteSize,
 
+    /// Replicated partitions: a follower that hears nothing from its leader for between
+    /// this and twice this starts an election (the leader's loss is repaired within about
+    /// twice this plus an election round). At least 3 × `--replica-heartbeat`.
+    #[arg(long, env = "WEIR_ELECTION_TIMEOUT", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub election_timeout: Duration,
+
+    /// Replicated partitions: how often a leader with nothing to replicate tells its
+    /// followers it is alive.
+    #[arg(long, env = "WEIR_REPLICA_HEARTBEAT", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub replica_heartbeat: Duration,
+
     /// How often records of `Buffered` topics are fsynced, e.g. `1s`.
     #[arg(long, env = "WEIR_BUFFERED_FLUSH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub buffered_flush_interval: Duration,

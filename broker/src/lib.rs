@@ -27,6 +27,7 @@ pub mod jobs;
 pub mod log;
 pub mod metrics;
 pub mod produce;
+pub mod replica;
 pub mod server;
 pub mod validate;
 

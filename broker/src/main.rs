@@ -105,6 +105,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         node_id: config.node_id,
         advertise: config.advertise.clone(),
         peers: config.peers.clone(),
+        replica: weir_broker::replica::ReplicaOptions {
+            heartbeat_ms: (config.replica_heartbeat.as_millis() as u64).max(1),
+            election_timeout_ms: (config.election_timeout.as_millis() as u64)
+                .max(3 * (config.replica_heartbeat.as_millis() as u64).max(1)),
+        },
     };
     server::run(log, grpc, http, shutdown_signal(), options).await?;
     Ok(())

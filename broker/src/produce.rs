@@ -69,7 +69,18 @@ pub async fn submit(
         routed.push((p, records));
     } else {
         let turn = topic.next_unkeyed.fetch_add(1, Ordering::Relaxed);
-        let unkeyed = config.served.round_robin(turn, count);
+        let mut unkeyed = config.served.round_robin(turn, count);
+        if config.replication_factor > 1 {
+            // Among the partitions whose group this broker leads (a follower refuses).
+            let led: Vec<u32> = partitions
+                .iter()
+                .filter(|p| log.leads(p))
+                .map(|p| p.index)
+                .collect();
+            if !led.is_empty() {
+                unkeyed = led[turn as usize % led.len()];
+            }
+        }
         for r in records {
             let p = match &r.key {
                 Some(k) => partitioner::partition_for_key(k, count),

@@ -48,6 +48,8 @@ pub struct ServeOptions {
     pub advertise: Option<String>,
     /// `--peers`: the metadata group's initial voters (empty: a cluster of one).
     pub peers: std::collections::BTreeMap<BrokerId, String>,
+    /// Timings of replicated partitions' Raft groups.
+    pub replica: crate::replica::ReplicaOptions,
 }
 
 impl Default for ServeOptions {
@@ -61,6 +63,7 @@ impl Default for ServeOptions {
             node_id: 0,
             advertise: None,
             peers: std::collections::BTreeMap::new(),
+            replica: crate::replica::ReplicaOptions::default(),
         }
     }
 }
@@ -124,6 +127,7 @@ pub async fn run(
                 .or_else(|| options.peers.get(&options.node_id).cloned())
                 .unwrap_or_else(|| default_advertise(&grpc)),
             peers: options.peers.clone(),
+            replica: options.replica,
         },
     )
     .await?;

@@ -166,6 +166,9 @@ pub struct TopicConfig {
     pub durability: Durability,
     /// Partitions the broker serves when a topic spreads over brokers; empty: all.
     pub served_partitions: Vec<u32>,
+    /// Copies of each partition on distinct brokers (1 to 5, at most the brokers); above 1
+    /// a produce is acknowledged once a majority of the replicas have it.
+    pub replication_factor: u32,
 }
 
 impl TopicConfig {
@@ -181,7 +184,15 @@ impl TopicConfig {
             overflow: Overflow::DropOldest,
             durability: Durability::Fsync,
             served_partitions: Vec::new(),
+            replication_factor: 1,
         }
+    }
+
+    /// With `factor` copies of each partition (1 to 5, at most the brokers).
+    #[must_use]
+    pub fn with_replication_factor(mut self, factor: u32) -> Self {
+        self.replication_factor = factor;
+        self
     }
 
     /// With a record size limit in bytes.
@@ -264,6 +275,7 @@ impl From<&TopicConfig> for pb::TopicConfig {
                 Durability::Buffered => pb::Durability::Buffered,
             } as i32,
             served_partitions: c.served_partitions.clone(),
+            replication_factor: c.replication_factor,
         }
     }
 }
@@ -293,6 +305,7 @@ impl From<pb::TopicConfig> for TopicConfig {
                 Durability::Fsync
             },
             served_partitions: c.served_partitions,
+            replication_factor: c.replication_factor.max(1),
         }
     }
 }

@@ -100,6 +100,7 @@ pub fn topic_config(spec: &TopicSpec) -> Result<pb::TopicConfig, ConvertError> {
     let r = &spec.retention;
     Ok(pb::TopicConfig {
         partitions: spec.partitions,
+        replication_factor: spec.replication_factor,
         max_message_bytes,
         retention: match r.policy {
             RetentionPolicy::Limits => pb::RetentionPolicy::Limits,

@@ -588,6 +588,23 @@ impl Broker {
         }
     }
 
+    /// The broker's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, …) to the broker process with `kill`.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let Some(c) = self.child.as_ref() else {
+            bail!("broker is not running")
+        };
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &c.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{signal} failed: {status}");
+        Ok(())
+    }
+
     /// Sends SIGTERM and waits for the exit; returns the exit code.
     pub fn terminate(&mut self) -> anyhow::Result<Option<i32>> {
         let Some(mut c) = self.child.take() else {

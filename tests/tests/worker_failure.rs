@@ -62,6 +62,7 @@ async fn readiness_fails_and_serving_ends_once_the_writer_died() -> anyhow::Resu
             node_id: 0,
             advertise: "127.0.0.1:1".into(),
             peers: std::collections::BTreeMap::new(),
+            replica: weir_broker::replica::ReplicaOptions::default(),
         },
     )
     .await?;

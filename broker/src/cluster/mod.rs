@@ -50,6 +50,8 @@ pub struct ClusterOptions {
     pub advertise: String,
     /// `--peers`: the metadata group's initial voters by id (empty: a cluster of one).
     pub peers: BTreeMap<BrokerId, String>,
+    /// Timings of replicated partitions' groups.
+    pub replica: crate::replica::ReplicaOptions,
 }
 
 /// A topic change as a broker forwards it to the controller (the metadata leader), which
@@ -116,6 +118,17 @@ pub enum AdminOp {
     RemoveBroker {
         /// Broker id.
         id: BrokerId,
+    },
+    /// A replicated partition's group elected a leader (reported by the leader).
+    PartitionLeader {
+        /// Topic name.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// The leader.
+        leader: BrokerId,
+        /// Its term.
+        term: u64,
     },
 }
 
@@ -189,6 +202,8 @@ pub struct Cluster {
     /// Work-queue ack floors that groups coordinated elsewhere reported for partitions led
     /// here.
     reported_floors: parking_lot::Mutex<remote::ReportedFloors>,
+    /// The replica groups of replicated partitions on this broker.
+    replicas: Arc<crate::replica::Replicas>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -218,7 +233,15 @@ impl Cluster {
         let db = log.database();
         let log_store = store::LogStore::new(db.clone(), ks.clone());
         let fresh = log_store.is_empty()?;
-        let (sm, state) = store::StateMachine::open(db, ks, Arc::clone(&log), options.node_id)?;
+        let (replicas, leader_changes) =
+            crate::replica::Replicas::new(options.node_id, &log, options.replica)?;
+        let (sm, state) = store::StateMachine::open(
+            db,
+            ks,
+            Arc::clone(&log),
+            options.node_id,
+            Arc::clone(&replicas),
+        )?;
         let config = openraft::Config {
             cluster_name: "weir-metadata".into(),
             heartbeat_interval: 100,
@@ -236,7 +259,12 @@ impl Cluster {
         let raft = Raft::new(options.node_id, config, network::Network, log_store, sm)
             .await
             .map_err(|e| Error::Storage(e.to_string()))?;
-        Ok(Arc::new(Self {
+        // The replicas of replicated partitions this broker holds, as the state places them.
+        let applied = Arc::clone(&state.borrow().1);
+        store::open_replicas(&applied, &log, &replicas, options.node_id)
+            .await
+            .map_err(|e| Error::Storage(e.to_string()))?;
+        let cluster = Arc::new(Self {
             raft,
             me: options.node_id,
             address: options.advertise,
@@ -247,7 +275,53 @@ impl Cluster {
             log,
             channels: parking_lot::Mutex::default(),
             reported_floors: parking_lot::Mutex::default(),
-        }))
+            replicas,
+        });
+        cluster.spawn_leader_reports(leader_changes);
+        Ok(cluster)
+    }
+
+    /// The replica groups of replicated partitions on this broker.
+    pub fn replicas(&self) -> &Arc<crate::replica::Replicas> {
+        &self.replicas
+    }
+
+    /// Records in the metadata each leader the replica groups here elect (so routing and
+    /// clients follow), retried until the controller takes it or a newer term replaced it.
+    fn spawn_leader_reports(
+        self: &Arc<Self>,
+        mut changes: tokio::sync::mpsc::UnboundedReceiver<crate::replica::LeaderChange>,
+    ) {
+        let cluster = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(change) = changes.recv().await {
+                let Some(c) = cluster.upgrade() else { return };
+                let _ = c.until_joined().await;
+                for attempt in 0..20u32 {
+                    let recorded = c
+                        .state()
+                        .topics
+                        .get(&change.topic)
+                        .and_then(|t| t.leaders.get(&change.partition).copied());
+                    if recorded.is_some_and(|(_, term)| term >= change.term) {
+                        break;
+                    }
+                    let op = AdminOp::PartitionLeader {
+                        topic: change.topic.clone(),
+                        partition: change.partition,
+                        leader: change.leader,
+                        term: change.term,
+                    };
+                    match c.admin(op).await {
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::warn!(topic = %change.topic, partition = change.partition, error = %e, attempt, "recording a partition leader failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                }
+            }
+        });
     }
 
     /// Brings this broker into the cluster: a broker that was never part of one starts a
@@ -436,7 +510,22 @@ impl Cluster {
         if let Some(existing) = self.state().topics.get(name) {
             return same_config(name, existing.config, config).map(|()| false);
         }
-        let replicas = self.state().place(config.partitions);
+        let state = self.state();
+        if config.replication_factor as usize > state.brokers.len() {
+            return Err(
+                log::Error::InvalidConfig(crate::validate::InvalidConfig::new(
+                    "replication_factor",
+                    format!(
+                        "replication_factor is {} but the cluster has {} broker(s); use at most {}",
+                        config.replication_factor,
+                        state.brokers.len(),
+                        state.brokers.len()
+                    ),
+                ))
+                .into(),
+            );
+        }
+        let replicas = state.place(config.partitions, config.replication_factor);
         let applied = self
             .propose(Command::CreateTopic {
                 name: name.to_owned(),
@@ -484,7 +573,20 @@ impl Cluster {
             }
             .into());
         }
-        let added = state.place(config.partitions - current.config.partitions);
+        if config.replication_factor != current.config.replication_factor {
+            return Err(log::Error::InvalidConfig(crate::validate::InvalidConfig::new(
+                "replication_factor",
+                format!(
+                    "the replication factor of topic {name:?} is {} and is set at creation; keep it {} in the update",
+                    current.config.replication_factor, current.config.replication_factor
+                ),
+            ))
+            .into());
+        }
+        let added = state.place(
+            config.partitions - current.config.partitions,
+            config.replication_factor,
+        );
         self.propose(Command::UpdateTopic {
             name: name.to_owned(),
             config,
@@ -636,6 +738,21 @@ impl Cluster {
             }
             AdminOp::RemoveBroker { id } => {
                 self.remove_broker_here(*id).await?;
+                false
+            }
+            AdminOp::PartitionLeader {
+                topic,
+                partition,
+                leader,
+                term,
+            } => {
+                self.propose(Command::PartitionLeader {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    leader: *leader,
+                    term: *term,
+                })
+                .await?;
                 false
             }
             AdminOp::RegisterBroker { id, address } => {
@@ -948,6 +1065,7 @@ impl Cluster {
 
     /// Stops the Raft node.
     pub async fn shutdown(&self) {
+        self.replicas.shutdown().await;
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "stopping the metadata group's node");
         }

@@ -81,7 +81,7 @@ impl Cluster {
         if count == 0 {
             return Route::Here;
         }
-        let leads_one = t.replicas.iter().any(|r| r.first() == Some(&self.me()));
+        let leads_one = (0..count).any(|p| t.leader(p) == Some(self.me()));
         let unkeyed_to = if leads_one {
             self.me()
         } else {

@@ -40,13 +40,22 @@ pub struct TopicState {
     pub id: u64,
     /// Settings (as the broker's admin API takes them).
     pub config: TopicConfig,
-    /// Per partition: its replicas, the first being the leader (one replica for now).
+    /// Per partition: its replicas, the first being the preferred leader (the leader of a
+    /// partition with one replica).
     pub replicas: Vec<Vec<BrokerId>>,
+    /// Leaders of replicated partitions as their groups elected them: partition →
+    /// (leader, term). A partition missing here is led by its first replica.
+    #[serde(default)]
+    pub leaders: BTreeMap<u32, (BrokerId, u64)>,
 }
 
 impl TopicState {
-    /// The leader of `partition`, if the partition exists.
+    /// The leader of `partition`, if the partition exists: the last one its group reported,
+    /// else its first replica.
     pub fn leader(&self, partition: u32) -> Option<BrokerId> {
+        if let Some((leader, _)) = self.leaders.get(&partition) {
+            return Some(*leader);
+        }
         self.replicas
             .get(partition as usize)
             .and_then(|r| r.first().copied())
@@ -140,6 +149,18 @@ pub enum Command {
         /// Broker id.
         id: BrokerId,
     },
+    /// A replicated partition's group elected `leader` in `term`; an older term changes
+    /// nothing.
+    PartitionLeader {
+        /// Topic name.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// The leader.
+        leader: BrokerId,
+        /// Its Raft term in the partition's group.
+        term: u64,
+    },
 }
 
 impl std::fmt::Display for Command {
@@ -161,6 +182,15 @@ impl std::fmt::Display for Command {
                 write!(f, "adopt {} groups of broker {broker}", groups.len())
             }
             Self::RemoveBroker { id } => write!(f, "remove broker {id}"),
+            Self::PartitionLeader {
+                topic,
+                partition,
+                leader,
+                term,
+            } => write!(
+                f,
+                "{topic}/{partition} led by broker {leader} in term {term}"
+            ),
         }
     }
 }
@@ -211,6 +241,7 @@ impl ClusterState {
                         id,
                         config: *config,
                         replicas: replicas.clone(),
+                        leaders: BTreeMap::new(),
                     },
                 );
                 Applied {
@@ -260,6 +291,12 @@ impl ClusterState {
                     unchanged: !removed,
                 }
             }
+            Command::PartitionLeader {
+                topic,
+                partition,
+                leader,
+                term,
+            } => self.apply_leader(topic, *partition, *leader, *term),
             Command::PutGroup { .. }
             | Command::DeleteGroup { .. }
             | Command::AdoptGroups { .. } => self.apply_group(cmd),
@@ -279,6 +316,35 @@ impl ClusterState {
                     .map(move |(p, _)| (name.clone(), p as u32))
             })
             .collect()
+    }
+
+    /// [`Command::PartitionLeader`]: recorded when its term is newer than the recorded one
+    /// and the leader is one of the partition's replicas.
+    fn apply_leader(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        leader: BrokerId,
+        term: u64,
+    ) -> Applied {
+        let changed = self.topics.get_mut(topic).is_some_and(|t| {
+            let newer = t
+                .leaders
+                .get(&partition)
+                .is_none_or(|(l, known)| term > *known || (term == *known && *l != leader));
+            let replica = t
+                .replicas
+                .get(partition as usize)
+                .is_some_and(|r| r.contains(&leader));
+            if newer && replica {
+                t.leaders.insert(partition, (leader, term));
+            }
+            newer && replica
+        });
+        Applied {
+            topic_id: self.topics.get(topic).map(|t| t.id),
+            unchanged: !changed,
+        }
     }
 
     /// The group commands of [`ClusterState::apply`].
@@ -350,29 +416,55 @@ impl ClusterState {
         t.leader(partitioner::partition_for_key(name.as_bytes(), count))
     }
 
-    /// Replicas for `count` new partitions of a topic: each partition's leader is the broker
-    /// with the fewest partition leaders so far (ties by lowest id), so leaders spread
-    /// evenly; existing partitions never move (sticky). One replica per partition for now.
-    pub fn place(&self, count: u32) -> Vec<Vec<BrokerId>> {
-        let mut load: BTreeMap<BrokerId, usize> = self.brokers.keys().map(|&b| (b, 0)).collect();
+    /// Replicas for `count` new partitions of a topic, `replication_factor` distinct
+    /// brokers each (at most the brokers there are): each partition's leader (first replica)
+    /// is the broker with the fewest partition leaders so far, its followers the brokers
+    /// with the fewest replicas (ties by lowest id), so leaders and replicas spread evenly;
+    /// existing partitions never move (sticky).
+    pub fn place(&self, count: u32, replication_factor: u32) -> Vec<Vec<BrokerId>> {
+        let mut leads: BTreeMap<BrokerId, usize> = self.brokers.keys().map(|&b| (b, 0)).collect();
+        let mut holds = leads.clone();
         for t in self.topics.values() {
             for r in &t.replicas {
                 if let Some(leader) = r.first()
-                    && let Some(n) = load.get_mut(leader)
+                    && let Some(n) = leads.get_mut(leader)
                 {
                     *n += 1;
+                }
+                for b in r {
+                    if let Some(n) = holds.get_mut(b) {
+                        *n += 1;
+                    }
                 }
             }
         }
         let mut out = Vec::with_capacity(count as usize);
         for _ in 0..count {
-            let Some((&broker, _)) = load.iter().min_by_key(|&(&id, &n)| (n, id)) else {
+            let Some((&leader, _)) = leads.iter().min_by_key(|&(&id, &n)| (n, id)) else {
                 break;
             };
-            out.push(vec![broker]);
-            if let Some(n) = load.get_mut(&broker) {
+            let mut replicas = vec![leader];
+            let mut followers: Vec<(usize, BrokerId)> = holds
+                .iter()
+                .filter(|(b, _)| **b != leader)
+                .map(|(&b, &n)| (n, b))
+                .collect();
+            followers.sort_unstable();
+            replicas.extend(
+                followers
+                    .into_iter()
+                    .take(replication_factor.saturating_sub(1) as usize)
+                    .map(|(_, b)| b),
+            );
+            for b in &replicas {
+                if let Some(n) = holds.get_mut(b) {
+                    *n += 1;
+                }
+            }
+            if let Some(n) = leads.get_mut(&leader) {
                 *n += 1;
             }
+            out.push(replicas);
         }
         out
     }
@@ -400,7 +492,7 @@ mod tests {
     #[test]
     fn placement_spreads_leaders_and_is_sticky() {
         let mut s = state_with_brokers(&[0, 1, 2]);
-        let placed = s.place(6);
+        let placed = s.place(6, 1);
         assert_eq!(
             placed,
             vec![vec![0], vec![1], vec![2], vec![0], vec![1], vec![2]]
@@ -411,13 +503,13 @@ mod tests {
             replicas: placed.clone(),
         });
         // A second topic of 2 partitions starts where the load is lowest.
-        let second = s.place(2);
+        let second = s.place(2, 1);
         assert_eq!(second, vec![vec![0], vec![1]]);
         // Growing keeps the existing partitions where they are.
         s.apply(&Command::UpdateTopic {
             name: "a".into(),
             config: config(7),
-            added: s.place(1),
+            added: s.place(1, 1),
         });
         assert_eq!(s.topics["a"].replicas[..6], placed[..]);
         assert_eq!(s.topics["a"].replicas.len(), 7);
@@ -442,7 +534,7 @@ mod tests {
     #[test]
     fn groups_go_with_their_topic_and_are_adopted_once() {
         let mut s = state_with_brokers(&[0, 1]);
-        let placed = s.place(4);
+        let placed = s.place(4, 1);
         s.apply(&Command::CreateTopic {
             name: "t".into(),
             config: config(4),
@@ -513,5 +605,47 @@ mod tests {
             .unchanged
         );
         assert_eq!(s.brokers[&0].address, "elsewhere:7070");
+    }
+
+    #[test]
+    fn replicas_are_distinct_brokers_and_spread() {
+        let mut s = state_with_brokers(&[0, 1, 2, 3]);
+        let placed = s.place(4, 3);
+        for r in &placed {
+            let mut sorted = r.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            assert_eq!(sorted.len(), 3, "three distinct brokers: {placed:?}");
+        }
+        let leaders: Vec<u64> = placed.iter().map(|r| r[0]).collect();
+        assert_eq!(leaders, [0, 1, 2, 3], "leaders spread");
+        let mut held = [0usize; 4];
+        for b in placed.iter().flatten() {
+            held[*b as usize] += 1;
+        }
+        assert_eq!(held, [3, 3, 3, 3], "replicas spread: {placed:?}");
+        // More copies than brokers: as many as there are.
+        assert_eq!(state_with_brokers(&[0, 1]).place(1, 3), vec![vec![0, 1]]);
+        s.apply(&Command::CreateTopic {
+            name: "r".into(),
+            config: config(4),
+            replicas: placed,
+        });
+        // A reported leader moves routing; an older term does not.
+        let elect = |leader, term| Command::PartitionLeader {
+            topic: "r".into(),
+            partition: 0,
+            leader,
+            term,
+        };
+        assert!(!s.apply(&elect(1, 5)).unchanged);
+        assert_eq!(s.topics["r"].leader(0), Some(1));
+        assert!(s.apply(&elect(0, 4)).unchanged, "an older term");
+        assert_eq!(s.topics["r"].leader(0), Some(1));
+        assert_eq!(s.topics["r"].replicas[0], [0, 1, 2]);
+        assert!(
+            s.apply(&elect(3, 9)).unchanged,
+            "broker 3 holds no replica of it"
+        );
     }
 }

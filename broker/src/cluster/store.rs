@@ -221,6 +221,7 @@ pub struct StateMachine {
     published: watch::Sender<(u64, Arc<ClusterState>)>,
     log: Arc<Log>,
     me: BrokerId,
+    replicas: Arc<crate::replica::Replicas>,
 }
 
 impl StateMachine {
@@ -230,6 +231,7 @@ impl StateMachine {
         ks: Keyspace,
         log: Arc<Log>,
         me: BrokerId,
+        replicas: Arc<crate::replica::Replicas>,
     ) -> io::Result<(Self, AppliedState)> {
         let stored: Stored = match ks.get(b"s").map_err(io_err)? {
             Some(v) => from_json(&v)?,
@@ -248,6 +250,7 @@ impl StateMachine {
                 published,
                 log,
                 me,
+                replicas,
             },
             rx,
         ))
@@ -281,7 +284,9 @@ impl StateMachine {
             | Command::RemoveBroker { .. }
             | Command::PutGroup { .. }
             | Command::DeleteGroup { .. }
-            | Command::AdoptGroups { .. } => Ok(()),
+            | Command::AdoptGroups { .. }
+            // Routing follows it; the replicas know their leader already.
+            | Command::PartitionLeader { .. } => Ok(()),
             Command::CreateTopic { name, .. } | Command::UpdateTopic { name, .. } => {
                 let Some(topic) = state.topics.get(name) else {
                     return Ok(());
@@ -292,24 +297,84 @@ impl StateMachine {
                 let result = if let Ok(local) = self.log.topic(name) {
                     if local.config() == config {
                         // Already so (an adopted topic, an entry applied again).
-                        return Ok(());
+                        Ok(())
+                    } else {
+                        self.log.update_topic(name, config).await.map(|_| ())
                     }
-                    self.log.update_topic(name, config).await.map(|_| ())
                 } else {
                     self.log.create_topic(name, config).await.map(|_| ())
                 };
-                local_result(name, result)
+                local_result(name, result)?;
+                Box::pin(open_topic_replicas(
+                    name,
+                    topic,
+                    state,
+                    &self.log,
+                    &self.replicas,
+                    self.me,
+                ))
+                .await
             }
-            Command::DeleteTopic { name } => match self.log.delete_topic(name).await {
-                Err(crate::log::Error::TopicNotFound(_)) => Ok(()),
-                other => local_result(name, other),
-            },
+            Command::DeleteTopic { name } => {
+                self.replicas.close_topic(name).await;
+                match self.log.delete_topic(name).await {
+                    Err(crate::log::Error::TopicNotFound(_)) => Ok(()),
+                    other => local_result(name, other),
+                }
+            }
         }
     }
 }
 
+/// Opens this broker's replicas of every replicated partition `state` places here (at
+/// start-up; the local topics exist already).
+pub(crate) async fn open_replicas(
+    state: &ClusterState,
+    log: &Arc<Log>,
+    replicas: &crate::replica::Replicas,
+    me: BrokerId,
+) -> io::Result<()> {
+    for (name, topic) in &state.topics {
+        open_topic_replicas(name, topic, state, log, replicas, me).await?;
+    }
+    Ok(())
+}
+
+/// Opens this broker's replicas of topic `name`'s replicated partitions (none when its
+/// replication factor is 1).
+async fn open_topic_replicas(
+    name: &str,
+    topic: &super::state::TopicState,
+    state: &ClusterState,
+    log: &Arc<Log>,
+    replicas: &crate::replica::Replicas,
+    me: BrokerId,
+) -> io::Result<()> {
+    if topic.config.replication_factor <= 1 {
+        return Ok(());
+    }
+    let Ok(local) = log.topic(name) else {
+        return Ok(());
+    };
+    for (index, members) in topic.replicas.iter().enumerate() {
+        if !members.contains(&me) {
+            continue;
+        }
+        let addresses = members
+            .iter()
+            .filter_map(|b| state.brokers.get(b).map(|i| (*b, i.address.clone())))
+            .collect();
+        if let Err(e) = Box::pin(replicas.open(&local, topic.id, index as u32, &addresses)).await {
+            return Err(io_err(format!(
+                "opening the replica of {name}/{index}: {e}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The local settings of a topic whose partitions are placed by `replicas`: `None` when no
-/// partition is led here; all partitions served when every one is (and then `config`'s own
+/// partition is held here (led, or replicated for a replication factor above 1); all partitions served when every one is (and then `config`'s own
 /// `served` list, which a standalone broker's admin callers may set), else those led here,
 /// with the topic-wide `max_bytes` and `max_messages` shared out in proportion to the
 /// partitions led here (rounded up; `max_bytes` at least 64 KiB and one record, as a topic
@@ -322,7 +387,13 @@ fn local_config(
     let led: Vec<u32> = replicas
         .iter()
         .enumerate()
-        .filter(|(_, r)| r.first() == Some(&me))
+        .filter(|(_, r)| {
+            if config.replication_factor > 1 {
+                r.contains(&me)
+            } else {
+                r.first() == Some(&me)
+            }
+        })
         .map(|(i, _)| i as u32)
         .collect();
     if led.is_empty() {

@@ -46,17 +46,18 @@ impl ClusterRpc for ClusterService {
             .topics
             .iter()
             .flat_map(|(name, t)| {
-                t.replicas
-                    .iter()
-                    .enumerate()
-                    .map(move |(i, replicas)| pb::PartitionMetadata {
+                t.replicas.iter().enumerate().map(move |(i, replicas)| {
+                    let leader = t.leader(i as u32).unwrap_or_default();
+                    pb::PartitionMetadata {
                         topic: name.clone(),
                         partition: i as u32,
-                        leader: replicas.first().copied().unwrap_or_default(),
+                        leader,
                         replicas: replicas.clone(),
-                        // One replica per partition: the leader is the in-sync set.
-                        in_sync: replicas.iter().take(1).copied().collect(),
-                    })
+                        // The leader; followers' catch-up is not reported in the
+                        // metadata yet.
+                        in_sync: vec![leader],
+                    }
+                })
             })
             .collect();
         let groups = state
@@ -163,6 +164,17 @@ impl RaftRpc for RaftService {
         encode(&remote_answer::<crate::cluster::remote::PeerAnswer>(
             self.cluster.peer_here(call).await,
         ))
+    }
+
+    async fn partition(
+        &self,
+        request: Request<pb::PartitionRaftMessage>,
+    ) -> Result<Response<pb::PartitionRaftMessage>, Status> {
+        self.cluster
+            .replicas()
+            .serve(request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn snapshot(

@@ -88,6 +88,7 @@ pub(crate) fn config_to_pb(config: &log::TopicConfig) -> pb::TopicConfig {
             Durability::Buffered => pb::Durability::Buffered,
         } as i32,
         served_partitions: config.served.to_list(),
+        replication_factor: config.replication_factor,
     }
 }
 
@@ -140,6 +141,7 @@ pub(crate) fn topic_config_from_pb(
     config.max_bytes = c.max_bytes;
     config.max_messages = c.max_messages;
     config.served = log::topic::Served::from_list(&c.served_partitions, c.partitions)?;
+    config.replication_factor = c.replication_factor.max(1);
     config.validate()?;
     Ok(config)
 }

@@ -32,7 +32,7 @@ fn log_code(e: &log::Error) -> Code {
         E::TopicFull { .. } | E::DiskFull { .. } => Code::ResourceExhausted,
         E::OffsetOutOfRange { .. } => Code::OutOfRange,
         E::Corrupt { .. } | E::Missing { .. } | E::Damaged { .. } => Code::DataLoss,
-        E::ShuttingDown => Code::Unavailable,
+        E::ShuttingDown | E::NotLeader { .. } | E::OutcomeUnknown { .. } => Code::Unavailable,
         _ => Code::Internal,
     }
 }

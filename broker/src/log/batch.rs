@@ -8,7 +8,7 @@
 //! | 0 | 1 | magic, `1` |
 //! | 1 | 4 | CRC32C (Castagnoli) of every byte from offset 5 to the end |
 //! | 5 | 2 | attributes, reserved, `0` |
-//! | 7 | 4 | leader epoch (room for replication; `0` today) |
+//! | 7 | 4 | leader epoch: the Raft term of the entry on replicated partitions, `0` otherwise |
 //! | 11 | 8 | base offset: offset of the first record |
 //! | 19 | 4 | record count, at least 1 |
 //! | 23 | 8 | first timestamp, ms since the epoch |
@@ -31,6 +31,7 @@ pub const HEADER_LEN: usize = 39;
 
 const CRC_RANGE_START: usize = 5;
 const BASE_OFFSET_AT: usize = 11;
+const LEADER_EPOCH_AT: usize = 7;
 
 /// One message as the log stores it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -93,7 +94,7 @@ pub enum DecodeError {
 /// Fixed-size header fields of a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchHeader {
-    /// Leader epoch of the writer (0 until replication).
+    /// Leader epoch: the Raft term of the entry on replicated partitions, 0 otherwise.
     pub leader_epoch: u32,
     /// Offset of the first record.
     pub base_offset: u64,
@@ -167,8 +168,20 @@ pub fn encode(records: &[Record], now_ms: i64) -> Vec<u8> {
 /// `batch` must come from [`encode`] (at least [`HEADER_LEN`] bytes); shorter input is left
 /// untouched.
 pub fn seal(batch: &mut [u8], base_offset: u64) {
+    seal_with_epoch(batch, base_offset, 0);
+}
+
+/// [`seal`] with the leader epoch set too: the Raft term of the entry that holds the batch on
+/// a replicated partition (Kafka keeps the leader epoch in each batch header, KIP-101), so
+/// every replica stores the same bytes at the same offset. Terms above `u32::MAX` are stored
+/// as `u32::MAX`.
+pub fn seal_with_epoch(batch: &mut [u8], base_offset: u64, leader_epoch: u64) {
     if batch.len() < HEADER_LEN {
         return;
+    }
+    let epoch = u32::try_from(leader_epoch).unwrap_or(u32::MAX);
+    if let Some(slot) = batch.get_mut(LEADER_EPOCH_AT..LEADER_EPOCH_AT + 4) {
+        slot.copy_from_slice(&epoch.to_le_bytes());
     }
     if let Some(slot) = batch.get_mut(BASE_OFFSET_AT..BASE_OFFSET_AT + 8) {
         slot.copy_from_slice(&base_offset.to_le_bytes());

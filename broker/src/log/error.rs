@@ -191,6 +191,43 @@ pub enum Error {
         /// Partitions this broker serves.
         served: Vec<u32>,
     },
+    /// A produce to a replicated partition reached a replica that is not its leader (an
+    /// election is under way, or the leader moved): nothing was stored; retry at the leader
+    /// (Kafka's `NOT_LEADER_OR_FOLLOWER`).
+    #[error(
+        "this broker is not the leader of partition {partition} of topic {topic:?} ({leader}); nothing was stored, retry at the leader"
+    )]
+    NotLeader {
+        /// Topic name.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// Who leads, as far as this replica knows.
+        leader: String,
+    },
+    /// A produce to a replicated partition was appended by a leader that lost its
+    /// leadership before the records committed: they may or may not be stored (a later
+    /// leader may have them). Retry with the same producer id and sequence so that a
+    /// stored copy is not stored twice.
+    #[error(
+        "the leader of partition {partition} of topic {topic:?} changed before the records committed; the outcome is unknown: retry idempotently (same producer id and sequence)"
+    )]
+    OutcomeUnknown {
+        /// Topic name.
+        topic: String,
+        /// Partition.
+        partition: u32,
+    },
+    /// A replica group's storage or consensus failed.
+    #[error("replica of partition {partition} of topic {topic:?}: {message}")]
+    Replica {
+        /// Topic name.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// What failed.
+        message: String,
+    },
     /// A fetch asked for an offset outside the stored range.
     #[error(
         "offset {offset} is out of range for {topic}/{partition}: valid offsets are {earliest}..={next} ({next} waits for the next record)"

@@ -30,6 +30,19 @@
 //! version: they cannot be split by partition, and a producer that carries on after the
 //! upgrade starts its partitions' sequences at 0.
 
+//! `raft` keyspace, partition replica groups (replicated partitions, `crate::replica`; the
+//! metadata group's own keys there are one letter long, `crate::cluster::store`):
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `R` ‖ group ‖ `e` ‖ index (u64) | an entry of the group's Raft log: [`ReplicaEntry`]; a `Records` entry's batch is in `records` at its base offset |
+//! | `R` ‖ group ‖ `v` | the vote (JSON) |
+//! | `R` ‖ group ‖ `c` | the committed log id (JSON) |
+//! | `R` ‖ group ‖ `p` | the last purged log id (JSON) |
+//! | `R` ‖ group ‖ `a` | the state machine: last applied log id, membership, end offset (JSON) |
+//!
+//! where group = cluster topic id (u64) ‖ partition (u32), 12 bytes.
+
 /// Current schema version, stored under [`SCHEMA_KEY`].
 pub const SCHEMA_VERSION: u32 = 3;
 /// Key of the schema version.
@@ -143,6 +156,119 @@ pub fn cursor_key(group: &str, partition: u32) -> Vec<u8> {
     k
 }
 
+/// A partition replica group's id in keys: cluster topic id ‖ partition, big-endian.
+pub type GroupKey = [u8; 12];
+
+/// The [`GroupKey`] of partition `partition` of the topic with cluster id `topic_id`.
+pub fn group_key_of(topic_id: u64, partition: u32) -> GroupKey {
+    let mut key = [0u8; 12];
+    key[..8].copy_from_slice(&topic_id.to_be_bytes());
+    key[8..].copy_from_slice(&partition.to_be_bytes());
+    key
+}
+
+/// `raft` keyspace key of a replica group's single value `tag` (`v`, `c`, `p`, `a`):
+/// `R` ‖ group ‖ tag.
+pub fn replica_key(group: GroupKey, tag: u8) -> [u8; 14] {
+    let mut key = [0u8; 14];
+    key[0] = b'R';
+    key[1..13].copy_from_slice(&group);
+    key[13] = tag;
+    key
+}
+
+/// `raft` keyspace key of a replica group's log entry `index`: `R` ‖ group ‖ `e` ‖ index.
+pub fn replica_entry_key(group: GroupKey, index: u64) -> [u8; 22] {
+    let mut key = [0u8; 22];
+    key[..14].copy_from_slice(&replica_key(group, b'e'));
+    key[14..].copy_from_slice(&index.to_be_bytes());
+    key
+}
+
+/// The index of a [`replica_entry_key`]; `None` for another key.
+pub fn parse_replica_entry_key(key: &[u8]) -> Option<u64> {
+    if key.len() != 22 || key.get(13) != Some(&b'e') {
+        return None;
+    }
+    Some(u64::from_be_bytes(key.get(14..22)?.try_into().ok()?))
+}
+
+/// What a replica group's log entry holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaEntryKind {
+    /// A record batch of `records` records, stored in `records` at the entry's base offset.
+    Records {
+        /// Records in the batch.
+        records: u32,
+    },
+    /// A new leader's blank entry.
+    Blank,
+    /// A membership change: openraft's membership (JSON).
+    Membership(Vec<u8>),
+}
+
+/// A replica group's log entry as stored under [`replica_entry_key`]: term u64, base offset
+/// u64, kind u8 (0 records, 1 blank, 2 membership), then the record count (u32) or the
+/// membership JSON; integers big-endian.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaEntry {
+    /// Raft term of the leader that wrote it (the batch's leader epoch).
+    pub term: u64,
+    /// Offset of its first record; entries without records hold the offset of the next
+    /// record.
+    pub base_offset: u64,
+    /// What it holds.
+    pub kind: ReplicaEntryKind,
+}
+
+impl ReplicaEntry {
+    /// The offset after its records.
+    pub fn end_offset(&self) -> u64 {
+        match self.kind {
+            ReplicaEntryKind::Records { records } => self.base_offset + u64::from(records),
+            _ => self.base_offset,
+        }
+    }
+
+    /// The stored bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(21);
+        out.extend_from_slice(&self.term.to_be_bytes());
+        out.extend_from_slice(&self.base_offset.to_be_bytes());
+        match &self.kind {
+            ReplicaEntryKind::Records { records } => {
+                out.push(0);
+                out.extend_from_slice(&records.to_be_bytes());
+            }
+            ReplicaEntryKind::Blank => out.push(1),
+            ReplicaEntryKind::Membership(json) => {
+                out.push(2);
+                out.extend_from_slice(json);
+            }
+        }
+        out
+    }
+
+    /// Parses [`ReplicaEntry::encode`]'s bytes; `None` when malformed.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let term = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+        let base_offset = u64::from_be_bytes(bytes.get(8..16)?.try_into().ok()?);
+        let kind = match bytes.get(16)? {
+            0 => ReplicaEntryKind::Records {
+                records: u32::from_be_bytes(bytes.get(17..21)?.try_into().ok()?),
+            },
+            1 => ReplicaEntryKind::Blank,
+            2 => ReplicaEntryKind::Membership(bytes.get(17..)?.to_vec()),
+            _ => return None,
+        };
+        Some(Self {
+            term,
+            base_offset,
+            kind,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,5 +311,27 @@ mod tests {
         assert!(!k.starts_with(&cursor_prefix("g2")));
         assert!(!cursor_key("g2", 0).starts_with(&cursor_prefix("g")));
         assert_eq!(&k[k.len() - 4..], &3u32.to_be_bytes());
+    }
+
+    #[test]
+    fn replica_entries_round_trip_and_their_keys_sort_by_index() {
+        let g = group_key_of(9, 2);
+        for kind in [
+            ReplicaEntryKind::Records { records: 7 },
+            ReplicaEntryKind::Blank,
+            ReplicaEntryKind::Membership(b"{}".to_vec()),
+        ] {
+            let e = ReplicaEntry {
+                term: 3,
+                base_offset: 100,
+                kind,
+            };
+            assert_eq!(ReplicaEntry::decode(&e.encode()), Some(e));
+        }
+        assert_eq!(ReplicaEntry::decode(&[0; 10]), None);
+        let (a, b) = (replica_entry_key(g, 255), replica_entry_key(g, 256));
+        assert!(a < b && b < replica_entry_key(group_key_of(9, 3), 0));
+        assert_eq!(parse_replica_entry_key(&b), Some(256));
+        assert_eq!(parse_replica_entry_key(&replica_key(g, b'v')), None);
     }
 }

@@ -57,7 +57,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use self::repair::LostRange;
-pub use self::writer::PartBatch;
+pub use self::writer::{PartBatch, ReplicaAppend, ReplicaPayload};
 pub use self::{
     batch::{Record, StoredRecord},
     error::Error,
@@ -227,6 +227,30 @@ pub struct Log {
     max_queued: u32,
     writer: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
     report: RecoveryReport,
+    /// Proposes appends to replicated partitions (set by `crate::replica`).
+    replicator: std::sync::OnceLock<Arc<dyn Replicator>>,
+}
+
+/// The result of one proposed append to a replicated partition: its [`Ack`] once
+/// committed.
+pub type Proposed = std::pin::Pin<Box<dyn Future<Output = Result<Ack, Error>> + Send>>;
+
+/// Proposes record batches to the Raft groups of replicated partitions
+/// ([`Partition::is_replicated`]); implemented by `crate::replica`.
+pub trait Replicator: Send + Sync {
+    /// Proposes `batch` (`records` records, [`batch::encode`]) to `partition`'s group. The
+    /// proposal is queued when this returns (proposals of one caller keep their order); the
+    /// returned future resolves once it committed. Errors: [`Error::NotLeader`] when this
+    /// broker does not lead the partition (nothing stored).
+    fn propose(
+        &self,
+        partition: &Arc<Partition>,
+        batch: Vec<u8>,
+        records: u32,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Proposed, Error>> + Send + '_>>;
+
+    /// Whether this broker leads `partition`'s group at the moment.
+    fn leads(&self, partition: &Partition) -> bool;
 }
 
 impl std::fmt::Debug for Log {
@@ -328,6 +352,7 @@ impl Log {
                 .clamp(1 << 20, u64::from(u32::MAX >> 3)) as u32,
             writer: parking_lot::Mutex::new(Some(writer)),
             report,
+            replicator: std::sync::OnceLock::new(),
         })
     }
 
@@ -498,6 +523,11 @@ impl Log {
             .acquire_many_owned(permits)
             .await
             .map_err(|_| Error::ShuttingDown)?;
+        if batches.iter().any(|b| b.partition.is_replicated()) {
+            return self
+                .submit_replicated(&topic, batches, producer, queued)
+                .await;
+        }
         let (reply, rx) = oneshot::channel();
         self.commands
             .send(Command::Append {
@@ -512,6 +542,117 @@ impl Log {
             rx,
             _queued: queued,
         })
+    }
+
+    /// Sets who proposes appends to replicated partitions (once).
+    pub fn set_replicator(&self, replicator: Arc<dyn Replicator>) {
+        let _ = self.replicator.set(replicator);
+    }
+
+    /// Whether this broker leads `partition`: always for a partition that is not
+    /// replicated, else when its group's leader is here.
+    pub fn leads(&self, partition: &Partition) -> bool {
+        !partition.is_replicated() || self.replicator.get().is_some_and(|r| r.leads(partition))
+    }
+
+    /// Appends to replicated partitions: each batch proposed to its partition's group, in
+    /// order, answered once all committed. Not atomic across partitions (as in Kafka, each
+    /// partition's log is its own).
+    async fn submit_replicated(
+        &self,
+        topic: &Topic,
+        batches: Vec<PartBatch>,
+        producer: Option<Idempotence>,
+        queued: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<AppendTicket, Error> {
+        if producer.is_some() {
+            return Err(Error::InvalidConfig(crate::validate::InvalidConfig::new(
+                "producer_id",
+                format!(
+                    "topic {} is replicated; idempotent producers on replicated topics are not supported yet: produce without a producer id",
+                    quote(&topic.name)
+                ),
+            )));
+        }
+        let Some(replicator) = self.replicator.get() else {
+            return Err(Error::ShuttingDown);
+        };
+        let mut proposed = Vec::with_capacity(batches.len());
+        for b in batches {
+            if !b.partition.is_replicated() {
+                return Err(Error::Replica {
+                    topic: topic.name.clone(),
+                    partition: b.partition.index,
+                    message: "the partition's replica group is not open yet; retry".into(),
+                });
+            }
+            proposed.push(replicator.propose(&b.partition, b.batch, b.records).await?);
+        }
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let mut acks = Vec::with_capacity(proposed.len());
+            for p in proposed {
+                match p.await {
+                    Ok(ack) => acks.push(ack),
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+            let _ = tx.send(Ok(acks));
+        });
+        Ok(AppendTicket {
+            rx,
+            _queued: queued,
+        })
+    }
+
+    /// Queues a replica group's log entries for the writer ([`ReplicaAppend`]); they are
+    /// readable once the writer committed them, and `done` says when they are on disk.
+    pub async fn replica_append(&self, append: ReplicaAppend) -> Result<(), Error> {
+        self.commands
+            .send(Command::ReplicaAppend(append))
+            .await
+            .map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Deletes a replica group's log entries from `from_index` on and `partition`'s records
+    /// after the entry before it; the partition's log then ends where that entry ends
+    /// (`start_offset` when no entry before `from_index` is stored).
+    pub async fn replica_truncate(
+        &self,
+        partition: Arc<Partition>,
+        raft: Keyspace,
+        group: keys::GroupKey,
+        from_index: u64,
+        start_offset: u64,
+    ) -> Result<(), Error> {
+        self.call(|reply| Command::ReplicaTruncate {
+            partition,
+            raft,
+            group,
+            from_index,
+            start_offset,
+            reply,
+        })
+        .await
+    }
+
+    /// The stored batch of `partition` at `base_offset`, as stored (sealed). Blocking.
+    pub fn read_batch(
+        &self,
+        partition: &Partition,
+        base_offset: u64,
+    ) -> Result<Option<fjall::Slice>, Error> {
+        self.shared
+            .records
+            .get(partition.key(base_offset))
+            .map_err(|source| Error::Read {
+                topic: partition.topic.clone(),
+                partition: partition.index,
+                source,
+            })
     }
 
     /// Writes `puts` and `deletes` to the metadata keyspace in one atomic batch, through the

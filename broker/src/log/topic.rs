@@ -82,7 +82,18 @@ pub struct TopicConfig {
     /// placed here when a topic spreads over several brokers.
     #[serde(default)]
     pub served: Served,
+    /// Copies of each partition on distinct brokers, `1..=MAX_REPLICATION_FACTOR`; above 1
+    /// each partition is a Raft group over its replicas (`crate::replica`).
+    #[serde(default = "one")]
+    pub replication_factor: u32,
 }
+
+fn one() -> u32 {
+    1
+}
+
+/// Largest replication factor.
+pub const MAX_REPLICATION_FACTOR: u32 = 5;
 
 /// The partitions of a topic that this broker serves; the others exist (so partition numbers
 /// and key hashing are the same on every broker) but stay empty here, and produce, fetch and
@@ -207,6 +218,7 @@ impl Default for TopicConfig {
             overflow: Overflow::DropOldest,
             durability: Durability::Fsync,
             served: Served::ALL,
+            replication_factor: 1,
         }
     }
 }
@@ -285,6 +297,28 @@ impl TopicConfig {
             return bad(
                 "max_messages",
                 "max_messages and max_bytes must fit in a signed 64-bit integer".into(),
+            );
+        }
+        if self.replication_factor == 0 || self.replication_factor > MAX_REPLICATION_FACTOR {
+            return bad(
+                "replication_factor",
+                format!(
+                    "replication_factor is {}; it must be between 1 and {MAX_REPLICATION_FACTOR}",
+                    self.replication_factor
+                ),
+            );
+        }
+        if self.replication_factor > 1
+            && (self.max_age_ms != 0
+                || self.has_size_limits()
+                || self.retention == Retention::WorkQueue)
+        {
+            return bad(
+                "replication_factor",
+                format!(
+                    "replication_factor {} with max_age_ms, max_bytes, max_messages or work-queue retention: replicated topics keep every record for now; create it without those limits, or with replication_factor 1",
+                    self.replication_factor
+                ),
             );
         }
         if self.retention == Retention::WorkQueue
@@ -397,6 +431,10 @@ pub struct Partition {
     pub(crate) head_base: AtomicU64,
     /// Set when the topic is deleted, so late appends fail instead of writing.
     pub(crate) deleted: AtomicBool,
+    /// Set when the partition is a replica of a Raft group (`crate::replica`): the writer
+    /// then stores appends without publishing them, and the group's state machine moves
+    /// `next_offset` (the high watermark) as entries commit.
+    pub(crate) replicated: AtomicBool,
     /// Publishes `next_offset` to long-polling fetches.
     pub(crate) durable: watch::Sender<u64>,
     /// The topic's append signal (shared by its partitions).
@@ -426,6 +464,7 @@ impl Partition {
             assigned_bytes: AtomicU64::new(state.bytes),
             head_base: AtomicU64::new(state.earliest_offset),
             deleted: AtomicBool::new(false),
+            replicated: AtomicBool::new(false),
             durable: watch::Sender::new(state.next_offset),
             appended,
             accepted_losses: parking_lot::RwLock::default(),
@@ -444,6 +483,44 @@ impl Partition {
     /// Offset the next record will get; every offset below it is durable.
     pub fn next_offset(&self) -> u64 {
         self.next_offset.load(Ordering::Acquire)
+    }
+
+    /// Marks the partition a replica of a Raft group and sets its high watermark (`next`,
+    /// the end of the entries its state machine applied): from here on the group's state
+    /// machine, not the writer, publishes how far records are readable.
+    pub fn replicate_from(&self, next: u64) {
+        self.replicated.store(true, Ordering::Release);
+        self.publish(next);
+    }
+
+    /// Whether the partition is a replica of a Raft group (see [`Partition::replicate_from`]).
+    pub fn is_replicated(&self) -> bool {
+        self.replicated.load(Ordering::Acquire)
+    }
+
+    /// Makes records up to `next` readable (the high watermark of a replicated partition)
+    /// and wakes long polls.
+    pub fn publish(&self, next: u64) {
+        self.next_offset.store(next, Ordering::Release);
+        self.durable.send_replace(next);
+        self.appended.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// The offset the next appended batch gets: the end of the stored log, ahead of
+    /// [`Partition::next_offset`] while entries are not committed (replicated partitions)
+    /// or a commit runs.
+    pub fn log_end(&self) -> u64 {
+        self.assigned_next.load(Ordering::Relaxed)
+    }
+
+    /// Whether the partition's topic was deleted.
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    /// `topic id ‖ partition index` of the local log (the prefix of its record keys).
+    pub fn prefix(&self) -> [u8; 8] {
+        self.prefix
     }
 
     /// First offset still stored.

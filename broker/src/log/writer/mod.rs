@@ -15,7 +15,10 @@
 //! limits and deletions; [`admin`] changes topics and other metadata.
 
 mod admin;
+mod replica;
 mod retention;
+
+pub use self::replica::{ReplicaAppend, ReplicaPayload};
 
 use std::sync::{Arc, atomic::Ordering};
 
@@ -116,6 +119,20 @@ pub(crate) enum Command {
         damaged_keys: Vec<Vec<u8>>,
         reply: Reply<()>,
     },
+    /// Entries of a partition replica group's Raft log, group-committed with appends;
+    /// `done` is called once they are on disk (fsynced when `fsync`).
+    ReplicaAppend(ReplicaAppend),
+    /// Deletes a replica group's log entries from `from_index` on and the records after
+    /// the entry before it (Raft's truncation of a divergent tail); `start_offset` is the
+    /// log end when no entry before `from_index` is stored.
+    ReplicaTruncate {
+        partition: Arc<Partition>,
+        raft: fjall::Keyspace,
+        group: keys::GroupKey,
+        from_index: u64,
+        start_offset: u64,
+        reply: Reply<()>,
+    },
     /// Fsync if anything was committed without fsync since the last one.
     Sync {
         reply: Reply<()>,
@@ -180,7 +197,37 @@ struct Waiting {
     /// Partitions written and bytes added to each.
     parts: Vec<(Arc<Partition>, u64)>,
     acks: Vec<Ack>,
-    reply: Reply<Vec<Ack>>,
+    reply: Done,
+}
+
+impl Waiting {
+    /// A produce request waiting to be answered with `acks`.
+    fn answer(parts: Vec<(Arc<Partition>, u64)>, acks: Vec<Ack>, reply: Reply<Vec<Ack>>) -> Self {
+        Self {
+            parts,
+            acks,
+            reply: Done::Acks(reply),
+        }
+    }
+}
+
+/// Whom a commit answers.
+enum Done {
+    /// A produce request, with its acks.
+    Acks(Reply<Vec<Ack>>),
+    /// A replica group's log store, told that its entries are on disk.
+    Flushed(replica::Flushed),
+}
+
+impl Done {
+    fn send(self, result: Result<Vec<Ack>, Error>) {
+        match self {
+            Done::Acks(reply) => {
+                let _ = reply.send(result);
+            }
+            Done::Flushed(done) => done(result.map(|_| ())),
+        }
+    }
 }
 
 impl Writer {
@@ -194,8 +241,12 @@ impl Writer {
             {
                 match rx.try_recv() {
                     Ok(cmd) => {
-                        if let Command::Append { batches, .. } = &cmd {
-                            bytes += batches.iter().map(|b| b.batch.len()).sum::<usize>();
+                        match &cmd {
+                            Command::Append { batches, .. } => {
+                                bytes += batches.iter().map(|b| b.batch.len()).sum::<usize>();
+                            }
+                            Command::ReplicaAppend(r) => bytes += r.bytes(),
+                            _ => {}
                         }
                         queue.push(cmd);
                     }
@@ -239,6 +290,7 @@ impl Writer {
                     );
                     self.append(&mut round, &topic, batches, producer, reply);
                 }
+                Command::ReplicaAppend(append) => self.replica_append(&mut round, append),
                 other => {
                     // Commit what is batched so far, then the metadata command alone.
                     let full = std::mem::replace(&mut round, Round::new(&self.shared));
@@ -289,11 +341,7 @@ impl Writer {
                 Ok(SequenceCheck::New) => {}
                 Ok(SequenceCheck::Duplicate(acks)) => {
                     // Answered after this round's commit: the original may be in it.
-                    round.waiting.push(Waiting {
-                        parts: Vec::new(),
-                        acks,
-                        reply,
-                    });
+                    round.waiting.push(Waiting::answer(Vec::new(), acks, reply));
                     return;
                 }
                 Err(e) => {
@@ -364,7 +412,7 @@ impl Writer {
         {
             round.limited.push(Arc::clone(topic));
         }
-        round.waiting.push(Waiting { parts, acks, reply });
+        round.waiting.push(Waiting::answer(parts, acks, reply));
     }
 
     fn commit(&self, round: Round) -> Result<(), Error> {
@@ -410,7 +458,7 @@ impl Writer {
         );
         if let Err(e) = committed {
             for p in waiting.drain(..) {
-                let _ = p.reply.send(Err(Error::Commit(fjall::Error::Poisoned)));
+                p.reply.send(Err(Error::Commit(fjall::Error::Poisoned)));
             }
             return Err(Error::Commit(e));
         }
@@ -425,10 +473,10 @@ impl Writer {
         );
         for (p, added) in touched {
             relaxed_add(&p.bytes, added);
-            let next = p.assigned_next.load(Ordering::Relaxed);
-            p.next_offset.store(next, Ordering::Release);
-            p.durable.send_replace(next);
-            p.appended.send_modify(|n| *n = n.wrapping_add(1));
+            if !p.is_replicated() {
+                // A replica's records become readable when they commit (its state machine).
+                p.publish(p.assigned_next.load(Ordering::Relaxed));
+            }
         }
         // DropOldest before the acks go out, so nobody sees a topic over its limit after
         // an ack.
@@ -445,7 +493,7 @@ impl Writer {
             for ack in &p.acks {
                 relaxed_add(&stats.records, u64::from(ack.record_count));
             }
-            let _ = p.reply.send(Ok(p.acks));
+            p.reply.send(Ok(p.acks));
         }
         Ok(())
     }
@@ -510,7 +558,19 @@ impl Writer {
 
     fn metadata(&self, cmd: Command) -> Result<Flow, Error> {
         match cmd {
-            Command::Append { .. } => Ok(Flow::Continue),
+            Command::Append { .. } | Command::ReplicaAppend(_) => Ok(Flow::Continue),
+            Command::ReplicaTruncate {
+                partition,
+                raft,
+                group,
+                from_index,
+                start_offset,
+                reply,
+            } => finish(
+                self.replica_truncate(&partition, &raft, group, from_index, start_offset),
+                reply,
+            )
+            .map(|()| Flow::Continue),
             Command::CreateTopic {
                 name,
                 config,

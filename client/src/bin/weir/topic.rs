@@ -33,6 +33,10 @@ pub struct Settings {
     /// `fsync`: ack after fsync; `buffered`: ack after the write reaches the OS.
     #[arg(long, value_enum)]
     durability: Option<DurabilityArg>,
+    /// Copies of each partition on distinct brokers: 1, 3 or 5 (at most the brokers);
+    /// above 1 a produce is acknowledged once a majority of them have it. Set at creation.
+    #[arg(long)]
+    replication_factor: Option<u32>,
 }
 
 impl Settings {
@@ -73,6 +77,9 @@ impl Settings {
                 DurabilityArg::Fsync => Durability::Fsync,
                 DurabilityArg::Buffered => Durability::Buffered,
             };
+        }
+        if let Some(r) = self.replication_factor {
+            c.replication_factor = r;
         }
         Ok(c)
     }
@@ -233,6 +240,7 @@ fn topic_json(t: &TopicInfo) -> serde_json::Value {
         "overflow": overflow(c.overflow),
         "durability": durability(c.durability),
         "servedPartitions": c.served_partitions,
+        "replicationFactor": c.replication_factor,
         "messages": t.messages,
         "bytes": t.bytes,
         "createdAtMs": t.created_at.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_millis()),
@@ -280,7 +288,7 @@ fn print_topics(topics: &[TopicInfo], output: Output, detail: bool) {
                     };
                     println!();
                     println!(
-                        "limits: max-age {}  max-bytes {}  max-messages {}  overflow {}  retention {}  durability {}",
+                        "limits: max-age {}  max-bytes {}  max-messages {}  overflow {}  retention {}  durability {}  replication-factor {}",
                         limit(
                             c.max_age
                                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
@@ -295,6 +303,7 @@ fn print_topics(topics: &[TopicInfo], output: Output, detail: bool) {
                         overflow(c.overflow),
                         retention(c.retention),
                         durability(c.durability),
+                        c.replication_factor,
                     );
                     println!(
                         "usage:  {} messages, {}",

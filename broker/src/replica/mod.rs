@@ -1,0 +1,530 @@
+//! Replicated partitions: each partition of a topic with `replication_factor` above 1 is a
+//! Raft group (openraft) over its replicas, one group per partition, as Redpanda does.
+//! Design: `docs/replication.md`.
+//!
+//! The partition's log is the Raft log ([`store`]): a produce is one entry holding the
+//! request's record batch; every replica stores it at the same offsets with the entry's term
+//! as the batch's leader epoch; the leader answers once a majority have it fsynced and the
+//! entry is applied, which moves the partition's high watermark (what fetches and groups
+//! read up to). Uncommitted entries of a deposed leader are truncated, never served.
+//!
+//! Parts: [`store`] (log store and state machine over the log engine), [`network`] (the
+//! messages between brokers). This module holds the registry of the groups this broker
+//! takes part in and proposes produce requests ([`Replicas`] implements
+//! [`crate::log::Replicator`]).
+
+pub mod network;
+pub mod store;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use fjall::Keyspace;
+use openraft::{BasicNode, async_runtime::WatchReceiver, impls::ProgressResponder};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use weir_proto::v1::PartitionRaftMessage;
+
+use crate::log::{
+    self, Ack, Log, Partition, Topic,
+    keys::{self, GroupKey},
+    topic::Durability,
+};
+
+openraft::declare_raft_types!(
+    /// A replica group's types: record batches in, their offsets out; standard Raft leader
+    /// ids (one leader per term), so an entry's term is its batch's leader epoch.
+    pub ReplicaTypes:
+        D = Proposal,
+        R = Appended,
+        LeaderId = openraft::impls::leader_id_std::LeaderId<u64, u64>,
+);
+
+/// A replica group's Raft node.
+pub type ReplicaRaft = openraft::Raft<ReplicaTypes, store::ReplicaMachine>;
+
+/// A produce request's records for one partition: one entry of the partition's Raft log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    /// The record batch ([`crate::log::batch::encode`]; sealed on each replica with its
+    /// offset and the entry's term).
+    pub batch: bytes::Bytes,
+    /// Records in it.
+    pub records: u32,
+}
+
+impl std::fmt::Display for Proposal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} records, {} bytes", self.records, self.batch.len())
+    }
+}
+
+/// Where an applied entry's records are: offsets `base_offset..base_offset + records`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Appended {
+    /// Offset of the first record.
+    pub base_offset: u64,
+    /// Records.
+    pub records: u32,
+}
+
+/// Settings of replica groups.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplicaOptions {
+    /// Leader heartbeat interval (ms).
+    pub heartbeat_ms: u64,
+    /// Followers start an election after between this and twice this without hearing from
+    /// a leader (ms).
+    pub election_timeout_ms: u64,
+}
+
+impl Default for ReplicaOptions {
+    /// Heartbeats every 100 ms, elections after 500–1,000 ms (a leader's loss is repaired
+    /// within 2 s, as `docs/replication.md` sets).
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 100,
+            election_timeout_ms: 500,
+        }
+    }
+}
+
+/// The pooled channels to peers, by address (shared by every group).
+#[derive(Clone, Default)]
+pub struct Channels(Arc<parking_lot::Mutex<HashMap<String, tonic::transport::Channel>>>);
+
+impl Channels {
+    /// The channel to `address` (`host:port`), opened lazily.
+    pub fn get(&self, address: &str) -> Result<tonic::transport::Channel, String> {
+        let mut map = self.0.lock();
+        if let Some(c) = map.get(address) {
+            return Ok(c.clone());
+        }
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| format!("bad peer address {address:?}: {e}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        map.insert(address.to_owned(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// A partition replica on this broker.
+pub struct Replica {
+    /// The group's Raft node.
+    pub raft: ReplicaRaft,
+    /// The local partition.
+    pub partition: Arc<Partition>,
+    /// Topic name.
+    pub topic: String,
+    /// The group.
+    pub group: GroupKey,
+}
+
+/// A replica that became its group's leader, for the controller to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderChange {
+    /// Topic name.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// The new leader (this broker).
+    pub leader: u64,
+    /// Its term.
+    pub term: u64,
+}
+
+/// The replica groups this broker takes part in.
+pub struct Replicas {
+    me: u64,
+    log: Arc<Log>,
+    raft_ks: Keyspace,
+    config: Arc<openraft::Config>,
+    channels: Channels,
+    groups: parking_lot::Mutex<HashMap<GroupKey, Arc<Replica>>>,
+    /// Serializes opening and closing groups.
+    opening: tokio::sync::Mutex<()>,
+    leaders: mpsc::UnboundedSender<LeaderChange>,
+}
+
+impl std::fmt::Debug for Replicas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicas")
+            .field("me", &self.me)
+            .field("groups", &self.groups.lock().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Replicas {
+    /// The registry of `log`'s replica groups, for broker `me`; returns the receiver of the
+    /// leader changes of its groups.
+    ///
+    /// # Errors
+    ///
+    /// The `raft` keyspace cannot be opened, or the Raft settings are invalid.
+    pub fn new(
+        me: u64,
+        log: &Arc<Log>,
+        options: ReplicaOptions,
+    ) -> Result<(Arc<Self>, mpsc::UnboundedReceiver<LeaderChange>), log::Error> {
+        let raft_ks = log.keyspace("raft")?;
+        let config = openraft::Config {
+            cluster_name: "weir-partition".into(),
+            heartbeat_interval: options.heartbeat_ms,
+            election_timeout_min: options.election_timeout_ms,
+            election_timeout_max: options.election_timeout_ms * 2,
+            // Under writes, replication stands in for heartbeats.
+            heartbeat_min_interval: Some(options.heartbeat_ms),
+            // The log is the partition's records: never compacted into a snapshot (records
+            // leave by retention).
+            snapshot_policy: openraft::SnapshotPolicy::Never,
+            max_in_snapshot_log_to_keep: u64::MAX,
+            enable_pre_vote: Some(true),
+            ..Default::default()
+        };
+        let config = Arc::new(config.validate().map_err(|e| log::Error::Replica {
+            topic: String::new(),
+            partition: 0,
+            message: format!("raft settings: {e}"),
+        })?);
+        let (leaders, rx) = mpsc::unbounded_channel();
+        let replicas = Arc::new(Self {
+            me,
+            log: Arc::clone(log),
+            raft_ks,
+            config,
+            channels: Channels::default(),
+            groups: parking_lot::Mutex::default(),
+            opening: tokio::sync::Mutex::new(()),
+            leaders,
+        });
+        log.set_replicator(Arc::clone(&replicas) as Arc<dyn log::Replicator>);
+        Ok((replicas, rx))
+    }
+
+    /// The replica of `group`, if this broker has one.
+    pub fn get(&self, group: &GroupKey) -> Option<Arc<Replica>> {
+        self.groups.lock().get(group).cloned()
+    }
+
+    /// Every replica on this broker.
+    pub fn all(&self) -> Vec<Arc<Replica>> {
+        self.groups.lock().values().cloned().collect()
+    }
+
+    /// Opens this broker's replica of partition `index` of `topic` (cluster topic id
+    /// `topic_id`) whose replicas are `members` (broker id → address), unless open. A group
+    /// that never stored anything is initialized with `members` (every replica does so
+    /// with the same membership; openraft accepts that, one election wins).
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    pub async fn open(
+        &self,
+        topic: &Arc<Topic>,
+        topic_id: u64,
+        index: u32,
+        members: &BTreeMap<u64, String>,
+    ) -> Result<(), log::Error> {
+        let group = keys::group_key_of(topic_id, index);
+        let _guard = self.opening.lock().await;
+        if self.groups.lock().contains_key(&group) {
+            return Ok(());
+        }
+        let partition = topic.partition(index)?;
+        let fail = |message: String| log::Error::Replica {
+            topic: topic.name.clone(),
+            partition: index,
+            message,
+        };
+        let shared = store::Shared::new(
+            Arc::clone(&self.log),
+            self.raft_ks.clone(),
+            group,
+            Arc::clone(&partition),
+            topic.config().durability == Durability::Fsync,
+        );
+        let fresh = shared.is_empty().map_err(|e| fail(e.to_string()))?;
+        shared
+            .align_log_end()
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let machine =
+            store::ReplicaMachine::open(Arc::clone(&shared)).map_err(|e| fail(e.to_string()))?;
+        let network = network::Network {
+            group,
+            channels: self.channels.clone(),
+        };
+        let raft = ReplicaRaft::new(
+            self.me,
+            Arc::clone(&self.config),
+            network,
+            store::ReplicaLog(shared),
+            machine,
+        )
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+        if fresh {
+            let nodes: BTreeMap<u64, BasicNode> = members
+                .iter()
+                .map(|(&id, addr)| (id, BasicNode::new(addr.clone())))
+                .collect();
+            match raft.initialize(nodes).await {
+                Ok(()) | Err(openraft::errors::RaftError::APIError(_)) => {}
+                Err(e) => return Err(fail(format!("initializing the replica group: {e}"))),
+            }
+        }
+        let replica = Arc::new(Replica {
+            raft,
+            partition,
+            topic: topic.name.clone(),
+            group,
+        });
+        self.watch_leadership(&replica, index);
+        self.groups.lock().insert(group, replica);
+        tracing::info!(topic = %topic.name, partition = index, members = ?members.keys().collect::<Vec<_>>(), "replica opened");
+        Ok(())
+    }
+
+    /// Reports each time this broker's replica becomes its group's leader.
+    fn watch_leadership(&self, replica: &Arc<Replica>, index: u32) {
+        let mut metrics = replica.raft.metrics();
+        let tx = self.leaders.clone();
+        let (me, topic) = (self.me, replica.topic.clone());
+        tokio::spawn(async move {
+            let mut reported = None;
+            loop {
+                let (leader, term) = {
+                    let m = metrics.borrow_watched();
+                    (m.current_leader, m.current_term)
+                };
+                if leader == Some(me) && reported != Some(term) {
+                    reported = Some(term);
+                    let change = LeaderChange {
+                        topic: topic.clone(),
+                        partition: index,
+                        leader: me,
+                        term,
+                    };
+                    if tx.send(change).is_err() {
+                        return;
+                    }
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Closes and forgets the replicas of topic `name` (deleted): their Raft nodes stop and
+    /// their Raft state is deleted (the records go with the topic).
+    pub async fn close_topic(&self, name: &str) {
+        let _guard = self.opening.lock().await;
+        let closing: Vec<Arc<Replica>> = {
+            let mut groups = self.groups.lock();
+            let keys: Vec<GroupKey> = groups
+                .iter()
+                .filter(|(_, r)| r.topic == name)
+                .map(|(k, _)| *k)
+                .collect();
+            keys.iter().filter_map(|k| groups.remove(k)).collect()
+        };
+        for replica in closing {
+            if let Err(e) = replica.raft.shutdown().await {
+                tracing::warn!(topic = %name, error = %e, "stopping a replica failed");
+            }
+            let prefix = keys::replica_key(replica.group, 0);
+            let ks = self.raft_ks.clone();
+            let db = self.log.database();
+            let deleted = tokio::task::spawn_blocking(move || {
+                let mut wb = db.batch();
+                for guard in ks.prefix(&prefix[..13]) {
+                    wb.remove(&ks, guard.key()?);
+                }
+                wb.commit()
+            })
+            .await;
+            if !matches!(deleted, Ok(Ok(()))) {
+                tracing::warn!(topic = %name, "deleting a replica's raft state failed");
+            }
+        }
+    }
+
+    /// Stops every replica (broker shutdown).
+    pub async fn shutdown(&self) {
+        let all = self.all();
+        for r in all {
+            let _ = r.raft.shutdown().await;
+        }
+    }
+
+    /// Serves one `weir.v1.Raft/Partition` call from a peer.
+    ///
+    /// # Errors
+    ///
+    /// NOT_FOUND for a group without a replica here, INVALID_ARGUMENT for an undecodable
+    /// message.
+    pub async fn serve(
+        &self,
+        message: PartitionRaftMessage,
+    ) -> Result<PartitionRaftMessage, tonic::Status> {
+        let group: GroupKey = message.group.as_ref().try_into().map_err(|_| {
+            tonic::Status::invalid_argument("a partition raft message names a 12-byte group")
+        })?;
+        let Some(replica) = self.get(&group) else {
+            return Err(tonic::Status::not_found(
+                "no replica of this partition on this broker (yet)",
+            ));
+        };
+        let bad = |e: postcard::Error| {
+            tonic::Status::invalid_argument(format!("undecodable partition raft message: {e}"))
+        };
+        let encode = |r: Result<Vec<u8>, postcard::Error>| {
+            r.map_err(|e| tonic::Status::internal(format!("encoding a raft answer: {e}")))
+        };
+        let kind = network::Kind::from_number(message.kind)
+            .ok_or_else(|| tonic::Status::invalid_argument("unknown partition raft call"))?;
+        let body = match kind {
+            network::Kind::Append => {
+                let req = network::decode(&message.body).map_err(bad)?;
+                encode(network::encode(&replica.raft.append_entries(req).await))?
+            }
+            network::Kind::Vote => {
+                let req = network::decode(&message.body).map_err(bad)?;
+                encode(network::encode(&replica.raft.vote(req).await))?
+            }
+            network::Kind::PreVote => {
+                let req = network::decode(&message.body).map_err(bad)?;
+                encode(network::encode(&replica.raft.pre_vote(req).await))?
+            }
+            network::Kind::Snapshot => {
+                let (vote, meta, data): (
+                    openraft::alias::VoteOf<ReplicaTypes>,
+                    openraft::alias::SnapshotMetaOf<ReplicaTypes>,
+                    Vec<u8>,
+                ) = network::decode(&message.body).map_err(bad)?;
+                let snapshot = openraft::alias::SnapshotOf::<ReplicaTypes, Vec<u8>> {
+                    meta,
+                    snapshot: data,
+                };
+                let answer: Result<_, openraft::errors::RaftError<ReplicaTypes>> = replica
+                    .raft
+                    .install_full_snapshot(vote, snapshot)
+                    .await
+                    .map_err(openraft::errors::RaftError::Fatal);
+                encode(network::encode(&answer))?
+            }
+        };
+        Ok(PartitionRaftMessage {
+            group: message.group,
+            kind: message.kind,
+            body: body.into(),
+        })
+    }
+
+    fn replica_of(&self, partition: &Partition) -> Option<Arc<Replica>> {
+        self.groups
+            .lock()
+            .values()
+            .find(|r| std::ptr::eq(Arc::as_ptr(&r.partition), partition))
+            .cloned()
+    }
+}
+
+impl log::Replicator for Replicas {
+    fn leads(&self, partition: &Partition) -> bool {
+        self.replica_of(partition).is_some_and(|r| {
+            let m = r.raft.metrics();
+            let m = m.borrow_watched();
+            m.current_leader == Some(m.id)
+        })
+    }
+
+    fn propose(
+        &self,
+        partition: &Arc<Partition>,
+        batch: Vec<u8>,
+        records: u32,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<log::Proposed, log::Error>> + Send + '_>>
+    {
+        let replica = self.replica_of(partition);
+        let (topic, index) = (partition.topic.clone(), partition.index);
+        Box::pin(async move {
+            let Some(replica) = replica else {
+                return Err(log::Error::Replica {
+                    topic,
+                    partition: index,
+                    message: "no replica of this partition on this broker".into(),
+                });
+            };
+            let (leader, me) = {
+                let m = replica.raft.metrics();
+                let m = m.borrow_watched();
+                (m.current_leader, m.id)
+            };
+            if leader != Some(me) {
+                return Err(not_leader(&topic, index, leader));
+            }
+            let (responder, rx) = ProgressResponder::complete_only();
+            replica
+                .raft
+                .write(Proposal {
+                    batch: bytes::Bytes::from(batch),
+                    records,
+                })
+                .responder(responder)
+                .await
+                .map_err(|e| log::Error::Replica {
+                    topic: topic.clone(),
+                    partition: index,
+                    message: e.to_string(),
+                })?;
+            let proposed: log::Proposed = Box::pin(async move {
+                let result = rx.await.map_err(|_| log::Error::OutcomeUnknown {
+                    topic: topic.clone(),
+                    partition: index,
+                })?;
+                match result {
+                    Ok(answer) => Ok(Ack {
+                        partition: index,
+                        base_offset: answer.data.base_offset,
+                        record_count: answer.data.records,
+                    }),
+                    Err(openraft::errors::ClientWriteError::ForwardToLeader(f)) => {
+                        Err(not_leader(&topic, index, f.leader_id))
+                    }
+                    Err(openraft::errors::ClientWriteError::LogEntryDiscarded(_)) => {
+                        Err(log::Error::OutcomeUnknown {
+                            topic,
+                            partition: index,
+                        })
+                    }
+                    Err(e) => Err(log::Error::Replica {
+                        topic,
+                        partition: index,
+                        message: e.to_string(),
+                    }),
+                }
+            });
+            Ok(proposed)
+        })
+    }
+}
+
+fn not_leader(topic: &str, partition: u32, leader: Option<u64>) -> log::Error {
+    log::Error::NotLeader {
+        topic: topic.to_owned(),
+        partition,
+        leader: leader.map_or_else(
+            || "no leader is known: an election is under way".to_owned(),
+            |l| format!("broker {l} leads it"),
+        ),
+    }
+}

@@ -1,0 +1,560 @@
+//! A replica group's Raft log and state machine over the broker's log engine.
+//!
+//! The log store keeps the group's entries where the partition's records are: a `Records`
+//! entry's batch in the `records` keyspace at its base offset, and the entry's term, base
+//! offset and kind under `R ‖ group ‖ e ‖ index` in the `raft` keyspace
+//! ([`crate::log::keys`]). Appends go to the broker's single writer thread and are
+//! group-committed (one fsync per round for every partition's appends, leader and follower
+//! alike); openraft is told an entry is flushed only once that round's fsync returned, so
+//! Raft's commit (a majority flushed) means a majority have it on disk. Entries handed to
+//! the writer and not yet stored are kept in memory (`pending`) so that they can be read at
+//! once, as openraft requires.
+//!
+//! The state machine is the partition's high watermark: applying a `Records` entry moves it
+//! past the entry's records, makes them readable ([`Partition::publish`]) and answers the
+//! produce with their offsets. Its state (last applied log id, membership, end offset) is
+//! written after each apply without an fsync (a later fsync of any round covers it); after
+//! a crash openraft applies again from the stored point up to the stored committed log id.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Debug,
+    io,
+    ops::{Bound, RangeBounds},
+    sync::Arc,
+};
+
+use fjall::{Database, Keyspace};
+use futures::{Stream, TryStreamExt};
+use openraft::{
+    EntryPayload, LogState, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
+    alias::{EntryOf, LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf, VoteOf},
+    entry::RaftEntry,
+    storage::{EntryResponder, IOFlushed, RaftLogStorage, RaftStateMachine},
+};
+use serde::{Deserialize, Serialize};
+
+use super::{Appended, Proposal, ReplicaTypes};
+use crate::log::{
+    Log, Partition, ReplicaAppend, ReplicaPayload,
+    keys::{self, GroupKey, ReplicaEntry, ReplicaEntryKind},
+};
+
+type C = ReplicaTypes;
+
+fn io_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+fn to_json<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> io::Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(io_err)?
+}
+
+/// What a replica group shares between its log store, log reader and state machine.
+pub(crate) struct Shared {
+    pub log: Arc<Log>,
+    pub db: Database,
+    pub raft: Keyspace,
+    pub group: GroupKey,
+    pub partition: Arc<Partition>,
+    /// Appends are fsynced before they count as flushed (the topic's durability is Fsync).
+    pub fsync: bool,
+    /// Entries handed to the writer and not yet stored, by index.
+    pending: parking_lot::Mutex<BTreeMap<u64, EntryOf<C>>>,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        log: Arc<Log>,
+        raft: Keyspace,
+        group: GroupKey,
+        partition: Arc<Partition>,
+        fsync: bool,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            db: log.database(),
+            log,
+            raft,
+            group,
+            partition,
+            fsync,
+            pending: parking_lot::Mutex::default(),
+        })
+    }
+
+    fn get_json<T: for<'de> Deserialize<'de>>(&self, tag: u8) -> io::Result<Option<T>> {
+        match self
+            .raft
+            .get(keys::replica_key(self.group, tag))
+            .map_err(io_err)?
+        {
+            Some(v) => from_json(&v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn put_json<T: Serialize>(&self, tag: u8, value: &T) -> io::Result<()> {
+        self.raft
+            .insert(keys::replica_key(self.group, tag), to_json(value)?)
+            .map_err(io_err)
+    }
+
+    /// The stored entry at `index`, if any.
+    fn stored_entry(&self, index: u64) -> io::Result<Option<ReplicaEntry>> {
+        match self
+            .raft
+            .get(keys::replica_entry_key(self.group, index))
+            .map_err(io_err)?
+        {
+            Some(v) => Ok(Some(decode_entry(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether nothing of the group was ever stored (no vote, no entry).
+    pub(crate) fn is_empty(&self) -> io::Result<bool> {
+        Ok(self
+            .raft
+            .get(keys::replica_key(self.group, b'v'))
+            .map_err(io_err)?
+            .is_none()
+            && self.last_stored()?.is_none())
+    }
+
+    /// The last stored entry: `(index, entry)`.
+    fn last_stored(&self) -> io::Result<Option<(u64, ReplicaEntry)>> {
+        let range =
+            keys::replica_entry_key(self.group, 0)..=keys::replica_entry_key(self.group, u64::MAX);
+        match self.raft.range(range).next_back() {
+            Some(guard) => {
+                let (k, v) = guard.into_inner().map_err(io_err)?;
+                let index = keys::parse_replica_entry_key(&k)
+                    .ok_or_else(|| io_err("malformed replica entry key"))?;
+                Ok(Some((index, decode_entry(&v)?)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The end offset of the log after entry `index` (`None`: before any entry, the purge
+    /// point's end).
+    fn end_after(&self, index: Option<u64>) -> io::Result<u64> {
+        let Some(index) = index else {
+            return Ok(self.purged()?.map_or(0, |p| p.end_offset));
+        };
+        match self.stored_entry(index)? {
+            Some(e) => Ok(e.end_offset()),
+            None => match self.purged()? {
+                Some(p) if p.log_id.index() >= index => Ok(p.end_offset),
+                _ => Err(io_err(format!(
+                    "replica log entry {index} is neither stored nor purged"
+                ))),
+            },
+        }
+    }
+
+    fn purged(&self) -> io::Result<Option<Purged>> {
+        self.get_json(b'p')
+    }
+
+    /// Makes the partition's log end match the group's last stored entry (after a crash the
+    /// local log's recovered end may differ: the end checkpoint can run ahead of a lost
+    /// journal tail). Called before the group starts.
+    pub(crate) async fn align_log_end(&self) -> io::Result<()> {
+        let start = self.purged()?.map_or(0, |p| p.end_offset);
+        let (from, end) = match self.last_stored()? {
+            Some((index, e)) => (index + 1, e.end_offset()),
+            None => (0, start),
+        };
+        if self.partition.log_end() == end {
+            return Ok(());
+        }
+        tracing::warn!(topic = %self.partition.topic, partition = self.partition.index, log_end = self.partition.log_end(), raft_end = end, "the partition's log end differs from its replica log's; truncating to the replica log");
+        self.log
+            .replica_truncate(
+                Arc::clone(&self.partition),
+                self.raft.clone(),
+                self.group,
+                from,
+                start,
+            )
+            .await
+            .map_err(io_err)
+    }
+}
+
+fn decode_entry(bytes: &[u8]) -> io::Result<ReplicaEntry> {
+    ReplicaEntry::decode(bytes).ok_or_else(|| io_err("malformed replica log entry"))
+}
+
+/// The purge point: the last purged log id and the offset after its records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Purged {
+    log_id: LogIdOf<C>,
+    end_offset: u64,
+}
+
+/// A replica group's Raft log.
+#[derive(Clone)]
+pub struct ReplicaLog(pub(crate) Arc<Shared>);
+
+impl RaftLogReader<C> for ReplicaLog {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<EntryOf<C>>, io::Error> {
+        let start = match range.start_bound() {
+            Bound::Included(x) => *x,
+            Bound::Excluded(x) => x + 1,
+            Bound::Unbounded => 0,
+        };
+        let shared = Arc::clone(&self.0);
+        let pending: BTreeMap<u64, EntryOf<C>> = {
+            let p = shared.pending.lock();
+            p.range(start..)
+                .take_while(|(i, _)| range.contains(i))
+                .map(|(i, e)| (*i, e.clone()))
+                .collect()
+        };
+        let first_pending = pending.keys().next().copied().unwrap_or(u64::MAX);
+        let end = match range.end_bound() {
+            Bound::Included(x) => x.saturating_add(1),
+            Bound::Excluded(x) => *x,
+            Bound::Unbounded => u64::MAX,
+        };
+        let mut out = blocking(move || {
+            let mut out = Vec::new();
+            let from = keys::replica_entry_key(shared.group, start);
+            let to = keys::replica_entry_key(shared.group, first_pending.saturating_sub(1));
+            if start >= first_pending {
+                return Ok(out);
+            }
+            for guard in shared.raft.range(from..=to) {
+                let (k, v) = guard.into_inner().map_err(io_err)?;
+                let index = keys::parse_replica_entry_key(&k)
+                    .ok_or_else(|| io_err("malformed replica entry key"))?;
+                if index >= end {
+                    break;
+                }
+                let stored = decode_entry(&v)?;
+                let log_id = LogIdOf::<C>::new_term_index(stored.term, index);
+                let payload = match stored.kind {
+                    ReplicaEntryKind::Records { records } => {
+                        let batch = shared
+                            .log
+                            .read_batch(&shared.partition, stored.base_offset)
+                            .map_err(io_err)?
+                            .ok_or_else(|| {
+                                io_err(format!(
+                                    "the batch of replica log entry {index} (offset {}) is missing",
+                                    stored.base_offset
+                                ))
+                            })?;
+                        EntryPayload::Normal(Proposal {
+                            batch: bytes::Bytes::copy_from_slice(&batch),
+                            records,
+                        })
+                    }
+                    ReplicaEntryKind::Blank => EntryPayload::Blank,
+                    ReplicaEntryKind::Membership(json) => {
+                        EntryPayload::Membership(from_json(&json)?)
+                    }
+                };
+                out.push(EntryOf::<C>::new(log_id, payload));
+            }
+            Ok(out)
+        })
+        .await?;
+        out.extend(pending.into_values());
+        Ok(out)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<VoteOf<C>>, io::Error> {
+        self.0.get_json(b'v')
+    }
+}
+
+impl RaftLogStorage<C> for ReplicaLog {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<C>, io::Error> {
+        let purged = self.0.purged()?.map(|p| p.log_id);
+        let last = self
+            .0
+            .last_stored()?
+            .map(|(index, e)| LogIdOf::<C>::new_term_index(e.term, index));
+        let pending = self
+            .0
+            .pending
+            .lock()
+            .values()
+            .next_back()
+            .map(RaftEntry::log_id);
+        Ok(LogState {
+            last_log_id: pending.or(last).or(purged),
+            last_purged_log_id: purged,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &VoteOf<C>) -> Result<(), io::Error> {
+        let shared = Arc::clone(&self.0);
+        let vote = *vote;
+        blocking(move || {
+            shared.put_json(b'v', &vote)?;
+            shared
+                .db
+                .persist(fjall::PersistMode::SyncData)
+                .map_err(io_err)
+        })
+        .await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogIdOf<C>>) -> Result<(), io::Error> {
+        self.0.put_json(b'c', &committed)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogIdOf<C>>, io::Error> {
+        Ok(self.0.get_json::<Option<LogIdOf<C>>>(b'c')?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<C>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = EntryOf<C>> + OptionalSend,
+    {
+        let mut batch = Vec::new();
+        let mut ids = Vec::new();
+        {
+            let mut pending = self.0.pending.lock();
+            for entry in entries {
+                let log_id = entry.log_id();
+                let payload = match &entry.payload {
+                    EntryPayload::Normal(p) => ReplicaPayload::Records {
+                        batch: p.batch.to_vec(),
+                        records: p.records,
+                    },
+                    EntryPayload::Blank => ReplicaPayload::Blank,
+                    EntryPayload::Membership(m) => ReplicaPayload::Membership(to_json(m)?),
+                };
+                batch.push((log_id.index(), **log_id.committed_leader_id(), payload));
+                ids.push(log_id);
+                pending.insert(log_id.index(), entry);
+            }
+        }
+        let shared = Arc::clone(&self.0);
+        let done = Box::new(move |result: Result<(), crate::log::Error>| {
+            {
+                // Stored now (or failed, and the broker stops): readable from fjall.
+                let mut pending = shared.pending.lock();
+                for id in &ids {
+                    if pending.get(&id.index()).is_some_and(|e| e.log_id() == *id) {
+                        pending.remove(&id.index());
+                    }
+                }
+            }
+            callback.io_completed(result.map_err(io_err));
+        });
+        self.0
+            .log
+            .replica_append(ReplicaAppend {
+                partition: Arc::clone(&self.0.partition),
+                raft: self.0.raft.clone(),
+                group: self.0.group,
+                fsync: self.0.fsync,
+                entries: batch,
+                done,
+            })
+            .await
+            .map_err(io_err)
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<C>>) -> Result<(), io::Error> {
+        let from = last_log_id.map_or(0, |l| l.index() + 1);
+        self.0.pending.lock().retain(|i, _| *i < from);
+        // The writer takes commands in order: entries before `from` still queued are stored
+        // by the time it truncates, and it reads the new log end from the entry before.
+        let start = self.0.purged()?.map_or(0, |p| p.end_offset);
+        self.0
+            .log
+            .replica_truncate(
+                Arc::clone(&self.0.partition),
+                self.0.raft.clone(),
+                self.0.group,
+                from,
+                start,
+            )
+            .await
+            .map_err(io_err)
+    }
+
+    async fn purge(&mut self, log_id: LogIdOf<C>) -> Result<(), io::Error> {
+        let end_offset = self.0.end_after(Some(log_id.index()))?;
+        self.0.put_json(b'p', &Purged { log_id, end_offset })?;
+        let shared = Arc::clone(&self.0);
+        blocking(move || {
+            let mut wb = shared.db.batch();
+            for guard in shared.raft.range(
+                keys::replica_entry_key(shared.group, 0)
+                    ..=keys::replica_entry_key(shared.group, log_id.index()),
+            ) {
+                wb.remove(&shared.raft, guard.key().map_err(io_err)?);
+            }
+            wb.commit().map_err(io_err)
+        })
+        .await
+    }
+}
+
+/// The state machine's stored state (`R ‖ group ‖ a`) and snapshot.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct MachineState {
+    last_applied: Option<LogIdOf<C>>,
+    membership: StoredMembershipOf<C>,
+    /// The high watermark: the offset after the last applied entry's records.
+    end_offset: u64,
+}
+
+/// A replica group's state machine: the partition's high watermark.
+pub struct ReplicaMachine {
+    shared: Arc<Shared>,
+    state: MachineState,
+}
+
+impl ReplicaMachine {
+    /// Loads the stored state and makes the partition readable up to its high watermark.
+    pub(crate) fn open(shared: Arc<Shared>) -> io::Result<Self> {
+        let state: MachineState = shared.get_json(b'a')?.unwrap_or_default();
+        shared.partition.replicate_from(state.end_offset);
+        Ok(Self { shared, state })
+    }
+}
+
+impl RaftSnapshotBuilder<C> for ReplicaSnapshot {
+    type SnapshotData = Vec<u8>;
+
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<C, Vec<u8>>, io::Error> {
+        Ok(SnapshotOf::<C, Vec<u8>> {
+            meta: self.meta.clone(),
+            snapshot: self.data.clone(),
+        })
+    }
+}
+
+/// A copy of the state machine taken for a snapshot.
+pub struct ReplicaSnapshot {
+    meta: SnapshotMetaOf<C>,
+    data: Vec<u8>,
+}
+
+impl ReplicaMachine {
+    fn snapshot_now(&self) -> io::Result<ReplicaSnapshot> {
+        Ok(ReplicaSnapshot {
+            meta: SnapshotMetaOf::<C> {
+                last_log_id: self.state.last_applied,
+                last_membership: self.state.membership.clone(),
+            },
+            data: to_json(&self.state)?,
+        })
+    }
+}
+
+impl RaftStateMachine<C> for ReplicaMachine {
+    type SnapshotData = Vec<u8>;
+    type SnapshotBuilder = ReplicaSnapshot;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogIdOf<C>>, StoredMembershipOf<C>), io::Error> {
+        Ok((self.state.last_applied, self.state.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: Stream<Item = Result<EntryResponder<C>, io::Error>> + Unpin + OptionalSend,
+    {
+        let mut answers = Vec::new();
+        let before = self.state.end_offset;
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let log_id = entry.log_id();
+            self.state.last_applied = Some(log_id);
+            let base = self.state.end_offset;
+            let appended = match &entry.payload {
+                EntryPayload::Normal(p) => {
+                    self.state.end_offset += u64::from(p.records);
+                    Appended {
+                        base_offset: base,
+                        records: p.records,
+                    }
+                }
+                EntryPayload::Blank => Appended {
+                    base_offset: base,
+                    records: 0,
+                },
+                EntryPayload::Membership(m) => {
+                    self.state.membership = StoredMembershipOf::<C>::new(Some(log_id), m.clone());
+                    Appended {
+                        base_offset: base,
+                        records: 0,
+                    }
+                }
+            };
+            if let Some(r) = responder {
+                answers.push((r, appended));
+            }
+        }
+        self.shared.put_json(b'a', &self.state)?;
+        if self.state.end_offset != before {
+            self.shared.partition.publish(self.state.end_offset);
+        }
+        for (r, appended) in answers {
+            r.send(appended);
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.snapshot_now().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "encoding a replica snapshot failed");
+            ReplicaSnapshot {
+                meta: SnapshotMetaOf::<C>::default(),
+                data: Vec::new(),
+            }
+        })
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        _meta: &SnapshotMetaOf<C>,
+        _snapshot: Self::SnapshotData,
+    ) -> Result<(), io::Error> {
+        // Replica logs are never purged yet (records leave with retention, which replicated
+        // topics do not have yet), so no leader sends a snapshot.
+        Err(io_err(
+            "installing a snapshot of a replicated partition is not supported",
+        ))
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<C, Vec<u8>>>, io::Error> {
+        if self.state.last_applied.is_none() {
+            return Ok(None);
+        }
+        let s = self.snapshot_now()?;
+        Ok(Some(SnapshotOf::<C, Vec<u8>> {
+            meta: s.meta,
+            snapshot: s.data,
+        }))
+    }
+}

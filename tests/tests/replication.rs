@@ -1,0 +1,372 @@
+//! Replicated partitions (`docs/replication.md`) on real broker processes: a topic with
+//! `replicationFactor` 3 keeps each partition on three brokers as a Raft group; a produce is
+//! acknowledged once a majority have it; when the leader's broker dies a follower takes over
+//! with every acknowledged record, at its offset, with its bytes.
+//!
+//! The invariant checked: no acknowledged record lost or changed, no offset with two
+//! records, offsets dense, and every replica holds the same records.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use weir_client::{Client, FetchOptions, Record, TopicConfig};
+use weir_proto::v1::{FetchRequest, consumer_client::ConsumerClient};
+use weir_tests::Broker;
+
+/// The leader of `topic`/`partition` in `client`'s metadata, once one is recorded there
+/// (waits up to 20 s).
+async fn leader_of(client: &Client, topic: &str, partition: u32) -> anyhow::Result<u64> {
+    let started = Instant::now();
+    loop {
+        let m = client.metadata().await?;
+        if let Some(p) = m
+            .partitions
+            .iter()
+            .find(|p| p.topic == topic && p.partition == partition)
+        {
+            return Ok(p.leader);
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "no leader of {topic}/{partition} in the metadata within 20 s: {m:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Produces `records` to `topic`/`partition` through `client`, retrying (a leader change
+/// answers UNAVAILABLE) for up to 20 s; returns the base offset and when it succeeded.
+async fn produce_retrying(
+    client: &Client,
+    topic: &str,
+    partition: u32,
+    records: Vec<Record>,
+) -> anyhow::Result<u64> {
+    let started = Instant::now();
+    loop {
+        match client
+            .produce(topic, Some(partition), records.clone())
+            .await
+        {
+            Ok(acks) => return Ok(acks[0].base_offset),
+            Err(e) if started.elapsed() < Duration::from_secs(20) => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => anyhow::bail!("produce did not succeed within 20 s: {e}"),
+        }
+    }
+}
+
+/// Every record of `topic`/`partition` stored on `broker` itself (the call carries the
+/// forwarded mark, so the broker answers from its own replica), up to its high watermark.
+async fn local_records(
+    broker: &Broker,
+    topic: &str,
+    partition: u32,
+) -> anyhow::Result<BTreeMap<u64, Vec<u8>>> {
+    let mut client = ConsumerClient::connect(broker.url()).await?;
+    let mut out = BTreeMap::new();
+    let mut offset = 0;
+    loop {
+        let mut request = tonic::Request::new(FetchRequest {
+            topic: topic.into(),
+            partition,
+            offset,
+            max_records: 1000,
+            ..FetchRequest::default()
+        });
+        request
+            .metadata_mut()
+            .insert("weir-forwarded", "1".parse()?);
+        let answer = client.fetch(request).await?.into_inner();
+        if answer.records.is_empty() {
+            anyhow::ensure!(
+                offset == answer.next_offset,
+                "{topic}/{partition} on {}: no records at {offset} below its end {}",
+                broker.addr,
+                answer.next_offset
+            );
+            return Ok(out);
+        }
+        for r in answer.records {
+            anyhow::ensure!(
+                r.offset == offset,
+                "{topic}/{partition} on {}: offset {} where {offset} was expected (not dense)",
+                broker.addr,
+                r.offset
+            );
+            out.insert(
+                r.offset,
+                r.record.map(|rec| rec.value.to_vec()).unwrap_or_default(),
+            );
+            offset += 1;
+        }
+    }
+}
+
+/// Acknowledged records: partition → offset → value.
+type Acked = BTreeMap<u32, BTreeMap<u64, Vec<u8>>>;
+
+/// Round `n`: one request of 10 records to each partition of `topic` below `partitions`;
+/// records what was acknowledged, failing when an offset is acknowledged twice.
+async fn produce_round(
+    topic: &str,
+    partitions: u32,
+    n: usize,
+    client: &Client,
+    acked: &mut Acked,
+) -> anyhow::Result<()> {
+    for partition in 0..partitions {
+        let records: Vec<Record> = (0..10)
+            .map(|i| Record::value(value(partition as usize, n, i)))
+            .collect();
+        let base = produce_retrying(client, topic, partition, records).await?;
+        record_acked(
+            acked,
+            partition,
+            base,
+            (0..10).map(|i| value(partition as usize, n, i)),
+        )?;
+    }
+    Ok(())
+}
+
+/// Adds acknowledged `values` at `base..` of `partition`; fails when an offset was
+/// acknowledged before.
+fn record_acked(
+    acked: &mut Acked,
+    partition: u32,
+    base: u64,
+    values: impl Iterator<Item = Vec<u8>>,
+) -> anyhow::Result<()> {
+    for (i, v) in values.enumerate() {
+        let offset = base + i as u64;
+        let previous = acked.entry(partition).or_default().insert(offset, v);
+        anyhow::ensure!(
+            previous.is_none(),
+            "offset {offset} of partition {partition} acknowledged twice"
+        );
+    }
+    Ok(())
+}
+
+/// Waits (up to 30 s) until every broker's own replica of each partition holds exactly the
+/// acknowledged records: same offsets, same bytes, dense, nothing else.
+async fn every_replica_holds(brokers: &[Broker], topic: &str, acked: &Acked) -> anyhow::Result<()> {
+    let started = Instant::now();
+    for (partition, records) in acked {
+        let expected = records.len();
+        for b in brokers {
+            loop {
+                let local = local_records(b, topic, *partition).await?;
+                if local.len() >= expected {
+                    for (offset, v) in records {
+                        anyhow::ensure!(
+                            local.get(offset) == Some(v),
+                            "acknowledged {topic}/{partition}/{offset} missing or changed on broker {}",
+                            b.addr
+                        );
+                    }
+                    anyhow::ensure!(
+                        local.len() == expected,
+                        "broker {} holds {} records of {topic}/{partition}, {expected} were acknowledged",
+                        b.addr,
+                        local.len()
+                    );
+                    break;
+                }
+                anyhow::ensure!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "broker {} holds {} of {expected} records of {topic}/{partition} after 30 s",
+                    b.addr,
+                    local.len()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn value(producer: usize, n: usize, i: usize) -> Vec<u8> {
+    format!("p{producer}-req{n}-rec{i}").into_bytes()
+}
+
+/// A 2-partition topic with replication factor 3 on three brokers: records produced
+/// through a routing client are on every replica; the leader of partition 0 is SIGKILLed
+/// under load; a new leader is elected from the other two, produce goes on (the time to the
+/// first success is printed), nothing acknowledged is lost or changed, offsets stay dense;
+/// the killed broker returns and catches up to the same records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_partition_keeps_every_acknowledged_record_when_its_leader_dies()
+-> anyhow::Result<()> {
+    let mut brokers = Broker::start_cluster(3, &[])?;
+    let client = brokers[0].client().await?;
+    client
+        .create_topic("orders", &TopicConfig::new(2).with_replication_factor(3))
+        .await?;
+    let m = client.metadata().await?;
+    for p in m.partitions.iter().filter(|p| p.topic == "orders") {
+        let mut replicas = p.replicas.clone();
+        replicas.sort_unstable();
+        assert_eq!(replicas, [0, 1, 2], "three replicas, one per broker: {m:?}");
+    }
+
+    let mut acked = Acked::new();
+    for n in 0..20 {
+        produce_round("orders", 2, n, &client, &mut acked).await?;
+    }
+
+    let leader = leader_of(&client, "orders", 0).await?;
+    let dead = usize::try_from(leader)?;
+    brokers[dead].kill();
+    let killed = Instant::now();
+    let survivor = (0..3).find(|&i| i != dead).unwrap_or_default();
+    let client = brokers[survivor].client().await?;
+    produce_round("orders", 2, 20, &client, &mut acked).await?;
+    println!(
+        "partition 0's leader (broker {dead}) killed: produce acknowledged again after {:?}",
+        killed.elapsed()
+    );
+    for n in 21..40 {
+        produce_round("orders", 2, n, &client, &mut acked).await?;
+    }
+    let new_leader = leader_of(&client, "orders", 0).await?;
+    assert_ne!(new_leader, leader, "a new leader was recorded");
+
+    // Every acknowledged record on the new leader (through the cluster)...
+    for (partition, records) in &acked {
+        let fetched = client
+            .fetch(
+                "orders",
+                *partition,
+                0,
+                FetchOptions {
+                    max_records: Some(10_000),
+                    ..FetchOptions::default()
+                },
+            )
+            .await?;
+        let got: BTreeMap<u64, Vec<u8>> = fetched
+            .records
+            .iter()
+            .map(|r| (r.offset, r.record.value.to_vec()))
+            .collect();
+        for (offset, v) in records {
+            assert_eq!(
+                got.get(offset),
+                Some(v),
+                "acknowledged {partition}/{offset} lost or changed"
+            );
+        }
+    }
+
+    // ...and on every replica once the killed broker is back and caught up.
+    let ready = brokers[dead].restart_nowait()?;
+    brokers[dead].wait_ready(&ready)?;
+    every_replica_holds(&brokers, "orders", &acked).await?;
+
+    // A deleted replicated topic can be created again, empty.
+    client.delete_topic("orders").await?;
+    client
+        .create_topic("orders", &TopicConfig::new(1).with_replication_factor(3))
+        .await?;
+    let base = produce_retrying(&client, "orders", 0, vec![Record::value("again")]).await?;
+    assert_eq!(base, 0, "the new topic starts at offset 0");
+    Ok(())
+}
+
+/// More copies than brokers is refused with a message naming the limit, and creates
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replication_factor_above_the_brokers_is_refused() -> anyhow::Result<()> {
+    let brokers = Broker::start_cluster(3, &[])?;
+    let client = brokers[0].client().await?;
+    let err = client
+        .create_topic("wide", &TopicConfig::new(1).with_replication_factor(5))
+        .await
+        .expect_err("5 copies on 3 brokers");
+    let message = err.to_string();
+    assert!(
+        message.contains("replication_factor is 5") && message.contains("at most 3"),
+        "{message}"
+    );
+    assert!(
+        client.describe_topic("wide").await.is_err(),
+        "nothing created"
+    );
+    let err = client
+        .create_topic("wide", &TopicConfig::new(1).with_replication_factor(6))
+        .await
+        .expect_err("above the largest factor");
+    assert!(err.to_string().contains("between 1 and 5"), "{err}");
+    Ok(())
+}
+
+/// The leader of a replicated partition is paused (SIGSTOP) for 5 s while produce goes on
+/// through the other brokers, which elect a new leader; a request sent to the paused leader
+/// meanwhile is answered only after it resumes, with an error (it is deposed: what it
+/// appended is truncated) or, if acknowledged, with offsets that hold its records on every
+/// replica. Nothing unacknowledged is visible, no offset holds two records, and every
+/// replica ends byte-identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_acknowledges_nothing_it_accepted_while_deposed() -> anyhow::Result<()> {
+    let brokers = Broker::start_cluster(3, &[])?;
+    let client = brokers[0].client().await?;
+    client
+        .create_topic("paused", &TopicConfig::new(1).with_replication_factor(3))
+        .await?;
+    let mut acked = Acked::new();
+    for n in 0..10 {
+        produce_round("paused", 1, n, &client, &mut acked).await?;
+    }
+    let leader = usize::try_from(leader_of(&client, "paused", 0).await?)?;
+    brokers[leader].signal("STOP")?;
+    // Resumed after 5 s whatever the calls below do (a call routed to it waits meanwhile).
+    let pid = brokers[leader].pid().unwrap_or_default();
+    let resume = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::process::Command::new("kill")
+            .args(["-CONT", &pid.to_string()])
+            .status()
+            .await
+    });
+    // Sent to the paused leader itself (no routing, no forwarding elsewhere); connecting
+    // waits for it to resume.
+    let url = brokers[leader].url();
+    let deposed = tokio::spawn(async move {
+        let client = Client::connect(&url).await?.without_routing();
+        let records: Vec<Record> = (0..10)
+            .map(|i| Record::value(format!("deposed-{i}")))
+            .collect();
+        anyhow::Ok(client.produce("paused", Some(0), records).await)
+    });
+    let survivor = brokers[(leader + 1) % 3].client().await?;
+    for n in 10..20 {
+        produce_round("paused", 1, n, &survivor, &mut acked).await?;
+    }
+    anyhow::ensure!(resume.await??.success(), "kill -CONT failed");
+    let answer = tokio::time::timeout(Duration::from_secs(30), deposed).await???;
+    match answer {
+        Ok(acks) => {
+            println!("the request to the paused leader was acknowledged: {acks:?}");
+            record_acked(
+                &mut acked,
+                0,
+                acks[0].base_offset,
+                (0..10).map(|i| format!("deposed-{i}").into_bytes()),
+            )?;
+        }
+        Err(e) => println!("the request to the paused leader failed: {e}"),
+    }
+    for n in 20..25 {
+        produce_round("paused", 1, n, &survivor, &mut acked).await?;
+    }
+    let new_leader = usize::try_from(leader_of(&survivor, "paused", 0).await?)?;
+    assert_ne!(new_leader, leader, "the others elected a new leader");
+    every_replica_holds(&brokers, "paused", &acked).await?;
+    Ok(())
+}
