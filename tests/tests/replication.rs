@@ -370,3 +370,88 @@ async fn a_paused_leader_acknowledges_nothing_it_accepted_while_deposed() -> any
     every_replica_holds(&brokers, "paused", &acked).await?;
     Ok(())
 }
+
+/// Idempotent producers on a replicated topic: a [`weir_client::Producer`] (which retries
+/// `UNAVAILABLE` and transport failures with the same sequence) keeps sending while the
+/// partition's leader is SIGKILLed; every request is acknowledged and stored exactly once —
+/// a retry of a request the dead leader had replicated is answered with its original
+/// offsets by the new leader — offsets stay dense and the replicas identical. A sequence
+/// gap is refused and stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_producer_stores_each_request_once_across_a_leader_change()
+-> anyhow::Result<()> {
+    let mut brokers = Broker::start_cluster(3, &[])?;
+    let client = brokers[0].client().await?;
+    client
+        .create_topic("idem", &TopicConfig::new(1).with_replication_factor(3))
+        .await?;
+    // Bootstrapped from every broker, as clients of a cluster are: the leader killed below
+    // may be any of them.
+    let all = brokers
+        .iter()
+        .map(Broker::url)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut producer = Client::connect(&all)
+        .await?
+        .producer(weir_client::RetryPolicy::default());
+    let mut acked = Acked::new();
+    let mut killed = None;
+    let mut leader = 0;
+    for n in 0..60 {
+        if n == 30 {
+            leader = usize::try_from(leader_of(&client, "idem", 0).await?)?;
+            brokers[leader].kill();
+            killed = Some(Instant::now());
+        }
+        let values: Vec<Vec<u8>> = (0..5).map(|i| value(0, n, i)).collect();
+        let acks = producer
+            .send(
+                "idem",
+                Some(0),
+                values.iter().cloned().map(Record::value).collect(),
+            )
+            .await?;
+        if n == 30 {
+            println!(
+                "leader (broker {leader}) killed: the idempotent producer's request acknowledged after {:?}",
+                killed.map(|k| k.elapsed())
+            );
+        }
+        record_acked(&mut acked, 0, acks[0].base_offset, values.into_iter())?;
+    }
+    let ready = brokers[leader].restart_nowait()?;
+    brokers[leader].wait_ready(&ready)?;
+    every_replica_holds(&brokers, "idem", &acked).await?;
+
+    // A gap: refused, nothing stored.
+    let survivor = brokers[(leader + 1) % 3].client().await?;
+    let mut request = tonic::Request::new(weir_proto::v1::ProduceRequest {
+        topic: "idem".into(),
+        partition: Some(0),
+        records: vec![weir_proto::v1::Record {
+            value: b"gap".to_vec().into(),
+            ..weir_proto::v1::Record::default()
+        }],
+        producer_id: producer.producer_id(),
+        sequence: 1000,
+    });
+    request
+        .metadata_mut()
+        .insert("weir-forwarded", "1".parse()?);
+    let new_leader = usize::try_from(leader_of(&survivor, "idem", 0).await?)?;
+    let mut at_leader =
+        weir_proto::v1::producer_client::ProducerClient::connect(brokers[new_leader].url()).await?;
+    let err = at_leader
+        .produce(request)
+        .await
+        .expect_err("sequence 1000 after 59");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("expected 60, got 1000"),
+        "{}",
+        err.message()
+    );
+    every_replica_holds(&brokers, "idem", &acked).await?;
+    Ok(())
+}

@@ -364,7 +364,15 @@ async fn open_topic_replicas(
             .iter()
             .filter_map(|b| state.brokers.get(b).map(|i| (*b, i.address.clone())))
             .collect();
-        if let Err(e) = Box::pin(replicas.open(&local, topic.id, index as u32, &addresses)).await {
+        if let Err(e) = Box::pin(replicas.open(
+            &local,
+            topic.id,
+            index as u32,
+            &addresses,
+            members.first().copied(),
+        ))
+        .await
+        {
             return Err(io_err(format!(
                 "opening the replica of {name}/{index}: {e}"
             )));

@@ -32,7 +32,9 @@ fn log_code(e: &log::Error) -> Code {
         E::TopicFull { .. } | E::DiskFull { .. } => Code::ResourceExhausted,
         E::OffsetOutOfRange { .. } => Code::OutOfRange,
         E::Corrupt { .. } | E::Missing { .. } | E::Damaged { .. } => Code::DataLoss,
-        E::ShuttingDown | E::NotLeader { .. } | E::OutcomeUnknown { .. } => Code::Unavailable,
+        E::ShuttingDown | E::NotLeader { .. } | E::OutcomeUnknown { .. } | E::InFlight { .. } => {
+            Code::Unavailable
+        }
         _ => Code::Internal,
     }
 }

@@ -218,6 +218,21 @@ pub enum Error {
         /// Partition.
         partition: u32,
     },
+    /// A retry of an idempotent request to a replicated partition that is being stored
+    /// (proposed, not yet committed): nothing was stored again; retry to get its offsets.
+    #[error(
+        "sequence {sequence} of producer {producer_id} on {topic}/{partition} is being stored; retry to get its offsets"
+    )]
+    InFlight {
+        /// Topic name.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// Producer id.
+        producer_id: u64,
+        /// Sequence.
+        sequence: u64,
+    },
     /// A replica group's storage or consensus failed.
     #[error("replica of partition {partition} of topic {topic:?}: {message}")]
     Replica {

@@ -40,6 +40,7 @@
 //! | `R` ‖ group ‖ `c` | the committed log id (JSON) |
 //! | `R` ‖ group ‖ `p` | the last purged log id (JSON) |
 //! | `R` ‖ group ‖ `a` | the state machine: last applied log id, membership, end offset (JSON) |
+//! | `R` ‖ group ‖ `q` ‖ producer id (u64) | an idempotent producer's last sequence and recent acks on the partition (JSON), as applied |
 //!
 //! where group = cluster topic id (u64) ‖ partition (u32), 12 bytes.
 
@@ -200,6 +201,8 @@ pub enum ReplicaEntryKind {
     Records {
         /// Records in the batch.
         records: u32,
+        /// The idempotent producer's `(id, sequence)` of the request, if any.
+        producer: Option<(u64, u64)>,
     },
     /// A new leader's blank entry.
     Blank,
@@ -208,8 +211,9 @@ pub enum ReplicaEntryKind {
 }
 
 /// A replica group's log entry as stored under [`replica_entry_key`]: term u64, base offset
-/// u64, kind u8 (0 records, 1 blank, 2 membership), then the record count (u32) or the
-/// membership JSON; integers big-endian.
+/// u64, kind u8 (0 records, 1 blank, 2 membership), then for records the record count (u32)
+/// and, from an idempotent producer, its id and sequence (2 × u64), or the membership JSON;
+/// integers big-endian.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaEntry {
     /// Raft term of the leader that wrote it (the batch's leader epoch).
@@ -225,7 +229,7 @@ impl ReplicaEntry {
     /// The offset after its records.
     pub fn end_offset(&self) -> u64 {
         match self.kind {
-            ReplicaEntryKind::Records { records } => self.base_offset + u64::from(records),
+            ReplicaEntryKind::Records { records, .. } => self.base_offset + u64::from(records),
             _ => self.base_offset,
         }
     }
@@ -236,9 +240,13 @@ impl ReplicaEntry {
         out.extend_from_slice(&self.term.to_be_bytes());
         out.extend_from_slice(&self.base_offset.to_be_bytes());
         match &self.kind {
-            ReplicaEntryKind::Records { records } => {
+            ReplicaEntryKind::Records { records, producer } => {
                 out.push(0);
                 out.extend_from_slice(&records.to_be_bytes());
+                if let Some((id, sequence)) = producer {
+                    out.extend_from_slice(&id.to_be_bytes());
+                    out.extend_from_slice(&sequence.to_be_bytes());
+                }
             }
             ReplicaEntryKind::Blank => out.push(1),
             ReplicaEntryKind::Membership(json) => {
@@ -256,6 +264,13 @@ impl ReplicaEntry {
         let kind = match bytes.get(16)? {
             0 => ReplicaEntryKind::Records {
                 records: u32::from_be_bytes(bytes.get(17..21)?.try_into().ok()?),
+                producer: match bytes.get(21..37) {
+                    Some(p) => Some((
+                        u64::from_be_bytes(p.get(..8)?.try_into().ok()?),
+                        u64::from_be_bytes(p.get(8..)?.try_into().ok()?),
+                    )),
+                    None => None,
+                },
             },
             1 => ReplicaEntryKind::Blank,
             2 => ReplicaEntryKind::Membership(bytes.get(17..)?.to_vec()),
@@ -317,7 +332,14 @@ mod tests {
     fn replica_entries_round_trip_and_their_keys_sort_by_index() {
         let g = group_key_of(9, 2);
         for kind in [
-            ReplicaEntryKind::Records { records: 7 },
+            ReplicaEntryKind::Records {
+                records: 7,
+                producer: None,
+            },
+            ReplicaEntryKind::Records {
+                records: 7,
+                producer: Some((u64::MAX, 3)),
+            },
             ReplicaEntryKind::Blank,
             ReplicaEntryKind::Membership(b"{}".to_vec()),
         ] {

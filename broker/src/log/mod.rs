@@ -238,15 +238,19 @@ pub type Proposed = std::pin::Pin<Box<dyn Future<Output = Result<Ack, Error>> + 
 /// Proposes record batches to the Raft groups of replicated partitions
 /// ([`Partition::is_replicated`]); implemented by `crate::replica`.
 pub trait Replicator: Send + Sync {
-    /// Proposes `batch` (`records` records, [`batch::encode`]) to `partition`'s group. The
-    /// proposal is queued when this returns (proposals of one caller keep their order); the
-    /// returned future resolves once it committed. Errors: [`Error::NotLeader`] when this
-    /// broker does not lead the partition (nothing stored).
+    /// Proposes `batch` (`records` records, [`batch::encode`]) to `partition`'s group, from
+    /// the idempotent `producer` if given. The proposal is queued when this returns
+    /// (proposals of one caller keep their order); the returned future resolves once it
+    /// committed. Errors: [`Error::NotLeader`] when this broker does not lead the partition,
+    /// [`Error::Sequence`] for a sequence out of order, [`Error::InFlight`] for a retry of a
+    /// request not committed yet (nothing stored by any of them); a retry of a committed
+    /// request resolves to its original ack.
     fn propose(
         &self,
         partition: &Arc<Partition>,
         batch: Vec<u8>,
         records: u32,
+        producer: Option<Idempotence>,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<Proposed, Error>> + Send + '_>>;
 
     /// Whether this broker leads `partition`'s group at the moment.
@@ -565,14 +569,11 @@ impl Log {
         producer: Option<Idempotence>,
         queued: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<AppendTicket, Error> {
-        if producer.is_some() {
-            return Err(Error::InvalidConfig(crate::validate::InvalidConfig::new(
-                "producer_id",
-                format!(
-                    "topic {} is replicated; idempotent producers on replicated topics are not supported yet: produce without a producer id",
-                    quote(&topic.name)
-                ),
-            )));
+        if producer.is_some() && batches.len() > 1 {
+            return Err(Error::IdempotentSpansPartitions {
+                topic: topic.name.clone(),
+                partitions: batches.iter().map(|b| b.partition.index).collect(),
+            });
         }
         let Some(replicator) = self.replicator.get() else {
             return Err(Error::ShuttingDown);
@@ -586,7 +587,11 @@ impl Log {
                     message: "the partition's replica group is not open yet; retry".into(),
                 });
             }
-            proposed.push(replicator.propose(&b.partition, b.batch, b.records).await?);
+            proposed.push(
+                replicator
+                    .propose(&b.partition, b.batch, b.records, producer)
+                    .await?,
+            );
         }
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {

@@ -30,6 +30,7 @@ use weir_proto::v1::PartitionRaftMessage;
 
 use crate::log::{
     self, Ack, Log, Partition, Topic,
+    idempotence::{Idempotence, ProducerState, SequenceCheck, SequenceError},
     keys::{self, GroupKey},
     topic::Durability,
 };
@@ -54,6 +55,9 @@ pub struct Proposal {
     pub batch: bytes::Bytes,
     /// Records in it.
     pub records: u32,
+    /// The idempotent producer's `(id, sequence)`, if any: every replica rebuilds the
+    /// producers' state from the entries it applies.
+    pub producer: Option<(u64, u64)>,
 }
 
 impl std::fmt::Display for Proposal {
@@ -123,6 +127,23 @@ pub struct Replica {
     pub topic: String,
     /// The group.
     pub group: GroupKey,
+    /// Idempotent producers' sequences as this leader proposed them.
+    sequencer: tokio::sync::Mutex<Sequencer>,
+    /// The state the store and state machine share (the applied producers' state).
+    shared: Arc<store::Shared>,
+}
+
+/// The leader's view of idempotent producers' sequences: the applied state plus the
+/// proposals of its term not yet applied, so that a pipelined request is checked against
+/// the one before it (Kafka's leader checks at append time against its log, unreplicated
+/// batches included). Valid for one term: a leader that took over first waits until every
+/// entry of earlier terms is applied (a ReadIndex round), then starts from the applied state.
+#[derive(Default)]
+struct Sequencer {
+    /// The term the view is for; `None` until built.
+    term: Option<u64>,
+    /// Highest sequence proposed or applied, by producer id.
+    last: HashMap<u64, u64>,
 }
 
 /// A replica that became its group's leader, for the controller to record.
@@ -220,7 +241,8 @@ impl Replicas {
     /// Opens this broker's replica of partition `index` of `topic` (cluster topic id
     /// `topic_id`) whose replicas are `members` (broker id → address), unless open. A group
     /// that never stored anything is initialized with `members` (every replica does so
-    /// with the same membership; openraft accepts that, one election wins).
+    /// with the same membership; openraft accepts that, one election wins), and its
+    /// `preferred` leader starts the first election at once.
     ///
     /// # Errors
     ///
@@ -231,6 +253,7 @@ impl Replicas {
         topic_id: u64,
         index: u32,
         members: &BTreeMap<u64, String>,
+        preferred: Option<u64>,
     ) -> Result<(), log::Error> {
         let group = keys::group_key_of(topic_id, index);
         let _guard = self.opening.lock().await;
@@ -251,6 +274,7 @@ impl Replicas {
             topic.config().durability == Durability::Fsync,
         );
         let fresh = shared.is_empty().map_err(|e| fail(e.to_string()))?;
+        let kept = Arc::clone(&shared);
         shared
             .align_log_end()
             .await
@@ -279,12 +303,21 @@ impl Replicas {
                 Ok(()) | Err(openraft::errors::RaftError::APIError(_)) => {}
                 Err(e) => return Err(fail(format!("initializing the replica group: {e}"))),
             }
+            if preferred == Some(self.me) {
+                // The preferred leader (the first replica, whom routing names until a leader
+                // is reported) stands at once; the others wait out an election timeout.
+                if let Err(e) = raft.trigger().elect(false).await {
+                    tracing::warn!(topic = %topic.name, partition = index, error = %e, "starting the first election failed");
+                }
+            }
         }
         let replica = Arc::new(Replica {
             raft,
             partition,
             topic: topic.name.clone(),
             group,
+            sequencer: tokio::sync::Mutex::default(),
+            shared: kept,
         });
         self.watch_leadership(&replica, index);
         self.groups.lock().insert(group, replica);
@@ -452,6 +485,7 @@ impl log::Replicator for Replicas {
         partition: &Arc<Partition>,
         batch: Vec<u8>,
         records: u32,
+        producer: Option<Idempotence>,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<log::Proposed, log::Error>> + Send + '_>>
     {
         let replica = self.replica_of(partition);
@@ -464,57 +498,158 @@ impl log::Replicator for Replicas {
                     message: "no replica of this partition on this broker".into(),
                 });
             };
-            let (leader, me) = {
-                let m = replica.raft.metrics();
-                let m = m.borrow_watched();
-                (m.current_leader, m.id)
-            };
-            if leader != Some(me) {
-                return Err(not_leader(&topic, index, leader));
+            replica.propose(batch, records, producer).await
+        })
+    }
+}
+
+impl Replica {
+    /// The current term when this replica leads, else [`log::Error::NotLeader`].
+    fn leading_term(&self) -> Result<u64, log::Error> {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        if m.current_leader == Some(m.id) {
+            Ok(m.current_term)
+        } else {
+            Err(not_leader(
+                &self.topic,
+                self.partition.index,
+                m.current_leader,
+            ))
+        }
+    }
+
+    /// Proposes one batch; with `producer`, checks its sequence first (a retry of an
+    /// applied request is answered with its offsets and stored once).
+    async fn propose(
+        &self,
+        batch: Vec<u8>,
+        records: u32,
+        producer: Option<Idempotence>,
+    ) -> Result<log::Proposed, log::Error> {
+        let index = self.partition.index;
+        let term = self.leading_term()?;
+        // Held until the proposal is queued: proposals leave in the order they were checked.
+        let mut sequencer = self.sequencer.lock().await;
+        if let Some(idem) = producer {
+            if sequencer.term != Some(term) {
+                self.rebuild(&mut sequencer, term).await?;
             }
-            let (responder, rx) = ProgressResponder::complete_only();
-            replica
-                .raft
-                .write(Proposal {
-                    batch: bytes::Bytes::from(batch),
-                    records,
-                })
-                .responder(responder)
-                .await
-                .map_err(|e| log::Error::Replica {
-                    topic: topic.clone(),
-                    partition: index,
-                    message: e.to_string(),
-                })?;
-            let proposed: log::Proposed = Box::pin(async move {
-                let result = rx.await.map_err(|_| log::Error::OutcomeUnknown {
-                    topic: topic.clone(),
-                    partition: index,
-                })?;
-                match result {
-                    Ok(answer) => Ok(Ack {
-                        partition: index,
-                        base_offset: answer.data.base_offset,
-                        record_count: answer.data.records,
-                    }),
-                    Err(openraft::errors::ClientWriteError::ForwardToLeader(f)) => {
-                        Err(not_leader(&topic, index, f.leader_id))
-                    }
-                    Err(openraft::errors::ClientWriteError::LogEntryDiscarded(_)) => {
-                        Err(log::Error::OutcomeUnknown {
-                            topic,
+            let applied = self.shared.producers.lock().get(&idem.producer_id).cloned();
+            let last = sequencer.last.get(&idem.producer_id).copied();
+            match last {
+                None if idem.sequence == 0 => {}
+                Some(l) if idem.sequence == l + 1 => {}
+                Some(l) if idem.sequence <= l => {
+                    // A retry: answered from the applied state, or asked again once applied.
+                    let check = ProducerState::check(applied.as_ref(), &self.topic, index, idem);
+                    return match check {
+                        Ok(SequenceCheck::Duplicate(acks)) => {
+                            let ack = acks.first().copied().ok_or_else(|| log::Error::Replica {
+                                topic: self.topic.clone(),
+                                partition: index,
+                                message: "a remembered request without acks".into(),
+                            })?;
+                            Ok(Box::pin(async move { Ok(ack) }))
+                        }
+                        Err(e @ SequenceError::Forgotten { .. }) => Err(e.into()),
+                        _ => Err(log::Error::InFlight {
+                            topic: self.topic.clone(),
                             partition: index,
-                        })
-                    }
-                    Err(e) => Err(log::Error::Replica {
+                            producer_id: idem.producer_id,
+                            sequence: idem.sequence,
+                        }),
+                    };
+                }
+                _ => {
+                    // A gap (or a first request that is not 0): Kafka's rule refuses it.
+                    let state = ProducerState {
+                        last,
+                        ..ProducerState::default()
+                    };
+                    return match ProducerState::check(Some(&state), &self.topic, index, idem) {
+                        Err(e) => Err(e.into()),
+                        Ok(_) => Err(log::Error::Replica {
+                            topic: self.topic.clone(),
+                            partition: index,
+                            message: "inconsistent sequence check".into(),
+                        }),
+                    };
+                }
+            }
+            sequencer.last.insert(idem.producer_id, idem.sequence);
+        }
+        let (responder, rx) = ProgressResponder::complete_only();
+        let queued = self
+            .raft
+            .write(Proposal {
+                batch: bytes::Bytes::from(batch),
+                records,
+                producer: producer.map(|p| (p.producer_id, p.sequence)),
+            })
+            .responder(responder)
+            .await;
+        if let Err(e) = queued {
+            sequencer.term = None;
+            return Err(log::Error::Replica {
+                topic: self.topic.clone(),
+                partition: index,
+                message: e.to_string(),
+            });
+        }
+        drop(sequencer);
+        let topic = self.topic.clone();
+        let proposed: log::Proposed = Box::pin(async move {
+            let result = rx.await.map_err(|_| log::Error::OutcomeUnknown {
+                topic: topic.clone(),
+                partition: index,
+            })?;
+            match result {
+                Ok(answer) => Ok(Ack {
+                    partition: index,
+                    base_offset: answer.data.base_offset,
+                    record_count: answer.data.records,
+                }),
+                Err(openraft::errors::ClientWriteError::ForwardToLeader(f)) => {
+                    Err(not_leader(&topic, index, f.leader_id))
+                }
+                Err(openraft::errors::ClientWriteError::LogEntryDiscarded(_)) => {
+                    Err(log::Error::OutcomeUnknown {
                         topic,
                         partition: index,
-                        message: e.to_string(),
-                    }),
+                    })
                 }
-            });
-            Ok(proposed)
-        })
+                Err(e) => Err(log::Error::Replica {
+                    topic,
+                    partition: index,
+                    message: e.to_string(),
+                }),
+            }
+        });
+        Ok(proposed)
+    }
+
+    /// Builds the sequencer for `term`: waits until every entry of earlier terms is applied
+    /// (openraft's ReadIndex: the leader's first entry of its term committed and applied),
+    /// then takes the applied producers' state.
+    async fn rebuild(&self, sequencer: &mut Sequencer, term: u64) -> Result<(), log::Error> {
+        self.raft
+            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+            .await
+            .map_err(|e| log::Error::NotLeader {
+                topic: self.topic.clone(),
+                partition: self.partition.index,
+                leader: format!("leadership not confirmed: {e}"),
+            })?;
+        sequencer.last = self
+            .shared
+            .producers
+            .lock()
+            .iter()
+            .filter_map(|(id, s)| s.last.map(|l| (*id, l)))
+            .collect();
+        sequencer.term = Some(term);
+        Ok(())
     }
 }
 

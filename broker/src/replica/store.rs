@@ -17,7 +17,7 @@
 //! a crash openraft applies again from the stored point up to the stored committed log id.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fmt::Debug,
     io,
     ops::{Bound, RangeBounds},
@@ -36,7 +36,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{Appended, Proposal, ReplicaTypes};
 use crate::log::{
-    Log, Partition, ReplicaAppend, ReplicaPayload,
+    Ack, Log, Partition, ReplicaAppend, ReplicaPayload,
+    idempotence::ProducerState,
     keys::{self, GroupKey, ReplicaEntry, ReplicaEntryKind},
 };
 
@@ -71,6 +72,9 @@ pub(crate) struct Shared {
     pub fsync: bool,
     /// Entries handed to the writer and not yet stored, by index.
     pending: parking_lot::Mutex<BTreeMap<u64, EntryOf<C>>>,
+    /// Idempotent producers' state after the applied entries, by producer id (the state
+    /// machine changes it; a new leader's sequencer starts from it).
+    pub producers: parking_lot::Mutex<HashMap<u64, ProducerState>>,
 }
 
 impl Shared {
@@ -89,6 +93,7 @@ impl Shared {
             partition,
             fsync,
             pending: parking_lot::Mutex::default(),
+            producers: parking_lot::Mutex::default(),
         })
     }
 
@@ -249,7 +254,7 @@ impl RaftLogReader<C> for ReplicaLog {
                 let stored = decode_entry(&v)?;
                 let log_id = LogIdOf::<C>::new_term_index(stored.term, index);
                 let payload = match stored.kind {
-                    ReplicaEntryKind::Records { records } => {
+                    ReplicaEntryKind::Records { records, producer } => {
                         let batch = shared
                             .log
                             .read_batch(&shared.partition, stored.base_offset)
@@ -263,6 +268,7 @@ impl RaftLogReader<C> for ReplicaLog {
                         EntryPayload::Normal(Proposal {
                             batch: bytes::Bytes::copy_from_slice(&batch),
                             records,
+                            producer,
                         })
                     }
                     ReplicaEntryKind::Blank => EntryPayload::Blank,
@@ -345,6 +351,7 @@ impl RaftLogStorage<C> for ReplicaLog {
                     EntryPayload::Normal(p) => ReplicaPayload::Records {
                         batch: p.batch.to_vec(),
                         records: p.records,
+                        producer: p.producer,
                     },
                     EntryPayload::Blank => ReplicaPayload::Blank,
                     EntryPayload::Membership(m) => ReplicaPayload::Membership(to_json(m)?),
@@ -437,6 +444,18 @@ impl ReplicaMachine {
     /// Loads the stored state and makes the partition readable up to its high watermark.
     pub(crate) fn open(shared: Arc<Shared>) -> io::Result<Self> {
         let state: MachineState = shared.get_json(b'a')?.unwrap_or_default();
+        let mut producers = HashMap::new();
+        let prefix = keys::replica_key(shared.group, b'q');
+        for guard in shared.raft.prefix(prefix) {
+            let (k, v) = guard.into_inner().map_err(io_err)?;
+            let id = k
+                .get(14..22)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| io_err("malformed replica producer key"))?;
+            producers.insert(id, from_json::<ProducerState>(&v)?);
+        }
+        *shared.producers.lock() = producers;
         shared.partition.replicate_from(state.end_offset);
         Ok(Self { shared, state })
     }
@@ -486,6 +505,7 @@ impl RaftStateMachine<C> for ReplicaMachine {
         Strm: Stream<Item = Result<EntryResponder<C>, io::Error>> + Unpin + OptionalSend,
     {
         let mut answers = Vec::new();
+        let mut touched: BTreeMap<u64, ProducerState> = BTreeMap::new();
         let before = self.state.end_offset;
         while let Some((entry, responder)) = entries.try_next().await? {
             let log_id = entry.log_id();
@@ -494,6 +514,22 @@ impl RaftStateMachine<C> for ReplicaMachine {
             let appended = match &entry.payload {
                 EntryPayload::Normal(p) => {
                     self.state.end_offset += u64::from(p.records);
+                    if let Some((id, sequence)) = p.producer {
+                        let mut producers = self.shared.producers.lock();
+                        let state = producers.entry(id).or_default();
+                        // An entry applied again after a restart is recorded once.
+                        if state.last.is_none_or(|last| sequence > last) {
+                            state.record(
+                                sequence,
+                                vec![Ack {
+                                    partition: self.shared.partition.index,
+                                    base_offset: base,
+                                    record_count: p.records,
+                                }],
+                            );
+                            touched.insert(id, state.clone());
+                        }
+                    }
                     Appended {
                         base_offset: base,
                         records: p.records,
@@ -515,7 +551,20 @@ impl RaftStateMachine<C> for ReplicaMachine {
                 answers.push((r, appended));
             }
         }
-        self.shared.put_json(b'a', &self.state)?;
+        // One atomic batch (not fsynced: a later round's fsync covers it; after a crash the
+        // entries after the stored point are applied again).
+        let mut wb = self.shared.db.batch();
+        for (id, state) in &touched {
+            let mut key = keys::replica_key(self.shared.group, b'q').to_vec();
+            key.extend_from_slice(&id.to_be_bytes());
+            wb.insert(&self.shared.raft, key, to_json(state)?);
+        }
+        wb.insert(
+            &self.shared.raft,
+            keys::replica_key(self.shared.group, b'a'),
+            to_json(&self.state)?,
+        );
+        wb.commit().map_err(io_err)?;
         if self.state.end_offset != before {
             self.shared.partition.publish(self.state.end_offset);
         }

@@ -28,6 +28,8 @@ pub enum ReplicaPayload {
         batch: Vec<u8>,
         /// Records in it.
         records: u32,
+        /// The idempotent producer's `(id, sequence)`, if any.
+        producer: Option<(u64, u64)>,
     },
     /// A new leader's blank entry.
     Blank,
@@ -84,7 +86,11 @@ impl Writer {
         for (index, term, payload) in entries {
             let base = partition.assigned_next.load(Ordering::Relaxed);
             let kind = match payload {
-                ReplicaPayload::Records { mut batch, records } => {
+                ReplicaPayload::Records {
+                    mut batch,
+                    records,
+                    producer,
+                } => {
                     batch::seal_with_epoch(&mut batch, base, term);
                     added += batch.len() as u64;
                     round
@@ -93,7 +99,7 @@ impl Writer {
                     partition
                         .assigned_next
                         .store(base + u64::from(records), Ordering::Relaxed);
-                    ReplicaEntryKind::Records { records }
+                    ReplicaEntryKind::Records { records, producer }
                 }
                 ReplicaPayload::Blank => ReplicaEntryKind::Blank,
                 ReplicaPayload::Membership(json) => ReplicaEntryKind::Membership(json),
