@@ -205,8 +205,7 @@ pub async fn run(
 
     let failure = until_stop_or_failure(&log, shutdown).await;
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
-    ready_tx.send_replace(false);
-    set_health(&health, false).await;
+    unready(&ready_tx, &health, &cluster, failure.is_none()).await;
     stop_tx.send_replace(true);
     drain(grpc_task, http_task, jobs, options.grace).await;
     if let Some(reason) = failure {
@@ -221,6 +220,25 @@ pub async fn run(
     tracing::info!("log persisted; bye");
     Ok(())
 }
+
+/// Turns the broker unready (HTTP and gRPC health); when it stops cleanly (`hand_over`),
+/// hands the leadership of the partitions it leads to other replicas while peers can still
+/// reach it, so they get new leaders at once instead of after an election timeout.
+async fn unready(
+    ready: &watch::Sender<bool>,
+    health: &tonic_health::server::HealthReporter,
+    cluster: &Cluster,
+    hand_over: bool,
+) {
+    ready.send_replace(false);
+    set_health(health, false).await;
+    if hand_over {
+        cluster.replicas().hand_over(HANDOVER_WAIT).await;
+    }
+}
+
+/// Longest a stopping broker waits for the partitions it leads to take new leaders.
+const HANDOVER_WAIT: Duration = Duration::from_secs(3);
 
 /// Waits up to `grace` for the servers to finish in-flight requests, then for the jobs.
 async fn drain(

@@ -277,9 +277,20 @@ async fn a_broker_without_a_majority_is_not_ready() -> anyhow::Result<()> {
     );
     // Still so a while later (an election timeout is at most 1 s).
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    let channel = tonic::transport::Endpoint::from_shared(address)?
+    let channel = match tonic::transport::Endpoint::from_shared(address)?
         .connect()
-        .await?;
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            let logs = brokers[0]
+                .logs
+                .lock()
+                .map(|l| l.join("\n"))
+                .unwrap_or_default();
+            anyhow::bail!("the restarted broker stopped answering: {e}; its log:\n{logs}");
+        }
+    };
     let later = tonic_health::pb::health_client::HealthClient::new(channel)
         .check(tonic_health::pb::HealthCheckRequest {
             service: String::new(),

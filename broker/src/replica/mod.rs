@@ -390,6 +390,59 @@ impl Replicas {
         }
     }
 
+    /// Hands the leadership of every group this broker leads to its most caught-up
+    /// follower (openraft's `transfer_leader`; Kafka's controlled shutdown moves leaders
+    /// the same way), then waits up to `wait` until none is led here: a broker that stops
+    /// (SIGTERM, a rolling restart) costs its partitions a leader change, not an election
+    /// timeout.
+    pub async fn hand_over(&self, wait: Duration) {
+        let led: Vec<Arc<Replica>> = self
+            .all()
+            .into_iter()
+            .filter(|r| r.leading_term().is_ok())
+            .collect();
+        if led.is_empty() {
+            return;
+        }
+        for r in &led {
+            let target = {
+                let m = r.raft.metrics();
+                let m = m.borrow_watched();
+                m.replication.as_ref().and_then(|progress| {
+                    progress
+                        .iter()
+                        .filter(|(id, _)| **id != self.me)
+                        .max_by_key(|(_, matched)| matched.as_ref().map(openraft::LogId::index))
+                        .map(|(id, _)| *id)
+                })
+            };
+            if let Some(to) = target
+                && let Err(e) = r.raft.trigger().transfer_leader(to).await
+            {
+                tracing::warn!(topic = %r.topic, partition = r.partition.index, error = %e, "handing leadership over failed");
+            }
+        }
+        let started = std::time::Instant::now();
+        let handed = tokio::time::timeout(wait, async {
+            for r in &led {
+                let mut m = r.raft.metrics();
+                loop {
+                    let leader = m.borrow_watched().current_leader;
+                    if leader.is_some_and(|l| l != self.me) || m.changed().await.is_err() {
+                        break;
+                    }
+                }
+            }
+        })
+        .await;
+        tracing::info!(
+            partitions = led.len(),
+            handed_over = handed.is_ok(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "leadership of the partitions led here handed over"
+        );
+    }
+
     /// Stops every replica (broker shutdown).
     pub async fn shutdown(&self) {
         let all = self.all();
@@ -436,6 +489,15 @@ impl Replicas {
             network::Kind::PreVote => {
                 let req = network::decode(&message.body).map_err(bad)?;
                 encode(network::encode(&replica.raft.pre_vote(req).await))?
+            }
+            network::Kind::TransferLeader => {
+                let req = network::decode(&message.body).map_err(bad)?;
+                let answer: Result<_, openraft::errors::RaftError<ReplicaTypes>> = replica
+                    .raft
+                    .handle_transfer_leader(req)
+                    .await
+                    .map_err(openraft::errors::RaftError::Fatal);
+                encode(network::encode(&answer))?
             }
             network::Kind::Snapshot => {
                 let (vote, meta, data): (

@@ -11,7 +11,8 @@ use openraft::{
     errors::{NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable},
     network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2},
     raft::{
-        AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+        AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+        TransferLeaderResponse, VoteRequest, VoteResponse,
     },
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -33,6 +34,8 @@ pub enum Kind {
     PreVote = 3,
     /// A full snapshot.
     Snapshot = 4,
+    /// The leader hands its leadership to the receiver.
+    TransferLeader = 5,
 }
 
 impl Kind {
@@ -43,6 +46,7 @@ impl Kind {
             2 => Some(Kind::Vote),
             3 => Some(Kind::PreVote),
             4 => Some(Kind::Snapshot),
+            5 => Some(Kind::TransferLeader),
             _ => None,
         }
     }
@@ -157,6 +161,14 @@ impl RaftNetworkV2<C> for Peer {
         option: RPCOption,
     ) -> Result<VoteResponse<C>, RPCError<C>> {
         self.call(Kind::PreVote, &rpc, &option).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<C>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<C>, RPCError<C>> {
+        self.call(Kind::TransferLeader, &req, &option).await
     }
 
     async fn full_snapshot(
