@@ -105,7 +105,8 @@ pub struct Config {
     pub log_format: LogFormat,
 
     /// A fault to inject, for the broker's own tests (`writer-panic`: the log writer
-    /// panics on the first produce). Never set it in production.
+    /// panics on the first produce; `slow-commit`: each group commit waits 50 ms first).
+    /// Never set it in production.
     #[arg(long, env = "WEIR_FAILPOINT", value_enum, hide = true)]
     pub failpoint: Option<Failpoint>,
 }
@@ -115,12 +116,15 @@ pub struct Config {
 pub enum Failpoint {
     /// The log writer thread panics on the first produce.
     WriterPanic,
+    /// Each group commit waits 50 ms first (a slow disk).
+    SlowCommit,
 }
 
 impl From<Failpoint> for crate::log::Failpoint {
     fn from(f: Failpoint) -> Self {
         match f {
             Failpoint::WriterPanic => Self::WriterPanic,
+            Failpoint::SlowCommit => Self::SlowCommit,
         }
     }
 }

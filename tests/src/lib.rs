@@ -588,6 +588,11 @@ impl Broker {
         }
     }
 
+    /// Adds `args` to the broker's flags from its next start on.
+    pub fn add_args(&mut self, args: &[&str]) {
+        self.args.extend(args.iter().map(|a| (*a).to_owned()));
+    }
+
     /// The broker's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

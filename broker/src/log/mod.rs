@@ -119,6 +119,8 @@ impl AppendTicket {
 pub enum Failpoint {
     /// The writer thread panics when it takes its first append.
     WriterPanic,
+    /// Each group commit waits 50 ms before it writes (a slow disk).
+    SlowCommit,
 }
 
 /// Key-value pairs of the metadata keyspace.

@@ -565,6 +565,12 @@ impl RaftStateMachine<C> for ReplicaMachine {
             to_json(&self.state)?,
         );
         wb.commit().map_err(io_err)?;
+        // Committed by a majority is not yet stored here: the records must be readable
+        // from this replica before they are published.
+        self.shared
+            .partition
+            .stored_up_to(self.state.end_offset)
+            .await;
         if self.state.end_offset != before {
             self.shared.partition.publish(self.state.end_offset);
         }

@@ -425,6 +425,9 @@ impl Writer {
         if waiting.is_empty() {
             return Ok(());
         }
+        if self.options.failpoint == Some(Failpoint::SlowCommit) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         // Counters of every touched partition go into the same atomic batch.
         let mut touched: Vec<(Arc<Partition>, u64)> = Vec::new();
         for p in &waiting {
@@ -473,8 +476,12 @@ impl Writer {
         );
         for (p, added) in touched {
             relaxed_add(&p.bytes, added);
-            if !p.is_replicated() {
-                // A replica's records become readable when they commit (its state machine).
+            if p.is_replicated() {
+                // A replica's records become readable when they commit (its state machine,
+                // which waits for them to be stored).
+                p.stored
+                    .send_replace(p.assigned_next.load(Ordering::Relaxed));
+            } else {
                 p.publish(p.assigned_next.load(Ordering::Relaxed));
             }
         }
