@@ -667,6 +667,24 @@ async fn a_rolling_restart_under_load_fails_no_produce_and_loses_nothing() -> an
     }
     let acked = std::mem::take(&mut history.lock().acked);
     every_replica_holds(&brokers, "kills", &acked).await?;
+    // The leaders go back to the preferred replicas (each partition's first), as placed.
+    let started = Instant::now();
+    loop {
+        let m = client.metadata().await?;
+        let misplaced: Vec<_> = m
+            .partitions
+            .iter()
+            .filter(|p| p.topic == "kills" && p.replicas.first() != Some(&p.leader))
+            .collect();
+        if misplaced.is_empty() {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "leaders not back on their preferred replicas after 30 s: {misplaced:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     Ok(())
 }
 
@@ -741,5 +759,46 @@ async fn a_follower_serves_only_records_it_has_stored() -> anyhow::Result<()> {
     for r in readers {
         tokio::time::timeout(Duration::from_secs(30), r).await???;
     }
+    Ok(())
+}
+
+/// A replica SIGKILLed while the cluster had committed entries it had not stored yet (its
+/// commits slowed with the hidden `--failpoint slow-commit`) restarts and catches up. Its
+/// saved commit point and applied state used to name entries its log did not have after
+/// the crash, and openraft refused to start the group ("Failed to get log entries"), so the
+/// broker never became ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_before_storing_committed_entries_restarts() -> anyhow::Result<()> {
+    let mut brokers = Broker::start_cluster(3, &[])?;
+    let client = brokers[0].client().await?;
+    client
+        .create_topic("kills", &TopicConfig::new(4).with_replication_factor(3))
+        .await?;
+    let all = brokers
+        .iter()
+        .map(Broker::url)
+        .collect::<Vec<_>>()
+        .join(",");
+    let history = std::sync::Arc::new(parking_lot::Mutex::new(History::default()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Broker 2 leads partition 2 by placement; made slow, it lags the other two elsewhere.
+    brokers[2].add_args(&["--failpoint", "slow-commit"]);
+    let ready = brokers[2].restart_nowait()?;
+    brokers[2].wait_ready(&ready)?;
+    let producers: Vec<_> = (0..2u32)
+        .map(|p| spawn_producer(all.clone(), p, history.clone(), stop.clone()))
+        .collect();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        brokers[2].kill();
+        let ready = brokers[2].restart_nowait()?;
+        brokers[2].wait_ready(&ready)?;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for p in producers {
+        p.await??;
+    }
+    let acked = std::mem::take(&mut history.lock().acked);
+    every_replica_holds(&brokers, "kills", &acked).await?;
     Ok(())
 }

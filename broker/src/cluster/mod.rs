@@ -218,6 +218,10 @@ impl std::fmt::Debug for Cluster {
 /// Voters the controller promotes learners to: a majority survives one broker's loss.
 pub const VOTERS: usize = 3;
 
+/// How often a broker moves the leadership of partitions it leads to their preferred
+/// replicas, when those are caught up.
+const PREFERRED_LEADER_INTERVAL: Duration = Duration::from_secs(5);
+
 /// How long start-up waits for the metadata group to elect a leader.
 const LEADER_WAIT: Duration = Duration::from_secs(30);
 
@@ -278,6 +282,9 @@ impl Cluster {
             replicas,
         });
         cluster.spawn_leader_reports(leader_changes);
+        cluster
+            .replicas
+            .spawn_preferred_leaders(PREFERRED_LEADER_INTERVAL);
         Ok(cluster)
     }
 

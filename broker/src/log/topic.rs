@@ -437,11 +437,6 @@ pub struct Partition {
     pub(crate) replicated: AtomicBool,
     /// Publishes `next_offset` to long-polling fetches.
     pub(crate) durable: watch::Sender<u64>,
-    /// Replicated partitions: the end of what the writer has stored (readable from the
-    /// records keyspace), which the state machine waits for before it publishes a high
-    /// watermark: Raft may commit an entry a replica has not stored yet (a majority of the
-    /// others has it).
-    pub(crate) stored: watch::Sender<u64>,
     /// The topic's append signal (shared by its partitions).
     pub(crate) appended: std::sync::Arc<watch::Sender<u64>>,
     /// Ranges of lost records whose loss was accepted (`weir topic repair`): first offset →
@@ -471,7 +466,6 @@ impl Partition {
             deleted: AtomicBool::new(false),
             replicated: AtomicBool::new(false),
             durable: watch::Sender::new(state.next_offset),
-            stored: watch::Sender::new(state.next_offset),
             appended,
             accepted_losses: parking_lot::RwLock::default(),
         }
@@ -497,13 +491,6 @@ impl Partition {
     pub fn replicate_from(&self, next: u64) {
         self.replicated.store(true, Ordering::Release);
         self.publish(next);
-    }
-
-    /// Waits until the writer has stored this replicated partition's log up to `end`
-    /// (readable); returns at once when it has.
-    pub async fn stored_up_to(&self, end: u64) {
-        let mut rx = self.stored.subscribe();
-        let _ = rx.wait_for(|s| *s >= end).await;
     }
 
     /// Whether the partition is a replica of a Raft group (see [`Partition::replicate_from`]).

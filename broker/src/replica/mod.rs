@@ -96,6 +96,10 @@ impl Default for ReplicaOptions {
     }
 }
 
+/// How many entries a preferred replica may be behind its leader for the leadership to move
+/// back to it.
+const PREFERRED_LAG: u64 = 1000;
+
 /// The pooled channels to peers, by address (shared by every group).
 #[derive(Clone, Default)]
 pub struct Channels(Arc<parking_lot::Mutex<HashMap<String, tonic::transport::Channel>>>);
@@ -131,6 +135,8 @@ pub struct Replica {
     sequencer: tokio::sync::Mutex<Sequencer>,
     /// The state the store and state machine share (the applied producers' state).
     shared: Arc<store::Shared>,
+    /// The preferred leader: the partition's first replica in the placement.
+    preferred: Option<u64>,
 }
 
 /// The leader's view of idempotent producers' sequences: the applied state plus the
@@ -318,6 +324,7 @@ impl Replicas {
             group,
             sequencer: tokio::sync::Mutex::default(),
             shared: kept,
+            preferred,
         });
         self.watch_leadership(&replica, index);
         self.groups.lock().insert(group, replica);
@@ -441,6 +448,50 @@ impl Replicas {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "leadership of the partitions led here handed over"
         );
+    }
+
+    /// Every `every`, moves the leadership of each group this broker leads to the group's
+    /// preferred replica once that replica is caught up (Kafka's preferred leader
+    /// election, `auto.leader.rebalance.enable`): after a broker returns, the leaders
+    /// placement spread over the brokers are spread again. Ends when `self` is dropped.
+    pub fn spawn_preferred_leaders(self: &Arc<Self>, every: Duration) {
+        let replicas = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(replicas) = replicas.upgrade() else {
+                    return;
+                };
+                for r in replicas.all() {
+                    let Some(preferred) = r.preferred.filter(|p| *p != replicas.me) else {
+                        continue;
+                    };
+                    let caught_up = {
+                        let m = r.raft.metrics();
+                        let m = m.borrow_watched();
+                        m.current_leader == Some(replicas.me)
+                            && m.replication.as_ref().is_some_and(|progress| {
+                                progress.get(&preferred).is_some_and(|matched| {
+                                    // Close behind is enough: openraft's transfer lets the
+                                    // target catch up before it stands.
+                                    matched.as_ref().map_or(0, openraft::LogId::index)
+                                        + PREFERRED_LAG
+                                        >= m.last_log_index.unwrap_or(0)
+                                        && matched.is_some()
+                                })
+                            })
+                    };
+                    if caught_up {
+                        tracing::info!(topic = %r.topic, partition = r.partition.index, to = preferred, "moving leadership back to the preferred replica");
+                        if let Err(e) = r.raft.trigger().transfer_leader(preferred).await {
+                            tracing::warn!(topic = %r.topic, partition = r.partition.index, error = %e, "moving leadership to the preferred replica failed");
+                        }
+                    }
+                }
+            }
+        });
     }
 
     /// Stops every replica (broker shutdown).

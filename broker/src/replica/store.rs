@@ -75,6 +75,13 @@ pub(crate) struct Shared {
     /// Idempotent producers' state after the applied entries, by producer id (the state
     /// machine changes it; a new leader's sequencer starts from it).
     pub producers: parking_lot::Mutex<HashMap<u64, ProducerState>>,
+    /// One past the index of the last entry the writer has stored (0: none). Set on the
+    /// writer thread as appends complete and after truncations, so it follows the log in
+    /// order. Raft may commit an entry this replica has not stored yet (a majority of the
+    /// others has it); the state machine waits for it before it records or publishes
+    /// anything, so that neither a reader nor a restart sees an applied entry that is not
+    /// on this replica's disk.
+    stored: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -94,6 +101,7 @@ impl Shared {
             fsync,
             pending: parking_lot::Mutex::default(),
             producers: parking_lot::Mutex::default(),
+            stored: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -181,6 +189,7 @@ impl Shared {
             Some((index, e)) => (index + 1, e.end_offset()),
             None => (0, start),
         };
+        self.stored.send_replace(from);
         if self.partition.log_end() == end {
             return Ok(());
         }
@@ -334,7 +343,11 @@ impl RaftLogStorage<C> for ReplicaLog {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogIdOf<C>>, io::Error> {
-        Ok(self.0.get_json::<Option<LogIdOf<C>>>(b'c')?.flatten())
+        // Saved without waiting for the entries it names to be stored: after a crash it can
+        // be ahead of this replica's log, and then it is not used (the leader tells again).
+        let committed = self.0.get_json::<Option<LogIdOf<C>>>(b'c')?.flatten();
+        let last = self.0.last_stored()?.map(|(index, _)| index);
+        Ok(committed.filter(|c| last.is_some_and(|l| c.index() <= l)))
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<C>) -> Result<(), io::Error>
@@ -362,7 +375,13 @@ impl RaftLogStorage<C> for ReplicaLog {
             }
         }
         let shared = Arc::clone(&self.0);
+        let next = ids.last().map(|id| id.index() + 1);
         let done = Box::new(move |result: Result<(), crate::log::Error>| {
+            if result.is_ok()
+                && let Some(next) = next
+            {
+                shared.stored.send_replace(next);
+            }
             {
                 // Stored now (or failed, and the broker stops): readable from fjall.
                 let mut pending = shared.pending.lock();
@@ -404,7 +423,13 @@ impl RaftLogStorage<C> for ReplicaLog {
                 start,
             )
             .await
-            .map_err(io_err)
+            .map_err(io_err)?;
+        // Appends queued before the truncation have completed (the writer runs in order).
+        self.0.stored.send_if_modified(|s| {
+            let lower = (*s).min(from);
+            std::mem::replace(s, lower) != lower
+        });
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogIdOf<C>) -> Result<(), io::Error> {
@@ -551,6 +576,11 @@ impl RaftStateMachine<C> for ReplicaMachine {
                 answers.push((r, appended));
             }
         }
+        // Nothing of an entry this replica has not stored yet is recorded or published.
+        if let Some(last) = self.state.last_applied {
+            let mut stored = self.shared.stored.subscribe();
+            let _ = stored.wait_for(|s| *s > last.index()).await;
+        }
         // One atomic batch (not fsynced: a later round's fsync covers it; after a crash the
         // entries after the stored point are applied again).
         let mut wb = self.shared.db.batch();
@@ -565,12 +595,6 @@ impl RaftStateMachine<C> for ReplicaMachine {
             to_json(&self.state)?,
         );
         wb.commit().map_err(io_err)?;
-        // Committed by a majority is not yet stored here: the records must be readable
-        // from this replica before they are published.
-        self.shared
-            .partition
-            .stored_up_to(self.state.end_offset)
-            .await;
         if self.state.end_offset != before {
             self.shared.partition.publish(self.state.end_offset);
         }

@@ -476,12 +476,9 @@ impl Writer {
         );
         for (p, added) in touched {
             relaxed_add(&p.bytes, added);
-            if p.is_replicated() {
+            if !p.is_replicated() {
                 // A replica's records become readable when they commit (its state machine,
                 // which waits for them to be stored).
-                p.stored
-                    .send_replace(p.assigned_next.load(Ordering::Relaxed));
-            } else {
                 p.publish(p.assigned_next.load(Ordering::Relaxed));
             }
         }

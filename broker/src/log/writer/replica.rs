@@ -184,7 +184,6 @@ impl Writer {
         wb.commit().map_err(Error::Commit)?;
         self.unsynced.set(true);
         p.assigned_next.store(end_offset, Ordering::Relaxed);
-        p.stored.send_replace(end_offset);
         p.assigned_bytes.store(bytes, Ordering::Relaxed);
         p.bytes.fetch_sub(freed.min(p.bytes()), Ordering::Relaxed);
         // The checkpoint names the stored end; offsets past it were never committed.
