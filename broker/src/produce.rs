@@ -20,7 +20,9 @@ use crate::log::{
 /// Records on the same partition keep their order. A partition this broker does not serve
 /// ([`Error::NotServed`]) fails the whole request.
 ///
-/// The request is atomic: all its batches are stored or none. Nothing is written when any
+/// The request is atomic: all its batches are stored or none (on a replicated topic each
+/// partition's batch commits in its own Raft group, as each partition's log is its own in
+/// Kafka: a request spanning partitions may be stored in some only). Nothing is written when any
 /// check fails: an empty request, an unknown topic or partition, a record above the topic's
 /// `max_message_bytes`, a full `Reject` topic, or (with `producer` = (id, sequence)) a
 /// request that would not land on exactly one partition (unkeyed records without

@@ -467,6 +467,55 @@ struct History {
 
 type Shared<T> = std::sync::Arc<parking_lot::Mutex<T>>;
 
+/// Three brokers in one cluster and topic `kills`: 4 partitions, replication factor 3.
+async fn three_brokers_with_kills() -> anyhow::Result<(Vec<Broker>, Client)> {
+    let brokers = Broker::start_cluster(3, &[])?;
+    let client = brokers[0].client().await?;
+    client
+        .create_topic("kills", &TopicConfig::new(4).with_replication_factor(3))
+        .await?;
+    Ok((brokers, client))
+}
+
+/// Idempotent producers ([`spawn_producer`]) loading partitions `0..n` of `kills` while a
+/// test injects faults, bootstrapped from every broker.
+struct Load {
+    history: Shared<History>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    producers: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Load {
+    fn start(brokers: &[Broker], n: u32) -> Self {
+        let all = brokers
+            .iter()
+            .map(Broker::url)
+            .collect::<Vec<_>>()
+            .join(",");
+        let history = Shared::default();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let producers = (0..n)
+            .map(|p| spawn_producer(all.clone(), p, Shared::clone(&history), stop.clone()))
+            .collect();
+        Self {
+            history,
+            stop,
+            producers,
+        }
+    }
+
+    /// Stops the producers after their current request; fails when a produce failed for
+    /// the client (after its retries). Returns what was acknowledged.
+    async fn finish(self) -> anyhow::Result<Acked> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for p in self.producers {
+            p.await?
+                .map_err(|e| anyhow::anyhow!("a produce failed for the client: {e}"))?;
+        }
+        Ok(std::mem::take(&mut self.history.lock().acked))
+    }
+}
+
 /// An idempotent producer (bootstrapped from `all`, retrying with the same sequence for up
 /// to 30 s) sending 5-record requests to `partition` of `kills` until `stop`, recording
 /// every acknowledgement in `history`.
@@ -514,21 +563,8 @@ fn spawn_producer(
 /// Prints the unavailability per kill: ms from the kill to the first acknowledgement on a
 /// partition the killed broker led (p50 and max).
 async fn kill_rounds(rounds: usize) -> anyhow::Result<()> {
-    let mut brokers = Broker::start_cluster(3, &[])?;
-    let client = brokers[0].client().await?;
-    client
-        .create_topic("kills", &TopicConfig::new(4).with_replication_factor(3))
-        .await?;
-    let all = brokers
-        .iter()
-        .map(Broker::url)
-        .collect::<Vec<_>>()
-        .join(",");
-    let history = std::sync::Arc::new(parking_lot::Mutex::new(History::default()));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let producers: Vec<_> = (0..4u32)
-        .map(|p| spawn_producer(all.clone(), p, history.clone(), stop.clone()))
-        .collect();
+    let (mut brokers, client) = three_brokers_with_kills().await?;
+    let load = Load::start(&brokers, 4);
     let mut seed = 0x9E37_79B9_7F4A_7C15_u64;
     let mut unavailable_ms = Vec::new();
     for round in 0..rounds {
@@ -550,7 +586,8 @@ async fn kill_rounds(rounds: usize) -> anyhow::Result<()> {
         if !led.is_empty() {
             // The first acknowledgement on a partition the victim led.
             let waited = loop {
-                let first = history
+                let first = load
+                    .history
                     .lock()
                     .acks_at
                     .iter()
@@ -571,11 +608,7 @@ async fn kill_rounds(rounds: usize) -> anyhow::Result<()> {
         let ready = brokers[victim].restart_nowait()?;
         brokers[victim].wait_ready(&ready)?;
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for p in producers {
-        p.await??;
-    }
-    let acked = std::mem::take(&mut history.lock().acked);
+    let acked = load.finish().await?;
     let records: usize = acked.values().map(BTreeMap::len).sum();
     unavailable_ms.sort_unstable();
     println!(
@@ -612,21 +645,8 @@ async fn fifty_sigkill_rounds_under_load_lose_nothing_acknowledged() -> anyhow::
 /// went without an acknowledgement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_under_load_fails_no_produce_and_loses_nothing() -> anyhow::Result<()> {
-    let mut brokers = Broker::start_cluster(3, &[])?;
-    let client = brokers[0].client().await?;
-    client
-        .create_topic("kills", &TopicConfig::new(4).with_replication_factor(3))
-        .await?;
-    let all = brokers
-        .iter()
-        .map(Broker::url)
-        .collect::<Vec<_>>()
-        .join(",");
-    let history = std::sync::Arc::new(parking_lot::Mutex::new(History::default()));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let producers: Vec<_> = (0..4u32)
-        .map(|p| spawn_producer(all.clone(), p, history.clone(), stop.clone()))
-        .collect();
+    let (mut brokers, client) = three_brokers_with_kills().await?;
+    let load = Load::start(&brokers, 4);
     for (i, broker) in brokers.iter_mut().enumerate() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let led: Vec<u32> = client
@@ -645,7 +665,7 @@ async fn a_rolling_restart_under_load_fails_no_produce_and_loses_nothing() -> an
         for p in &led {
             // The longest time without an acknowledgement on the partition from the SIGTERM
             // until the broker was back.
-            let h = history.lock();
+            let h = load.history.lock();
             let mut times: Vec<Instant> = h
                 .acks_at
                 .iter()
@@ -660,12 +680,7 @@ async fn a_rolling_restart_under_load_fails_no_produce_and_loses_nothing() -> an
         }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for p in producers {
-        p.await?
-            .map_err(|e| anyhow::anyhow!("a produce failed for the client: {e}"))?;
-    }
-    let acked = std::mem::take(&mut history.lock().acked);
+    let acked = load.finish().await?;
     every_replica_holds(&brokers, "kills", &acked).await?;
     // The leaders go back to the preferred replicas (each partition's first), as placed.
     let started = Instant::now();
@@ -769,36 +784,19 @@ async fn a_follower_serves_only_records_it_has_stored() -> anyhow::Result<()> {
 /// broker never became ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_before_storing_committed_entries_restarts() -> anyhow::Result<()> {
-    let mut brokers = Broker::start_cluster(3, &[])?;
-    let client = brokers[0].client().await?;
-    client
-        .create_topic("kills", &TopicConfig::new(4).with_replication_factor(3))
-        .await?;
-    let all = brokers
-        .iter()
-        .map(Broker::url)
-        .collect::<Vec<_>>()
-        .join(",");
-    let history = std::sync::Arc::new(parking_lot::Mutex::new(History::default()));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (mut brokers, _client) = three_brokers_with_kills().await?;
     // Broker 2 leads partition 2 by placement; made slow, it lags the other two elsewhere.
     brokers[2].add_args(&["--failpoint", "slow-commit"]);
     let ready = brokers[2].restart_nowait()?;
     brokers[2].wait_ready(&ready)?;
-    let producers: Vec<_> = (0..2u32)
-        .map(|p| spawn_producer(all.clone(), p, history.clone(), stop.clone()))
-        .collect();
+    let load = Load::start(&brokers, 2);
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         brokers[2].kill();
         let ready = brokers[2].restart_nowait()?;
         brokers[2].wait_ready(&ready)?;
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for p in producers {
-        p.await??;
-    }
-    let acked = std::mem::take(&mut history.lock().acked);
+    let acked = load.finish().await?;
     every_replica_holds(&brokers, "kills", &acked).await?;
     Ok(())
 }
