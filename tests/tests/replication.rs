@@ -221,6 +221,33 @@ async fn a_replicated_partition_keeps_every_acknowledged_record_when_its_leader_
     }
 
     let leader = leader_of(&client, "orders", 0).await?;
+    // Sent to a follower itself (marked forwarded, so it is not passed on): refused as
+    // UNAVAILABLE, stored nowhere (every replica is checked against `acked` below).
+    let follower = (usize::try_from(leader)? + 1) % 3;
+    let mut direct =
+        weir_proto::v1::producer_client::ProducerClient::connect(brokers[follower].url()).await?;
+    let mut request = tonic::Request::new(weir_proto::v1::ProduceRequest {
+        topic: "orders".into(),
+        partition: Some(0),
+        records: vec![weir_proto::v1::Record {
+            value: b"to a follower".to_vec().into(),
+            ..weir_proto::v1::Record::default()
+        }],
+        ..weir_proto::v1::ProduceRequest::default()
+    });
+    request
+        .metadata_mut()
+        .insert("weir-forwarded", "1".parse()?);
+    let refused = direct
+        .produce(request)
+        .await
+        .expect_err("a follower refuses");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("nothing was stored"),
+        "{}",
+        refused.message()
+    );
     let dead = usize::try_from(leader)?;
     brokers[dead].kill();
     let killed = Instant::now();

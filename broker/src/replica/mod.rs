@@ -173,6 +173,8 @@ pub struct Replicas {
     config: Arc<openraft::Config>,
     channels: Channels,
     groups: parking_lot::Mutex<HashMap<GroupKey, Arc<Replica>>>,
+    /// The same replicas by their local partition's key prefix (the produce path's lookup).
+    by_partition: parking_lot::Mutex<HashMap<[u8; 8], Arc<Replica>>>,
     /// Serializes opening and closing groups.
     opening: tokio::sync::Mutex<()>,
     leaders: mpsc::UnboundedSender<LeaderChange>,
@@ -227,6 +229,7 @@ impl Replicas {
             config,
             channels: Channels::default(),
             groups: parking_lot::Mutex::default(),
+            by_partition: parking_lot::Mutex::default(),
             opening: tokio::sync::Mutex::new(()),
             leaders,
         });
@@ -327,6 +330,9 @@ impl Replicas {
             preferred,
         });
         self.watch_leadership(&replica, index);
+        self.by_partition
+            .lock()
+            .insert(replica.partition.prefix(), Arc::clone(&replica));
         self.groups.lock().insert(group, replica);
         tracing::info!(topic = %topic.name, partition = index, members = ?members.keys().collect::<Vec<_>>(), "replica opened");
         Ok(())
@@ -376,6 +382,12 @@ impl Replicas {
                 .collect();
             keys.iter().filter_map(|k| groups.remove(k)).collect()
         };
+        {
+            let mut by_partition = self.by_partition.lock();
+            for r in &closing {
+                by_partition.remove(&r.partition.prefix());
+            }
+        }
         for replica in closing {
             if let Err(e) = replica.raft.shutdown().await {
                 tracing::warn!(topic = %name, error = %e, "stopping a replica failed");
@@ -576,11 +588,7 @@ impl Replicas {
     }
 
     fn replica_of(&self, partition: &Partition) -> Option<Arc<Replica>> {
-        self.groups
-            .lock()
-            .values()
-            .find(|r| std::ptr::eq(Arc::as_ptr(&r.partition), partition))
-            .cloned()
+        self.by_partition.lock().get(&partition.prefix()).cloned()
     }
 }
 

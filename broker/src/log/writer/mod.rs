@@ -379,19 +379,11 @@ impl Writer {
         let mut parts = Vec::with_capacity(batches.len());
         for PartBatch {
             partition,
-            mut batch,
+            batch,
             records,
         } in batches
         {
-            let base = partition.assigned_next.load(Ordering::Relaxed);
-            batch::seal(&mut batch, base);
-            let bytes = batch.len() as u64;
-            round
-                .wb
-                .insert(&self.shared.records, partition.key(base), batch);
-            partition
-                .assigned_next
-                .store(base + u64::from(records), Ordering::Relaxed);
+            let bytes = self.put_batch(round, &partition, batch, records, 0);
             partition.assigned_bytes.fetch_add(bytes, Ordering::Relaxed);
             parts.push((partition, bytes));
         }
@@ -413,6 +405,28 @@ impl Writer {
             round.limited.push(Arc::clone(topic));
         }
         round.waiting.push(Waiting::answer(parts, acks, reply));
+    }
+
+    /// Seals `batch` (`records` records) at `partition`'s next offset with `leader_epoch`,
+    /// adds it to the round and moves the next offset past it; returns its size in bytes.
+    fn put_batch(
+        &self,
+        round: &mut Round,
+        partition: &Partition,
+        mut batch: Vec<u8>,
+        records: u32,
+        leader_epoch: u64,
+    ) -> u64 {
+        let base = partition.assigned_next.load(Ordering::Relaxed);
+        batch::seal_with_epoch(&mut batch, base, leader_epoch);
+        let bytes = batch.len() as u64;
+        round
+            .wb
+            .insert(&self.shared.records, partition.key(base), batch);
+        partition
+            .assigned_next
+            .store(base + u64::from(records), Ordering::Relaxed);
+        bytes
     }
 
     fn commit(&self, round: Round) -> Result<(), Error> {

@@ -10,7 +10,7 @@ use std::sync::{Arc, atomic::Ordering};
 
 use super::{Done, Round, Waiting, Writer};
 use crate::log::{
-    Error, Partition, batch,
+    Error, Partition,
     keys::{self, GroupKey, ReplicaEntry, ReplicaEntryKind},
     topic::PartitionMeta,
 };
@@ -87,18 +87,11 @@ impl Writer {
             let base = partition.assigned_next.load(Ordering::Relaxed);
             let kind = match payload {
                 ReplicaPayload::Records {
-                    mut batch,
+                    batch,
                     records,
                     producer,
                 } => {
-                    batch::seal_with_epoch(&mut batch, base, term);
-                    added += batch.len() as u64;
-                    round
-                        .wb
-                        .insert(&self.shared.records, partition.key(base), batch);
-                    partition
-                        .assigned_next
-                        .store(base + u64::from(records), Ordering::Relaxed);
+                    added += self.put_batch(round, &partition, batch, records, term);
                     ReplicaEntryKind::Records { records, producer }
                 }
                 ReplicaPayload::Blank => ReplicaEntryKind::Blank,
