@@ -371,18 +371,20 @@ impl Cluster {
             }
         }
         cluster.wait_for_leader().await?;
-        cluster.register().await?;
+        self.until_done("registering", || cluster.register())
+            .await?;
         if self.fresh {
             cluster.adopt_local(log).await?;
         }
         if !self.state().groups_adopted.contains(&self.me) {
             // Once per data directory: its groups of before the cluster kept groups.
             let count = groups.len();
-            self.admin(AdminOp::AdoptGroups {
+            let op = AdminOp::AdoptGroups {
                 broker: self.me,
                 groups,
-            })
-            .await?;
+            };
+            self.until_done("recording its groups", || self.admin(op.clone()))
+                .await?;
             if count > 0 {
                 tracing::info!(
                     groups = count,
@@ -392,6 +394,39 @@ impl Cluster {
         }
         self.joined.send_replace(true);
         Ok(())
+    }
+
+    /// Runs `step` of joining until it succeeds or fails for a reason other than the metadata
+    /// group lacking a leader: a broker that starts while most of its peers are down waits
+    /// for them (not ready meanwhile) instead of exiting. openraft restores a former leader
+    /// as leader of its old term from its saved vote, so `wait_for_leader` can pass while
+    /// nothing can commit yet.
+    async fn until_done<F, Fut, T>(&self, what: &str, step: F) -> Result<T, Error>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, Error>>,
+    {
+        let mut attempts = 0u64;
+        loop {
+            match step().await {
+                Err(e @ (Error::NotLeader | Error::NoLeader(_))) => {
+                    attempts += 1;
+                    tracing::warn!(step = what, attempts, error = %e, "not in the cluster yet: waiting for a majority of the peers");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(Error::Remote { code, message }) if code == tonic::Code::Unavailable as i32 => {
+                    attempts += 1;
+                    tracing::warn!(
+                        step = what,
+                        attempts,
+                        error = message,
+                        "not in the cluster yet: waiting for a majority of the peers"
+                    );
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     fn is_sole_voter(&self) -> bool {
