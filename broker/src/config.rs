@@ -96,6 +96,13 @@ pub struct Config {
     #[arg(long, env = "WEIR_REPLICA_HEARTBEAT", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub replica_heartbeat: Duration,
 
+    /// Replicated partitions: a follower stays in sync while it has every record its leader
+    /// had this long ago and has answered the leader within it (Kafka's
+    /// `replica.lag.time.max.ms`); fewer in-sync replicas than replicas is
+    /// `UnderReplicated`.
+    #[arg(long, env = "WEIR_REPLICA_LAG_MAX", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub replica_lag_max: Duration,
+
     /// How often records of `Buffered` topics are fsynced, e.g. `1s`.
     #[arg(long, env = "WEIR_BUFFERED_FLUSH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub buffered_flush_interval: Duration,

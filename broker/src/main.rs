@@ -109,6 +109,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             heartbeat_ms: (config.replica_heartbeat.as_millis() as u64).max(1),
             election_timeout_ms: (config.election_timeout.as_millis() as u64)
                 .max(3 * (config.replica_heartbeat.as_millis() as u64).max(1)),
+            lag_max_ms: (config.replica_lag_max.as_millis() as u64).max(1),
         },
     };
     server::run(log, grpc, http, shutdown_signal(), options).await?;

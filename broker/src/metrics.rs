@@ -47,6 +47,14 @@ pub struct Metrics {
     write_buffer_bytes: Gauge,
     topics: Gauge,
     group_skipped: Counter,
+    replica_repairs: Counter,
+    replica_elections: Counter,
+    replica_partitions: Gauge,
+    replica_leaders: Gauge,
+    replica_under_replicated: Gauge,
+    replica_max_lag: Gauge,
+    /// The replica groups' counters, once [`Metrics::watch_replicas`] was called.
+    replicas: std::sync::OnceLock<Arc<crate::replica::Replicas>>,
 }
 
 impl Default for Metrics {
@@ -89,6 +97,13 @@ impl Metrics {
             write_buffer_bytes: Gauge::default(),
             topics: Gauge::default(),
             group_skipped: Counter::default(),
+            replica_repairs: Counter::default(),
+            replica_elections: Counter::default(),
+            replica_partitions: Gauge::default(),
+            replica_leaders: Gauge::default(),
+            replica_under_replicated: Gauge::default(),
+            replica_max_lag: Gauge::default(),
+            replicas: std::sync::OnceLock::new(),
             registry: Registry::default(),
         };
         registry.register(
@@ -212,7 +227,42 @@ impl Metrics {
             "Records deleted by retention before their group acked them (the group resumed at the head)",
             m.group_skipped.clone(),
         );
+        registry.register(
+            "replica_repairs",
+            "Replicas of partitions that lost stored records (damaged storage) and were repaired from their peers",
+            m.replica_repairs.clone(),
+        );
+        registry.register(
+            "replica_leader_elections",
+            "Times a replica on this broker became its partition's leader",
+            m.replica_elections.clone(),
+        );
+        registry.register(
+            "replica_partitions",
+            "Replicas of replicated partitions on this broker",
+            m.replica_partitions.clone(),
+        );
+        registry.register(
+            "replica_leaders",
+            "Replicated partitions led by this broker",
+            m.replica_leaders.clone(),
+        );
+        registry.register(
+            "replica_under_replicated_partitions",
+            "Partitions led by this broker with fewer replicas in sync than replicas",
+            m.replica_under_replicated.clone(),
+        );
+        registry.register(
+            "replica_max_lag_entries",
+            "The most log entries a follower of a partition led by this broker is behind",
+            m.replica_max_lag.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Reads the replica groups' counters (`weir_replica_*`) from `replicas` from now on.
+    pub fn watch_replicas(&self, replicas: Arc<crate::replica::Replicas>) {
+        let _ = self.replicas.set(replicas);
     }
 
     /// Counts a produce request of `records` records that started at `started`.
@@ -297,6 +347,27 @@ impl Metrics {
             }
         }
         let gauge = |g: &Gauge, v: u64| g.set(i64::try_from(v).unwrap_or(i64::MAX));
+        if let Some(r) = self.replicas.get() {
+            let stats = r.stats();
+            set(&self.replica_repairs, stats.repairs.load(Ordering::Relaxed));
+            set(
+                &self.replica_elections,
+                stats.elections.load(Ordering::Relaxed),
+            );
+            gauge(
+                &self.replica_partitions,
+                stats.replicas.load(Ordering::Relaxed),
+            );
+            gauge(&self.replica_leaders, stats.leaders.load(Ordering::Relaxed));
+            gauge(
+                &self.replica_under_replicated,
+                stats.under_replicated.load(Ordering::Relaxed),
+            );
+            gauge(
+                &self.replica_max_lag,
+                stats.max_lag_entries.load(Ordering::Relaxed),
+            );
+        }
         gauge(&self.stored_messages, messages);
         gauge(&self.stored_bytes, bytes);
         match log.disk_space() {

@@ -136,6 +136,7 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let groups = open_groups(&log, &cluster).await?;
     cluster.spawn_metrics(Arc::clone(&metrics));
+    metrics.watch_replicas(Arc::clone(cluster.replicas()));
     let jobs = jobs::spawn(&log, &groups, options.buffered_flush_interval, &stop_rx);
     let ctx = Context {
         log: Arc::clone(&log),

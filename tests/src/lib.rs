@@ -773,6 +773,74 @@ fn json_field(line: &str, field: &str) -> Option<String> {
     line.get(start..end).map(str::to_owned)
 }
 
+/// The newest fjall journal file (`N.jnl`, the highest N) in `data_dir`.
+///
+/// # Errors
+///
+/// The directory cannot be read or holds no journal.
+pub fn newest_journal(data_dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::read_dir(data_dir)?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let id: u64 = name.strip_suffix(".jnl")?.parse().ok()?;
+            Some((id, e.path()))
+        })
+        .max_by_key(|(id, _)| *id)
+        .map(|(_, path)| path)
+        .ok_or_else(|| anyhow::anyhow!("no journal file in {}", data_dir.display()))
+}
+
+/// Cuts the file at `path` to `keep` bytes; returns its length before.
+///
+/// # Errors
+///
+/// The file cannot be opened or resized.
+pub fn cut_file(path: &Path, keep: u64) -> anyhow::Result<u64> {
+    let len = std::fs::metadata(path)?.len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .set_len(keep.min(len))?;
+    Ok(len)
+}
+
+/// Every table file (keys and blob pointers) of the records keyspace (the key-value
+/// separated one, with a `blobs` directory) in `data_dir`, sorted.
+pub fn table_files(data_dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(keyspaces) = std::fs::read_dir(data_dir.join("keyspaces")) {
+        for ks in keyspaces.filter_map(Result::ok) {
+            if !ks.path().join("blobs").is_dir() {
+                continue;
+            }
+            if let Ok(tables) = std::fs::read_dir(ks.path().join("tables")) {
+                out.extend(tables.filter_map(Result::ok).map(|t| t.path()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Overwrites the 32 bytes before the last 8 of the file at `path` (a table's trailer) with
+/// their complement: the storage engine refuses the file and the broker quarantines it
+/// (`docs/storage-integrity.md`).
+///
+/// # Errors
+///
+/// The file cannot be read or written, or is shorter than 40 bytes.
+pub fn damage_trailer(path: &Path) -> anyhow::Result<()> {
+    let mut bytes = std::fs::read(path)?;
+    let n = bytes.len();
+    anyhow::ensure!(n >= 40, "{} is only {n} bytes", path.display());
+    for b in &mut bytes[n - 40..n - 8] {
+        *b ^= 0xff;
+    }
+    std::fs::write(path, bytes)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@ use std::path::Path;
 use fjall::{Database, KeyspaceCreateOptions, PersistMode};
 use tonic::Code;
 use weir_client::{Client, FetchOptions, Record, TopicConfig};
-use weir_tests::Broker;
+use weir_tests::{Broker, damage_trailer, table_files};
 
 /// A fetch that takes every record of these small partitions at once.
 const WHOLE: FetchOptions = FetchOptions {
@@ -504,23 +504,6 @@ async fn a_damaged_blob_file_is_data_loss_for_its_records_only() -> anyhow::Resu
     Ok(())
 }
 
-/// Every table file (keys and blob pointers) of the records keyspace.
-fn table_files(data_dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(keyspaces) = std::fs::read_dir(data_dir.join("keyspaces")) {
-        for ks in keyspaces.filter_map(Result::ok) {
-            if !ks.path().join("blobs").is_dir() {
-                continue;
-            }
-            if let Ok(tables) = std::fs::read_dir(ks.path().join("tables")) {
-                out.extend(tables.filter_map(Result::ok).map(|t| t.path()));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 /// Reads `topic`/0 from 0 to its end as [`produce_kb`] wrote it: every record served must
 /// be the one produced at its offset; ranges that cannot be served must answer DATA_LOSS.
 /// Returns (records served, DATA_LOSS answers).
@@ -586,12 +569,7 @@ async fn a_damaged_table_and_a_lost_blob_file_are_contained() -> anyhow::Result<
         .iter()
         .find(|t| tables_after.contains(t))
         .ok_or_else(|| anyhow::anyhow!("no table of the first topics left: {tables_after:?}"))?;
-    let mut bytes = std::fs::read(table)?;
-    let n = bytes.len();
-    for b in &mut bytes[n - 40..n - 8] {
-        *b ^= 0xff;
-    }
-    std::fs::write(table, bytes)?;
+    damage_trailer(table)?;
     let blob = blobs_hit
         .iter()
         .find(|b| !blobs_before.contains(b) && blobs_after.contains(b))

@@ -223,24 +223,13 @@ fn check(ledger: &Ledger, stored: &Stored, served: &mut BTreeMap<(u32, u64), Vec
     lost
 }
 
-/// Cuts the newest journal file (`N.jnl`, the highest N) in `data_dir` at a random length;
-/// returns its length before and after.
+/// Cuts the newest journal file in `data_dir` at a random length; returns its length
+/// before and after.
 fn truncate_newest_journal(data_dir: &Path, rng: &mut Rng) -> anyhow::Result<(u64, u64)> {
-    let (_, path) = std::fs::read_dir(data_dir)?
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let id: u64 = name.strip_suffix(".jnl")?.parse().ok()?;
-            Some((id, e.path()))
-        })
-        .max_by_key(|(id, _)| *id)
-        .ok_or_else(|| anyhow::anyhow!("no journal file in {}", data_dir.display()))?;
+    let path = weir_tests::newest_journal(data_dir)?;
     let len = std::fs::metadata(&path)?.len();
     let keep = rng.below(len);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)?
-        .set_len(keep)?;
+    weir_tests::cut_file(&path, keep)?;
     Ok((len, keep))
 }
 

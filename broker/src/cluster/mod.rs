@@ -119,7 +119,8 @@ pub enum AdminOp {
         /// Broker id.
         id: BrokerId,
     },
-    /// A replicated partition's group elected a leader (reported by the leader).
+    /// A replicated partition's group elected a leader, or its in-sync replicas changed
+    /// (reported by the leader).
     PartitionLeader {
         /// Topic name.
         topic: String,
@@ -129,6 +130,9 @@ pub enum AdminOp {
         leader: BrokerId,
         /// Its term.
         term: u64,
+        /// The replicas in sync; empty: unknown yet (a new leader), the recorded ones stay.
+        #[serde(default)]
+        in_sync: Vec<BrokerId>,
     },
 }
 
@@ -285,6 +289,7 @@ impl Cluster {
         cluster
             .replicas
             .spawn_preferred_leaders(PREFERRED_LEADER_INTERVAL);
+        cluster.replicas.spawn_in_sync(Duration::from_secs(1));
         Ok(cluster)
     }
 
@@ -305,12 +310,17 @@ impl Cluster {
                 let Some(c) = cluster.upgrade() else { return };
                 let _ = c.until_joined().await;
                 for attempt in 0..20u32 {
-                    let recorded = c
-                        .state()
-                        .topics
-                        .get(&change.topic)
-                        .and_then(|t| t.leaders.get(&change.partition).copied());
-                    if recorded.is_some_and(|(_, term)| term >= change.term) {
+                    let state = c.state();
+                    let Some(topic) = state.topics.get(&change.topic) else {
+                        break;
+                    };
+                    let recorded = topic.leaders.get(&change.partition).copied();
+                    let same_term = recorded == Some((change.leader, change.term));
+                    if recorded.is_some_and(|(_, term)| term > change.term)
+                        || (same_term
+                            && (change.in_sync.is_empty()
+                                || topic.in_sync(change.partition) == change.in_sync))
+                    {
                         break;
                     }
                     let op = AdminOp::PartitionLeader {
@@ -318,6 +328,7 @@ impl Cluster {
                         partition: change.partition,
                         leader: change.leader,
                         term: change.term,
+                        in_sync: change.in_sync.clone(),
                     };
                     match c.admin(op).await {
                         Ok(_) => break,
@@ -787,12 +798,14 @@ impl Cluster {
                 partition,
                 leader,
                 term,
+                in_sync,
             } => {
                 self.propose(Command::PartitionLeader {
                     topic: topic.clone(),
                     partition: *partition,
                     leader: *leader,
                     term: *term,
+                    in_sync: in_sync.clone(),
                 })
                 .await?;
                 false

@@ -47,9 +47,37 @@ pub struct TopicState {
     /// (leader, term). A partition missing here is led by its first replica.
     #[serde(default)]
     pub leaders: BTreeMap<u32, (BrokerId, u64)>,
+    /// In-sync replicas of replicated partitions as their leaders reported them, sorted:
+    /// partition → brokers. A partition missing here has all its replicas in sync
+    /// ([`TopicState::in_sync`]).
+    #[serde(default)]
+    pub in_sync: BTreeMap<u32, Vec<BrokerId>>,
 }
 
 impl TopicState {
+    /// The in-sync replicas of `partition`, sorted: as its leader last reported them, else
+    /// all its replicas (a new partition's replicas are all empty, so in sync, as Kafka's
+    /// ISR starts); empty for a partition that does not exist.
+    pub fn in_sync(&self, partition: u32) -> Vec<BrokerId> {
+        if let Some(isr) = self.in_sync.get(&partition) {
+            return isr.clone();
+        }
+        let mut all = self
+            .replicas
+            .get(partition as usize)
+            .cloned()
+            .unwrap_or_default();
+        all.sort_unstable();
+        all
+    }
+
+    /// Whether `partition` has fewer replicas in sync than replicas.
+    pub fn under_replicated(&self, partition: u32) -> bool {
+        self.replicas
+            .get(partition as usize)
+            .is_some_and(|r| self.in_sync(partition).len() < r.len())
+    }
+
     /// The leader of `partition`, if the partition exists: the last one its group reported,
     /// else its first replica.
     pub fn leader(&self, partition: u32) -> Option<BrokerId> {
@@ -160,6 +188,10 @@ pub enum Command {
         leader: BrokerId,
         /// Its Raft term in the partition's group.
         term: u64,
+        /// The replicas in sync (the leader among them); empty: not known yet (a new
+        /// leader), the recorded ones stay, with the new leader added.
+        #[serde(default)]
+        in_sync: Vec<BrokerId>,
     },
 }
 
@@ -187,9 +219,10 @@ impl std::fmt::Display for Command {
                 partition,
                 leader,
                 term,
+                in_sync,
             } => write!(
                 f,
-                "{topic}/{partition} led by broker {leader} in term {term}"
+                "{topic}/{partition} led by broker {leader} in term {term}, in sync {in_sync:?}"
             ),
         }
     }
@@ -242,6 +275,7 @@ impl ClusterState {
                         config: *config,
                         replicas: replicas.clone(),
                         leaders: BTreeMap::new(),
+                        in_sync: BTreeMap::new(),
                     },
                 );
                 Applied {
@@ -296,7 +330,8 @@ impl ClusterState {
                 partition,
                 leader,
                 term,
-            } => self.apply_leader(topic, *partition, *leader, *term),
+                in_sync,
+            } => self.apply_leader(topic, *partition, *leader, *term, in_sync),
             Command::PutGroup { .. }
             | Command::DeleteGroup { .. }
             | Command::AdoptGroups { .. } => self.apply_group(cmd),
@@ -318,28 +353,54 @@ impl ClusterState {
             .collect()
     }
 
-    /// [`Command::PartitionLeader`]: recorded when its term is newer than the recorded one
-    /// and the leader is one of the partition's replicas.
+    /// [`Command::PartitionLeader`]: a leader is recorded when its term is newer than the
+    /// recorded one and it is one of the partition's replicas; in-sync replicas when they
+    /// come from the recorded leader of the recorded term (or with the new leader), kept to
+    /// the partition's replicas, the leader always among them. A new leader reported without
+    /// them keeps the recorded ones, the leader added (as Kafka's ISR outlives a leader
+    /// change).
     fn apply_leader(
         &mut self,
         topic: &str,
         partition: u32,
         leader: BrokerId,
         term: u64,
+        in_sync: &[BrokerId],
     ) -> Applied {
         let changed = self.topics.get_mut(topic).is_some_and(|t| {
-            let newer = t
-                .leaders
-                .get(&partition)
-                .is_none_or(|(l, known)| term > *known || (term == *known && *l != leader));
-            let replica = t
-                .replicas
-                .get(partition as usize)
-                .is_some_and(|r| r.contains(&leader));
-            if newer && replica {
+            let Some(replicas) = t.replicas.get(partition as usize).cloned() else {
+                return false;
+            };
+            if !replicas.contains(&leader) {
+                return false;
+            }
+            let recorded = t.leaders.get(&partition).copied();
+            let newer =
+                recorded.is_none_or(|(l, known)| term > known || (term == known && l != leader));
+            let current = recorded == Some((leader, term));
+            if !newer && !current {
+                return false;
+            }
+            let mut isr: Vec<BrokerId> = if in_sync.is_empty() {
+                t.in_sync
+                    .get(&partition)
+                    .cloned()
+                    .unwrap_or_else(|| replicas.clone())
+            } else {
+                in_sync.to_vec()
+            };
+            isr.retain(|b| replicas.contains(b));
+            isr.push(leader);
+            isr.sort_unstable();
+            isr.dedup();
+            let isr_changed = t.in_sync.get(&partition) != Some(&isr);
+            if newer {
                 t.leaders.insert(partition, (leader, term));
             }
-            newer && replica
+            if isr_changed {
+                t.in_sync.insert(partition, isr);
+            }
+            newer || isr_changed
         });
         Applied {
             topic_id: self.topics.get(topic).map(|t| t.id),
@@ -637,6 +698,7 @@ mod tests {
             partition: 0,
             leader,
             term,
+            in_sync: Vec::new(),
         };
         assert!(!s.apply(&elect(1, 5)).unchanged);
         assert_eq!(s.topics["r"].leader(0), Some(1));
@@ -647,5 +709,51 @@ mod tests {
             s.apply(&elect(3, 9)).unchanged,
             "broker 3 holds no replica of it"
         );
+    }
+
+    /// In-sync replicas: all replicas at creation; the current leader's reports shrink and
+    /// grow them (kept to the replicas, the leader always in); a new leader reported without
+    /// them keeps them; a deposed leader's report changes nothing.
+    #[test]
+    fn in_sync_replicas_follow_their_leaders_reports() {
+        let mut s = state_with_brokers(&[0, 1, 2]);
+        s.apply(&Command::CreateTopic {
+            name: "r".into(),
+            config: config(1),
+            replicas: vec![vec![2, 0, 1]],
+        });
+        assert_eq!(s.topics["r"].in_sync(0), [0, 1, 2]);
+        assert!(!s.topics["r"].under_replicated(0));
+        let report = |leader, term, in_sync: &[u64]| Command::PartitionLeader {
+            topic: "r".into(),
+            partition: 0,
+            leader,
+            term,
+            in_sync: in_sync.to_vec(),
+        };
+        assert!(!s.apply(&report(2, 1, &[])).unchanged, "a leader recorded");
+        assert_eq!(s.topics["r"].in_sync(0), [0, 1, 2], "kept");
+        assert!(!s.apply(&report(2, 1, &[2, 1])).unchanged, "shrunk");
+        assert_eq!(s.topics["r"].in_sync(0), [1, 2]);
+        assert!(s.topics["r"].under_replicated(0));
+        assert!(s.apply(&report(2, 1, &[1, 2])).unchanged, "the same");
+        assert!(
+            s.apply(&report(0, 0, &[0])).unchanged,
+            "an older term changes nothing"
+        );
+        assert!(!s.apply(&report(1, 2, &[])).unchanged, "a new leader");
+        assert_eq!(s.topics["r"].leader(0), Some(1));
+        assert_eq!(s.topics["r"].in_sync(0), [1, 2], "kept, the leader in");
+        assert!(
+            s.apply(&report(2, 1, &[0, 1, 2])).unchanged,
+            "the deposed leader's report"
+        );
+        assert!(!s.apply(&report(1, 2, &[1, 7, 0])).unchanged);
+        assert_eq!(s.topics["r"].in_sync(0), [0, 1], "kept to the replicas");
+        assert!(
+            s.apply(&report(1, 2, &[0])).unchanged,
+            "the leader always in"
+        );
+        assert_eq!(s.topics["r"].in_sync(0), [0, 1]);
     }
 }

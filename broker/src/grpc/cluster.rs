@@ -53,9 +53,7 @@ impl ClusterRpc for ClusterService {
                         partition: i as u32,
                         leader,
                         replicas: replicas.clone(),
-                        // The leader; followers' catch-up is not reported in the
-                        // metadata yet.
-                        in_sync: vec![leader],
+                        in_sync: t.in_sync(i as u32),
                     }
                 })
             })

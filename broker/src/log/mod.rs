@@ -662,6 +662,29 @@ impl Log {
             })
     }
 
+    /// The base offsets of `partition`'s stored batches from offset `from` on, in order.
+    /// Reads keys only, never the batches' bytes. Blocking.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Read`] when the storage cannot be read.
+    pub fn batch_offsets(&self, partition: &Partition, from: u64) -> Result<Vec<u64>, Error> {
+        let mut out = Vec::new();
+        for guard in self
+            .shared
+            .records
+            .range(partition.key(from)..=partition.key(u64::MAX))
+        {
+            let key = guard.key().map_err(|source| Error::Read {
+                topic: partition.topic.clone(),
+                partition: partition.index,
+                source,
+            })?;
+            out.extend(keys::record_key_offset(&key));
+        }
+        Ok(out)
+    }
+
     /// Writes `puts` and `deletes` to the metadata keyspace in one atomic batch, through the
     /// writer (so it is ordered with appends). With `durable`, waits for fsync; without, the
     /// next fsync of any commit makes it durable.

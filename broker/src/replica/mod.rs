@@ -13,6 +13,7 @@
 //! takes part in and proposes produce requests ([`Replicas`] implements
 //! [`crate::log::Replicator`]).
 
+mod in_sync;
 pub mod network;
 pub mod store;
 
@@ -83,6 +84,9 @@ pub struct ReplicaOptions {
     /// Followers start an election after between this and twice this without hearing from
     /// a leader (ms).
     pub election_timeout_ms: u64,
+    /// A follower is in sync while it has every entry its leader had this long ago and has
+    /// acknowledged the leader within it (ms; Kafka's `replica.lag.time.max.ms`).
+    pub lag_max_ms: u64,
 }
 
 impl Default for ReplicaOptions {
@@ -92,6 +96,7 @@ impl Default for ReplicaOptions {
         Self {
             heartbeat_ms: 100,
             election_timeout_ms: 500,
+            lag_max_ms: 10_000,
         }
     }
 }
@@ -137,6 +142,37 @@ pub struct Replica {
     shared: Arc<store::Shared>,
     /// The preferred leader: the partition's first replica in the placement.
     preferred: Option<u64>,
+    /// This replica lost stored entries (damaged storage) and has not received them again
+    /// yet: it neither votes nor stands for election ([`Replicas::open`]).
+    repairing: std::sync::atomic::AtomicBool,
+}
+
+impl Replica {
+    /// Whether this replica is being repaired from its peers (see [`Replicas::open`]).
+    pub fn is_repairing(&self) -> bool {
+        self.repairing.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// Counters of this broker's replicas, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct ReplicaStats {
+    /// Replicas repaired from their peers after damage to their stored data
+    /// (`weir_replica_repairs_total`).
+    pub repairs: std::sync::atomic::AtomicU64,
+    /// Times a replica here became its partition's leader
+    /// (`weir_replica_leader_elections_total`).
+    pub elections: std::sync::atomic::AtomicU64,
+    /// Partition replicas on this broker (`weir_replica_partitions`).
+    pub replicas: std::sync::atomic::AtomicU64,
+    /// Partitions led here (`weir_replica_leaders`).
+    pub leaders: std::sync::atomic::AtomicU64,
+    /// Partitions led here with fewer replicas in sync than replicas
+    /// (`weir_replica_under_replicated_partitions`, Kafka's `UnderReplicatedPartitions`).
+    pub under_replicated: std::sync::atomic::AtomicU64,
+    /// The most entries a follower of a partition led here is behind its leader's log
+    /// (`weir_replica_max_lag_entries`, Kafka's `MaxLag`).
+    pub max_lag_entries: std::sync::atomic::AtomicU64,
 }
 
 /// The leader's view of idempotent producers' sequences: the applied state plus the
@@ -152,17 +188,20 @@ struct Sequencer {
     last: HashMap<u64, u64>,
 }
 
-/// A replica that became its group's leader, for the controller to record.
+/// A replica that became its group's leader, or whose in-sync replicas changed, for the
+/// controller to record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaderChange {
     /// Topic name.
     pub topic: String,
     /// Partition.
     pub partition: u32,
-    /// The new leader (this broker).
+    /// The leader (this broker).
     pub leader: u64,
     /// Its term.
     pub term: u64,
+    /// The replicas in sync, the leader among them, sorted.
+    pub in_sync: Vec<u64>,
 }
 
 /// The replica groups this broker takes part in.
@@ -178,6 +217,9 @@ pub struct Replicas {
     /// Serializes opening and closing groups.
     opening: tokio::sync::Mutex<()>,
     leaders: mpsc::UnboundedSender<LeaderChange>,
+    stats: Arc<ReplicaStats>,
+    /// [`ReplicaOptions::lag_max_ms`].
+    lag_max_ms: u64,
 }
 
 impl std::fmt::Debug for Replicas {
@@ -214,6 +256,11 @@ impl Replicas {
             snapshot_policy: openraft::SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: u64::MAX,
             enable_pre_vote: Some(true),
+            // A replica whose storage lost entries truncates its log and is sent them again
+            // (`Replicas::open`); the leader must then accept that the follower's log went
+            // back instead of treating it as a bug. Safe because such a replica neither
+            // votes nor stands until it has them again.
+            allow_log_reversion: Some(true),
             ..Default::default()
         };
         let config = Arc::new(config.validate().map_err(|e| log::Error::Replica {
@@ -232,6 +279,8 @@ impl Replicas {
             by_partition: parking_lot::Mutex::default(),
             opening: tokio::sync::Mutex::new(()),
             leaders,
+            stats: Arc::default(),
+            lag_max_ms: options.lag_max_ms,
         });
         log.set_replicator(Arc::clone(&replicas) as Arc<dyn log::Replicator>);
         Ok((replicas, rx))
@@ -240,6 +289,11 @@ impl Replicas {
     /// The replica of `group`, if this broker has one.
     pub fn get(&self, group: &GroupKey) -> Option<Arc<Replica>> {
         self.groups.lock().get(group).cloned()
+    }
+
+    /// The counters of this broker's replicas.
+    pub fn stats(&self) -> &ReplicaStats {
+        &self.stats
     }
 
     /// Every replica on this broker.
@@ -252,6 +306,15 @@ impl Replicas {
     /// that never stored anything is initialized with `members` (every replica does so
     /// with the same membership; openraft accepts that, one election wins), and its
     /// `preferred` leader starts the first election at once.
+    ///
+    /// A replica whose stored data was damaged (entries whose batches are gone, a lost
+    /// journal tail: [`store::Shared::check_and_align`]) truncates its log before the damage
+    /// and takes the rest from the leader like a follower that fell behind. Until it has
+    /// again everything it had, it neither votes, nor stands for election, nor takes a
+    /// leadership transfer, nor restores a leadership it held: Raft counts on a voter
+    /// keeping what it acknowledged, and one that forgot could help elect a leader without
+    /// committed entries (the "protocol-aware recovery" rule, Alagappan et al., FAST '18).
+    /// Logged when found and when repaired, and counted (`weir_replica_repairs_total`).
     ///
     /// # Errors
     ///
@@ -284,25 +347,29 @@ impl Replicas {
         );
         let fresh = shared.is_empty().map_err(|e| fail(e.to_string()))?;
         let kept = Arc::clone(&shared);
-        shared
-            .align_log_end()
+        let damage = shared
+            .check_and_align()
             .await
             .map_err(|e| fail(e.to_string()))?;
+        let config = match damage {
+            Some(d) => {
+                tracing::error!(topic = %topic.name, partition = index, lost_from = d.lost_from, lost_to = d.lost_to, truncated_from_entry = d.truncated_from, "this replica lost stored records (damaged storage): log truncated before the damage; it takes the records from the leader and does not vote until it has them again");
+                Arc::new(openraft::Config {
+                    enable_leader_restore: Some(false),
+                    ..(*self.config).clone()
+                })
+            }
+            None => Arc::clone(&self.config),
+        };
         let machine =
             store::ReplicaMachine::open(Arc::clone(&shared)).map_err(|e| fail(e.to_string()))?;
         let network = network::Network {
             group,
             channels: self.channels.clone(),
         };
-        let raft = ReplicaRaft::new(
-            self.me,
-            Arc::clone(&self.config),
-            network,
-            store::ReplicaLog(shared),
-            machine,
-        )
-        .await
-        .map_err(|e| fail(e.to_string()))?;
+        let raft = ReplicaRaft::new(self.me, config, network, store::ReplicaLog(shared), machine)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
         if fresh {
             let nodes: BTreeMap<u64, BasicNode> = members
                 .iter()
@@ -328,7 +395,12 @@ impl Replicas {
             sequencer: tokio::sync::Mutex::default(),
             shared: kept,
             preferred,
+            repairing: std::sync::atomic::AtomicBool::new(damage.is_some()),
         });
+        if let Some(d) = damage {
+            replica.raft.runtime_config().elect(false);
+            self.watch_repair(&replica, d);
+        }
         self.watch_leadership(&replica, index);
         self.by_partition
             .lock()
@@ -338,10 +410,51 @@ impl Replicas {
         Ok(())
     }
 
+    /// Waits until a damaged `replica` stored again every offset it had lost, then lets it
+    /// vote and stand again; logged and counted. Gives up when the replica is closed.
+    fn watch_repair(&self, replica: &Arc<Replica>, damage: store::Damage) {
+        let weak = Arc::downgrade(replica);
+        let mut stored = replica.shared.stored_index();
+        let stats = Arc::clone(&self.stats);
+        let started = std::time::Instant::now();
+        tokio::spawn(async move {
+            loop {
+                let Some(r) = weak.upgrade() else { return };
+                if r.partition.is_deleted() {
+                    return;
+                }
+                let next = *stored.borrow_and_update();
+                match r.shared.stored_end(next) {
+                    Ok(end) if end >= damage.lost_to => {
+                        r.repairing
+                            .store(false, std::sync::atomic::Ordering::Release);
+                        r.raft.runtime_config().elect(true);
+                        stats
+                            .repairs
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!(topic = %r.topic, partition = r.partition.index, records_from = damage.lost_from, records_to = damage.lost_to, elapsed_ms = started.elapsed().as_millis() as u64, "replica repaired from its peers: it has every record it had lost and votes again");
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(topic = %r.topic, partition = r.partition.index, error = %e, "reading a repairing replica's log end failed");
+                    }
+                }
+                drop(r);
+                if let Ok(Err(_)) =
+                    tokio::time::timeout(Duration::from_secs(5), stored.changed()).await
+                {
+                    return;
+                }
+            }
+        });
+    }
+
     /// Reports each time this broker's replica becomes its group's leader.
     fn watch_leadership(&self, replica: &Arc<Replica>, index: u32) {
         let mut metrics = replica.raft.metrics();
         let tx = self.leaders.clone();
+        let stats = Arc::clone(&self.stats);
         let (me, topic) = (self.me, replica.topic.clone());
         tokio::spawn(async move {
             let mut reported = None;
@@ -352,11 +465,17 @@ impl Replicas {
                 };
                 if leader == Some(me) && reported != Some(term) {
                     reported = Some(term);
+                    stats
+                        .elections
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let change = LeaderChange {
                         topic: topic.clone(),
                         partition: index,
                         leader: me,
                         term,
+                        // Not known yet: the recorded ones stay until the leader's first
+                        // sample ([`Replicas::spawn_in_sync`]).
+                        in_sync: Vec::new(),
                     };
                     if tx.send(change).is_err() {
                         return;
@@ -540,6 +659,17 @@ impl Replicas {
         };
         let kind = network::Kind::from_number(message.kind)
             .ok_or_else(|| tonic::Status::invalid_argument("unknown partition raft call"))?;
+        if replica.is_repairing()
+            && matches!(
+                kind,
+                network::Kind::Vote | network::Kind::PreVote | network::Kind::TransferLeader
+            )
+        {
+            // As if down: the candidate gets no vote from a replica that forgot entries.
+            return Err(tonic::Status::unavailable(
+                "this replica is being repaired from its peers after damage to its storage; it does not vote until it has every record it lost",
+            ));
+        }
         let body = match kind {
             network::Kind::Append => {
                 let req = network::decode(&message.body).map_err(bad)?;

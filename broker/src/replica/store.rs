@@ -180,31 +180,137 @@ impl Shared {
         self.get_json(b'p')
     }
 
-    /// Makes the partition's log end match the group's last stored entry (after a crash the
-    /// local log's recovered end may differ: the end checkpoint can run ahead of a lost
-    /// journal tail). Called before the group starts.
-    pub(crate) async fn align_log_end(&self) -> io::Result<()> {
+    /// Checks the group's log against the partition's stored batches and repairs what it
+    /// can locally, before the group starts:
+    ///
+    /// - An entry whose batch is gone (a damaged table or blob file the broker quarantined
+    ///   at start-up, `log::salvage`) and every entry after it are truncated, and the state
+    ///   machine is moved back before them, so the leader sends them again.
+    /// - The partition's log end is made to match the last entry kept: after a lost journal
+    ///   tail the end checkpoint runs ahead of the entries (`log::checkpoint`).
+    ///
+    /// Returns the damage found: offsets this replica had stored and no longer has. Such a
+    /// replica must not vote or stand for election until it has them again (see
+    /// [`super::Replicas::open`]): a Raft voter that forgot entries it acknowledged can
+    /// help elect a leader without them.
+    pub(crate) async fn check_and_align(self: &Arc<Self>) -> io::Result<Option<Damage>> {
         let start = self.purged()?.map_or(0, |p| p.end_offset);
-        let (from, end) = match self.last_stored()? {
-            Some((index, e)) => (index + 1, e.end_offset()),
-            None => (0, start),
+        // The end the local log recovered: the stored batches, counters and end checkpoint.
+        let recovered_end = self.partition.log_end();
+        let last = self.last_stored()?;
+        let stored_end = last.as_ref().map_or(start, |(_, e)| e.end_offset());
+        let shared = Arc::clone(self);
+        let missing = blocking(move || shared.first_missing_batch()).await?;
+        let (from, end) = match missing {
+            Some(index) => (index, self.end_after(index.checked_sub(1))?),
+            None => (last.as_ref().map_or(0, |(i, _)| i + 1), stored_end),
         };
+        if let Some(index) = missing {
+            self.rewind_machine(index)?;
+        }
         self.stored.send_replace(from);
-        if self.partition.log_end() == end {
+        if self.partition.log_end() != end || missing.is_some() {
+            self.log
+                .replica_truncate(
+                    Arc::clone(&self.partition),
+                    self.raft.clone(),
+                    self.group,
+                    from,
+                    start,
+                )
+                .await
+                .map_err(io_err)?;
+        }
+        let had = recovered_end.max(stored_end);
+        Ok((had > end).then_some(Damage {
+            truncated_from: missing,
+            lost_from: end,
+            lost_to: had,
+        }))
+    }
+
+    /// The index of the first `Records` entry whose batch is not stored. Reads keys only.
+    fn first_missing_batch(&self) -> io::Result<Option<u64>> {
+        let start = self.purged()?.map_or(0, |p| p.end_offset);
+        let stored = self
+            .log
+            .batch_offsets(&self.partition, start)
+            .map_err(io_err)?;
+        let mut stored = stored.into_iter().peekable();
+        let range =
+            keys::replica_entry_key(self.group, 0)..=keys::replica_entry_key(self.group, u64::MAX);
+        for guard in self.raft.range(range) {
+            let (k, v) = guard.into_inner().map_err(io_err)?;
+            let index = keys::parse_replica_entry_key(&k)
+                .ok_or_else(|| io_err("malformed replica entry key"))?;
+            let entry = decode_entry(&v)?;
+            if !matches!(entry.kind, ReplicaEntryKind::Records { records, .. } if records > 0) {
+                continue;
+            }
+            while stored.next_if(|o| *o < entry.base_offset).is_some() {}
+            if stored.next_if_eq(&entry.base_offset).is_none() {
+                return Ok(Some(index));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Moves the state machine's stored state back before entry `index` when it applied
+    /// it: openraft takes a log that ends before the applied point for a purged one (a
+    /// snapshot) and would never ask for the entries again. Producers' states stay: an
+    /// entry applied again is recorded once.
+    fn rewind_machine(&self, index: u64) -> io::Result<()> {
+        let mut state: MachineState = self.get_json(b'a')?.unwrap_or_default();
+        if state.last_applied.is_none_or(|a| a.index() < index) {
             return Ok(());
         }
-        tracing::warn!(topic = %self.partition.topic, partition = self.partition.index, log_end = self.partition.log_end(), raft_end = end, "the partition's log end differs from its replica log's; truncating to the replica log");
-        self.log
-            .replica_truncate(
-                Arc::clone(&self.partition),
-                self.raft.clone(),
-                self.group,
-                from,
-                start,
-            )
-            .await
-            .map_err(io_err)
+        let before = match index.checked_sub(1) {
+            Some(i) => self
+                .stored_entry(i)?
+                .map(|e| (LogIdOf::<C>::new_term_index(e.term, i), e.end_offset())),
+            None => None,
+        };
+        let (last_applied, end_offset) = match before {
+            Some((id, end)) => (Some(id), end),
+            None => match self.purged()? {
+                Some(p) => (Some(p.log_id), p.end_offset),
+                None => (None, 0),
+            },
+        };
+        if state
+            .membership
+            .log_id()
+            .is_some_and(|m| last_applied.is_none_or(|a| m.index() > a.index()))
+        {
+            state.membership = StoredMembershipOf::<C>::default();
+        }
+        state.last_applied = last_applied;
+        state.end_offset = end_offset;
+        self.put_json(b'a', &state)
     }
+
+    /// One past the last stored entry's index, as the writer thread last set it.
+    pub(crate) fn stored_index(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.stored.subscribe()
+    }
+
+    /// The offset after the records of the stored entries before index `next` (blocking
+    /// read of one entry).
+    pub(crate) fn stored_end(&self, next: u64) -> io::Result<u64> {
+        self.end_after(next.checked_sub(1))
+    }
+}
+
+/// Data a replica had and lost (found by [`Shared::check_and_align`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Damage {
+    /// The first entry truncated because its batch was gone, if any (else only the log's
+    /// tail was lost, with the journal's).
+    pub truncated_from: Option<u64>,
+    /// First offset lost.
+    pub lost_from: u64,
+    /// The offset this replica's log had reached.
+    pub lost_to: u64,
 }
 
 fn decode_entry(bytes: &[u8]) -> io::Result<ReplicaEntry> {

@@ -1,7 +1,9 @@
 //! `weir topic create|list|describe|delete`.
 
 use clap::Subcommand;
-use weir_client::{Client, Durability, Overflow, Retention, TopicConfig, TopicInfo};
+use weir_client::{
+    Client, Durability, Overflow, PartitionLeader, Retention, TopicConfig, TopicInfo,
+};
 
 use crate::Output;
 
@@ -157,17 +159,18 @@ pub async fn run(client: &Client, cmd: TopicCommand, output: Output) -> anyhow::
         TopicCommand::Create { name, settings } => {
             let config = settings.apply(TopicConfig::new(1))?;
             let t = client.create_topic(&name, &config).await?;
-            print_topics(&[t], output, true);
+            print_topics(&[t], output, Some(&placement(client).await?));
         }
         TopicCommand::Update { name, settings } => {
             let current = client.describe_topic(&name).await?;
             let config = settings.apply(current.config)?;
             let t = client.update_topic(&name, &config).await?;
-            print_topics(&[t], output, true);
+            print_topics(&[t], output, Some(&placement(client).await?));
         }
-        TopicCommand::List => print_topics(&client.list_topics().await?, output, false),
+        TopicCommand::List => print_topics(&client.list_topics().await?, output, None),
         TopicCommand::Describe { name } => {
-            print_topics(&[client.describe_topic(&name).await?], output, true);
+            let t = client.describe_topic(&name).await?;
+            print_topics(&[t], output, Some(&placement(client).await?));
         }
         TopicCommand::Repair { name, partitions } => {
             let lost = client.repair_topic(&name, &partitions).await?;
@@ -227,7 +230,27 @@ fn durability(d: Durability) -> &'static str {
     }
 }
 
-fn topic_json(t: &TopicInfo) -> serde_json::Value {
+/// Every partition's leader, replicas and in-sync replicas, from the cluster's metadata.
+async fn placement(client: &Client) -> anyhow::Result<Vec<PartitionLeader>> {
+    Ok(client.metadata().await?.partitions)
+}
+
+/// The placement of `topic`'s partition `partition`, if known.
+fn placed<'a>(
+    placement: &'a [PartitionLeader],
+    topic: &str,
+    partition: u32,
+) -> Option<&'a PartitionLeader> {
+    placement
+        .iter()
+        .find(|p| p.topic == topic && p.partition == partition)
+}
+
+fn ids(ids: &[u64]) -> String {
+    ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn topic_json(t: &TopicInfo, placement: &[PartitionLeader]) -> serde_json::Value {
     let c = &t.config;
     serde_json::json!({
         "name": t.name,
@@ -244,21 +267,32 @@ fn topic_json(t: &TopicInfo) -> serde_json::Value {
         "messages": t.messages,
         "bytes": t.bytes,
         "createdAtMs": t.created_at.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_millis()),
-        "partitionStats": t.partitions.iter().map(|p| serde_json::json!({
-            "partition": p.partition,
-            "earliestOffset": p.earliest_offset,
-            "nextOffset": p.next_offset,
-            "messages": p.messages,
-            "bytes": p.bytes,
-        })).collect::<Vec<_>>(),
+        "partitionStats": t.partitions.iter().map(|p| {
+            let mut stats = serde_json::json!({
+                "partition": p.partition,
+                "earliestOffset": p.earliest_offset,
+                "nextOffset": p.next_offset,
+                "messages": p.messages,
+                "bytes": p.bytes,
+            });
+            if let Some(l) = placed(placement, &t.name, p.partition) {
+                stats["leader"] = l.leader.into();
+                stats["replicas"] = l.replicas.clone().into();
+                stats["inSync"] = l.in_sync.clone().into();
+                stats["underReplicated"] = (l.in_sync.len() < l.replicas.len()).into();
+            }
+            stats
+        }).collect::<Vec<_>>(),
     })
 }
 
-fn print_topics(topics: &[TopicInfo], output: Output, detail: bool) {
+/// Prints `topics`; with `placement` (describe, create, update), each one's settings and
+/// partitions (offsets, usage, leader, replicas, in-sync replicas) too.
+fn print_topics(topics: &[TopicInfo], output: Output, placement: Option<&[PartitionLeader]>) {
     match output {
         Output::Json => {
             for t in topics {
-                println!("{}", topic_json(t));
+                println!("{}", topic_json(t, placement.unwrap_or_default()));
             }
         }
         Output::Human => {
@@ -280,7 +314,7 @@ fn print_topics(topics: &[TopicInfo], output: Output, detail: bool) {
                         .to_string()
                 );
             }
-            if detail {
+            if let Some(placement) = placement {
                 for t in topics {
                     let c = &t.config;
                     let limit = |v: Option<u64>, f: &dyn Fn(u64) -> String| {
@@ -320,17 +354,32 @@ fn print_topics(topics: &[TopicInfo], output: Output, detail: bool) {
                     }
                     println!();
                     println!(
-                        "{:>9} {:>16} {:>16} {:>12} {:>12}",
-                        "PARTITION", "EARLIEST OFFSET", "NEXT OFFSET", "MESSAGES", "BYTES"
+                        "{:>9} {:>16} {:>16} {:>12} {:>12} {:>6} {:>10} {:>10}",
+                        "PARTITION",
+                        "EARLIEST OFFSET",
+                        "NEXT OFFSET",
+                        "MESSAGES",
+                        "BYTES",
+                        "LEADER",
+                        "REPLICAS",
+                        "IN SYNC"
                     );
                     for p in &t.partitions {
+                        let (leader, replicas, in_sync) = placed(placement, &t.name, p.partition)
+                            .map_or_else(
+                                || ("-".to_owned(), "-".to_owned(), "-".to_owned()),
+                                |l| (l.leader.to_string(), ids(&l.replicas), ids(&l.in_sync)),
+                            );
                         println!(
-                            "{:>9} {:>16} {:>16} {:>12} {:>12}",
+                            "{:>9} {:>16} {:>16} {:>12} {:>12} {:>6} {:>10} {:>10}",
                             p.partition,
                             p.earliest_offset,
                             p.next_offset,
                             p.messages,
-                            bytesize::ByteSize(p.bytes).display().iec().to_string()
+                            bytesize::ByteSize(p.bytes).display().iec().to_string(),
+                            leader,
+                            replicas,
+                            in_sync
                         );
                     }
                 }
