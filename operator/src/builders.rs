@@ -64,6 +64,9 @@ pub struct BrokerSettings {
     pub affinity: Option<Affinity>,
     /// Node selector of the broker Pods.
     pub node_selector: Option<BTreeMap<String, String>>,
+    /// Extra environment of the broker container, after the operator's own (every broker
+    /// flag has a `WEIR_…` variable, e.g. `WEIR_REPLICA_LAG_MAX`).
+    pub env: Option<Vec<EnvVar>>,
 }
 
 /// The broker config file (`--broker-config`, YAML, camelCase): every field optional; a field
@@ -94,6 +97,8 @@ pub struct BrokerConfigFile {
     pub affinity: Option<Affinity>,
     /// Node selector.
     pub node_selector: Option<BTreeMap<String, String>>,
+    /// Extra environment variables of the broker container.
+    pub env: Option<Vec<EnvVar>>,
 }
 
 /// Volume settings in the broker config file.
@@ -141,6 +146,7 @@ impl BrokerConfigFile {
         set(&mut s.tolerations, self.tolerations);
         set(&mut s.affinity, self.affinity);
         set(&mut s.node_selector, self.node_selector);
+        set(&mut s.env, self.env);
     }
 }
 
@@ -269,14 +275,19 @@ fn broker_container(s: &BrokerSettings) -> Container {
             "--peers".into(),
             format!("0={}", broker_dns(&broker_name(0))),
         ]),
-        env: Some(vec![
-            field_env("POD_NAME", "metadata.name"),
-            field_env("POD_NAMESPACE", "metadata.namespace"),
-            field_env(
-                "WEIR_NODE_ID",
-                "metadata.labels['apps.kubernetes.io/pod-index']",
-            ),
-        ]),
+        env: Some(
+            [
+                field_env("POD_NAME", "metadata.name"),
+                field_env("POD_NAMESPACE", "metadata.namespace"),
+                field_env(
+                    "WEIR_NODE_ID",
+                    "metadata.labels['apps.kubernetes.io/pod-index']",
+                ),
+            ]
+            .into_iter()
+            .chain(s.env.iter().flatten().cloned())
+            .collect(),
+        ),
         ports: Some(vec![
             ContainerPort {
                 name: Some("grpc".into()),
@@ -571,7 +582,8 @@ mod tests {
     fn the_broker_config_file_overrides_the_flags() {
         let file: BrokerConfigFile = serde_yaml::from_str(
             "image: weir:2\nminBrokers: 2\nstorage: {size: 50Gi, className: ''}\n\
-             resources: {requests: {memory: 1Gi}}\ntolerations: [{key: dedicated, operator: Exists}]\n",
+             resources: {requests: {memory: 1Gi}}\ntolerations: [{key: dedicated, operator: Exists}]\n\
+             env: [{name: WEIR_REPLICA_LAG_MAX, value: 30s}]\n",
         )
         .expect("parses");
         let mut s = BrokerSettings {
@@ -583,8 +595,27 @@ mod tests {
         let (mut min, mut max) = (1, 3);
         file.apply(&mut s, &mut min, &mut max);
         assert_eq!((s.image.as_str(), min, max), ("weir:2", 2, 3));
-        assert_eq!((s.storage_size.as_str(), s.storage_class), ("50Gi", None));
+        assert_eq!(
+            (s.storage_size.as_str(), s.storage_class.as_deref()),
+            ("50Gi", None)
+        );
         assert!(s.resources.is_some() && s.tolerations.is_some());
+        // Extra environment follows the operator's own variables in the container.
+        let sts = statefulset("ns", &s);
+        let env: Vec<(String, Option<String>)> = sts
+            .spec
+            .template
+            .spec
+            .map(|p| p.containers[0].env.clone().unwrap_or_default())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| (e.name, e.value))
+            .collect();
+        assert_eq!(
+            env.last(),
+            Some(&("WEIR_REPLICA_LAG_MAX".to_owned(), Some("30s".to_owned())))
+        );
+        assert!(env.iter().any(|(n, _)| n == "WEIR_NODE_ID"));
         let typo = serde_yaml::from_str::<BrokerConfigFile>("minBroker: 2\n");
         assert!(
             typo.expect_err("unknown field")

@@ -673,15 +673,28 @@ pub fn ready_condition(
     message: String,
     generation: i64,
 ) -> Condition {
-    let status = if ready { "True" } else { "False" };
+    condition(previous, "Ready", ready, reason, message, generation)
+}
+
+/// Condition `type_` (`True` when `holds`), keeping the previous transition time while its
+/// status stays the same (Kubernetes API conventions).
+pub fn condition(
+    previous: &[Condition],
+    type_: &str,
+    holds: bool,
+    reason: &str,
+    message: String,
+    generation: i64,
+) -> Condition {
+    let status = if holds { "True" } else { "False" };
     let since = previous
         .iter()
-        .find(|c| c.type_ == "Ready" && c.status == status)
+        .find(|c| c.type_ == type_ && c.status == status)
         .map(|c| c.last_transition_time.clone())
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| Timestamp::now().to_string());
     Condition {
-        type_: "Ready".into(),
+        type_: type_.into(),
         status: status.into(),
         reason: reason.into(),
         message,

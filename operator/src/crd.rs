@@ -50,14 +50,18 @@ const CEL_DURATION_MS: &str = "self.findAll('[0-9]+[a-z]+').map(c, c.endsWith('n
 #[x_kube(validation = Rule::new("!has(oldSelf.partitions) || self.partitions >= oldSelf.partitions").message("partitions can only grow: a topic's partitions cannot be removed"))]
 #[x_kube(validation = Rule::new(format!("!has(self.retention) || !has(self.retention.maxBytes) || ({max_bytes} >= 65536.0 && {max_bytes} >= (has(self.maxMessageBytes) ? {max_message_bytes} : 1048576.0))", max_bytes = cel_size("self.retention.maxBytes"), max_message_bytes = cel_size("self.maxMessageBytes"))).message("retention.maxBytes must be at least 64KiB and at least maxMessageBytes (1MiB when unset): a smaller limit could not hold one record"))]
 #[x_kube(validation = Rule::new("!has(self.retention) || !has(self.retention.policy) || self.retention.policy != 'WorkQueue' || (!has(self.retention.maxMessages) && !has(self.retention.maxBytes)) || (has(self.overflow) && self.overflow == 'Reject')").message("a WorkQueue topic with maxMessages or maxBytes needs overflow: Reject (dropping unacked work would lose it)"))]
+#[x_kube(validation = Rule::new("!has(self.replicationFactor) || self.replicationFactor == 1 || !has(self.retention) || (!has(self.retention.maxAge) && !has(self.retention.maxBytes) && !has(self.retention.maxMessages) && (!has(self.retention.policy) || self.retention.policy == 'Limits'))").message("a replicated topic (replicationFactor above 1) keeps every record for now: retention.maxAge, maxBytes, maxMessages and policy WorkQueue need replicationFactor 1"))]
 #[serde(rename_all = "camelCase")]
 pub struct TopicSpec {
     /// Number of partitions, 1 to 1024. Can grow later, never shrink.
     #[schemars(range(min = 1, max = 1024))]
     pub partitions: u32,
-    /// Copies of each partition. Only 1 for now; immutable.
+    /// Copies of each partition, each on its own broker: 1, 3 or 5 (at most the brokers).
+    /// With 3 a produce is acknowledged once two brokers have it, and a partition survives
+    /// the loss of one broker (of two with 5). Immutable.
     #[serde(default = "one")]
-    #[schemars(range(min = 1, max = 1))]
+    #[schemars(range(min = 1, max = 5))]
+    #[x_kube(validation = Rule::new("self == 1 || self == 3 || self == 5").message("replicationFactor must be 1, 3 or 5: an odd count, so that a majority of the replicas outlives the loss of one broker (3) or two (5)"))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("replicationFactor is immutable"))]
     pub replication_factor: u32,
     /// When records are deleted.
@@ -190,6 +194,13 @@ pub struct PartitionPlacement {
     /// broker (the `weir` Service) serves every partition.
     #[serde(default)]
     pub address: String,
+    /// Broker Pods holding a copy, the preferred leader first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<String>,
+    /// The replicas caught up with the leader (Kafka's ISR); fewer than `replicas` is
+    /// the `UnderReplicated` condition.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_sync: Vec<String>,
 }
 
 /// Settings the brokers were given, units parsed (ms, bytes); 0 means no limit.
@@ -220,14 +231,16 @@ pub struct EffectiveSettings {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct TopicStatus {
-    /// `Ready` and others, keyed by type.
+    /// `Ready` (the topic serves produce and fetch on every partition) and
+    /// `UnderReplicated` (some partition has fewer replicas in sync than replicas), keyed by
+    /// type.
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Generation of the spec last acted on.
     #[serde(default)]
     pub observed_generation: i64,
-    /// Which broker leads each partition.
+    /// Which broker leads each partition, and its replicas.
     #[serde(default)]
     pub placement: Vec<PartitionPlacement>,
     /// Records stored over all partitions.

@@ -3,7 +3,7 @@
 //! partitions), status written with each partition's leader and live figures; on deletion,
 //! data removed per `deletionPolicy` before the finalizer is released.
 
-use std::{sync::Arc, time::Instant};
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use k8s_openapi::api::{
     apps::v1::StatefulSet,
@@ -26,7 +26,7 @@ use crate::{
     builders::{self, BrokerSettings},
     context::{self, Context, Error, FIELD_MANAGER, apply_status, ready_condition},
     convert,
-    crd::{DeletionPolicy, PartitionPlacement, Topic, TopicStatus},
+    crd::{Condition, DeletionPolicy, PartitionPlacement, Topic, TopicSpec, TopicStatus},
 };
 
 /// Finalizer on every Topic: its data is handled per `deletionPolicy` before it goes.
@@ -56,9 +56,11 @@ pub fn error_policy(topic: Arc<Topic>, error: &Error, ctx: Arc<Context>) -> Acti
     context::on_error("Topic", topic.as_ref(), error, &ctx)
 }
 
-/// The partition counts of the live Topics of `ns` (not being deleted): from the Topic
-/// watch's cache (no API call, nothing cloned), and from the API when the cache has none
-/// (the cache may lag, and no Topic means the brokers go).
+/// How many brokers each live Topic of `ns` (not being deleted) spreads over: its
+/// partitions (leaders spread one per broker) or its replication factor (each copy on its
+/// own broker), whichever is more. From the Topic watch's cache (no API call, nothing
+/// cloned), and from the API when the cache has none (the cache may lag, and no Topic means
+/// the brokers go).
 async fn live_partitions(ctx: &Context, ns: &str) -> Result<Vec<u32>, Error> {
     if let Some(stores) = ctx.stores() {
         let partitions: Vec<u32> = stores
@@ -69,7 +71,7 @@ async fn live_partitions(ctx: &Context, ns: &str) -> Result<Vec<u32>, Error> {
                 t.metadata.namespace.as_deref() == Some(ns)
                     && t.metadata.deletion_timestamp.is_none()
             })
-            .map(|t| t.spec.partitions)
+            .map(|t| width(&t.spec))
             .collect();
         if !partitions.is_empty() {
             return Ok(partitions);
@@ -81,8 +83,13 @@ async fn live_partitions(ctx: &Context, ns: &str) -> Result<Vec<u32>, Error> {
         .await?
         .into_iter()
         .filter(|t| t.metadata.deletion_timestamp.is_none())
-        .map(|t| t.spec.partitions)
+        .map(|t| width(&t.spec))
         .collect())
+}
+
+/// The brokers a Topic of `spec` spreads over (see [`live_partitions`]).
+fn width(spec: &TopicSpec) -> u32 {
+    spec.partitions.max(spec.replication_factor)
 }
 
 /// Applies the namespace's broker objects (StatefulSet, Services, PodDisruptionBudget),
@@ -322,15 +329,30 @@ async fn apply(topic: &Topic, ctx: &Context) -> Result<Action, Error> {
                 },
             ),
         };
+    // Replicas on broker Pods that are not Ready (also while the topic is not Ready: the
+    // last known placement).
+    let pods = ctx.broker_pods(&ns).await?;
+    let not_ready: BTreeMap<String, String> = seen
+        .placement
+        .iter()
+        .flat_map(|p| &p.replicas)
+        .filter(|b| !pods.get(*b).is_some_and(|p| p.ready))
+        .map(|b| {
+            let why = pods.get(b).map_or("no Pod", |p| p.why.as_str());
+            (b.clone(), why.to_owned())
+        })
+        .collect();
     let now_ms = k8s_openapi::jiff::Timestamp::now().as_millisecond();
     let status = TopicStatus {
-        conditions: vec![ready_condition(
-            &previous.conditions,
-            ready,
-            reason,
-            message,
-            generation,
-        )],
+        conditions: vec![
+            ready_condition(&previous.conditions, ready, reason, message, generation),
+            under_replicated(
+                &previous.conditions,
+                &seen.placement,
+                &not_ready,
+                generation,
+            ),
+        ],
         observed_generation: generation,
         placement: seen.placement,
         messages: if ready {
@@ -531,6 +553,58 @@ async fn sync_topic_with(
     Ok(seen)
 }
 
+/// The broker Pod of broker id `id` (its ordinal).
+fn pod_of(id: u64) -> String {
+    builders::broker_name(i32::try_from(id).unwrap_or(i32::MAX))
+}
+
+/// The `UnderReplicated` condition of a topic placed as `placement`: `True` naming the
+/// partitions with fewer replicas in sync than replicas and the Pods they wait for. A
+/// replica on a broker Pod that is not Ready (`not_ready`, with why) counts as out of sync
+/// at once: its leader notices only after `--replica-lag-max`.
+fn under_replicated(
+    previous: &[Condition],
+    placement: &[PartitionPlacement],
+    not_ready: &BTreeMap<String, String>,
+    generation: i64,
+) -> Condition {
+    let lagging: Vec<String> = placement
+        .iter()
+        .filter_map(|p| {
+            let out: Vec<String> = p
+                .replicas
+                .iter()
+                .filter(|r| !p.in_sync.contains(r) || not_ready.contains_key(*r))
+                .map(|r| match not_ready.get(r) {
+                    Some(why) => format!("{r} (not Ready: {why})"),
+                    None => r.clone(),
+                })
+                .collect();
+            (!out.is_empty())
+                .then(|| format!("partition {} waits for {}", p.partition, out.join(", ")))
+        })
+        .collect();
+    if lagging.is_empty() {
+        context::condition(
+            previous,
+            "UnderReplicated",
+            false,
+            "AllReplicasInSync",
+            "every partition has all its replicas in sync".into(),
+            generation,
+        )
+    } else {
+        context::condition(
+            previous,
+            "UnderReplicated",
+            true,
+            "ReplicasBehind",
+            lagging.join("; "),
+            generation,
+        )
+    }
+}
+
 /// Each partition's leader of topic `name` in `metadata`, by partition.
 fn placement_of(metadata: &weir_client::ClusterMetadata, name: &str) -> Vec<PartitionPlacement> {
     let mut placement: Vec<PartitionPlacement> = metadata
@@ -539,13 +613,15 @@ fn placement_of(metadata: &weir_client::ClusterMetadata, name: &str) -> Vec<Part
         .filter(|p| p.topic == name)
         .map(|p| PartitionPlacement {
             partition: p.partition,
-            broker: builders::broker_name(i32::try_from(p.leader).unwrap_or(i32::MAX)),
+            broker: pod_of(p.leader),
             address: metadata
                 .brokers
                 .iter()
                 .find(|b| b.id == p.leader)
                 .map(|b| b.address.clone())
                 .unwrap_or_default(),
+            replicas: p.replicas.iter().copied().map(pod_of).collect(),
+            in_sync: p.in_sync.iter().copied().map(pod_of).collect(),
         })
         .collect();
     placement.sort_by_key(|p| p.partition);

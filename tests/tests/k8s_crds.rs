@@ -88,9 +88,22 @@ fn invalid_topics_and_groups_are_refused_at_apply_with_a_clear_message() -> anyh
             "spec.maxMessageBytes: Invalid value",
         ),
         (
-            "replication factor above 1",
-            topic("rf", "{partitions: 1, replicationFactor: 3}"),
-            "should be less than or equal to 1",
+            "an even replication factor",
+            topic("rf", "{partitions: 1, replicationFactor: 2}"),
+            "replicationFactor must be 1, 3 or 5",
+        ),
+        (
+            "a replication factor above 5",
+            topic("rf", "{partitions: 1, replicationFactor: 7}"),
+            "should be less than or equal to 5",
+        ),
+        (
+            "a replicated topic with retention limits",
+            topic(
+                "rf",
+                "{partitions: 1, replicationFactor: 3, retention: {maxAge: 1d}}",
+            ),
+            "a replicated topic (replicationFactor above 1) keeps every record for now",
         ),
         (
             "retention policy changed",
@@ -249,9 +262,13 @@ fn invalid_topics_and_groups_are_refused_at_apply_with_a_clear_message() -> anyh
             "{partitions: 1, retention: {maxAge: 1s, maxBytes: 1MiB}}",
         ),
     )?;
+    cp.apply(
+        &ns,
+        &topic("bounds3", "{partitions: 1, replicationFactor: 5}"),
+    )?;
     cp.run(
         "kubectl",
-        &["delete", "-n", &ns, "topic", "bounds", "bounds2"],
+        &["delete", "-n", &ns, "topic", "bounds", "bounds2", "bounds3"],
         None,
     )?;
     // Nothing refused was stored, and growing is fine.

@@ -289,7 +289,7 @@ impl Cluster {
         cluster
             .replicas
             .spawn_preferred_leaders(PREFERRED_LEADER_INTERVAL);
-        cluster.replicas.spawn_in_sync(Duration::from_secs(1));
+        cluster.replicas.spawn_in_sync();
         Ok(cluster)
     }
 

@@ -6,7 +6,8 @@
 //! `replica.lag.time.max.ms` rule (KIP-16), time-based so that a burst of writes does not
 //! shrink the set while a follower that stopped fetching leaves it. A leader younger than
 //! `lag_max` has no older sample: its followers count as caught up, and as alive until they
-//! have been silent for `lag_max` of its term. The leader samples every second, and reports a
+//! have been silent for `lag_max` of its term. The leader samples every second (every half
+//! `lag_max` when that is shorter), and reports a
 //! changed set to the controller (`PartitionLeader` with `in_sync`), which keeps it in the
 //! cluster's metadata: `Metadata`, `weir topic describe` and the Topic's `UnderReplicated`
 //! condition read it there.
@@ -64,10 +65,12 @@ fn in_sync(f: &Follower, lag_max: Duration, young: bool, reference: Option<u64>)
 }
 
 impl Replicas {
-    /// Every `every`, works out the in-sync replicas of each partition led here, reports
-    /// changes to the controller and updates the replica figures of `/metrics`, until the
-    /// registry is dropped.
-    pub fn spawn_in_sync(self: &Arc<Self>, every: Duration) {
+    /// Every second (or half `lag_max`, when shorter), works out the in-sync replicas of
+    /// each partition led here, reports changes to the controller and updates the replica
+    /// figures of `/metrics`, until the registry is dropped.
+    pub fn spawn_in_sync(self: &Arc<Self>) {
+        let every = (Duration::from_millis(self.lag_max_ms) / 2)
+            .clamp(Duration::from_millis(50), Duration::from_secs(1));
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tracks: HashMap<GroupKey, Track> = HashMap::new();

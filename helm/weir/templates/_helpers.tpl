@@ -54,4 +54,5 @@ securityContext: {{- toYaml .Values.brokers.securityContext | nindent 2 }}
 tolerations: {{- toYaml .Values.brokers.tolerations | nindent 2 }}
 affinity: {{- toYaml .Values.brokers.affinity | nindent 2 }}
 nodeSelector: {{- toYaml .Values.brokers.nodeSelector | nindent 2 }}
+env: {{- toYaml .Values.brokers.env | nindent 2 }}
 {{- end -}}
