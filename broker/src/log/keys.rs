@@ -178,6 +178,24 @@ pub fn replica_key(group: GroupKey, tag: u8) -> [u8; 14] {
     key
 }
 
+/// `raft` keyspace key of a consumer group's cursor of `partition` kept in a replica
+/// group's state: `R` ‖ group ‖ `o` ‖ group name ‖ 0 ‖ partition (big-endian). Group names
+/// hold no 0 byte ([`crate::validate`]), so one group's keys share
+/// [`replica_cursor_prefix`] and no other's.
+pub fn replica_cursor_key(group: GroupKey, name: &str, partition: u32) -> Vec<u8> {
+    let mut key = replica_cursor_prefix(group, name);
+    key.extend_from_slice(&partition.to_be_bytes());
+    key
+}
+
+/// The prefix of consumer group `name`'s cursor keys in a replica group's state.
+pub fn replica_cursor_prefix(group: GroupKey, name: &str) -> Vec<u8> {
+    let mut key = replica_key(group, b'o').to_vec();
+    key.extend_from_slice(name.as_bytes());
+    key.push(0);
+    key
+}
+
 /// `raft` keyspace key of a replica group's log entry `index`: `R` ‖ group ‖ `e` ‖ index.
 pub fn replica_entry_key(group: GroupKey, index: u64) -> [u8; 22] {
     let mut key = [0u8; 22];
@@ -208,12 +226,15 @@ pub enum ReplicaEntryKind {
     Blank,
     /// A membership change: openraft's membership (JSON).
     Membership(Vec<u8>),
+    /// Consumer groups' cursors of the partitions whose state this partition keeps (the
+    /// coordinator partition's log, `docs/replication.md`), opaque to the log.
+    Cursors(Vec<u8>),
 }
 
 /// A replica group's log entry as stored under [`replica_entry_key`]: term u64, base offset
-/// u64, kind u8 (0 records, 1 blank, 2 membership), then for records the record count (u32)
-/// and, from an idempotent producer, its id and sequence (2 × u64), or the membership JSON;
-/// integers big-endian.
+/// u64, kind u8 (0 records, 1 blank, 2 membership, 3 cursors), then for records the record
+/// count (u32) and, from an idempotent producer, its id and sequence (2 × u64), or the
+/// membership JSON, or the cursors' bytes; integers big-endian.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaEntry {
     /// Raft term of the leader that wrote it (the batch's leader epoch).
@@ -253,6 +274,10 @@ impl ReplicaEntry {
                 out.push(2);
                 out.extend_from_slice(json);
             }
+            ReplicaEntryKind::Cursors(bytes) => {
+                out.push(3);
+                out.extend_from_slice(bytes);
+            }
         }
         out
     }
@@ -274,6 +299,7 @@ impl ReplicaEntry {
             },
             1 => ReplicaEntryKind::Blank,
             2 => ReplicaEntryKind::Membership(bytes.get(17..)?.to_vec()),
+            3 => ReplicaEntryKind::Cursors(bytes.get(17..)?.to_vec()),
             _ => return None,
         };
         Some(Self {
@@ -342,6 +368,7 @@ mod tests {
             },
             ReplicaEntryKind::Blank,
             ReplicaEntryKind::Membership(b"{}".to_vec()),
+            ReplicaEntryKind::Cursors(br#"{"group":"g"}"#.to_vec()),
         ] {
             let e = ReplicaEntry {
                 term: 3,
@@ -355,5 +382,15 @@ mod tests {
         assert!(a < b && b < replica_entry_key(group_key_of(9, 3), 0));
         assert_eq!(parse_replica_entry_key(&b), Some(256));
         assert_eq!(parse_replica_entry_key(&replica_key(g, b'v')), None);
+        // Cursors: one group's keys under its prefix only; a cursors entry moves no offset.
+        let k = replica_cursor_key(g, "g", 3);
+        assert!(k.starts_with(&replica_cursor_prefix(g, "g")));
+        assert!(!replica_cursor_key(g, "g2", 3).starts_with(&replica_cursor_prefix(g, "g")));
+        let cursors = ReplicaEntry {
+            term: 1,
+            base_offset: 40,
+            kind: ReplicaEntryKind::Cursors(Vec::new()),
+        };
+        assert_eq!(cursors.end_offset(), 40);
     }
 }

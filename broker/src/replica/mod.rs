@@ -48,22 +48,43 @@ openraft::declare_raft_types!(
 /// A replica group's Raft node.
 pub type ReplicaRaft = openraft::Raft<ReplicaTypes, store::ReplicaMachine>;
 
-/// A produce request's records for one partition: one entry of the partition's Raft log.
+/// What a leader proposes to its partition's Raft log: one entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Proposal {
-    /// The record batch ([`crate::log::batch::encode`]; sealed on each replica with its
-    /// offset and the entry's term).
-    pub batch: bytes::Bytes,
-    /// Records in it.
-    pub records: u32,
-    /// The idempotent producer's `(id, sequence)`, if any: every replica rebuilds the
-    /// producers' state from the entries it applies.
-    pub producer: Option<(u64, u64)>,
+pub enum Proposal {
+    /// A produce request's records for the partition.
+    Records {
+        /// The record batch ([`crate::log::batch::encode`]; sealed on each replica with its
+        /// offset and the entry's term).
+        batch: bytes::Bytes,
+        /// Records in it.
+        records: u32,
+        /// The idempotent producer's `(id, sequence)`, if any: every replica rebuilds the
+        /// producers' state from the entries it applies.
+        producer: Option<(u64, u64)>,
+    },
+    /// A consumer group's cursors, kept in its coordinator partition's log (as Kafka
+    /// commits offsets into `__consumer_offsets`): every replica keeps the latest of each.
+    Cursors(GroupCursors),
+}
+
+/// A consumer group's cursors of some partitions of its topic, as the group stores them
+/// (opaque here).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupCursors {
+    /// Group name.
+    pub group: String,
+    /// `(partition, cursor)` pairs.
+    pub cursors: Vec<(u32, Vec<u8>)>,
 }
 
 impl std::fmt::Display for Proposal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} records, {} bytes", self.records, self.batch.len())
+        match self {
+            Self::Records { batch, records, .. } => {
+                write!(f, "{records} records, {} bytes", batch.len())
+            }
+            Self::Cursors(c) => write!(f, "{} cursors of group {}", c.cursors.len(), c.group),
+        }
     }
 }
 
@@ -755,6 +776,54 @@ impl log::Replicator for Replicas {
 }
 
 impl Replica {
+    /// Proposes `cursors` to this partition's log (the group's coordinator partition) and
+    /// returns once they are committed and applied here: every replica then keeps them, so
+    /// the next leader has them ([`Replica::cursors`]).
+    ///
+    /// # Errors
+    ///
+    /// [`log::Error::NotLeader`] when this replica does not lead (nothing stored), or
+    /// [`log::Error::OutcomeUnknown`] when the leadership changed before the entry committed
+    /// (it may be stored: cursors are absolute, so storing them again is harmless).
+    pub async fn put_cursors(&self, cursors: GroupCursors) -> Result<(), log::Error> {
+        self.leading_term()?;
+        match self.raft.client_write(Proposal::Cursors(cursors)).await {
+            Ok(_) => Ok(()),
+            Err(openraft::errors::RaftError::APIError(
+                openraft::errors::ClientWriteError::ForwardToLeader(f),
+            )) => Err(not_leader(&self.topic, self.partition.index, f.leader_id)),
+            Err(_) => Err(log::Error::OutcomeUnknown {
+                topic: self.topic.clone(),
+                partition: self.partition.index,
+            }),
+        }
+    }
+
+    /// The latest cursors of consumer group `name` this replica applied, by partition.
+    ///
+    /// # Errors
+    ///
+    /// [`log::Error::Replica`] when the stored state cannot be read.
+    pub fn cursors(&self, name: &str) -> Result<Vec<(u32, Vec<u8>)>, log::Error> {
+        let prefix = keys::replica_cursor_prefix(self.group, name);
+        let fail = |e: &dyn std::fmt::Display| log::Error::Replica {
+            topic: self.topic.clone(),
+            partition: self.partition.index,
+            message: format!("reading group {name:?}'s cursors: {e}"),
+        };
+        let mut out = Vec::new();
+        for guard in self.shared.raft.prefix(&prefix) {
+            let (k, v) = guard.into_inner().map_err(|e| fail(&e))?;
+            let partition = k
+                .get(prefix.len()..)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_be_bytes)
+                .ok_or_else(|| fail(&"malformed cursor key"))?;
+            out.push((partition, v.to_vec()));
+        }
+        Ok(out)
+    }
+
     /// The current term when this replica leads, else [`log::Error::NotLeader`].
     fn leading_term(&self) -> Result<u64, log::Error> {
         let m = self.raft.metrics();
@@ -833,7 +902,7 @@ impl Replica {
         let (responder, rx) = ProgressResponder::complete_only();
         let queued = self
             .raft
-            .write(Proposal {
+            .write(Proposal::Records {
                 batch: bytes::Bytes::from(batch),
                 records,
                 producer: producer.map(|p| (p.producer_id, p.sequence)),
@@ -912,5 +981,79 @@ fn not_leader(topic: &str, partition: u32, leader: Option<u64>) -> log::Error {
             || "no leader is known: an election is under way".to_owned(),
             |l| format!("broker {l} leads it"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{LogOptions, TopicConfig};
+
+    /// A one-replica group of partition 0 of topic `t` on `log`, led here.
+    async fn led_replica(log: &Arc<Log>) -> (Arc<Replicas>, Arc<Replica>) {
+        let (replicas, _changes) =
+            Replicas::new(0, log, ReplicaOptions::default()).expect("replicas");
+        let topic = log.topic("t").expect("topic");
+        let members = BTreeMap::from([(0, "127.0.0.1:1".to_owned())]);
+        replicas
+            .open(&topic, 1, 0, &members, Some(0))
+            .await
+            .expect("opens");
+        let replica = replicas.all().pop().expect("one replica");
+        replica
+            .raft
+            .wait(Some(Duration::from_secs(10)))
+            .current_leader(0, "leads")
+            .await
+            .expect("leads");
+        (replicas, replica)
+    }
+
+    /// A group's cursors proposed to its coordinator partition's log: the latest of each
+    /// partition is kept, apart from other groups' (a name that extends another's included),
+    /// and is there again after the replica group restarts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_groups_cursors_are_kept_by_its_partitions_log_across_a_restart() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = Arc::new(Log::open(dir.path(), &LogOptions::default()).expect("opens"));
+        let mut config = TopicConfig::new(1, 0).expect("config");
+        config.replication_factor = 3;
+        log.create_topic("t", config).await.expect("topic");
+        let (replicas, replica) = led_replica(&log).await;
+        let put = |group: &str, cursors: &[(u32, &str)]| GroupCursors {
+            group: group.into(),
+            cursors: cursors
+                .iter()
+                .map(|(p, c)| (*p, c.as_bytes().to_vec()))
+                .collect(),
+        };
+        replica
+            .put_cursors(put("g", &[(0, "a"), (2, "b")]))
+            .await
+            .expect("stored");
+        replica
+            .put_cursors(put("g2", &[(0, "other")]))
+            .await
+            .expect("stored");
+        replica
+            .put_cursors(put("g", &[(0, "c")]))
+            .await
+            .expect("stored");
+        let want = vec![(0, b"c".to_vec()), (2, b"b".to_vec())];
+        assert_eq!(replica.cursors("g").expect("reads"), want);
+        assert_eq!(
+            replica.cursors("g2").expect("reads"),
+            vec![(0, b"other".to_vec())]
+        );
+        assert!(replica.cursors("none").expect("reads").is_empty());
+        // Records and cursors share the log: offsets count records only.
+        assert_eq!(replica.partition.next_offset(), 0);
+
+        // The group stopped and opened again (its state machine reloaded, its log applied
+        // again on top).
+        replicas.shutdown().await;
+        drop((replicas, replica));
+        let (_replicas, replica) = led_replica(&log).await;
+        assert_eq!(replica.cursors("g").expect("reads"), want);
     }
 }

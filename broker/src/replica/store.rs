@@ -380,7 +380,7 @@ impl RaftLogReader<C> for ReplicaLog {
                                     stored.base_offset
                                 ))
                             })?;
-                        EntryPayload::Normal(Proposal {
+                        EntryPayload::Normal(Proposal::Records {
                             batch: bytes::Bytes::copy_from_slice(&batch),
                             records,
                             producer,
@@ -389,6 +389,9 @@ impl RaftLogReader<C> for ReplicaLog {
                     ReplicaEntryKind::Blank => EntryPayload::Blank,
                     ReplicaEntryKind::Membership(json) => {
                         EntryPayload::Membership(from_json(&json)?)
+                    }
+                    ReplicaEntryKind::Cursors(json) => {
+                        EntryPayload::Normal(Proposal::Cursors(from_json(&json)?))
                     }
                 };
                 out.push(EntryOf::<C>::new(log_id, payload));
@@ -467,11 +470,18 @@ impl RaftLogStorage<C> for ReplicaLog {
             for entry in entries {
                 let log_id = entry.log_id();
                 let payload = match &entry.payload {
-                    EntryPayload::Normal(p) => ReplicaPayload::Records {
-                        batch: p.batch.to_vec(),
-                        records: p.records,
-                        producer: p.producer,
+                    EntryPayload::Normal(Proposal::Records {
+                        batch,
+                        records,
+                        producer,
+                    }) => ReplicaPayload::Records {
+                        batch: batch.to_vec(),
+                        records: *records,
+                        producer: *producer,
                     },
+                    EntryPayload::Normal(Proposal::Cursors(c)) => {
+                        ReplicaPayload::Cursors(to_json(c)?)
+                    }
                     EntryPayload::Blank => ReplicaPayload::Blank,
                     EntryPayload::Membership(m) => ReplicaPayload::Membership(to_json(m)?),
                 };
@@ -637,15 +647,28 @@ impl RaftStateMachine<C> for ReplicaMachine {
     {
         let mut answers = Vec::new();
         let mut touched: BTreeMap<u64, ProducerState> = BTreeMap::new();
+        let mut cursors: BTreeMap<(String, u32), Vec<u8>> = BTreeMap::new();
         let before = self.state.end_offset;
         while let Some((entry, responder)) = entries.try_next().await? {
             let log_id = entry.log_id();
             self.state.last_applied = Some(log_id);
             let base = self.state.end_offset;
             let appended = match &entry.payload {
-                EntryPayload::Normal(p) => {
-                    self.state.end_offset += u64::from(p.records);
-                    if let Some((id, sequence)) = p.producer {
+                EntryPayload::Normal(Proposal::Cursors(c)) => {
+                    for (partition, cursor) in &c.cursors {
+                        cursors.insert((c.group.clone(), *partition), cursor.clone());
+                    }
+                    Appended {
+                        base_offset: base,
+                        records: 0,
+                    }
+                }
+                EntryPayload::Normal(Proposal::Records {
+                    records, producer, ..
+                }) => {
+                    let records = *records;
+                    self.state.end_offset += u64::from(records);
+                    if let Some((id, sequence)) = *producer {
                         let mut producers = self.shared.producers.lock();
                         let state = producers.entry(id).or_default();
                         // An entry applied again after a restart is recorded once.
@@ -655,7 +678,7 @@ impl RaftStateMachine<C> for ReplicaMachine {
                                 vec![Ack {
                                     partition: self.shared.partition.index,
                                     base_offset: base,
-                                    record_count: p.records,
+                                    record_count: records,
                                 }],
                             );
                             touched.insert(id, state.clone());
@@ -663,7 +686,7 @@ impl RaftStateMachine<C> for ReplicaMachine {
                     }
                     Appended {
                         base_offset: base,
-                        records: p.records,
+                        records,
                     }
                 }
                 EntryPayload::Blank => Appended {
@@ -694,6 +717,13 @@ impl RaftStateMachine<C> for ReplicaMachine {
             let mut key = keys::replica_key(self.shared.group, b'q').to_vec();
             key.extend_from_slice(&id.to_be_bytes());
             wb.insert(&self.shared.raft, key, to_json(state)?);
+        }
+        for ((group, partition), cursor) in cursors {
+            wb.insert(
+                &self.shared.raft,
+                keys::replica_cursor_key(self.shared.group, &group, partition),
+                cursor,
+            );
         }
         wb.insert(
             &self.shared.raft,

@@ -35,6 +35,8 @@ pub enum ReplicaPayload {
     Blank,
     /// A membership entry (openraft's membership as JSON).
     Membership(Vec<u8>),
+    /// Consumer groups' cursors ([`ReplicaEntryKind::Cursors`]).
+    Cursors(Vec<u8>),
 }
 
 /// Entries of one replica group's log to store, in index order, following the group's
@@ -96,6 +98,7 @@ impl Writer {
                 }
                 ReplicaPayload::Blank => ReplicaEntryKind::Blank,
                 ReplicaPayload::Membership(json) => ReplicaEntryKind::Membership(json),
+                ReplicaPayload::Cursors(bytes) => ReplicaEntryKind::Cursors(bytes),
             };
             let entry = ReplicaEntry {
                 term,
