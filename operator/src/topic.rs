@@ -559,7 +559,8 @@ fn pod_of(id: u64) -> String {
 }
 
 /// The `UnderReplicated` condition of a topic placed as `placement`: `True` naming the
-/// partitions with fewer replicas in sync than replicas and the Pods they wait for. A
+/// partitions with fewer replicas in sync than replicas and the Pods they wait for,
+/// `Unknown` before the partitions are placed. A
 /// replica on a broker Pod that is not Ready (`not_ready`, with why) counts as out of sync
 /// at once: its leader notices only after `--replica-lag-max`.
 fn under_replicated(
@@ -568,6 +569,25 @@ fn under_replicated(
     not_ready: &BTreeMap<String, String>,
     generation: i64,
 ) -> Condition {
+    if placement.is_empty() {
+        // Nothing placed yet: neither in sync nor behind.
+        let mut c = context::condition(
+            previous,
+            "UnderReplicated",
+            false,
+            "NotPlacedYet",
+            "the topic's partitions are not placed on brokers yet".into(),
+            generation,
+        );
+        c.status = "Unknown".into();
+        if let Some(p) = previous
+            .iter()
+            .find(|p| p.type_ == "UnderReplicated" && p.status == "Unknown")
+        {
+            c.last_transition_time.clone_from(&p.last_transition_time);
+        }
+        return c;
+    }
     let lagging: Vec<String> = placement
         .iter()
         .filter_map(|p| {
@@ -667,4 +687,52 @@ async fn cleanup(topic: &Topic, ctx: &Context) -> Result<Action, Error> {
     apply_brokers(ctx, &ns, &partitions).await?;
     ctx.succeeded(&context::key(topic));
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn placed(partition: u32, replicas: &[&str], in_sync: &[&str]) -> PartitionPlacement {
+        PartitionPlacement {
+            partition,
+            broker: replicas[0].into(),
+            address: String::new(),
+            replicas: replicas.iter().map(|r| (*r).to_owned()).collect(),
+            in_sync: in_sync.iter().map(|r| (*r).to_owned()).collect(),
+        }
+    }
+
+    /// `UnderReplicated`: Unknown before placement, False with every replica in sync on a
+    /// Ready Pod, True naming the partition and the Pods out of sync or not Ready.
+    #[test]
+    fn under_replicated_names_the_replicas_behind() {
+        let none = BTreeMap::new();
+        let unknown = under_replicated(&[], &[], &none, 1);
+        assert_eq!(
+            (unknown.status.as_str(), unknown.reason.as_str()),
+            ("Unknown", "NotPlacedYet")
+        );
+        let all = ["weir-broker-0", "weir-broker-1", "weir-broker-2"];
+        let fine = under_replicated(&[], &[placed(0, &all, &all)], &none, 1);
+        assert_eq!(fine.status, "False");
+        let behind = under_replicated(
+            std::slice::from_ref(&fine),
+            &[placed(0, &all, &all), placed(1, &all, &all[..2])],
+            &none,
+            2,
+        );
+        assert_eq!(behind.status, "True");
+        assert_eq!(behind.message, "partition 1 waits for weir-broker-2");
+        let down = BTreeMap::from([("weir-broker-1".to_owned(), "no Pod".to_owned())]);
+        let not_ready = under_replicated(&[], &[placed(0, &all, &all)], &down, 2);
+        assert_eq!(not_ready.status, "True");
+        assert_eq!(
+            not_ready.message,
+            "partition 0 waits for weir-broker-1 (not Ready: no Pod)"
+        );
+        // A single replica in sync is not under-replicated.
+        let one = under_replicated(&[], &[placed(0, &all[..1], &all[..1])], &none, 1);
+        assert_eq!(one.status, "False");
+    }
 }

@@ -344,7 +344,7 @@ fn the_examples_are_valid_resources() -> anyhow::Result<()> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join("examples");
-    for file in ["topic.yaml", "consumergroup.yaml"] {
+    for file in ["topic.yaml", "consumergroup.yaml", "topic-replicated.yaml"] {
         let path = dir.join(file);
         cp.kubectl(&["apply", "-n", &ns, "-f", &path.to_string_lossy()])?;
     }
@@ -368,5 +368,15 @@ fn the_examples_are_valid_resources() -> anyhow::Result<()> {
         "jsonpath={.spec.type}",
     ])?;
     assert_eq!(group, "Shared");
+    let rf = cp.kubectl(&[
+        "get",
+        "topic",
+        "payments",
+        "-n",
+        &ns,
+        "-o",
+        "jsonpath={.spec.replicationFactor}",
+    ])?;
+    assert_eq!(rf, "3");
     Ok(())
 }

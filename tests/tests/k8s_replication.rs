@@ -212,9 +212,16 @@ async fn an_rf3_topic_keeps_every_acknowledged_record_when_a_broker_pod_is_delet
         &["--max-brokers", "3", "--broker-config", &config_path],
     )
     .await?;
-    c.apply(
-        "apiVersion: weir.dev/v1alpha1\nkind: Topic\nmetadata: {name: payments}\nspec: {partitions: 2, replicationFactor: 3}\n",
-    )?;
+    // The README's example and its wait.
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/topic-replicated.yaml");
+    c.kubectl(&["apply", "-f", &example.to_string_lossy()])?;
+    c.kubectl(&[
+        "wait",
+        "--for=condition=UnderReplicated=False",
+        "topic/payments",
+        "--timeout=3m",
+    ])?;
     let topic = c
         .wait_for("topic", "payments", MINUTE, "Ready, all in sync", |t| {
             is_ready(t, "True")
