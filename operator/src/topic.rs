@@ -332,16 +332,7 @@ async fn apply(topic: &Topic, ctx: &Context) -> Result<Action, Error> {
     // Replicas on broker Pods that are not Ready (also while the topic is not Ready: the
     // last known placement).
     let pods = ctx.broker_pods(&ns).await?;
-    let not_ready: BTreeMap<String, String> = seen
-        .placement
-        .iter()
-        .flat_map(|p| &p.replicas)
-        .filter(|b| !pods.get(*b).is_some_and(|p| p.ready))
-        .map(|b| {
-            let why = pods.get(b).map_or("no Pod", |p| p.why.as_str());
-            (b.clone(), why.to_owned())
-        })
-        .collect();
+    let not_ready = not_ready(&pods, seen.placement.iter().flat_map(|p| &p.replicas));
     let now_ms = k8s_openapi::jiff::Timestamp::now().as_millisecond();
     let status = TopicStatus {
         conditions: vec![
@@ -422,18 +413,10 @@ async fn sync_topic(
         other => other,
     })?;
     // A partition whose leader is not Ready is unavailable: the topic is not Ready either.
-    let mut down: Vec<String> = seen
-        .placement
-        .iter()
-        .map(|p| &p.broker)
-        .filter(|b| !pods.get(*b).is_some_and(|p| p.ready))
-        .map(|b| {
-            let why = pods.get(b).map_or("no Pod", |p| p.why.as_str());
-            format!("{b} ({why})")
-        })
+    let down: Vec<String> = not_ready(&pods, seen.placement.iter().map(|p| &p.broker))
+        .into_iter()
+        .map(|(b, why)| format!("{b} ({why})"))
         .collect();
-    down.sort();
-    down.dedup();
     if !down.is_empty() {
         return Err(Error::Waiting(format!(
             "partition leaders not Ready: {}",
@@ -551,6 +534,21 @@ async fn sync_topic_with(
     }
     seen.placement = placement;
     Ok(seen)
+}
+
+/// Which of `brokers` (Pod names) are not Ready, with why ("no Pod" for one that does not
+/// exist), sorted and once each.
+fn not_ready<'a>(
+    pods: &std::collections::HashMap<String, context::BrokerPod>,
+    brokers: impl Iterator<Item = &'a String>,
+) -> BTreeMap<String, String> {
+    brokers
+        .filter(|b| !pods.get(*b).is_some_and(|p| p.ready))
+        .map(|b| {
+            let why = pods.get(b).map_or("no Pod", |p| p.why.as_str());
+            (b.clone(), why.to_owned())
+        })
+        .collect()
 }
 
 /// The broker Pod of broker id `id` (its ordinal).
