@@ -194,17 +194,24 @@ pub async fn run(
         .iter()
         .map(|g| (g.name.clone(), g.config()))
         .collect();
-    if let Err(e) = cluster.join(&log, local_groups).await {
-        if let Some(reason) = log.failed().borrow().clone() {
-            return Err(Error::WorkerFailed(reason));
+    // A broker whose peers are down waits here (not ready) until a majority is up; a stop
+    // signal meanwhile ends it cleanly, as Kubernetes expects of a Pod it deletes.
+    let mut shutdown = std::pin::pin!(shutdown);
+    match join_or_stop(&cluster, &log, local_groups, &mut shutdown).await {
+        Some(Ok(())) => {}
+        Some(Err(e)) => return Err(join_error(&log, e)),
+        None => {
+            tracing::info!("stopped before joining the cluster");
+            stop_tx.send_replace(true);
+            drain(grpc_task, http_task, jobs, options.grace).await;
+            return close(&cluster, &log).await;
         }
-        return Err(e.into());
     }
     ready_tx.send_replace(true);
     set_health(&health, true).await;
     tracing::info!(grpc_addr, http_addr, "broker ready");
 
-    let failure = until_stop_or_failure(&log, shutdown).await;
+    let failure = until_stop_or_failure(&log, &mut shutdown).await;
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     unready(&ready_tx, &health, &cluster, failure.is_none()).await;
     stop_tx.send_replace(true);
@@ -216,6 +223,33 @@ pub async fn run(
     if let Err(e) = groups.flush().await {
         tracing::warn!(error = %e, "persisting group state at shutdown failed");
     }
+    close(&cluster, &log).await
+}
+
+/// Joins the cluster, unless `shutdown` resolves first (`None`).
+async fn join_or_stop(
+    cluster: &Cluster,
+    log: &Log,
+    groups: Vec<(String, crate::groups::GroupConfig)>,
+    shutdown: impl Future<Output = ()>,
+) -> Option<Result<(), crate::cluster::Error>> {
+    tokio::select! {
+        joined = cluster.join(log, groups) => Some(joined),
+        () = shutdown => None,
+    }
+}
+
+/// Why joining the cluster failed: a worker's failure when one came first.
+fn join_error(log: &Log, e: crate::cluster::Error) -> Error {
+    match log.failed().borrow().clone() {
+        Some(reason) => Error::WorkerFailed(reason),
+        None => e.into(),
+    }
+}
+
+/// Stops the metadata node and the replicas, then closes the log (commits what is queued,
+/// persists).
+async fn close(cluster: &Cluster, log: &Log) -> Result<(), Error> {
     cluster.shutdown().await;
     log.close().await?;
     tracing::info!("log persisted; bye");

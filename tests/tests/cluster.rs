@@ -310,6 +310,39 @@ async fn a_broker_without_a_majority_is_not_ready() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A broker waiting for a majority of its peers stops cleanly on SIGTERM (exit 0 within the
+/// shutdown grace), as Kubernetes expects of a Pod it deletes; it used to ignore the signal
+/// until it had joined, so a deleted Pod waited out its termination grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_waiting_for_its_peers_stops_on_sigterm() -> anyhow::Result<()> {
+    let mut brokers = Broker::start_cluster(3, &[])?;
+    brokers[1].kill();
+    brokers[2].kill();
+    let _starting = brokers[0].restart_nowait()?;
+    let address = brokers[0].url();
+    let started = std::time::Instant::now();
+    while health_of(&address).await.is_err() {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "the restarted broker never answered gRPC"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Well into its wait.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    brokers[0].signal("TERM")?;
+    let code = brokers[0].wait_exit(Duration::from_secs(15))?;
+    assert_eq!(code, Some(0));
+    assert!(
+        brokers[0]
+            .log_text()
+            .contains("stopped before joining the cluster"),
+        "{}",
+        brokers[0].log_text()
+    );
+    Ok(())
+}
+
 /// The gRPC health (overall status) of the broker at `address`.
 async fn health_of(address: &str) -> anyhow::Result<i32> {
     let channel = tonic::transport::Endpoint::from_shared(address.to_owned())?
