@@ -419,24 +419,21 @@ impl Cluster {
     {
         let mut attempts = 0u64;
         loop {
-            match step().await {
-                Err(e @ (Error::NotLeader | Error::NoLeader(_))) => {
-                    attempts += 1;
-                    tracing::warn!(step = what, attempts, error = %e, "not in the cluster yet: waiting for a majority of the peers");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
+            let error = match step().await {
+                Err(e @ (Error::NotLeader | Error::NoLeader(_))) => e.to_string(),
                 Err(Error::Remote { code, message }) if code == tonic::Code::Unavailable as i32 => {
-                    attempts += 1;
-                    tracing::warn!(
-                        step = what,
-                        attempts,
-                        error = message,
-                        "not in the cluster yet: waiting for a majority of the peers"
-                    );
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    message
                 }
                 other => return other,
-            }
+            };
+            attempts += 1;
+            tracing::warn!(
+                step = what,
+                attempts,
+                error,
+                "not in the cluster yet: waiting for a majority of the peers"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
 
