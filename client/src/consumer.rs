@@ -33,11 +33,24 @@ fn nack_request(d: &Delivery, delay: Duration, error: &str) -> pb::AckRequest {
     }
 }
 
+/// How long a [`GroupConsumer`] keeps trying to join again after its stream failed with a
+/// retriable error (its coordinator moved, was restarted or is unreachable) before it
+/// returns the error.
+pub const REJOIN_FOR: Duration = Duration::from_secs(30);
+
 /// A push member of a consumer group: a loop over [`next`](Self::next) with
 /// [`ack`](Self::ack) or [`nack`](Self::nack) for each delivery. Credits are granted back one
 /// per ack or nack, so unacked deliveries never exceed the window. Dropping it leaves the
 /// group (Shared: its unacked deliveries go to the other members at once; Ordered: its
 /// partitions are reassigned).
+///
+/// When its stream fails with a retriable error (the group's coordinator moved to another
+/// broker with its coordinator partition's leadership, or stopped, or cannot be reached)
+/// it joins the group again as a new member, for up to [`REJOIN_FOR`], as a Kafka consumer
+/// rejoins after a coordinator change. Deliveries received before are then given to the
+/// group's members again (acks of them, and acks sent while the stream was down, are
+/// dropped), so the application may see a message a second time (at-least-once,
+/// `docs/replication.md`).
 #[derive(Debug)]
 pub struct GroupConsumer {
     pub(crate) tx: mpsc::Sender<pb::SubscribeRequest>,
@@ -47,6 +60,43 @@ pub struct GroupConsumer {
     pub(crate) member_id: String,
     pub(crate) partitions: Vec<u32>,
     pub(crate) generation: u64,
+    /// What joining again takes.
+    pub(crate) rejoin: Rejoin,
+    /// Joins so far; deliveries carry the one they came with.
+    pub(crate) session: u64,
+    /// Set while the member joins again after its stream failed.
+    pub(crate) rejoining: Option<Rejoining>,
+}
+
+/// Progress of a [`GroupConsumer`] joining its group again.
+#[derive(Debug)]
+pub(crate) struct Rejoining {
+    /// The error of the last attempt (or of the stream).
+    last: Option<Error>,
+    /// When it gives up.
+    deadline: tokio::time::Instant,
+    /// When it tries next.
+    next_attempt: tokio::time::Instant,
+    /// The wait before the attempt after next.
+    backoff: Duration,
+}
+
+/// What a [`GroupConsumer`] needs to join its group again.
+#[derive(Debug)]
+pub(crate) struct Rejoin {
+    pub client: Client,
+    pub group: String,
+    pub create: Option<crate::GroupConfig>,
+    pub window: u32,
+}
+
+/// A joined subscribe stream.
+pub(crate) struct Stream {
+    pub tx: mpsc::Sender<pb::SubscribeRequest>,
+    pub inbound: Streaming<pb::SubscribeResponse>,
+    pub member_id: String,
+    pub partitions: Vec<u32>,
+    pub generation: u64,
 }
 
 impl GroupConsumer {
@@ -93,43 +143,117 @@ impl GroupConsumer {
     }
 
     /// Reads one stream message into `buffered` (or the assignment); `None` at the end of
-    /// the stream.
+    /// the stream. A retriable failure joins the group again ([`GroupConsumer`]).
     async fn receive(&mut self) -> Option<Result<(), Error>> {
+        if self.rejoining.is_some() {
+            return Some(self.rejoin().await);
+        }
         let msg = match self.inbound.message().await {
             Ok(Some(m)) => m,
             Ok(None) => return None,
-            Err(s) => return Some(Err(Error::Status(s))),
+            Err(s) => return Some(self.rejoin_after(Error::Status(s)).await),
+        };
+        let session = self.session;
+        let tagged = |d: pb::Delivery| Delivery {
+            session,
+            ..Delivery::from(d)
         };
         match msg.response {
             Some(pb::subscribe_response::Response::Delivery(d)) => {
-                self.buffered.push_back(d.into());
+                self.buffered.push_back(tagged(d));
             }
             Some(pb::subscribe_response::Response::Deliveries(batch)) => {
                 self.buffered
-                    .extend(batch.deliveries.into_iter().map(Delivery::from));
+                    .extend(batch.deliveries.into_iter().map(tagged));
             }
             Some(pb::subscribe_response::Response::Assignment(a)) => {
                 self.partitions = a.partitions;
                 self.generation = a.generation;
             }
             Some(pb::subscribe_response::Response::Error(e)) => {
-                return Some(Err(Error::Status(Status::new(
-                    Code::from(e.code),
-                    e.message,
-                ))));
+                let error = Error::Status(Status::new(Code::from(e.code), e.message));
+                return Some(self.rejoin_after(error).await);
             }
             Some(pb::subscribe_response::Response::Joined(_)) | None => {}
         }
         Some(Ok(()))
     }
 
+    /// After `error` ended the stream: joins the group again when it is retriable
+    /// ([`GroupConsumer::rejoin`]); else returns the error.
+    async fn rejoin_after(&mut self, error: Error) -> Result<(), Error> {
+        if !error.is_retriable() {
+            return Err(error);
+        }
+        let now = tokio::time::Instant::now();
+        self.rejoining = Some(Rejoining {
+            last: Some(error),
+            deadline: now + REJOIN_FOR,
+            next_attempt: now + Duration::from_millis(100),
+            backoff: Duration::from_millis(100),
+        });
+        self.rejoin().await
+    }
+
+    /// Joins the group again (backing off from 100 ms to 1 s, for up to [`REJOIN_FOR`]),
+    /// dropping the deliveries not yet returned (the group hands them out again); returns
+    /// the last error when every attempt failed or one was not retriable. Cancel-safe: a
+    /// caller that gives up waiting (a timeout around [`GroupConsumer::next`]) resumes
+    /// where it stopped with its next call.
+    async fn rejoin(&mut self) -> Result<(), Error> {
+        loop {
+            let Some(r) = self.rejoining.as_mut() else {
+                return Ok(());
+            };
+            if tokio::time::Instant::now() >= r.deadline {
+                let last = self.rejoining.take().and_then(|r| r.last);
+                return Err(last.unwrap_or(Error::StreamClosed));
+            }
+            tokio::time::sleep_until(r.next_attempt.min(r.deadline)).await;
+            r.backoff = (r.backoff * 2).min(Duration::from_secs(1));
+            r.next_attempt = tokio::time::Instant::now() + r.backoff;
+            let j = &self.rejoin;
+            match j
+                .client
+                .join_stream(&j.group, j.create.as_ref(), j.window)
+                .await
+            {
+                Ok(joined) => {
+                    self.tx = joined.tx;
+                    self.inbound = joined.inbound;
+                    self.member_id = joined.member_id;
+                    self.partitions = joined.partitions;
+                    self.generation = joined.generation;
+                    self.buffered.clear();
+                    self.session += 1;
+                    self.rejoining = None;
+                    return Ok(());
+                }
+                Err(e) if e.is_retriable() => {
+                    if let Some(r) = self.rejoining.as_mut() {
+                        r.last = Some(e);
+                    }
+                }
+                Err(e) => {
+                    self.rejoining = None;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Sends `request` on the stream. A stream that ended drops it: the next
+    /// [`GroupConsumer::next`] finds out why and joins again, and the group delivers what
+    /// the dropped request acked again.
     async fn send(&self, request: pb::subscribe_request::Request) -> Result<(), Error> {
-        self.tx
+        // Err only when the stream ended.
+        let _ = self
+            .tx
             .send(pb::SubscribeRequest {
                 request: Some(request),
             })
-            .await
-            .map_err(|_| Error::StreamClosed)
+            .await;
+        Ok(())
     }
 
     /// Acknowledges a delivery and grants one credit.
@@ -137,8 +261,20 @@ impl GroupConsumer {
         self.ack_all(std::slice::from_ref(d)).await
     }
 
-    /// Acknowledges many deliveries in one request and grants as many credits.
+    /// Acknowledges many deliveries in one request and grants as many credits. Deliveries
+    /// received before the member joined again are skipped (the group delivers them again).
     pub async fn ack_all(&self, deliveries: &[Delivery]) -> Result<(), Error> {
+        let current: Vec<Delivery>;
+        let deliveries = if deliveries.iter().all(|d| d.session == self.session) {
+            deliveries
+        } else {
+            current = deliveries
+                .iter()
+                .filter(|d| d.session == self.session)
+                .cloned()
+                .collect();
+            &current
+        };
         if deliveries.is_empty() {
             return Ok(());
         }
@@ -151,6 +287,10 @@ impl GroupConsumer {
     /// Negatively acknowledges a delivery (redelivered after `delay`, with `error` kept for
     /// the dead-letter headers) and grants one credit.
     pub async fn nack(&self, d: &Delivery, delay: Duration, error: &str) -> Result<(), Error> {
+        if d.session != self.session {
+            // Received before the member joined again: the group delivers it again.
+            return Ok(());
+        }
         self.send(pb::subscribe_request::Request::Ack(nack_request(
             d, delay, error,
         )))

@@ -266,6 +266,10 @@ pub struct Delivery {
     pub delivery_count: u32,
     /// The record.
     pub record: Record,
+    /// The [`crate::GroupConsumer`] join it came with (0 for pulled deliveries): an ack
+    /// of a delivery from an earlier join is dropped, since that member is gone and the
+    /// group delivers the message again.
+    pub(crate) session: u64,
 }
 
 impl From<pb::Delivery> for Delivery {
@@ -275,6 +279,7 @@ impl From<pb::Delivery> for Delivery {
             offset: d.offset,
             delivery_count: d.delivery_count,
             record: d.record.unwrap_or_default().into(),
+            session: 0,
         }
     }
 }
@@ -317,6 +322,7 @@ mod tests {
             offset,
             delivery_count: 1,
             record: Record::default(),
+            session: 0,
         }
     }
 

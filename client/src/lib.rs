@@ -45,7 +45,7 @@ use weir_proto::v1::{
 };
 
 pub use self::{
-    consumer::{GroupConsumer, PullMember},
+    consumer::{GroupConsumer, PullMember, REJOIN_FOR},
     error::{Error, code_name},
     group_types::{
         Delivery, GroupConfig, GroupInfo, GroupPartitionInfo, GroupType, MemberInfo, StartFrom,
@@ -723,6 +723,32 @@ impl Client {
         create: Option<&GroupConfig>,
         window: u32,
     ) -> Result<GroupConsumer, Error> {
+        let joined = self.join_stream(group, create, window).await?;
+        Ok(GroupConsumer {
+            tx: joined.tx,
+            inbound: joined.inbound,
+            buffered: VecDeque::new(),
+            member_id: joined.member_id,
+            partitions: joined.partitions,
+            generation: joined.generation,
+            rejoin: consumer::Rejoin {
+                client: self.clone(),
+                group: group.to_owned(),
+                create: create.cloned(),
+                window,
+            },
+            session: 1,
+            rejoining: None,
+        })
+    }
+
+    /// Opens a subscribe stream, joins `group` on it and grants `window` credits.
+    pub(crate) async fn join_stream(
+        &self,
+        group: &str,
+        create: Option<&GroupConfig>,
+        window: u32,
+    ) -> Result<consumer::Stream, Error> {
         let (tx, rx) = mpsc::channel(64);
         let join = pb::SubscribeRequest {
             request: Some(pb::subscribe_request::Request::Join(pb::JoinRequest {
@@ -755,10 +781,9 @@ impl Client {
             request: Some(pb::subscribe_request::Request::Credits(window.max(1))),
         };
         tx.send(credits).await.map_err(|_| Error::StreamClosed)?;
-        Ok(GroupConsumer {
+        Ok(consumer::Stream {
             tx,
             inbound,
-            buffered: VecDeque::new(),
             member_id: joined.member_id,
             partitions: joined.partitions,
             generation: joined.generation,

@@ -1003,3 +1003,235 @@ async fn a_stopped_follower_leaves_the_in_sync_replicas_and_rejoins() -> anyhow:
     assert!(text.contains("0,1,2"), "{text}");
     Ok(())
 }
+
+/// Per group: every delivery as `(partition, offset)` → deliveries, and when each offset
+/// was first acked.
+#[derive(Default)]
+struct GroupHistory {
+    deliveries: BTreeMap<(u32, u64), u32>,
+    acked_at: BTreeMap<(u32, u64), Instant>,
+}
+
+/// A push member of `group` (bootstrapped from every broker) acking everything it gets
+/// into `history`, until `stop`.
+fn spawn_member(
+    all: String,
+    group: &'static str,
+    history: Shared<GroupHistory>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    tokio::spawn(async move {
+        let client = Client::connect(&all).await?;
+        let mut member = client.subscribe(group, None, 100).await?;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let Ok(next) = tokio::time::timeout(Duration::from_millis(200), member.next()).await
+            else {
+                continue;
+            };
+            let Some(d) = next else {
+                anyhow::bail!("group {group}: the broker ended the stream");
+            };
+            let d = d.map_err(|e| anyhow::anyhow!("group {group}: {e}"))?;
+            *history
+                .lock()
+                .deliveries
+                .entry((d.partition, d.offset))
+                .or_default() += 1;
+            member.ack(&d).await?;
+            history
+                .lock()
+                .acked_at
+                .entry((d.partition, d.offset))
+                .or_insert_with(Instant::now);
+        }
+        Ok(())
+    })
+}
+
+/// Produces `job-<i>` for `i` in `from..to` to `jobs`, 50 per request round robin over its
+/// three partitions, retrying each request for up to 20 s.
+async fn produce_jobs(client: &Client, from: usize, to: usize) -> anyhow::Result<()> {
+    for chunk in (from..to).collect::<Vec<_>>().chunks(50) {
+        let records = chunk
+            .iter()
+            .map(|i| Record::value(format!("job-{i}")))
+            .collect::<Vec<_>>();
+        let partition = u32::try_from(chunk[0] / 50 % 3)?;
+        let started = Instant::now();
+        loop {
+            match client
+                .produce("jobs", Some(partition), records.clone())
+                .await
+            {
+                Ok(_) => break,
+                Err(e) if started.elapsed() < Duration::from_secs(20) => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => anyhow::bail!("produce failed for 20 s: {e}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Distinct records delivered to the members of `group`.
+fn distinct(histories: &[(&str, Shared<GroupHistory>)], group: &str) -> usize {
+    let mut offsets = std::collections::BTreeSet::new();
+    for (g, h) in histories {
+        if *g == group {
+            offsets.extend(h.lock().deliveries.keys().copied());
+        }
+    }
+    offsets.len()
+}
+
+/// Fails when `group` was delivered again a record acked more than 600 ms (a persistence
+/// tick of 100 ms, the ack's way and a Raft commit, with room) before its coordinator was
+/// killed at `killed`.
+fn check_redeliveries(
+    histories: &[(&str, Shared<GroupHistory>)],
+    group: &str,
+    killed: Instant,
+) -> anyhow::Result<()> {
+    let mut counts: BTreeMap<(u32, u64), u32> = BTreeMap::new();
+    let mut acked_at: BTreeMap<(u32, u64), Instant> = BTreeMap::new();
+    for (g, h) in histories {
+        if *g != group {
+            continue;
+        }
+        let h = h.lock();
+        for (k, n) in &h.deliveries {
+            *counts.entry(*k).or_default() += n;
+        }
+        for (k, t) in &h.acked_at {
+            let first = acked_at.entry(*k).or_insert(*t);
+            *first = (*first).min(*t);
+        }
+    }
+    let again: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    let acked_before = again
+        .iter()
+        .filter(|(k, _)| acked_at.get(k).is_some_and(|t| *t < killed))
+        .count();
+    let oldest_ack = again
+        .iter()
+        .filter_map(|(k, _)| acked_at.get(k))
+        .filter(|t| **t < killed)
+        .map(|t| killed - *t)
+        .max();
+    println!(
+        "{group}: {} records delivered more than once after the coordinator's kill, {acked_before} of them acked before it, the oldest ack {oldest_ack:?} before it",
+        again.len()
+    );
+    let stale: Vec<_> = again
+        .iter()
+        .filter(|(k, _)| {
+            acked_at
+                .get(k)
+                .is_some_and(|t| *t + Duration::from_millis(600) < killed)
+        })
+        .collect();
+    anyhow::ensure!(
+        stale.is_empty(),
+        "{group}: {} records acked more than 600 ms before the kill were delivered again, e.g. {:?}",
+        stale.len(),
+        stale.iter().take(5).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+/// Groups of a replicated topic keep their cursors in their coordinator partition's Raft
+/// log and are coordinated by its leader: when that broker is SIGKILLed, a Shared and an
+/// Ordered group resume on the partition's new leader, every record is delivered (nothing
+/// skipped), and a record acked before the kill is delivered again only when its ack was
+/// at most a persistence tick (and its commit) old. Before, the groups stopped until
+/// their coordinator returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_resume_on_their_coordinator_partitions_new_leader() -> anyhow::Result<()> {
+    let mut brokers = Broker::start_cluster(3, &[])?;
+    let client = brokers[0].client().await?;
+    client
+        .create_topic("jobs", &TopicConfig::new(3).with_replication_factor(3))
+        .await?;
+    produce_jobs(&client, 0, 3000).await?;
+    for (group, group_type) in [
+        ("workers", weir_client::GroupType::Shared),
+        ("audit", weir_client::GroupType::Ordered),
+    ] {
+        let config = weir_client::GroupConfig::new("jobs", group_type)
+            .with_start(weir_client::StartFrom::Earliest);
+        client.create_group(group, &config).await?;
+    }
+    let m = client.metadata().await?;
+    let coordinator = m
+        .groups
+        .iter()
+        .find(|g| g.group == "workers")
+        .map(|g| g.coordinator)
+        .ok_or_else(|| anyhow::anyhow!("no coordinator of workers in {m:?}"))?;
+
+    let all = brokers
+        .iter()
+        .map(Broker::url)
+        .collect::<Vec<_>>()
+        .join(",");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let histories: Vec<(&str, Shared<GroupHistory>)> = vec![
+        ("workers", Shared::default()),
+        ("workers", Shared::default()),
+        ("audit", Shared::default()),
+    ];
+    let members: Vec<_> = histories
+        .iter()
+        .map(|(g, h)| spawn_member(all.clone(), g, Shared::clone(h), stop.clone()))
+        .collect();
+    let seen = |group: &str| distinct(&histories, group);
+    let started = Instant::now();
+    while seen("workers") < 1000 || seen("audit") < 1000 {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "the groups did not get 1,000 records within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let dead = usize::try_from(coordinator)?;
+    brokers[dead].kill();
+    let killed = Instant::now();
+    let survivor = (0..3).find(|&i| i != dead).unwrap_or_default();
+    let client = brokers[survivor].client().await?;
+    produce_jobs(&client, 3000, 4000).await?;
+    while seen("workers") < 4000 || seen("audit") < 4000 {
+        anyhow::ensure!(
+            killed.elapsed() < Duration::from_secs(90),
+            "after the coordinator's kill the groups got {} and {} of 4,000 records within 90 s",
+            seen("workers"),
+            seen("audit")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "coordinator (broker {dead}) killed: every record delivered to both groups {:?} later",
+        killed.elapsed()
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for m in members {
+        m.await??;
+    }
+    let m = client.metadata().await?;
+    let moved_to = m
+        .groups
+        .iter()
+        .find(|g| g.group == "workers")
+        .map(|g| g.coordinator);
+    assert!(
+        moved_to.is_some_and(|c| c != coordinator),
+        "the group's coordinator moved off the killed broker: {m:?}"
+    );
+
+    for group in ["workers", "audit"] {
+        check_redeliveries(&histories, group, killed)?;
+    }
+    Ok(())
+}

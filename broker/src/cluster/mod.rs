@@ -685,8 +685,10 @@ impl Cluster {
         if !state.topics.contains_key(&config.topic) {
             return Err(log::Error::TopicNotFound(crate::validate::quote(&config.topic)).into());
         }
+        // A group of a replicated topic moves with its coordinator partition's leadership.
         if let Some(g) = state.groups.get(name)
             && g.coordinator != coordinator
+            && g.partition.is_none()
         {
             return Err(Error::Remote {
                 code: tonic::Code::AlreadyExists as i32,

@@ -28,7 +28,7 @@ use weir_proto::v1::{
 
 use super::{AdminOp, BrokerId, Cluster, Error, route::Route};
 use crate::{
-    groups::{GroupConfig, ReadError, Remote, RemoteError, StartFrom},
+    groups::{GroupConfig, ReadError, Remote, RemoteError, ReplicatedGroup, StartFrom},
     log::{self, Log, Record, StoredRecord, Topic, TopicConfig},
 };
 
@@ -323,6 +323,28 @@ fn mark_forwarded<T>(request: &mut tonic::Request<T>) {
     );
 }
 
+/// No replica of partition `partition` of `topic` on this broker.
+fn not_here(topic: &str, partition: u32) -> RemoteError {
+    unavailable(format!(
+        "this broker holds no replica of partition {partition} of topic {topic:?}"
+    ))
+}
+
+/// A replica's refusal as the groups see it: not leading (or the outcome unknown after a
+/// leadership change) is Unavailable (call again at the new leader), the rest Internal.
+fn replica_error(e: &crate::log::Error) -> RemoteError {
+    let code = match e {
+        crate::log::Error::NotLeader { .. } | crate::log::Error::OutcomeUnknown { .. } => {
+            Code::Unavailable
+        }
+        _ => Code::Internal,
+    };
+    RemoteError {
+        code: code as i32,
+        message: e.to_string(),
+    }
+}
+
 fn unavailable(message: String) -> RemoteError {
     RemoteError {
         code: Code::Unavailable as i32,
@@ -582,5 +604,70 @@ impl Remote for GroupsRemote {
             floor = floor.min(*f);
         }
         Some(floor)
+    }
+
+    fn replicated_groups(&self) -> Vec<ReplicatedGroup> {
+        let replicas = self.cluster.replicas();
+        self.cluster
+            .state()
+            .replicated_groups()
+            .into_iter()
+            .map(|(name, config, partition)| {
+                let led_here = replicas
+                    .of(&config.topic, partition)
+                    .is_some_and(|r| r.leads());
+                ReplicatedGroup {
+                    name,
+                    config,
+                    partition,
+                    led_here,
+                }
+            })
+            .collect()
+    }
+
+    fn coordinator_partition(&self, name: &str, topic: &str) -> Option<u32> {
+        let state = self.cluster.state();
+        let (t, p) = state.coordinator_partition(name, topic)?;
+        (t.config.replication_factor > 1).then_some(p)
+    }
+
+    fn is_replicated_group(&self, name: &str) -> bool {
+        self.cluster.state().group_is_replicated(name)
+    }
+
+    fn load_cursors(
+        &self,
+        topic: &str,
+        partition: u32,
+        name: &str,
+    ) -> BoxFuture<'static, Result<Vec<(u32, Vec<u8>)>, RemoteError>> {
+        let replica = self.cluster.replicas().of(topic, partition);
+        let (topic, name) = (topic.to_owned(), name.to_owned());
+        Box::pin(async move {
+            let replica = replica.ok_or_else(|| not_here(&topic, partition))?;
+            replica
+                .committed_cursors(&name)
+                .await
+                .map_err(|e| replica_error(&e))
+        })
+    }
+
+    fn store_cursors(
+        &self,
+        topic: &str,
+        partition: u32,
+        name: &str,
+        cursors: Vec<(u32, Vec<u8>)>,
+    ) -> BoxFuture<'static, Result<(), RemoteError>> {
+        let replica = self.cluster.replicas().of(topic, partition);
+        let (topic, group) = (topic.to_owned(), name.to_owned());
+        Box::pin(async move {
+            let replica = replica.ok_or_else(|| not_here(&topic, partition))?;
+            replica
+                .put_cursors(crate::replica::GroupCursors { group, cursors })
+                .await
+                .map_err(|e| replica_error(&e))
+        })
     }
 }

@@ -96,8 +96,14 @@ impl TopicState {
 pub struct GroupState {
     /// Settings (normalized).
     pub config: GroupConfig,
-    /// The broker that coordinates the group.
+    /// The broker that coordinates the group (the one that created it). A group of a
+    /// replicated topic is coordinated by the leader of [`GroupState::partition`] instead.
     pub coordinator: BrokerId,
+    /// A group of a replicated topic: its coordinator partition, whose Raft log keeps its
+    /// cursors; fixed when the group is created (`murmur2(name) mod partitions` then), so
+    /// that adding partitions to the topic does not move its state.
+    #[serde(default)]
+    pub partition: Option<u32>,
 }
 
 /// Everything the metadata group replicates.
@@ -416,9 +422,17 @@ impl ClusterState {
                 config,
                 coordinator,
             } => {
+                let partition = match self.groups.get(name) {
+                    Some(g) if g.config.topic == config.topic => g.partition,
+                    _ => self
+                        .coordinator_partition(name, &config.topic)
+                        .filter(|(t, _)| t.config.replication_factor > 1)
+                        .map(|(_, p)| p),
+                };
                 let group = GroupState {
                     config: config.clone(),
                     coordinator: *coordinator,
+                    partition,
                 };
                 let unchanged = !self.topics.contains_key(&config.topic)
                     || self.groups.get(name) == Some(&group);
@@ -444,6 +458,7 @@ impl ClusterState {
                                 .or_insert_with(|| GroupState {
                                     config: config.clone(),
                                     coordinator: *broker,
+                                    partition: None,
                                 });
                         }
                     }
@@ -460,21 +475,59 @@ impl ClusterState {
         }
     }
 
-    /// The broker that coordinates group `name` of `topic`: the one the state names, else
-    /// (a group not created yet) the leader of partition `murmur2(name) mod partitions`
-    /// (Kafka picks a group's coordinator by hashing its name onto a partition too), so
-    /// every broker routes a new group's calls to the same broker. `None` for an unknown
-    /// topic.
+    /// The broker that coordinates group `name` of `topic`. A group of a replicated topic
+    /// is coordinated by the current leader of its coordinator partition
+    /// ([`GroupState::partition`]), whose Raft log keeps its cursors, so the coordinator
+    /// follows that partition's leadership (as a Kafka group's coordinator is the leader of
+    /// its `__consumer_offsets` partition). Any other group: the broker the state names. A
+    /// group not created yet: the leader of its coordinator partition
+    /// ([`ClusterState::coordinator_partition`]), so every broker routes a new group's calls
+    /// to the same broker. `None` for an unknown topic.
     pub fn coordinator(&self, name: &str, topic: Option<&str>) -> Option<BrokerId> {
         if let Some(g) = self.groups.get(name) {
-            return Some(g.coordinator);
+            return match g.partition {
+                Some(p) => self.topics.get(&g.config.topic)?.leader(p),
+                None => Some(g.coordinator),
+            };
         }
-        let t = self.topics.get(topic?)?;
+        let (t, p) = self.coordinator_partition(name, topic?)?;
+        t.leader(p)
+    }
+
+    /// Topic `topic` and the partition of it that coordinates group `name`: the one
+    /// recorded at the group's creation, else `murmur2(name) mod partitions` (Kafka hashes a
+    /// group onto a `__consumer_offsets` partition the same way). `None` for an unknown
+    /// topic or one without partitions.
+    pub fn coordinator_partition(&self, name: &str, topic: &str) -> Option<(&TopicState, u32)> {
+        let t = self.topics.get(topic)?;
+        if let Some(p) = self
+            .groups
+            .get(name)
+            .filter(|g| g.config.topic == topic)
+            .and_then(|g| g.partition)
+        {
+            return Some((t, p));
+        }
         let count = t.replicas.len() as u32;
         if count == 0 {
             return None;
         }
-        t.leader(partitioner::partition_for_key(name.as_bytes(), count))
+        Some((t, partitioner::partition_for_key(name.as_bytes(), count)))
+    }
+
+    /// Whether group `name`'s state lives in its coordinator partition's Raft log (it was
+    /// created on a replicated topic) rather than on one broker's disk.
+    pub fn group_is_replicated(&self, name: &str) -> bool {
+        self.groups.get(name).is_some_and(|g| g.partition.is_some())
+    }
+
+    /// The groups whose state lives in their coordinator partition's Raft log: name,
+    /// settings and coordinator partition.
+    pub fn replicated_groups(&self) -> Vec<(String, GroupConfig, u32)> {
+        self.groups
+            .iter()
+            .filter_map(|(name, g)| Some((name.clone(), g.config.clone(), g.partition?)))
+            .collect()
     }
 
     /// Replicas for `count` new partitions of a topic, `replication_factor` distinct
@@ -574,6 +627,66 @@ mod tests {
         });
         assert_eq!(s.topics["a"].replicas[..6], placed[..]);
         assert_eq!(s.topics["a"].replicas.len(), 7);
+    }
+
+    /// A group of a replicated topic is coordinated by its coordinator partition's current
+    /// leader, whichever broker created it, and keeps that partition when the topic grows.
+    #[test]
+    fn a_replicated_groups_coordinator_follows_its_partitions_leader() {
+        let mut s = state_with_brokers(&[0, 1, 2]);
+        let mut rf3 = config(3);
+        rf3.replication_factor = 3;
+        s.apply(&Command::CreateTopic {
+            name: "t".into(),
+            config: rf3,
+            replicas: s.place(3, 3),
+        });
+        let group = GroupConfig {
+            topic: "t".into(),
+            group_type: crate::groups::GroupType::Shared,
+            start: crate::groups::StartFrom::Earliest,
+            ack_wait_ms: 30_000,
+            max_deliveries: 0,
+            dead_letter_topic: "t-g-DLQ".into(),
+            session_timeout_ms: 10_000,
+        };
+        let p = partitioner::partition_for_key(b"g", 3);
+        let first = s.topics["t"].leader(p).expect("a leader");
+        s.apply(&Command::PutGroup {
+            name: "g".into(),
+            config: group.clone(),
+            coordinator: first,
+        });
+        assert!(s.group_is_replicated("g"));
+        assert_eq!(s.groups["g"].partition, Some(p));
+        let other = (first + 1) % 3;
+        s.apply(&Command::PartitionLeader {
+            topic: "t".into(),
+            partition: p,
+            leader: other,
+            term: 7,
+            in_sync: Vec::new(),
+        });
+        assert_eq!(s.coordinator("g", None), Some(other), "follows the leader");
+        // Settings changed through the new coordinator: accepted, partition kept.
+        s.apply(&Command::PutGroup {
+            name: "g".into(),
+            config: group,
+            coordinator: other,
+        });
+        let mut grown = rf3;
+        grown.partitions = 50;
+        s.apply(&Command::UpdateTopic {
+            name: "t".into(),
+            config: grown,
+            added: s.place(47, 3),
+        });
+        assert_eq!(s.groups["g"].partition, Some(p), "growth does not move it");
+        assert_eq!(s.coordinator("g", None), Some(other));
+        assert_eq!(
+            s.replicated_groups(),
+            vec![("g".to_owned(), s.groups["g"].config.clone(), p)]
+        );
     }
 
     #[test]

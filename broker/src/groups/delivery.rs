@@ -47,9 +47,7 @@ impl Group {
         let deadline = Instant::now() + wait;
         let mut appends = self.topic.subscribe_appends();
         loop {
-            if self.is_deleted() {
-                return Err(Error::GroupDeleted(self.name.clone()));
-            }
+            self.check_open()?;
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
@@ -273,7 +271,8 @@ impl Group {
     /// Acks and nacks deliveries of `member`. `acks` are inclusive ranges; `nacks` name
     /// single offsets, redelivered after `nack_delay` (Shared) with `error` kept for the
     /// dead-letter headers. Every reference is checked first: if any is unknown, already
-    /// acked, held by another member or named twice, nothing changes.
+    /// acked, held by another member or named twice, nothing changes. A group deleted or
+    /// no longer coordinated here refuses ([`Group::check_open`]).
     pub fn ack(
         &self,
         member: &str,
@@ -282,6 +281,8 @@ impl Group {
         nack_delay: Duration,
         error: &str,
     ) -> Result<(), Error> {
+        // An ack taken by a group closed here would never be stored.
+        self.check_open()?;
         if nack_delay > super::MAX_NACK_DELAY {
             return Err(InvalidConfig::new(
                 "nack_delay_ms",

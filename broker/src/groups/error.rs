@@ -14,6 +14,13 @@ pub enum Error {
     /// The group was deleted while a call waited on it.
     #[error("group {0:?} was deleted")]
     GroupDeleted(String),
+    /// The group's state lives in its coordinator partition's Raft log and this broker does
+    /// not lead that partition now (its leadership moved, or is moving here and the group
+    /// is not open yet).
+    #[error(
+        "group {0:?} is not coordinated by this broker now: the leadership of its coordinator partition moved; call again (any broker routes the call to the group's new coordinator) and join again"
+    )]
+    CoordinatorMoved(String),
     /// A create with settings other than the existing group's.
     #[error(
         "group {group:?} already exists on topic {topic:?} as {group_type:?}; create it with identical settings or update it"

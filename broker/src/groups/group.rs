@@ -22,7 +22,12 @@ use super::{
     remote::Remote,
     stored::{self, GroupMeta},
 };
-use crate::log::{Log, MetaEntries, Partition, Topic, topic::Served};
+use crate::log::{Log, Partition, Topic, topic::Served};
+
+/// A key and value of the log's metadata keyspace.
+type MetaEntry = (Vec<u8>, Vec<u8>);
+/// Cursors taken for writing: the partitions marked, and each one's stored entry.
+type DirtyCursors = (Vec<usize>, Vec<(u32, MetaEntry)>);
 
 /// Mutable state of a group, behind [`Group`]'s lock.
 #[derive(Debug, Default)]
@@ -105,6 +110,12 @@ pub struct Group {
     pub(super) skipped: AtomicU64,
     /// Set when the group is deleted, so waiting pulls end.
     pub(super) deleted: AtomicBool,
+    /// A group of a replicated topic: its coordinator partition, whose Raft log keeps the
+    /// cursors (else they are in this broker's metadata keyspace).
+    pub(super) coordinator_partition: Option<u32>,
+    /// Set when this broker stops coordinating the group (its coordinator partition's
+    /// leadership moved), so waiting pulls and push streams end.
+    pub(super) moved: AtomicBool,
     /// The partitions of the topic other brokers lead, and the cluster's metadata.
     pub(super) remote: Arc<dyn Remote>,
 }
@@ -117,6 +128,7 @@ impl Group {
         config: GroupConfig,
         state: State,
         remote: Arc<dyn Remote>,
+        coordinator_partition: Option<u32>,
     ) -> Self {
         Self {
             name: name.to_owned(),
@@ -127,6 +139,8 @@ impl Group {
             changed: Notify::new(),
             skipped: AtomicU64::new(0),
             deleted: AtomicBool::new(false),
+            coordinator_partition,
+            moved: AtomicBool::new(false),
             remote,
         }
     }
@@ -185,6 +199,18 @@ impl Group {
     /// Whether the group was deleted.
     pub(super) fn is_deleted(&self) -> bool {
         self.deleted.load(Ordering::Acquire)
+    }
+
+    /// [`Error::GroupDeleted`] once the group is deleted, [`Error::CoordinatorMoved`] once
+    /// this broker stopped coordinating it: a member's calls and streams then end.
+    pub fn check_open(&self) -> Result<(), Error> {
+        if self.is_deleted() {
+            return Err(Error::GroupDeleted(self.name.clone()));
+        }
+        if self.moved.load(Ordering::Acquire) {
+            return Err(Error::CoordinatorMoved(self.name.clone()));
+        }
+        Ok(())
     }
 
     pub(super) fn report_skip(&self, partition: usize, skipped: u64) {
@@ -281,9 +307,9 @@ impl Group {
         (st.generation, st.assignment(member))
     }
 
-    /// The `o/` entries of the cursors changed since the last call, marking them clean;
-    /// on an error nothing is marked.
-    pub(super) fn take_dirty_cursors(&self) -> Result<(Vec<usize>, MetaEntries), Error> {
+    /// The `o/` entries of the cursors changed since the last call, by partition, marking
+    /// them clean; on an error nothing is marked.
+    pub(super) fn take_dirty_cursors(&self) -> Result<DirtyCursors, Error> {
         let mut st = self.state.lock();
         let dirty: Vec<usize> = st.dirty.iter().copied().collect();
         let entries = dirty
@@ -291,7 +317,7 @@ impl Group {
             .filter_map(|p| {
                 st.cursors
                     .get(*p)
-                    .map(|c| stored::cursor_entry(&self.name, *p as u32, c))
+                    .map(|c| stored::cursor_entry(&self.name, *p as u32, c).map(|e| (*p as u32, e)))
             })
             .collect::<Result<Vec<_>, Error>>()?;
         st.dirty.clear();

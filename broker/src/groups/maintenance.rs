@@ -36,6 +36,7 @@ struct DeadLetter {
 impl Groups {
     /// One maintenance pass over every group (the steps in the module documentation).
     pub async fn tick(&self) -> Result<(), Error> {
+        self.follow_coordinators().await;
         let groups = self.list(None);
         for g in &groups {
             if !g.topic_exists() {

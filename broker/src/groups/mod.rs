@@ -52,7 +52,7 @@ pub use self::{
     error::Error,
     group::Group,
     registry::Groups,
-    remote::{ReadError, Remote, RemoteError},
+    remote::{ReadError, Remote, RemoteError, ReplicatedGroup},
 };
 use crate::{
     log::Record,

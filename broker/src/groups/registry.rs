@@ -15,7 +15,7 @@ use super::{
     Error, Group, GroupConfig, Joined, StartFrom,
     cursor::Cursor,
     group::State,
-    remote::{Remote, RemoteError},
+    remote::{Remote, RemoteError, ReplicatedGroup},
     stored::{self, GroupMeta},
 };
 use crate::{
@@ -67,6 +67,7 @@ impl Groups {
                 meta.config,
                 state,
                 Arc::clone(&remote),
+                None,
             );
             groups.insert(meta.name, Arc::new(group));
         }
@@ -80,13 +81,16 @@ impl Groups {
         }))
     }
 
-    /// The group named `name`, or [`Error::GroupNotFound`].
+    /// The group named `name`; [`Error::CoordinatorMoved`] for a group of a replicated
+    /// topic this broker does not coordinate now, else [`Error::GroupNotFound`].
     pub fn get(&self, name: &str) -> Result<Arc<Group>, Error> {
-        self.by_name
-            .read()
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::GroupNotFound(quote(name)))
+        if let Some(g) = self.by_name.read().get(name) {
+            return Ok(Arc::clone(g));
+        }
+        if self.remote.is_replicated_group(name) {
+            return Err(Error::CoordinatorMoved(name.to_owned()));
+        }
+        Err(Error::GroupNotFound(quote(name)))
     }
 
     /// Every group, optionally only those of `topic`, sorted by name.
@@ -158,19 +162,25 @@ impl Groups {
     ) -> Result<(Arc<Group>, bool), Error> {
         validate_name(NameKind::Group, name)?;
         let config = config.normalized(name)?;
-        if let Ok(existing) = self.get(name) {
-            let current = existing.config();
-            return if current == config {
-                Ok((existing, false))
-            } else {
-                Err(Error::GroupExists {
-                    group: name.to_owned(),
-                    topic: current.topic,
-                    group_type: current.group_type,
-                })
-            };
+        match self.get(name) {
+            Ok(existing) => {
+                let current = existing.config();
+                return if current == config {
+                    Ok((existing, false))
+                } else {
+                    Err(Error::GroupExists {
+                        group: name.to_owned(),
+                        topic: current.topic,
+                        group_type: current.group_type,
+                    })
+                };
+            }
+            // It exists, coordinated elsewhere: creating it here would reset its cursors.
+            Err(e @ Error::CoordinatorMoved(_)) => return Err(e),
+            Err(_) => {}
         }
         let topic = self.log.topic(&config.topic)?;
+        let partition = self.remote.coordinator_partition(name, &topic.name);
         let starts = self.start_offsets(name, &topic, config.start).await?;
         let cursors: Vec<Cursor> = starts.iter().map(|s| Cursor::at(*s)).collect();
         let group = Group::new(
@@ -180,12 +190,24 @@ impl Groups {
             config.clone(),
             State::with_cursors(cursors, 0),
             Arc::clone(&self.remote),
+            partition,
         );
-        let mut puts = vec![group.meta().entry()?];
+        let mut cursors = Vec::new();
         for (p, c) in group.state.lock().cursors.iter().enumerate() {
-            puts.push(stored::cursor_entry(name, p as u32, c)?);
+            cursors.push((p as u32, stored::cursor_entry(name, p as u32, c)?));
         }
-        self.log.write_meta(puts, Vec::new(), true).await?;
+        if let Some(p) = partition {
+            // A replicated topic's group keeps its state in its coordinator partition's log.
+            let encoded = cursors.into_iter().map(|(p, (_, v))| (p, v)).collect();
+            self.remote
+                .store_cursors(&group.topic.name, p, name, encoded)
+                .await
+                .map_err(|e| cluster_error(name, e))?;
+        } else {
+            let mut puts = vec![group.meta().entry()?];
+            puts.extend(cursors.into_iter().map(|(_, e)| e));
+            self.log.write_meta(puts, Vec::new(), true).await?;
+        }
         let group = Arc::new(group);
         {
             let mut groups = self.by_name.write();
@@ -225,11 +247,13 @@ impl Groups {
             .put_group(name, &config)
             .await
             .map_err(|e| cluster_error(name, e))?;
-        let mut meta = group.meta();
-        meta.config = config.clone();
-        self.log
-            .write_meta(vec![meta.entry()?], Vec::new(), true)
-            .await?;
+        if group.coordinator_partition.is_none() {
+            let mut meta = group.meta();
+            meta.config = config.clone();
+            self.log
+                .write_meta(vec![meta.entry()?], Vec::new(), true)
+                .await?;
+        }
         *group.config.write() = config;
         Ok(group)
     }
@@ -248,10 +272,22 @@ impl Groups {
     /// metadata dropped it already).
     pub(super) async fn delete_local(&self, name: &str) -> Result<(), Error> {
         let group = self.get(name)?;
-        let partitions = group.state.lock().cursors.len() as u32;
-        let mut deletes = vec![keys::group_key(name)];
-        deletes.extend((0..partitions).map(|p| keys::cursor_key(name, p)));
-        self.log.write_meta(Vec::new(), deletes, true).await?;
+        if let Some(p) = group.coordinator_partition {
+            // Its cursors leave its coordinator partition's state (best effort: a group
+            // created again with this name writes all its cursors anew).
+            if let Err(e) = self
+                .remote
+                .store_cursors(&group.topic.name, p, name, Vec::new())
+                .await
+            {
+                tracing::warn!(group = name, error = %e.message, "the deleted group's cursors stay in its coordinator partition's state");
+            }
+        } else {
+            let partitions = group.state.lock().cursors.len() as u32;
+            let mut deletes = vec![keys::group_key(name)];
+            deletes.extend((0..partitions).map(|p| keys::cursor_key(name, p)));
+            self.log.write_meta(Vec::new(), deletes, true).await?;
+        }
         self.by_name.write().remove(name);
         group.deleted.store(true, Ordering::Release);
         group.changed.notify_waiters();
@@ -333,14 +369,101 @@ impl Groups {
     }
 }
 
+impl Groups {
+    /// Follows the leadership of the coordinator partitions of groups of replicated
+    /// topics: opens each such group whose coordinator partition this broker now leads
+    /// (settings from the cluster's metadata, cursors as committed in that partition's log)
+    /// and closes each it no longer leads (its members' calls and streams end with
+    /// [`Error::CoordinatorMoved`]; they join again at the new coordinator). Runs every
+    /// [`super::TICK`]. A group created here and not yet in the cluster's metadata stays.
+    pub(super) async fn follow_coordinators(&self) {
+        let known = self.remote.replicated_groups();
+        for g in &known {
+            if g.led_here {
+                continue;
+            }
+            let moved = {
+                let mut by_name = self.by_name.write();
+                match by_name.get(&g.name) {
+                    Some(open) if open.coordinator_partition.is_some() => by_name.remove(&g.name),
+                    _ => None,
+                }
+            };
+            if let Some(group) = moved {
+                group.moved.store(true, Ordering::Release);
+                group.changed.notify_waiters();
+                tracing::info!(group = %g.name, topic = %g.config.topic, partition = g.partition, "the group's coordinator partition is led elsewhere now; group closed here");
+            }
+        }
+        for g in known {
+            if !g.led_here || self.by_name.read().contains_key(&g.name) {
+                continue;
+            }
+            match self.open_replicated(&g).await {
+                Ok(group) => {
+                    let mut by_name = self.by_name.write();
+                    by_name.entry(g.name.clone()).or_insert(group);
+                    tracing::info!(group = %g.name, topic = %g.config.topic, partition = g.partition, "this broker leads the group's coordinator partition; group opened");
+                }
+                Err(e) => {
+                    tracing::debug!(group = %g.name, error = %e, "group not opened yet");
+                }
+            }
+        }
+    }
+
+    /// Opens a group of a replicated topic from its coordinator partition's log: the
+    /// cursors as committed there; partitions without one (added since) start at their
+    /// earliest record.
+    async fn open_replicated(&self, g: &ReplicatedGroup) -> Result<Arc<Group>, Error> {
+        let topic = self.log.topic(&g.config.topic)?;
+        let stored = self
+            .remote
+            .load_cursors(&topic.name, g.partition, &g.name)
+            .await
+            .map_err(|e| cluster_error(&g.name, e))?;
+        let by_partition: BTreeMap<u32, Vec<u8>> = stored.into_iter().collect();
+        let mut cursors = Vec::new();
+        while let Some(value) = by_partition.get(&(cursors.len() as u32)) {
+            let key = keys::cursor_key(&g.name, cursors.len() as u32);
+            cursors.push(stored::decode_cursor(&key, value)?);
+        }
+        Ok(Arc::new(Group::new(
+            &g.name,
+            topic,
+            Arc::clone(&self.log),
+            g.config.clone(),
+            State::with_cursors(cursors, 0),
+            Arc::clone(&self.remote),
+            Some(g.partition),
+        )))
+    }
+}
+
 impl Group {
-    /// Writes the cursors changed since the last write (no fsync wait); on failure they
-    /// stay marked and are written with the next call.
+    /// Writes the cursors changed since the last write: into the log's metadata keyspace
+    /// (no fsync wait; on failure they stay marked and are written with the next call), or
+    /// for a group of a replicated topic as one entry of its coordinator partition's Raft
+    /// log (returns once committed; when refused, because this broker no longer leads that
+    /// partition, they stay marked and the group is about to close here).
     pub(super) async fn persist(&self) -> Result<(), Error> {
         let (dirty, puts) = self.take_dirty_cursors()?;
         if puts.is_empty() {
             return Ok(());
         }
+        if let Some(p) = self.coordinator_partition {
+            let cursors = puts.into_iter().map(|(p, (_, v))| (p, v)).collect();
+            if let Err(e) = self
+                .remote
+                .store_cursors(&self.topic.name, p, &self.name, cursors)
+                .await
+            {
+                self.mark_dirty(dirty);
+                tracing::debug!(group = %self.name, error = %e.message, "cursors not stored in the coordinator partition's log; retried");
+            }
+            return Ok(());
+        }
+        let puts = puts.into_iter().map(|(_, e)| e).collect();
         if let Err(e) = self.log.write_meta(puts, Vec::new(), false).await {
             self.mark_dirty(dirty);
             return Err(e.into());

@@ -101,4 +101,57 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
     /// floor reported by the groups of `topic` coordinated elsewhere (`u64::MAX` when there
     /// are none); `None` while one of them has not reported, so nothing is deleted early.
     fn reported_floor(&self, topic: &Topic, partition: u32) -> Option<u64>;
+
+    /// The groups whose state lives in their coordinator partition's Raft log (groups
+    /// created on a replicated topic) as the cluster's metadata knows them, each with its
+    /// settings, coordinator partition and whether this broker's replica of that partition
+    /// leads it now (then this broker coordinates the group).
+    fn replicated_groups(&self) -> Vec<ReplicatedGroup>;
+
+    /// For a group `name` about to be created on topic `topic`: its coordinator partition
+    /// when the topic is replicated (the group's state then lives in that partition's Raft
+    /// log, [`Remote::store_cursors`]), else `None` (it lives on this broker's disk).
+    fn coordinator_partition(&self, name: &str, topic: &str) -> Option<u32>;
+
+    /// Whether the cluster knows group `name` as one whose state lives in its coordinator
+    /// partition's Raft log.
+    fn is_replicated_group(&self, name: &str) -> bool;
+
+    /// The cursors of group `name` (encoded, by partition) committed in partition
+    /// `partition` of `topic` when this broker's replica of it took the leadership.
+    /// Unavailable when this broker does not lead it.
+    fn load_cursors(
+        &self,
+        topic: &str,
+        partition: u32,
+        name: &str,
+    ) -> BoxFuture<'static, Result<EncodedCursors, RemoteError>>;
+
+    /// Stores cursors of group `name` (encoded, by partition) in the Raft log of partition
+    /// `partition` of `topic`, led here; no cursors removes all of the group's. Returns
+    /// once committed. Unavailable when this broker does not lead it.
+    fn store_cursors(
+        &self,
+        topic: &str,
+        partition: u32,
+        name: &str,
+        cursors: EncodedCursors,
+    ) -> BoxFuture<'static, Result<(), RemoteError>>;
+}
+
+/// A group's cursors in their stored form, by partition: `(partition, encoded cursor)`.
+pub type EncodedCursors = Vec<(u32, Vec<u8>)>;
+
+/// A group whose state lives in its coordinator partition's Raft log, as
+/// [`Remote::replicated_groups`] lists it.
+#[derive(Debug, Clone)]
+pub struct ReplicatedGroup {
+    /// Group name.
+    pub name: String,
+    /// Settings.
+    pub config: GroupConfig,
+    /// Its coordinator partition (of `config.topic`).
+    pub partition: u32,
+    /// Whether this broker's replica of that partition leads it now.
+    pub led_here: bool,
 }

@@ -358,9 +358,9 @@ impl Admin for AdminService {
         let state = self.ctx.cluster.state();
         let coordinators: std::collections::BTreeSet<u64> = state
             .groups
-            .values()
-            .filter(|g| topic.is_none_or(|t| g.config.topic == t))
-            .map(|g| g.coordinator)
+            .iter()
+            .filter(|(_, g)| topic.is_none_or(|t| g.config.topic == t))
+            .filter_map(|(name, _)| state.coordinator(name, None))
             .filter(|c| *c != self.ctx.cluster.me())
             .collect();
         for c in coordinators {

@@ -64,7 +64,7 @@ impl ClusterRpc for ClusterService {
             .map(|(name, g)| pb::GroupMetadata {
                 group: name.clone(),
                 topic: g.config.topic.clone(),
-                coordinator: g.coordinator,
+                coordinator: state.coordinator(name, None).unwrap_or(g.coordinator),
             })
             .collect();
         Ok(Response::new(pb::MetadataResponse {

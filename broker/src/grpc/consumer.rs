@@ -423,6 +423,12 @@ async fn read_subscribe_requests(
     closed.send_replace(true);
 }
 
+/// What a push member's stream ends with when the broker stops: retriable, so the member
+/// joins again (at the group's next coordinator, or here after the restart).
+fn shutting_down() -> Status {
+    Status::unavailable("the broker is shutting down; join the group again")
+}
+
 /// Sends `member` its assignment when the group's generation moved past `generation`;
 /// false when the stream is gone.
 async fn send_assignment(group: &Group, member: &str, generation: &mut u64, tx: &Outbound) -> bool {
@@ -454,27 +460,43 @@ async fn push_deliveries(
     mut generation: u64,
 ) {
     'outer: loop {
+        if let Err(e) = group.check_open() {
+            // Deleted, or coordinated elsewhere now: the member joins again there.
+            let _ = tx.send(Err(e.into())).await;
+            break;
+        }
         while credits.0.load(Ordering::Acquire) == 0 {
             // Without credits no delivery goes out, but a new assignment still does (a
             // member must learn at once that it lost a partition).
             let changed = group.changed();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            if group.check_open().is_err() {
+                continue 'outer;
+            }
             if !send_assignment(&group, &member, &mut generation, &tx).await {
                 break 'outer;
             }
-            tokio::select! {
-                () = credits.1.notified() => {}
-                () = &mut changed => {}
+            let stopping = tokio::select! {
+                () = credits.1.notified() => false,
+                () = &mut changed => false,
                 _ = closed.wait_for(|c| *c) => break 'outer,
-                _ = shutdown.wait_for(|s| *s) => break 'outer,
+                _ = shutdown.wait_for(|s| *s) => true,
+            };
+            if stopping {
+                let _ = tx.send(Err(shutting_down())).await;
+                break 'outer;
             }
         }
         let n = credits.0.load(Ordering::Acquire).min(PUSH_BATCH);
         let pulled = tokio::select! {
-            r = group.pull(&member, n as usize, PUSH_POLL) => r,
+            r = group.pull(&member, n as usize, PUSH_POLL) => Some(r),
             _ = closed.wait_for(|c| *c) => break,
-            _ = shutdown.wait_for(|s| *s) => break,
+            _ = shutdown.wait_for(|s| *s) => None,
+        };
+        let Some(pulled) = pulled else {
+            let _ = tx.send(Err(shutting_down())).await;
+            break;
         };
         let deliveries = match pulled {
             Ok(d) => d,

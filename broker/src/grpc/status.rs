@@ -44,6 +44,7 @@ fn group_code(e: &groups::Error) -> Code {
     match e {
         E::GroupNotFound(_) | E::GroupDeleted(_) | E::NotMember { .. } => Code::NotFound,
         E::GroupExists { .. } => Code::AlreadyExists,
+        E::CoordinatorMoved(_) => Code::Unavailable,
         E::JoinMismatch { .. } | E::Ack { .. } => Code::FailedPrecondition,
         E::Immutable { .. }
         | E::NoPartition { .. }

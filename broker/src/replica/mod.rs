@@ -738,6 +738,13 @@ impl Replicas {
         })
     }
 
+    /// This broker's replica of partition `partition` of topic `topic`, if it has one.
+    pub fn of(&self, topic: &str, partition: u32) -> Option<Arc<Replica>> {
+        let topic = self.log.topic(topic).ok()?;
+        let partition = topic.partitions().get(partition as usize).cloned()?;
+        self.replica_of(&partition)
+    }
+
     fn replica_of(&self, partition: &Partition) -> Option<Arc<Replica>> {
         self.by_partition.lock().get(&partition.prefix()).cloned()
     }
@@ -778,7 +785,8 @@ impl log::Replicator for Replicas {
 impl Replica {
     /// Proposes `cursors` to this partition's log (the group's coordinator partition) and
     /// returns once they are committed and applied here: every replica then keeps them, so
-    /// the next leader has them ([`Replica::cursors`]).
+    /// the next leader has them ([`Replica::cursors`]). An entry without cursors removes
+    /// every cursor of the group (it was deleted).
     ///
     /// # Errors
     ///
@@ -797,6 +805,32 @@ impl Replica {
                 partition: self.partition.index,
             }),
         }
+    }
+
+    /// Whether this replica leads its partition now.
+    pub fn leads(&self) -> bool {
+        self.leading_term().is_ok()
+    }
+
+    /// The cursors of consumer group `name` as committed when this replica took the
+    /// leadership: waits until every entry of earlier terms is applied (openraft's
+    /// ReadIndex), then reads them ([`Replica::cursors`]).
+    ///
+    /// # Errors
+    ///
+    /// [`log::Error::NotLeader`] when this replica does not lead (or lost the leadership
+    /// meanwhile); [`log::Error::Replica`] when the stored state cannot be read.
+    pub async fn committed_cursors(&self, name: &str) -> Result<Vec<(u32, Vec<u8>)>, log::Error> {
+        self.leading_term()?;
+        self.raft
+            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+            .await
+            .map_err(|e| log::Error::NotLeader {
+                topic: self.topic.clone(),
+                partition: self.partition.index,
+                leader: format!("leadership not confirmed: {e}"),
+            })?;
+        self.cursors(name)
     }
 
     /// The latest cursors of consumer group `name` this replica applied, by partition.
@@ -1011,7 +1045,7 @@ mod tests {
 
     /// A group's cursors proposed to its coordinator partition's log: the latest of each
     /// partition is kept, apart from other groups' (a name that extends another's included),
-    /// and is there again after the replica group restarts.
+    /// is there again after the replica group restarts, and goes when the group is deleted.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_groups_cursors_are_kept_by_its_partitions_log_across_a_restart() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -1055,5 +1089,20 @@ mod tests {
         drop((replicas, replica));
         let (_replicas, replica) = led_replica(&log).await;
         assert_eq!(replica.cursors("g").expect("reads"), want);
+        assert_eq!(
+            replica
+                .committed_cursors("g")
+                .await
+                .expect("reads as leader"),
+            want
+        );
+
+        // An entry without cursors forgets the group (deleted), and only that group.
+        replica.put_cursors(put("g", &[])).await.expect("stored");
+        assert!(replica.cursors("g").expect("reads").is_empty());
+        assert_eq!(
+            replica.cursors("g2").expect("reads"),
+            vec![(0, b"other".to_vec())]
+        );
     }
 }

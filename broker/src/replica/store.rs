@@ -17,7 +17,7 @@
 //! a crash openraft applies again from the stored point up to the stored committed log id.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt::Debug,
     io,
     ops::{Bound, RangeBounds},
@@ -631,6 +631,45 @@ impl ReplicaMachine {
     }
 }
 
+impl ReplicaMachine {
+    /// Writes what an apply round changed as one atomic batch (not fsynced: a later round's
+    /// fsync covers it; after a crash the entries after the stored point are applied
+    /// again): producers' states, groups' cursors (`forgotten` groups' removed first), and
+    /// the applied point.
+    fn write_applied(
+        &self,
+        touched: &BTreeMap<u64, ProducerState>,
+        forgotten: &BTreeSet<String>,
+        cursors: BTreeMap<(String, u32), Vec<u8>>,
+    ) -> Result<(), io::Error> {
+        let mut wb = self.shared.db.batch();
+        for (id, state) in touched {
+            let mut key = keys::replica_key(self.shared.group, b'q').to_vec();
+            key.extend_from_slice(&id.to_be_bytes());
+            wb.insert(&self.shared.raft, key, to_json(state)?);
+        }
+        for group in forgotten {
+            let prefix = keys::replica_cursor_prefix(self.shared.group, group);
+            for key in self.shared.raft.prefix(&prefix).map(fjall::Guard::key) {
+                wb.remove(&self.shared.raft, key.map_err(io_err)?);
+            }
+        }
+        for ((group, partition), cursor) in cursors {
+            wb.insert(
+                &self.shared.raft,
+                keys::replica_cursor_key(self.shared.group, &group, partition),
+                cursor,
+            );
+        }
+        wb.insert(
+            &self.shared.raft,
+            keys::replica_key(self.shared.group, b'a'),
+            to_json(&self.state)?,
+        );
+        wb.commit().map_err(io_err)
+    }
+}
+
 impl RaftStateMachine<C> for ReplicaMachine {
     type SnapshotData = Vec<u8>;
     type SnapshotBuilder = ReplicaSnapshot;
@@ -648,6 +687,8 @@ impl RaftStateMachine<C> for ReplicaMachine {
         let mut answers = Vec::new();
         let mut touched: BTreeMap<u64, ProducerState> = BTreeMap::new();
         let mut cursors: BTreeMap<(String, u32), Vec<u8>> = BTreeMap::new();
+        // Groups whose cursors an entry without cursors removed (the group was deleted).
+        let mut forgotten: BTreeSet<String> = BTreeSet::new();
         let before = self.state.end_offset;
         while let Some((entry, responder)) = entries.try_next().await? {
             let log_id = entry.log_id();
@@ -655,6 +696,10 @@ impl RaftStateMachine<C> for ReplicaMachine {
             let base = self.state.end_offset;
             let appended = match &entry.payload {
                 EntryPayload::Normal(Proposal::Cursors(c)) => {
+                    if c.cursors.is_empty() {
+                        cursors.retain(|(group, _), _| *group != c.group);
+                        forgotten.insert(c.group.clone());
+                    }
                     for (partition, cursor) in &c.cursors {
                         cursors.insert((c.group.clone(), *partition), cursor.clone());
                     }
@@ -710,27 +755,7 @@ impl RaftStateMachine<C> for ReplicaMachine {
             let mut stored = self.shared.stored.subscribe();
             let _ = stored.wait_for(|s| *s > last.index()).await;
         }
-        // One atomic batch (not fsynced: a later round's fsync covers it; after a crash the
-        // entries after the stored point are applied again).
-        let mut wb = self.shared.db.batch();
-        for (id, state) in &touched {
-            let mut key = keys::replica_key(self.shared.group, b'q').to_vec();
-            key.extend_from_slice(&id.to_be_bytes());
-            wb.insert(&self.shared.raft, key, to_json(state)?);
-        }
-        for ((group, partition), cursor) in cursors {
-            wb.insert(
-                &self.shared.raft,
-                keys::replica_cursor_key(self.shared.group, &group, partition),
-                cursor,
-            );
-        }
-        wb.insert(
-            &self.shared.raft,
-            keys::replica_key(self.shared.group, b'a'),
-            to_json(&self.state)?,
-        );
-        wb.commit().map_err(io_err)?;
+        self.write_applied(&touched, &forgotten, cursors)?;
         if self.state.end_offset != before {
             self.shared.partition.publish(self.state.end_offset);
         }
