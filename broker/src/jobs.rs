@@ -96,12 +96,26 @@ async fn every_interval(
     }
 }
 
-/// Deletes records past their topic's `maxAge`. Errors of one partition are logged and
-/// the others still run; the first is returned.
-pub async fn expire_max_age(log: &Log) -> Result<(), log::Error> {
+/// Deletes records past their topic's `maxAge`; for replicated topics, the partitions led
+/// here also propose their retention cut (`maxAge` and their share of the size limits,
+/// [`Log::retention_cut`]) to their group, and every replica deletes the same records.
+/// Errors of one partition are logged and the others still run; the first is returned.
+pub async fn expire_max_age(log: &Arc<Log>) -> Result<(), log::Error> {
     let mut first = Ok(());
     for topic in log.topics() {
-        let max_age = topic.config().max_age_ms;
+        let config = topic.config();
+        if config.replication_factor > 1 {
+            if config.max_age_ms == 0 && config.max_messages == 0 && config.max_bytes == 0 {
+                continue;
+            }
+            for p in topic.partitions() {
+                if let Err(e) = log.trim_replicated(&p).await {
+                    tracing::debug!(topic = %topic.name, partition = p.index, error = %e, "retention of a replicated partition not proposed");
+                }
+            }
+            continue;
+        }
+        let max_age = config.max_age_ms;
         if max_age == 0 {
             continue;
         }

@@ -98,12 +98,20 @@ fn invalid_topics_and_groups_are_refused_at_apply_with_a_clear_message() -> anyh
             "should be less than or equal to 5",
         ),
         (
-            "a replicated topic with retention limits",
+            "a replicated work queue",
             topic(
                 "rf",
-                "{partitions: 1, replicationFactor: 3, retention: {maxAge: 1d}}",
+                "{partitions: 1, replicationFactor: 3, retention: {policy: WorkQueue}}",
             ),
-            "a replicated topic (replicationFactor above 1) keeps every record for now",
+            "a replicated topic (replicationFactor above 1) takes retention.maxAge",
+        ),
+        (
+            "a replicated topic with size limits refusing produce",
+            topic(
+                "rf",
+                "{partitions: 1, replicationFactor: 3, overflow: Reject, retention: {maxMessages: 10}}",
+            ),
+            "a replicated topic (replicationFactor above 1) takes retention.maxAge",
         ),
         (
             "retention policy changed",

@@ -67,9 +67,19 @@ async fn local_records(
     topic: &str,
     partition: u32,
 ) -> anyhow::Result<BTreeMap<u64, Vec<u8>>> {
+    local_records_from(broker, topic, partition, 0).await
+}
+
+/// As [`local_records`], from offset `from` on.
+async fn local_records_from(
+    broker: &Broker,
+    topic: &str,
+    partition: u32,
+    from: u64,
+) -> anyhow::Result<BTreeMap<u64, Vec<u8>>> {
     let mut client = ConsumerClient::connect(broker.url()).await?;
     let mut out = BTreeMap::new();
-    let mut offset = 0;
+    let mut offset = from;
     loop {
         let mut request = tonic::Request::new(FetchRequest {
             topic: topic.into(),
@@ -1233,5 +1243,120 @@ async fn groups_resume_on_their_coordinator_partitions_new_leader() -> anyhow::R
     for group in ["workers", "audit"] {
         check_redeliveries(&histories, group, killed)?;
     }
+    Ok(())
+}
+
+/// `(earliest, next)` offsets of `topic`/`partition` as `broker`'s own replica has them (the
+/// describe carries the forwarded mark, so the broker answers from its log).
+async fn local_ends(broker: &Broker, topic: &str, partition: u32) -> anyhow::Result<(u64, u64)> {
+    let mut admin = weir_proto::v1::admin_client::AdminClient::connect(broker.url()).await?;
+    let mut request =
+        tonic::Request::new(weir_proto::v1::DescribeTopicRequest { name: topic.into() });
+    request
+        .metadata_mut()
+        .insert("weir-forwarded", "1".parse()?);
+    let answer = admin.describe_topic(request).await?.into_inner();
+    let p = answer
+        .topic
+        .and_then(|t| t.partitions.into_iter().find(|p| p.partition == partition))
+        .ok_or_else(|| anyhow::anyhow!("{topic}/{partition} not described by {}", broker.addr))?;
+    Ok((p.earliest_offset, p.next_offset))
+}
+
+/// Waits (up to 30 s) until every running broker's replica of `topic`/`partition` starts at
+/// `earliest` and ends at `next`.
+async fn until_every_replica_spans(
+    brokers: &[Broker],
+    topic: &str,
+    partition: u32,
+    earliest: u64,
+    next: u64,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let mut ends = Vec::new();
+        for b in brokers.iter().filter(|b| b.pid().is_some()) {
+            ends.push(local_ends(b, topic, partition).await?);
+        }
+        if ends.iter().all(|e| *e == (earliest, next)) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "the replicas of {topic}/{partition} span {ends:?}, not [{earliest}, {next}), after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Retention of a replicated topic is decided by each partition's leader and replicated as
+/// a cut in the log: every replica deletes the same records (whole batches, its share of
+/// `max_messages`). A follower stopped while the leader's log was purged past its own end
+/// catches up from a snapshot of the partition's state at the cut, then the records after
+/// it: it ends with exactly the records the others have, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_cuts_every_replica_alike_and_a_follower_behind_it_catches_up_from_a_snapshot()
+-> anyhow::Result<()> {
+    let mut brokers = Broker::start_cluster(3, &[])?;
+    let client = brokers[0].client().await?;
+    client
+        .create_topic(
+            "logs",
+            &TopicConfig::new(1)
+                .with_replication_factor(3)
+                .with_max_messages(1000),
+        )
+        .await?;
+    let batch = |n: usize| -> Vec<Record> {
+        (0..100)
+            .map(|i| Record::value(format!("line {n}-{i}")))
+            .collect()
+    };
+    for n in 0..50 {
+        produce_retrying(&client, "logs", 0, batch(n)).await?;
+    }
+    // 5,000 produced in batches of 100, at most 1,000 kept: whole batches below 4,000 go.
+    until_every_replica_spans(&brokers, "logs", 0, 4000, 5000).await?;
+    let kept = local_records_from(&brokers[0], "logs", 0, 4000).await?;
+    assert_eq!(kept.len(), 1000);
+    assert_eq!(kept.get(&4000).map(Vec::as_slice), Some(&b"line 40-0"[..]));
+
+    let leader = leader_of(&client, "logs", 0).await?;
+    let follower = (usize::try_from(leader)? + 1) % 3;
+    brokers[follower].kill();
+    let survivor = (0..3).find(|&i| i != follower).unwrap_or_default();
+    let client = brokers[survivor].client().await?;
+    for n in 50..100 {
+        produce_retrying(&client, "logs", 0, batch(n)).await?;
+    }
+    until_every_replica_spans(&brokers, "logs", 0, 9000, 10_000).await?;
+    // The leader purges its log past everything the stopped follower has once a snapshot
+    // covers the cut (asserted below: the follower catches up through a snapshot).
+    let leader = usize::try_from(leader_of(&client, "logs", 0).await?)?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let ready = brokers[follower].restart_nowait()?;
+    brokers[follower].wait_ready(&ready)?;
+    until_every_replica_spans(&brokers, "logs", 0, 9000, 10_000).await?;
+    assert!(
+        brokers[follower]
+            .log_text()
+            .contains("replica caught up from a snapshot of its leader"),
+        "the stopped follower caught up through a snapshot"
+    );
+    let want = local_records_from(&brokers[leader], "logs", 0, 9000).await?;
+    assert_eq!(want.len(), 1000);
+    for b in &brokers {
+        let got = local_records_from(b, "logs", 0, 9000).await?;
+        assert!(
+            got == want,
+            "{} holds other records than the leader",
+            b.addr
+        );
+    }
+    // The caught-up follower takes new records like the others.
+    let base = produce_retrying(&client, "logs", 0, batch(100)).await?;
+    assert_eq!(base, 10_000);
+    until_every_replica_spans(&brokers, "logs", 0, 9100, 10_100).await?;
     Ok(())
 }

@@ -229,12 +229,15 @@ pub enum ReplicaEntryKind {
     /// Consumer groups' cursors of the partitions whose state this partition keeps (the
     /// coordinator partition's log, `docs/replication.md`), opaque to the log.
     Cursors(Vec<u8>),
+    /// Retention: every record below this offset is deleted on every replica.
+    Trim(u64),
 }
 
 /// A replica group's log entry as stored under [`replica_entry_key`]: term u64, base offset
-/// u64, kind u8 (0 records, 1 blank, 2 membership, 3 cursors), then for records the record
-/// count (u32) and, from an idempotent producer, its id and sequence (2 × u64), or the
-/// membership JSON, or the cursors' bytes; integers big-endian.
+/// u64, kind u8 (0 records, 1 blank, 2 membership, 3 cursors, 4 trim), then for records the
+/// record count (u32) and, from an idempotent producer, its id and sequence (2 × u64), or the
+/// membership JSON, or the cursors' bytes, or the trim's earliest offset (u64); integers
+/// big-endian.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaEntry {
     /// Raft term of the leader that wrote it (the batch's leader epoch).
@@ -278,6 +281,10 @@ impl ReplicaEntry {
                 out.push(3);
                 out.extend_from_slice(bytes);
             }
+            ReplicaEntryKind::Trim(earliest) => {
+                out.push(4);
+                out.extend_from_slice(&earliest.to_be_bytes());
+            }
         }
         out
     }
@@ -300,6 +307,7 @@ impl ReplicaEntry {
             1 => ReplicaEntryKind::Blank,
             2 => ReplicaEntryKind::Membership(bytes.get(17..)?.to_vec()),
             3 => ReplicaEntryKind::Cursors(bytes.get(17..)?.to_vec()),
+            4 => ReplicaEntryKind::Trim(u64::from_be_bytes(bytes.get(17..25)?.try_into().ok()?)),
             _ => return None,
         };
         Some(Self {
@@ -369,6 +377,7 @@ mod tests {
             ReplicaEntryKind::Blank,
             ReplicaEntryKind::Membership(b"{}".to_vec()),
             ReplicaEntryKind::Cursors(br#"{"group":"g"}"#.to_vec()),
+            ReplicaEntryKind::Trim(u64::MAX - 1),
         ] {
             let e = ReplicaEntry {
                 term: 3,

@@ -257,6 +257,15 @@ pub trait Replicator: Send + Sync {
 
     /// Whether this broker leads `partition`'s group at the moment.
     fn leads(&self, partition: &Partition) -> bool;
+
+    /// Proposes retention's cut of `partition` to its group: once committed every replica
+    /// deletes the records below `earliest` (a batch boundary). Errors:
+    /// [`Error::NotLeader`] when this broker does not lead it.
+    fn trim(
+        &self,
+        partition: &Arc<Partition>,
+        earliest: u64,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), Error>> + Send + '_>>;
 }
 
 impl std::fmt::Debug for Log {
@@ -725,6 +734,87 @@ impl Log {
             reply,
         })
         .await
+    }
+
+    /// Where retention cuts replicated `partition` (led here) now, at a batch boundary:
+    /// past the head batches whose newest record is older than `maxAge`, and past as many
+    /// head batches as keep it within its share of the topic's `max_messages` and
+    /// `max_bytes` (the limit divided evenly among the partitions, rounded up: each
+    /// partition's leader decides alone, as Kafka's per-partition `retention.bytes`).
+    /// `None` when nothing is to be deleted. The leader proposes the cut to the partition's
+    /// group, and every replica deletes below it (`docs/replication.md`). Blocking.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Read`] when the storage cannot be read.
+    pub fn retention_cut(&self, partition: &Partition, now_ms: i64) -> Result<Option<u64>, Error> {
+        let topic = self.topic(&partition.topic)?;
+        let config = topic.config();
+        let parts = u64::from(config.partitions.max(1));
+        let earliest = partition.earliest_offset();
+        let next = partition.next_offset();
+        let cutoff = (config.max_age_ms != 0)
+            .then(|| now_ms.saturating_sub(i64::try_from(config.max_age_ms).unwrap_or(i64::MAX)));
+        let max_messages = (config.max_messages != 0).then(|| config.max_messages.div_ceil(parts));
+        let max_bytes = (config.max_bytes != 0).then(|| config.max_bytes.div_ceil(parts));
+        if cutoff.is_none() && max_messages.is_none() && max_bytes.is_none() {
+            return Ok(None);
+        }
+        let mut messages = next.saturating_sub(earliest);
+        let mut bytes = partition.bytes();
+        let mut cut = earliest;
+        let head = partition.head_base.load(Ordering::Relaxed);
+        for guard in self
+            .shared
+            .records
+            .range(partition.key(head)..partition.key(next))
+        {
+            let (_, value) = guard.into_inner().map_err(|source| Error::Read {
+                topic: partition.topic.clone(),
+                partition: partition.index,
+                source,
+            })?;
+            let Ok(h) = batch::verify(&value) else { break };
+            let expired = cutoff.is_some_and(|c| h.max_timestamp_ms < c);
+            let over =
+                max_messages.is_some_and(|m| messages > m) || max_bytes.is_some_and(|m| bytes > m);
+            if !expired && !over {
+                break;
+            }
+            let end = h.next_offset();
+            messages = messages.saturating_sub(end.saturating_sub(cut));
+            bytes = bytes.saturating_sub(value.len() as u64);
+            cut = end;
+        }
+        Ok((cut > earliest).then_some(cut))
+    }
+
+    /// Retention of replicated `partition`: when this broker leads it and
+    /// [`Log::retention_cut`] finds records to delete, proposes the cut to its group (every
+    /// replica deletes them once it commits). Nothing on a follower.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors, or the group's refusal (the leadership moved).
+    pub async fn trim_replicated(
+        self: &Arc<Self>,
+        partition: &Arc<Partition>,
+    ) -> Result<(), Error> {
+        if !partition.is_replicated() || !self.leads(partition) {
+            return Ok(());
+        }
+        let (log, p) = (Arc::clone(self), Arc::clone(partition));
+        let cut = tokio::task::spawn_blocking(move || log.retention_cut(&p, now_ms()))
+            .await
+            .map_err(|e| Error::Replica {
+                topic: partition.topic.clone(),
+                partition: partition.index,
+                message: format!("retention task failed: {e}"),
+            })??;
+        let (Some(earliest), Some(replicator)) = (cut, self.replicator.get()) else {
+            return Ok(());
+        };
+        replicator.trim(partition, earliest).await
     }
 
     /// `maxAge`: deletes the head batches of `partition` whose newest record is older than

@@ -309,14 +309,13 @@ impl TopicConfig {
             );
         }
         if self.replication_factor > 1
-            && (self.max_age_ms != 0
-                || self.has_size_limits()
+            && ((self.has_size_limits() && self.overflow == Overflow::Reject)
                 || self.retention == Retention::WorkQueue)
         {
             return bad(
                 "replication_factor",
                 format!(
-                    "replication_factor {} with max_age_ms, max_bytes, max_messages or work-queue retention: replicated topics keep every record for now; create it without those limits, or with replication_factor 1",
+                    "replication_factor {} with work-queue retention, or with max_bytes or max_messages and overflow Reject: replicated topics take max_age_ms and size limits with overflow DropOldest only for now; use those, or replication_factor 1",
                     self.replication_factor
                 ),
             );

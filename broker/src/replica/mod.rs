@@ -65,6 +65,13 @@ pub enum Proposal {
     /// A consumer group's cursors, kept in its coordinator partition's log (as Kafka
     /// commits offsets into `__consumer_offsets`): every replica keeps the latest of each.
     Cursors(GroupCursors),
+    /// Retention decided by the leader (`maxAge`, size limits): every replica deletes the
+    /// records below `earliest` (whole batches; the earliest offset may fall inside one),
+    /// so all replicas keep the same records.
+    Trim {
+        /// The partition's new earliest offset.
+        earliest: u64,
+    },
 }
 
 /// A consumer group's cursors of some partitions of its topic, as the group stores them
@@ -84,6 +91,7 @@ impl std::fmt::Display for Proposal {
                 write!(f, "{records} records, {} bytes", batch.len())
             }
             Self::Cursors(c) => write!(f, "{} cursors of group {}", c.cursors.len(), c.group),
+            Self::Trim { earliest } => write!(f, "trim below offset {earliest}"),
         }
     }
 }
@@ -423,6 +431,7 @@ impl Replicas {
             self.watch_repair(&replica, d);
         }
         self.watch_leadership(&replica, index);
+        spawn_purges(&replica);
         self.by_partition
             .lock()
             .insert(replica.partition.prefix(), Arc::clone(&replica));
@@ -719,6 +728,13 @@ impl Replicas {
                     openraft::alias::SnapshotMetaOf<ReplicaTypes>,
                     Vec<u8>,
                 ) = network::decode(&message.body).map_err(bad)?;
+                // Its point first, so that the purge up to it knows the offset after it.
+                let point = store::snapshot_point(&meta, &data).map_err(|e| {
+                    tonic::Status::invalid_argument(format!("undecodable partition snapshot: {e}"))
+                })?;
+                replica.shared.note_snapshot(&point).map_err(|e| {
+                    tonic::Status::internal(format!("noting the snapshot's point: {e}"))
+                })?;
                 let snapshot = openraft::alias::SnapshotOf::<ReplicaTypes, Vec<u8>> {
                     meta,
                     snapshot: data,
@@ -778,6 +794,35 @@ impl log::Replicator for Replicas {
                 });
             };
             replica.propose(batch, records, producer).await
+        })
+    }
+
+    fn trim(
+        &self,
+        partition: &Arc<Partition>,
+        earliest: u64,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), log::Error>> + Send + '_>> {
+        let replica = self.replica_of(partition);
+        let (topic, index) = (partition.topic.clone(), partition.index);
+        Box::pin(async move {
+            let Some(replica) = replica else {
+                return Err(log::Error::Replica {
+                    topic,
+                    partition: index,
+                    message: "no replica of this partition on this broker".into(),
+                });
+            };
+            replica.leading_term()?;
+            match replica.raft.client_write(Proposal::Trim { earliest }).await {
+                Ok(_) => Ok(()),
+                Err(openraft::errors::RaftError::APIError(
+                    openraft::errors::ClientWriteError::ForwardToLeader(f),
+                )) => Err(not_leader(&topic, index, f.leader_id)),
+                Err(_) => Err(log::Error::OutcomeUnknown {
+                    topic,
+                    partition: index,
+                }),
+            }
         })
     }
 }
@@ -1005,6 +1050,49 @@ impl Replica {
         sequencer.term = Some(term);
         Ok(())
     }
+}
+
+/// Follows `replica`'s retention cuts: for each, a snapshot at the cut, then the log purged
+/// up to it (openraft purges once no replication stream still reads those entries; a
+/// follower that needs them gets the snapshot). At start-up it finishes a cut an earlier
+/// run applied. Ends when the replica's group stops.
+fn spawn_purges(replica: &Arc<Replica>) {
+    let weak = Arc::downgrade(replica);
+    let mut trimmed = replica.shared.trimmed.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let cut = trimmed.borrow_and_update().clone();
+            let Some(r) = weak.upgrade() else { return };
+            if let Some(cut) = cut {
+                let index = cut.log_id.index();
+                if r.raft.trigger().snapshot().await.is_err() {
+                    return;
+                }
+                let built = r
+                    .raft
+                    .wait(Some(Duration::from_secs(30)))
+                    .metrics(
+                        |m| m.snapshot.is_some_and(|s| s.index() >= index),
+                        "a snapshot at the retention cut",
+                    )
+                    .await;
+                match built {
+                    Ok(_) => {
+                        if r.raft.trigger().purge_log(index).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(topic = %r.topic, partition = r.partition.index, error = %e, "no snapshot at the retention cut; the log is purged at the next one");
+                    }
+                }
+            }
+            drop(r);
+            if trimmed.changed().await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 fn not_leader(topic: &str, partition: u32, leader: Option<u64>) -> log::Error {

@@ -82,6 +82,9 @@ pub(crate) struct Shared {
     /// anything, so that neither a reader nor a restart sees an applied entry that is not
     /// on this replica's disk.
     stored: tokio::sync::watch::Sender<u64>,
+    /// The last retention cut applied: the log may be purged up to it once a snapshot
+    /// covers it ([`super::Replicas::open`] follows it).
+    pub trimmed: tokio::sync::watch::Sender<Option<Purged>>,
 }
 
 impl Shared {
@@ -102,6 +105,7 @@ impl Shared {
             pending: parking_lot::Mutex::default(),
             producers: parking_lot::Mutex::default(),
             stored: tokio::sync::watch::Sender::new(0),
+            trimmed: tokio::sync::watch::Sender::new(None),
         })
     }
 
@@ -180,6 +184,13 @@ impl Shared {
         self.get_json(b'p')
     }
 
+    /// Records the point of a snapshot about to be installed (`R ‖ group ‖ s`), so that the
+    /// purge up to it, which openraft may run before the state machine has installed it,
+    /// knows the offset after it.
+    pub(crate) fn note_snapshot(&self, point: &Purged) -> io::Result<()> {
+        self.put_json(b's', point)
+    }
+
     /// Checks the group's log against the partition's stored batches and repairs what it
     /// can locally, before the group starts:
     ///
@@ -195,6 +206,8 @@ impl Shared {
     /// help elect a leader without them.
     pub(crate) async fn check_and_align(self: &Arc<Self>) -> io::Result<Option<Damage>> {
         let start = self.purged()?.map_or(0, |p| p.end_offset);
+        // A purge interrupted between its entries and its batches.
+        self.delete_purged_batches(start).await?;
         // The end the local log recovered: the stored batches, counters and end checkpoint.
         let recovered_end = self.partition.log_end();
         let last = self.last_stored()?;
@@ -289,6 +302,18 @@ impl Shared {
         self.put_json(b'a', &state)
     }
 
+    /// Deletes the partition's batches below `end` (the purge point's end), which moves its
+    /// earliest offset there.
+    async fn delete_purged_batches(&self, end: u64) -> io::Result<()> {
+        if self.partition.earliest_offset() < end {
+            self.log
+                .truncate(Arc::clone(&self.partition), end)
+                .await
+                .map_err(io_err)?;
+        }
+        Ok(())
+    }
+
     /// One past the last stored entry's index, as the writer thread last set it.
     pub(crate) fn stored_index(&self) -> tokio::sync::watch::Receiver<u64> {
         self.stored.subscribe()
@@ -317,11 +342,12 @@ fn decode_entry(bytes: &[u8]) -> io::Result<ReplicaEntry> {
     ReplicaEntry::decode(bytes).ok_or_else(|| io_err("malformed replica log entry"))
 }
 
-/// The purge point: the last purged log id and the offset after its records.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Purged {
-    log_id: LogIdOf<C>,
-    end_offset: u64,
+/// A point of the log: an entry's log id and the offset after its records (the purge point,
+/// a retention cut, a snapshot's point).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Purged {
+    pub log_id: LogIdOf<C>,
+    pub end_offset: u64,
 }
 
 /// A replica group's Raft log.
@@ -392,6 +418,9 @@ impl RaftLogReader<C> for ReplicaLog {
                     }
                     ReplicaEntryKind::Cursors(json) => {
                         EntryPayload::Normal(Proposal::Cursors(from_json(&json)?))
+                    }
+                    ReplicaEntryKind::Trim(earliest) => {
+                        EntryPayload::Normal(Proposal::Trim { earliest })
                     }
                 };
                 out.push(EntryOf::<C>::new(log_id, payload));
@@ -482,6 +511,9 @@ impl RaftLogStorage<C> for ReplicaLog {
                     EntryPayload::Normal(Proposal::Cursors(c)) => {
                         ReplicaPayload::Cursors(to_json(c)?)
                     }
+                    EntryPayload::Normal(Proposal::Trim { earliest }) => {
+                        ReplicaPayload::Trim(*earliest)
+                    }
                     EntryPayload::Blank => ReplicaPayload::Blank,
                     EntryPayload::Membership(m) => ReplicaPayload::Membership(to_json(m)?),
                 };
@@ -548,8 +580,20 @@ impl RaftLogStorage<C> for ReplicaLog {
         Ok(())
     }
 
+    /// Purges the entries up to `log_id` (a retention cut a snapshot covers, or a snapshot
+    /// installed from the leader), then deletes the partition's batches below the offset
+    /// after them: entries go first, so that no entry this replica still has names a batch
+    /// that is gone (a crash between the two leaves batches that the next start deletes).
     async fn purge(&mut self, log_id: LogIdOf<C>) -> Result<(), io::Error> {
-        let end_offset = self.0.end_after(Some(log_id.index()))?;
+        let end_offset = match self.0.end_after(Some(log_id.index())) {
+            Ok(end) => end,
+            Err(e) => self
+                .0
+                .get_json::<Purged>(b's')?
+                .filter(|s| s.log_id == log_id)
+                .map(|s| s.end_offset)
+                .ok_or(e)?,
+        };
         self.0.put_json(b'p', &Purged { log_id, end_offset })?;
         let shared = Arc::clone(&self.0);
         blocking(move || {
@@ -562,7 +606,8 @@ impl RaftLogStorage<C> for ReplicaLog {
             }
             wb.commit().map_err(io_err)
         })
-        .await
+        .await?;
+        self.0.delete_purged_batches(end_offset).await
     }
 }
 
@@ -573,6 +618,40 @@ struct MachineState {
     membership: StoredMembershipOf<C>,
     /// The high watermark: the offset after the last applied entry's records.
     end_offset: u64,
+    /// The last retention cut applied: the last entry whose records all lie below the
+    /// `Trim` entry's earliest offset. Snapshots are taken at it (the log is purged up to
+    /// it); `None` before the first trim.
+    #[serde(default)]
+    trim_point: Option<Purged>,
+}
+
+/// The point of a snapshot a leader sent (its log id and the offset after it).
+pub(crate) fn snapshot_point(meta: &SnapshotMetaOf<C>, data: &[u8]) -> io::Result<Purged> {
+    let log_id = meta
+        .last_log_id
+        .ok_or_else(|| io_err("a replica snapshot without a log id"))?;
+    let state: SnapshotState = from_json(data)?;
+    Ok(Purged {
+        log_id,
+        end_offset: state.end_offset,
+    })
+}
+
+/// A snapshot of a replicated partition's state at a retention cut: what a replica needs to
+/// take the log from the entry after the cut on. The records stay in the log (entries after
+/// the cut are sent as usual); a replica that had fewer starts its partition empty at
+/// `end_offset`. Producers' states and cursors are the latest the snapshotting replica
+/// applied: applying the entries after the cut on top of them changes nothing (an entry's
+/// sequence or cursor is recorded only when newer), so the state after catching up is the
+/// leader's.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SnapshotState {
+    /// The offset after the cut's records: the partition's earliest offset.
+    end_offset: u64,
+    /// Idempotent producers' states by producer id.
+    producers: Vec<(u64, ProducerState)>,
+    /// Groups' cursors: key after the group prefix (`name ‖ 0 ‖ partition`) → cursor.
+    cursors: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// A replica group's state machine: the partition's high watermark.
@@ -598,6 +677,7 @@ impl ReplicaMachine {
         }
         *shared.producers.lock() = producers;
         shared.partition.replicate_from(state.end_offset);
+        shared.trimmed.send_replace(state.trim_point.clone());
         Ok(Self { shared, state })
     }
 }
@@ -620,14 +700,140 @@ pub struct ReplicaSnapshot {
 }
 
 impl ReplicaMachine {
+    /// A snapshot at the last retention cut ([`SnapshotState`]); without one, an empty
+    /// snapshot (no log id) that openraft ignores.
     fn snapshot_now(&self) -> io::Result<ReplicaSnapshot> {
+        let Some(point) = self.state.trim_point.clone() else {
+            return Ok(ReplicaSnapshot {
+                meta: SnapshotMetaOf::<C>::default(),
+                data: Vec::new(),
+            });
+        };
+        let producers = self
+            .shared
+            .producers
+            .lock()
+            .iter()
+            .map(|(id, p)| (*id, p.clone()))
+            .collect();
+        let prefix = keys::replica_key(self.shared.group, b'o');
+        let mut cursors = Vec::new();
+        for guard in self.shared.raft.prefix(prefix) {
+            let (k, v) = guard.into_inner().map_err(io_err)?;
+            cursors.push((
+                k.get(prefix.len()..).unwrap_or_default().to_vec(),
+                v.to_vec(),
+            ));
+        }
+        let state = SnapshotState {
+            end_offset: point.end_offset,
+            producers,
+            cursors,
+        };
         Ok(ReplicaSnapshot {
             meta: SnapshotMetaOf::<C> {
-                last_log_id: self.state.last_applied,
+                last_log_id: Some(point.log_id),
                 last_membership: self.state.membership.clone(),
             },
-            data: to_json(&self.state)?,
+            data: to_json(&state)?,
         })
+    }
+
+    /// The retention cut for `earliest`: the last entry after the current cut, up to
+    /// `last`, whose records all lie below `earliest` (entries' ends only grow, so the scan
+    /// stops at the first one past it). `None` when no entry moved. Reads entry keys.
+    fn trim_point(&self, earliest: u64, last: u64) -> io::Result<Option<Purged>> {
+        let from = match (&self.state.trim_point, self.shared.purged()?) {
+            (Some(t), _) => t.log_id.index() + 1,
+            (None, Some(p)) => p.log_id.index() + 1,
+            (None, None) => 0,
+        };
+        if from > last {
+            return Ok(None);
+        }
+        let mut point = None;
+        for guard in self.shared.raft.range(
+            keys::replica_entry_key(self.shared.group, from)
+                ..=keys::replica_entry_key(self.shared.group, last),
+        ) {
+            let (k, v) = guard.into_inner().map_err(io_err)?;
+            let index = keys::parse_replica_entry_key(&k)
+                .ok_or_else(|| io_err("malformed replica entry key"))?;
+            let entry = decode_entry(&v)?;
+            if entry.end_offset() > earliest {
+                break;
+            }
+            point = Some(Purged {
+                log_id: LogIdOf::<C>::new_term_index(entry.term, index),
+                end_offset: entry.end_offset(),
+            });
+        }
+        Ok(point)
+    }
+
+    /// Takes a snapshot from the leader: the partition restarts empty at the snapshot's
+    /// offset (its entries and batches deleted, as a follower behind the leader's retention
+    /// has nothing the leader still sends), then producers' states and cursors are the
+    /// snapshot's.
+    async fn install(
+        &mut self,
+        point: Purged,
+        state: SnapshotState,
+        membership: StoredMembershipOf<C>,
+    ) -> io::Result<()> {
+        let shared = Arc::clone(&self.shared);
+        shared.note_snapshot(&point)?;
+        shared.put_json(b'p', &point)?;
+        shared
+            .log
+            .replica_truncate(
+                Arc::clone(&shared.partition),
+                shared.raft.clone(),
+                shared.group,
+                0,
+                point.end_offset,
+            )
+            .await
+            .map_err(io_err)?;
+        shared.delete_purged_batches(point.end_offset).await?;
+        shared.stored.send_replace(point.log_id.index() + 1);
+        let group = shared.group;
+        let mut wb = shared.db.batch();
+        for tag in [b'q', b'o'] {
+            for key in shared
+                .raft
+                .prefix(keys::replica_key(group, tag))
+                .map(fjall::Guard::key)
+            {
+                wb.remove(&shared.raft, key.map_err(io_err)?);
+            }
+        }
+        for (id, p) in &state.producers {
+            let mut key = keys::replica_key(group, b'q').to_vec();
+            key.extend_from_slice(&id.to_be_bytes());
+            wb.insert(&shared.raft, key, to_json(p)?);
+        }
+        for (suffix, cursor) in &state.cursors {
+            let mut key = keys::replica_key(group, b'o').to_vec();
+            key.extend_from_slice(suffix);
+            wb.insert(&shared.raft, key, cursor.clone());
+        }
+        self.state = MachineState {
+            last_applied: Some(point.log_id),
+            membership,
+            end_offset: point.end_offset,
+            trim_point: Some(point.clone()),
+        };
+        wb.insert(
+            &shared.raft,
+            keys::replica_key(group, b'a'),
+            to_json(&self.state)?,
+        );
+        wb.commit().map_err(io_err)?;
+        *shared.producers.lock() = state.producers.into_iter().collect();
+        shared.partition.publish(point.end_offset);
+        tracing::info!(topic = %shared.partition.topic, partition = shared.partition.index, offset = point.end_offset, "replica caught up from a snapshot of its leader (its log started past this replica's)");
+        Ok(())
     }
 }
 
@@ -689,6 +895,8 @@ impl RaftStateMachine<C> for ReplicaMachine {
         let mut cursors: BTreeMap<(String, u32), Vec<u8>> = BTreeMap::new();
         // Groups whose cursors an entry without cursors removed (the group was deleted).
         let mut forgotten: BTreeSet<String> = BTreeSet::new();
+        // The highest retention cut among the entries.
+        let mut trim: Option<u64> = None;
         let before = self.state.end_offset;
         while let Some((entry, responder)) = entries.try_next().await? {
             let log_id = entry.log_id();
@@ -734,6 +942,13 @@ impl RaftStateMachine<C> for ReplicaMachine {
                         records,
                     }
                 }
+                EntryPayload::Normal(Proposal::Trim { earliest }) => {
+                    trim = trim.max(Some(*earliest));
+                    Appended {
+                        base_offset: base,
+                        records: 0,
+                    }
+                }
                 EntryPayload::Blank => Appended {
                     base_offset: base,
                     records: 0,
@@ -755,7 +970,17 @@ impl RaftStateMachine<C> for ReplicaMachine {
             let mut stored = self.shared.stored.subscribe();
             let _ = stored.wait_for(|s| *s > last.index()).await;
         }
+        let mut cut = None;
+        if let (Some(earliest), Some(last)) = (trim, self.state.last_applied) {
+            cut = self.trim_point(earliest, last.index())?;
+            if cut.is_some() {
+                self.state.trim_point.clone_from(&cut);
+            }
+        }
         self.write_applied(&touched, &forgotten, cursors)?;
+        if cut.is_some() {
+            self.shared.trimmed.send_replace(cut);
+        }
         if self.state.end_offset != before {
             self.shared.partition.publish(self.state.end_offset);
         }
@@ -777,18 +1002,23 @@ impl RaftStateMachine<C> for ReplicaMachine {
 
     async fn install_snapshot(
         &mut self,
-        _meta: &SnapshotMetaOf<C>,
-        _snapshot: Self::SnapshotData,
+        meta: &SnapshotMetaOf<C>,
+        snapshot: Self::SnapshotData,
     ) -> Result<(), io::Error> {
-        // Replica logs are never purged yet (records leave with retention, which replicated
-        // topics do not have yet), so no leader sends a snapshot.
-        Err(io_err(
-            "installing a snapshot of a replicated partition is not supported",
-        ))
+        let log_id = meta
+            .last_log_id
+            .ok_or_else(|| io_err("a replica snapshot without a log id"))?;
+        let state: SnapshotState = from_json(&snapshot)?;
+        let point = Purged {
+            log_id,
+            end_offset: state.end_offset,
+        };
+        self.install(point, state, meta.last_membership.clone())
+            .await
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<C, Vec<u8>>>, io::Error> {
-        if self.state.last_applied.is_none() {
+        if self.state.trim_point.is_none() {
             return Ok(None);
         }
         let s = self.snapshot_now()?;

@@ -37,6 +37,8 @@ pub enum ReplicaPayload {
     Membership(Vec<u8>),
     /// Consumer groups' cursors ([`ReplicaEntryKind::Cursors`]).
     Cursors(Vec<u8>),
+    /// Retention's cut ([`ReplicaEntryKind::Trim`]).
+    Trim(u64),
 }
 
 /// Entries of one replica group's log to store, in index order, following the group's
@@ -99,6 +101,7 @@ impl Writer {
                 ReplicaPayload::Blank => ReplicaEntryKind::Blank,
                 ReplicaPayload::Membership(json) => ReplicaEntryKind::Membership(json),
                 ReplicaPayload::Cursors(bytes) => ReplicaEntryKind::Cursors(bytes),
+                ReplicaPayload::Trim(earliest) => ReplicaEntryKind::Trim(earliest),
             };
             let entry = ReplicaEntry {
                 term,
