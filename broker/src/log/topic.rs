@@ -625,6 +625,31 @@ mod tests {
         );
     }
 
+    /// Replicated topics take `maxAge` and size limits that drop the oldest records (their
+    /// leaders cut through the Raft log); work queues and refusing size limits not yet.
+    #[test]
+    fn replicated_topics_take_age_and_drop_oldest_limits_only() {
+        let rf3 = |f: fn(&mut TopicConfig)| {
+            let mut c = TopicConfig::new(2, 0).expect("valid");
+            c.replication_factor = 3;
+            f(&mut c);
+            c.validate()
+        };
+        assert!(rf3(|c| c.max_age_ms = 60_000).is_ok());
+        assert!(rf3(|c| c.max_messages = 1000).is_ok());
+        assert!(rf3(|c| c.max_bytes = 1 << 20).is_ok());
+        let refused = rf3(|c| {
+            c.max_messages = 1000;
+            c.overflow = Overflow::Reject;
+        })
+        .expect_err("Reject with limits");
+        assert!(
+            refused.to_string().contains("overflow DropOldest only"),
+            "{refused}"
+        );
+        assert!(rf3(|c| c.retention = Retention::WorkQueue).is_err());
+    }
+
     #[test]
     fn partition_meta_round_trips() {
         let m = PartitionMeta {
