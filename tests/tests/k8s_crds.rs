@@ -98,20 +98,12 @@ fn invalid_topics_and_groups_are_refused_at_apply_with_a_clear_message() -> anyh
             "should be less than or equal to 5",
         ),
         (
-            "a replicated work queue",
-            topic(
-                "rf",
-                "{partitions: 1, replicationFactor: 3, retention: {policy: WorkQueue}}",
-            ),
-            "a replicated topic (replicationFactor above 1) takes retention.maxAge",
-        ),
-        (
             "a replicated topic with size limits refusing produce",
             topic(
                 "rf",
                 "{partitions: 1, replicationFactor: 3, overflow: Reject, retention: {maxMessages: 10}}",
             ),
-            "a replicated topic (replicationFactor above 1) takes retention.maxAge",
+            "size limits with overflow Reject need replicationFactor 1",
         ),
         (
             "retention policy changed",

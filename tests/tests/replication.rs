@@ -1360,3 +1360,56 @@ async fn retention_cuts_every_replica_alike_and_a_follower_behind_it_catches_up_
     until_every_replica_spans(&brokers, "logs", 0, 9100, 10_100).await?;
     Ok(())
 }
+
+/// A replicated work queue: what every group acked is deleted through each partition's log,
+/// alike on every replica, whichever broker coordinates the group and leads the partition
+/// (ack floors of partitions led elsewhere are reported to their leaders).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_work_queue_deletes_what_its_groups_acked_on_every_replica()
+-> anyhow::Result<()> {
+    let brokers = Broker::start_cluster(3, &[])?;
+    let client = brokers[0].client().await?;
+    client
+        .create_topic(
+            "tasks",
+            &TopicConfig::new(3)
+                .with_replication_factor(3)
+                .with_retention(weir_client::Retention::WorkQueue),
+        )
+        .await?;
+    let config = weir_client::GroupConfig::new("tasks", weir_client::GroupType::Shared)
+        .with_start(weir_client::StartFrom::Earliest);
+    client.create_group("workers", &config).await?;
+    for n in 0..30 {
+        let records = (0..50)
+            .map(|i| Record::value(format!("task {n}-{i}")))
+            .collect();
+        produce_retrying(&client, "tasks", n % 3, records).await?;
+    }
+    // Nothing acked yet: every record kept.
+    for p in 0..3 {
+        until_every_replica_spans(&brokers, "tasks", p, 0, 500).await?;
+    }
+    let mut member = client.subscribe("workers", None, 200).await?;
+    let mut seen = std::collections::BTreeSet::new();
+    let started = Instant::now();
+    while seen.len() < 1500 {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "{} of 1,500 tasks delivered within 60 s",
+            seen.len()
+        );
+        let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(1), member.next()).await else {
+            continue;
+        };
+        let d = d?;
+        seen.insert((d.partition, d.offset));
+        member.ack(&d).await?;
+    }
+    // Acked by the only group: deleted on every replica of every partition.
+    for p in 0..3 {
+        until_every_replica_spans(&brokers, "tasks", p, 500, 500).await?;
+    }
+    member.close(Duration::from_secs(5)).await?;
+    Ok(())
+}

@@ -587,13 +587,19 @@ impl Remote for GroupsRemote {
         }
     }
 
-    fn reported_floor(&self, topic: &Topic, partition: u32) -> Option<u64> {
+    fn reported_floor(
+        &self,
+        topic: &Topic,
+        partition: u32,
+        open_here: &std::collections::BTreeSet<String>,
+    ) -> Option<u64> {
         let state = self.cluster.state();
         let topic_id = state.topics.get(&topic.name)?.id;
         let reported = self.cluster.reported_floors.lock();
         let mut floor = u64::MAX;
         for (name, g) in &state.groups {
-            if g.config.topic != topic.name || g.coordinator == self.cluster.me() {
+            // Groups open here count with their own floors.
+            if g.config.topic != topic.name || open_here.contains(name) {
                 continue;
             }
             let (id, floors) = reported.get(&(topic.name.clone(), name.clone()))?;

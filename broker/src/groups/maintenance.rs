@@ -68,6 +68,11 @@ impl Groups {
             }
             let served = topic.config().served;
             let mut floors: Vec<u64> = vec![u64::MAX; topic.partitions().len()];
+            let open_here: std::collections::BTreeSet<String> = groups
+                .iter()
+                .filter(|g| Arc::ptr_eq(&g.topic, &topic))
+                .map(|g| g.name.clone())
+                .collect();
             for g in groups.iter().filter(|g| Arc::ptr_eq(&g.topic, &topic)) {
                 let st = g.state.lock();
                 for (f, c) in floors.iter_mut().zip(&st.cursors) {
@@ -75,14 +80,24 @@ impl Groups {
                 }
             }
             for (p, part) in topic.partitions().iter().enumerate() {
-                if !served.contains(p as u32) {
+                let replicated = part.is_replicated();
+                if !served.contains(p as u32) || (replicated && !self.log.leads(part)) {
                     continue;
                 }
-                let Some(reported) = self.remote.reported_floor(&topic, p as u32) else {
+                let Some(reported) = self.remote.reported_floor(&topic, p as u32, &open_here)
+                else {
                     continue;
                 };
                 let floor = floors[p].min(reported);
-                if floor != u64::MAX && floor > part.earliest_offset() {
+                if floor == u64::MAX || floor <= part.earliest_offset() {
+                    continue;
+                }
+                if replicated {
+                    // Through the partition's log, so every replica deletes the same records.
+                    if let Err(e) = self.log.trim_replicated_to(part, floor).await {
+                        tracing::debug!(topic = %topic.name, partition = p, error = %e, "work-queue deletion not proposed");
+                    }
+                } else {
                     self.log.truncate(Arc::clone(part), floor).await?;
                 }
             }
@@ -209,6 +224,11 @@ impl Group {
             }
         }
         self.release_held();
+        if self.coordinator_partition.is_some() {
+            // A replicated topic's group keeps no state on this broker's disk (its
+            // dead-lettered count is not kept yet).
+            return;
+        }
         let written = match self.meta().entry() {
             Ok(entry) => self
                 .log
@@ -231,21 +251,30 @@ impl Group {
     }
 
     /// Step 6 for partitions led elsewhere: reports this group's ack floors of a
-    /// work-queue topic's partitions that other brokers lead to them.
+    /// work-queue topic's partitions that other brokers lead to them (a replicated
+    /// partition's replica here that does not lead counts as led elsewhere).
     fn report_floors(&self) {
         let config = self.topic.config();
-        if config.retention != Retention::WorkQueue || config.served.is_all() {
+        if config.retention != Retention::WorkQueue
+            || (config.served.is_all() && config.replication_factor <= 1)
+        {
             return;
         }
+        let elsewhere: Vec<bool> = (0..self.topic.partitions().len() as u32)
+            .map(|p| !config.served.contains(p) || self.remote.led_elsewhere(&self.topic.name, p))
+            .collect();
         let floors: Vec<(u32, u64)> = self
             .state
             .lock()
             .cursors
             .iter()
             .enumerate()
-            .filter(|(p, _)| !config.served.contains(*p as u32))
+            .filter(|(p, _)| elsewhere.get(*p).copied().unwrap_or(false))
             .map(|(p, c)| (p as u32, c.floor()))
             .collect();
+        if floors.is_empty() {
+            return;
+        }
         self.remote.report_floors(&self.topic, &self.name, floors);
     }
 

@@ -23,6 +23,10 @@ use crate::{
     validate::{NameKind, quote, validate_name},
 };
 
+/// Longest a new group waits for the leader of a partition of its topic that is electing
+/// one (a topic created a moment ago).
+const LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Longest a new group waits to hear the ends of the partitions other brokers lead, so its
 /// first description (the answer to its creation) shows their lag.
 const REMOTE_ENDS_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -142,11 +146,16 @@ impl Groups {
         })??;
         for (p, offset) in offsets.iter_mut().enumerate() {
             if offset.is_none() {
-                let at = self
-                    .remote
-                    .offset_for(&topic.name, p as u32, start)
-                    .await
-                    .map_err(|e| cluster_error(group, e))?;
+                // A topic created a moment ago may still be electing its partitions' leaders.
+                let deadline = std::time::Instant::now() + LEADER_WAIT;
+                let at = loop {
+                    match self.remote.offset_for(&topic.name, p as u32, start).await {
+                        Err(e) if e.is_unavailable() && std::time::Instant::now() < deadline => {
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        }
+                        other => break other.map_err(|e| cluster_error(group, e))?,
+                    }
+                };
                 *offset = Some(at);
             }
         }

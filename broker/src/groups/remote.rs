@@ -43,6 +43,14 @@ pub struct RemoteError {
     pub message: String,
 }
 
+impl RemoteError {
+    /// gRPC's `UNAVAILABLE` (14): nothing was done, the call may be made again (a leader is
+    /// being elected, a broker is down).
+    pub fn is_unavailable(&self) -> bool {
+        self.code == 14
+    }
+}
+
 /// The cluster as the groups of one broker see it.
 pub trait Remote: Send + Sync + std::fmt::Debug {
     /// `(earliest, next)` offsets of partition `partition` of `topic`, which another broker
@@ -98,9 +106,16 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
     fn report_floors(&self, topic: &Arc<Topic>, group: &str, floors: Vec<(u32, u64)>);
 
     /// For partition `partition` of work-queue topic `topic`, led here: the lowest ack
-    /// floor reported by the groups of `topic` coordinated elsewhere (`u64::MAX` when there
-    /// are none); `None` while one of them has not reported, so nothing is deleted early.
-    fn reported_floor(&self, topic: &Topic, partition: u32) -> Option<u64>;
+    /// floor reported by the groups of `topic` not open here (`open_here`: those count with
+    /// their own floors), `u64::MAX` when there are none; `None` while one of them has not
+    /// reported, so nothing is deleted early (a group whose coordinator is moving counts as
+    /// not reported until its new coordinator reports).
+    fn reported_floor(
+        &self,
+        topic: &Topic,
+        partition: u32,
+        open_here: &std::collections::BTreeSet<String>,
+    ) -> Option<u64>;
 
     /// The groups whose state lives in their coordinator partition's Raft log (groups
     /// created on a replicated topic) as the cluster's metadata knows them, each with its

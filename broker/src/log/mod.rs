@@ -811,10 +811,30 @@ impl Log {
                 partition: partition.index,
                 message: format!("retention task failed: {e}"),
             })??;
-        let (Some(earliest), Some(replicator)) = (cut, self.replicator.get()) else {
-            return Ok(());
-        };
-        replicator.trim(partition, earliest).await
+        match cut {
+            Some(earliest) => self.trim_replicated_to(partition, earliest).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Proposes deleting the records of replicated `partition` below `earliest` (whole
+    /// batches: a batch straddling it stays) to its group, when this broker leads it (a
+    /// work queue's records every group acked). Nothing on a follower.
+    ///
+    /// # Errors
+    ///
+    /// The group's refusal (the leadership moved).
+    pub async fn trim_replicated_to(
+        &self,
+        partition: &Arc<Partition>,
+        earliest: u64,
+    ) -> Result<(), Error> {
+        match self.replicator.get() {
+            Some(r) if partition.is_replicated() && r.leads(partition) => {
+                r.trim(partition, earliest).await
+            }
+            _ => Ok(()),
+        }
     }
 
     /// `maxAge`: deletes the head batches of `partition` whose newest record is older than

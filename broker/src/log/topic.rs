@@ -309,13 +309,13 @@ impl TopicConfig {
             );
         }
         if self.replication_factor > 1
-            && ((self.has_size_limits() && self.overflow == Overflow::Reject)
-                || self.retention == Retention::WorkQueue)
+            && self.has_size_limits()
+            && self.overflow == Overflow::Reject
         {
             return bad(
                 "replication_factor",
                 format!(
-                    "replication_factor {} with work-queue retention, or with max_bytes or max_messages and overflow Reject: replicated topics take max_age_ms and size limits with overflow DropOldest only for now; use those, or replication_factor 1",
+                    "replication_factor {} with max_bytes or max_messages and overflow Reject: replicated topics take size limits with overflow DropOldest only for now (so a replicated work queue takes no size limit); drop the limits, use DropOldest, or replication_factor 1",
                     self.replication_factor
                 ),
             );
@@ -625,8 +625,9 @@ mod tests {
         );
     }
 
-    /// Replicated topics take `maxAge` and size limits that drop the oldest records (their
-    /// leaders cut through the Raft log); work queues and refusing size limits not yet.
+    /// Replicated topics take `maxAge`, size limits that drop the oldest records and work
+    /// queues (their leaders cut through the Raft log); size limits that refuse produce not
+    /// yet.
     #[test]
     fn replicated_topics_take_age_and_drop_oldest_limits_only() {
         let rf3 = |f: fn(&mut TopicConfig)| {
@@ -647,7 +648,7 @@ mod tests {
             refused.to_string().contains("overflow DropOldest only"),
             "{refused}"
         );
-        assert!(rf3(|c| c.retention = Retention::WorkQueue).is_err());
+        assert!(rf3(|c| c.retention = Retention::WorkQueue).is_ok());
     }
 
     #[test]

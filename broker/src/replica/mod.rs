@@ -831,7 +831,8 @@ impl Replica {
     /// Proposes `cursors` to this partition's log (the group's coordinator partition) and
     /// returns once they are committed and applied here: every replica then keeps them, so
     /// the next leader has them ([`Replica::cursors`]). An entry without cursors removes
-    /// every cursor of the group (it was deleted).
+    /// every cursor of the group (it was deleted). While an election is under way it waits
+    /// for its outcome (at most 3 s).
     ///
     /// # Errors
     ///
@@ -839,6 +840,12 @@ impl Replica {
     /// [`log::Error::OutcomeUnknown`] when the leadership changed before the entry committed
     /// (it may be stored: cursors are absolute, so storing them again is harmless).
     pub async fn put_cursors(&self, cursors: GroupCursors) -> Result<(), log::Error> {
+        // A group created with its topic finds the first election under way: wait for it.
+        let _ = self
+            .raft
+            .wait(Some(Duration::from_secs(3)))
+            .metrics(|m| m.current_leader.is_some(), "a leader of the partition")
+            .await;
         self.leading_term()?;
         match self.raft.client_write(Proposal::Cursors(cursors)).await {
             Ok(_) => Ok(()),
