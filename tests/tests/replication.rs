@@ -1085,6 +1085,26 @@ async fn produce_jobs(client: &Client, from: usize, to: usize) -> anyhow::Result
     Ok(())
 }
 
+/// Creates group `name`, calling again for up to 20 s while it is refused as UNAVAILABLE (a
+/// new topic's coordinator partition may still be electing its leader, or the leader just
+/// moved), as a client retries a retriable error.
+async fn create_group_retrying(
+    client: &Client,
+    name: &str,
+    config: &weir_client::GroupConfig,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        match client.create_group(name, config).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.is_retriable() && started.elapsed() < Duration::from_secs(20) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => anyhow::bail!("creating group {name}: {e}"),
+        }
+    }
+}
+
 /// Distinct records delivered to the members of `group`.
 fn distinct(histories: &[(&str, Shared<GroupHistory>)], group: &str) -> usize {
     let mut offsets = std::collections::BTreeSet::new();
@@ -1171,7 +1191,7 @@ async fn groups_resume_on_their_coordinator_partitions_new_leader() -> anyhow::R
     ] {
         let config = weir_client::GroupConfig::new("jobs", group_type)
             .with_start(weir_client::StartFrom::Earliest);
-        client.create_group(group, &config).await?;
+        create_group_retrying(&client, group, &config).await?;
     }
     let m = client.metadata().await?;
     let coordinator = m
@@ -1379,7 +1399,7 @@ async fn a_replicated_work_queue_deletes_what_its_groups_acked_on_every_replica(
         .await?;
     let config = weir_client::GroupConfig::new("tasks", weir_client::GroupType::Shared)
         .with_start(weir_client::StartFrom::Earliest);
-    client.create_group("workers", &config).await?;
+    create_group_retrying(&client, "workers", &config).await?;
     for n in 0..30 {
         let records = (0..50)
             .map(|i| Record::value(format!("task {n}-{i}")))

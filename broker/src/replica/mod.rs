@@ -832,7 +832,7 @@ impl Replica {
     /// returns once they are committed and applied here: every replica then keeps them, so
     /// the next leader has them ([`Replica::cursors`]). An entry without cursors removes
     /// every cursor of the group (it was deleted). While an election is under way it waits
-    /// for its outcome (at most 3 s).
+    /// for its outcome (at most 10 s).
     ///
     /// # Errors
     ///
@@ -843,7 +843,7 @@ impl Replica {
         // A group created with its topic finds the first election under way: wait for it.
         let _ = self
             .raft
-            .wait(Some(Duration::from_secs(3)))
+            .wait(Some(Duration::from_secs(10)))
             .metrics(|m| m.current_leader.is_some(), "a leader of the partition")
             .await;
         self.leading_term()?;
