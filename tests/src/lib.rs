@@ -841,6 +841,76 @@ pub fn damage_trailer(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every record of `topic`/`partition` from offset `from` on that `broker` itself stores (the
+/// call carries the forwarded mark, so the broker answers from its own replica), up to its
+/// high watermark, checking the offsets are dense.
+pub async fn replica_records(
+    broker: &Broker,
+    topic: &str,
+    partition: u32,
+    from: u64,
+) -> anyhow::Result<std::collections::BTreeMap<u64, Vec<u8>>> {
+    let mut client = weir_proto::v1::consumer_client::ConsumerClient::connect(broker.url()).await?;
+    let mut out = std::collections::BTreeMap::new();
+    let mut offset = from;
+    loop {
+        let mut request = tonic::Request::new(weir_proto::v1::FetchRequest {
+            topic: topic.into(),
+            partition,
+            offset,
+            max_records: 1000,
+            ..weir_proto::v1::FetchRequest::default()
+        });
+        request
+            .metadata_mut()
+            .insert("weir-forwarded", "1".parse()?);
+        let answer = client.fetch(request).await?.into_inner();
+        if answer.records.is_empty() {
+            anyhow::ensure!(
+                offset == answer.next_offset,
+                "{topic}/{partition} on {}: no records at {offset} below its end {}",
+                broker.addr,
+                answer.next_offset
+            );
+            return Ok(out);
+        }
+        for r in answer.records {
+            anyhow::ensure!(
+                r.offset == offset,
+                "{topic}/{partition} on {}: offset {} where {offset} was expected (not dense)",
+                broker.addr,
+                r.offset
+            );
+            out.insert(
+                r.offset,
+                r.record.map(|rec| rec.value.to_vec()).unwrap_or_default(),
+            );
+            offset += 1;
+        }
+    }
+}
+
+/// `(earliest, next)` offsets of `topic`/`partition` as `broker`'s own replica has them (the
+/// describe carries the forwarded mark, so the broker answers from its log).
+pub async fn replica_ends(
+    broker: &Broker,
+    topic: &str,
+    partition: u32,
+) -> anyhow::Result<(u64, u64)> {
+    let mut admin = weir_proto::v1::admin_client::AdminClient::connect(broker.url()).await?;
+    let mut request =
+        tonic::Request::new(weir_proto::v1::DescribeTopicRequest { name: topic.into() });
+    request
+        .metadata_mut()
+        .insert("weir-forwarded", "1".parse()?);
+    let answer = admin.describe_topic(request).await?.into_inner();
+    let p = answer
+        .topic
+        .and_then(|t| t.partitions.into_iter().find(|p| p.partition == partition))
+        .ok_or_else(|| anyhow::anyhow!("{topic}/{partition} not described by {}", broker.addr))?;
+    Ok((p.earliest_offset, p.next_offset))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

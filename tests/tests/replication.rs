@@ -13,7 +13,7 @@ use std::{
 
 use weir_client::{Client, FetchOptions, Record, TopicConfig};
 use weir_proto::v1::{FetchRequest, consumer_client::ConsumerClient};
-use weir_tests::Broker;
+use weir_tests::{Broker, replica_ends, replica_records};
 
 /// The leader of `topic`/`partition` in `client`'s metadata, once one is recorded there
 /// (waits up to 20 s).
@@ -67,54 +67,7 @@ async fn local_records(
     topic: &str,
     partition: u32,
 ) -> anyhow::Result<BTreeMap<u64, Vec<u8>>> {
-    local_records_from(broker, topic, partition, 0).await
-}
-
-/// As [`local_records`], from offset `from` on.
-async fn local_records_from(
-    broker: &Broker,
-    topic: &str,
-    partition: u32,
-    from: u64,
-) -> anyhow::Result<BTreeMap<u64, Vec<u8>>> {
-    let mut client = ConsumerClient::connect(broker.url()).await?;
-    let mut out = BTreeMap::new();
-    let mut offset = from;
-    loop {
-        let mut request = tonic::Request::new(FetchRequest {
-            topic: topic.into(),
-            partition,
-            offset,
-            max_records: 1000,
-            ..FetchRequest::default()
-        });
-        request
-            .metadata_mut()
-            .insert("weir-forwarded", "1".parse()?);
-        let answer = client.fetch(request).await?.into_inner();
-        if answer.records.is_empty() {
-            anyhow::ensure!(
-                offset == answer.next_offset,
-                "{topic}/{partition} on {}: no records at {offset} below its end {}",
-                broker.addr,
-                answer.next_offset
-            );
-            return Ok(out);
-        }
-        for r in answer.records {
-            anyhow::ensure!(
-                r.offset == offset,
-                "{topic}/{partition} on {}: offset {} where {offset} was expected (not dense)",
-                broker.addr,
-                r.offset
-            );
-            out.insert(
-                r.offset,
-                r.record.map(|rec| rec.value.to_vec()).unwrap_or_default(),
-            );
-            offset += 1;
-        }
-    }
+    replica_records(broker, topic, partition, 0).await
 }
 
 /// Acknowledged records: partition → offset → value.
@@ -1266,23 +1219,6 @@ async fn groups_resume_on_their_coordinator_partitions_new_leader() -> anyhow::R
     Ok(())
 }
 
-/// `(earliest, next)` offsets of `topic`/`partition` as `broker`'s own replica has them (the
-/// describe carries the forwarded mark, so the broker answers from its log).
-async fn local_ends(broker: &Broker, topic: &str, partition: u32) -> anyhow::Result<(u64, u64)> {
-    let mut admin = weir_proto::v1::admin_client::AdminClient::connect(broker.url()).await?;
-    let mut request =
-        tonic::Request::new(weir_proto::v1::DescribeTopicRequest { name: topic.into() });
-    request
-        .metadata_mut()
-        .insert("weir-forwarded", "1".parse()?);
-    let answer = admin.describe_topic(request).await?.into_inner();
-    let p = answer
-        .topic
-        .and_then(|t| t.partitions.into_iter().find(|p| p.partition == partition))
-        .ok_or_else(|| anyhow::anyhow!("{topic}/{partition} not described by {}", broker.addr))?;
-    Ok((p.earliest_offset, p.next_offset))
-}
-
 /// Waits (up to 30 s) until every running broker's replica of `topic`/`partition` starts at
 /// `earliest` and ends at `next`.
 async fn until_every_replica_spans(
@@ -1296,7 +1232,7 @@ async fn until_every_replica_spans(
     loop {
         let mut ends = Vec::new();
         for b in brokers.iter().filter(|b| b.pid().is_some()) {
-            ends.push(local_ends(b, topic, partition).await?);
+            ends.push(replica_ends(b, topic, partition).await?);
         }
         if ends.iter().all(|e| *e == (earliest, next)) {
             return Ok(());
@@ -1337,7 +1273,7 @@ async fn retention_cuts_every_replica_alike_and_a_follower_behind_it_catches_up_
     }
     // 5,000 produced in batches of 100, at most 1,000 kept: whole batches below 4,000 go.
     until_every_replica_spans(&brokers, "logs", 0, 4000, 5000).await?;
-    let kept = local_records_from(&brokers[0], "logs", 0, 4000).await?;
+    let kept = replica_records(&brokers[0], "logs", 0, 4000).await?;
     assert_eq!(kept.len(), 1000);
     assert_eq!(kept.get(&4000).map(Vec::as_slice), Some(&b"line 40-0"[..]));
 
@@ -1364,10 +1300,10 @@ async fn retention_cuts_every_replica_alike_and_a_follower_behind_it_catches_up_
             .contains("replica caught up from a snapshot of its leader"),
         "the stopped follower caught up through a snapshot"
     );
-    let want = local_records_from(&brokers[leader], "logs", 0, 9000).await?;
+    let want = replica_records(&brokers[leader], "logs", 0, 9000).await?;
     assert_eq!(want.len(), 1000);
     for b in &brokers {
-        let got = local_records_from(b, "logs", 0, 9000).await?;
+        let got = replica_records(b, "logs", 0, 9000).await?;
         assert!(
             got == want,
             "{} holds other records than the leader",

@@ -1,0 +1,288 @@
+//! The nemesis (`docs/reliability.md`): a three-broker cluster, an RF3 topic, idempotent
+//! producers, and process faults on one broker at a time (SIGKILL and restart, SIGSTOP and
+//! SIGCONT, SIGTERM and restart) for `NEMESIS_MINUTES` minutes; then heal, read every
+//! replica and check the history. Run by `tests/fault/nemesis --minutes M` (ignored by a
+//! plain `cargo test`). The last line it prints is the JSON summary.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use weir_client::{Client, Record, RetryPolicy, TopicConfig};
+use weir_fault::{History, Outcome, Produce, check};
+use weir_tests::{Broker, replica_ends, replica_records};
+
+const TOPIC: &str = "nemesis";
+const PARTITIONS: u32 = 4;
+/// How long a group's acks may take to be stored (a tick plus a coordinator change).
+const PERSIST_WINDOW_MS: u64 = 1000;
+
+type Shared<T> = Arc<parking_lot::Mutex<T>>;
+
+/// A small xorshift generator: the run's choices, reproducible from `NEMESIS_SEED`.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// An idempotent producer of partition `partition` (bootstrapped from every broker,
+/// retrying for 30 s) sending requests of 5 records until `stop`, recording each record's
+/// outcome. After a failure it starts again as a new producer.
+fn spawn_producer(
+    all: String,
+    partition: u32,
+    history: Shared<History>,
+    acks_at: Shared<Vec<(u32, Instant)>>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    tokio::spawn(async move {
+        let client = Client::connect(&all).await?;
+        let policy = RetryPolicy {
+            attempts: 300,
+            backoff: Duration::from_millis(100),
+        };
+        let mut producer = client.producer(policy);
+        let mut sequence = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let values: Vec<Vec<u8>> = (0..5)
+                .map(|i| format!("p{partition}-{}", sequence + i).into_bytes())
+                .collect();
+            let records = values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| Record::keyed(format!("key-{}", i % 2), v.clone()))
+                .collect();
+            let answer = producer.send(TOPIC, Some(partition), records).await;
+            let outcomes: Vec<Outcome> = match &answer {
+                Ok(acks) => (0..5)
+                    .map(|i| Outcome::Acked {
+                        offset: acks[0].base_offset + i,
+                    })
+                    .collect(),
+                Err(_) => vec![Outcome::Unknown; 5],
+            };
+            {
+                let mut h = history.lock();
+                for (i, (value, outcome)) in values.into_iter().zip(outcomes).enumerate() {
+                    h.produces.push(Produce {
+                        producer: partition,
+                        sequence: sequence + i as u64,
+                        key: format!("key-{}", i % 2),
+                        value,
+                        partition,
+                        outcome,
+                    });
+                }
+            }
+            if answer.is_ok() {
+                acks_at.lock().push((partition, Instant::now()));
+            } else {
+                producer = client.producer(policy);
+            }
+            sequence += 5;
+        }
+        anyhow::Ok(())
+    })
+}
+
+/// One fault on broker `victim`, healed before it returns; returns its kind.
+async fn inject(
+    brokers: &mut [Broker],
+    victim: usize,
+    rng: &mut Rng,
+) -> anyhow::Result<&'static str> {
+    let b = &mut brokers[victim];
+    let kind = match rng.below(3) {
+        0 => {
+            b.kill();
+            tokio::time::sleep(Duration::from_millis(500 + rng.below(2500))).await;
+            let ready = b.restart_nowait()?;
+            tokio::task::block_in_place(|| b.wait_ready(&ready))?;
+            "kill"
+        }
+        1 => {
+            b.signal("STOP")?;
+            tokio::time::sleep(Duration::from_millis(1000 + rng.below(4000))).await;
+            b.signal("CONT")?;
+            "pause"
+        }
+        _ => {
+            tokio::task::block_in_place(|| b.terminate())?;
+            let ready = b.restart_nowait()?;
+            tokio::task::block_in_place(|| b.wait_ready(&ready))?;
+            "term"
+        }
+    };
+    Ok(kind)
+}
+
+/// Waits (up to 60 s) until every broker's replica of every partition has the same ends.
+async fn converge(brokers: &[Broker]) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let mut agree = true;
+        for p in 0..PARTITIONS {
+            let mut ends = Vec::new();
+            for b in brokers {
+                ends.push(replica_ends(b, TOPIC, p).await.ok());
+            }
+            agree &= ends.iter().all(|e| e.is_some() && *e == ends[0]);
+        }
+        if agree {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "the replicas did not converge within 60 s of healing"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Unavailability of one fault: from `started` until every partition acknowledged a
+/// produce after it (at most 60 s).
+async fn until_every_partition_acked(
+    acks_at: &Shared<Vec<(u32, Instant)>>,
+    started: Instant,
+) -> anyhow::Result<Duration> {
+    loop {
+        let firsts: Vec<Option<Instant>> = (0..PARTITIONS)
+            .map(|p| {
+                acks_at
+                    .lock()
+                    .iter()
+                    .filter(|(q, at)| *q == p && *at > started)
+                    .map(|(_, at)| *at)
+                    .min()
+            })
+            .collect();
+        if let Some(last) = firsts.iter().copied().collect::<Option<Vec<_>>>() {
+            return Ok(last
+                .into_iter()
+                .max()
+                .map_or(Duration::ZERO, |at| at - started));
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "no acknowledgement on every partition within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every broker's records of every partition, into `history`.
+async fn read_replicas(brokers: &[Broker], history: &mut History) -> anyhow::Result<()> {
+    for b in brokers {
+        let mut partitions = BTreeMap::new();
+        for p in 0..PARTITIONS {
+            partitions.insert(p, replica_records(b, TOPIC, p, 0).await?);
+        }
+        history.replicas.insert(b.addr.clone(), partitions);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by tests/fault/nemesis --minutes M"]
+async fn nemesis() -> anyhow::Result<()> {
+    let minutes: f64 = std::env::var("NEMESIS_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(1.0);
+    let seed: u64 = std::env::var("NEMESIS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x9E37_79B9_7F4A_7C15);
+    let mut rng = Rng(seed.max(1));
+    let mut brokers = Broker::start_cluster(3, &[])?;
+    let client = brokers[0].client().await?;
+    client
+        .create_topic(
+            TOPIC,
+            &TopicConfig::new(PARTITIONS).with_replication_factor(3),
+        )
+        .await?;
+    let all = brokers
+        .iter()
+        .map(Broker::url)
+        .collect::<Vec<_>>()
+        .join(",");
+    let history: Shared<History> = Shared::default();
+    let acks_at: Shared<Vec<(u32, Instant)>> = Shared::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let producers: Vec<_> = (0..PARTITIONS)
+        .map(|p| {
+            spawn_producer(
+                all.clone(),
+                p,
+                Arc::clone(&history),
+                Arc::clone(&acks_at),
+                Arc::clone(&stop),
+            )
+        })
+        .collect();
+
+    let deadline = Instant::now() + Duration::from_secs_f64(minutes * 60.0);
+    let mut faults: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut unavailable_ms = Vec::new();
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1000 + rng.below(2000))).await;
+        let victim = rng.below(3) as usize;
+        let started = Instant::now();
+        let kind = inject(&mut brokers, victim, &mut rng).await?;
+        *faults.entry(kind).or_default() += 1;
+        let waited = until_every_partition_acked(&acks_at, started)
+            .await
+            .map_err(|e| anyhow::anyhow!("after a {kind} of broker {victim}: {e}"))?;
+        unavailable_ms.push(waited.as_millis() as u64);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for p in producers {
+        p.await??;
+    }
+
+    converge(&brokers).await?;
+    let mut history = std::mem::take(&mut *history.lock());
+    read_replicas(&brokers, &mut history).await?;
+    if let Ok(path) = std::env::var("NEMESIS_HISTORY") {
+        std::fs::write(&path, serde_json::to_vec(&history)?)?;
+    }
+    let report = check(&history, PERSIST_WINDOW_MS);
+    unavailable_ms.sort_unstable();
+    let summary = serde_json::json!({
+        "minutes": minutes,
+        "seed": seed,
+        "faults": faults,
+        "acknowledged": report.acknowledged,
+        "lost": report.lost,
+        "changed": report.changed,
+        "duplicated": report.duplicated,
+        "divergent": report.divergent,
+        "reordered": report.reordered,
+        "unavailable_ms": {
+            "p50": unavailable_ms.get(unavailable_ms.len() / 2),
+            "max": unavailable_ms.last(),
+        },
+    });
+    for v in report.violations.iter().take(20) {
+        println!("violation: {v:?}");
+    }
+    println!("{summary}");
+    anyhow::ensure!(report.ok(), "{} violations", report.violations.len());
+    Ok(())
+}
