@@ -1035,18 +1035,34 @@ impl Replica {
         Ok(proposed)
     }
 
-    /// Builds the sequencer for `term`: waits until every entry of earlier terms is applied
-    /// (openraft's ReadIndex: the leader's first entry of its term committed and applied),
-    /// then takes the applied producers' state.
+    /// Builds the sequencer for `term`: waits until every entry of this leader's log is
+    /// applied, then takes the applied producers' state.
+    ///
+    /// Every entry, not only those before the read index: a leader that restarted and
+    /// restored its leadership of the same term (openraft's leader restore) may hold entries
+    /// it proposed before the crash that a majority stored but its commit index does not
+    /// cover yet. Built from the state before them, the sequencer took a retry of such a
+    /// request for a new one and stored it a second time (found by the nemesis,
+    /// `docs/reliability.md`). The leader commits its whole log, so the wait ends.
     async fn rebuild(&self, sequencer: &mut Sequencer, term: u64) -> Result<(), log::Error> {
+        let unconfirmed = |e: &dyn std::fmt::Display| log::Error::NotLeader {
+            topic: self.topic.clone(),
+            partition: self.partition.index,
+            leader: format!("leadership not confirmed: {e}"),
+        };
         self.raft
             .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
             .await
-            .map_err(|e| log::Error::NotLeader {
-                topic: self.topic.clone(),
-                partition: self.partition.index,
-                leader: format!("leadership not confirmed: {e}"),
-            })?;
+            .map_err(|e| unconfirmed(&e))?;
+        let last = self.raft.metrics().borrow_watched().last_log_index;
+        self.raft
+            .wait(Some(Duration::from_secs(10)))
+            .applied_index_at_least(last, "every entry of the leader's log applied")
+            .await
+            .map_err(|e| unconfirmed(&e))?;
+        if self.leading_term()? != term {
+            return Err(unconfirmed(&"the leadership changed while the log was applied"));
+        }
         sequencer.last = self
             .shared
             .producers
