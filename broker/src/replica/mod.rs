@@ -1061,7 +1061,9 @@ impl Replica {
             .await
             .map_err(|e| unconfirmed(&e))?;
         if self.leading_term()? != term {
-            return Err(unconfirmed(&"the leadership changed while the log was applied"));
+            return Err(unconfirmed(
+                &"the leadership changed while the log was applied",
+            ));
         }
         sequencer.last = self
             .shared
