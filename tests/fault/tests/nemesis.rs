@@ -207,6 +207,17 @@ async fn until_every_partition_acked(
     }
 }
 
+/// The brokers' logs, into `NEMESIS_LOGS` when it is set.
+fn write_logs(brokers: &[Broker]) -> anyhow::Result<()> {
+    if let Ok(dir) = std::env::var("NEMESIS_LOGS") {
+        std::fs::create_dir_all(&dir)?;
+        for (i, b) in brokers.iter().enumerate() {
+            std::fs::write(format!("{dir}/broker-{i}.log"), b.log_text())?;
+        }
+    }
+    Ok(())
+}
+
 /// Every broker's records of every partition, into `history`.
 async fn read_replicas(brokers: &[Broker], history: &mut History) -> anyhow::Result<()> {
     for b in brokers {
@@ -266,7 +277,8 @@ async fn nemesis() -> anyhow::Result<()> {
         })
         .collect();
 
-    let deadline = Instant::now() + Duration::from_secs_f64(minutes * 60.0);
+    let run_started = Instant::now();
+    let deadline = run_started + Duration::from_secs_f64(minutes * 60.0);
     let mut faults: BTreeMap<String, u64> = BTreeMap::new();
     let mut unavailable_ms = Vec::new();
     while Instant::now() < deadline {
@@ -282,6 +294,10 @@ async fn nemesis() -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("after a {kind} of broker {victim}: {e}"))?;
         unavailable_ms.push(waited.as_millis() as u64);
+        if waited > Duration::from_secs(10) {
+            let at = started.duration_since(run_started);
+            println!("slow fault: {kind} of broker {victim} at {at:?}: {waited:?}");
+        }
     }
     stop.store(true, Ordering::Relaxed);
     for p in producers {
@@ -314,12 +330,7 @@ async fn nemesis() -> anyhow::Result<()> {
     for v in report.violations.iter().take(20) {
         println!("violation: {v:?}");
     }
-    if let (false, Ok(dir)) = (report.ok(), std::env::var("NEMESIS_LOGS")) {
-        std::fs::create_dir_all(&dir)?;
-        for (i, b) in brokers.iter().enumerate() {
-            std::fs::write(format!("{dir}/broker-{i}.log"), b.log_text())?;
-        }
-    }
+    write_logs(&brokers)?;
     println!("{summary}");
     anyhow::ensure!(report.ok(), "{} violations", report.violations.len());
     Ok(())
