@@ -761,6 +761,16 @@ impl Replicas {
         self.replica_of(&partition)
     }
 
+    /// This broker's replica of `partition`, or [`log::Error::Replica`] saying there is none.
+    fn replica_here(&self, partition: &Partition) -> Result<Arc<Replica>, log::Error> {
+        self.replica_of(partition)
+            .ok_or_else(|| log::Error::Replica {
+                topic: partition.topic.clone(),
+                partition: partition.index,
+                message: "no replica of this partition on this broker".into(),
+            })
+    }
+
     fn replica_of(&self, partition: &Partition) -> Option<Arc<Replica>> {
         self.by_partition.lock().get(&partition.prefix()).cloned()
     }
@@ -783,18 +793,8 @@ impl log::Replicator for Replicas {
         producer: Option<Idempotence>,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<log::Proposed, log::Error>> + Send + '_>>
     {
-        let replica = self.replica_of(partition);
-        let (topic, index) = (partition.topic.clone(), partition.index);
-        Box::pin(async move {
-            let Some(replica) = replica else {
-                return Err(log::Error::Replica {
-                    topic,
-                    partition: index,
-                    message: "no replica of this partition on this broker".into(),
-                });
-            };
-            replica.propose(batch, records, producer).await
-        })
+        let replica = self.replica_here(partition);
+        Box::pin(async move { replica?.propose(batch, records, producer).await })
     }
 
     fn trim(
@@ -802,28 +802,8 @@ impl log::Replicator for Replicas {
         partition: &Arc<Partition>,
         earliest: u64,
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), log::Error>> + Send + '_>> {
-        let replica = self.replica_of(partition);
-        let (topic, index) = (partition.topic.clone(), partition.index);
-        Box::pin(async move {
-            let Some(replica) = replica else {
-                return Err(log::Error::Replica {
-                    topic,
-                    partition: index,
-                    message: "no replica of this partition on this broker".into(),
-                });
-            };
-            replica.leading_term()?;
-            match replica.raft.client_write(Proposal::Trim { earliest }).await {
-                Ok(_) => Ok(()),
-                Err(openraft::errors::RaftError::APIError(
-                    openraft::errors::ClientWriteError::ForwardToLeader(f),
-                )) => Err(not_leader(&topic, index, f.leader_id)),
-                Err(_) => Err(log::Error::OutcomeUnknown {
-                    topic,
-                    partition: index,
-                }),
-            }
-        })
+        let replica = self.replica_here(partition);
+        Box::pin(async move { replica?.write_state(Proposal::Trim { earliest }).await })
     }
 }
 
@@ -846,8 +826,16 @@ impl Replica {
             .wait(Some(Duration::from_secs(10)))
             .metrics(|m| m.current_leader.is_some(), "a leader of the partition")
             .await;
+        self.write_state(Proposal::Cursors(cursors)).await
+    }
+
+    /// Proposes an entry without records (cursors, a retention cut) and returns once it is
+    /// committed and applied here. [`log::Error::NotLeader`] when this replica does not lead
+    /// (nothing stored); [`log::Error::OutcomeUnknown`] when the leadership changed before
+    /// it committed (such entries are absolute, so proposing them again is harmless).
+    async fn write_state(&self, proposal: Proposal) -> Result<(), log::Error> {
         self.leading_term()?;
-        match self.raft.client_write(Proposal::Cursors(cursors)).await {
+        match self.raft.client_write(proposal).await {
             Ok(_) => Ok(()),
             Err(openraft::errors::RaftError::APIError(
                 openraft::errors::ClientWriteError::ForwardToLeader(f),
