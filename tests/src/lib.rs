@@ -7,6 +7,8 @@
 //! - [`bin`] returns the path of a workspace binary, building it once per test run.
 //! - [`grpcurl`] returns a grpcurl binary, built with `go install` at a pinned version into
 //!   `~/.cache/weir/tools` on first use.
+//! - [`toxiproxy::Toxiproxy`]: Shopify's fault-injecting TCP proxy (built with `go install`),
+//!   between brokers for network faults.
 //! - [`loghub`] reads the Loghub samples in `tests/data/loghub`.
 //!
 //! - [`k8s::ControlPlane`]: the real Kubernetes control plane of `tests/k8s/control-plane`.
@@ -21,6 +23,7 @@ pub mod helm;
 pub mod k8s;
 pub mod kubelet;
 pub mod operator;
+pub mod toxiproxy;
 
 use std::{
     io::{BufRead, BufReader},
@@ -257,25 +260,33 @@ pub const GRPCURL_VERSION: &str = "v1.9.3";
 /// Path of a grpcurl binary, built from Go modules with `go install` at
 /// [`GRPCURL_VERSION`] into `$WEIR_CACHE/tools` (default `~/.cache/weir/tools`) on first use.
 pub fn grpcurl() -> anyhow::Result<PathBuf> {
+    go_install(
+        "github.com/fullstorydev/grpcurl/cmd/grpcurl",
+        GRPCURL_VERSION,
+        "grpcurl",
+    )
+}
+
+/// Path of the binary that `go install package@version` builds (named `binary`, the
+/// package's last path element), built into `$WEIR_CACHE/tools/<binary>-<version>` on first
+/// use (Go and the Go module proxy are needed then).
+pub fn go_install(package: &str, version: &str, binary: &str) -> anyhow::Result<PathBuf> {
     let cache = cache_dir()
         .join("tools")
-        .join(format!("grpcurl-{GRPCURL_VERSION}"));
-    let path = cache.join("grpcurl");
+        .join(format!("{binary}-{version}"));
+    let path = cache.join(binary);
     if path.exists() {
         return Ok(path);
     }
     std::fs::create_dir_all(&cache)?;
     let status = Command::new("go")
-        .args([
-            "install",
-            &format!("github.com/fullstorydev/grpcurl/cmd/grpcurl@{GRPCURL_VERSION}"),
-        ])
+        .args(["install", &format!("{package}@{version}")])
         .env("GOBIN", &cache)
         .env("GOFLAGS", "-modcacherw")
         .status()
-        .context("running `go install` for grpcurl (is Go installed?)")?;
+        .with_context(|| format!("running `go install` for {package} (is Go installed?)"))?;
     if !status.success() || !path.exists() {
-        bail!("building grpcurl {GRPCURL_VERSION} with go install failed: {status}");
+        bail!("building {package}@{version} with go install failed: {status}");
     }
     Ok(path)
 }
@@ -395,8 +406,41 @@ impl Broker {
         peers: usize,
         args: &[&str],
     ) -> anyhow::Result<Vec<Self>> {
+        Self::start_cluster_at(n, peers, args, None)
+    }
+
+    /// Starts `n` brokers as [`Broker::start_cluster`] does, each behind a proxy of `proxy`
+    /// named `broker-<i>`: each advertises its proxy's address, so its peers' connections to
+    /// it and clients routed to it pass through the proxy (disable it or add toxics to
+    /// partition the broker or slow its network). [`Broker::url`] stays the broker's own
+    /// address.
+    pub fn start_cluster_behind(
+        proxy: &toxiproxy::Toxiproxy,
+        n: usize,
+        args: &[&str],
+    ) -> anyhow::Result<Vec<Self>> {
+        Self::start_cluster_at(n, n, args, Some(proxy))
+    }
+
+    fn start_cluster_at(
+        n: usize,
+        peers: usize,
+        args: &[&str],
+        proxy: Option<&toxiproxy::Toxiproxy>,
+    ) -> anyhow::Result<Vec<Self>> {
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<anyhow::Result<_>>()?;
-        let peers = ports
+        let mut advertised = ports.clone();
+        if let Some(proxy) = proxy {
+            for (i, port) in ports.iter().enumerate() {
+                advertised[i] = free_port()?;
+                proxy.create(
+                    &format!("broker-{i}"),
+                    &format!("127.0.0.1:{}", advertised[i]),
+                    &format!("127.0.0.1:{port}"),
+                )?;
+            }
+        }
+        let peers = advertised
             .iter()
             .take(peers)
             .enumerate()
@@ -413,6 +457,9 @@ impl Broker {
                 "--peers".into(),
                 peers.clone(),
             ];
+            if proxy.is_some() {
+                all.extend(["--advertise".into(), format!("127.0.0.1:{}", advertised[i])]);
+            }
             all.extend(args.iter().map(|a| (*a).to_owned()));
             let mut b = Self {
                 child: None,
@@ -549,6 +596,16 @@ impl Broker {
     /// `http://` URL of the gRPC server.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// `http://` URL at which peers and routed clients reach the broker: its `--advertise`
+    /// address (a proxy's, for [`Broker::start_cluster_behind`]), else [`Broker::url`].
+    pub fn advertised_url(&self) -> String {
+        self.args
+            .iter()
+            .position(|a| a == "--advertise")
+            .and_then(|i| self.args.get(i + 1))
+            .map_or_else(|| self.url(), |a| format!("http://{a}"))
     }
 
     /// The data directory.
@@ -789,6 +846,20 @@ pub fn newest_journal(data_dir: &Path) -> anyhow::Result<PathBuf> {
         .max_by_key(|(id, _)| *id)
         .map(|(_, path)| path)
         .ok_or_else(|| anyhow::anyhow!("no journal file in {}", data_dir.display()))
+}
+
+/// The length of a journal's written part: fjall preallocates its journal files (zeros), so
+/// this is the offset after the last non-zero byte.
+///
+/// # Errors
+///
+/// The file cannot be read.
+pub fn journal_data_len(path: &Path) -> anyhow::Result<u64> {
+    let bytes = std::fs::read(path)?;
+    Ok(bytes
+        .iter()
+        .rposition(|b| *b != 0)
+        .map_or(0, |i| i as u64 + 1))
 }
 
 /// Cuts the file at `path` to `keep` bytes; returns its length before.

@@ -208,6 +208,9 @@ pub struct Cluster {
     reported_floors: parking_lot::Mutex<remote::ReportedFloors>,
     /// The replica groups of replicated partitions on this broker.
     replicas: Arc<crate::replica::Replicas>,
+    /// The metadata log lost entries (damaged storage) and has not applied up to them
+    /// again: this broker neither votes nor stands for election meanwhile.
+    repairing: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -239,7 +242,14 @@ impl Cluster {
     pub async fn open(log: Arc<Log>, options: ClusterOptions) -> Result<Arc<Self>, Error> {
         let ks = log.keyspace("raft")?;
         let db = log.database();
-        let log_store = store::LogStore::new(db.clone(), ks.clone());
+        let mut log_store = store::LogStore::new(db.clone(), ks.clone(), log.dir())
+            .map_err(|e| Error::Storage(e.to_string()))?;
+        // Before anything reads the log: a vote that went back is restored here (so a
+        // damaged broker does not take itself for a new one).
+        let lost = log_store
+            .check_marks()
+            .await
+            .map_err(|e| Error::Storage(e.to_string()))?;
         let fresh = log_store.is_empty()?;
         let (replicas, leader_changes) =
             crate::replica::Replicas::new(options.node_id, &log, options.replica)?;
@@ -257,6 +267,12 @@ impl Cluster {
             election_timeout_max: 1000,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
             max_in_snapshot_log_to_keep: 100,
+            // A peer whose storage lost entries comes back with a shorter log; the leader
+            // sends them again instead of treating it as a bug (openraft panics otherwise).
+            // Safe because such a broker does not vote until it has them back (below).
+            allow_log_reversion: Some(true),
+            // A broker that lost entries must not resume leadership from its vote.
+            enable_leader_restore: Some(lost.is_none()),
             ..Default::default()
         };
         let config = Arc::new(
@@ -267,6 +283,24 @@ impl Cluster {
         let raft = Raft::new(options.node_id, config, network::Network, log_store, sm)
             .await
             .map_err(|e| Error::Storage(e.to_string()))?;
+        let voters = raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .count();
+        // A sole voter has no peer to take lost entries from: it goes on without them. (The
+        // membership may be among what was lost: `--peers` counts too.)
+        let lost = lost.filter(|_| voters > 1 || options.peers.len() > 1);
+        if let Some(l) = lost {
+            tracing::error!(
+                stored_to = l.stored_to,
+                had_to = l.had_to,
+                "the metadata log lost entries it had stored (damaged storage); this broker takes them from the leader and does not vote until it has them again"
+            );
+            raft.runtime_config().elect(false);
+        }
         // The replicas of replicated partitions this broker holds, as the state places them.
         let applied = Arc::clone(&state.borrow().1);
         store::open_replicas(&applied, &log, &replicas, options.node_id)
@@ -284,13 +318,49 @@ impl Cluster {
             channels: parking_lot::Mutex::default(),
             reported_floors: parking_lot::Mutex::default(),
             replicas,
+            repairing: std::sync::atomic::AtomicBool::new(lost.is_some()),
         });
+        if let Some(l) = lost {
+            cluster.watch_repair(l);
+        }
         cluster.spawn_leader_reports(leader_changes);
         cluster
             .replicas
             .spawn_preferred_leaders(PREFERRED_LEADER_INTERVAL);
         cluster.replicas.spawn_in_sync();
         Ok(cluster)
+    }
+
+    /// Whether the metadata log is being repaired after damage ([`Cluster::open`]): its
+    /// `Vote` calls are refused meanwhile, as if this broker were down.
+    pub fn is_repairing(&self) -> bool {
+        self.repairing.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Lets this broker vote and stand again once it applied every entry it had lost (the
+    /// entries it acknowledged are then on a majority again, with it among them).
+    fn watch_repair(self: &Arc<Self>, lost: store::LostEntries) {
+        let cluster = Arc::downgrade(self);
+        let mut applied = self.state.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            if applied
+                .wait_for(|(index, _)| *index >= lost.had_to)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let Some(c) = cluster.upgrade() else { return };
+            c.repairing
+                .store(false, std::sync::atomic::Ordering::Release);
+            c.raft.runtime_config().elect(true);
+            tracing::warn!(
+                had_to = lost.had_to,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "metadata log repaired from the leader: it has every entry it had lost and votes again"
+            );
+        });
     }
 
     /// The replica groups of replicated partitions on this broker.

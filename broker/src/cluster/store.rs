@@ -14,11 +14,25 @@
 //! written in one batch per `apply` call; metadata changes are rare (admin calls, broker
 //! registrations), so one small fsync each is cheap. A snapshot is the state machine's JSON.
 //!
+//! The vote and the last log index are also kept in `metadata-marks` in the data directory
+//! (JSON; temporary file, fsync, rename), outside the database's journal: a journal that
+//! lost its tail (damaged storage) would otherwise give back an older vote, letting this
+//! broker vote twice in a term, and a shorter log, letting it elect a leader without entries
+//! it acknowledged (Raft's persistent state, Figure 2 of the Raft paper, must not go back).
+//! At start-up [`LogStore::check_marks`] restores the vote and reports lost entries; the
+//! broker then votes again only once it has them back (`super::Cluster::open`).
+//!
 //! Applying a command also makes the local log match it (`local_effects`): the topics with
 //! a partition led here exist locally with the partitions they lead. Those effects are
 //! idempotent, so an entry applied again after a crash (before `s` was written) does no harm.
 
-use std::{fmt::Debug, io, ops::RangeBounds, sync::Arc};
+use std::{
+    fmt::Debug,
+    io::{self, Write},
+    ops::RangeBounds,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use fjall::{Database, Keyspace, PersistMode};
 use futures::{Stream, TryStreamExt};
@@ -64,16 +78,110 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(io_err)?
 }
 
+/// File name of the [`Marks`] in the data directory.
+pub(crate) const MARKS_FILE: &str = "metadata-marks";
+
+/// What the metadata log had stored at most: its vote and its last entry's index.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Marks {
+    /// The vote, as last saved.
+    pub(crate) vote: Option<VoteOf<C>>,
+    /// The index of the last entry stored (fsynced), as of the last append or truncation.
+    pub(crate) last_index: Option<u64>,
+}
+
+/// The [`Marks`] file, rewritten after every vote, append and truncation.
+struct MarksFile {
+    path: PathBuf,
+    marks: parking_lot::Mutex<Marks>,
+}
+
+impl MarksFile {
+    /// Reads the file in `dir` (no file: no marks, a new data directory or one from before
+    /// the file existed).
+    fn open(dir: &Path) -> io::Result<Self> {
+        let path = dir.join(MARKS_FILE);
+        let marks = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} is not the metadata's marks: {e}", path.display()),
+                )
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Marks::default(),
+            Err(e) => return Err(e),
+        };
+        Ok(Self {
+            path,
+            marks: parking_lot::Mutex::new(marks),
+        })
+    }
+
+    fn get(&self) -> Marks {
+        *self.marks.lock()
+    }
+
+    /// Changes the marks with `change` and writes them durably (under the lock, so the file
+    /// ends with the last change).
+    fn update(&self, change: impl FnOnce(&mut Marks)) -> io::Result<()> {
+        let mut marks = self.marks.lock();
+        change(&mut marks);
+        let tmp = self.path.with_extension("tmp");
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&to_json(&*marks)?)?;
+        file.sync_data()?;
+        std::fs::rename(&tmp, &self.path)
+    }
+}
+
+/// Entries the metadata log had stored and lost (damaged storage): `(lost_from, lost_to]`
+/// by index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LostEntries {
+    /// The last index still stored (`None`: none).
+    pub(crate) stored_to: Option<u64>,
+    /// The last index it had stored.
+    pub(crate) had_to: u64,
+}
+
 /// The metadata group's log.
 #[derive(Clone)]
 pub struct LogStore {
     db: Database,
     ks: Keyspace,
+    marks: Arc<MarksFile>,
 }
 
 impl LogStore {
-    pub(crate) fn new(db: Database, ks: Keyspace) -> Self {
-        Self { db, ks }
+    /// The log in keyspace `ks` of `db`, its marks in `dir`.
+    pub(crate) fn new(db: Database, ks: Keyspace, dir: &Path) -> io::Result<Self> {
+        Ok(Self {
+            db,
+            ks,
+            marks: Arc::new(MarksFile::open(dir)?),
+        })
+    }
+
+    /// Compares what is stored with the marks: restores a vote that went back (and logs
+    /// it), and reports entries that were lost. Before openraft reads the log.
+    pub(crate) async fn check_marks(&mut self) -> io::Result<Option<LostEntries>> {
+        let marks = self.marks.get();
+        let stored: Option<VoteOf<C>> = self.get_json(b"v")?;
+        if let Some(vote) = marks.vote
+            && stored.is_none_or(|s| s < vote)
+        {
+            tracing::error!(stored = ?stored, had = %vote, "the metadata's stored vote went back (damaged storage); restored from its marks");
+            let store = self.clone();
+            blocking(move || store.put_json_synced(b"v", &vote)).await?;
+        }
+        let last = self.get_log_state().await?.last_log_id.map(|l| l.index());
+        Ok(match marks.last_index {
+            Some(had) if last.is_none_or(|l| l < had) => Some(LostEntries {
+                stored_to: last,
+                had_to: had,
+            }),
+            _ => None,
+        })
     }
 
     fn get_json<T: for<'de> Deserialize<'de>>(&self, key: &[u8]) -> io::Result<Option<T>> {
@@ -151,7 +259,11 @@ impl RaftLogStorage<C> for LogStore {
     async fn save_vote(&mut self, vote: &VoteOf<C>) -> Result<(), io::Error> {
         let store = self.clone();
         let vote = *vote;
-        blocking(move || store.put_json_synced(b"v", &vote)).await
+        blocking(move || {
+            store.put_json_synced(b"v", &vote)?;
+            store.marks.update(|m| m.vote = Some(vote))
+        })
+        .await
     }
 
     async fn save_committed(&mut self, committed: Option<LogIdOf<C>>) -> Result<(), io::Error> {
@@ -167,15 +279,22 @@ impl RaftLogStorage<C> for LogStore {
         I: IntoIterator<Item = EntryOf<C>> + OptionalSend,
     {
         let mut batch = self.db.batch();
+        let mut last = None;
         for entry in entries {
             batch.insert(&self.ks, log_key(entry.index()), to_json(&entry)?);
+            last = Some(entry.index());
         }
         // Written here, so the entries can be read once this returns; fsynced in the
-        // background, and openraft told when it is done.
+        // background (then the marks), and openraft told when it is done.
         batch.commit().map_err(io_err)?;
         let db = self.db.clone();
+        let marks = Arc::clone(&self.marks);
         tokio::task::spawn_blocking(move || {
-            callback.io_completed(db.persist(PersistMode::SyncData).map_err(io_err));
+            let done = db
+                .persist(PersistMode::SyncData)
+                .map_err(io_err)
+                .and_then(|()| marks.update(|m| m.last_index = m.last_index.max(last)));
+            callback.io_completed(done);
         });
         Ok(())
     }
@@ -186,7 +305,14 @@ impl RaftLogStorage<C> for LogStore {
         for guard in self.ks.range(log_key(from)..=log_key(u64::MAX)) {
             batch.remove(&self.ks, guard.key().map_err(io_err)?);
         }
-        batch.commit().map_err(io_err)
+        batch.commit().map_err(io_err)?;
+        // Entries removed by the leader's order (never committed) are not lost ones.
+        let marks = Arc::clone(&self.marks);
+        let last = last_log_id.map(|l| l.index());
+        blocking(move || {
+            marks.update(|m| m.last_index = m.last_index.and_then(|h| last.map(|l| h.min(l))))
+        })
+        .await
     }
 
     async fn purge(&mut self, log_id: LogIdOf<C>) -> Result<(), io::Error> {

@@ -137,6 +137,12 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<pb::RaftMessage>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
+        if self.cluster.is_repairing() {
+            // As if down: a candidate gets no vote from a broker that forgot entries.
+            return Err(Status::unavailable(
+                "this broker's metadata log is being repaired from the leader after damage to its storage; it does not vote until it has every entry it lost",
+            ));
+        }
         let req = decode(request.get_ref())?;
         encode(&self.cluster.raft().vote(req).await)
     }

@@ -231,6 +231,8 @@ pub struct Log {
     report: RecoveryReport,
     /// Proposes appends to replicated partitions (set by `crate::replica`).
     replicator: std::sync::OnceLock<Arc<dyn Replicator>>,
+    /// The data directory.
+    dir: std::path::PathBuf,
 }
 
 /// The result of one proposed append to a replicated partition: its [`Ack`] once
@@ -366,6 +368,7 @@ impl Log {
                 .max_queued_bytes
                 .clamp(1 << 20, u64::from(u32::MAX >> 3)) as u32,
             writer: parking_lot::Mutex::new(Some(writer)),
+            dir: dir.to_path_buf(),
             report,
             replicator: std::sync::OnceLock::new(),
         })
@@ -383,6 +386,11 @@ impl Log {
             .db
             .keyspace(name, KeyspaceCreateOptions::default)
             .map_err(Error::Commit)
+    }
+
+    /// The data directory the log was opened in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The log's fjall database (for [`Log::keyspace`]'s users to batch and persist).

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::history::{GroupEvent, History, Outcome, Produce};
+use crate::history::{AdminOp, GroupEvent, History, Outcome, Produce};
 
 /// One broken invariant, with what shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -83,6 +83,15 @@ pub enum Violation {
         /// When it was delivered again (ms).
         delivered_at_ms: u64,
     },
+    /// An acknowledged admin request whose effect the metadata does not show after healing
+    /// (a created topic missing, or fewer partitions than a grow acknowledged), or a topic
+    /// with partitions no request asked for.
+    AdminLost {
+        /// The request.
+        op: AdminOp,
+        /// The topic's partitions after healing (`None`: no such topic).
+        found: Option<u32>,
+    },
 }
 
 /// What [`check`] found: counts by kind (the nemesis's summary) and every violation.
@@ -104,6 +113,8 @@ pub struct Report {
     pub offset_regressions: u64,
     /// Acked records delivered again too late.
     pub redelivered_after_ack: u64,
+    /// Acknowledged admin requests without their effect.
+    pub admin_lost: u64,
     /// Every violation.
     pub violations: Vec<Violation>,
 }
@@ -123,6 +134,7 @@ impl Report {
             Violation::Reordered { .. } => self.reordered += 1,
             Violation::OffsetRegression { .. } => self.offset_regressions += 1,
             Violation::RedeliveredAfterAck { .. } => self.redelivered_after_ack += 1,
+            Violation::AdminLost { .. } => self.admin_lost += 1,
         }
         self.violations.push(v);
     }
@@ -145,7 +157,40 @@ pub fn check(history: &History, persist_window_ms: u64) -> Report {
     divergence(history, &mut report);
     order(history, &mut report);
     groups(history, persist_window_ms, &mut report);
+    admin(history, &mut report);
     report
+}
+
+/// Admin requests: each acknowledged one's effect is in the metadata after healing (a
+/// created topic exists with at least the partitions asked for; a grown one has at least
+/// what the grow asked for), and no topic of the run has more partitions than some request
+/// (acknowledged or not) asked for. Metadata changes are linearizable in Raft's log, so an
+/// acknowledged change is never undone.
+fn admin(history: &History, report: &mut Report) {
+    // Per topic, the request asking for the most partitions.
+    let mut most: BTreeMap<&str, &AdminOp> = BTreeMap::new();
+    for op in &history.admin {
+        let found = history.topics.get(&op.topic).copied();
+        if op.acked && found.is_none_or(|n| n < op.partitions) {
+            report.add(Violation::AdminLost {
+                op: op.clone(),
+                found,
+            });
+        }
+        let m = most.entry(op.topic.as_str()).or_insert(op);
+        if op.partitions > m.partitions {
+            *m = op;
+        }
+    }
+    for (topic, op) in most {
+        let found = history.topics.get(topic).copied();
+        if found.is_some_and(|n| n > op.partitions) {
+            report.add(Violation::AdminLost {
+                op: op.clone(),
+                found,
+            });
+        }
+    }
 }
 
 /// Lost and changed: each acknowledged record on every replica, at its offset, same bytes.
@@ -411,6 +456,24 @@ mod tests {
                 ev("committed", 1, 500),
                 ev("committed", 3, 3000),
             ],
+            admin: vec![
+                admin_op("t", 1, true, true),
+                admin_op("t", 2, false, true),
+                // Not acknowledged, and it did not happen: allowed.
+                admin_op("t", 3, false, false),
+                // Not acknowledged, and it happened: allowed.
+                admin_op("u", 1, true, false),
+            ],
+            topics: BTreeMap::from([("t".to_owned(), 2), ("u".to_owned(), 1)]),
+        }
+    }
+
+    fn admin_op(topic: &str, partitions: u32, create: bool, acked: bool) -> AdminOp {
+        AdminOp {
+            topic: topic.into(),
+            partitions,
+            create,
+            acked,
         }
     }
 
@@ -551,6 +614,31 @@ mod tests {
         });
         let report = check(&h, WINDOW);
         assert_eq!(report.redelivered_after_ack, 1, "{:?}", report.violations);
+    }
+
+    #[test]
+    fn an_acknowledged_topic_creation_missing_after_healing_is_caught() {
+        let mut h = good();
+        h.topics.remove("t");
+        let report = check(&h, WINDOW);
+        // Its creation and its grow.
+        assert_eq!(report.admin_lost, 2, "{:?}", report.violations);
+    }
+
+    #[test]
+    fn an_acknowledged_grow_undone_is_caught() {
+        let mut h = good();
+        h.topics.insert("t".into(), 1);
+        let report = check(&h, WINDOW);
+        assert_eq!(report.admin_lost, 1, "{:?}", report.violations);
+    }
+
+    #[test]
+    fn partitions_no_request_asked_for_are_caught() {
+        let mut h = good();
+        h.topics.insert("u".into(), 4);
+        let report = check(&h, WINDOW);
+        assert_eq!(report.admin_lost, 1, "{:?}", report.violations);
     }
 
     #[test]

@@ -19,6 +19,24 @@ pub struct History {
     pub replicas: BTreeMap<String, BTreeMap<u32, Records>>,
     /// What consumer groups did, in the order observed.
     pub groups: Vec<GroupEvent>,
+    /// Admin requests made while the faults ran, with what the clients were told.
+    pub admin: Vec<AdminOp>,
+    /// After healing: each topic's partition count as the cluster's metadata lists it.
+    pub topics: BTreeMap<String, u32>,
+}
+
+/// One admin request of a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminOp {
+    /// The topic.
+    pub topic: String,
+    /// The partition count asked for: at creation, or a grow to it.
+    pub partitions: u32,
+    /// Whether it created the topic (else it grew it).
+    pub create: bool,
+    /// Whether the cluster answered success (else an error or no answer: either outcome may
+    /// have happened).
+    pub acked: bool,
 }
 
 /// One produce of one record by an idempotent producer.

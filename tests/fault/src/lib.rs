@@ -15,10 +15,12 @@
 //!   key have offsets in the order of their sequences;
 //! - a group's committed offset never moves back past what was committed and persisted
 //!   (observed at least a persistence window earlier), and a Shared group delivers an acked
-//!   record again only within that window.
+//!   record again only within that window;
+//! - an acknowledged admin request (topic created, partitions grown) is never undone, and
+//!   no topic ends with partitions no request asked for.
 
 pub mod checker;
 pub mod history;
 
 pub use checker::{Report, Violation, check};
-pub use history::{GroupEvent, History, Outcome, Produce, Read};
+pub use history::{AdminOp, GroupEvent, History, Outcome, Produce, Read};

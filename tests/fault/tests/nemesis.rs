@@ -16,7 +16,8 @@ use std::{
 use weir_client::{Client, Record, RetryPolicy, TopicConfig};
 use weir_fault::{History, Outcome, Produce, check};
 use weir_tests::{
-    Broker, cut_file, damage_trailer, newest_journal, replica_ends, replica_records, table_files,
+    Broker, cut_file, damage_trailer, journal_data_len, newest_journal, replica_ends,
+    replica_records, table_files, toxiproxy::Toxiproxy,
 };
 
 const TOPIC: &str = "nemesis";
@@ -103,19 +104,55 @@ fn spawn_producer(
 }
 
 /// The faults a run draws from: `NEMESIS_FAULTS` (comma-separated), else [`DEFAULT_FAULTS`].
-const FAULTS: [&str; 5] = ["kill", "pause", "term", "table", "journal"];
-/// The faults of a run by default: `journal` (a cut journal) is left out until the metadata
-/// group survives it (`docs/reliability.md`, findings).
-const DEFAULT_FAULTS: &str = "kill,pause,term,table";
+const FAULTS: [&str; 8] = [
+    "kill",
+    "pause",
+    "term",
+    "table",
+    "journal",
+    "partition",
+    "latency",
+    "blackhole",
+];
+/// The faults of a run by default: all of them.
+const DEFAULT_FAULTS: &str = "kill,pause,term,table,journal,partition,latency,blackhole";
 
 /// One fault of `kind` on broker `victim`, healed before it returns.
 async fn inject(
     brokers: &mut [Broker],
+    proxy: &Toxiproxy,
     victim: usize,
     kind: &str,
     rng: &mut Rng,
 ) -> anyhow::Result<()> {
     let b = &mut brokers[victim];
+    let name = format!("broker-{victim}");
+    match kind {
+        "partition" => {
+            // Nothing reaches the broker (its connections closed, new ones refused) for
+            // 1-5 s; what it sends still arrives (an asymmetric partition).
+            proxy.set_enabled(&name, false)?;
+            tokio::time::sleep(Duration::from_millis(1000 + rng.below(4000))).await;
+            return proxy.set_enabled(&name, true);
+        }
+        "latency" => {
+            // 50-300 ms more each way (jitter of half of it) for 2-6 s.
+            let latency = 50 + rng.below(250);
+            let attributes = serde_json::json!({ "latency": latency, "jitter": latency / 2 });
+            proxy.add_toxic(&name, "latency", "latency", &attributes)?;
+            tokio::time::sleep(Duration::from_millis(2000 + rng.below(4000))).await;
+            return proxy.remove_toxic(&name, "latency");
+        }
+        "blackhole" => {
+            // Connections to the broker stay open but pass nothing for 1-5 s, as when
+            // packets are dropped.
+            let attributes = serde_json::json!({ "timeout": 0 });
+            proxy.add_toxic(&name, "blackhole", "timeout", &attributes)?;
+            tokio::time::sleep(Duration::from_millis(1000 + rng.below(4000))).await;
+            return proxy.remove_toxic(&name, "blackhole");
+        }
+        _ => {}
+    }
     match kind {
         "kill" => {
             b.kill();
@@ -141,11 +178,12 @@ async fn inject(
             }
         }
         "journal" => {
-            // Its newest journal cut in half while it is down.
+            // Its newest journal cut at a random point of its written part while it is down
+            // (what it had fsynced after that point is gone).
             b.kill();
             let journal = newest_journal(b.data_dir())?;
-            let len = std::fs::metadata(&journal)?.len();
-            cut_file(&journal, len / 2)?;
+            let written = journal_data_len(&journal)?;
+            cut_file(&journal, rng.below(written.max(1)))?;
         }
         other => anyhow::bail!("unknown fault {other:?}; faults are {FAULTS:?}"),
     }
@@ -249,7 +287,8 @@ async fn nemesis() -> anyhow::Result<()> {
         .filter(|k| !k.is_empty())
         .collect();
     anyhow::ensure!(!kinds.is_empty(), "no faults chosen; faults are {FAULTS:?}");
-    let mut brokers = Broker::start_cluster(3, &[])?;
+    let proxy = Toxiproxy::start()?;
+    let mut brokers = Broker::start_cluster_behind(&proxy, 3, &[])?;
     let client = brokers[0].client().await?;
     client
         .create_topic(
@@ -259,7 +298,7 @@ async fn nemesis() -> anyhow::Result<()> {
         .await?;
     let all = brokers
         .iter()
-        .map(Broker::url)
+        .map(Broker::advertised_url)
         .collect::<Vec<_>>()
         .join(",");
     let history: Shared<History> = Shared::default();
@@ -286,7 +325,7 @@ async fn nemesis() -> anyhow::Result<()> {
         let victim = rng.below(3) as usize;
         let kind = kinds[rng.below(kinds.len() as u64) as usize].clone();
         let started = Instant::now();
-        inject(&mut brokers, victim, &kind, &mut rng)
+        inject(&mut brokers, &proxy, victim, &kind, &mut rng)
             .await
             .map_err(|e| anyhow::anyhow!("{kind} of broker {victim}: {e}"))?;
         *faults.entry(kind.clone()).or_default() += 1;
