@@ -1369,3 +1369,74 @@ async fn a_replicated_work_queue_deletes_what_its_groups_acked_on_every_replica(
     member.close(Duration::from_secs(5)).await?;
     Ok(())
 }
+
+/// An ack a replicated topic's group answered is stored: the coordinator killed right after
+/// answering it loses nothing, and the new coordinator delivers none of the acked records
+/// again. Before the fix the ack was answered from memory and stored at the next group tick
+/// (100 ms), so a kill (or a leadership transfer, as the nemesis found) within it lost it
+/// and the records came again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answered_ack_survives_the_coordinators_death() -> anyhow::Result<()> {
+    let mut brokers = Broker::start_cluster(3, &[])?;
+    let client = brokers[0].client().await?;
+    client
+        .create_topic("acks", &TopicConfig::new(1).with_replication_factor(3))
+        .await?;
+    let config = weir_client::GroupConfig::new("acks", weir_client::GroupType::Shared)
+        .with_ack_wait(Duration::from_secs(60));
+    create_group_retrying(&client, "acked", &config).await?;
+    let records = (0..100).map(|i| Record::value(format!("r{i}"))).collect();
+    produce_retrying(&client, "acks", 0, records).await?;
+
+    let member = client.join("acked", None).await?;
+    let mut acked = std::collections::BTreeSet::new();
+    let started = Instant::now();
+    while acked.len() < 50 {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "pulled {acked:?}"
+        );
+        let want = u32::try_from(50 - acked.len())?;
+        let deliveries = member.pull(want, Duration::from_secs(1)).await?;
+        member.ack(&deliveries).await?;
+        acked.extend(deliveries.iter().map(|d| d.offset));
+    }
+    // The coordinator (the partition's leader) dies right after answering.
+    let coordinator = usize::try_from(leader_of(&client, "acks", 0).await?)?;
+    brokers[coordinator].kill();
+
+    let survivor = brokers[(coordinator + 1) % 3].client().await?;
+    let started = Instant::now();
+    let member = loop {
+        match survivor.join("acked", None).await {
+            Ok(m) => break m,
+            Err(e) if started.elapsed() < Duration::from_secs(20) => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => anyhow::bail!("no new coordinator within 20 s: {e}"),
+        }
+    };
+    let mut rest = std::collections::BTreeSet::new();
+    let started = Instant::now();
+    while rest.len() < 50 && started.elapsed() < Duration::from_secs(20) {
+        let Ok(deliveries) = member.pull(100, Duration::from_millis(500)).await else {
+            continue;
+        };
+        let again: Vec<u64> = deliveries
+            .iter()
+            .map(|d| d.offset)
+            .filter(|o| acked.contains(o))
+            .collect();
+        anyhow::ensure!(
+            again.is_empty(),
+            "records acked before the coordinator died delivered again: {again:?}"
+        );
+        rest.extend(deliveries.iter().map(|d| d.offset));
+        member.ack(&deliveries).await?;
+    }
+    let expected: std::collections::BTreeSet<u64> =
+        (0..100).filter(|o| !acked.contains(o)).collect();
+    assert_eq!(rest, expected, "the records not acked, each delivered");
+    Ok(())
+}

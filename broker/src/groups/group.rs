@@ -118,6 +118,15 @@ pub struct Group {
     pub(super) moved: AtomicBool,
     /// The partitions of the topic other brokers lead, and the cluster's metadata.
     pub(super) remote: Arc<dyn Remote>,
+    /// Writes of the cursors, one at a time (each writes whole cursors, so two racing
+    /// could store an older one last).
+    pub(super) persisting: tokio::sync::Mutex<()>,
+    /// Takes of the dirty cursors so far ([`Group::take_dirty_cursors`]): the generation of
+    /// the last one.
+    pub(super) taken: AtomicU64,
+    /// The last generation whose cursors are stored (for a replicated topic's group:
+    /// committed in its coordinator partition's log).
+    pub(super) persisted: AtomicU64,
 }
 
 impl Group {
@@ -142,6 +151,9 @@ impl Group {
             coordinator_partition,
             moved: AtomicBool::new(false),
             remote,
+            persisting: tokio::sync::Mutex::new(()),
+            taken: AtomicU64::new(0),
+            persisted: AtomicU64::new(0),
         }
     }
 
@@ -308,9 +320,11 @@ impl Group {
     }
 
     /// The `o/` entries of the cursors changed since the last call, by partition, marking
-    /// them clean; on an error nothing is marked.
+    /// them clean; on an error nothing is marked. Each call is a new generation
+    /// ([`Group::taken`]).
     pub(super) fn take_dirty_cursors(&self) -> Result<DirtyCursors, Error> {
         let mut st = self.state.lock();
+        self.taken.fetch_add(1, Ordering::AcqRel);
         let dirty: Vec<usize> = st.dirty.iter().copied().collect();
         let entries = dirty
             .iter()

@@ -456,19 +456,28 @@ impl Group {
     /// log (returns once committed; when refused, because this broker no longer leads that
     /// partition, they stay marked and the group is about to close here).
     pub(super) async fn persist(&self) -> Result<(), Error> {
+        let _one_at_a_time = self.persisting.lock().await;
         let (dirty, puts) = self.take_dirty_cursors()?;
+        let generation = self.taken.load(Ordering::Acquire);
         if puts.is_empty() {
+            // Nothing dirty and no write in flight: every earlier generation is stored.
+            self.persisted.fetch_max(generation, Ordering::AcqRel);
             return Ok(());
         }
         if let Some(p) = self.coordinator_partition {
             let cursors = puts.into_iter().map(|(p, (_, v))| (p, v)).collect();
-            if let Err(e) = self
+            match self
                 .remote
                 .store_cursors(&self.topic.name, p, &self.name, cursors)
                 .await
             {
-                self.mark_dirty(dirty);
-                tracing::debug!(group = %self.name, error = %e.message, "cursors not stored in the coordinator partition's log; retried");
+                Ok(()) => {
+                    self.persisted.fetch_max(generation, Ordering::AcqRel);
+                }
+                Err(e) => {
+                    self.mark_dirty(dirty);
+                    tracing::debug!(group = %self.name, error = %e.message, "cursors not stored in the coordinator partition's log; retried");
+                }
             }
             return Ok(());
         }
@@ -477,7 +486,32 @@ impl Group {
             self.mark_dirty(dirty);
             return Err(e.into());
         }
+        self.persisted.fetch_max(generation, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// For a group of a replicated topic, waits until what changed before this call (an
+    /// ack just taken) is committed in its coordinator partition's log, writing it now
+    /// rather than at the next tick (acks waiting meanwhile share one write). So an ack
+    /// answered is never lost with the coordinator, as Kafka answers an offset commit only
+    /// once it is replicated. Other groups return at once (their cursors are written every
+    /// tick, without an fsync wait: an ack may come again after a crash).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::CoordinatorMoved`] when the write was refused (this broker no longer leads
+    /// the coordinator partition): the ack may be lost, the client is told so.
+    pub async fn until_persisted(&self) -> Result<(), Error> {
+        if self.coordinator_partition.is_none() {
+            return Ok(());
+        }
+        let need = self.taken.load(Ordering::Acquire) + 1;
+        self.persist().await?;
+        if self.persisted.load(Ordering::Acquire) >= need {
+            Ok(())
+        } else {
+            Err(Error::CoordinatorMoved(self.name.clone()))
+        }
     }
 }
 

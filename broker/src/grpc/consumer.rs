@@ -226,7 +226,10 @@ impl Consumer for ConsumerService {
             ConsumerClient,
             ack
         );
-        ack(&*self.ctx.groups.get(&req.group)?, &req.member_id, &req)?;
+        let group = self.ctx.groups.get(&req.group)?;
+        ack(&group, &req.member_id, &req)?;
+        // Answered once stored (a replicated topic's group: committed in its log).
+        group.until_persisted().await?;
         Ok(Response::new(pb::AckResponse {}))
     }
 

@@ -57,16 +57,16 @@ pub enum Violation {
         /// The later record's sequence and offset.
         later: (u64, u64),
     },
-    /// A group's committed offset went back below one committed at least the persistence
-    /// window earlier.
+    /// A group's committed offset observed below an offset every record under which the
+    /// group had acknowledged (acks answered, so stored) at least the window earlier.
     OffsetRegression {
         /// Group.
         group: String,
         /// Partition.
         partition: u32,
-        /// The committed offset it had (and when, ms).
+        /// The acknowledged floor it had reached (and when, ms).
         had: (u64, u64),
-        /// The one it went back to (and when, ms).
+        /// The committed offset observed after it (and when, ms).
         then: (u64, u64),
     },
     /// A record acked by a group delivered to it again later than the persistence window
@@ -141,8 +141,9 @@ impl Report {
 }
 
 /// Checks `history`. `persist_window_ms` is how long a group's acks may take to be persisted
-/// (its persistence tick plus a coordinator change, `docs/replication.md`): a committed
-/// offset may go back, and an acked record come again, only within it.
+/// (its persistence tick and the commit of its cursors, `docs/replication.md`): a committed
+/// offset may go back, and an acked record come again, only when a fault started within
+/// that window after the ack (or the observation of the committed offset).
 pub fn check(history: &History, persist_window_ms: u64) -> Report {
     let mut report = Report {
         acknowledged: history
@@ -309,12 +310,23 @@ fn order(history: &History, report: &mut Report) {
     }
 }
 
-/// Committed offsets and redeliveries of each group.
+/// Committed offsets and redeliveries of each group. An ack answered is stored (for a
+/// replicated topic's group, committed in its coordinator partition's log), so:
+///
+/// - the committed offset observed at `t` is at least the acknowledged floor (the lowest
+///   offset whose record the group has not acknowledged, counting from 0) as of
+///   `t - window` (the window covers an observation answered before an ack but received
+///   after it);
+/// - a record acknowledged at `a` is delivered again after `a + window` only when a fault
+///   started within `[a, a + window]` (a delivery made before the fault, received late).
 fn groups(history: &History, window_ms: u64, report: &mut Report) {
-    // Per (group, partition): committed offsets observed so far, in order.
-    let mut committed: BTreeMap<(&str, u32), Vec<(u64, u64)>> = BTreeMap::new();
+    // Per (group, partition): offsets acked so far, and the floor's history (ms, floor).
+    let mut acked_offsets: BTreeMap<(&str, u32), BTreeSet<u64>> = BTreeMap::new();
+    let mut floors: BTreeMap<(&str, u32), Vec<(u64, u64)>> = BTreeMap::new();
     let mut acked: BTreeMap<(&str, u32, u64), u64> = BTreeMap::new();
-    for e in &history.groups {
+    let mut events: Vec<&GroupEvent> = history.groups.iter().collect();
+    events.sort_by_key(|e| e.at_ms());
+    for e in events {
         match e {
             GroupEvent::Committed {
                 group,
@@ -322,24 +334,24 @@ fn groups(history: &History, window_ms: u64, report: &mut Report) {
                 offset,
                 at_ms,
             } => {
-                let seen = committed.entry((group.as_str(), *partition)).or_default();
-                // The highest offset committed at least the window before this observation.
-                let persisted = seen
-                    .iter()
-                    .filter(|(_, at)| at + window_ms <= *at_ms)
-                    .max_by_key(|(o, _)| *o)
+                let reached = floors
+                    .get(&(group.as_str(), *partition))
+                    .and_then(|f| {
+                        f.iter()
+                            .take_while(|(at, _)| at + window_ms <= *at_ms)
+                            .last()
+                    })
                     .copied();
-                if let Some((had, had_at)) = persisted
-                    && *offset < had
+                if let Some((at, floor)) = reached
+                    && *offset < floor
                 {
                     report.add(Violation::OffsetRegression {
                         group: group.clone(),
                         partition: *partition,
-                        had: (had, had_at),
+                        had: (floor, at),
                         then: (*offset, *at_ms),
                     });
                 }
-                seen.push((*offset, *at_ms));
             }
             GroupEvent::Acked {
                 group,
@@ -350,6 +362,17 @@ fn groups(history: &History, window_ms: u64, report: &mut Report) {
                 acked
                     .entry((group.as_str(), *partition, *offset))
                     .or_insert(*at_ms);
+                let key = (group.as_str(), *partition);
+                let offsets = acked_offsets.entry(key).or_default();
+                offsets.insert(*offset);
+                let history = floors.entry(key).or_default();
+                let mut floor = history.last().map_or(0, |(_, f)| *f);
+                while offsets.contains(&floor) {
+                    floor += 1;
+                }
+                if history.last().is_none_or(|(_, f)| *f < floor) {
+                    history.push((*at_ms, floor));
+                }
             }
             GroupEvent::Delivered {
                 group,
@@ -359,6 +382,7 @@ fn groups(history: &History, window_ms: u64, report: &mut Report) {
             } => {
                 if let Some(acked_at) = acked.get(&(group.as_str(), *partition, *offset))
                     && acked_at + window_ms < *at_ms
+                    && !history.fault_started_within(*acked_at, acked_at + window_ms)
                 {
                     report.add(Violation::RedeliveredAfterAck {
                         group: group.clone(),
@@ -465,6 +489,7 @@ mod tests {
                 admin_op("u", 1, true, false),
             ],
             topics: BTreeMap::from([("t".to_owned(), 2), ("u".to_owned(), 1)]),
+            faults: vec![(6000, 8000)],
         }
     }
 
@@ -573,32 +598,55 @@ mod tests {
 
     #[test]
     fn a_committed_offset_going_back_past_the_window_is_caught() {
+        let ev = |kind: &str, offset: u64, at_ms: u64| {
+            let (group, partition) = ("g".to_owned(), 0);
+            if kind == "acked" {
+                GroupEvent::Acked {
+                    group,
+                    partition,
+                    offset,
+                    at_ms,
+                }
+            } else {
+                GroupEvent::Committed {
+                    group,
+                    partition,
+                    offset,
+                    at_ms,
+                }
+            }
+        };
+        // Offsets 0 (at 20), 1 and 2 (at 2000) acknowledged: the floor is 3 from 2000.
         let mut h = good();
-        h.groups.push(GroupEvent::Committed {
-            group: "g".into(),
-            partition: 0,
-            offset: 1,
-            at_ms: 5000,
-        });
+        h.groups
+            .extend([ev("acked", 2, 2000), ev("acked", 1, 2000)]);
+        h.groups.push(ev("committed", 1, 5000));
         let report = check(&h, WINDOW);
         assert_eq!(report.offset_regressions, 1, "{:?}", report.violations);
-        // Back within the window of the newest commit: allowed (not persisted yet).
-        let mut h = good();
-        h.groups.insert(
-            5,
-            GroupEvent::Committed {
-                group: "g".into(),
-                partition: 0,
-                offset: 2,
-                at_ms: 2900,
-            },
+        assert!(
+            matches!(
+                report.violations[0],
+                Violation::OffsetRegression {
+                    had: (3, 2000),
+                    then: (1, 5000),
+                    ..
+                }
+            ),
+            "{:?}",
+            report.violations
         );
-        h.groups.push(GroupEvent::Committed {
-            group: "g".into(),
-            partition: 0,
-            offset: 1,
-            at_ms: 3100,
-        });
+        // Observed within the window after the acks: allowed (answered before them).
+        let mut h = good();
+        h.groups
+            .extend([ev("acked", 2, 2000), ev("acked", 1, 2000)]);
+        h.groups.push(ev("committed", 1, 2500));
+        let report = check(&h, WINDOW);
+        assert!(report.ok(), "{:?}", report.violations);
+        // An observed committed offset going back with no acknowledged ack under it (acks
+        // taken but never answered, lost with the coordinator): allowed.
+        let mut h = good();
+        h.groups
+            .extend([ev("committed", 9, 2000), ev("committed", 1, 5000)]);
         let report = check(&h, WINDOW);
         assert!(report.ok(), "{:?}", report.violations);
     }
@@ -606,6 +654,32 @@ mod tests {
     #[test]
     fn an_acked_record_delivered_again_after_the_window_is_caught() {
         let mut h = good();
+        h.groups.push(GroupEvent::Delivered {
+            group: "g".into(),
+            partition: 0,
+            offset: 0,
+            at_ms: 2000,
+        });
+        let report = check(&h, WINDOW);
+        assert_eq!(report.redelivered_after_ack, 1, "{:?}", report.violations);
+    }
+
+    #[test]
+    fn an_ack_a_fault_interrupted_before_it_was_persisted_may_come_again() {
+        let mut h = good();
+        // Acked at 20; a fault (the coordinator paused, say) at 500, within the window.
+        h.faults.push((500, 3000));
+        h.groups.push(GroupEvent::Delivered {
+            group: "g".into(),
+            partition: 0,
+            offset: 0,
+            at_ms: 2000,
+        });
+        let report = check(&h, WINDOW);
+        assert!(report.ok(), "{:?}", report.violations);
+        // A fault after the window excuses nothing.
+        let mut h = good();
+        h.faults.push((1500, 3000));
         h.groups.push(GroupEvent::Delivered {
             group: "g".into(),
             partition: 0,

@@ -23,6 +23,17 @@ pub struct History {
     pub admin: Vec<AdminOp>,
     /// After healing: each topic's partition count as the cluster's metadata lists it.
     pub topics: BTreeMap<String, u32>,
+    /// The faults injected: (start, end) in ms since the run began.
+    pub faults: Vec<(u64, u64)>,
+}
+
+impl History {
+    /// Whether a fault started within `[from_ms, to_ms]`.
+    pub fn fault_started_within(&self, from_ms: u64, to_ms: u64) -> bool {
+        self.faults
+            .iter()
+            .any(|(start, _)| (from_ms..=to_ms).contains(start))
+    }
 }
 
 /// One admin request of a run.
@@ -119,4 +130,15 @@ pub enum GroupEvent {
         /// When (ms).
         at_ms: u64,
     },
+}
+
+impl GroupEvent {
+    /// When it was observed (ms since the run began).
+    pub fn at_ms(&self) -> u64 {
+        match self {
+            GroupEvent::Delivered { at_ms, .. }
+            | GroupEvent::Acked { at_ms, .. }
+            | GroupEvent::Committed { at_ms, .. } => *at_ms,
+        }
+    }
 }

@@ -20,6 +20,9 @@ use weir_tests::{
     replica_records, table_files, toxiproxy::Toxiproxy,
 };
 
+#[path = "nemesis/workloads.rs"]
+mod workloads;
+
 const TOPIC: &str = "nemesis";
 const PARTITIONS: u32 = 4;
 /// How long a group's acks may take to be stored (a tick plus a coordinator change).
@@ -268,27 +271,102 @@ async fn read_replicas(brokers: &[Broker], history: &mut History) -> anyhow::Res
     Ok(())
 }
 
+/// A run's settings, from the environment `tests/fault/nemesis` sets.
+struct Settings {
+    minutes: f64,
+    seed: u64,
+    kinds: Vec<String>,
+}
+
+impl Settings {
+    fn from_env() -> anyhow::Result<Self> {
+        let minutes: f64 = std::env::var("NEMESIS_MINUTES")
+            .ok()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(1.0);
+        let seed: u64 = std::env::var("NEMESIS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0x9E37_79B9_7F4A_7C15);
+        let kinds: Vec<String> = std::env::var("NEMESIS_FAULTS")
+            .unwrap_or_else(|_| DEFAULT_FAULTS.into())
+            .split(',')
+            .map(|k| k.trim().to_owned())
+            .filter(|k| !k.is_empty())
+            .collect();
+        anyhow::ensure!(!kinds.is_empty(), "no faults chosen; faults are {FAULTS:?}");
+        Ok(Self {
+            minutes,
+            seed,
+            kinds,
+        })
+    }
+}
+
+/// What the faults cost: their count by kind and each one's unavailability (ms).
+#[derive(Default)]
+struct FaultLog {
+    by_kind: BTreeMap<String, u64>,
+    unavailable_ms: Vec<u64>,
+}
+
+/// Injects faults one at a time until `deadline`, recording each in `history.faults`.
+async fn inject_until(
+    deadline: Instant,
+    brokers: &mut [Broker],
+    proxy: &Toxiproxy,
+    settings: &Settings,
+    history: &Shared<History>,
+    acks_at: &Shared<Vec<(u32, Instant)>>,
+    run_started: Instant,
+) -> anyhow::Result<FaultLog> {
+    let mut rng = Rng(settings.seed.max(1));
+    let kinds = &settings.kinds;
+    let mut log = FaultLog::default();
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1000 + rng.below(2000))).await;
+        let victim = rng.below(3) as usize;
+        let kind = kinds[rng.below(kinds.len() as u64) as usize].clone();
+        let started = Instant::now();
+        let start_ms = workloads::ms(run_started);
+        inject(brokers, proxy, victim, &kind, &mut rng)
+            .await
+            .map_err(|e| anyhow::anyhow!("{kind} of broker {victim}: {e}"))?;
+        history
+            .lock()
+            .faults
+            .push((start_ms, workloads::ms(run_started)));
+        *log.by_kind.entry(kind.clone()).or_default() += 1;
+        let waited = until_every_partition_acked(acks_at, started)
+            .await
+            .map_err(|e| anyhow::anyhow!("after a {kind} of broker {victim}: {e}"))?;
+        log.unavailable_ms.push(waited.as_millis() as u64);
+        if waited > Duration::from_secs(10) {
+            let at = started.duration_since(run_started);
+            println!("slow fault: {kind} of broker {victim} at {at:?}: {waited:?}");
+        }
+    }
+    log.unavailable_ms.sort_unstable();
+    Ok(log)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by tests/fault/nemesis --minutes M"]
 async fn nemesis() -> anyhow::Result<()> {
-    let minutes: f64 = std::env::var("NEMESIS_MINUTES")
-        .ok()
-        .and_then(|m| m.parse().ok())
-        .unwrap_or(1.0);
-    let seed: u64 = std::env::var("NEMESIS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x9E37_79B9_7F4A_7C15);
-    let mut rng = Rng(seed.max(1));
-    let kinds: Vec<String> = std::env::var("NEMESIS_FAULTS")
-        .unwrap_or_else(|_| DEFAULT_FAULTS.into())
-        .split(',')
-        .map(|k| k.trim().to_owned())
-        .filter(|k| !k.is_empty())
-        .collect();
-    anyhow::ensure!(!kinds.is_empty(), "no faults chosen; faults are {FAULTS:?}");
+    let settings = Settings::from_env()?;
     let proxy = Toxiproxy::start()?;
     let mut brokers = Broker::start_cluster_behind(&proxy, 3, &[])?;
+    let result = drive(&mut brokers, &proxy, &settings).await;
+    write_logs(&brokers)?;
+    result
+}
+
+/// The run on a started cluster: workloads, faults, healing, the check; prints the summary.
+async fn drive(
+    brokers: &mut [Broker],
+    proxy: &Toxiproxy,
+    settings: &Settings,
+) -> anyhow::Result<()> {
     let client = brokers[0].client().await?;
     client
         .create_topic(
@@ -301,9 +379,20 @@ async fn nemesis() -> anyhow::Result<()> {
         .map(Broker::advertised_url)
         .collect::<Vec<_>>()
         .join(",");
+    workloads::create_groups(&client).await?;
     let history: Shared<History> = Shared::default();
     let acks_at: Shared<Vec<(u32, Instant)>> = Shared::default();
     let stop = Arc::new(AtomicBool::new(false));
+    let stop_consumers = Arc::new(AtomicBool::new(false));
+    let run_started = Instant::now();
+    let mut consumers = workloads::spawn_members(&all, &history, run_started, &stop_consumers);
+    consumers.push(workloads::spawn_committed_poller(
+        &all,
+        &history,
+        run_started,
+        &stop_consumers,
+    ));
+    let admin = workloads::spawn_admin(&all, &history, &stop);
     let producers: Vec<_> = (0..PARTITIONS)
         .map(|p| {
             spawn_producer(
@@ -316,61 +405,98 @@ async fn nemesis() -> anyhow::Result<()> {
         })
         .collect();
 
-    let run_started = Instant::now();
-    let deadline = run_started + Duration::from_secs_f64(minutes * 60.0);
-    let mut faults: BTreeMap<String, u64> = BTreeMap::new();
-    let mut unavailable_ms = Vec::new();
-    while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(1000 + rng.below(2000))).await;
-        let victim = rng.below(3) as usize;
-        let kind = kinds[rng.below(kinds.len() as u64) as usize].clone();
-        let started = Instant::now();
-        inject(&mut brokers, &proxy, victim, &kind, &mut rng)
-            .await
-            .map_err(|e| anyhow::anyhow!("{kind} of broker {victim}: {e}"))?;
-        *faults.entry(kind.clone()).or_default() += 1;
-        let waited = until_every_partition_acked(&acks_at, started)
-            .await
-            .map_err(|e| anyhow::anyhow!("after a {kind} of broker {victim}: {e}"))?;
-        unavailable_ms.push(waited.as_millis() as u64);
-        if waited > Duration::from_secs(10) {
-            let at = started.duration_since(run_started);
-            println!("slow fault: {kind} of broker {victim} at {at:?}: {waited:?}");
-        }
-    }
+    let deadline = run_started + Duration::from_secs_f64(settings.minutes * 60.0);
+    let faults = inject_until(
+        deadline,
+        brokers,
+        proxy,
+        settings,
+        &history,
+        &acks_at,
+        run_started,
+    )
+    .await?;
     stop.store(true, Ordering::Relaxed);
     for p in producers {
         p.await??;
     }
+    admin.await??;
 
-    converge(&brokers).await?;
+    converge(brokers).await?;
+    let mut ends = BTreeMap::new();
+    for p in 0..PARTITIONS {
+        ends.insert(p, replica_ends(&brokers[0], TOPIC, p).await?.1);
+    }
+    let drained = workloads::until_groups_consumed_all(&client, &ends).await;
+    stop_consumers.store(true, Ordering::Relaxed);
+    for c in consumers {
+        c.await??;
+    }
+    let drained = drained?;
     let mut history = std::mem::take(&mut *history.lock());
-    read_replicas(&brokers, &mut history).await?;
+    read_replicas(brokers, &mut history).await?;
+    history.topics = workloads::admin_topics(&client).await?;
     if let Ok(path) = std::env::var("NEMESIS_HISTORY") {
         std::fs::write(&path, serde_json::to_vec(&history)?)?;
     }
     let report = check(&history, PERSIST_WINDOW_MS);
-    unavailable_ms.sort_unstable();
-    let summary = serde_json::json!({
-        "minutes": minutes,
-        "seed": seed,
-        "faults": faults,
+    for v in report.violations.iter().take(20) {
+        println!("violation: {v:?}");
+    }
+    println!("{}", summary(settings, &faults, &report, &history, drained));
+    anyhow::ensure!(report.ok(), "{} violations", report.violations.len());
+    Ok(())
+}
+
+/// The JSON summary, the run's last line.
+fn summary(
+    settings: &Settings,
+    faults: &FaultLog,
+    report: &weir_fault::Report,
+    history: &History,
+    drained: Duration,
+) -> serde_json::Value {
+    let unavailable = &faults.unavailable_ms;
+    serde_json::json!({
+        "minutes": settings.minutes,
+        "seed": settings.seed,
+        "faults": faults.by_kind,
         "acknowledged": report.acknowledged,
         "lost": report.lost,
         "changed": report.changed,
         "duplicated": report.duplicated,
         "divergent": report.divergent,
         "reordered": report.reordered,
+        "offset_regressions": report.offset_regressions,
+        "redelivered_after_ack": report.redelivered_after_ack,
+        "admin_lost": report.admin_lost,
+        "group_events": history.groups.len(),
+        "admin_requests": history.admin.len(),
+        "groups_drained_ms": drained.as_millis() as u64,
         "unavailable_ms": {
-            "p50": unavailable_ms.get(unavailable_ms.len() / 2),
-            "max": unavailable_ms.last(),
+            "p50": unavailable.get(unavailable.len() / 2),
+            "max": unavailable.last(),
         },
-    });
+    })
+}
+
+/// Checks a history kept by an earlier run (`tests/fault/nemesis --check FILE`): the
+/// checker's verdict and its violations, without a cluster.
+#[test]
+#[ignore = "run by tests/fault/nemesis --check FILE"]
+fn check_saved_history() -> anyhow::Result<()> {
+    let path = std::env::var("NEMESIS_CHECK")
+        .map_err(|_| anyhow::anyhow!("NEMESIS_CHECK names no history file"))?;
+    let history: History = serde_json::from_slice(&std::fs::read(&path)?)?;
+    let report = check(&history, PERSIST_WINDOW_MS);
     for v in report.violations.iter().take(20) {
         println!("violation: {v:?}");
     }
-    write_logs(&brokers)?;
-    println!("{summary}");
+    let mut counts = serde_json::to_value(&report)?;
+    if let Some(map) = counts.as_object_mut() {
+        map.remove("violations");
+    }
+    println!("{counts}");
     anyhow::ensure!(report.ok(), "{} violations", report.violations.len());
     Ok(())
 }
