@@ -134,6 +134,10 @@ impl Default for ReplicaOptions {
 /// back to it.
 const PREFERRED_LAG: u64 = 1000;
 
+/// A preferred replica is handed the leadership only if it answered the leader's last
+/// heartbeat or append within this (ms: two heartbeat intervals at the defaults).
+const PREFERRED_ANSWERED_WITHIN: Duration = Duration::from_millis(300);
+
 /// The pooled channels to peers, by address (shared by every group).
 #[derive(Clone, Default)]
 pub struct Channels(Arc<parking_lot::Mutex<HashMap<String, tonic::transport::Channel>>>);
@@ -632,7 +636,19 @@ impl Replicas {
                     let caught_up = {
                         let m = r.raft.metrics();
                         let m = m.borrow_watched();
+                        // Answering now: openraft's leader refuses writes from the moment it
+                        // starts a transfer until the target stands, so a target that does
+                        // not answer (a broker just restarted and busy catching up) would
+                        // leave the partition without a writable leader until an election.
+                        let answering = m.heartbeat.as_ref().is_some_and(|acked| {
+                            acked.get(&preferred).is_some_and(|at| {
+                                at.as_ref().is_some_and(|at| {
+                                    openraft::Instant::elapsed(&**at) < PREFERRED_ANSWERED_WITHIN
+                                })
+                            })
+                        });
                         m.current_leader == Some(replicas.me)
+                            && answering
                             && m.replication.as_ref().is_some_and(|progress| {
                                 progress.get(&preferred).is_some_and(|matched| {
                                     // Close behind is enough: openraft's transfer lets the

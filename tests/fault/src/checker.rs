@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use crate::history::{AdminOp, GroupEvent, History, Outcome, Produce};
+use crate::history::{AdminKind, AdminOp, GroupEvent, History, Outcome, Produce};
 
 /// One broken invariant, with what shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -163,16 +163,27 @@ pub fn check(history: &History, persist_window_ms: u64) -> Report {
 }
 
 /// Admin requests: each acknowledged one's effect is in the metadata after healing (a
-/// created topic exists with at least the partitions asked for; a grown one has at least
-/// what the grow asked for), and no topic of the run has more partitions than some request
-/// (acknowledged or not) asked for. Metadata changes are linearizable in Raft's log, so an
-/// acknowledged change is never undone.
+/// created topic exists with at least the partitions asked for, a grown one has at least
+/// what the grow asked for, unless a deletion of it was asked after; a deleted topic is
+/// gone: topic names are never used again in a run), and no topic of the run has more
+/// partitions than some request (acknowledged or not) asked for. Metadata changes are
+/// committed in Raft's log before they are answered, so an acknowledged change is never
+/// undone.
 fn admin(history: &History, report: &mut Report) {
     // Per topic, the request asking for the most partitions.
     let mut most: BTreeMap<&str, &AdminOp> = BTreeMap::new();
-    for op in &history.admin {
+    for (i, op) in history.admin.iter().enumerate() {
         let found = history.topics.get(&op.topic).copied();
-        if op.acked && found.is_none_or(|n| n < op.partitions) {
+        let deleted_after = history.admin[i + 1..]
+            .iter()
+            .any(|later| later.topic == op.topic && later.kind == AdminKind::Delete);
+        let undone = match op.kind {
+            AdminKind::Create | AdminKind::Grow => {
+                !deleted_after && found.is_none_or(|n| n < op.partitions)
+            }
+            AdminKind::Delete => found.is_some(),
+        };
+        if op.acked && undone {
             report.add(Violation::AdminLost {
                 op: op.clone(),
                 found,
@@ -481,23 +492,26 @@ mod tests {
                 ev("committed", 3, 3000),
             ],
             admin: vec![
-                admin_op("t", 1, true, true),
-                admin_op("t", 2, false, true),
+                admin_op("t", AdminKind::Create, 1, true),
+                admin_op("t", AdminKind::Grow, 2, true),
                 // Not acknowledged, and it did not happen: allowed.
-                admin_op("t", 3, false, false),
+                admin_op("t", AdminKind::Grow, 3, false),
                 // Not acknowledged, and it happened: allowed.
-                admin_op("u", 1, true, false),
+                admin_op("u", AdminKind::Create, 1, false),
+                // Created, then deleted (acknowledged).
+                admin_op("v", AdminKind::Create, 1, true),
+                admin_op("v", AdminKind::Delete, 0, true),
             ],
             topics: BTreeMap::from([("t".to_owned(), 2), ("u".to_owned(), 1)]),
             faults: vec![(6000, 8000)],
         }
     }
 
-    fn admin_op(topic: &str, partitions: u32, create: bool, acked: bool) -> AdminOp {
+    fn admin_op(topic: &str, kind: AdminKind, partitions: u32, acked: bool) -> AdminOp {
         AdminOp {
             topic: topic.into(),
+            kind,
             partitions,
-            create,
             acked,
         }
     }
@@ -703,6 +717,14 @@ mod tests {
     fn an_acknowledged_grow_undone_is_caught() {
         let mut h = good();
         h.topics.insert("t".into(), 1);
+        let report = check(&h, WINDOW);
+        assert_eq!(report.admin_lost, 1, "{:?}", report.violations);
+    }
+
+    #[test]
+    fn an_acknowledged_deletion_undone_is_caught() {
+        let mut h = good();
+        h.topics.insert("v".into(), 1);
         let report = check(&h, WINDOW);
         assert_eq!(report.admin_lost, 1, "{:?}", report.violations);
     }

@@ -41,13 +41,24 @@ impl History {
 pub struct AdminOp {
     /// The topic.
     pub topic: String,
-    /// The partition count asked for: at creation, or a grow to it.
+    /// What was asked.
+    pub kind: AdminKind,
+    /// The partition count asked for: at creation, or a grow to it (0 for a deletion).
     pub partitions: u32,
-    /// Whether it created the topic (else it grew it).
-    pub create: bool,
     /// Whether the cluster answered success (else an error or no answer: either outcome may
     /// have happened).
     pub acked: bool,
+}
+
+/// What an admin request asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminKind {
+    /// Create the topic.
+    Create,
+    /// Grow its partitions (and change a setting).
+    Grow,
+    /// Delete it.
+    Delete,
 }
 
 /// One produce of one record by an idempotent producer.

@@ -16,11 +16,11 @@
 //! - a group's committed offset never moves back past what was committed and persisted
 //!   (observed at least a persistence window earlier), and a Shared group delivers an acked
 //!   record again only within that window;
-//! - an acknowledged admin request (topic created, partitions grown) is never undone, and
-//!   no topic ends with partitions no request asked for.
+//! - an acknowledged admin request (topic created, partitions grown, topic deleted) is never
+//!   undone, and no topic ends with partitions no request asked for.
 
 pub mod checker;
 pub mod history;
 
 pub use checker::{Report, Violation, check};
-pub use history::{AdminOp, GroupEvent, History, Outcome, Produce, Read};
+pub use history::{AdminKind, AdminOp, GroupEvent, History, Outcome, Produce, Read};

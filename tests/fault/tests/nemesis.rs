@@ -240,10 +240,12 @@ async fn until_every_partition_acked(
                 .max()
                 .map_or(Duration::ZERO, |at| at - started));
         }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(60),
-            "no acknowledgement on every partition within 60 s"
-        );
+        if started.elapsed() >= Duration::from_secs(60) {
+            let silent: Vec<u32> = (0..PARTITIONS)
+                .filter(|p| firsts[*p as usize].is_none())
+                .collect();
+            anyhow::bail!("no acknowledgement on partitions {silent:?} within 60 s");
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use weir_client::{Client, GroupConfig, GroupType, TopicConfig};
-use weir_fault::{AdminOp, GroupEvent, History, Read};
+use weir_fault::{AdminKind, AdminOp, GroupEvent, History, Read};
 
 use super::{PARTITIONS, Shared, TOPIC};
 
@@ -155,8 +155,9 @@ pub fn spawn_committed_poller(
     })
 }
 
-/// Admin requests every 2 s until `stop`: a new RF3 topic of one partition, then (the
-/// next time) grown to two with a retention change. Each is recorded with whether it was
+/// Admin requests every 2 s until `stop`, one topic at a time: an RF3 topic of one
+/// partition created, then grown to two with a retention change, then deleted (so the
+/// cluster's load stays flat over a long run). Each is recorded with whether it was
 /// acknowledged.
 pub fn spawn_admin(
     all: &str,
@@ -169,21 +170,29 @@ pub fn spawn_admin(
         let mut n = 0u32;
         while !stop.load(Ordering::Relaxed) {
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let topic = format!("{ADMIN_PREFIX}{}", n / 2);
-            let create = n.is_multiple_of(2);
-            let (partitions, acked) = if create {
-                let config = TopicConfig::new(1).with_replication_factor(3);
-                (1, client.create_topic(&topic, &config).await.is_ok())
-            } else {
-                let config = TopicConfig::new(2)
-                    .with_replication_factor(3)
-                    .with_max_age(Duration::from_secs(3600));
-                (2, client.update_topic(&topic, &config).await.is_ok())
+            let topic = format!("{ADMIN_PREFIX}{}", n / 3);
+            let (kind, partitions, acked) = match n % 3 {
+                0 => {
+                    let config = TopicConfig::new(1).with_replication_factor(3);
+                    let acked = client.create_topic(&topic, &config).await.is_ok();
+                    (AdminKind::Create, 1, acked)
+                }
+                1 => {
+                    let config = TopicConfig::new(2)
+                        .with_replication_factor(3)
+                        .with_max_age(Duration::from_secs(3600));
+                    let acked = client.update_topic(&topic, &config).await.is_ok();
+                    (AdminKind::Grow, 2, acked)
+                }
+                _ => {
+                    let acked = client.delete_topic(&topic).await.is_ok();
+                    (AdminKind::Delete, 0, acked)
+                }
             };
             history.lock().admin.push(AdminOp {
                 topic,
+                kind,
                 partitions,
-                create,
                 acked,
             });
             n += 1;
