@@ -48,6 +48,7 @@ pub struct Metrics {
     topics: Gauge,
     group_skipped: Counter,
     replica_repairs: Counter,
+    replica_repairing: Gauge,
     replica_elections: Counter,
     replica_partitions: Gauge,
     replica_leaders: Gauge,
@@ -98,6 +99,7 @@ impl Metrics {
             topics: Gauge::default(),
             group_skipped: Counter::default(),
             replica_repairs: Counter::default(),
+            replica_repairing: Gauge::default(),
             replica_elections: Counter::default(),
             replica_partitions: Gauge::default(),
             replica_leaders: Gauge::default(),
@@ -233,6 +235,11 @@ impl Metrics {
             m.replica_repairs.clone(),
         );
         registry.register(
+            "replica_repairing",
+            "Replicas of partitions on this broker being repaired from their peers after damage to their stored records: they do not vote until repaired",
+            m.replica_repairing.clone(),
+        );
+        registry.register(
             "replica_leader_elections",
             "Times a replica on this broker became its partition's leader",
             m.replica_elections.clone(),
@@ -350,6 +357,7 @@ impl Metrics {
         if let Some(r) = self.replicas.get() {
             let stats = r.stats();
             set(&self.replica_repairs, stats.repairs.load(Ordering::Relaxed));
+            gauge(&self.replica_repairing, r.repairing_count());
             set(
                 &self.replica_elections,
                 stats.elections.load(Ordering::Relaxed),

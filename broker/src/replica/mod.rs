@@ -334,6 +334,15 @@ impl Replicas {
         self.groups.lock().values().cloned().collect()
     }
 
+    /// How many replicas here are being repaired after damage (not voting meanwhile).
+    pub fn repairing_count(&self) -> u64 {
+        self.groups
+            .lock()
+            .values()
+            .filter(|r| r.is_repairing())
+            .count() as u64
+    }
+
     /// Opens this broker's replica of partition `index` of `topic` (cluster topic id
     /// `topic_id`) whose replicas are `members` (broker id → address), unless open. A group
     /// that never stored anything is initialized with `members` (every replica does so

@@ -250,6 +250,29 @@ async fn until_every_partition_acked(
     }
 }
 
+/// Waits (up to 120 s) until no broker has a replica being repaired after damage: until
+/// then the last fault is not healed (such a replica does not vote, so faulting a second
+/// broker would take a majority of the partition's voters away).
+async fn until_repaired(brokers: &[Broker]) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let repairing = tokio::task::block_in_place(|| {
+            brokers
+                .iter()
+                .map(|b| b.metric("weir_replica_repairing"))
+                .collect::<anyhow::Result<Vec<f64>>>()
+        })?;
+        if repairing.iter().all(|r| *r == 0.0) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "replicas still being repaired 120 s after the fault (per broker: {repairing:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The brokers' logs, into `NEMESIS_LOGS` when it is set.
 fn write_logs(brokers: &[Broker]) -> anyhow::Result<()> {
     if let Ok(dir) = std::env::var("NEMESIS_LOGS") {
@@ -305,14 +328,18 @@ impl Settings {
     }
 }
 
-/// What the faults cost: their count by kind and each one's unavailability (ms).
+/// What the faults cost: their count by kind, each one's unavailability and time to heal.
 #[derive(Default)]
 struct FaultLog {
     by_kind: BTreeMap<String, u64>,
     unavailable_ms: Vec<u64>,
+    /// From each fault's start until no replica is being repaired (ms).
+    healed_ms: Vec<u64>,
 }
 
-/// Injects faults one at a time until `deadline`, recording each in `history.faults`.
+/// Injects faults one at a time until `deadline`, recording each in `history.faults`; each
+/// is healed (its broker back, acknowledging on every partition, no replica being repaired)
+/// before the next.
 async fn inject_until(
     deadline: Instant,
     brokers: &mut [Broker],
@@ -343,12 +370,17 @@ async fn inject_until(
             .await
             .map_err(|e| anyhow::anyhow!("after a {kind} of broker {victim}: {e}"))?;
         log.unavailable_ms.push(waited.as_millis() as u64);
+        until_repaired(brokers)
+            .await
+            .map_err(|e| anyhow::anyhow!("after a {kind} of broker {victim}: {e}"))?;
+        log.healed_ms.push(started.elapsed().as_millis() as u64);
         if waited > Duration::from_secs(10) {
             let at = started.duration_since(run_started);
             println!("slow fault: {kind} of broker {victim} at {at:?}: {waited:?}");
         }
     }
     log.unavailable_ms.sort_unstable();
+    log.healed_ms.sort_unstable();
     Ok(log)
 }
 
@@ -458,7 +490,7 @@ fn summary(
     history: &History,
     drained: Duration,
 ) -> serde_json::Value {
-    let unavailable = &faults.unavailable_ms;
+    let (unavailable, healed) = (&faults.unavailable_ms, &faults.healed_ms);
     serde_json::json!({
         "minutes": settings.minutes,
         "seed": settings.seed,
@@ -478,6 +510,10 @@ fn summary(
         "unavailable_ms": {
             "p50": unavailable.get(unavailable.len() / 2),
             "max": unavailable.last(),
+        },
+        "healed_ms": {
+            "p50": healed.get(healed.len() / 2),
+            "max": healed.last(),
         },
     })
 }
