@@ -366,6 +366,9 @@ impl Consumer for ConsumerService {
         } else {
             req.max_records as usize
         };
+        // The end as of the read (taken before it): an end taken after could pass records
+        // published meanwhile, answering "no records at N" with an end beyond N.
+        let end = partition.next_offset();
         let log = self.ctx.log.clone();
         let part = partition.clone();
         let records = tokio::task::spawn_blocking(move || {
@@ -374,6 +377,7 @@ impl Consumer for ConsumerService {
         .await
         .map_err(|e| Status::internal(format!("fetch task failed: {e}")))??;
         self.ctx.metrics.observe_fetch(records.len());
+        let next_offset = records.last().map_or(end, |r| end.max(r.offset + 1));
         Ok(Response::new(pb::FetchResponse {
             records: records
                 .into_iter()
@@ -382,7 +386,7 @@ impl Consumer for ConsumerService {
                     record: Some(record_to_pb(r.record)),
                 })
                 .collect(),
-            next_offset: partition.next_offset(),
+            next_offset,
             earliest_offset: partition.earliest_offset(),
         }))
     }

@@ -46,18 +46,24 @@ impl Rng {
     }
 }
 
-/// An idempotent producer of partition `partition` (bootstrapped from every broker,
-/// retrying for 30 s) sending requests of 5 records until `stop`, recording each record's
-/// outcome. After a failure it starts again as a new producer.
+/// An idempotent producer of partition `partition` (bootstrapped from `bootstrap`, every
+/// broker, retrying for 30 s) sending requests of 5 records until `stop`, recording each
+/// record's outcome. After a failure it starts again as a new producer. Unless `routed`, its
+/// requests go to the first broker of `bootstrap` that answers, which forwards them to the
+/// leader.
 fn spawn_producer(
-    all: String,
+    bootstrap: String,
+    routed: bool,
     partition: u32,
     history: Shared<History>,
     acks_at: Shared<Vec<(u32, Instant)>>,
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
     tokio::spawn(async move {
-        let client = Client::connect(&all).await?;
+        let mut client = Client::connect(&bootstrap).await?;
+        if !routed {
+            client = client.without_routing();
+        }
         let policy = RetryPolicy {
             attempts: 300,
             backoff: Duration::from_millis(100),
@@ -107,18 +113,19 @@ fn spawn_producer(
 }
 
 /// The faults a run draws from: `NEMESIS_FAULTS` (comma-separated), else [`DEFAULT_FAULTS`].
-const FAULTS: [&str; 8] = [
+const FAULTS: [&str; 9] = [
     "kill",
     "pause",
     "term",
     "table",
+    "lostfile",
     "journal",
     "partition",
     "latency",
     "blackhole",
 ];
 /// The faults of a run by default: all of them.
-const DEFAULT_FAULTS: &str = "kill,pause,term,table,journal,partition,latency,blackhole";
+const DEFAULT_FAULTS: &str = "kill,pause,term,table,lostfile,journal,partition,latency,blackhole";
 
 /// One fault of `kind` on broker `victim`, healed before it returns.
 async fn inject(
@@ -178,6 +185,16 @@ async fn inject(
             if !tables.is_empty() {
                 let i = rng.below(tables.len() as u64) as usize;
                 damage_trailer(&tables[i])?;
+            }
+        }
+        "lostfile" => {
+            // A records table file deleted while the broker is down (a lost file): the
+            // broker quarantines what pointed into it and its replicas are repaired.
+            b.kill();
+            let tables = table_files(b.data_dir());
+            if !tables.is_empty() {
+                let i = rng.below(tables.len() as u64) as usize;
+                std::fs::remove_file(&tables[i])?;
             }
         }
         "journal" => {
@@ -429,8 +446,14 @@ async fn drive(
     let admin = workloads::spawn_admin(&all, &history, &stop);
     let producers: Vec<_> = (0..PARTITIONS)
         .map(|p| {
+            // Odd partitions' producers go through a broker of their own (rotated), which
+            // forwards to the leader; the others straight to the leader.
+            let urls: Vec<String> = brokers.iter().map(Broker::advertised_url).collect();
+            let first = p as usize % urls.len();
+            let bootstrap = [&urls[first..], &urls[..first]].concat().join(",");
             spawn_producer(
-                all.clone(),
+                bootstrap,
+                p % 2 == 0,
                 p,
                 Arc::clone(&history),
                 Arc::clone(&acks_at),
