@@ -182,7 +182,9 @@ async fn inject(
             // table and its replicas are repaired from their peers.
             b.kill();
             let tables = table_files(b.data_dir());
-            if !tables.is_empty() {
+            if tables.is_empty() {
+                println!("fault without effect: table of broker {victim} (no table yet)");
+            } else {
                 let i = rng.below(tables.len() as u64) as usize;
                 damage_trailer(&tables[i])?;
             }
@@ -192,7 +194,9 @@ async fn inject(
             // broker quarantines what pointed into it and its replicas are repaired.
             b.kill();
             let tables = table_files(b.data_dir());
-            if !tables.is_empty() {
+            if tables.is_empty() {
+                println!("fault without effect: lostfile of broker {victim} (no table yet)");
+            } else {
                 let i = rng.below(tables.len() as u64) as usize;
                 std::fs::remove_file(&tables[i])?;
             }
@@ -406,7 +410,9 @@ async fn inject_until(
 async fn nemesis() -> anyhow::Result<()> {
     let settings = Settings::from_env()?;
     let proxy = Toxiproxy::start()?;
-    let mut brokers = Broker::start_cluster_behind(&proxy, 3, &[])?;
+    // Small memtables: records reach table files within seconds, so the table faults have
+    // tables to damage in a short run too.
+    let mut brokers = Broker::start_cluster_behind(&proxy, 3, &["--memtable-size", "1MiB"])?;
     let result = drive(&mut brokers, &proxy, &settings).await;
     write_logs(&brokers)?;
     result
