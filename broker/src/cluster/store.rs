@@ -15,7 +15,7 @@
 //! registrations), so one small fsync each is cheap. A snapshot is the state machine's JSON.
 //!
 //! The vote and the last log index are also kept in `metadata-marks` in the data directory
-//! (JSON; temporary file, fsync, rename), outside the database's journal: a journal that
+//! (JSON; temporary file, fsync, rename, directory fsync), outside the database's journal: a journal that
 //! lost its tail (damaged storage) would otherwise give back an older vote, letting this
 //! broker vote twice in a term, and a shorter log, letting it elect a leader without entries
 //! it acknowledged (Raft's persistent state, Figure 2 of the Raft paper, must not go back).
@@ -28,7 +28,7 @@
 
 use std::{
     fmt::Debug,
-    io::{self, Write},
+    io,
     ops::RangeBounds,
     path::{Path, PathBuf},
     sync::Arc,
@@ -126,16 +126,16 @@ impl MarksFile {
     fn update(&self, change: impl FnOnce(&mut Marks)) -> io::Result<()> {
         let mut marks = self.marks.lock();
         change(&mut marks);
-        let tmp = self.path.with_extension("tmp");
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(&to_json(&*marks)?)?;
-        file.sync_data()?;
-        std::fs::rename(&tmp, &self.path)
+        crate::log::checkpoint::replace_durably(
+            &self.path,
+            &self.path.with_extension("tmp"),
+            &to_json(&*marks)?,
+        )
     }
 }
 
-/// Entries the metadata log had stored and lost (damaged storage): `(lost_from, lost_to]`
-/// by index.
+/// Entries the metadata log had stored and lost (damaged storage): indexes after
+/// `stored_to` up to `had_to`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct LostEntries {
     /// The last index still stored (`None`: none).

@@ -121,6 +121,26 @@ fn decode_slot(slot: &[u8]) -> Option<(PartitionKey, u64)> {
     Some((key, next))
 }
 
+/// Replaces the file at `path` with `bytes` durably: written to `tmp` (in the same
+/// directory), fsynced, renamed over `path`, then the directory fsynced. A crash leaves the
+/// old file or the new one, never a mix.
+///
+/// # Errors
+///
+/// Any I/O error writing, syncing or renaming.
+pub(crate) fn replace_durably(path: &Path, tmp: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    {
+        let mut f = File::create(tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 impl EndCheckpoint {
     /// Writes a new checkpoint holding `ends` into `dir`, durably (temporary file, fsync,
     /// rename, fsync of the directory), and opens it for [`EndCheckpoint::record`].
@@ -141,13 +161,7 @@ impl EndCheckpoint {
                 image.extend_from_slice(&encode_slot(key, next));
             }
         }
-        {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&image)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &path)?;
-        File::open(dir)?.sync_all()?;
+        replace_durably(&path, &tmp, &image)?;
         let file = std::fs::OpenOptions::new().write(true).open(&path)?;
         Ok(Self {
             file,

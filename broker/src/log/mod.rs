@@ -31,7 +31,7 @@
 //! - `repair`: finding lost ranges and accepting their loss (`weir topic repair`).
 
 pub mod batch;
-mod checkpoint;
+pub(crate) mod checkpoint;
 mod disk;
 mod error;
 pub mod idempotence;
