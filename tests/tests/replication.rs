@@ -864,6 +864,12 @@ async fn a_damaged_replica_is_repaired_from_its_peers() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // No replica is being repaired any more (the gauge the fault suite waits on).
+    let metrics = weir_tests::http_get(&brokers[damaged].http_addr, "/metrics")?;
+    assert!(
+        metrics.lines().any(|l| l == "weir_replica_repairing 0"),
+        "weir_replica_repairing not 0 after the repair:\n{metrics}"
+    );
     let logs = brokers[damaged].log_text();
     assert!(logs.contains("moved to quarantine"), "{logs}");
     assert!(logs.contains("lost stored records"), "{logs}");
