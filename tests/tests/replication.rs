@@ -892,6 +892,98 @@ async fn a_damaged_replica_is_repaired_from_its_peers() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Two replicas of three damaged at once (docs/reliability.md, finding 6): the leader and
+/// a follower are killed together and each loses a records table and its journal's tail.
+/// The third replica holds every acknowledged record, and Raft's voting rule lets it win:
+/// each damaged replica votes for a candidate whose log reaches the last log id it had
+/// before the damage (the log end checkpoint keeps it outside the journal). Before, a
+/// damaged replica voted for nobody until a leader had repaired it, so no leader could be
+/// elected and the partition stayed unavailable for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_damaged_replicas_of_three_elect_the_third_and_are_repaired_from_it()
+-> anyhow::Result<()> {
+    let mut brokers = Broker::start_cluster(3, &["--memtable-size", "1MiB"])?;
+    let client = brokers[0].client().await?;
+    client
+        .create_topic("twice", &TopicConfig::new(1).with_replication_factor(3))
+        .await?;
+    let mut acked = Acked::new();
+    let kb = |n: usize, i: usize| format!("req{n}-rec{i}-{}", "w".repeat(1000)).into_bytes();
+    let produce = async |client: &Client, n: usize, acked: &mut Acked| {
+        let values: Vec<Vec<u8>> = (0..100).map(|i| kb(n, i)).collect();
+        let records = values.iter().cloned().map(Record::value).collect();
+        let base = produce_retrying(client, "twice", 0, records).await?;
+        record_acked(acked, 0, base, values.into_iter())
+    };
+    for n in 0..40 {
+        produce(&client, n, &mut acked).await?;
+    }
+    every_replica_holds(&brokers, "twice", &acked).await?;
+    let leader = usize::try_from(leader_of(&client, "twice", 0).await?)?;
+    let follower = (leader + 1) % 3;
+    let third = 3 - leader - follower;
+    let started = Instant::now();
+    while [leader, follower]
+        .iter()
+        .any(|&b| weir_tests::table_files(brokers[b].data_dir()).is_empty())
+    {
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "no table written"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    brokers[leader].kill();
+    brokers[follower].kill();
+    for b in [leader, follower] {
+        let dir = brokers[b].data_dir().to_path_buf();
+        let table = weir_tests::table_files(&dir)
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no table"))?;
+        weir_tests::damage_trailer(&table)?;
+        let journal = weir_tests::newest_journal(&dir)?;
+        weir_tests::cut_file(&journal, weir_tests::journal_data_len(&journal)? / 2)?;
+    }
+    let restarted = Instant::now();
+    for b in [leader, follower] {
+        let ready = brokers[b].restart_nowait()?;
+        brokers[b].wait_ready(&ready)?;
+    }
+    // The third replica is elected with the damaged ones' votes and takes new records.
+    let client = brokers[third].client().await?;
+    produce(&client, 40, &mut acked).await?;
+    eprintln!(
+        "first record acknowledged {} ms after the damaged brokers were restarted",
+        restarted.elapsed().as_millis()
+    );
+    assert_eq!(
+        usize::try_from(leader_of(&client, "twice", 0).await?)?,
+        third,
+        "only the undamaged replica can lead"
+    );
+    every_replica_holds(&brokers, "twice", &acked).await?;
+    for b in [leader, follower] {
+        let started = Instant::now();
+        while brokers[b].metric("weir_replica_repairs_total")? < 1.0 {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(30),
+                "broker {b}: no repair counted; log:\n{}",
+                brokers[b].log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let logs = brokers[b].log_text();
+        assert!(logs.contains("lost stored records"), "broker {b}: {logs}");
+        assert!(
+            logs.contains("replica repaired from its peers"),
+            "broker {b}: {logs}"
+        );
+    }
+    Ok(())
+}
+
 /// The in-sync replicas of `topic`/`partition` in `client`'s metadata.
 async fn in_sync_of(client: &Client, topic: &str, partition: u32) -> anyhow::Result<Vec<u64>> {
     let m = client.metadata().await?;

@@ -19,12 +19,21 @@
 //! the checkpoint were acknowledged and are gone, so reads of them answer DATA_LOSS
 //! ([`super::Error::Missing`]), never another record.
 //!
+//! A replicated partition's slot also holds its replica group's last Raft log id (term and
+//! index of the last entry stored), for the same reason: a replica whose journal lost
+//! entries knows how far its log had reached, so it can keep Raft's voting rule (vote only
+//! for a candidate whose log is at least as up to date as its own was) while it takes the
+//! lost entries again (`crate::replica`, Repair).
+//!
 //! # Format
 //!
-//! An 8-byte magic `WEIRLEO1`, then 24-byte slots: the partition's key prefix (topic id and
-//! partition index, 8 bytes big-endian, as in [`super::keys`]), the next offset (8 bytes
-//! big-endian), a CRC32C of those 16 bytes (4 bytes big-endian) and 4 zero bytes. A slot whose
-//! CRC does not match (a torn write) is skipped with a warning. A new file is written at every
+//! An 8-byte magic `WEIRLEO2`, then 40-byte slots: the partition's key prefix (topic id and
+//! partition index, 8 bytes big-endian, as in [`super::keys`]), the next offset, the last
+//! log id's term and its index plus one (0: no log id; 8 bytes big-endian each), a CRC32C of
+//! those 32 bytes (4 bytes big-endian) and 4 zero bytes. A slot whose CRC does not match (a
+//! torn write) is skipped with a warning. Files of the first format (`WEIRLEO1`: 24-byte
+//! slots of prefix, next offset, CRC of those 16 bytes and 4 zero bytes, no log id) are read
+//! too. A new file is written at every
 //! start-up (temporary file, fsync, rename, fsync of the directory) with the recovered ends,
 //! so the slots of deleted topics do not accumulate; partitions created later get slots
 //! appended at the end.
@@ -39,14 +48,29 @@ use std::{
 
 /// File name inside the data directory.
 pub(crate) const FILE_NAME: &str = "log-end-offsets";
-const MAGIC: &[u8; 8] = b"WEIRLEO1";
-const SLOT: usize = 24;
+const MAGIC: &[u8; 8] = b"WEIRLEO2";
+const SLOT: usize = 40;
+/// The first format: no log ids.
+const MAGIC_V1: &[u8; 8] = b"WEIRLEO1";
+const SLOT_V1: usize = 24;
 
 /// A partition's key prefix: topic id ‖ partition index, big-endian (`keys::partition_prefix`).
 pub(crate) type PartitionKey = [u8; 8];
 
+/// A Raft log id as `(term, index)`; ordered as Raft compares logs (term first).
+pub(crate) type LastLog = (u64, u64);
+
+/// A partition's end as the checkpoint keeps it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct End {
+    /// The partition's next offset.
+    pub next: u64,
+    /// A replicated partition's last stored Raft log id, if known.
+    pub last_log: Option<LastLog>,
+}
+
 /// Stored ends by partition, as read at start-up.
-pub(crate) type Ends = HashMap<PartitionKey, u64>;
+pub(crate) type Ends = HashMap<PartitionKey, End>;
 
 /// The open checkpoint file, owned by the writer thread.
 pub(crate) struct EndCheckpoint {
@@ -78,20 +102,29 @@ pub(crate) fn read(dir: &Path) -> std::io::Result<Ends> {
     Ok(parse(&bytes, &path))
 }
 
+/// Decodes one slot of a format; `None` for a torn slot.
+type DecodeSlot = fn(&[u8]) -> Option<(PartitionKey, End)>;
+
 fn parse(bytes: &[u8], path: &Path) -> Ends {
     let mut ends = Ends::new();
-    if bytes.get(..MAGIC.len()) != Some(MAGIC.as_slice()) {
+    let header = bytes.get(..MAGIC.len());
+    let (slot_len, decode): (usize, DecodeSlot) = if header == Some(MAGIC.as_slice()) {
+        (SLOT, decode_slot)
+    } else if header == Some(MAGIC_V1.as_slice()) {
+        (SLOT_V1, decode_slot_v1)
+    } else {
         tracing::warn!(path = %path.display(), "the log end checkpoint has no valid header and is ignored");
         return ends;
-    }
+    };
     let mut torn = 0usize;
-    for slot in bytes[MAGIC.len()..].chunks(SLOT) {
-        let Some(end) = decode_slot(slot) else {
+    for slot in bytes[MAGIC.len()..].chunks(slot_len) {
+        let Some((key, end)) = decode(slot) else {
             torn += 1;
             continue;
         };
-        let e = ends.entry(end.0).or_insert(0);
-        *e = (*e).max(end.1);
+        let e = ends.entry(key).or_default();
+        e.next = e.next.max(end.next);
+        e.last_log = e.last_log.max(end.last_log);
     }
     if torn > 0 {
         tracing::warn!(path = %path.display(), slots = torn, "log end checkpoint slots failed their checksum (a torn write) and were skipped");
@@ -99,17 +132,41 @@ fn parse(bytes: &[u8], path: &Path) -> Ends {
     ends
 }
 
-fn encode_slot(key: PartitionKey, next: u64) -> [u8; SLOT] {
+fn encode_slot(key: PartitionKey, end: End) -> [u8; SLOT] {
+    let (term, index_plus_one) = end.last_log.map_or((0, 0), |(t, i)| (t, i + 1));
     let mut slot = [0u8; SLOT];
     slot[..8].copy_from_slice(&key);
-    slot[8..16].copy_from_slice(&next.to_be_bytes());
-    let crc = crc32c::crc32c(&slot[..16]);
-    slot[16..20].copy_from_slice(&crc.to_be_bytes());
+    slot[8..16].copy_from_slice(&end.next.to_be_bytes());
+    slot[16..24].copy_from_slice(&term.to_be_bytes());
+    slot[24..32].copy_from_slice(&index_plus_one.to_be_bytes());
+    let crc = crc32c::crc32c(&slot[..32]);
+    slot[32..36].copy_from_slice(&crc.to_be_bytes());
     slot
 }
 
-fn decode_slot(slot: &[u8]) -> Option<(PartitionKey, u64)> {
+fn be_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+fn decode_slot(slot: &[u8]) -> Option<(PartitionKey, End)> {
     if slot.len() != SLOT {
+        return None;
+    }
+    let crc = u32::from_be_bytes(slot[32..36].try_into().ok()?);
+    if crc32c::crc32c(&slot[..32]) != crc {
+        return None;
+    }
+    let key: PartitionKey = slot[..8].try_into().ok()?;
+    let next = be_u64(&slot[8..16])?;
+    let term = be_u64(&slot[16..24])?;
+    let last_log = be_u64(&slot[24..32])?
+        .checked_sub(1)
+        .map(|index| (term, index));
+    Some((key, End { next, last_log }))
+}
+
+fn decode_slot_v1(slot: &[u8]) -> Option<(PartitionKey, End)> {
+    if slot.len() != SLOT_V1 {
         return None;
     }
     let crc = u32::from_be_bytes(slot[16..20].try_into().ok()?);
@@ -117,8 +174,14 @@ fn decode_slot(slot: &[u8]) -> Option<(PartitionKey, u64)> {
         return None;
     }
     let key: PartitionKey = slot[..8].try_into().ok()?;
-    let next = u64::from_be_bytes(slot[8..16].try_into().ok()?);
-    Some((key, next))
+    let next = be_u64(&slot[8..16])?;
+    Some((
+        key,
+        End {
+            next,
+            last_log: None,
+        },
+    ))
 }
 
 /// Replaces the file at `path` with `bytes` durably: written to `tmp` (in the same
@@ -150,15 +213,15 @@ impl EndCheckpoint {
     /// Any I/O error writing, syncing or renaming the file.
     pub(crate) fn create(
         dir: &Path,
-        ends: impl IntoIterator<Item = (PartitionKey, u64)>,
+        ends: impl IntoIterator<Item = (PartitionKey, End)>,
     ) -> std::io::Result<Self> {
         let path = dir.join(FILE_NAME);
         let tmp = dir.join(format!("{FILE_NAME}.tmp"));
         let mut image = MAGIC.to_vec();
         let mut slots = HashMap::new();
-        for (key, next) in ends {
+        for (key, end) in ends {
             if slots.insert(key, slots.len()).is_none() {
-                image.extend_from_slice(&encode_slot(key, next));
+                image.extend_from_slice(&encode_slot(key, end));
             }
         }
         replace_durably(&path, &tmp, &image)?;
@@ -176,17 +239,17 @@ impl EndCheckpoint {
     /// documentation). A failed write is logged (once until a write succeeds again) and not
     /// returned: the checkpoint guards against a damaged journal, and a broker that cannot
     /// write it keeps serving as before it existed.
-    pub(crate) fn record(&mut self, ends: impl IntoIterator<Item = (PartitionKey, u64)>) {
+    pub(crate) fn record(&mut self, ends: impl IntoIterator<Item = (PartitionKey, End)>) {
         let mut low = usize::MAX;
         let mut high = 0usize;
-        for (key, next) in ends {
+        for (key, end) in ends {
             let next_slot = self.slots.len();
             let index = *self.slots.entry(key).or_insert(next_slot);
             let at = MAGIC.len() + index * SLOT;
             if at == self.image.len() {
                 self.image.extend_from_slice(&[0u8; SLOT]);
             }
-            self.image[at..at + SLOT].copy_from_slice(&encode_slot(key, next));
+            self.image[at..at + SLOT].copy_from_slice(&encode_slot(key, end));
             low = low.min(at);
             high = high.max(at + SLOT);
         }
@@ -213,6 +276,14 @@ mod tests {
         super::super::keys::partition_prefix(topic, partition)
     }
 
+    /// An end without a log id (a partition that is not replicated).
+    fn at(next: u64) -> End {
+        End {
+            next,
+            last_log: None,
+        }
+    }
+
     #[test]
     fn recorded_ends_are_read_back() {
         let dir = tempfile::tempdir().expect("dir");
@@ -220,27 +291,38 @@ mod tests {
             read(dir.path()).expect("read").is_empty(),
             "no file, no ends"
         );
-        let mut c =
-            EndCheckpoint::create(dir.path(), [(key(1, 0), 10), (key(1, 1), 20)]).expect("create");
-        c.record([(key(1, 1), 25), (key(2, 0), 7)]);
-        c.record([(key(1, 0), 11)]);
+        let mut c = EndCheckpoint::create(dir.path(), [(key(1, 0), at(10)), (key(1, 1), at(20))])
+            .expect("create");
+        let replica = End {
+            next: 25,
+            last_log: Some((3, 41)),
+        };
+        c.record([(key(1, 1), replica), (key(2, 0), at(7))]);
+        c.record([(key(1, 0), at(11))]);
         let ends = read(dir.path()).expect("read");
         assert_eq!(ends.len(), 3);
-        assert_eq!(ends[&key(1, 0)], 11);
-        assert_eq!(ends[&key(1, 1)], 25);
-        assert_eq!(ends[&key(2, 0)], 7);
+        assert_eq!(ends[&key(1, 0)], at(11));
+        assert_eq!(ends[&key(1, 1)], replica);
+        assert_eq!(ends[&key(2, 0)], at(7));
+        // Index 0 is a log id too.
+        let first = End {
+            next: 0,
+            last_log: Some((1, 0)),
+        };
+        c.record([(key(2, 0), first)]);
+        assert_eq!(read(dir.path()).expect("read")[&key(2, 0)], first);
         // A new file keeps only what it is given.
         drop(c);
-        EndCheckpoint::create(dir.path(), [(key(2, 0), 7)]).expect("create");
+        EndCheckpoint::create(dir.path(), [(key(2, 0), at(7))]).expect("create");
         assert_eq!(read(dir.path()).expect("read").len(), 1);
     }
 
     #[test]
     fn a_torn_slot_is_skipped_and_the_others_kept() {
         let dir = tempfile::tempdir().expect("dir");
-        let mut c =
-            EndCheckpoint::create(dir.path(), [(key(1, 0), 10), (key(1, 1), 20)]).expect("create");
-        c.record([(key(1, 0), 12)]);
+        let mut c = EndCheckpoint::create(dir.path(), [(key(1, 0), at(10)), (key(1, 1), at(20))])
+            .expect("create");
+        c.record([(key(1, 0), at(12))]);
         let path = dir.path().join(FILE_NAME);
         let mut bytes = std::fs::read(&path).expect("read");
         bytes[MAGIC.len() + SLOT + 9] ^= 0x40; // the second slot's offset
@@ -248,7 +330,26 @@ mod tests {
         std::fs::write(&path, bytes).expect("write");
         let ends = read(dir.path()).expect("read");
         assert_eq!(ends.len(), 1);
-        assert_eq!(ends[&key(1, 0)], 12);
+        assert_eq!(ends[&key(1, 0)], at(12));
+    }
+
+    #[test]
+    fn a_file_of_the_first_format_is_read() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut bytes = MAGIC_V1.to_vec();
+        for (k, next) in [(key(1, 0), 10u64), (key(4, 2), 99)] {
+            let mut slot = [0u8; SLOT_V1];
+            slot[..8].copy_from_slice(&k);
+            slot[8..16].copy_from_slice(&next.to_be_bytes());
+            let crc = crc32c::crc32c(&slot[..16]);
+            slot[16..20].copy_from_slice(&crc.to_be_bytes());
+            bytes.extend_from_slice(&slot);
+        }
+        std::fs::write(dir.path().join(FILE_NAME), bytes).expect("write");
+        let ends = read(dir.path()).expect("read");
+        assert_eq!(ends.len(), 2);
+        assert_eq!(ends[&key(1, 0)], at(10));
+        assert_eq!(ends[&key(4, 2)], at(99));
     }
 
     #[test]

@@ -39,6 +39,8 @@
 //! | `R` ‖ group ‖ `v` | the vote (JSON) |
 //! | `R` ‖ group ‖ `c` | the committed log id (JSON) |
 //! | `R` ‖ group ‖ `p` | the last purged log id (JSON) |
+//! | `R` ‖ group ‖ `s` | the point of a snapshot about to be installed (JSON) |
+//! | `R` ‖ group ‖ `d` | damage found at start-up and not repaired yet: offsets lost, last log id the replica had (JSON) |
 //! | `R` ‖ group ‖ `a` | the state machine: last applied log id, membership, end offset (JSON) |
 //! | `R` ‖ group ‖ `q` ‖ producer id (u64) | an idempotent producer's last sequence and recent acks on the partition (JSON), as applied |
 //!

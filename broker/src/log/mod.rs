@@ -312,7 +312,7 @@ impl Log {
             topics.values().flat_map(|t| {
                 t.partitions()
                     .into_iter()
-                    .map(|p| (p.prefix, p.next_offset.load(Ordering::Relaxed)))
+                    .map(|p| (p.prefix, p.checkpoint_end()))
             }),
         )
         .map_err(|source| Error::Checkpoint {

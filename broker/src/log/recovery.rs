@@ -163,9 +163,11 @@ pub(crate) fn recover_topics(
             let probe =
                 Partition::new(&stored.name, stored.id, index, state, Arc::clone(&appended));
             let state = catch_up(records, &probe, state, report)?;
-            let state = past_checkpoint(&probe, state, ends.get(&probe.prefix).copied(), report);
+            let end = ends.get(&probe.prefix).copied();
+            let state = past_checkpoint(&probe, state, end.map(|e| e.next), report);
             let partition =
                 Partition::new(&stored.name, stored.id, index, state, Arc::clone(&appended));
+            *partition.last_log.lock() = end.and_then(|e| e.last_log);
             // The first stored batch may start before the (logical) earliest offset. Only
             // for a non-empty partition: the batch holding `earliest` is then found at once,
             // without stepping over tombstones.

@@ -441,6 +441,10 @@ pub struct Partition {
     /// Ranges of lost records whose loss was accepted (`weir topic repair`): first offset →
     /// first offset after. Reads step over them instead of answering DATA_LOSS.
     pub(crate) accepted_losses: parking_lot::RwLock<std::collections::BTreeMap<u64, u64>>,
+    /// A replicated partition's last stored Raft log id `(term, index)`, kept in the log end
+    /// checkpoint ([`super::checkpoint`]): set by the writer as it stores and truncates
+    /// entries, and at start-up to what the checkpoint held.
+    pub(crate) last_log: parking_lot::Mutex<Option<super::checkpoint::LastLog>>,
 }
 
 impl Partition {
@@ -467,7 +471,24 @@ impl Partition {
             durable: watch::Sender::new(state.next_offset),
             appended,
             accepted_losses: parking_lot::RwLock::default(),
+            last_log: parking_lot::Mutex::new(None),
         }
+    }
+
+    /// The partition's end as the log end checkpoint records it: the offset the writer
+    /// gives next and a replicated partition's last stored log id.
+    pub(crate) fn checkpoint_end(&self) -> super::checkpoint::End {
+        super::checkpoint::End {
+            next: self.assigned_next.load(Ordering::Relaxed),
+            last_log: *self.last_log.lock(),
+        }
+    }
+
+    /// A replicated partition's last stored Raft log id `(term, index)` as the log end
+    /// checkpoint knows it: after a crash, how far the replica's log had reached even when
+    /// the journal lost its tail.
+    pub fn last_log(&self) -> Option<(u64, u64)> {
+        *self.last_log.lock()
     }
 
     /// When `offset` lies in an accepted lost range, the first offset after that range.

@@ -176,14 +176,39 @@ pub struct Replica {
     /// The preferred leader: the partition's first replica in the placement.
     preferred: Option<u64>,
     /// This replica lost stored entries (damaged storage) and has not received them again
-    /// yet: it neither votes nor stands for election ([`Replicas::open`]).
+    /// yet: it neither stands for election nor votes for a candidate behind `had_log`
+    /// ([`Replicas::open`]).
     repairing: std::sync::atomic::AtomicBool,
+    /// While repairing: the last log id `(term, index)` this replica's log had reached
+    /// before the damage (`None`: not known, and then it votes for nobody).
+    had_log: Option<(u64, u64)>,
 }
 
 impl Replica {
     /// Whether this replica is being repaired from its peers (see [`Replicas::open`]).
     pub fn is_repairing(&self) -> bool {
         self.repairing.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// Refuses a vote (or pre-vote) request while `replica` is being repaired unless the
+/// candidate's last log id is at least the one the replica had before its damage: Raft's
+/// voting rule (§5.4.1 of the Raft paper) applied to the log the replica had, not the
+/// shorter one it has. Refused as if down (`UNAVAILABLE`), so the candidate counts it
+/// among the replicas that did not answer.
+fn refuse_if_behind_damage(
+    replica: &Replica,
+    req: &openraft::raft::VoteRequest<ReplicaTypes>,
+) -> Result<(), tonic::Status> {
+    if !replica.is_repairing() {
+        return Ok(());
+    }
+    let candidate = req.last_log_id.as_ref().map(store::log_pair);
+    match replica.had_log {
+        Some(had) if candidate.is_some_and(|c| c >= had) => Ok(()),
+        had => Err(tonic::Status::unavailable(format!(
+            "this replica is being repaired from its peers after damage to its storage; it votes only for a candidate whose last log id (term, index) reaches {had:?}, the one it had, and this candidate's is {candidate:?}"
+        ))),
     }
 }
 
@@ -351,12 +376,17 @@ impl Replicas {
     ///
     /// A replica whose stored data was damaged (entries whose batches are gone, a lost
     /// journal tail: [`store::Shared::check_and_align`]) truncates its log before the damage
-    /// and takes the rest from the leader like a follower that fell behind. Until it has
-    /// again everything it had, it neither votes, nor stands for election, nor takes a
-    /// leadership transfer, nor restores a leadership it held: Raft counts on a voter
-    /// keeping what it acknowledged, and one that forgot could help elect a leader without
-    /// committed entries (the "protocol-aware recovery" rule, Alagappan et al., FAST '18).
-    /// Logged when found and when repaired, and counted (`weir_replica_repairs_total`).
+    /// and takes the rest from the leader like a follower that fell behind. Until its log
+    /// is again at least as up to date as it was (Raft's order of logs: last term, then
+    /// last index), it neither stands for election, nor takes a leadership transfer, nor
+    /// restores a leadership it held, and it votes only for a candidate whose last log id
+    /// is at least the one it had before the damage (kept outside the journal by the log
+    /// end checkpoint): Raft counts on a voter keeping what it acknowledged, and one that
+    /// forgot, voting by its shorter log, could help elect a leader without committed
+    /// entries (the "protocol-aware recovery" rule, Alagappan et al., FAST '18). Voting by
+    /// the log it had keeps Raft's rule, so two damaged replicas of three still elect the
+    /// third when it holds what they had. Logged when found and when repaired, and counted
+    /// (`weir_replica_repairs_total`).
     ///
     /// # Errors
     ///
@@ -395,7 +425,7 @@ impl Replicas {
             .map_err(|e| fail(e.to_string()))?;
         let config = match damage {
             Some(d) => {
-                tracing::error!(topic = %topic.name, partition = index, lost_from = d.lost_from, lost_to = d.lost_to, truncated_from_entry = d.truncated_from, "this replica lost stored records (damaged storage): log truncated before the damage; it takes the records from the leader and does not vote until it has them again");
+                tracing::error!(topic = %topic.name, partition = index, lost_from = d.lost_from, lost_to = d.lost_to, truncated_from_entry = d.truncated_from, had_log = ?d.had_log, "this replica lost stored records (damaged storage): log truncated before the damage; it takes the records from the leader, does not stand for election and votes only for a candidate whose log reaches what it had, until it has them again");
                 Arc::new(openraft::Config {
                     enable_leader_restore: Some(false),
                     ..(*self.config).clone()
@@ -438,6 +468,7 @@ impl Replicas {
             shared: kept,
             preferred,
             repairing: std::sync::atomic::AtomicBool::new(damage.is_some()),
+            had_log: damage.and_then(|d| d.had_log),
         });
         if let Some(d) = damage {
             replica.raft.runtime_config().elect(false);
@@ -453,8 +484,10 @@ impl Replicas {
         Ok(())
     }
 
-    /// Waits until a damaged `replica` stored again every offset it had lost, then lets it
-    /// vote and stand again; logged and counted. Gives up when the replica is closed.
+    /// Waits until a damaged `replica` is repaired, then lets it stand again; logged and
+    /// counted. Repaired: its last stored log id is at least the one it had before the
+    /// damage (when that is not known: it stored again every offset it had). Gives up when
+    /// the replica is closed.
     fn watch_repair(&self, replica: &Arc<Replica>, damage: store::Damage) {
         let weak = Arc::downgrade(replica);
         let mut stored = replica.shared.stored_index();
@@ -467,18 +500,31 @@ impl Replicas {
                     return;
                 }
                 let next = *stored.borrow_and_update();
-                match r.shared.stored_end(next) {
-                    Ok(end) if end >= damage.lost_to => {
+                let repaired = match damage.had_log {
+                    Some(had) => r
+                        .shared
+                        .last_log_before(next)
+                        .map(|now| now.is_some_and(|now| now >= had)),
+                    None => r.shared.stored_end(next).map(|end| end >= damage.lost_to),
+                }
+                .and_then(|repaired| {
+                    if repaired {
+                        r.shared.repaired()?;
+                    }
+                    Ok(repaired)
+                });
+                match repaired {
+                    Ok(true) => {
                         r.repairing
                             .store(false, std::sync::atomic::Ordering::Release);
                         r.raft.runtime_config().elect(true);
                         stats
                             .repairs
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tracing::warn!(topic = %r.topic, partition = r.partition.index, records_from = damage.lost_from, records_to = damage.lost_to, elapsed_ms = started.elapsed().as_millis() as u64, "replica repaired from its peers: it has every record it had lost and votes again");
+                        tracing::warn!(topic = %r.topic, partition = r.partition.index, records_from = damage.lost_from, records_to = damage.lost_to, had_log = ?damage.had_log, elapsed_ms = started.elapsed().as_millis() as u64, "replica repaired from its peers: its log is again as up to date as it was; it stands and votes as before");
                         return;
                     }
-                    Ok(_) => {}
+                    Ok(false) => {}
                     Err(e) => {
                         tracing::warn!(topic = %r.topic, partition = r.partition.index, error = %e, "reading a repairing replica's log end failed");
                     }
@@ -714,15 +760,9 @@ impl Replicas {
         };
         let kind = network::Kind::from_number(message.kind)
             .ok_or_else(|| tonic::Status::invalid_argument("unknown partition raft call"))?;
-        if replica.is_repairing()
-            && matches!(
-                kind,
-                network::Kind::Vote | network::Kind::PreVote | network::Kind::TransferLeader
-            )
-        {
-            // As if down: the candidate gets no vote from a replica that forgot entries.
+        if replica.is_repairing() && kind == network::Kind::TransferLeader {
             return Err(tonic::Status::unavailable(
-                "this replica is being repaired from its peers after damage to its storage; it does not vote until it has every record it lost",
+                "this replica is being repaired from its peers after damage to its storage; it takes no leadership until it has what it lost",
             ));
         }
         let body = match kind {
@@ -732,10 +772,12 @@ impl Replicas {
             }
             network::Kind::Vote => {
                 let req = network::decode(&message.body).map_err(bad)?;
+                refuse_if_behind_damage(&replica, &req)?;
                 encode(network::encode(&replica.raft.vote(req).await))?
             }
             network::Kind::PreVote => {
                 let req = network::decode(&message.body).map_err(bad)?;
+                refuse_if_behind_damage(&replica, &req)?;
                 encode(network::encode(&replica.raft.pre_vote(req).await))?
             }
             network::Kind::TransferLeader => {

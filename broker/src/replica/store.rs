@@ -138,13 +138,15 @@ impl Shared {
         }
     }
 
-    /// Whether nothing of the group was ever stored (no vote, no entry).
+    /// Whether nothing of the group was ever stored (no vote, no entry, and the log end
+    /// checkpoint knows no log id: a journal that lost all of them is not a new group).
     pub(crate) fn is_empty(&self) -> io::Result<bool> {
-        Ok(self
-            .raft
-            .get(keys::replica_key(self.group, b'v'))
-            .map_err(io_err)?
-            .is_none()
+        Ok(self.partition.last_log().is_none()
+            && self
+                .raft
+                .get(keys::replica_key(self.group, b'v'))
+                .map_err(io_err)?
+                .is_none()
             && self.last_stored()?.is_none())
     }
 
@@ -200,16 +202,21 @@ impl Shared {
     /// - The partition's log end is made to match the last entry kept: after a lost journal
     ///   tail the end checkpoint runs ahead of the entries (`log::checkpoint`).
     ///
-    /// Returns the damage found: offsets this replica had stored and no longer has. Such a
-    /// replica must not vote or stand for election until it has them again (see
-    /// [`super::Replicas::open`]): a Raft voter that forgot entries it acknowledged can
-    /// help elect a leader without them.
+    /// Returns the damage found: entries and offsets this replica had stored and no longer
+    /// has, with the last log id its log had reached (the log end checkpoint keeps it
+    /// outside the journal). Such a replica must not stand for election until it has them
+    /// again, and votes only for a candidate whose log is at least as up to date as its own
+    /// was (see [`super::Replicas::open`]): a Raft voter that forgot entries it acknowledged
+    /// could otherwise help elect a leader without them. The damage is kept (`R ‖ group ‖
+    /// d`, fsynced) until the replica is repaired ([`Shared::repaired`]), so a restart
+    /// before that does not forget it.
     pub(crate) async fn check_and_align(self: &Arc<Self>) -> io::Result<Option<Damage>> {
         let start = self.purged()?.map_or(0, |p| p.end_offset);
         // A purge interrupted between its entries and its batches.
         self.delete_purged_batches(start).await?;
         // The end the local log recovered: the stored batches, counters and end checkpoint.
         let recovered_end = self.partition.log_end();
+        let checkpointed_log = self.partition.last_log();
         let last = self.last_stored()?;
         let stored_end = last.as_ref().map_or(start, |(_, e)| e.end_offset());
         let shared = Arc::clone(self);
@@ -218,6 +225,12 @@ impl Shared {
             Some(index) => (index, self.end_after(index.checked_sub(1))?),
             None => (last.as_ref().map_or(0, |(i, _)| i + 1), stored_end),
         };
+        let had_log = checkpointed_log.max(last.as_ref().map(|(i, e)| (e.term, *i)));
+        let kept_log = match from.checked_sub(1) {
+            Some(i) => self.stored_entry(i)?.map(|e| (e.term, i)),
+            None => None,
+        }
+        .or(self.purged()?.map(|p| log_pair(&p.log_id)));
         if let Some(index) = missing {
             self.rewind_machine(index)?;
         }
@@ -234,12 +247,58 @@ impl Shared {
                 .await
                 .map_err(io_err)?;
         }
+        *self.partition.last_log.lock() = kept_log;
         let had = recovered_end.max(stored_end);
-        Ok((had > end).then_some(Damage {
+        let found = (had > end || had_log > kept_log).then_some(Damage {
             truncated_from: missing,
             lost_from: end,
             lost_to: had,
-        }))
+            had_log,
+        });
+        let earlier: Option<Damage> = self.get_json(b'd')?;
+        let damage = match (found, earlier) {
+            (Some(f), Some(e)) => Some(Damage {
+                truncated_from: f.truncated_from,
+                lost_from: f.lost_from.min(e.lost_from),
+                lost_to: f.lost_to.max(e.lost_to),
+                had_log: f.had_log.max(e.had_log),
+            }),
+            (f, e) => f.or(e),
+        };
+        if damage != earlier
+            && let Some(d) = damage
+        {
+            let shared = Arc::clone(self);
+            blocking(move || {
+                shared.put_json(b'd', &d)?;
+                shared
+                    .db
+                    .persist(fjall::PersistMode::SyncData)
+                    .map_err(io_err)
+            })
+            .await?;
+        }
+        Ok(damage)
+    }
+
+    /// Forgets the damage [`Shared::check_and_align`] kept: the replica has what it lost.
+    pub(crate) fn repaired(&self) -> io::Result<()> {
+        self.raft
+            .remove(keys::replica_key(self.group, b'd'))
+            .map_err(io_err)
+    }
+
+    /// The last log id `(term, index)` of the entries before index `next` (blocking read of
+    /// one entry; the purge point when none is stored).
+    pub(crate) fn last_log_before(&self, next: u64) -> io::Result<Option<(u64, u64)>> {
+        let stored = match next.checked_sub(1) {
+            Some(i) => self.stored_entry(i)?.map(|e| (e.term, i)),
+            None => None,
+        };
+        Ok(match stored {
+            Some(id) => Some(id),
+            None => self.purged()?.map(|p| log_pair(&p.log_id)),
+        })
     }
 
     /// The index of the first `Records` entry whose batch is not stored. Reads keys only.
@@ -327,7 +386,7 @@ impl Shared {
 }
 
 /// Data a replica had and lost (found by [`Shared::check_and_align`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Damage {
     /// The first entry truncated because its batch was gone, if any (else only the log's
     /// tail was lost, with the journal's).
@@ -336,6 +395,15 @@ pub(crate) struct Damage {
     pub lost_from: u64,
     /// The offset this replica's log had reached.
     pub lost_to: u64,
+    /// The last log id `(term, index)` this replica's log had reached, when known (the
+    /// log end checkpoint or the entries kept it; a data directory of an earlier version
+    /// may not know it).
+    pub had_log: Option<(u64, u64)>,
+}
+
+/// A log id as `(term, index)`, ordered as Raft compares logs.
+pub(crate) fn log_pair(id: &LogIdOf<C>) -> (u64, u64) {
+    (**id.committed_leader_id(), id.index())
 }
 
 fn decode_entry(bytes: &[u8]) -> io::Result<ReplicaEntry> {

@@ -483,11 +483,9 @@ impl Writer {
         self.rotate_if_full(added)?;
         // The new ends outside the journal before any ack: a journal tail lost later can
         // then never give these offsets out again (see `checkpoint`).
-        self.checkpoint.borrow_mut().record(
-            touched
-                .iter()
-                .map(|(p, _)| (p.prefix, p.assigned_next.load(Ordering::Relaxed))),
-        );
+        self.checkpoint
+            .borrow_mut()
+            .record(touched.iter().map(|(p, _)| (p.prefix, p.checkpoint_end())));
         for (p, added) in touched {
             relaxed_add(&p.bytes, added);
             if !p.is_replicated() {

@@ -87,6 +87,7 @@ impl Writer {
             return;
         }
         let mut added = 0u64;
+        let last_log = entries.last().map(|(index, term, _)| (*term, *index));
         for (index, term, payload) in entries {
             let base = partition.assigned_next.load(Ordering::Relaxed);
             let kind = match payload {
@@ -113,6 +114,10 @@ impl Writer {
                 .insert(&raft, keys::replica_entry_key(group, index), entry.encode());
         }
         partition.assigned_bytes.fetch_add(added, Ordering::Relaxed);
+        if last_log.is_some() {
+            // Recorded in the log end checkpoint once the round is committed.
+            *partition.last_log.lock() = last_log;
+        }
         round.fsync |= fsync;
         round.waiting.push(Waiting {
             parts: vec![(partition, added)],
@@ -144,16 +149,17 @@ impl Writer {
                 .map_err(read_err)?,
             None => None,
         };
-        let end_offset = match before {
-            Some(bytes) => ReplicaEntry::decode(&bytes)
-                .ok_or_else(|| Error::Replica {
-                    topic: p.topic.clone(),
-                    partition: p.index,
-                    message: format!("malformed replica log entry {}", from_index - 1),
-                })?
-                .end_offset(),
-            None => start_offset,
+        let before = match before {
+            Some(bytes) => Some(ReplicaEntry::decode(&bytes).ok_or_else(|| Error::Replica {
+                topic: p.topic.clone(),
+                partition: p.index,
+                message: format!("malformed replica log entry {}", from_index - 1),
+            })?),
+            None => None,
         };
+        let end_offset = before
+            .as_ref()
+            .map_or(start_offset, ReplicaEntry::end_offset);
         let mut wb = self.shared.db.batch();
         for guard in raft.range(
             keys::replica_entry_key(group, from_index)..=keys::replica_entry_key(group, u64::MAX),
@@ -185,10 +191,16 @@ impl Writer {
         p.assigned_next.store(end_offset, Ordering::Relaxed);
         p.assigned_bytes.store(bytes, Ordering::Relaxed);
         p.bytes.fetch_sub(freed.min(p.bytes()), Ordering::Relaxed);
-        // The checkpoint names the stored end; offsets past it were never committed.
+        // The checkpoint names the stored end; offsets past it were never committed. Its
+        // last log id becomes the entry before; with none before (every entry purged) it
+        // stays as it was, at least as high as the log's, which only makes a damaged
+        // replica more careful with its votes.
+        if let (Some(entry), Some(index)) = (&before, from_index.checked_sub(1)) {
+            *p.last_log.lock() = Some((entry.term, index));
+        }
         self.checkpoint
             .borrow_mut()
-            .record([(p.prefix, end_offset)]);
+            .record([(p.prefix, p.checkpoint_end())]);
         Ok(())
     }
 }
