@@ -160,3 +160,57 @@ async fn a_stream_with_more_bytes_in_flight_than_the_broker_buffers_is_answered_
     assert_eq!(client.describe_topic("big").await?.messages, 96 * 16);
     Ok(())
 }
+
+/// A fetch that finds no records at offset N never answers an end past N: the end is the
+/// partition's as of the read. Taken after the read, it could pass records published
+/// meanwhile ("no records at 200, end 210"), and a client moving to the answered end would
+/// skip them. Seen once under load in CI; here a producer publishes one record at a time
+/// while a reader fetches at the end as fast as it can, for 3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_fetch_never_answers_an_end_past_its_offset() -> anyhow::Result<()> {
+    let broker = Broker::start()?;
+    let client = broker.client().await?;
+    client.create_topic("race", &TopicConfig::new(1)).await?;
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    let producer = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut sent = 0u64;
+            while std::time::Instant::now() < until {
+                client
+                    .produce("race", Some(0), vec![Record::value(format!("{sent}"))])
+                    .await?;
+                sent += 1;
+            }
+            anyhow::Ok(sent)
+        })
+    };
+    let (mut offset, mut empty) = (0u64, 0u64);
+    while std::time::Instant::now() < until {
+        let fetched = client
+            .fetch("race", 0, offset, FetchOptions::default())
+            .await?;
+        match fetched.records.last() {
+            Some(last) => {
+                let offsets: Vec<u64> = fetched.records.iter().map(|r| r.offset).collect();
+                let want: Vec<u64> = (offset..=last.offset).collect();
+                assert_eq!(offsets, want, "records from the requested offset, in order");
+                offset = last.offset + 1;
+            }
+            None => {
+                empty += 1;
+                assert!(
+                    fetched.next_offset <= offset,
+                    "no records at {offset}, yet the answered end is {} (after {empty} empty fetches)",
+                    fetched.next_offset
+                );
+            }
+        }
+    }
+    let sent = producer.await??;
+    assert!(
+        sent > 100 && empty > 100,
+        "{sent} records sent, {empty} empty fetches: too few to race"
+    );
+    Ok(())
+}

@@ -296,6 +296,114 @@ async fn a_replication_factor_above_the_brokers_is_refused() -> anyhow::Result<(
     Ok(())
 }
 
+/// A leader hands the leadership back to the partition's preferred replica only while that
+/// replica answers (docs/reliability.md, finding 5): openraft's leader refuses writes from
+/// the start of a transfer until its target stands, so a transfer to a replica that does
+/// not answer leaves the partition without a writable leader until an election. The
+/// preferred replica (the first leader) is paused until another replica leads, resumed
+/// for 300 ms (it answers the new leader, so the leader knows it close behind), then
+/// paused again for 8 s, long enough for the new leader's preferred-leader check (every
+/// 5 s) to run: no transfer to it starts meanwhile, and once it answers again the
+/// leadership moves back to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_is_not_handed_to_a_preferred_replica_that_does_not_answer() -> anyhow::Result<()>
+{
+    const TRANSFER: &str = "moving leadership back to the preferred replica";
+    let brokers = Broker::start_cluster(3, &[])?;
+    let client = brokers[0].client().await?;
+    client
+        .create_topic("silent", &TopicConfig::new(1).with_replication_factor(3))
+        .await?;
+    let mut acked = Acked::new();
+    for n in 0..5 {
+        produce_round("silent", 1, n, &client, &mut acked).await?;
+    }
+    let preferred = usize::try_from(leader_of(&client, "silent", 0).await?)?;
+    let others: Vec<usize> = (0..3).filter(|b| *b != preferred).collect();
+    // Calls go to a survivor, which serves or forwards them; each attempt has a 2 s
+    // deadline, as a call routed to a paused broker waits for it (the client sets none).
+    let survivor = Client::connect(&brokers[others[0]].url())
+        .await?
+        .without_routing();
+    let mut n = 5;
+    let produce = async |n: usize, acked: &mut Acked| {
+        let started = Instant::now();
+        let values: Vec<Vec<u8>> = (0..10).map(|i| value(0, n, i)).collect();
+        let base = loop {
+            let records = values.iter().cloned().map(Record::value).collect();
+            match tokio::time::timeout(
+                Duration::from_secs(2),
+                survivor.produce("silent", Some(0), records),
+            )
+            .await
+            {
+                Ok(Ok(acks)) => break acks[0].base_offset,
+                Ok(Err(_)) | Err(_) => anyhow::ensure!(
+                    started.elapsed() < Duration::from_secs(15),
+                    "round {n} not acknowledged within 15 s while the preferred replica was paused"
+                ),
+            }
+        };
+        record_acked(acked, 0, base, values.into_iter())?;
+        anyhow::Ok(started.elapsed())
+    };
+    brokers[preferred].signal("STOP")?;
+    // A survivor leads once it acknowledges.
+    produce(n, &mut acked).await?;
+    n += 1;
+    brokers[preferred].signal("CONT")?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    brokers[preferred].signal("STOP")?;
+    // Resumed after 30 s whatever happens below.
+    let pid = brokers[preferred].pid().unwrap_or_default();
+    let resume = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        tokio::process::Command::new("kill")
+            .args(["-CONT", &pid.to_string()])
+            .status()
+            .await
+    });
+    let transfers = |brokers: &[Broker]| -> usize {
+        others
+            .iter()
+            .map(|&b| brokers[b].log_text().matches(TRANSFER).count())
+            .sum()
+    };
+    // A transfer started while it answered is fine (and ends with it leading, paused).
+    let before = transfers(&brokers);
+    let paused = Instant::now();
+    let mut slowest = Duration::ZERO;
+    while paused.elapsed() < Duration::from_secs(8) {
+        slowest = slowest.max(produce(n, &mut acked).await?);
+        n += 1;
+        // Few entries, so the paused replica stays close behind (a transfer is considered
+        // only within 1,000 entries of the leader's log).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let during = transfers(&brokers) - before;
+    brokers[preferred].signal("CONT")?;
+    resume.abort();
+    println!(
+        "{n} rounds acknowledged, slowest {slowest:?}; transfers to the preferred replica while it answered: {before}, while paused: {during}"
+    );
+    assert_eq!(
+        during, 0,
+        "a transfer to the paused preferred replica started"
+    );
+    // Answering again, it gets the leadership back.
+    let resumed = Instant::now();
+    while usize::try_from(leader_of(&client, "silent", 0).await?)? != preferred {
+        anyhow::ensure!(
+            resumed.elapsed() < Duration::from_secs(30),
+            "the leadership did not move back to the preferred replica within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    produce(n, &mut acked).await?;
+    every_replica_holds(&brokers, "silent", &acked).await?;
+    Ok(())
+}
+
 /// The leader of a replicated partition is paused (SIGSTOP) for 5 s while produce goes on
 /// through the other brokers, which elect a new leader; a request sent to the paused leader
 /// meanwhile is answered only after it resumes, with an error (it is deposed: what it
