@@ -190,21 +190,18 @@ async fn an_empty_fetch_never_answers_an_end_past_its_offset() -> anyhow::Result
         let fetched = client
             .fetch("race", 0, offset, FetchOptions::default())
             .await?;
-        match fetched.records.last() {
-            Some(last) => {
-                let offsets: Vec<u64> = fetched.records.iter().map(|r| r.offset).collect();
-                let want: Vec<u64> = (offset..=last.offset).collect();
-                assert_eq!(offsets, want, "records from the requested offset, in order");
-                offset = last.offset + 1;
-            }
-            None => {
-                empty += 1;
-                assert!(
-                    fetched.next_offset <= offset,
-                    "no records at {offset}, yet the answered end is {} (after {empty} empty fetches)",
-                    fetched.next_offset
-                );
-            }
+        if let Some(last) = fetched.records.last() {
+            let offsets: Vec<u64> = fetched.records.iter().map(|r| r.offset).collect();
+            let want: Vec<u64> = (offset..=last.offset).collect();
+            assert_eq!(offsets, want, "records from the requested offset, in order");
+            offset = last.offset + 1;
+        } else {
+            empty += 1;
+            assert!(
+                fetched.next_offset <= offset,
+                "no records at {offset}, yet the answered end is {} (after {empty} empty fetches)",
+                fetched.next_offset
+            );
         }
     }
     let sent = producer.await??;
