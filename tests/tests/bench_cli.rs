@@ -99,3 +99,57 @@ fn bench_produce_consume_and_end_to_end_report_what_they_did() -> anyhow::Result
     assert!(0.0 < p50 && p50 <= p99, "{e2e}");
     Ok(())
 }
+
+/// `bench produce --duration` sends for that long (sustained rounds of `bench/compare`):
+/// the messages acknowledged are all stored, the per-second series covers the run and adds
+/// up to no more than them, the latency quantiles rise with the quantile, and
+/// `--retention-bytes` creates the topic with that limit.
+#[test]
+fn bench_produce_for_a_duration_reports_a_series_and_keeps_the_retention() -> anyhow::Result<()> {
+    let broker = Broker::start()?;
+    let produced = bench(
+        &broker,
+        &[
+            "produce",
+            "--topic",
+            "timed",
+            "--duration",
+            "3s",
+            "--message-size",
+            "100",
+            "--retention-bytes",
+            "1GiB",
+        ],
+    )?;
+    let messages = count(&produced, "messages");
+    assert!(messages > 0, "{produced}");
+    let seconds = number(&produced, "seconds");
+    assert!(
+        (3.0..10.0).contains(&seconds),
+        "ran {seconds} s: {produced}"
+    );
+    let series: Vec<u64> = produced["messagesPerSecondSeries"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("no series: {produced}"))?
+        .iter()
+        .filter_map(serde_json::Value::as_u64)
+        .collect();
+    assert!(series.len() >= 2, "one sample a second: {produced}");
+    assert!(
+        series.iter().sum::<u64>() <= messages,
+        "the series counts acknowledged messages: {produced}"
+    );
+    let quantiles = &produced["latencyQuantilesMs"];
+    let median = quantiles["0.5"].as_f64().unwrap_or(f64::NAN);
+    let tail = quantiles["0.999"].as_f64().unwrap_or(f64::NAN);
+    assert!(0.0 < median && median <= tail, "{produced}");
+    assert_eq!(produced["settings"]["durationSeconds"], 3.0, "{produced}");
+    let describe = broker.weir(&["--output", "json", "topic", "describe", "timed"], b"")?;
+    let text = String::from_utf8_lossy(&describe.stdout);
+    assert!(
+        text.contains(&format!("\"messages\":{messages}")),
+        "every acknowledged message stored: {text}"
+    );
+    assert!(text.contains("1073741824"), "retention of 1 GiB: {text}");
+    Ok(())
+}

@@ -108,6 +108,9 @@ pub struct EndToEndBench {
     /// Bytes per message (at least 16: the send time is in the value).
     #[arg(long, default_value_t = 100)]
     message_size: usize,
+    /// Replicas of each partition when the topic is created.
+    #[arg(long, default_value_t = 1)]
+    replication_factor: u32,
     /// Group type of the consuming group.
     #[arg(long, value_enum, default_value_t = Kind::Shared)]
     r#type: Kind,
@@ -123,12 +126,24 @@ pub struct ProduceBench {
     /// Partitions of the topic when it is created.
     #[arg(long, default_value_t = 4)]
     partitions: u32,
-    /// Messages to send in total.
+    /// Messages to send in total (unless `--duration` is given).
     #[arg(long, default_value_t = 1_000_000)]
     messages: u64,
+    /// Send for this long instead of a number of messages, e.g. `60s` (sustained load: past
+    /// the storage engine's first flushes and compactions).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<std::time::Duration>,
     /// Bytes per message value.
     #[arg(long, default_value_t = 100)]
     message_size: usize,
+    /// Replicas of each partition when the topic is created (a cluster: acked once a
+    /// majority of them stored each record).
+    #[arg(long, default_value_t = 1)]
+    replication_factor: u32,
+    /// Most bytes the topic keeps when it is created, e.g. `4GiB` (the oldest records are
+    /// deleted past it, so a long run fits the disk); default: no limit.
+    #[arg(long)]
+    retention_bytes: Option<bytesize::ByteSize>,
     /// Messages per produce request.
     #[arg(long, default_value_t = 1000)]
     batch_size: usize,
@@ -282,7 +297,28 @@ struct Report {
     settings: serde_json::Value,
     /// (label for people, JSON key, value).
     rows: Vec<(&'static str, &'static str, f64)>,
+    /// Further JSON-only figures: (JSON key, value), e.g. a throughput series.
+    extra: Vec<(&'static str, serde_json::Value)>,
     broker_rss_mib: Option<f64>,
+}
+
+/// Quantiles reported for latency distributions (`latencyQuantilesMs`, for CDF plots).
+const QUANTILES: [f64; 14] = [
+    0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99999, 1.0,
+];
+
+/// A latency histogram (µs) as `{ quantile: ms }`, the quantiles of [`QUANTILES`].
+fn quantiles_ms(hist: &Histogram<u64>) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = QUANTILES
+        .iter()
+        .map(|&q| {
+            (
+                q.to_string(),
+                serde_json::json!(hist.value_at_quantile(q) as f64 / 1000.0),
+            )
+        })
+        .collect();
+    serde_json::Value::Object(map)
 }
 
 impl Report {
@@ -293,6 +329,9 @@ impl Report {
                     serde_json::json!({ "benchmark": self.name, "settings": self.settings });
                 for (_, k, x) in &self.rows {
                     v[*k] = serde_json::json!(x);
+                }
+                for (k, x) in &self.extra {
+                    v[*k] = x.clone();
                 }
                 v["brokerPeakRssMiB"] = serde_json::json!(self.broker_rss_mib);
                 println!("{v}");
@@ -326,16 +365,45 @@ async fn produce(
     let durability = ensure_topic(
         client,
         &settings.topic,
-        settings.partitions,
+        TopicConfig::new(settings.partitions).with_replication_factor(settings.replication_factor),
+        settings.retention_bytes.map(|b| b.as_u64()),
         settings.durability,
     )
     .await?;
     let bar = progress(output, settings.messages, "produce");
     let producers = settings.producers.max(1);
     let batch = settings.batch_size.max(1);
-    let per_producer = settings.messages.div_ceil(producers as u64);
+    // Each producer's share of the messages, or unbounded until the deadline.
+    let per_producer = match settings.duration {
+        Some(_) => u64::MAX,
+        None => settings.messages.div_ceil(producers as u64),
+    };
     let payload = random_payload(settings.message_size);
     let started = Instant::now();
+    let deadline = settings.duration.map(|d| started + d);
+    // Messages acknowledged so far, sampled every second into the throughput series.
+    // The last, partial second is left out.
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let acked = std::sync::Arc::clone(&acked);
+        let stop = std::sync::Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut series = Vec::new();
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            tick.tick().await;
+            let mut last = 0u64;
+            loop {
+                tick.tick().await;
+                if stop.load(std::sync::atomic::Ordering::Acquire) {
+                    return series;
+                }
+                let now = acked.load(std::sync::atomic::Ordering::Relaxed);
+                series.push(now - last);
+                last = now;
+            }
+        })
+    };
     let mut tasks = Vec::new();
     for _ in 0..producers {
         let client = client.clone();
@@ -345,15 +413,19 @@ async fn produce(
         let in_flight = settings.in_flight.max(1);
         let no_idempotence = settings.no_idempotence;
         let bar = bar.clone();
+        let acked = std::sync::Arc::clone(&acked);
         tasks.push(tokio::spawn(async move {
             let (mut tx, mut rx) = client.produce_stream(in_flight).await?;
             if no_idempotence {
                 tx.disable_idempotence();
             }
             let (ts_tx, mut ts_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+            // What the sender sent in all, once it stopped (u64::MAX until then).
+            let total = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+            let sender_total = std::sync::Arc::clone(&total);
             let sender = tokio::spawn(async move {
                 let mut sent = 0u64;
-                while sent < per_producer {
+                while sent < per_producer && deadline.is_none_or(|d| Instant::now() < d) {
                     let n = (per_producer - sent).min(batch as u64) as usize;
                     let records = (0..n)
                         .map(|i| {
@@ -368,6 +440,7 @@ async fn produce(
                     tx.send(&topic, None, records).await?;
                     sent += n as u64;
                 }
+                sender_total.store(sent, std::sync::atomic::Ordering::Release);
                 Ok::<_, weir_client::Error>(())
             });
             let mut hist =
@@ -389,8 +462,11 @@ async fn produce(
                 }
                 let n: u64 = acks.iter().map(|a| u64::from(a.record_count)).sum();
                 messages += n;
+                acked.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                 bar.inc(n);
-                if messages >= per_producer {
+                if messages >= per_producer
+                    || messages >= total.load(std::sync::atomic::Ordering::Acquire)
+                {
                     break;
                 }
             }
@@ -410,6 +486,8 @@ async fn produce(
             .map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
     }
     let secs = started.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let series = sampler.await?;
     #[allow(clippy::cast_precision_loss)]
     let rate = messages as f64 / secs;
     #[allow(clippy::cast_precision_loss)]
@@ -420,7 +498,11 @@ async fn produce(
         name: "produce",
         settings: serde_json::json!({
             "topic": settings.topic, "partitions": settings.partitions,
-            "messages": settings.messages, "messageSize": settings.message_size,
+            "replicationFactor": settings.replication_factor,
+            "retentionBytes": settings.retention_bytes.map(|b| b.as_u64()),
+            "messages": settings.duration.is_none().then_some(settings.messages),
+            "durationSeconds": settings.duration.map(|d| d.as_secs_f64()),
+            "messageSize": settings.message_size,
             "batchSize": batch, "producers": producers, "inFlight": settings.in_flight,
             "durability": durability,
             "idempotence": !settings.no_idempotence,
@@ -439,25 +521,36 @@ async fn produce(
                 hist.max() as f64 / 1000.0,
             ),
         ],
+        extra: vec![
+            ("messagesPerSecondSeries", serde_json::json!(series)),
+            ("latencyQuantilesMs", quantiles_ms(&hist)),
+        ],
         broker_rss_mib: None,
     })
 }
 
-/// Creates `topic` with `partitions` partitions and `durability` unless it exists; returns
-/// the topic's durability as the broker reports it.
+/// Creates `topic` with `config` (partitions, replication factor), at most
+/// `retention_bytes` kept (oldest dropped) and `durability`, unless it exists; returns the
+/// topic's durability as the broker reports it.
 async fn ensure_topic(
     client: &Client,
     topic: &str,
-    partitions: u32,
+    config: TopicConfig,
+    retention_bytes: Option<u64>,
     durability: Durability,
 ) -> anyhow::Result<&'static str> {
     let d = match client.describe_topic(topic).await {
         Ok(d) => d,
         Err(e) if e.code() == Some(tonic::Code::NotFound) => {
-            let config = TopicConfig::new(partitions).with_durability(match durability {
+            let mut config = config.with_durability(match durability {
                 Durability::Fsync => weir_client::Durability::Fsync,
                 Durability::Buffered => weir_client::Durability::Buffered,
             });
+            if let Some(bytes) = retention_bytes {
+                config = config
+                    .with_max_bytes(bytes)
+                    .with_overflow(weir_client::Overflow::DropOldest);
+            }
             client.create_topic(topic, &config).await?
         }
         Err(e) => return Err(e.into()),
@@ -568,6 +661,7 @@ async fn consume(
             ),
             ("lag after (messages)", "lagAfter", desc.lag as f64),
         ],
+        extra: Vec::new(),
         broker_rss_mib: None,
     })
 }
@@ -587,7 +681,8 @@ async fn end_to_end(
     let durability = ensure_topic(
         client,
         &settings.topic,
-        settings.partitions,
+        TopicConfig::new(settings.partitions).with_replication_factor(settings.replication_factor),
+        None,
         Durability::Fsync,
     )
     .await?;
@@ -678,6 +773,7 @@ async fn end_to_end(
         settings: serde_json::json!({
             "topic": settings.topic, "rate": settings.rate, "seconds": settings.duration.as_secs_f64(),
             "messageSize": size, "type": format!("{:?}", settings.r#type).to_lowercase(),
+            "replicationFactor": settings.replication_factor,
             "durability": durability,
         }),
         rows: vec![
@@ -689,6 +785,7 @@ async fn end_to_end(
             ("latency p999 ms", "latencyP999Ms", ms(0.999)),
             ("latency max ms", "latencyMaxMs", hist.max() as f64 / 1000.0),
         ],
+        extra: vec![("latencyQuantilesMs", quantiles_ms(&hist))],
         broker_rss_mib: None,
     })
 }
