@@ -9,6 +9,7 @@ Writes, per round with series or latency quantiles:
 """
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def main():
                 step = r.get("series_interval_s", 1)
                 xs = [step * (i + 1) for i in range(len(r["series"]))]
                 ax.plot(xs, [v * size / 1e6 for v in r["series"]], label=r["system"],
-                        color=COLORS.get(r["system"]))
+                        color=COLORS.get(r["system"]), marker=".")
             if limit:
                 ax.axhline(limit["direct_write_mbps"], color="grey", linestyle="--",
                            label="disk, direct sequential writes")
@@ -54,10 +55,12 @@ def main():
             fig, ax = plt.subplots(figsize=(8, 4))
             for r in with_quantiles:
                 qs = sorted((float(q), ms) for q, ms in r["latency_quantiles"].items())
-                # x: latency; y: "nines" of the quantile, so the tail is visible.
-                ax.plot([ms for _, ms in qs], [min(max(q, 0.001), 0.99999) for q, _ in qs], marker=".",
-                        label=r["system"], color=COLORS.get(r["system"]))
-            ax.set_yscale("logit")
+                # y: the quantile's "nines", -log10(1 - q), so the tail is visible.
+                ax.plot([ms for _, ms in qs], [-math.log10(1 - min(q, 0.99999)) for q, _ in qs],
+                        marker=".", label=r["system"], color=COLORS.get(r["system"]))
+            ticks = [0.0, 0.5, 0.9, 0.99, 0.999, 0.9999, 0.99999]
+            ax.set_yticks([-math.log10(1 - q) for q in ticks])
+            ax.set_yticklabels(["p0", "p50", "p90", "p99", "p99.9", "p99.99", "p99.999"])
             ax.set_xscale("log")
             ax.set_xlabel("ack latency, ms")
             ax.set_ylabel("quantile")
