@@ -1042,6 +1042,7 @@ async fn two_damaged_replicas_of_three_elect_the_third_and_are_repaired_from_it(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let elections_before = brokers[third].metric("weir_replica_leader_elections_total")?;
     brokers[leader].kill();
     brokers[follower].kill();
     for b in [leader, follower] {
@@ -1066,10 +1067,11 @@ async fn two_damaged_replicas_of_three_elect_the_third_and_are_repaired_from_it(
         "first record acknowledged {} ms after the damaged brokers were restarted",
         restarted.elapsed().as_millis()
     );
-    assert_eq!(
-        usize::try_from(leader_of(&client, "twice", 0).await?)?,
-        third,
-        "only the undamaged replica can lead"
+    // Elected: only the undamaged replica could be (the preferred one may take the
+    // leadership back once repaired, so the current leader proves nothing).
+    assert!(
+        brokers[third].metric("weir_replica_leader_elections_total")? > elections_before,
+        "the undamaged replica was not elected"
     );
     every_replica_holds(&brokers, "twice", &acked).await?;
     for b in [leader, follower] {

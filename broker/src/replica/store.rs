@@ -126,6 +126,24 @@ impl Shared {
             .map_err(io_err)
     }
 
+    /// Stores `value` as JSON under `tag` and fsyncs the journal before returning (off the
+    /// runtime's threads).
+    async fn put_json_durably<T: Serialize + Send + 'static>(
+        self: &Arc<Self>,
+        tag: u8,
+        value: T,
+    ) -> io::Result<()> {
+        let shared = Arc::clone(self);
+        blocking(move || {
+            shared.put_json(tag, &value)?;
+            shared
+                .db
+                .persist(fjall::PersistMode::SyncData)
+                .map_err(io_err)
+        })
+        .await
+    }
+
     /// The stored entry at `index`, if any.
     fn stored_entry(&self, index: u64) -> io::Result<Option<ReplicaEntry>> {
         match self
@@ -268,15 +286,7 @@ impl Shared {
         if damage != earlier
             && let Some(d) = damage
         {
-            let shared = Arc::clone(self);
-            blocking(move || {
-                shared.put_json(b'd', &d)?;
-                shared
-                    .db
-                    .persist(fjall::PersistMode::SyncData)
-                    .map_err(io_err)
-            })
-            .await?;
+            self.put_json_durably(b'd', d).await?;
         }
         Ok(damage)
     }
@@ -532,16 +542,7 @@ impl RaftLogStorage<C> for ReplicaLog {
     }
 
     async fn save_vote(&mut self, vote: &VoteOf<C>) -> Result<(), io::Error> {
-        let shared = Arc::clone(&self.0);
-        let vote = *vote;
-        blocking(move || {
-            shared.put_json(b'v', &vote)?;
-            shared
-                .db
-                .persist(fjall::PersistMode::SyncData)
-                .map_err(io_err)
-        })
-        .await
+        self.0.put_json_durably(b'v', *vote).await
     }
 
     async fn save_committed(&mut self, committed: Option<LogIdOf<C>>) -> Result<(), io::Error> {
