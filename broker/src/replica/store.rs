@@ -244,11 +244,7 @@ impl Shared {
             None => (last.as_ref().map_or(0, |(i, _)| i + 1), stored_end),
         };
         let had_log = checkpointed_log.max(last.as_ref().map(|(i, e)| (e.term, *i)));
-        let kept_log = match from.checked_sub(1) {
-            Some(i) => self.stored_entry(i)?.map(|e| (e.term, i)),
-            None => None,
-        }
-        .or(self.purged()?.map(|p| log_pair(&p.log_id)));
+        let kept_log = self.last_log_before(from)?;
         if let Some(index) = missing {
             self.rewind_machine(index)?;
         }
@@ -305,10 +301,10 @@ impl Shared {
             Some(i) => self.stored_entry(i)?.map(|e| (e.term, i)),
             None => None,
         };
-        Ok(match stored {
-            Some(id) => Some(id),
-            None => self.purged()?.map(|p| log_pair(&p.log_id)),
-        })
+        match stored {
+            Some(id) => Ok(Some(id)),
+            None => Ok(self.purged()?.map(|p| log_pair(&p.log_id))),
+        }
     }
 
     /// The index of the first `Records` entry whose batch is not stored. Reads keys only.
