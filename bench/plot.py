@@ -5,7 +5,8 @@ Usage: plot.py RESULTS OUT_DIR   (run by bench/compare with matplotlib from its 
 
 Writes, per round with series or latency quantiles:
   throughput-<round>-<size>.png   acknowledged messages per second over time, per system
-  latency-<round>-<size>.png      ack latency distribution (CDF, log-scaled tail), per system
+  latency-<round>-<size>.png      ack latency distribution (CDF, log-scaled tail), per system;
+                                  end-to-end latency in the steady-rate rounds (rate-*)
 """
 
 import json
@@ -61,10 +62,11 @@ def main():
             ticks = [0.0, 0.5, 0.9, 0.99, 0.999, 0.9999, 0.99999]
             ax.set_yticks([-math.log10(1 - q) for q in ticks])
             ax.set_yticklabels(["p0", "p50", "p90", "p99", "p99.9", "p99.99", "p99.999"])
+            kind = with_quantiles[0].get("latency_kind", "ack")
             ax.set_xscale("log")
-            ax.set_xlabel("ack latency, ms")
+            ax.set_xlabel(f"{kind} latency, ms")
             ax.set_ylabel("quantile")
-            ax.set_title(f"{round_name}, {size}-byte messages: ack latency CDF")
+            ax.set_title(f"{round_name}, {size}-byte messages: {kind} latency CDF")
             ax.legend()
             ax.grid(alpha=0.3, which="both")
             fig.tight_layout()

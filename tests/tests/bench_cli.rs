@@ -88,12 +88,20 @@ fn bench_produce_consume_and_end_to_end_report_what_they_did() -> anyhow::Result
             "2000",
             "--duration",
             "2s",
+            "--warmup",
+            "1s",
             "--type",
             "ordered",
         ],
     )?;
     assert_eq!(count(&e2e, "sent"), 4_000, "{e2e}");
     assert_eq!(count(&e2e, "received"), 4_000, "{e2e}");
+    // The first second's messages are received but not measured: about half of them.
+    let measured = count(&e2e, "measured");
+    assert!(
+        (1_000..=3_000).contains(&measured),
+        "--warmup 1s of 2s measured {measured} of 4000: {e2e}"
+    );
     let p50 = number(&e2e, "latencyP50Ms");
     let p99 = number(&e2e, "latencyP99Ms");
     assert!(0.0 < p50 && p50 <= p99, "{e2e}");
