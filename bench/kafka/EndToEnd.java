@@ -15,6 +15,7 @@ import java.util.ArrayList;
 import java.util.Arrays;
 import java.util.List;
 import java.util.Properties;
+import java.util.concurrent.atomic.AtomicBoolean;
 import java.util.concurrent.atomic.AtomicLong;
 import org.apache.kafka.clients.consumer.ConsumerRecord;
 import org.apache.kafka.clients.consumer.KafkaConsumer;
@@ -66,14 +67,18 @@ public class EndToEnd {
         KafkaProducer<byte[], byte[]> producer = new KafkaProducer<>(pp);
         AtomicLong errors = new AtomicLong();
         AtomicLong sent = new AtomicLong();
+        AtomicBoolean sending = new AtomicBoolean(true);
         Thread sender = new Thread(() -> {
             double perMs = rate / 1000.0;
             long started = System.nanoTime();
+            // Sends stop at the deadline even when the producer fell behind the rate (send
+            // waits while buffer.memory is full): what was sent is measured.
+            long deadline = started + (long) (seconds * 1e9);
             long n = 0;
-            while (n < total) {
+            while (n < total && System.nanoTime() < deadline) {
                 double elapsedMs = (System.nanoTime() - started) / 1e6;
                 long due = Math.min(total, (long) ((elapsedMs + 1) * perMs));
-                while (n < due) {
+                while (n < due && System.nanoTime() < deadline) {
                     byte[] value = new byte[size];
                     ByteBuffer.wrap(value).putLong(System.nanoTime());
                     producer.send(new ProducerRecord<>(topic, value), (meta, e) -> {
@@ -95,6 +100,7 @@ public class EndToEnd {
                 }
             }
             producer.flush();
+            sending.set(false);
         });
         sender.start();
 
@@ -105,7 +111,9 @@ public class EndToEnd {
         int received = 0;
         int measured = 0;
         long lastProgress = System.nanoTime();
-        while (received < total && System.nanoTime() - lastProgress < 10_000_000_000L) {
+        // Until every message sent is received, or none arrived for 10 s.
+        while ((sending.get() || received < sent.get() - errors.get())
+                && System.nanoTime() - lastProgress < 10_000_000_000L) {
             for (ConsumerRecord<byte[], byte[]> r : consumer.poll(Duration.ofMillis(100))) {
                 long now = System.nanoTime();
                 if (received < total && r.value().length >= 8) {

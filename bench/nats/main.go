@@ -72,7 +72,6 @@ func run(server string, rate, total, size, replicas int, warmup time.Duration) e
 	received := 0
 	measuredFrom := time.Now().Add(warmup).UnixNano()
 	var mu sync.Mutex
-	done := make(chan struct{})
 	var last atomic.Int64
 	last.Store(time.Now().UnixNano())
 	cc, err := cons.Consume(func(msg jetstream.Msg) {
@@ -87,9 +86,6 @@ func run(server string, rate, total, size, replicas int, warmup time.Duration) e
 			if received%256 == 0 || received == total {
 				_ = msg.Ack()
 			}
-			if received == total {
-				close(done)
-			}
 		}
 		mu.Unlock()
 		last.Store(now)
@@ -102,8 +98,11 @@ func run(server string, rate, total, size, replicas int, warmup time.Duration) e
 	var errors atomic.Int64
 	perMs := float64(rate) / 1000
 	started := time.Now()
-	sent := 0
-	for sent < total {
+	sent, published := 0, 0
+	deadline := started.Add(time.Duration(float64(total) / float64(rate) * 1e9))
+	// Sends stop at the deadline even when publishing fell behind the rate (PublishAsync
+	// waits while 4096 are unacknowledged): what was sent is measured.
+	for sent < total && time.Now().Before(deadline) {
 		elapsed := float64(time.Since(started).Nanoseconds()) / 1e6
 		due := int((elapsed + 1) * perMs)
 		if due > total {
@@ -114,6 +113,8 @@ func run(server string, rate, total, size, replicas int, warmup time.Duration) e
 			binary.LittleEndian.PutUint64(payload, uint64(time.Now().UnixNano()))
 			if _, err := js.PublishAsync("e2e.m", payload); err != nil {
 				errors.Add(1)
+			} else {
+				published++
 			}
 		}
 		next := started.Add(time.Duration((math.Floor(elapsed) + 1) * 1e6))
@@ -123,16 +124,15 @@ func run(server string, rate, total, size, replicas int, warmup time.Duration) e
 	case <-js.PublishAsyncComplete():
 	case <-time.After(30 * time.Second):
 	}
-wait:
+	// Until every message sent is received, or none arrived for 10 s.
 	for {
-		select {
-		case <-done:
-			break wait
-		case <-time.After(100 * time.Millisecond):
-			if time.Now().UnixNano()-last.Load() >= int64(10*time.Second) {
-				break wait
-			}
+		mu.Lock()
+		all := received >= published
+		mu.Unlock()
+		if all || time.Now().UnixNano()-last.Load() >= int64(10*time.Second) {
+			break
 		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	mu.Lock()
 	got := append([]int64(nil), micros...)
@@ -151,7 +151,7 @@ wait:
 		cdf[fmt.Sprint(p)] = q(p)
 	}
 	return json.NewEncoder(os.Stdout).Encode(map[string]any{
-		"sent": sent, "received": gotAll, "seconds": float64(last.Load()-started.UnixNano()) / 1e9, "measured": len(got), "errors": errors.Load(),
+		"sent": published, "received": gotAll, "seconds": float64(last.Load()-started.UnixNano()) / 1e9, "measured": len(got), "errors": errors.Load(),
 		"p50": q(0.5), "p99": q(0.99), "p999": q(0.999), "max": q(1), "quantiles": cdf,
 	})
 }

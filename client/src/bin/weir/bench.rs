@@ -5,7 +5,14 @@
 //! `--messages` messages of `--message-size` bytes in total. Latency is per request: from
 //! the moment it is queued on the stream to its ack, which the broker sends after fsync.
 
-use std::{collections::VecDeque, time::Instant};
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Instant,
+};
 
 use bytes::Bytes;
 use clap::{Args, Subcommand};
@@ -715,22 +722,36 @@ async fn end_to_end(
     let total = (settings.rate as f64 * settings.duration.as_secs_f64()) as u64;
     // Send stamps (Unix ns) before this are warm-up: received, not measured.
     let measured_from = now_ns() + u64::try_from(settings.warmup.as_nanos()).unwrap_or(u64::MAX);
+    // Messages acknowledged so far, and whether the producer has finished.
+    let progress = Arc::new((AtomicU64::new(0), AtomicBool::new(false)));
     let producer = {
         let client = client.clone();
         let topic = settings.topic.clone();
+        let progress = Arc::clone(&progress);
+        let duration = settings.duration;
         tokio::spawn(async move {
             let (mut tx, mut rx) = client.produce_stream(64).await?;
-            let acks = tokio::spawn(async move {
-                while let Some(answer) = rx.next().await {
-                    answer?.result?;
-                }
-                Ok::<_, weir_client::Error>(())
-            });
+            let acks = {
+                let progress = Arc::clone(&progress);
+                tokio::spawn(async move {
+                    while let Some(answer) = rx.next().await {
+                        let n: u64 = answer?
+                            .result?
+                            .iter()
+                            .map(|a| u64::from(a.record_count))
+                            .sum();
+                        progress.0.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Ok::<_, weir_client::Error>(())
+                })
+            };
             let started = Instant::now();
             let mut sent = 0u64;
             let mut tick = tokio::time::interval(std::time::Duration::from_millis(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            while sent < total {
+            // Sends stop at the deadline even when the broker fell behind the rate (the
+            // stream's window is full): what was sent is measured.
+            while sent < total && started.elapsed() < duration {
                 tick.tick().await;
                 let due = ((started.elapsed().as_secs_f64() * 1000.0 + 1.0) * per_ms) as u64;
                 let n = due.saturating_sub(sent).min(total - sent);
@@ -751,7 +772,9 @@ async fn end_to_end(
                 sent += n;
             }
             drop(tx);
-            acks.await??;
+            let acked = acks.await;
+            progress.1.store(true, Ordering::Release);
+            acked??;
             Ok::<_, anyhow::Error>(sent)
         })
     };
@@ -759,7 +782,8 @@ async fn end_to_end(
     let mut received = 0u64;
     let mut unacked = Vec::with_capacity(256);
     let started = Instant::now();
-    while received < total {
+    // Until every acknowledged message is received, or none arrives for 5 s.
+    while !(progress.1.load(Ordering::Acquire) && received >= progress.0.load(Ordering::Relaxed)) {
         let Ok(next) =
             tokio::time::timeout(std::time::Duration::from_secs(5), consumer.next()).await
         else {
