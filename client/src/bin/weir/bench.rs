@@ -395,11 +395,11 @@ async fn produce(
     let deadline = settings.duration.map(|d| started + d);
     // Messages acknowledged so far, sampled every second into the throughput series.
     // The last, partial second is left out.
-    let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
-        let acked = std::sync::Arc::clone(&acked);
-        let stop = std::sync::Arc::clone(&stop);
+        let acked = Arc::clone(&acked);
+        let stop = Arc::clone(&stop);
         tokio::spawn(async move {
             let mut series = Vec::new();
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -407,10 +407,10 @@ async fn produce(
             let mut last = 0u64;
             loop {
                 tick.tick().await;
-                if stop.load(std::sync::atomic::Ordering::Acquire) {
+                if stop.load(Ordering::Acquire) {
                     return series;
                 }
-                let now = acked.load(std::sync::atomic::Ordering::Relaxed);
+                let now = acked.load(Ordering::Relaxed);
                 series.push(now - last);
                 last = now;
             }
@@ -425,7 +425,7 @@ async fn produce(
         let in_flight = settings.in_flight.max(1);
         let no_idempotence = settings.no_idempotence;
         let bar = bar.clone();
-        let acked = std::sync::Arc::clone(&acked);
+        let acked = Arc::clone(&acked);
         tasks.push(tokio::spawn(async move {
             let (mut tx, mut rx) = client.produce_stream(in_flight).await?;
             if no_idempotence {
@@ -433,8 +433,8 @@ async fn produce(
             }
             let (ts_tx, mut ts_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
             // What the sender sent in all, once it stopped (u64::MAX until then).
-            let total = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
-            let sender_total = std::sync::Arc::clone(&total);
+            let total = Arc::new(AtomicU64::new(u64::MAX));
+            let sender_total = Arc::clone(&total);
             let sender = tokio::spawn(async move {
                 let mut sent = 0u64;
                 while sent < per_producer && deadline.is_none_or(|d| Instant::now() < d) {
@@ -452,7 +452,7 @@ async fn produce(
                     tx.send(&topic, None, records).await?;
                     sent += n as u64;
                 }
-                sender_total.store(sent, std::sync::atomic::Ordering::Release);
+                sender_total.store(sent, Ordering::Release);
                 Ok::<_, weir_client::Error>(())
             });
             let mut hist =
@@ -474,11 +474,9 @@ async fn produce(
                 }
                 let n: u64 = acks.iter().map(|a| u64::from(a.record_count)).sum();
                 messages += n;
-                acked.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                acked.fetch_add(n, Ordering::Relaxed);
                 bar.inc(n);
-                if messages >= per_producer
-                    || messages >= total.load(std::sync::atomic::Ordering::Acquire)
-                {
+                if messages >= per_producer || messages >= total.load(Ordering::Acquire) {
                     break;
                 }
             }
@@ -498,7 +496,7 @@ async fn produce(
             .map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
     }
     let secs = started.elapsed().as_secs_f64();
-    stop.store(true, std::sync::atomic::Ordering::Release);
+    stop.store(true, Ordering::Release);
     let series = sampler.await?;
     #[allow(clippy::cast_precision_loss)]
     let rate = messages as f64 / secs;
@@ -602,21 +600,21 @@ async fn consume(
         .unwrap_or(created.lag.min(topic.messages.max(created.lag)));
     let members = settings.members.max(1);
     let bar = progress(output, total, "consume");
-    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let received_bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let received = Arc::new(AtomicU64::new(0));
+    let received_bytes = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..members {
         let client = client.clone();
         let group = group.clone();
-        let received = std::sync::Arc::clone(&received);
-        let received_bytes = std::sync::Arc::clone(&received_bytes);
+        let received = Arc::clone(&received);
+        let received_bytes = Arc::clone(&received_bytes);
         let bar = bar.clone();
         let (window, ack_batch) = (settings.window, settings.ack_batch.max(1));
         tasks.push(tokio::spawn(async move {
             let mut c = client.subscribe(&group, None, window).await?;
             let mut unacked = Vec::with_capacity(ack_batch);
-            while received.load(std::sync::atomic::Ordering::Relaxed) < total {
+            while received.load(Ordering::Relaxed) < total {
                 let Ok(next) =
                     tokio::time::timeout(std::time::Duration::from_secs(2), c.next_batch()).await
                 else {
@@ -624,14 +622,14 @@ async fn consume(
                 };
                 let Some(batch) = next else { break };
                 let batch = batch?;
-                received.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                received.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 let bytes: usize = batch
                     .iter()
                     .map(|d| {
                         d.record.value.len() + d.record.key.as_ref().map_or(0, bytes::Bytes::len)
                     })
                     .sum();
-                received_bytes.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+                received_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
                 bar.inc(batch.len() as u64);
                 for d in batch {
                     unacked.push(d);
@@ -651,7 +649,7 @@ async fn consume(
     }
     let secs = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    let n = received.load(std::sync::atomic::Ordering::Relaxed);
+    let n = received.load(Ordering::Relaxed);
     let desc = client.describe_group(&group).await?;
     if settings.group.is_none() {
         client.delete_group(&group).await?;
@@ -669,7 +667,7 @@ async fn consume(
             (
                 "MB/s (values and keys)",
                 "mbPerSecond",
-                received_bytes.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6 / secs,
+                received_bytes.load(Ordering::Relaxed) as f64 / 1e6 / secs,
             ),
             ("lag after (messages)", "lagAfter", desc.lag as f64),
         ],
