@@ -26,6 +26,9 @@ use crate::{
 /// delete them) after they pass their topic's `maxAge`.
 pub const MAX_AGE_CHECK: Duration = Duration::from_secs(1);
 
+/// How long a job's turn under way when the broker stops may still take: 1 s.
+pub const TURN_AFTER_STOP: Duration = Duration::from_secs(1);
+
 /// Starts every job; each stops when `stop` turns true. Join the handles to wait for them.
 pub fn spawn(
     log: &Arc<Log>,
@@ -90,7 +93,22 @@ async fn every_interval(
             _ = interval.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        if let Err(e) = job().await {
+        let turn = job();
+        tokio::pin!(turn);
+        let finished = tokio::select! {
+            finished = &mut turn => finished,
+            () = async { drop(stop.wait_for(|s| *s).await) } => {
+                // A turn may wait on a Raft commit (a group's cursors, a retention cut) that a
+                // stopping broker, its gRPC server closed, no longer takes part in: it gets
+                // TURN_AFTER_STOP to finish, then is abandoned. Nothing it would have stored
+                // was acknowledged to anyone (an ack is answered once committed).
+                if tokio::time::timeout(TURN_AFTER_STOP, &mut turn).await.is_err() {
+                    tracing::warn!(job = name, "a turn of the job did not finish after the stop; abandoned");
+                }
+                return;
+            }
+        };
+        if let Err(e) = finished {
             tracing::warn!(job = name, error = %e, "periodic job failed; retrying on its next turn");
         }
     }

@@ -220,10 +220,22 @@ pub async fn run(
         // Storage may be poisoned: persist nothing more, recovery starts from what is on disk.
         return Err(Error::WorkerFailed(reason));
     }
-    if let Err(e) = groups.flush().await {
-        tracing::warn!(error = %e, "persisting group state at shutdown failed");
-    }
+    flush_groups(&groups, options.grace).await;
     close(&cluster, &log).await
+}
+
+/// Persists every group's state, waiting at most `grace`: a group whose coordinator
+/// partition is led here writes through Raft, which a broker whose gRPC server is closed
+/// may no longer commit.
+async fn flush_groups(groups: &crate::groups::Groups, grace: Duration) {
+    match tokio::time::timeout(grace, groups.flush()).await {
+        Ok(Ok(())) => tracing::info!("group state persisted"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "persisting group state at shutdown failed"),
+        Err(_) => tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            "persisting group state at shutdown did not finish in time"
+        ),
+    }
 }
 
 /// Joins the cluster, unless `shutdown` resolves first (`None`).
@@ -247,10 +259,20 @@ fn join_error(log: &Log, e: crate::cluster::Error) -> Error {
     }
 }
 
-/// Stops the metadata node and the replicas, then closes the log (commits what is queued,
-/// persists).
+/// Stops the metadata node and the replicas (waiting at most [`RAFT_STOP_WAIT`]), then
+/// closes the log (commits what is queued, persists).
 async fn close(cluster: &Cluster, log: &Log) -> Result<(), Error> {
-    cluster.shutdown().await;
+    if tokio::time::timeout(RAFT_STOP_WAIT, cluster.shutdown())
+        .await
+        .is_ok()
+    {
+        tracing::info!("Raft nodes stopped");
+    } else {
+        tracing::warn!(
+            wait_ms = RAFT_STOP_WAIT.as_millis() as u64,
+            "the Raft nodes did not stop in time; closing the log anyway"
+        );
+    }
     log.close().await?;
     tracing::info!("log persisted; bye");
     Ok(())
@@ -272,6 +294,10 @@ async fn unready(
     }
 }
 
+/// Longest a stopping broker waits for its Raft nodes (the metadata group's and the
+/// replicas') to stop: 10 s. What they had not stored by then was not acknowledged.
+const RAFT_STOP_WAIT: Duration = Duration::from_secs(10);
+
 /// Longest a stopping broker waits for the partitions it leads to take new leaders.
 const HANDOVER_WAIT: Duration = Duration::from_secs(3);
 
@@ -291,7 +317,7 @@ async fn drain(
     match drained {
         Ok((Ok(Err(e)), _)) => tracing::warn!(error = %e, "gRPC server ended with an error"),
         Ok((_, Ok(Err(e)))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
-        Ok(_) => {}
+        Ok(_) => tracing::info!("in-flight requests finished"),
         Err(_) => tracing::warn!(
             grace_ms = grace.as_millis() as u64,
             "in-flight requests did not finish in time"
@@ -302,6 +328,7 @@ async fn drain(
             tracing::warn!(error = %e, "a periodic job ended abnormally");
         }
     }
+    tracing::info!("periodic jobs stopped");
 }
 
 /// Waits for `shutdown` or for a worker's failure; returns the failure's reason.

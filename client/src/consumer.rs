@@ -361,7 +361,7 @@ impl PullMember {
         };
         let resp = self
             .client
-            .routed(Target::Group(&self.group, None), |c| async move {
+            .routed_waiting(Target::Group(&self.group, None), wait, |c| async move {
                 consumer_client(c).pull(request).await
             })
             .await?;

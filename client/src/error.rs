@@ -47,6 +47,19 @@ pub enum Error {
     /// The stream to the broker closed.
     #[error("the stream to the broker closed")]
     StreamClosed,
+    /// No answer came within the client's request timeout ([`crate::REQUEST_TIMEOUT`] unless
+    /// [`crate::Client::with_request_timeout`] set another). Whether the broker did what was
+    /// asked is unknown: a [`crate::Producer`] retries with the same sequence, so a retried
+    /// produce is stored once.
+    #[error(
+        "no answer from the broker at {url} within {after_ms} ms; the outcome is unknown, retry the request (the client's request timeout is set by Client::with_request_timeout)"
+    )]
+    Timeout {
+        /// The URL of the broker the call went to.
+        url: String,
+        /// How long the call waited, in ms (its long-poll wait included).
+        after_ms: u64,
+    },
 }
 
 impl From<Status> for Error {
@@ -68,7 +81,7 @@ impl Error {
     /// the same producer id and sequence, for a produce) is safe and may succeed.
     pub fn is_retriable(&self) -> bool {
         match self {
-            Self::Connect { .. } | Self::StreamClosed => true,
+            Self::Connect { .. } | Self::StreamClosed | Self::Timeout { .. } => true,
             Self::Status(s) => matches!(
                 s.code(),
                 Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded

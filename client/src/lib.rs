@@ -67,6 +67,18 @@ pub const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 pub const CONNECTION_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
 /// Largest gRPC message the client sends or accepts: 64 MiB, as the broker.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// How long a call waits for its answer by default before failing with [`Error::Timeout`]
+/// (30 s, the default of Kafka's `request.timeout.ms`); a long-poll's wait (`max_wait` of a
+/// fetch or pull) comes on top. Opening a stream waits this long for the broker to accept it.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Interval of the HTTP/2 PING the client sends on each connection, idle or not: 10 s. A
+/// connection whose PING is not answered within [`KEEPALIVE_TIMEOUT`] is closed, its calls
+/// fail, and the next call connects again (to the next broker of a bootstrap list), so a
+/// broker that stopped answering without closing its connections (a dead node, a dropped
+/// route, a paused process) is left within about 30 s.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long the client waits for the answer to a keepalive PING: 10 s.
+pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The generated `weir.v1` clients on this client's connection.
 #[derive(Debug, Clone)]
@@ -96,6 +108,7 @@ pub struct Client {
     producer: ProducerClient<Channel>,
     pub(crate) consumer: ConsumerClient<Channel>,
     pub(crate) router: Arc<route::Router>,
+    request_timeout: std::time::Duration,
 }
 
 /// The URL and tonic endpoint of broker `address` (`HOST:PORT` or a URL), with the client's
@@ -111,6 +124,9 @@ fn endpoint(address: &str) -> Result<(String, Endpoint), Error> {
         endpoint
             .tcp_nodelay(true)
             .connect_timeout(std::time::Duration::from_secs(5))
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             // Large HTTP/2 windows: batches of deliveries and produce requests are hundreds of
             // KiB; the 64 KiB default costs a window update round trip per 64 KiB.
             .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
@@ -125,10 +141,13 @@ fn host_port(address: &str) -> String {
 }
 
 /// A connector over the brokers at `addresses` (`HOST:PORT`): each connection goes to the
-/// first that accepts a TCP connection, starting at the one that last did (`first` at the
-/// start). A channel reconnects through it when its connection breaks, so a client given a
-/// bootstrap list moves to another broker when its broker goes down; calls in flight on the
-/// broken connection fail (their outcome is unknown), later ones go to the new broker.
+/// first that accepts a TCP connection, starting at `first`, then, for each later connection,
+/// at the one after the broker of the last (as a NATS client moves the server it lost to the
+/// back of its list). A channel reconnects through it when its connection breaks, so a client
+/// given a bootstrap list moves to another broker when its broker goes down or stops
+/// answering its keepalive PINGs (a paused broker's kernel still accepts TCP connections, so
+/// starting again at it would find it again); calls in flight on the broken connection fail
+/// (their outcome is unknown), later ones go to the new broker.
 fn failover_connector(
     addresses: Vec<String>,
     first: usize,
@@ -159,7 +178,10 @@ fn failover_connector(
                 match attempt.await {
                     Ok(Ok(stream)) => {
                         stream.set_nodelay(true)?;
-                        next.store(k, std::sync::atomic::Ordering::Relaxed);
+                        next.store(
+                            (k + 1) % addresses.len(),
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
                         return Ok(hyper_util::rt::TokioIo::new(stream));
                     }
                     Ok(Err(e)) => last = Some(e),
@@ -272,7 +294,23 @@ impl Client {
             consumer: ConsumerClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            request_timeout: REQUEST_TIMEOUT,
         }
+    }
+
+    /// This client with calls failing with [`Error::Timeout`] when no answer came within
+    /// `timeout` ([`REQUEST_TIMEOUT`] by default; a long-poll's wait comes on top). Like
+    /// Kafka's `request.timeout.ms`: it bounds a call to a broker that stopped answering
+    /// without closing its connection (a paused process, packets dropped).
+    #[must_use]
+    pub fn with_request_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// The time a call waits for its answer, its long-poll `wait` excluded.
+    pub fn request_timeout(&self) -> std::time::Duration {
+        self.request_timeout
     }
 
     /// This client with every call sent to its bootstrap broker, which forwards calls for
@@ -306,8 +344,38 @@ impl Client {
         F: FnOnce(Channel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let chosen = self.router.channel(target).await;
-        let answer = call(chosen.channel).await;
+        self.routed_waiting(target, std::time::Duration::ZERO, call)
+            .await
+    }
+
+    /// [`Client::routed`] for a long-poll that may wait up to `wait` for its answer (on top
+    /// of the request timeout).
+    pub(crate) async fn routed_waiting<T, F, Fut>(
+        &self,
+        target: route::Target<'_>,
+        wait: std::time::Duration,
+        call: F,
+    ) -> Result<T, Error>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.request_timeout.saturating_add(wait);
+        let timeout = |url: &str| self.timeout(url, wait);
+        let Ok(chosen) = tokio::time::timeout_at(deadline, self.router.channel(target)).await
+        else {
+            return Err(timeout(&self.url));
+        };
+        let url = chosen
+            .direct
+            .as_deref()
+            .map_or_else(|| self.url.to_string(), broker_url);
+        let Ok(answer) = tokio::time::timeout_at(deadline, call(chosen.channel)).await else {
+            if let Some(address) = &chosen.direct {
+                self.router.forget(target, address);
+            }
+            return Err(timeout(&url));
+        };
         match answer {
             Ok(r) => {
                 self.router
@@ -316,10 +384,6 @@ impl Client {
             }
             Err(status) => {
                 self.router.learn(target, status.metadata(), None);
-                let url = chosen
-                    .direct
-                    .as_deref()
-                    .map_or_else(|| self.url.to_string(), broker_url);
                 let e = Error::from_call(&url, status);
                 if let Some(address) = &chosen.direct
                     && e.is_retriable()
@@ -328,6 +392,15 @@ impl Client {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// [`Error::Timeout`] of a call to `url` that waited the request timeout plus `wait`.
+    fn timeout(&self, url: &str, wait: std::time::Duration) -> Error {
+        let waited = self.request_timeout.saturating_add(wait);
+        Error::Timeout {
+            url: url.to_owned(),
+            after_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
         }
     }
 
@@ -347,7 +420,9 @@ impl Client {
         &self,
         call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     ) -> Result<T, Error> {
-        call.await
+        tokio::time::timeout(self.request_timeout, call)
+            .await
+            .map_err(|_| self.timeout(&self.url, std::time::Duration::ZERO))?
             .map(tonic::Response::into_inner)
             .map_err(|s| Error::from_call(&self.url, s))
     }
@@ -604,8 +679,9 @@ impl Client {
             max_wait_ms: types::millis_u32(options.max_wait),
         };
         let resp = self
-            .routed(
+            .routed_waiting(
                 route::Target::Partition(topic, partition),
+                options.max_wait,
                 |channel| async move { consumer_client(channel).fetch(request).await },
             )
             .await?;

@@ -37,6 +37,11 @@ const MISS_REFRESH: Duration = Duration::from_secs(1);
 /// Time to connect to a leader before the call goes through the bootstrap broker instead: 2 s.
 const DIRECT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Longest wait for a metadata answer: 10 s. A refresh holds the lock other calls' refreshes
+/// wait on, so one to a broker that stopped answering must not hold it longer; the routes are
+/// then kept as they were.
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a broker address that could not be connected to is not tried again: 30 s.
 const UNREACHABLE_FOR: Duration = Duration::from_secs(30);
 
@@ -212,12 +217,14 @@ impl Router {
         if self.routes().fetched.is_some_and(|at| at > started) {
             return; // another call fetched it while this one waited
         }
-        let answer = ClusterClient::new(self.bootstrap.clone())
-            .metadata(pb::MetadataRequest {})
-            .await;
+        let answer = tokio::time::timeout(
+            REFRESH_TIMEOUT,
+            ClusterClient::new(self.bootstrap.clone()).metadata(pb::MetadataRequest {}),
+        )
+        .await;
         let mut routes = self.routes();
         routes.fetched = Some(Instant::now());
-        let Ok(m) = answer.map(tonic::Response::into_inner) else {
+        let Ok(Ok(m)) = answer.map(|a| a.map(tonic::Response::into_inner)) else {
             return;
         };
         let addresses: HashMap<u64, String> =

@@ -296,6 +296,8 @@ pub fn go_install(package: &str, version: &str, binary: &str) -> anyhow::Result<
 pub fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
+    // A paused or wedged server fails the read instead of holding the caller forever.
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
@@ -667,18 +669,13 @@ impl Broker {
         Ok(())
     }
 
-    /// Sends SIGTERM and waits for the exit; returns the exit code.
+    /// Sends SIGTERM and waits (up to 60 s) for the exit; returns the exit code. A broker
+    /// still running then is killed, and the error carries its logs: a clean stop is bounded
+    /// by the broker's grace period and hand-over wait, far below it.
     pub fn terminate(&mut self) -> anyhow::Result<Option<i32>> {
-        let Some(mut c) = self.child.take() else {
-            bail!("broker is not running")
-        };
-        let status = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status()?;
-        if !status.success() {
-            bail!("kill -TERM failed: {status}");
-        }
-        Ok(c.wait()?.code())
+        self.signal("TERM")?;
+        self.wait_exit(Duration::from_secs(60))
+            .inspect_err(|_| self.kill())
     }
 
     /// Waits up to `timeout` for the broker to exit on its own; returns its exit code

@@ -1648,3 +1648,54 @@ async fn an_answered_ack_survives_the_coordinators_death() -> anyhow::Result<()>
     assert_eq!(rest, expected, "the records not acked, each delivered");
     Ok(())
 }
+
+/// SIGTERM stops a broker even while a write of its own to a Raft group cannot commit: the
+/// coordinator of a group (its partition's leader) takes an ack while both followers are
+/// paused, so the cursors' write (and the group maintenance turn waiting on it) can never
+/// commit. The broker used to wait for that turn, after closing its gRPC server, until the
+/// ack's client gave up (never, for a client without a request timeout: the nemesis's
+/// `term` fault hung CI so); it now abandons it and exits cleanly within its shutdown
+/// timeout, hand-over wait and a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_leader_whose_group_write_cannot_commit() -> anyhow::Result<()> {
+    let mut brokers = Broker::start_cluster(3, &["--shutdown-timeout", "2s"])?;
+    // The ack's call must outlive the stop (a client gives up after its request timeout,
+    // and then the broker's write is cancelled with it).
+    let client = brokers[0]
+        .client()
+        .await?
+        .with_request_timeout(Duration::from_secs(120));
+    client
+        .create_topic("stuck", &TopicConfig::new(1).with_replication_factor(3))
+        .await?;
+    let config = weir_client::GroupConfig::new("stuck", weir_client::GroupType::Shared);
+    create_group_retrying(&client, "stuck", &config).await?;
+    let records = (0..10).map(|i| Record::value(format!("r{i}"))).collect();
+    produce_retrying(&client, "stuck", 0, records).await?;
+    let member = client.join("stuck", None).await?;
+    let deliveries = member.pull(10, Duration::from_secs(1)).await?;
+    anyhow::ensure!(!deliveries.is_empty(), "nothing delivered");
+
+    let leader = usize::try_from(leader_of(&client, "stuck", 0).await?)?;
+    let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    for f in &followers {
+        brokers[*f].signal("STOP")?;
+    }
+    // Taken by the coordinator, never committed: the call and the write stay in flight.
+    let ack = tokio::spawn(async move { member.ack(&deliveries).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopping = brokers[leader].signal("TERM").and_then(|()| {
+        let stopped = brokers[leader].wait_exit(Duration::from_secs(20));
+        for f in &followers {
+            brokers[*f].signal("CONT")?;
+        }
+        stopped
+    });
+    let ack = ack.await?;
+    assert!(
+        ack.is_err(),
+        "an ack without a quorum was answered: {ack:?}"
+    );
+    assert_eq!(stopping?, Some(0), "the leader exits cleanly");
+    Ok(())
+}

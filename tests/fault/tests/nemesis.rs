@@ -30,6 +30,25 @@ const PERSIST_WINDOW_MS: u64 = 1000;
 
 type Shared<T> = Arc<parking_lot::Mutex<T>>;
 
+/// How long a workload's client waits for an answer (`Client::with_request_timeout`): 10 s,
+/// twice the longest fault; a request lost to a fault then fails and is retried instead of
+/// holding its workload.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `step`'s output, or an error naming `what` when it takes longer than `limit`: a stuck step
+/// fails the run with its name (and the brokers' logs are kept) instead of holding it, and
+/// CI, forever. `what` is printed as the run's current stage, for a run stopped from outside.
+async fn bounded<T>(
+    what: &str,
+    limit: Duration,
+    step: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    println!("stage: {what}");
+    tokio::time::timeout(limit, step)
+        .await
+        .map_err(|_| anyhow::anyhow!("stuck: {what} did not finish within {limit:?}"))?
+}
+
 /// A small xorshift generator: the run's choices, reproducible from `NEMESIS_SEED`.
 struct Rng(u64);
 
@@ -60,7 +79,9 @@ fn spawn_producer(
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
     tokio::spawn(async move {
-        let mut client = Client::connect(&bootstrap).await?;
+        let mut client = Client::connect(&bootstrap)
+            .await?
+            .with_request_timeout(REQUEST_TIMEOUT);
         if !routed {
             client = client.without_routing();
         }
@@ -110,6 +131,31 @@ fn spawn_producer(
         }
         anyhow::Ok(())
     })
+}
+
+/// One producer per partition ([`spawn_producer`]): odd partitions' go through a broker of
+/// their own (rotated), which forwards to the leader; the others' straight to the leader.
+fn spawn_producers(
+    brokers: &[Broker],
+    history: &Shared<History>,
+    acks_at: &Shared<Vec<(u32, Instant)>>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let urls: Vec<String> = brokers.iter().map(Broker::advertised_url).collect();
+    (0..PARTITIONS)
+        .map(|p| {
+            let first = p as usize % urls.len();
+            let bootstrap = [&urls[first..], &urls[..first]].concat().join(",");
+            spawn_producer(
+                bootstrap,
+                p % 2 == 0,
+                p,
+                Arc::clone(history),
+                Arc::clone(acks_at),
+                Arc::clone(stop),
+            )
+        })
+        .collect()
 }
 
 /// The faults a run draws from: `NEMESIS_FAULTS` (comma-separated), else [`DEFAULT_FAULTS`].
@@ -358,6 +404,10 @@ struct FaultLog {
     healed_ms: Vec<u64>,
 }
 
+/// Longest a fault takes from its start until its broker is back and ready: 3 minutes (a
+/// stop of up to 60 s and a start of up to 30 s, with room).
+const FAULT_LIMIT: Duration = Duration::from_secs(180);
+
 /// Injects faults one at a time until `deadline`, recording each in `history.faults`; each
 /// is healed (its broker back, acknowledging on every partition, no replica being repaired)
 /// before the next.
@@ -379,9 +429,14 @@ async fn inject_until(
         let kind = kinds[rng.below(kinds.len() as u64) as usize].clone();
         let started = Instant::now();
         let start_ms = workloads::ms(run_started);
-        inject(brokers, proxy, victim, &kind, &mut rng)
-            .await
-            .map_err(|e| anyhow::anyhow!("{kind} of broker {victim}: {e}"))?;
+        let what = format!("{kind} of broker {victim} at {start_ms} ms");
+        bounded(
+            &what,
+            FAULT_LIMIT,
+            inject(brokers, proxy, victim, &kind, &mut rng),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
         history
             .lock()
             .faults
@@ -424,7 +479,10 @@ async fn drive(
     proxy: &Toxiproxy,
     settings: &Settings,
 ) -> anyhow::Result<()> {
-    let client = brokers[0].client().await?;
+    let client = brokers[0]
+        .client()
+        .await?
+        .with_request_timeout(REQUEST_TIMEOUT);
     client
         .create_topic(
             TOPIC,
@@ -450,23 +508,7 @@ async fn drive(
         &stop_consumers,
     ));
     let admin = workloads::spawn_admin(&all, &history, &stop);
-    let producers: Vec<_> = (0..PARTITIONS)
-        .map(|p| {
-            // Odd partitions' producers go through a broker of their own (rotated), which
-            // forwards to the leader; the others straight to the leader.
-            let urls: Vec<String> = brokers.iter().map(Broker::advertised_url).collect();
-            let first = p as usize % urls.len();
-            let bootstrap = [&urls[first..], &urls[..first]].concat().join(",");
-            spawn_producer(
-                bootstrap,
-                p % 2 == 0,
-                p,
-                Arc::clone(&history),
-                Arc::clone(&acks_at),
-                Arc::clone(&stop),
-            )
-        })
-        .collect();
+    let producers = spawn_producers(brokers, &history, &acks_at, &stop);
 
     let deadline = run_started + Duration::from_secs_f64(settings.minutes * 60.0);
     let faults = inject_until(
@@ -480,25 +522,50 @@ async fn drive(
     )
     .await?;
     stop.store(true, Ordering::Relaxed);
-    for p in producers {
-        p.await??;
-    }
-    admin.await??;
+    // A workload ends within its last request's retries.
+    bounded(
+        "stopping the producers and the admin workload",
+        STOP_LIMIT,
+        async {
+            for p in producers {
+                p.await??;
+            }
+            admin.await?
+        },
+    )
+    .await?;
 
-    converge(brokers).await?;
-    let mut ends = BTreeMap::new();
-    for p in 0..PARTITIONS {
-        ends.insert(p, replica_ends(&brokers[0], TOPIC, p).await?.1);
-    }
-    let drained = workloads::until_groups_consumed_all(&client, &ends).await;
+    bounded("converging", Duration::from_secs(90), converge(brokers)).await?;
+    let ends = bounded("reading the ends", STOP_LIMIT, async {
+        let mut ends = BTreeMap::new();
+        for p in 0..PARTITIONS {
+            ends.insert(p, replica_ends(&brokers[0], TOPIC, p).await?.1);
+        }
+        anyhow::Ok(ends)
+    })
+    .await?;
+    let drained = bounded(
+        "draining the groups",
+        Duration::from_secs(90),
+        workloads::until_groups_consumed_all(&client, &ends),
+    )
+    .await;
     stop_consumers.store(true, Ordering::Relaxed);
-    for c in consumers {
-        c.await??;
-    }
+    bounded("stopping the consumers", STOP_LIMIT, async {
+        for c in consumers {
+            c.await??;
+        }
+        anyhow::Ok(())
+    })
+    .await?;
     let drained = drained?;
     let mut history = std::mem::take(&mut *history.lock());
-    read_replicas(brokers, &mut history).await?;
-    history.topics = workloads::admin_topics(&client).await?;
+    bounded("reading every replica", STOP_LIMIT, async {
+        read_replicas(brokers, &mut history).await?;
+        history.topics = workloads::admin_topics(&client).await?;
+        anyhow::Ok(())
+    })
+    .await?;
     if let Ok(path) = std::env::var("NEMESIS_HISTORY") {
         std::fs::write(&path, serde_json::to_vec(&history)?)?;
     }
@@ -510,6 +577,10 @@ async fn drive(
     anyhow::ensure!(report.ok(), "{} violations", report.violations.len());
     Ok(())
 }
+
+/// Longest the workloads take to stop once told, and a healed cluster to answer a read: 2
+/// minutes (a workload's last call may wait [`REQUEST_TIMEOUT`] several times).
+const STOP_LIMIT: Duration = Duration::from_secs(120);
 
 /// The JSON summary, the run's last line.
 fn summary(

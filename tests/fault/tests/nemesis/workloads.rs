@@ -70,7 +70,9 @@ pub fn spawn_members(
         for member in 0..MEMBERS {
             let (all, history, stop) = (all.to_owned(), Arc::clone(history), Arc::clone(stop));
             out.push(tokio::spawn(async move {
-                let client = Client::connect(&all).await?;
+                let client = Client::connect(&all)
+                    .await?
+                    .with_request_timeout(super::REQUEST_TIMEOUT);
                 let source = format!("{group}/{member}");
                 while !stop.load(Ordering::Relaxed) {
                     let Ok(m) = client.join(group, None).await else {
@@ -133,7 +135,9 @@ pub fn spawn_committed_poller(
 ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
     let (all, history, stop) = (all.to_owned(), Arc::clone(history), Arc::clone(stop));
     tokio::spawn(async move {
-        let client = Client::connect(&all).await?;
+        let client = Client::connect(&all)
+            .await?
+            .with_request_timeout(super::REQUEST_TIMEOUT);
         while !stop.load(Ordering::Relaxed) {
             for (group, _) in GROUPS {
                 if let Ok(info) = client.describe_group(group).await {
@@ -166,7 +170,9 @@ pub fn spawn_admin(
 ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
     let (all, history, stop) = (all.to_owned(), Arc::clone(history), Arc::clone(stop));
     tokio::spawn(async move {
-        let client = Client::connect(&all).await?;
+        let client = Client::connect(&all)
+            .await?
+            .with_request_timeout(super::REQUEST_TIMEOUT);
         let mut n = 0u32;
         while !stop.load(Ordering::Relaxed) {
             tokio::time::sleep(Duration::from_secs(2)).await;
