@@ -375,6 +375,15 @@ fn default_advertise(grpc: &TcpListener) -> String {
 /// Most concurrent streams (calls) on one gRPC connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
+/// Most streams a peer may reset before the server accepted them, on one connection, before
+/// the connection is closed (GOAWAY with `ENHANCE_YOUR_CALM`): as many as it may have open.
+/// This is h2's guard against the rapid-reset attack (CVE-2023-44487), 20 by default. A
+/// broker's Raft peers multiplex every group's heartbeats and appends on one connection and
+/// cancel those that time out; after a pause of either side hundreds of resets arrive at
+/// once, and at 20 the guard closed the connection, failing every group's calls on it and
+/// setting off elections.
+pub const MAX_PENDING_ACCEPT_RESETS: usize = 1024;
+
 /// Marks the broker (the overall status, service `""`) and every `weir.v1` service
 /// SERVING or NOT_SERVING in `grpc.health.v1`.
 async fn set_health(health: &tonic_health::server::HealthReporter, serving: bool) {
@@ -425,6 +434,7 @@ fn grpc_router(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
         // Large HTTP/2 windows so big produce requests are not throttled by window updates.
         .initial_stream_window_size(Some(8 * 1024 * 1024))
         .initial_connection_window_size(Some(32 * 1024 * 1024))

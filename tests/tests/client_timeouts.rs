@@ -133,3 +133,63 @@ async fn a_client_leaves_a_broker_whose_connection_went_silent_for_the_next_of_i
     );
     Ok(())
 }
+
+/// Calls a client gave up on while the broker was paused do not cost its connection: each
+/// cancelled call resets its stream, and on waking the broker reads them all at once. h2's
+/// guard against the rapid-reset attack closed a connection after 20 such resets (with every
+/// other call on it, as Raft peers' connections were closed after a pause); the broker allows
+/// as many as a connection may have streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_cancelled_while_the_broker_was_paused_do_not_close_the_connection()
+-> anyhow::Result<()> {
+    use weir_client::pb::{
+        FetchRequest, ListTopicsRequest, admin_client::AdminClient, consumer_client::ConsumerClient,
+    };
+    let broker = Broker::start()?;
+    broker
+        .client()
+        .await?
+        .create_topic("quiet", &TopicConfig::new(1))
+        .await?;
+    let channel = tonic::transport::Endpoint::from_shared(broker.url())?
+        .connect()
+        .await?;
+    // A long poll in flight on the connection the whole time.
+    let mut consumer = ConsumerClient::new(channel.clone());
+    let poll = tokio::spawn(async move {
+        consumer
+            .fetch(FetchRequest {
+                topic: "quiet".into(),
+                partition: 0,
+                offset: 0,
+                max_wait_ms: 6000,
+                ..FetchRequest::default()
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    broker.signal("STOP")?;
+    let cancelled: Vec<_> = (0..200)
+        .map(|_| {
+            let mut admin = AdminClient::new(channel.clone());
+            tokio::spawn(async move {
+                tokio::time::timeout(
+                    Duration::from_millis(100),
+                    admin.list_topics(ListTopicsRequest {}),
+                )
+                .await
+                .is_err()
+            })
+        })
+        .collect();
+    for c in cancelled {
+        assert!(c.await?, "a call to the paused broker was answered");
+    }
+    broker.signal("CONT")?;
+
+    let answer = within("the long poll", poll).await??;
+    let fetched = answer.map_err(|s| anyhow::anyhow!("the long poll failed: {s}"))?;
+    assert!(fetched.into_inner().records.is_empty());
+    Ok(())
+}

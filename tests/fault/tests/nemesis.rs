@@ -284,12 +284,12 @@ async fn converge(brokers: &[Broker]) -> anyhow::Result<()> {
     }
 }
 
-/// Unavailability of one fault: from `started` until every partition acknowledged a
-/// produce after it (at most 60 s).
+/// Unavailability of one fault, per partition: from `started` until the partition
+/// acknowledged a produce after it (each at most 60 s).
 async fn until_every_partition_acked(
     acks_at: &Shared<Vec<(u32, Instant)>>,
     started: Instant,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<Vec<Duration>> {
     loop {
         let firsts: Vec<Option<Instant>> = (0..PARTITIONS)
             .map(|p| {
@@ -301,11 +301,8 @@ async fn until_every_partition_acked(
                     .min()
             })
             .collect();
-        if let Some(last) = firsts.iter().copied().collect::<Option<Vec<_>>>() {
-            return Ok(last
-                .into_iter()
-                .max()
-                .map_or(Duration::ZERO, |at| at - started));
+        if let Some(firsts) = firsts.iter().copied().collect::<Option<Vec<_>>>() {
+            return Ok(firsts.into_iter().map(|at| at - started).collect());
         }
         if started.elapsed() >= Duration::from_secs(60) {
             let silent: Vec<u32> = (0..PARTITIONS)
@@ -442,9 +439,10 @@ async fn inject_until(
             .faults
             .push((start_ms, workloads::ms(run_started)));
         *log.by_kind.entry(kind.clone()).or_default() += 1;
-        let waited = until_every_partition_acked(acks_at, started)
+        let per_partition = until_every_partition_acked(acks_at, started)
             .await
             .map_err(|e| anyhow::anyhow!("after a {kind} of broker {victim}: {e}"))?;
+        let waited = per_partition.iter().copied().max().unwrap_or_default();
         log.unavailable_ms.push(waited.as_millis() as u64);
         until_repaired(brokers)
             .await
@@ -452,7 +450,14 @@ async fn inject_until(
         log.healed_ms.push(started.elapsed().as_millis() as u64);
         if waited > Duration::from_secs(10) {
             let at = started.duration_since(run_started);
-            println!("slow fault: {kind} of broker {victim} at {at:?}: {waited:?}");
+            let per_partition: Vec<String> = per_partition
+                .iter()
+                .map(|w| format!("{:.1}", w.as_secs_f64()))
+                .collect();
+            println!(
+                "slow fault: {kind} of broker {victim} at {at:?}: {waited:?} (by partition, s: {})",
+                per_partition.join(", ")
+            );
         }
     }
     log.unavailable_ms.sort_unstable();
