@@ -14,6 +14,13 @@ use weir_broker::{
     server::{self, ServeOptions},
 };
 
+/// jemalloc, not the system allocator: the broker frees large buffers (request batches,
+/// group-commit rounds, memtables) all the time, and glibc's heap kept what they left as
+/// resident memory (371 MiB peak RSS at 1 KB sustained produce; jemalloc returns it:
+/// `docs/benchmarks.md`, "Where the broker's memory goes").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let config = Config::parse();
     init_tracing(config.log_format);
