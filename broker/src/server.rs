@@ -372,8 +372,11 @@ fn default_advertise(grpc: &TcpListener) -> String {
     }
 }
 
-/// Most concurrent streams (calls) on one gRPC connection.
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+/// Most concurrent streams (calls) on one gRPC connection. A broker's connection to a peer
+/// carries one open `PartitionAppends` stream for every partition it leads with a replica
+/// on that peer, besides the calls of the moment, and a client waits for a free stream
+/// before it opens one: 16,384 leaves room for thousands of partitions per broker.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 16_384;
 
 /// Most streams a peer may reset before the server accepted them, on one connection, before
 /// the connection is closed (GOAWAY with `ENHANCE_YOUR_CALM`): as many as it may have open.
@@ -382,7 +385,7 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 /// cancel those that time out; after a pause of either side hundreds of resets arrive at
 /// once, and at 20 the guard closed the connection, failing every group's calls on it and
 /// setting off elections.
-pub const MAX_PENDING_ACCEPT_RESETS: usize = 1024;
+pub const MAX_PENDING_ACCEPT_RESETS: usize = MAX_STREAMS_PER_CONNECTION as usize;
 
 /// Marks the broker (the overall status, service `""`) and every `weir.v1` service
 /// SERVING or NOT_SERVING in `grpc.health.v1`.

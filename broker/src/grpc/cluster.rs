@@ -170,6 +170,19 @@ impl RaftRpc for RaftService {
         ))
     }
 
+    type PartitionAppendsStream = crate::replica::AppendAnswers;
+
+    async fn partition_appends(
+        &self,
+        request: Request<tonic::Streaming<pb::PartitionRaftMessage>>,
+    ) -> Result<Response<Self::PartitionAppendsStream>, Status> {
+        self.cluster
+            .replicas()
+            .serve_appends(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
     async fn partition(
         &self,
         request: Request<pb::PartitionRaftMessage>,

@@ -24,6 +24,7 @@ use std::{
 };
 
 use fjall::Keyspace;
+use futures::StreamExt;
 use openraft::{BasicNode, async_runtime::WatchReceiver, impls::ProgressResponder};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -137,6 +138,10 @@ const PREFERRED_LAG: u64 = 1000;
 /// A preferred replica is handed the leadership only if it answered the leader's last
 /// heartbeat or append within this (ms: two heartbeat intervals at the defaults).
 const PREFERRED_ANSWERED_WITHIN: Duration = Duration::from_millis(300);
+
+/// The answers of a `weir.v1.Raft/PartitionAppends` stream ([`Replicas::serve_appends`]).
+pub type AppendAnswers =
+    futures::stream::BoxStream<'static, Result<PartitionRaftMessage, tonic::Status>>;
 
 /// The pooled channels to peers, by address (shared by every group).
 #[derive(Clone, Default)]
@@ -819,6 +824,74 @@ impl Replicas {
             kind: message.kind,
             body: body.into(),
         })
+    }
+
+    /// Serves one `weir.v1.Raft/PartitionAppends` stream from a group's leader: the
+    /// AppendEntries requests go to this broker's replica as they arrive (openraft's
+    /// `Raft::stream_append` keeps several in flight; each answer is sent once its entries
+    /// are flushed), the answers go back in the requests' order. The stream ends when the
+    /// leader closes its side, when the replica answers with an error (a conflict or a
+    /// higher vote, carried in that last answer), or when a message does not decode or names
+    /// another group (logged; the leader opens a new stream).
+    ///
+    /// # Errors
+    ///
+    /// NOT_FOUND for a group without a replica here, INVALID_ARGUMENT when the first message
+    /// does not name a group; a failed read of the first message as it failed.
+    pub async fn serve_appends(
+        &self,
+        mut inbound: tonic::Streaming<PartitionRaftMessage>,
+    ) -> Result<AppendAnswers, tonic::Status> {
+        let Some(first) = inbound.message().await? else {
+            return Ok(Box::pin(futures::stream::empty()));
+        };
+        let group: GroupKey = first.group.as_ref().try_into().map_err(|_| {
+            tonic::Status::invalid_argument("a partition raft message names a 12-byte group")
+        })?;
+        let Some(replica) = self.get(&group) else {
+            return Err(tonic::Status::not_found(
+                "no replica of this partition on this broker (yet)",
+            ));
+        };
+        let topic = replica.topic.clone();
+        let index = replica.partition.index;
+        let requests = futures::stream::unfold(
+            (Some(first), inbound),
+            move |(pending, mut inbound)| {
+                let topic = topic.clone();
+                async move {
+                    let message = match pending {
+                        Some(m) => m,
+                        None => match inbound.message().await {
+                            Ok(Some(m)) => m,
+                            Ok(None) => return None,
+                            Err(status) => {
+                                tracing::debug!(%topic, partition = index, %status, "a leader's stream of appends failed");
+                                return None;
+                            }
+                        },
+                    };
+                    match network::decode_append(group, &message) {
+                        Ok(req) => Some((req, (None, inbound))),
+                        Err(e) => {
+                            tracing::warn!(%topic, partition = index, error = %e, "a leader's stream of appends sent a bad message; the stream ends");
+                            None
+                        }
+                    }
+                }
+            },
+        );
+        let group_bytes = bytes::Bytes::copy_from_slice(&group);
+        let answers = replica.raft.stream_append(requests).map(move |result| {
+            network::encode(&result)
+                .map(|body| PartitionRaftMessage {
+                    group: group_bytes.clone(),
+                    kind: network::Kind::Append as u32,
+                    body: body.into(),
+                })
+                .map_err(|e| tonic::Status::internal(format!("encoding a raft answer: {e}")))
+        });
+        Ok(Box::pin(answers))
     }
 
     /// This broker's replica of partition `partition` of topic `topic`, if it has one.
