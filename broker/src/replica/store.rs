@@ -30,7 +30,7 @@ use openraft::{
     EntryPayload, LogState, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
     alias::{EntryOf, LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf, VoteOf},
     entry::RaftEntry,
-    storage::{EntryResponder, IOFlushed, RaftLogStorage, RaftStateMachine},
+    storage::{ApplyResponder, EntryResponder, IOFlushed, RaftLogStorage, RaftStateMachine},
 };
 use serde::{Deserialize, Serialize};
 
@@ -72,6 +72,10 @@ pub(crate) struct Shared {
     pub fsync: bool,
     /// Entries handed to the writer and not yet stored, by index.
     pending: parking_lot::Mutex<BTreeMap<u64, EntryOf<C>>>,
+    /// The committed log id openraft saved last; stored with the next apply round's state
+    /// (one write per round instead of one per commit, each of which took the journal's
+    /// lock on the runtime's threads, waiting out a group commit's fsync).
+    committed: parking_lot::Mutex<Option<LogIdOf<C>>>,
     /// Idempotent producers' state after the applied entries, by producer id (the state
     /// machine changes it; a new leader's sequencer starts from it).
     pub producers: parking_lot::Mutex<HashMap<u64, ProducerState>>,
@@ -103,6 +107,7 @@ impl Shared {
             partition,
             fsync,
             pending: parking_lot::Mutex::default(),
+            committed: parking_lot::Mutex::default(),
             producers: parking_lot::Mutex::default(),
             stored: tokio::sync::watch::Sender::new(0),
             trimmed: tokio::sync::watch::Sender::new(None),
@@ -541,8 +546,14 @@ impl RaftLogStorage<C> for ReplicaLog {
         self.0.put_json_durably(b'v', *vote).await
     }
 
+    /// Kept in memory and stored with the next apply round's state (openraft makes saving
+    /// it optional: it only lets a restarted replica apply up to it before it hears from a
+    /// leader). openraft saves it just before it applies the entries up to it.
     async fn save_committed(&mut self, committed: Option<LogIdOf<C>>) -> Result<(), io::Error> {
-        self.0.put_json(b'c', &committed)
+        if committed.is_some() {
+            *self.0.committed.lock() = committed;
+        }
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogIdOf<C>>, io::Error> {
@@ -903,6 +914,17 @@ impl ReplicaMachine {
 }
 
 impl ReplicaMachine {
+    /// Makes the applied records readable (the end offset moved from `before`) and answers
+    /// the proposals of the round with where their records are.
+    fn publish_and_answer(&self, before: u64, answers: Vec<(ApplyResponder<C>, Appended)>) {
+        if self.state.end_offset != before {
+            self.shared.partition.publish(self.state.end_offset);
+        }
+        for (r, appended) in answers {
+            r.send(appended);
+        }
+    }
+
     /// Writes what an apply round changed as one atomic batch (not fsynced: a later round's
     /// fsync covers it; after a crash the entries after the stored point are applied
     /// again): producers' states, groups' cursors (`forgotten` groups' removed first), and
@@ -937,6 +959,13 @@ impl ReplicaMachine {
             keys::replica_key(self.shared.group, b'a'),
             to_json(&self.state)?,
         );
+        if let Some(committed) = self.shared.committed.lock().take() {
+            wb.insert(
+                &self.shared.raft,
+                keys::replica_key(self.shared.group, b'c'),
+                to_json(&Some(committed))?,
+            );
+        }
         wb.commit().map_err(io_err)
     }
 }
@@ -1035,6 +1064,15 @@ impl RaftStateMachine<C> for ReplicaMachine {
             let mut stored = self.shared.stored.subscribe();
             let _ = stored.wait_for(|s| *s > last.index()).await;
         }
+        // A round of records only is answered before its state is written: the records are
+        // committed (a majority has them fsynced) and the state write is not fsynced anyway
+        // (after a crash the round is applied again). openraft counts the round applied
+        // (for linearizable reads) only once this returns, after the write.
+        let records_only = trim.is_none() && cursors.is_empty() && forgotten.is_empty();
+        if records_only {
+            self.publish_and_answer(before, answers);
+            return self.write_applied(&touched, &forgotten, cursors);
+        }
         let mut cut = None;
         if let (Some(earliest), Some(last)) = (trim, self.state.last_applied) {
             cut = self.trim_point(earliest, last.index())?;
@@ -1046,12 +1084,7 @@ impl RaftStateMachine<C> for ReplicaMachine {
         if cut.is_some() {
             self.shared.trimmed.send_replace(cut);
         }
-        if self.state.end_offset != before {
-            self.shared.partition.publish(self.state.end_offset);
-        }
-        for (r, appended) in answers {
-            r.send(appended);
-        }
+        self.publish_and_answer(before, answers);
         Ok(())
     }
 

@@ -766,7 +766,11 @@ async fn end_to_end(
                         }
                     })
                     .collect();
-                tx.send(&topic, None, records).await?;
+                if let Err(e) = tx.send(&topic, None, records).await {
+                    // The answers' reader stopped first: its error says why.
+                    acks.await??;
+                    return Err(e.into());
+                }
                 sent += n;
             }
             drop(tx);
