@@ -714,6 +714,26 @@ async fn end_to_end(
             joined => break joined?,
         }
     };
+    // Every partition's first election may still be under way (the join needed only the
+    // group's coordinator partition): one warm-up record to each, retried while refused
+    // (UNAVAILABLE), as Kafka's producer retries `NOT_LEADER_OR_FOLLOWER`. Their stamp
+    // 0 keeps them out of the count and the histogram.
+    let mut warmup =
+        weir_client::Producer::with_client(client.clone(), weir_client::RetryPolicy::default());
+    let partitions = client
+        .describe_topic(&settings.topic)
+        .await?
+        .partitions
+        .len();
+    for partition in 0..u32::try_from(partitions)? {
+        let record = Record {
+            value: Bytes::from(vec![0u8; 16]),
+            ..Record::default()
+        };
+        warmup
+            .send(&settings.topic, Some(partition), vec![record])
+            .await?;
+    }
     let size = settings.message_size.max(16);
     // Batches every millisecond at the requested rate.
     let per_ms = (settings.rate as f64 / 1000.0).max(1.0);
@@ -799,17 +819,20 @@ async fn end_to_end(
         let Some(d) = next else { break };
         let d = d?;
         last_receipt = Instant::now();
-        if let Some(sent) = d
+        let stamp = d
             .record
             .value
             .get(..8)
             .and_then(|b| b.try_into().ok())
-            .map(u64::from_le_bytes)
+            .map(u64::from_le_bytes);
+        if let Some(sent) = stamp
             && sent >= measured_from
         {
             let _ = hist.record(now_ns().saturating_sub(sent) / 1000);
         }
-        received += 1;
+        if stamp != Some(0) {
+            received += 1;
+        }
         unacked.push(d);
         if unacked.len() >= 256 {
             consumer.ack_all(&unacked).await?;
