@@ -50,8 +50,11 @@ pub struct Config {
     #[arg(long, env = "WEIR_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
 
-    /// Block cache of the database, e.g. `64MiB`.
-    #[arg(long, env = "WEIR_CACHE_SIZE", default_value = "64MiB")]
+    /// Block cache of the database, e.g. `64MiB`. 16 MiB by default: produce never reads
+    /// through it, a catch-up read of a backlog larger than it gains nothing from a bigger
+    /// one, and at 64 MiB it held 43–68 MiB more of the broker's peak RSS under sustained
+    /// produce (`docs/benchmarks.md`, "Block cache of 16 MiB").
+    #[arg(long, env = "WEIR_CACHE_SIZE", default_value = "16MiB")]
     pub cache_size: bytesize::ByteSize,
 
     /// Background threads of the storage engine (memtable flushes and compactions).

@@ -165,7 +165,7 @@ pub struct LogOptions {
 impl Default for LogOptions {
     fn default() -> Self {
         Self {
-            cache_bytes: 64 * 1024 * 1024,
+            cache_bytes: 16 * 1024 * 1024,
             max_commit_commands: 4096,
             max_commit_bytes: 64 * 1024 * 1024,
             storage_workers: None,
