@@ -739,6 +739,25 @@ impl Replicas {
         }
     }
 
+    /// The group a peer's message names and this broker's replica of it.
+    ///
+    /// # Errors
+    ///
+    /// INVALID_ARGUMENT when the message does not name a 12-byte group, NOT_FOUND when this
+    /// broker has no replica of it (yet).
+    fn addressed(
+        &self,
+        message: &PartitionRaftMessage,
+    ) -> Result<(GroupKey, Arc<Replica>), tonic::Status> {
+        let group: GroupKey = message.group.as_ref().try_into().map_err(|_| {
+            tonic::Status::invalid_argument("a partition raft message names a 12-byte group")
+        })?;
+        let replica = self.get(&group).ok_or_else(|| {
+            tonic::Status::not_found("no replica of this partition on this broker (yet)")
+        })?;
+        Ok((group, replica))
+    }
+
     /// Serves one `weir.v1.Raft/Partition` call from a peer.
     ///
     /// # Errors
@@ -749,14 +768,7 @@ impl Replicas {
         &self,
         message: PartitionRaftMessage,
     ) -> Result<PartitionRaftMessage, tonic::Status> {
-        let group: GroupKey = message.group.as_ref().try_into().map_err(|_| {
-            tonic::Status::invalid_argument("a partition raft message names a 12-byte group")
-        })?;
-        let Some(replica) = self.get(&group) else {
-            return Err(tonic::Status::not_found(
-                "no replica of this partition on this broker (yet)",
-            ));
-        };
+        let (_, replica) = self.addressed(&message)?;
         let bad = |e: postcard::Error| {
             tonic::Status::invalid_argument(format!("undecodable partition raft message: {e}"))
         };
@@ -845,43 +857,34 @@ impl Replicas {
         let Some(first) = inbound.message().await? else {
             return Ok(Box::pin(futures::stream::empty()));
         };
-        let group: GroupKey = first.group.as_ref().try_into().map_err(|_| {
-            tonic::Status::invalid_argument("a partition raft message names a 12-byte group")
-        })?;
-        let Some(replica) = self.get(&group) else {
-            return Err(tonic::Status::not_found(
-                "no replica of this partition on this broker (yet)",
-            ));
-        };
-        let topic = replica.topic.clone();
-        let index = replica.partition.index;
+        let (group, replica) = self.addressed(&first)?;
+        let group_bytes = first.group.clone();
+        // The state carries the replica along (for the logs), so nothing is cloned per
+        // message.
         let requests = futures::stream::unfold(
-            (Some(first), inbound),
-            move |(pending, mut inbound)| {
-                let topic = topic.clone();
-                async move {
-                    let message = match pending {
-                        Some(m) => m,
-                        None => match inbound.message().await {
-                            Ok(Some(m)) => m,
-                            Ok(None) => return None,
-                            Err(status) => {
-                                tracing::debug!(%topic, partition = index, %status, "a leader's stream of appends failed");
-                                return None;
-                            }
-                        },
-                    };
-                    match network::decode_append(group, &message) {
-                        Ok(req) => Some((req, (None, inbound))),
-                        Err(e) => {
-                            tracing::warn!(%topic, partition = index, error = %e, "a leader's stream of appends sent a bad message; the stream ends");
-                            None
+            (Some(first), inbound, Arc::clone(&replica)),
+            move |(pending, mut inbound, replica)| async move {
+                let (topic, partition) = (&replica.topic, replica.partition.index);
+                let message = match pending {
+                    Some(m) => m,
+                    None => match inbound.message().await {
+                        Ok(Some(m)) => m,
+                        Ok(None) => return None,
+                        Err(status) => {
+                            tracing::debug!(%topic, partition, %status, "a leader's stream of appends failed");
+                            return None;
                         }
+                    },
+                };
+                match network::decode_append(group, &message) {
+                    Ok(req) => Some((req, (None, inbound, replica))),
+                    Err(e) => {
+                        tracing::warn!(%topic, partition, error = %e, "a leader's stream of appends sent a bad message; the stream ends");
+                        None
                     }
                 }
             },
         );
-        let group_bytes = bytes::Bytes::copy_from_slice(&group);
         let answers = replica.raft.stream_append(requests).map(move |result| {
             network::encode(&result)
                 .map(|body| PartitionRaftMessage {

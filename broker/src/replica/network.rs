@@ -145,6 +145,13 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// The pooled channel to this peer (unreachable when its address is malformed).
+    fn channel(&self) -> Result<tonic::transport::Channel, RPCError<C>> {
+        self.channels
+            .get(&self.address)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(e))))
+    }
+
     async fn call<Req, Resp>(
         &mut self,
         kind: Kind,
@@ -155,10 +162,7 @@ impl Peer {
         Req: Serialize,
         Resp: DeserializeOwned,
     {
-        let channel = self
-            .channels
-            .get(&self.address)
-            .map_err(|e| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(e))))?;
+        let channel = self.channel()?;
         let body = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let mut request = tonic::Request::new(PartitionRaftMessage {
             group: self.group.to_vec().into(),
@@ -209,10 +213,7 @@ impl RaftNetworkV2<C> for Peer {
             return stream_append_sequential(self, input, option);
         }
         Box::pin(async move {
-            let channel = self
-                .channels
-                .get(&self.address)
-                .map_err(|e| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(e))))?;
+            let channel = self.channel()?;
             let outstanding = Arc::new(Outstanding::default());
             let requests = append_messages(self.group, input, Arc::clone(&outstanding));
             let answer = RaftClient::new(channel)
