@@ -559,7 +559,10 @@ impl Broker {
             .args(["--listen", &self.listen, "--http-listen", "127.0.0.1:0"])
             .args(&self.args)
             .args(["--log-format", "json"])
-            .env("WEIR_LOG", "info")
+            .env(
+                "WEIR_LOG",
+                std::env::var("WEIR_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -764,8 +767,30 @@ impl Broker {
 }
 
 impl Drop for Broker {
+    /// Stops the broker; with `WEIR_TEST_LOGS` set to a directory, then writes its log there
+    /// ([`Broker::write_log`]) for reading after a failed test.
     fn drop(&mut self) {
         self.kill();
+        if let Some(dir) = std::env::var_os("WEIR_TEST_LOGS")
+            && let Err(e) = self.write_log(Path::new(&dir))
+        {
+            eprintln!("{e:#}");
+        }
+    }
+}
+
+impl Broker {
+    /// Writes what this broker logged so far to `<port>.log` in `dir`; returns its path.
+    ///
+    /// # Errors
+    ///
+    /// When the file cannot be written.
+    pub fn write_log(&self, dir: &Path) -> anyhow::Result<PathBuf> {
+        let port = self.addr.rsplit(':').next().unwrap_or("broker");
+        let path = dir.join(format!("{port}.log"));
+        std::fs::write(&path, self.log_text())
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
     }
 }
 
@@ -990,6 +1015,18 @@ mod tests {
         assert_eq!(lines(b"a"), vec![&b"a"[..]]);
         assert_eq!(lines(b"a\r\n\nb"), vec![&b"a\r"[..], b"", b"b"]);
         assert_eq!(lines(b"\n"), vec![&b""[..]]);
+    }
+
+    #[test]
+    fn a_brokers_log_is_written_where_asked() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let broker = Broker::start()?;
+        let path = broker.write_log(dir.path())?;
+        let port = broker.addr.rsplit(':').next().unwrap_or_default();
+        assert_eq!(path, dir.path().join(format!("{port}.log")));
+        let text = std::fs::read_to_string(&path)?;
+        assert!(text.contains("broker ready"), "{text}");
+        Ok(())
     }
 
     #[test]

@@ -572,6 +572,43 @@ async fn three_brokers_form_one_cluster_and_survive_losing_the_metadata_leader()
     Ok(())
 }
 
+/// A change sent through a broker while the metadata leader is paused (SIGSTOP: as a hung
+/// process or a network partition, its connections stay open and nothing answers) is made
+/// by the leader the other two elect: the broker that forwarded it gives up on the old
+/// leader once it knows another. It used to wait for the forward's 30 s deadline; a
+/// partition leader elected meanwhile was recorded only then, and produce routed by the
+/// metadata went to the paused broker (seen in CI as a replicated partition unavailable for
+/// over 15 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_forwarded_to_a_paused_metadata_leader_is_made_by_the_next_one()
+-> anyhow::Result<()> {
+    let brokers = Broker::start_cluster(3, &[])?;
+    let leader = metadata_leader_index(&brokers).await?;
+    let through = (leader + 1) % 3;
+    let client = brokers[through]
+        .client()
+        .await?
+        .with_request_timeout(Duration::from_secs(60));
+    brokers[leader].signal("STOP")?;
+    let started = std::time::Instant::now();
+    let created = client
+        .create_topic("made-by-the-next", &TopicConfig::new(1))
+        .await;
+    let took = started.elapsed();
+    brokers[leader].signal("CONT")?;
+    let created = created?;
+    assert_eq!(created.config.partitions, 1);
+    println!("created {took:?} after the metadata leader was paused");
+    assert!(
+        took < Duration::from_secs(15),
+        "the change took {took:?}: it waited for the paused leader"
+    );
+    let m = describe_json(&brokers[through])?;
+    assert_ne!(m["metadataLeader"].as_u64(), Some(leader as u64), "{m}");
+    assert_eq!(partitions_of(&m, "made-by-the-next").len(), 1, "{m}");
+    Ok(())
+}
+
 /// Produce and fetch through any broker of a cluster: a call for a partition led elsewhere
 /// is forwarded to its leader (one hop, counted), keyed records reach their key's partition,
 /// and a request whose records would need two leaders is refused, storing nothing.

@@ -133,9 +133,14 @@ async fn every_replica_holds(brokers: &[Broker], topic: &str, acked: &Acked) -> 
                             b.addr
                         );
                     }
+                    let unacknowledged: Vec<String> = local
+                        .iter()
+                        .filter(|(offset, _)| !records.contains_key(offset))
+                        .map(|(offset, v)| format!("{offset}: {}", String::from_utf8_lossy(v)))
+                        .collect();
                     anyhow::ensure!(
-                        local.len() == expected,
-                        "broker {} holds {} records of {topic}/{partition}, {expected} were acknowledged",
+                        unacknowledged.is_empty(),
+                        "broker {} holds {} records of {topic}/{partition}, {expected} were acknowledged; not acknowledged: {unacknowledged:?}",
                         b.addr,
                         local.len()
                     );
@@ -338,10 +343,16 @@ async fn leadership_is_not_handed_to_a_preferred_replica_that_does_not_answer() 
             .await
             {
                 Ok(Ok(acks)) => break acks[0].base_offset,
-                Ok(Err(_)) | Err(_) => anyhow::ensure!(
-                    started.elapsed() < Duration::from_secs(15),
-                    "round {n} not acknowledged within 15 s while the preferred replica was paused"
-                ),
+                answer => {
+                    println!(
+                        "round {n}: attempt failed after {:?}: {answer:?}",
+                        started.elapsed()
+                    );
+                    anyhow::ensure!(
+                        started.elapsed() < Duration::from_secs(15),
+                        "round {n} not acknowledged within 15 s while the preferred replica was paused"
+                    );
+                }
             }
         };
         record_acked(acked, 0, base, values.into_iter())?;

@@ -920,9 +920,25 @@ impl Cluster {
                 .map(|n| n.addr.clone())
         }
         .ok_or_else(|| Error::NoLeader(format!("no address known for broker {leader}")))?;
-        let forwarded = self
-            .forward_to(&format!("broker {leader}"), &address, op)
-            .await?;
+        // A leader that stops answering (paused, partitioned) is replaced by an election
+        // within seconds, while the call would wait for its deadline (30 s): the call is
+        // abandoned once another leader is known, and `admin` sends it there. Its outcome
+        // is then unknown, as after that deadline or a broken connection (which `admin`
+        // retries the same way).
+        let wait = self.raft.wait(None);
+        let replaced = wait.metrics(
+            |m| m.current_leader.is_some_and(|l| l != leader),
+            "another metadata leader",
+        );
+        let who = format!("broker {leader}");
+        let forwarded = tokio::select! {
+            answer = self.forward_to(&who, &address, op) => answer?,
+            _ = replaced => {
+                return Err(Error::NoLeader(format!(
+                    "the metadata leader changed from broker {leader} while a change was forwarded to it"
+                )));
+            }
+        };
         self.wait_applied(forwarded.index).await?;
         Ok(forwarded.created)
     }

@@ -58,9 +58,33 @@ impl Cluster {
     /// Unknown topics and partitions are served here (and refused here).
     pub fn route_partition(&self, topic: &str, partition: u32) -> Route {
         let state = self.state();
-        match state.topics.get(topic).and_then(|t| t.leader(partition)) {
+        match state
+            .topics
+            .get(topic)
+            .and_then(|t| self.partition_leader(t, topic, partition))
+        {
             Some(leader) => self.to(&state, leader),
             None => Route::Here,
+        }
+    }
+
+    /// The leader of `topic`/`partition` (of topic state `t`): the one recorded in the
+    /// metadata, unless this broker's own replica of the partition follows a leader of a
+    /// later term. A new leader is recorded only once its report commits on the metadata
+    /// group, which may itself be electing a leader (both led by a broker that stopped);
+    /// meanwhile the replicas know the new leader and route to it. `None` for a partition
+    /// that does not exist.
+    pub fn partition_leader(
+        &self,
+        t: &super::state::TopicState,
+        topic: &str,
+        partition: u32,
+    ) -> Option<BrokerId> {
+        let recorded = t.leader(partition)?;
+        let recorded_term = t.leaders.get(&partition).map_or(0, |(_, term)| *term);
+        match self.replicas.known_leader(topic, partition) {
+            Some((leader, term)) if term > recorded_term => Some(leader),
+            _ => Some(recorded),
         }
     }
 
@@ -81,18 +105,17 @@ impl Cluster {
         if count == 0 {
             return Route::Here;
         }
-        let leads_one = (0..count).any(|p| t.leader(p) == Some(self.me()));
+        let leader = |p: u32| self.partition_leader(t, topic, p);
+        let leads_one = (0..count).any(|p| leader(p) == Some(self.me()));
         let unkeyed_to = if leads_one {
             self.me()
         } else {
-            t.leader(0).unwrap_or(self.me())
+            leader(0).unwrap_or(self.me())
         };
         let mut leaders: Vec<BrokerId> = Vec::new();
         for key in keys {
             let leader = match key {
-                Some(k) => t
-                    .leader(partitioner::partition_for_key(k, count))
-                    .unwrap_or(self.me()),
+                Some(k) => leader(partitioner::partition_for_key(k, count)).unwrap_or(self.me()),
                 None => unkeyed_to,
             };
             if !leaders.contains(&leader) {

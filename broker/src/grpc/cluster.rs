@@ -42,12 +42,15 @@ impl ClusterRpc for ClusterService {
                 },
             })
             .collect();
+        let cluster = &self.cluster;
         let partitions = state
             .topics
             .iter()
             .flat_map(|(name, t)| {
                 t.replicas.iter().enumerate().map(move |(i, replicas)| {
-                    let leader = t.leader(i as u32).unwrap_or_default();
+                    let leader = cluster
+                        .partition_leader(t, name, i as u32)
+                        .unwrap_or_default();
                     pb::PartitionMetadata {
                         topic: name.clone(),
                         partition: i as u32,

@@ -897,6 +897,16 @@ impl Replicas {
         Ok(Box::pin(answers))
     }
 
+    /// The leader this broker's replica of `topic`/`partition` knows and that leader's term
+    /// (openraft's `current_leader` and `current_term`); `None` when this broker has no
+    /// replica of it or the replica knows no leader (an election is under way).
+    pub fn known_leader(&self, topic: &str, partition: u32) -> Option<(u64, u64)> {
+        let replica = self.of(topic, partition)?;
+        let metrics = replica.raft.metrics();
+        let m = metrics.borrow_watched();
+        Some((m.current_leader?, m.current_term))
+    }
+
     /// This broker's replica of partition `partition` of topic `topic`, if it has one.
     pub fn of(&self, topic: &str, partition: u32) -> Option<Arc<Replica>> {
         let topic = self.log.topic(topic).ok()?;
