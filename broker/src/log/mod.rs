@@ -57,7 +57,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use self::repair::LostRange;
-pub use self::writer::{PartBatch, ReplicaAppend, ReplicaPayload};
+pub use self::writer::{Flushed, PartBatch, ReplicaAppend, ReplicaPayload, ReplicaState};
 pub use self::{
     batch::{Record, StoredRecord},
     error::Error,
@@ -637,6 +637,16 @@ impl Log {
     pub async fn replica_append(&self, append: ReplicaAppend) -> Result<(), Error> {
         self.commands
             .send(Command::ReplicaAppend(append))
+            .await
+            .map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Queues a replica group's state machine state for the writer's next round
+    /// ([`ReplicaState`]); returns once it is queued (waits while the writer's queue is
+    /// full). [`Error::ShuttingDown`] when the writer has stopped.
+    pub async fn replica_state(&self, state: ReplicaState) -> Result<(), Error> {
+        self.commands
+            .send(Command::ReplicaState(state))
             .await
             .map_err(|_| Error::ShuttingDown)
     }

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Appended, Proposal, ReplicaTypes};
 use crate::log::{
-    Ack, Log, Partition, ReplicaAppend, ReplicaPayload,
+    Ack, Log, Partition, ReplicaAppend, ReplicaPayload, ReplicaState,
     idempotence::ProducerState,
     keys::{self, GroupKey, ReplicaEntry, ReplicaEntryKind},
 };
@@ -925,48 +925,69 @@ impl ReplicaMachine {
         }
     }
 
-    /// Writes what an apply round changed as one atomic batch (not fsynced: a later round's
-    /// fsync covers it; after a crash the entries after the stored point are applied
-    /// again): producers' states, groups' cursors (`forgotten` groups' removed first), and
-    /// the applied point.
-    fn write_applied(
+    /// Writes what an apply round changed as one atomic batch, through the log writer, in
+    /// the order of the rounds (not fsynced: a later round's fsync covers it; after a crash
+    /// the entries after the stored point are applied again): producers' states, groups'
+    /// cursors (`forgotten` groups' removed first), and the applied point. With `wait`,
+    /// returns once the batch is committed; without, once it is queued, so that the next
+    /// round does not wait for the writer's round (whose fsync holds the journal).
+    async fn write_applied(
         &self,
         touched: &BTreeMap<u64, ProducerState>,
         forgotten: &BTreeSet<String>,
         cursors: BTreeMap<(String, u32), Vec<u8>>,
+        wait: bool,
     ) -> Result<(), io::Error> {
-        let mut wb = self.shared.db.batch();
+        let group = self.shared.group;
+        let mut puts = Vec::with_capacity(touched.len() + cursors.len() + 2);
+        let mut removes = Vec::new();
         for (id, state) in touched {
-            let mut key = keys::replica_key(self.shared.group, b'q').to_vec();
+            let mut key = keys::replica_key(group, b'q').to_vec();
             key.extend_from_slice(&id.to_be_bytes());
-            wb.insert(&self.shared.raft, key, to_json(state)?);
+            puts.push((key, to_json(state)?));
         }
-        for group in forgotten {
-            let prefix = keys::replica_cursor_prefix(self.shared.group, group);
+        for name in forgotten {
+            let prefix = keys::replica_cursor_prefix(group, name);
             for key in self.shared.raft.prefix(&prefix).map(fjall::Guard::key) {
-                wb.remove(&self.shared.raft, key.map_err(io_err)?);
+                removes.push(key.map_err(io_err)?.to_vec());
             }
         }
-        for ((group, partition), cursor) in cursors {
-            wb.insert(
-                &self.shared.raft,
-                keys::replica_cursor_key(self.shared.group, &group, partition),
-                cursor,
-            );
+        for ((name, partition), cursor) in cursors {
+            puts.push((keys::replica_cursor_key(group, &name, partition), cursor));
         }
-        wb.insert(
-            &self.shared.raft,
-            keys::replica_key(self.shared.group, b'a'),
+        puts.push((
+            keys::replica_key(group, b'a').to_vec(),
             to_json(&self.state)?,
-        );
+        ));
         if let Some(committed) = self.shared.committed.lock().take() {
-            wb.insert(
-                &self.shared.raft,
-                keys::replica_key(self.shared.group, b'c'),
+            puts.push((
+                keys::replica_key(group, b'c').to_vec(),
                 to_json(&Some(committed))?,
-            );
+            ));
         }
-        wb.commit().map_err(io_err)
+        let (done, committed) = if wait {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let done: crate::log::Flushed = Box::new(move |result| {
+                let _ = tx.send(result);
+            });
+            (Some(done), Some(rx))
+        } else {
+            (None, None)
+        };
+        self.shared
+            .log
+            .replica_state(ReplicaState {
+                raft: self.shared.raft.clone(),
+                removes,
+                puts,
+                done,
+            })
+            .await
+            .map_err(io_err)?;
+        if let Some(rx) = committed {
+            rx.await.map_err(io_err)?.map_err(io_err)?;
+        }
+        Ok(())
     }
 }
 
@@ -1071,7 +1092,9 @@ impl RaftStateMachine<C> for ReplicaMachine {
         let records_only = trim.is_none() && cursors.is_empty() && forgotten.is_empty();
         if records_only {
             self.publish_and_answer(before, answers);
-            return self.write_applied(&touched, &forgotten, cursors);
+            return self
+                .write_applied(&touched, &forgotten, cursors, false)
+                .await;
         }
         let mut cut = None;
         if let (Some(earliest), Some(last)) = (trim, self.state.last_applied) {
@@ -1080,7 +1103,8 @@ impl RaftStateMachine<C> for ReplicaMachine {
                 self.state.trim_point.clone_from(&cut);
             }
         }
-        self.write_applied(&touched, &forgotten, cursors)?;
+        self.write_applied(&touched, &forgotten, cursors, true)
+            .await?;
         if cut.is_some() {
             self.shared.trimmed.send_replace(cut);
         }

@@ -18,7 +18,7 @@ mod admin;
 mod replica;
 mod retention;
 
-pub use self::replica::{ReplicaAppend, ReplicaPayload};
+pub use self::replica::{Flushed, ReplicaAppend, ReplicaPayload, ReplicaState};
 
 use std::sync::{Arc, atomic::Ordering};
 
@@ -41,6 +41,9 @@ struct Round {
     fsync: bool,
     /// Topics with `DropOldest` limits touched by the round.
     limited: Vec<Arc<Topic>>,
+    /// Replica state machines' state is in the batch ([`ReplicaState`]): it is committed
+    /// even when no partition was written.
+    states: bool,
 }
 
 impl Round {
@@ -50,6 +53,7 @@ impl Round {
             waiting: Vec::new(),
             fsync: false,
             limited: Vec::new(),
+            states: false,
         }
     }
 }
@@ -122,6 +126,8 @@ pub(crate) enum Command {
     /// Entries of a partition replica group's Raft log, group-committed with appends;
     /// `done` is called once they are on disk (fsynced when `fsync`).
     ReplicaAppend(ReplicaAppend),
+    /// A replica group's state machine state, written with the round's appends.
+    ReplicaState(ReplicaState),
     /// Deletes a replica group's log entries from `from_index` on and the records after
     /// the entry before it (Raft's truncation of a divergent tail); `start_offset` is the
     /// log end when no entry before `from_index` is stored.
@@ -291,6 +297,7 @@ impl Writer {
                     self.append(&mut round, &topic, batches, producer, reply);
                 }
                 Command::ReplicaAppend(append) => self.replica_append(&mut round, append),
+                Command::ReplicaState(state) => Self::replica_state(&mut round, state),
                 other => {
                     // Commit what is batched so far, then the metadata command alone.
                     let full = std::mem::replace(&mut round, Round::new(&self.shared));
@@ -435,8 +442,9 @@ impl Writer {
             mut waiting,
             fsync,
             limited,
+            states,
         } = round;
-        if waiting.is_empty() {
+        if waiting.is_empty() && !states {
             return Ok(());
         }
         if self.options.failpoint == Some(Failpoint::SlowCommit) {
@@ -464,7 +472,7 @@ impl Writer {
         // An fsync covers everything committed before it.
         self.unsynced.set(!fsync);
         let started = std::time::Instant::now();
-        let committed = if touched.is_empty() {
+        let committed = if touched.is_empty() && !states {
             Ok(())
         } else {
             wb.commit()
@@ -574,7 +582,9 @@ impl Writer {
 
     fn metadata(&self, cmd: Command) -> Result<Flow, Error> {
         match cmd {
-            Command::Append { .. } | Command::ReplicaAppend(_) => Ok(Flow::Continue),
+            Command::Append { .. } | Command::ReplicaAppend(_) | Command::ReplicaState(_) => {
+                Ok(Flow::Continue)
+            }
             Command::ReplicaTruncate {
                 partition,
                 raft,

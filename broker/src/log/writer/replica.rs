@@ -71,7 +71,47 @@ impl ReplicaAppend {
     }
 }
 
+/// What one apply round of a replica group's state machine changed (its applied point,
+/// producers' states, consumer groups' cursors): written in the writer's next round, in
+/// the same batch as that round's appends, in the order the rounds were sent. Not fsynced
+/// by itself: the next fsync covers it, and after a crash the entries after the stored
+/// applied point are applied again.
+pub struct ReplicaState {
+    /// The `raft` keyspace.
+    pub raft: fjall::Keyspace,
+    /// Keys removed (before the puts).
+    pub removes: Vec<Vec<u8>>,
+    /// Keys written, with their values.
+    pub puts: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Told once the round that holds it is committed; `None` when nobody waits.
+    pub done: Option<Flushed>,
+}
+
 impl Writer {
+    /// Adds a replica group's state machine state to the round.
+    pub(super) fn replica_state(round: &mut Round, state: ReplicaState) {
+        let ReplicaState {
+            raft,
+            removes,
+            puts,
+            done,
+        } = state;
+        for key in removes {
+            round.wb.remove(&raft, key);
+        }
+        for (key, value) in puts {
+            round.wb.insert(&raft, key, value);
+        }
+        round.states = true;
+        if let Some(done) = done {
+            round.waiting.push(Waiting {
+                parts: Vec::new(),
+                acks: Vec::new(),
+                reply: Done::Flushed(done),
+            });
+        }
+    }
+
     /// Adds a replica group's entries to the round.
     pub(super) fn replica_append(&self, round: &mut Round, append: ReplicaAppend) {
         let ReplicaAppend {
