@@ -149,7 +149,8 @@ pub struct ProduceBench {
     #[arg(long, default_value_t = 100)]
     message_size: usize,
     /// Replicas of each partition when the topic is created (a cluster: acked once a
-    /// majority of them stored each record).
+    /// majority of them stored each record). Above 1, one 16-byte warm-up record goes to
+    /// each partition first, retried until the partition has a leader (not counted).
     #[arg(long, default_value_t = 1)]
     replication_factor: u32,
     /// Most bytes the topic keeps when it is created, e.g. `4GiB` (the oldest records are
@@ -382,6 +383,10 @@ async fn produce(
         settings.durability,
     )
     .await?;
+    if settings.replication_factor > 1 {
+        // A replicated topic just created has no leaders until the first elections.
+        warm_up(client, &settings.topic).await?;
+    }
     let bar = progress(output, settings.messages, "produce");
     let producers = settings.producers.max(1);
     let batch = settings.batch_size.max(1);
@@ -537,6 +542,24 @@ async fn produce(
         ],
         broker_rss_mib: None,
     })
+}
+
+/// Sends one record of 16 zero bytes to each partition of `topic`, retried while refused
+/// (UNAVAILABLE: the partition's first election is under way), as Kafka's producer
+/// retries `NOT_LEADER_OR_FOLLOWER`; returns once every partition has a leader that took
+/// one.
+async fn warm_up(client: &Client, topic: &str) -> anyhow::Result<()> {
+    let mut producer =
+        weir_client::Producer::with_client(client.clone(), weir_client::RetryPolicy::default());
+    let partitions = client.describe_topic(topic).await?.partitions.len();
+    for partition in 0..u32::try_from(partitions)? {
+        let record = Record {
+            value: Bytes::from(vec![0u8; 16]),
+            ..Record::default()
+        };
+        producer.send(topic, Some(partition), vec![record]).await?;
+    }
+    Ok(())
 }
 
 /// Creates `topic` with `config` (partitions, replication factor), at most
@@ -715,25 +738,9 @@ async fn end_to_end(
         }
     };
     // Every partition's first election may still be under way (the join needed only the
-    // group's coordinator partition): one warm-up record to each, retried while refused
-    // (UNAVAILABLE), as Kafka's producer retries `NOT_LEADER_OR_FOLLOWER`. Their stamp
-    // 0 keeps them out of the count and the histogram.
-    let mut warmup =
-        weir_client::Producer::with_client(client.clone(), weir_client::RetryPolicy::default());
-    let partitions = client
-        .describe_topic(&settings.topic)
-        .await?
-        .partitions
-        .len();
-    for partition in 0..u32::try_from(partitions)? {
-        let record = Record {
-            value: Bytes::from(vec![0u8; 16]),
-            ..Record::default()
-        };
-        warmup
-            .send(&settings.topic, Some(partition), vec![record])
-            .await?;
-    }
+    // group's coordinator partition). The warm-up records' stamp 0 keeps them out of the
+    // count and the histogram.
+    warm_up(client, &settings.topic).await?;
     let size = settings.message_size.max(16);
     // Batches every millisecond at the requested rate.
     let per_ms = (settings.rate as f64 / 1000.0).max(1.0);
