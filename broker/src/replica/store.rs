@@ -514,6 +514,50 @@ impl RaftLogReader<C> for ReplicaLog {
     async fn read_vote(&mut self) -> Result<Option<VoteOf<C>>, io::Error> {
         self.0.get_json(b'v')
     }
+
+    /// The entries of `[start, end)` for one AppendEntries request: read a few at a time
+    /// until their record batches reach [`MAX_APPEND_BYTES`] (at least one entry).
+    /// openraft's `max_payload_entries` (300) counts entries, and an entry here is a whole
+    /// produce request's batch (up to MiBs); a request's entries are held by the leader
+    /// until sent and by the follower until stored, for each request in flight.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<EntryOf<C>>, io::Error> {
+        const STEP: u64 = 8;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut from = start;
+        while from < end && (out.is_empty() || bytes < MAX_APPEND_BYTES) {
+            let to = end.min(from + STEP);
+            let chunk = self.try_get_log_entries(from..to).await?;
+            if chunk.is_empty() {
+                break;
+            }
+            for entry in chunk {
+                if !out.is_empty() && bytes >= MAX_APPEND_BYTES {
+                    break;
+                }
+                bytes += entry_bytes(&entry);
+                out.push(entry);
+            }
+            from = to;
+        }
+        Ok(out)
+    }
+}
+
+/// Most bytes of record batches in one AppendEntries request (more only when one entry is
+/// larger): 1 MiB.
+pub const MAX_APPEND_BYTES: usize = 1024 * 1024;
+
+/// Bytes of `entry`'s record batch (0 for entries without records).
+fn entry_bytes(entry: &EntryOf<C>) -> usize {
+    match &entry.payload {
+        EntryPayload::Normal(Proposal::Records { batch, .. }) => batch.len(),
+        _ => 0,
+    }
 }
 
 impl RaftLogStorage<C> for ReplicaLog {
