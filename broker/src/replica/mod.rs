@@ -1297,6 +1297,52 @@ mod tests {
         (replicas, replica)
     }
 
+    /// The log reader gives openraft at most 1 MiB of record batches per AppendEntries
+    /// request ([`store::MAX_APPEND_BYTES`]) — more only by the entry that crosses it — in
+    /// order and without a gap: 300 KB entries go 4 to a request, and an entry of 1 KB after
+    /// one of 3 MB goes in the next.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_carry_at_most_a_mebibyte_of_records() {
+        use openraft::{entry::RaftEntry, storage::RaftLogReader};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = Arc::new(Log::open(dir.path(), &LogOptions::default()).expect("opens"));
+        let mut config = TopicConfig::new(1, 0).expect("config");
+        config.replication_factor = 3;
+        log.create_topic("t", config).await.expect("topic");
+        let (_replicas, replica) = led_replica(&log).await;
+        let record = |size: usize| crate::log::Record {
+            value: bytes::Bytes::from(vec![7u8; size]),
+            ..crate::log::Record::default()
+        };
+        let first = replica.raft.metrics().borrow_watched().last_log_index;
+        let mut sizes = vec![300_000; 10];
+        sizes.push(3_000_000);
+        sizes.push(1_000);
+        for size in &sizes {
+            let batch = crate::log::batch::encode(&[record(*size)], 0);
+            let proposed = replica.propose(batch, 1, None).await.expect("proposed");
+            proposed.await.expect("committed");
+        }
+        let start = first.map_or(0, |i| i + 1);
+        let end = start + sizes.len() as u64;
+        let mut reader = store::ReplicaLog(Arc::clone(&replica.shared));
+        let mut from = start;
+        let mut requests = Vec::new();
+        while from < end {
+            let entries = reader
+                .limited_get_log_entries(from, end)
+                .await
+                .expect("reads");
+            assert!(!entries.is_empty(), "an empty answer at {from}");
+            for (i, e) in entries.iter().enumerate() {
+                assert_eq!(e.log_id().index(), from + i as u64, "in order, no gap");
+            }
+            from += entries.len() as u64;
+            requests.push(entries.len());
+        }
+        assert_eq!(requests, [4, 4, 3, 1], "entries per request");
+    }
+
     /// A group's cursors proposed to its coordinator partition's log: the latest of each
     /// partition is kept, apart from other groups' (a name that extends another's included),
     /// is there again after the replica group restarts, and goes when the group is deleted.

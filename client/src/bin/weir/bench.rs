@@ -150,7 +150,8 @@ pub struct ProduceBench {
     message_size: usize,
     /// Replicas of each partition when the topic is created (a cluster: acked once a
     /// majority of them stored each record). Above 1, one 16-byte warm-up record goes to
-    /// each partition first, retried until the partition has a leader (not counted).
+    /// each partition first, retried until the partition has a leader (not counted), and
+    /// the load starts once each partition is led by its preferred replica (at most 15 s).
     #[arg(long, default_value_t = 1)]
     replication_factor: u32,
     /// Most bytes the topic keeps when it is created, e.g. `4GiB` (the oldest records are
@@ -546,8 +547,10 @@ async fn produce(
 
 /// Sends one record of 16 zero bytes to each partition of `topic`, retried while refused
 /// (UNAVAILABLE: the partition's first election is under way), as Kafka's producer
-/// retries `NOT_LEADER_OR_FOLLOWER`; returns once every partition has a leader that took
-/// one.
+/// retries `NOT_LEADER_OR_FOLLOWER`; then waits (at most 15 s) until each partition is
+/// led by its preferred replica (the first of its replicas): a broker hands the
+/// leadership back to it within seconds of an election that chose another, and a
+/// pipelined produce stream is refused (nothing stored) by the replica it leaves.
 async fn warm_up(client: &Client, topic: &str) -> anyhow::Result<()> {
     let mut producer =
         weir_client::Producer::with_client(client.clone(), weir_client::RetryPolicy::default());
@@ -558,6 +561,19 @@ async fn warm_up(client: &Client, topic: &str) -> anyhow::Result<()> {
             ..Record::default()
         };
         producer.send(topic, Some(partition), vec![record]).await?;
+    }
+    let started = Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(15) {
+        let metadata = client.metadata().await?;
+        let settled = metadata
+            .partitions
+            .iter()
+            .filter(|p| p.topic == topic)
+            .all(|p| p.replicas.first() == Some(&p.leader));
+        if settled {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     Ok(())
 }
