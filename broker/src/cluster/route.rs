@@ -105,17 +105,29 @@ impl Cluster {
         if count == 0 {
             return Route::Here;
         }
-        let leader = |p: u32| self.partition_leader(t, topic, p);
-        let leads_one = (0..count).any(|p| leader(p) == Some(self.me()));
+        // Unkeyed records stay here when the metadata says this broker leads a partition
+        // (a preference: each partition's own leader is looked up only when used).
+        let leads_one = (0..count).any(|p| t.leader(p) == Some(self.me()));
         let unkeyed_to = if leads_one {
             self.me()
         } else {
-            leader(0).unwrap_or(self.me())
+            self.partition_leader(t, topic, 0).unwrap_or(self.me())
         };
+        // Each partition's leader once per request (a request's keys name few partitions).
+        let mut looked_up: Vec<(u32, BrokerId)> = Vec::new();
         let mut leaders: Vec<BrokerId> = Vec::new();
         for key in keys {
             let leader = match key {
-                Some(k) => leader(partitioner::partition_for_key(k, count)).unwrap_or(self.me()),
+                Some(k) => {
+                    let p = partitioner::partition_for_key(k, count);
+                    if let Some((_, l)) = looked_up.iter().find(|(q, _)| *q == p) {
+                        *l
+                    } else {
+                        let l = self.partition_leader(t, topic, p).unwrap_or(self.me());
+                        looked_up.push((p, l));
+                        l
+                    }
+                }
                 None => unkeyed_to,
             };
             if !leaders.contains(&leader) {
