@@ -1277,6 +1277,17 @@ mod tests {
     use super::*;
     use crate::log::{LogOptions, TopicConfig};
 
+    /// A log on a new temporary directory (kept while the guard lives) with topic `t` of
+    /// one partition and replication factor 3.
+    async fn log_with_replicated_topic() -> (tempfile::TempDir, Arc<Log>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = Arc::new(Log::open(dir.path(), &LogOptions::default()).expect("opens"));
+        let mut config = TopicConfig::new(1, 0).expect("config");
+        config.replication_factor = 3;
+        log.create_topic("t", config).await.expect("topic");
+        (dir, log)
+    }
+
     /// A one-replica group of partition 0 of topic `t` on `log`, led here.
     async fn led_replica(log: &Arc<Log>) -> (Arc<Replicas>, Arc<Replica>) {
         let (replicas, _changes) =
@@ -1304,11 +1315,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn appends_carry_at_most_a_mebibyte_of_records() {
         use openraft::{entry::RaftEntry, storage::RaftLogReader};
-        let dir = tempfile::tempdir().expect("temp dir");
-        let log = Arc::new(Log::open(dir.path(), &LogOptions::default()).expect("opens"));
-        let mut config = TopicConfig::new(1, 0).expect("config");
-        config.replication_factor = 3;
-        log.create_topic("t", config).await.expect("topic");
+        let (_dir, log) = log_with_replicated_topic().await;
         let (_replicas, replica) = led_replica(&log).await;
         let record = |size: usize| crate::log::Record {
             value: bytes::Bytes::from(vec![7u8; size]),
@@ -1348,11 +1355,7 @@ mod tests {
     /// is there again after the replica group restarts, and goes when the group is deleted.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_groups_cursors_are_kept_by_its_partitions_log_across_a_restart() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let log = Arc::new(Log::open(dir.path(), &LogOptions::default()).expect("opens"));
-        let mut config = TopicConfig::new(1, 0).expect("config");
-        config.replication_factor = 3;
-        log.create_topic("t", config).await.expect("topic");
+        let (_dir, log) = log_with_replicated_topic().await;
         let (replicas, replica) = led_replica(&log).await;
         let put = |group: &str, cursors: &[(u32, &str)]| GroupCursors {
             group: group.into(),
