@@ -1,0 +1,481 @@
+//! Segment files of the write-once record store (`docs/record-store.md`): a partition's
+//! record batches appended as frames, written around the page cache with `O_DIRECT`.
+//!
+//! A segment is named by the first offset it holds (`<base offset, 20 digits>.log`) and is
+//! a sequence of frames, `length (u32 little-endian) ‖ batch`, the batch in the format of
+//! [`super::batch`] (its CRC32C covers it). The bytes after the last frame, up to the end
+//! of its 4 KiB block, are zeros: a frame length of 0 ends a scan.
+//!
+//! `O_DIRECT` writes whole 4 KiB blocks from 4 KiB-aligned memory at 4 KiB-aligned file
+//! positions. [`SegmentWriter`] keeps the segment's unfinished last block at the start of
+//! its buffer and writes it again, with the frames appended after it, on the next
+//! [`SegmentWriter::write`]; those earlier bytes are rewritten with the same content.
+//! Without `O_DIRECT` (asked for, or refused by the file system with `EINVAL`, as some
+//! network and FUSE file systems do) the same blocks go through the page cache.
+//!
+//! Not wired into the log yet: step 1 of the design's steps.
+
+use std::{
+    fs::File,
+    io,
+    os::unix::fs::{FileExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+};
+
+/// The unit of `O_DIRECT` writes: file positions, lengths and buffer addresses are
+/// multiples of it (the page size; covers 512-byte and 4 KiB logical blocks).
+pub(crate) const BLOCK: usize = 4096;
+/// Bytes of a frame's length field.
+pub(crate) const FRAME_HEADER: usize = 4;
+
+/// The file name of the segment whose first offset is `base_offset`.
+pub(crate) fn file_name(base_offset: u64) -> String {
+    format!("{base_offset:020}.log")
+}
+
+/// Memory aligned to [`BLOCK`] without `unsafe`: a `Vec` one block longer than needed,
+/// used from its first aligned byte.
+struct AlignedBuf {
+    memory: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn with_capacity(bytes: usize) -> Self {
+        let memory = vec![0u8; bytes.div_ceil(BLOCK) * BLOCK + BLOCK];
+        let start = memory.as_ptr().align_offset(BLOCK);
+        Self {
+            memory,
+            start,
+            len: 0,
+        }
+    }
+
+    fn capacity(&self) -> usize {
+        self.memory.len() - self.start
+    }
+
+    /// Makes room for `more` bytes after `len`, moving to a larger buffer if needed.
+    fn reserve(&mut self, more: usize) {
+        if self.len + more <= self.capacity() {
+            return;
+        }
+        let mut bigger = Self::with_capacity((self.len + more).max(2 * self.capacity()));
+        bigger.memory[bigger.start..bigger.start + self.len]
+            .copy_from_slice(&self.memory[self.start..self.start + self.len]);
+        bigger.len = self.len;
+        *self = bigger;
+    }
+
+    fn extend(&mut self, bytes: &[u8]) {
+        self.reserve(bytes.len());
+        let at = self.start + self.len;
+        self.memory[at..at + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
+    }
+
+    /// The bytes from the start through `len` rounded up to whole blocks, zero-padded.
+    fn blocks(&mut self) -> &[u8] {
+        let padded = self.len.div_ceil(BLOCK) * BLOCK;
+        self.reserve(padded - self.len);
+        self.memory[self.start + self.len..self.start + padded].fill(0);
+        &self.memory[self.start..self.start + padded]
+    }
+
+    /// Drops the first `bytes` (whole blocks), keeping what follows at the start.
+    fn consume(&mut self, bytes: usize) {
+        let from = self.start + bytes;
+        self.memory
+            .copy_within(from..self.start + self.len, self.start);
+        self.len -= bytes;
+    }
+}
+
+/// Appends frames to one segment file. Single-threaded: owned by the log writer.
+pub(crate) struct SegmentWriter {
+    file: File,
+    path: PathBuf,
+    base_offset: u64,
+    /// Bytes of frames in the file and in the buffer: the position of the next frame.
+    len: u64,
+    /// File position of the buffer's first byte (a block boundary).
+    written_to: u64,
+    /// The unfinished last block written before, then the frames not written yet.
+    buffer: AlignedBuf,
+    direct: bool,
+}
+
+impl std::fmt::Debug for SegmentWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SegmentWriter")
+            .field("path", &self.path)
+            .field("len", &self.len)
+            .field("direct", &self.direct)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SegmentWriter {
+    /// Creates the segment of `base_offset` in `dir`, written with `O_DIRECT` when `direct`
+    /// and the file system allows it; fails if it exists.
+    pub(crate) fn create(dir: &Path, base_offset: u64, direct: bool) -> io::Result<Self> {
+        let path = dir.join(file_name(base_offset));
+        let (file, direct) = open_for_append(&path, true, direct)?;
+        Ok(Self {
+            file,
+            path,
+            base_offset,
+            len: 0,
+            written_to: 0,
+            buffer: AlignedBuf::with_capacity(BLOCK),
+            direct,
+        })
+    }
+
+    /// Opens the segment of `base_offset` in `dir` to append after its first `valid_len`
+    /// bytes (the end of its last frame the index knows): what follows is cut off, and the
+    /// unfinished last block is read back to be written again with the next frames.
+    pub(crate) fn open(
+        dir: &Path,
+        base_offset: u64,
+        valid_len: u64,
+        direct: bool,
+    ) -> io::Result<Self> {
+        let path = dir.join(file_name(base_offset));
+        let (file, direct) = open_for_append(&path, false, direct)?;
+        let on_disk = file.metadata()?.len();
+        if on_disk < valid_len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "segment {} holds {on_disk} bytes, fewer than the {valid_len} its index names",
+                    path.display()
+                ),
+            ));
+        }
+        file.set_len(valid_len)?;
+        let written_to = valid_len / BLOCK as u64 * BLOCK as u64;
+        let tail = (valid_len - written_to) as usize;
+        let mut buffer = AlignedBuf::with_capacity(BLOCK);
+        if tail > 0 {
+            // Read through the page cache: `O_DIRECT` reads need whole aligned blocks.
+            let mut bytes = vec![0u8; tail];
+            File::open(&path)?.read_exact_at(&mut bytes, written_to)?;
+            buffer.extend(&bytes);
+        }
+        Ok(Self {
+            file,
+            path,
+            base_offset,
+            len: valid_len,
+            written_to,
+            buffer,
+            direct,
+        })
+    }
+
+    /// The first offset of this segment (its name).
+    pub(crate) fn base_offset(&self) -> u64 {
+        self.base_offset
+    }
+
+    /// Bytes of frames appended, written or not: the position the next frame gets.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether writes bypass the page cache (`O_DIRECT` was accepted).
+    pub(crate) fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Buffers one frame holding `batch`; returns its position in the segment. Nothing
+    /// reaches the file before [`Self::write`]. Fails, buffering nothing, for a batch of
+    /// 4 GiB or more (a frame's length is a u32).
+    pub(crate) fn append(&mut self, batch: &[u8]) -> io::Result<u64> {
+        let len = u32::try_from(batch.len()).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a batch of {} bytes does not fit a frame (at most 4 GiB - 1)",
+                    batch.len()
+                ),
+            )
+        })?;
+        let position = self.len;
+        self.buffer.extend(&len.to_le_bytes());
+        self.buffer.extend(batch);
+        self.len += (FRAME_HEADER + batch.len()) as u64;
+        Ok(position)
+    }
+
+    /// Writes the buffered frames (and the unfinished block before them) as whole blocks;
+    /// the new unfinished block stays buffered for the next write. Not durable until
+    /// [`Self::sync`].
+    pub(crate) fn write(&mut self) -> io::Result<()> {
+        let pending = self.len - self.written_to;
+        if pending == 0 {
+            return Ok(());
+        }
+        let written_to = self.written_to;
+        self.file.write_all_at(self.buffer.blocks(), written_to)?;
+        let whole = (pending / BLOCK as u64) * BLOCK as u64;
+        self.buffer.consume(whole as usize);
+        self.written_to += whole;
+        Ok(())
+    }
+
+    /// `fdatasync`: what [`Self::write`] wrote is on the device.
+    pub(crate) fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+/// Opens `path` for writing, with `O_DIRECT` if `direct` unless the file system refuses it
+/// (`EINVAL`; then without, and a warning); returns the file and whether it is direct.
+fn open_for_append(path: &Path, create: bool, direct: bool) -> io::Result<(File, bool)> {
+    if !direct {
+        return Ok((options(create, false).open(path)?, false));
+    }
+    match options(create, true).open(path) {
+        Ok(file) => Ok((file, true)),
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+            tracing::warn!(path = %path.display(), "the file system refuses O_DIRECT; segments are written through the page cache");
+            if create {
+                // The file may exist though the flag was refused.
+                let _ = std::fs::remove_file(path);
+            }
+            Ok((options(create, false).open(path)?, false))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn options(create: bool, direct: bool) -> std::fs::OpenOptions {
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true);
+    if create {
+        o.create_new(true);
+    }
+    if direct {
+        o.custom_flags(rustix::fs::OFlags::DIRECT.bits().cast_signed());
+    }
+    o
+}
+
+/// One frame found by [`scan`]: its position in the segment and its batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Frame {
+    /// Position of the frame's length field.
+    pub position: u64,
+    /// The batch bytes.
+    pub batch: Vec<u8>,
+}
+
+/// Where a [`scan`] stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ScanEnd {
+    /// A zero length or the end of the file: every frame before it is whole.
+    Clean,
+    /// A frame whose length runs past the file or whose batch fails its checks (CRC32C,
+    /// magic); the frames before it are whole.
+    Damaged,
+}
+
+/// Reads the frames of the segment at `path` from `from` (a frame's position) until the
+/// first zero length, the end of the file or damage; returns them, the position after
+/// the last whole frame, and why it stopped. Reads through the page cache.
+pub(crate) fn scan(path: &Path, from: u64) -> io::Result<(Vec<Frame>, u64, ScanEnd)> {
+    let bytes = std::fs::read(path)?;
+    let mut frames = Vec::new();
+    let mut at = usize::try_from(from).map_err(io::Error::other)?;
+    loop {
+        let Some(header) = bytes.get(at..at + FRAME_HEADER) else {
+            return Ok((frames, at as u64, ScanEnd::Clean));
+        };
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        if len == 0 {
+            return Ok((frames, at as u64, ScanEnd::Clean));
+        }
+        let start = at + FRAME_HEADER;
+        let Some(batch) = bytes.get(start..start + len) else {
+            return Ok((frames, at as u64, ScanEnd::Damaged));
+        };
+        if super::batch::verify(batch).is_err() {
+            return Ok((frames, at as u64, ScanEnd::Damaged));
+        }
+        frames.push(Frame {
+            position: at as u64,
+            batch: batch.to_vec(),
+        });
+        at = start + len;
+    }
+}
+
+/// Reads the frame at `position` of `file` whose batch is `len` bytes and verifies it;
+/// `Ok(None)` when the bytes there are not that frame (another length, a failed CRC32C,
+/// past the end of the file).
+pub(crate) fn read_frame(file: &File, position: u64, len: u32) -> io::Result<Option<Vec<u8>>> {
+    let mut bytes = vec![0u8; FRAME_HEADER + len as usize];
+    match file.read_exact_at(&mut bytes, position) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let stored = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    if stored != len {
+        return Ok(None);
+    }
+    let batch = bytes.split_off(FRAME_HEADER);
+    Ok(super::batch::verify(&batch).is_ok().then_some(batch))
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::log::batch::{self, Record};
+
+    /// A sealed batch of `count` records of `size` bytes at `base`.
+    fn sealed(base: u64, count: usize, size: usize) -> Vec<u8> {
+        let records: Vec<Record> = (0..count)
+            .map(|i| Record {
+                value: Bytes::from(vec![(base as usize + i) as u8; size]),
+                ..Record::default()
+            })
+            .collect();
+        let mut b = batch::encode(&records, 1);
+        batch::seal(&mut b, base);
+        b
+    }
+
+    #[test]
+    fn frames_written_in_rounds_scan_back_whole_and_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = SegmentWriter::create(dir.path(), 0, true).expect("create");
+        assert!(
+            w.is_direct(),
+            "the temporary directory's file system refused O_DIRECT"
+        );
+        let mut expected = Vec::new();
+        let mut base = 0;
+        // Rounds of odd sizes, so most rounds end inside a block and the next one
+        // rewrites it.
+        for round in 0..7 {
+            for i in 0..=round {
+                let b = sealed(base, 3, 100 + 997 * i);
+                base += 3;
+                let position = w.append(&b).expect("append");
+                expected.push(Frame { position, batch: b });
+            }
+            w.write().expect("write");
+            w.sync().expect("sync");
+        }
+        let path = dir.path().join(file_name(0));
+        let on_disk = std::fs::metadata(&path).expect("metadata").len();
+        assert_eq!(on_disk % BLOCK as u64, 0, "whole blocks on disk");
+        assert!(on_disk >= w.len());
+        let (frames, end, how) = scan(&path, 0).expect("scan");
+        assert_eq!(how, ScanEnd::Clean);
+        assert_eq!(end, w.len());
+        assert_eq!(frames, expected);
+        let file = File::open(&path).expect("open");
+        for f in &expected {
+            let read = read_frame(&file, f.position, f.batch.len() as u32).expect("read");
+            assert_eq!(read.as_ref(), Some(&f.batch));
+        }
+    }
+
+    #[test]
+    fn reopened_at_the_indexed_end_cuts_what_follows_and_continues_there() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = SegmentWriter::create(dir.path(), 10, true).expect("create");
+        let first = sealed(10, 2, 1500);
+        w.append(&first).expect("append");
+        w.write().expect("write");
+        let kept = w.len();
+        // A round written but never indexed (the commit did not happen before a crash).
+        w.append(&sealed(12, 2, 1500)).expect("append");
+        w.write().expect("write");
+        w.sync().expect("sync");
+        drop(w);
+        let mut w = SegmentWriter::open(dir.path(), 10, kept, true).expect("open");
+        assert_eq!(w.len(), kept);
+        let next = sealed(12, 1, 5000);
+        let position = w.append(&next).expect("append");
+        assert_eq!(position, kept);
+        w.write().expect("write");
+        w.sync().expect("sync");
+        let (frames, end, how) = scan(&dir.path().join(file_name(10)), 0).expect("scan");
+        assert_eq!(how, ScanEnd::Clean);
+        assert_eq!(end, w.len());
+        let batches: Vec<_> = frames.into_iter().map(|f| f.batch).collect();
+        assert_eq!(batches, vec![first, next]);
+    }
+
+    #[test]
+    fn a_torn_frame_ends_the_scan_as_damage_after_the_whole_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = SegmentWriter::create(dir.path(), 0, true).expect("create");
+        let whole = sealed(0, 4, 700);
+        w.append(&whole).expect("append");
+        let torn_at = w.append(&sealed(4, 4, 700)).expect("append");
+        w.write().expect("write");
+        w.sync().expect("sync");
+        let path = dir.path().join(file_name(0));
+        // A flipped byte inside the second batch: its CRC32C fails.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("open");
+        let at = torn_at + FRAME_HEADER as u64 + 100;
+        let mut byte = [0u8; 1];
+        file.read_exact_at(&mut byte, at).expect("read");
+        file.write_all_at(&[byte[0] ^ 0xFF], at).expect("flip");
+        let (frames, end, how) = scan(&path, 0).expect("scan");
+        assert_eq!(how, ScanEnd::Damaged);
+        assert_eq!(end, torn_at);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].batch, whole);
+        assert_eq!(
+            read_frame(&file, torn_at, 0).expect("read"),
+            None,
+            "a frame length that does not match is not that frame"
+        );
+        // A segment cut short inside a frame: the frame runs past the end.
+        file.set_len(torn_at + 50).expect("truncate");
+        let (frames, end, how) = scan(&path, 0).expect("scan");
+        assert_eq!((frames.len(), end, how), (1, torn_at, ScanEnd::Damaged));
+    }
+
+    #[test]
+    fn an_index_naming_more_than_the_segment_holds_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = SegmentWriter::create(dir.path(), 0, true).expect("create");
+        w.append(&sealed(0, 1, 10)).expect("append");
+        w.write().expect("write");
+        drop(w);
+        let err = SegmentWriter::open(dir.path(), 0, 1 << 20, true).expect_err("beyond the file");
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(err.to_string().contains("fewer than the 1048576"), "{err}");
+    }
+
+    #[test]
+    fn without_o_direct_the_same_frames_go_through_the_page_cache() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = SegmentWriter::create(dir.path(), 0, false).expect("create");
+        assert!(!w.is_direct());
+        let b = sealed(0, 5, 333);
+        w.append(&b).expect("append");
+        w.write().expect("write");
+        w.append(&sealed(5, 1, 4000)).expect("append");
+        w.write().expect("write");
+        w.sync().expect("sync");
+        let (frames, end, how) = scan(&dir.path().join(file_name(0)), 0).expect("scan");
+        assert_eq!((how, end, frames.len()), (ScanEnd::Clean, w.len(), 2));
+        assert_eq!(frames[0].batch, b);
+    }
+}
