@@ -114,11 +114,42 @@ pub struct Config {
     #[arg(long, env = "WEIR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Where new record batches are stored: `fjall` (the database's journal, then its blob
+    /// files: every byte written twice) or `segments` (each partition's segment files,
+    /// written once with `O_DIRECT`, the database keeping a pointer per batch;
+    /// `docs/record-store.md`). Batches stored either way are read either way.
+    /// Experimental: hidden until its recovery checks and benchmarks are done.
+    #[arg(long, env = "WEIR_RECORD_STORE", value_enum, default_value_t = RecordStore::Fjall, hide = true)]
+    pub record_store: RecordStore,
+
+    /// Segment store: size after which a partition's segment is closed and a new one
+    /// started, e.g. `128MiB`. Retention deletes whole segments.
+    #[arg(long, env = "WEIR_SEGMENT_SIZE", default_value = "128MiB", hide = true)]
+    pub segment_size: bytesize::ByteSize,
+
     /// A fault to inject, for the broker's own tests (`writer-panic`: the log writer
     /// panics on the first produce; `slow-commit`: each group commit waits 50 ms first).
     /// Never set it in production.
     #[arg(long, env = "WEIR_FAILPOINT", value_enum, hide = true)]
     pub failpoint: Option<Failpoint>,
+}
+
+/// Where new record batches go (see [`crate::log::RecordStore`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RecordStore {
+    /// In the database: journal, then blob files.
+    Fjall,
+    /// In each partition's segment files, written once.
+    Segments,
+}
+
+impl From<RecordStore> for crate::log::RecordStore {
+    fn from(r: RecordStore) -> Self {
+        match r {
+            RecordStore::Fjall => Self::Fjall,
+            RecordStore::Segments => Self::Segments,
+        }
+    }
 }
 
 /// Faults the broker's tests inject (see [`crate::log::Failpoint`]).

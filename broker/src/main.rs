@@ -91,6 +91,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         min_free_disk_bytes: config.min_free_disk.as_u64(),
         max_cached_files: Some(budget.storage_files),
         failpoint: config.failpoint.map(Into::into),
+        record_store: config.record_store.into(),
+        segment_bytes: config.segment_size.as_u64().max(1024 * 1024),
         ..LogOptions::default()
     };
     let dir = config.data_dir.clone();

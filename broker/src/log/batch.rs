@@ -89,6 +89,10 @@ pub enum DecodeError {
     /// The records do not parse although the CRC matched (a writer bug, not disk damage).
     #[error("malformed records: {0}")]
     Malformed(&'static str),
+    /// The segment holds no frame of this batch where its index points (a torn or lost
+    /// write, another length there, or a failed CRC32C).
+    #[error("the segment holds no whole frame of this batch where its index points")]
+    FrameMismatch,
 }
 
 /// Fixed-size header fields of a batch.
@@ -194,6 +198,19 @@ pub fn seal_with_epoch(batch: &mut [u8], base_offset: u64, leader_epoch: u64) {
 
 /// Checks the magic byte and CRC of a stored batch and returns its header.
 pub fn verify(batch: &[u8]) -> Result<BatchHeader, DecodeError> {
+    let header = parse_header(batch)?;
+    let stored = u32::from_le_bytes([batch[1], batch[2], batch[3], batch[4]]);
+    let computed = crc32c::crc32c(batch.get(CRC_RANGE_START..).unwrap_or_default());
+    if stored != computed {
+        return Err(DecodeError::Checksum { stored, computed });
+    }
+    Ok(header)
+}
+
+/// The header of a batch from its first [`HEADER_LEN`] bytes (more are ignored): checks
+/// the magic byte only, not the CRC, which covers the whole batch ([`verify`] does). For
+/// a header kept apart from its batch (the segment store's index).
+pub fn parse_header(batch: &[u8]) -> Result<BatchHeader, DecodeError> {
     let mut h = batch
         .get(..HEADER_LEN)
         .ok_or(DecodeError::Truncated(batch.len()))?;
@@ -201,11 +218,7 @@ pub fn verify(batch: &[u8]) -> Result<BatchHeader, DecodeError> {
     if magic != MAGIC {
         return Err(DecodeError::UnknownMagic(magic));
     }
-    let stored = h.get_u32_le();
-    let computed = crc32c::crc32c(batch.get(CRC_RANGE_START..).unwrap_or_default());
-    if stored != computed {
-        return Err(DecodeError::Checksum { stored, computed });
-    }
+    let _crc = h.get_u32_le();
     let _attributes = h.get_u16_le();
     Ok(BatchHeader {
         leader_epoch: h.get_u32_le(),

@@ -75,6 +75,28 @@ pub enum Error {
         /// fjall's error.
         source: fjall::Error,
     },
+    /// A read of a partition's segment file failed (the segment store,
+    /// `docs/record-store.md`).
+    #[error("reading a segment of {topic}/{partition}: {source}")]
+    SegmentRead {
+        /// Topic name.
+        topic: String,
+        /// Partition index.
+        partition: u32,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Opening, writing or syncing a segment file failed. A failure to write or sync one
+    /// stops the writer as a failed commit does; the broker restarts and recovers.
+    #[error("{action} segment {}: {source}", path.display())]
+    Segment {
+        /// What was done: "opening", "writing", "syncing".
+        action: &'static str,
+        /// The segment file or partition directory.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// A read of the metadata keyspace failed.
     #[error("reading metadata (prefix {prefix:?}): {source}")]
     ReadMetadata {

@@ -30,7 +30,7 @@
 //! - `read`: reads of records and of offsets by time.
 //! - `repair`: finding lost ranges and accepting their loss (`weir topic repair`).
 //! - `segment`: segment files of the write-once record store (`docs/record-store.md`),
-//!   not used yet.
+//!   taken with [`RecordStore::Segments`].
 
 pub mod batch;
 pub(crate) mod checkpoint;
@@ -43,10 +43,6 @@ mod read;
 pub mod recovery;
 mod repair;
 pub mod salvage;
-#[expect(
-    dead_code,
-    reason = "step 1 of docs/record-store.md; the writer and reads use it from step 2"
-)]
 mod segment;
 pub mod topic;
 mod writer;
@@ -58,6 +54,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
@@ -133,9 +130,26 @@ pub enum Failpoint {
 /// Key-value pairs of the metadata keyspace.
 pub type MetaEntries = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// Where the log writer stores new record batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RecordStore {
+    /// Whole, in fjall: its journal first, then blob files at flush (two writes).
+    #[default]
+    Fjall,
+    /// In segment files of each partition, written once with `O_DIRECT`; fjall keeps a
+    /// pointer per batch (`docs/record-store.md`). Experimental: retention does not delete
+    /// segment files yet.
+    Segments,
+}
+
 /// Settings of the log engine.
 #[derive(Debug, Clone)]
 pub struct LogOptions {
+    /// Where new record batches go. Batches stored either way are read either way.
+    pub record_store: RecordStore,
+    /// Size after which a partition's segment is closed and the next batch starts a new
+    /// one (bytes; segment store only).
+    pub segment_bytes: u64,
     /// Block cache size in bytes.
     pub cache_bytes: u64,
     /// Most commands the writer takes into one group commit.
@@ -172,6 +186,8 @@ pub struct LogOptions {
 impl Default for LogOptions {
     fn default() -> Self {
         Self {
+            record_store: RecordStore::Fjall,
+            segment_bytes: 128 * 1024 * 1024,
             cache_bytes: 16 * 1024 * 1024,
             max_commit_commands: 4096,
             max_commit_bytes: 64 * 1024 * 1024,
@@ -224,6 +240,8 @@ pub(crate) struct Shared {
     pub producers: parking_lot::Mutex<idempotence::Producers>,
     /// Free space of the data directory's file system.
     pub disk: disk::DiskSpace,
+    /// Segment files of the segment store (read whatever `LogOptions::record_store` is).
+    pub segments: segment::Segments,
 }
 
 /// The log engine. Cheap to share behind an `Arc`.
@@ -355,6 +373,7 @@ impl Log {
             failed: watch::Sender::new(None),
             producers: parking_lot::Mutex::new(producers),
             disk: disk::DiskSpace::new(dir, options.min_free_disk_bytes),
+            segments: segment::Segments::new(dir.join(segment::DIR_NAME), true),
         });
         let (commands, rx) = mpsc::channel(options.max_commit_commands);
         let writer = writer::spawn(Arc::clone(&shared), rx, options.clone(), checkpoint).map_err(
@@ -680,20 +699,25 @@ impl Log {
         .await
     }
 
-    /// The stored batch of `partition` at `base_offset`, as stored (sealed). Blocking.
+    /// The stored batch of `partition` at `base_offset`, as stored (sealed), from fjall or
+    /// its segment; `None` when no batch starts there. Blocking.
     pub fn read_batch(
         &self,
         partition: &Partition,
         base_offset: u64,
-    ) -> Result<Option<fjall::Slice>, Error> {
-        self.shared
+    ) -> Result<Option<Bytes>, Error> {
+        let value = self
+            .shared
             .records
             .get(partition.key(base_offset))
             .map_err(|source| Error::Read {
                 topic: partition.topic.clone(),
                 partition: partition.index,
                 source,
-            })
+            })?;
+        value
+            .map(|v| self.shared.resolve(partition, base_offset, v))
+            .transpose()
     }
 
     /// The base offsets of `partition`'s stored batches from offset `from` on, in order.
@@ -799,7 +823,9 @@ impl Log {
                 partition: partition.index,
                 source,
             })?;
-            let Ok(h) = batch::verify(&value) else { break };
+            let Ok((h, len)) = segment::stored_header(&value) else {
+                break;
+            };
             let expired = cutoff.is_some_and(|c| h.max_timestamp_ms < c);
             let over =
                 max_messages.is_some_and(|m| messages > m) || max_bytes.is_some_and(|m| bytes > m);
@@ -808,7 +834,7 @@ impl Log {
             }
             let end = h.next_offset();
             messages = messages.saturating_sub(end.saturating_sub(cut));
-            bytes = bytes.saturating_sub(value.len() as u64);
+            bytes = bytes.saturating_sub(len);
             cut = end;
         }
         Ok((cut > earliest).then_some(cut))

@@ -5,7 +5,48 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 
-use super::{Error, Log, Partition, StoredRecord, batch, keys};
+use super::{
+    Error, Log, Partition, Shared, StoredRecord, batch, keys,
+    segment::{FrameRead, Pointer},
+};
+
+impl Shared {
+    /// The batch a `records` value of `partition` at offset `base` holds or points at. A
+    /// frame read from a segment has its CRC32C verified; a batch held whole is returned as
+    /// stored (decoding verifies it). Errors: [`Error::Missing`] when its segment file is
+    /// gone, [`Error::Corrupt`] when the segment does not hold the frame where the pointer
+    /// says, [`Error::SegmentRead`] when the file cannot be read. Blocking.
+    pub(crate) fn resolve(
+        &self,
+        partition: &Partition,
+        base: u64,
+        value: fjall::Slice,
+    ) -> Result<Bytes, Error> {
+        let Some(pointer) = Pointer::decode(&value) else {
+            return Ok(value.into());
+        };
+        match self.segments.read(partition.prefix, &pointer) {
+            Ok(FrameRead::Batch(bytes)) => Ok(Bytes::from(bytes)),
+            Ok(FrameRead::Gone) => Err(Error::Missing {
+                topic: partition.topic.clone(),
+                partition: partition.index,
+                from: base,
+                to: pointer.header().map_or(base + 1, |h| h.next_offset()),
+            }),
+            Ok(FrameRead::Damaged) => Err(Error::Corrupt {
+                topic: partition.topic.clone(),
+                partition: partition.index,
+                offset: base,
+                source: batch::DecodeError::FrameMismatch,
+            }),
+            Err(source) => Err(Error::SegmentRead {
+                topic: partition.topic.clone(),
+                partition: partition.index,
+                source,
+            }),
+        }
+    }
+}
 
 impl Log {
     /// Reads records of `partition` from `offset`: whole batches, verified, until
@@ -90,7 +131,10 @@ impl Log {
                     return stop(out, Self::missing(partition, expected, base));
                 }
             }
-            let value: Bytes = value.into();
+            let value = match self.shared.resolve(partition, base, value) {
+                Ok(batch) => batch,
+                Err(err) => return stop(out, err),
+            };
             let (header, records) = match batch::decode(&value) {
                 Ok(decoded) => decoded,
                 Err(source) => {
@@ -150,17 +194,18 @@ impl Log {
             .range(partition.key(partition.head_base.load(Ordering::Relaxed))..partition.key(next))
         {
             let (key, value) = guard.into_inner().map_err(read_err)?;
-            let value: Bytes = value.into();
+            let base = keys::record_key_offset(&key).unwrap_or(u64::MAX);
             let corrupt = |source| Error::Corrupt {
                 topic: partition.topic.clone(),
                 partition: partition.index,
-                offset: keys::record_key_offset(&key).unwrap_or(u64::MAX),
+                offset: base,
                 source,
             };
-            let header = batch::verify(&value).map_err(corrupt)?;
+            let (header, _) = super::segment::stored_header(&value).map_err(corrupt)?;
             if header.max_timestamp_ms < ts_ms {
                 continue;
             }
+            let value = self.shared.resolve(partition, base, value)?;
             let (_, records) = batch::decode(&value).map_err(corrupt)?;
             if let Some(r) = records.iter().find(|r| r.record.timestamp_ms >= ts_ms) {
                 return Ok(r.offset);

@@ -15,7 +15,7 @@ use parking_lot::RwLock;
 use tokio::sync::watch;
 
 use super::{
-    Error, Partition, Topic, batch, checkpoint,
+    Error, Partition, Topic, checkpoint,
     idempotence::{ProducerState, Producers},
     keys,
     topic::{PartitionMeta, TopicMeta},
@@ -229,7 +229,7 @@ fn tail_end(records: &Keyspace, p: &Partition, report: &mut RecoveryReport) -> O
     match guard.into_inner() {
         Ok((key, value)) => {
             let base = keys::record_key_offset(&key).unwrap_or(u64::MAX);
-            match batch::verify(&value) {
+            match super::segment::stored_header(&value).map(|(h, _)| h) {
                 Ok(h) if h.base_offset == base => Some(h.next_offset()),
                 Ok(h) => {
                     report.corrupt_tails += 1;
@@ -283,7 +283,7 @@ fn catch_up(
                 partition: p.index,
                 source,
             })?;
-            added += value.len() as u64;
+            added += super::segment::stored_len(&value);
         }
         tracing::warn!(topic = %p.topic, partition = p.index, stored_next_offset = state.next_offset, batches_end = end, "stored counters were behind the stored batches (a lost journal tail); the next offset is taken from the batches");
         report.counters_behind += 1;

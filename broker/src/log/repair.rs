@@ -11,9 +11,7 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use fjall::Keyspace;
-
-use super::{Error, Log, Partition, batch, keys, relaxed_add, writer::Command};
+use super::{Error, Log, Partition, Shared, batch, keys, relaxed_add, writer::Command};
 
 /// Offsets of a partition whose records cannot be read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +34,8 @@ struct Found {
 }
 
 /// Scans `p` from its first stored batch to its next offset (blocking: reads every batch).
-fn scan(records: &Keyspace, p: &Partition) -> Result<Found, Error> {
+fn scan(shared: &Shared, p: &Partition) -> Result<Found, Error> {
+    let records = &shared.records;
     let next = p.next_offset();
     let earliest = p.earliest_offset();
     let head = p
@@ -89,7 +88,11 @@ fn scan(records: &Keyspace, p: &Partition) -> Result<Found, Error> {
             expected = base;
         }
         let intact = match records.get(&key) {
-            Ok(Some(value)) => batch::verify(&value).ok().map(|h| h.next_offset()),
+            Ok(Some(value)) => shared
+                .resolve(p, base, value)
+                .ok()
+                .and_then(|b| batch::verify(&b).ok())
+                .map(|h| h.next_offset()),
             Ok(None) => continue,
             Err(e) if super::error::is_damage(&e) => None,
             Err(source) => return Err(Error::from_read(&p.topic, p.index, base, source)),
@@ -133,9 +136,9 @@ impl Log {
         };
         let mut accepted = Vec::new();
         for p in targets {
-            let records = self.shared.records.clone();
+            let shared = Arc::clone(&self.shared);
             let scanned = Arc::clone(&p);
-            let found = tokio::task::spawn_blocking(move || scan(&records, &scanned))
+            let found = tokio::task::spawn_blocking(move || scan(&shared, &scanned))
                 .await
                 .map_err(|_| Error::ShuttingDown)??;
             if found.ranges.is_empty() && found.damaged_keys.is_empty() {
@@ -161,7 +164,7 @@ impl Log {
 
 /// Loads the accepted lost ranges (`l/`) into the partitions of `topics` (by key prefix).
 pub(crate) fn recover_losses(
-    meta: &Keyspace,
+    meta: &fjall::Keyspace,
     partitions: &BTreeMap<[u8; 8], Arc<Partition>>,
 ) -> Result<usize, Error> {
     let mut n = 0;

@@ -190,3 +190,177 @@ async fn replica_states_are_written_in_queue_order() {
     assert!(raft.get(b"gone").expect("read").is_none());
     assert!(raft.get(b"last").expect("read").is_some());
 }
+
+/// Options of the segment store, with segments of `segment_bytes`.
+fn segment_store(segment_bytes: u64) -> LogOptions {
+    LogOptions {
+        record_store: RecordStore::Segments,
+        segment_bytes,
+        ..LogOptions::default()
+    }
+}
+
+/// Produces `n` requests of 10 records of `size` bytes (byte `i` for request `i`) to
+/// partition 0 of `topic`.
+async fn produce_requests(log: &Log, topic: &str, n: u8, size: usize) {
+    for i in 0..n {
+        let records = (0..10).map(|_| filled(i, size)).collect();
+        crate::produce::produce(log, topic, Some(0), records)
+            .await
+            .expect("produced");
+    }
+}
+
+/// Every record of partition 0 from `from`, read in one pass; the value's first byte
+/// of each.
+fn read_firsts(log: &Log, topic: &str, from: u64) -> Result<Vec<(u64, u8)>, Error> {
+    let p = log.topic(topic).expect("topic").partition(0).expect("p0");
+    let records = log.read(&p, from, usize::MAX, usize::MAX)?;
+    Ok(records
+        .iter()
+        .map(|r| (r.offset, r.record.value.first().copied().unwrap_or(0)))
+        .collect())
+}
+
+/// The segment directory of partition 0 of `topic`.
+fn segment_dir(log: &Log, topic: &str) -> std::path::PathBuf {
+    let p = log.topic(topic).expect("topic").partition(0).expect("p0");
+    log.shared.segments.partition_dir(p.prefix)
+}
+
+/// The segment files of partition 0 of `topic`, by base offset.
+fn segment_files(log: &Log, topic: &str) -> Vec<u64> {
+    segment::list(&segment_dir(log, topic)).expect("lists")
+}
+
+/// The segment store keeps records in segment files and pointers in the database: reads
+/// before and after a restart return every record, a restart continues the last segment,
+/// and the records keyspace holds no record bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_segment_store_serves_its_records_across_a_restart() {
+    let options = segment_store(64 * 1024 * 1024);
+    let (dir, log) = log_with_topic(&options, "t", 1).await;
+    produce_requests(&log, "t", 5, 3000).await;
+    let expected: Vec<(u64, u8)> = (0..50).map(|o| (o, (o / 10) as u8)).collect();
+    assert_eq!(read_firsts(&log, "t", 0).expect("reads"), expected);
+    let p = log.topic("t").expect("topic").partition(0).expect("p0");
+    for guard in log.shared.records.prefix(p.prefix) {
+        let (_, value) = guard.into_inner().expect("reads");
+        assert!(
+            segment::Pointer::decode(&value).is_some(),
+            "a batch of {} bytes was stored in the database",
+            value.len()
+        );
+    }
+    log.close().await.expect("closes");
+    drop(log);
+    let log = Log::open(dir.path(), &options).expect("reopens");
+    assert_eq!(read_firsts(&log, "t", 0).expect("reads"), expected);
+    produce_requests(&log, "t", 2, 3000).await;
+    let after = read_firsts(&log, "t", 45).expect("reads");
+    assert_eq!(after.len(), 25);
+    assert_eq!(
+        segment_files(&log, "t"),
+        vec![0],
+        "the restart continued segment 0"
+    );
+}
+
+/// Frames written after the last committed pointer (a crash between the segment write and
+/// the commit) are cut off when the partition's segment is opened again, and the offsets
+/// they would have had are given to the next records once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_past_the_last_pointer_are_cut_and_their_offsets_reused_once() {
+    let options = segment_store(64 * 1024 * 1024);
+    let (dir, log) = log_with_topic(&options, "t", 1).await;
+    produce_requests(&log, "t", 2, 100).await;
+    log.close().await.expect("closes");
+    // An uncommitted round's frame after the last indexed one.
+    let seg_dir = {
+        let p = log.topic("t").expect("topic").partition(0).expect("p0");
+        log.shared.segments.partition_dir(p.prefix)
+    };
+    drop(log);
+    let path = seg_dir.join(segment::file_name(0));
+    let (frames, len, _) = segment::scan(&path, 0).expect("scans");
+    assert_eq!(frames.len(), 2);
+    let mut w = segment::SegmentWriter::open(&seg_dir, 0, len, true).expect("opens the segment");
+    let mut stray = batch::encode(&[filled(99, 100)], 1);
+    batch::seal(&mut stray, 20);
+    w.append(&stray).expect("appends");
+    w.write().expect("writes");
+    w.sync().expect("syncs");
+    drop(w);
+    let log = Log::open(dir.path(), &options).expect("reopens");
+    produce_requests(&log, "t", 1, 100).await;
+    let got = read_firsts(&log, "t", 0).expect("reads");
+    assert_eq!(got.len(), 30);
+    assert_eq!(
+        got[20],
+        (20, 0),
+        "offset 20 holds the new record, not the stray frame"
+    );
+    let (frames, _, how) = segment::scan(&path, 0).expect("scans");
+    assert_eq!(how, segment::ScanEnd::Clean);
+    assert_eq!(frames.len(), 3, "the stray frame was cut off");
+}
+
+/// Retention deletes whole segments below the head, never the newest; a deleted
+/// topic's segments go with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_and_topic_deletion_delete_segment_files() {
+    // Segments rolled at 1 MiB: each request (one batch of 10 × 120 KiB) starts one.
+    let options = segment_store(1024 * 1024);
+    let (_dir, log) = log_with_topic(&options, "t", 1).await;
+    produce_requests(&log, "t", 4, 120 * 1024).await;
+    assert_eq!(segment_files(&log, "t"), vec![0, 10, 20, 30]);
+    let p = log.topic("t").expect("topic").partition(0).expect("p0");
+    log.truncate(Arc::clone(&p), 25).await.expect("truncates");
+    assert_eq!(
+        segment_files(&log, "t"),
+        vec![20, 30],
+        "the batch holding 25 stays"
+    );
+    assert_eq!(read_firsts(&log, "t", 25).expect("reads")[0], (25, 2));
+    log.truncate(Arc::clone(&p), 40).await.expect("truncates");
+    assert_eq!(
+        segment_files(&log, "t"),
+        vec![30],
+        "the newest segment stays"
+    );
+    let seg_dir = segment_dir(&log, "t");
+    log.delete_topic("t").await.expect("deletes");
+    assert!(!seg_dir.exists(), "the deleted topic's segments are gone");
+}
+
+/// A segment file that is gone reads as missing offsets (DATA_LOSS), never as other
+/// records; a damaged frame as a corrupt batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_or_damaged_segment_reads_as_data_loss() {
+    let options = segment_store(1024 * 1024);
+    let (dir, log) = log_with_topic(&options, "t", 1).await;
+    produce_requests(&log, "t", 3, 120 * 1024).await;
+    log.close().await.expect("closes");
+    let seg_dir = segment_dir(&log, "t");
+    drop(log);
+    std::fs::remove_file(seg_dir.join(segment::file_name(10))).expect("removes");
+    let path = seg_dir.join(segment::file_name(20));
+    let mut bytes = std::fs::read(&path).expect("reads");
+    bytes[4096] ^= 0xFF;
+    std::fs::write(&path, bytes).expect("writes");
+    let log = Log::open(dir.path(), &options).expect("reopens");
+    assert_eq!(
+        read_firsts(&log, "t", 0)
+            .expect("reads the intact segment")
+            .len(),
+        10
+    );
+    match read_firsts(&log, "t", 10) {
+        Err(Error::Missing { from, to, .. }) => assert_eq!((from, to), (10, 20)),
+        other => panic!("expected missing offsets 10..20, got {other:?}"),
+    }
+    match read_firsts(&log, "t", 20) {
+        Err(Error::Corrupt { offset, .. }) => assert_eq!(offset, 20),
+        other => panic!("expected a corrupt batch at 20, got {other:?}"),
+    }
+}

@@ -486,7 +486,7 @@ impl RaftLogReader<C> for ReplicaLog {
                                 ))
                             })?;
                         EntryPayload::Normal(Proposal::Records {
-                            batch: bytes::Bytes::copy_from_slice(&batch),
+                            batch,
                             records,
                             producer,
                         })

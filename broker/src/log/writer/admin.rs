@@ -215,6 +215,9 @@ impl Writer {
             wb.remove(&self.shared.meta, p.meta_key());
         }
         wb.commit().map_err(Error::Commit)?;
+        for p in &partitions {
+            self.remove_partition_segments(p);
+        }
         tracing::info!(topic = name, "topic deleted");
         Ok(())
     }

@@ -17,6 +17,7 @@
 mod admin;
 mod replica;
 mod retention;
+mod segments;
 
 pub use self::replica::{Flushed, ReplicaAppend, ReplicaPayload, ReplicaState};
 
@@ -26,10 +27,11 @@ use fjall::PersistMode;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Ack, Error, Failpoint, LogOptions, MetaEntries, Shared, Topic, TopicConfig, batch,
+    Ack, Error, Failpoint, LogOptions, MetaEntries, RecordStore, Shared, Topic, TopicConfig, batch,
     checkpoint::EndCheckpoint,
     idempotence::{Idempotence, ProducerKey, ProducerState, SequenceCheck},
     keys, relaxed_add,
+    segment::{self, Pointer, SegmentWriter},
     topic::{Durability, Overflow, Partition},
 };
 
@@ -44,6 +46,8 @@ struct Round {
     /// Replica state machines' state is in the batch ([`ReplicaState`]): it is committed
     /// even when no partition was written.
     states: bool,
+    /// Partitions (key prefixes) whose segments got frames in this round.
+    segments: Vec<[u8; 8]>,
 }
 
 impl Round {
@@ -54,6 +58,7 @@ impl Round {
             fsync: false,
             limited: Vec::new(),
             states: false,
+            segments: Vec::new(),
         }
     }
 }
@@ -164,6 +169,7 @@ pub(crate) fn spawn(
                 unsynced: std::cell::Cell::new(false),
                 since_rotation: std::cell::Cell::new(0),
                 checkpoint: std::cell::RefCell::new(checkpoint),
+                segment_writers: std::cell::RefCell::new(std::collections::HashMap::new()),
             }
             .run(rx);
         })
@@ -196,6 +202,9 @@ struct Writer {
     since_rotation: std::cell::Cell<u64>,
     /// Each partition's committed end, recorded after a commit and before its acks.
     checkpoint: std::cell::RefCell<EndCheckpoint>,
+    /// The segment each partition appends to (segment store), by key prefix; opened at the
+    /// partition's first append after start-up.
+    segment_writers: std::cell::RefCell<std::collections::HashMap<[u8; 8], SegmentWriter>>,
 }
 
 /// A request that is in the current fjall batch, waiting for the commit.
@@ -273,6 +282,9 @@ impl Writer {
             }
         }
         // Every sender is gone: persist what is buffered and stop.
+        if let Err(e) = self.sync_all_segments() {
+            tracing::error!(error = %e, "syncing segments after the last command failed");
+        }
         if let Err(e) = self.shared.db.persist(PersistMode::SyncAll) {
             tracing::error!(error = %e, "persisting the log after the last command failed");
         }
@@ -427,9 +439,10 @@ impl Writer {
         let base = partition.assigned_next.load(Ordering::Relaxed);
         batch::seal_with_epoch(&mut batch, base, leader_epoch);
         let bytes = batch.len() as u64;
+        let value = self.stored_value(round, partition, base, batch);
         round
             .wb
-            .insert(&self.shared.records, partition.key(base), batch);
+            .insert(&self.shared.records, partition.key(base), value);
         partition
             .assigned_next
             .store(base + u64::from(records), Ordering::Relaxed);
@@ -443,6 +456,7 @@ impl Writer {
             fsync,
             limited,
             states,
+            segments,
         } = round;
         if waiting.is_empty() && !states {
             return Ok(());
@@ -472,6 +486,9 @@ impl Writer {
         // An fsync covers everything committed before it.
         self.unsynced.set(!fsync);
         let started = std::time::Instant::now();
+        // Frames are on disk (fsynced with the round) before the pointers naming them are
+        // committed, so a committed pointer never names a lost frame.
+        self.write_segments(&segments, fsync)?;
         let committed = if touched.is_empty() && !states {
             Ok(())
         } else {
@@ -635,21 +652,24 @@ impl Writer {
                 .map(|()| Flow::Continue),
             Command::Sync { reply } => {
                 let result = if self.unsynced.replace(false) {
-                    self.shared
-                        .db
-                        .persist(PersistMode::SyncData)
-                        .map_err(Error::Commit)
+                    self.sync_all_segments().and_then(|()| {
+                        self.shared
+                            .db
+                            .persist(PersistMode::SyncData)
+                            .map_err(Error::Commit)
+                    })
                 } else {
                     Ok(())
                 };
                 finish(result, reply).map(|()| Flow::Continue)
             }
             Command::Shutdown { reply } => {
-                let result = self
-                    .shared
-                    .db
-                    .persist(PersistMode::SyncAll)
-                    .map_err(Error::Commit);
+                let result = self.sync_all_segments().and_then(|()| {
+                    self.shared
+                        .db
+                        .persist(PersistMode::SyncAll)
+                        .map_err(Error::Commit)
+                });
                 let _ = reply.send(result);
                 Ok(Flow::Stop)
             }

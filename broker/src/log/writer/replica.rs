@@ -213,7 +213,7 @@ impl Writer {
             .range(p.key(end_offset)..=p.key(u64::MAX))
         {
             let (key, value) = guard.into_inner().map_err(read_err)?;
-            freed += value.len() as u64;
+            freed += super::super::segment::stored_len(&value);
             wb.remove(&self.shared.records, key);
         }
         let bytes = p
@@ -228,6 +228,7 @@ impl Writer {
         wb.insert(&self.shared.meta, p.meta_key(), meta.encode().to_vec());
         wb.commit().map_err(Error::Commit)?;
         self.unsynced.set(true);
+        self.truncate_segments(p, end_offset);
         p.assigned_next.store(end_offset, Ordering::Relaxed);
         p.assigned_bytes.store(bytes, Ordering::Relaxed);
         p.bytes.fetch_sub(freed.min(p.bytes()), Ordering::Relaxed);

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use super::{PartBatch, Writer};
 use crate::log::{
-    Error, Topic, TopicConfig, batch,
+    Error, Topic, TopicConfig, segment,
     topic::{Partition, PartitionMeta},
 };
 
@@ -139,7 +139,7 @@ impl Writer {
             partition: p.index,
             source,
         })?;
-        let end = batch::verify(&value).map_or(earliest + 1, |h| h.next_offset());
+        let end = segment::stored_header(&value).map_or(earliest + 1, |(h, _)| h.next_offset());
         let before = self.truncate(p, end.max(earliest + 1))?;
         Ok(before > earliest)
     }
@@ -157,7 +157,7 @@ impl Writer {
                 partition: p.index,
                 source,
             })?;
-            match batch::verify(&value) {
+            match segment::stored_header(&value).map(|(h, _)| h) {
                 Ok(h) if h.max_timestamp_ms < cutoff_ms => end = end.max(h.next_offset()),
                 _ => break,
             }
@@ -189,12 +189,12 @@ impl Writer {
         for guard in self.shared.records.range(p.key(head)..p.key(before)) {
             let (key, value) = guard.into_inner().map_err(read_err)?;
             // A damaged batch is deleted once the next batch starts at or below `before`.
-            let end = batch::verify(&value).map_or(before, |h| h.next_offset());
+            let end = segment::stored_header(&value).map_or(before, |(h, _)| h.next_offset());
             if end > before {
                 break;
             }
             wb.remove(&self.shared.records, key);
-            freed += value.len() as u64;
+            freed += segment::stored_len(&value);
             head = end;
         }
         let bytes = p
@@ -211,6 +211,7 @@ impl Writer {
         self.unsynced.set(true);
         p.earliest_offset.store(before, Ordering::Release);
         p.head_base.store(head, Ordering::Relaxed);
+        self.delete_segments_below(p, head);
         p.assigned_bytes.store(bytes, Ordering::Relaxed);
         p.bytes.fetch_sub(freed.min(p.bytes()), Ordering::Relaxed);
         Ok(before)
