@@ -127,6 +127,16 @@ pub struct Config {
     #[arg(long, env = "WEIR_SEGMENT_SIZE", default_value = "128MiB", hide = true)]
     pub segment_size: bytesize::ByteSize,
 
+    /// Segment store: the newest batches written kept in memory for consumers near the
+    /// end, e.g. `32MiB` (writes bypass the page cache). `0` keeps none.
+    #[arg(
+        long,
+        env = "WEIR_TAIL_CACHE_SIZE",
+        default_value = "32MiB",
+        hide = true
+    )]
+    pub tail_cache_size: bytesize::ByteSize,
+
     /// A fault to inject, for the broker's own tests (`writer-panic`: the log writer
     /// panics on the first produce; `slow-commit`: each group commit waits 50 ms first).
     /// Never set it in production.

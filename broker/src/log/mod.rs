@@ -150,6 +150,9 @@ pub struct LogOptions {
     /// Size after which a partition's segment is closed and the next batch starts a new
     /// one (bytes; segment store only).
     pub segment_bytes: u64,
+    /// The newest batches written to segments kept in memory for reads (bytes; segment
+    /// store only): consumers within this much of the end read without the disk.
+    pub tail_cache_bytes: u64,
     /// Block cache size in bytes.
     pub cache_bytes: u64,
     /// Most commands the writer takes into one group commit.
@@ -188,6 +191,7 @@ impl Default for LogOptions {
         Self {
             record_store: RecordStore::Fjall,
             segment_bytes: 128 * 1024 * 1024,
+            tail_cache_bytes: 32 * 1024 * 1024,
             cache_bytes: 16 * 1024 * 1024,
             max_commit_commands: 4096,
             max_commit_bytes: 64 * 1024 * 1024,
@@ -373,7 +377,11 @@ impl Log {
             failed: watch::Sender::new(None),
             producers: parking_lot::Mutex::new(producers),
             disk: disk::DiskSpace::new(dir, options.min_free_disk_bytes),
-            segments: segment::Segments::new(dir.join(segment::DIR_NAME), true),
+            segments: segment::Segments::new(
+                dir.join(segment::DIR_NAME),
+                true,
+                options.tail_cache_bytes,
+            ),
         });
         let (commands, rx) = mpsc::channel(options.max_commit_commands);
         let writer = writer::spawn(Arc::clone(&shared), rx, options.clone(), checkpoint).map_err(

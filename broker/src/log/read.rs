@@ -26,7 +26,7 @@ impl Shared {
             return Ok(value.into());
         };
         match self.segments.read(partition.prefix, &pointer) {
-            Ok(FrameRead::Batch(bytes)) => Ok(Bytes::from(bytes)),
+            Ok(FrameRead::Batch(bytes)) => Ok(bytes),
             Ok(FrameRead::Gone) => Err(Error::Missing {
                 topic: partition.topic.clone(),
                 partition: partition.index,

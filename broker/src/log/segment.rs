@@ -342,19 +342,38 @@ pub(crate) fn scan(path: &Path, from: u64) -> io::Result<(Vec<Frame>, u64, ScanE
 
 /// Reads the frame at `position` of `file` whose batch is `len` bytes and verifies it;
 /// `Ok(None)` when the bytes there are not that frame (another length, a failed CRC32C,
-/// past the end of the file).
-pub(crate) fn read_frame(file: &File, position: u64, len: u32) -> io::Result<Option<Vec<u8>>> {
-    let mut bytes = vec![0u8; FRAME_HEADER + len as usize];
-    match file.read_exact_at(&mut bytes, position) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
+/// past the end of the file). Reads the whole 4 KiB blocks that hold the frame into
+/// aligned memory, as an `O_DIRECT` file needs (reads go through the page cache today:
+/// with `O_DIRECT` catch-up reads were no faster, 1.23–1.50M against 1.41–1.54M msg/s,
+/// and several groups reading one backlog share cached pages); the batch returned shares
+/// that memory.
+pub(crate) fn read_frame(file: &File, position: u64, len: u32) -> io::Result<Option<bytes::Bytes>> {
+    let block = BLOCK as u64;
+    let start = position / block * block;
+    let end = (position + FRAME_HEADER as u64 + u64::from(len)).div_ceil(block) * block;
+    let want = usize::try_from(end - start).map_err(io::Error::other)?;
+    let mut buffer = AlignedBuf::with_capacity(want);
+    let at = buffer.start;
+    let mut got = 0;
+    while got < want {
+        let n = file.read_at(&mut buffer.memory[at + got..at + want], start + got as u64)?;
+        got += n;
+        // The end of the file: a direct read cannot go on from an unaligned position.
+        if n == 0 || n % BLOCK != 0 {
+            break;
+        }
     }
-    let stored = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-    if stored != len {
+    let frame = (position - start) as usize;
+    let batch_at = frame + FRAME_HEADER;
+    if got < batch_at + len as usize {
         return Ok(None);
     }
-    let batch = bytes.split_off(FRAME_HEADER);
+    let header = &buffer.memory[at + frame..at + batch_at];
+    if u32::from_le_bytes([header[0], header[1], header[2], header[3]]) != len {
+        return Ok(None);
+    }
+    let batch =
+        bytes::Bytes::from(buffer.memory).slice(at + batch_at..at + batch_at + len as usize);
     Ok(batch::verify(&batch).is_ok().then_some(batch))
 }
 
@@ -463,11 +482,84 @@ pub(crate) fn list(dir: &Path) -> io::Result<Vec<u64>> {
     Ok(out)
 }
 
+/// The newest batches written to segments, kept in memory so that consumers at the tail
+/// read them without the disk (writes bypass the page cache): Redpanda's batch cache, first
+/// in, first out within a byte budget. Keyed by where the frame is (partition, segment,
+/// position); a partition's entries are dropped when its segments are truncated, because a
+/// position may then be written again with another batch.
+#[derive(Debug, Default)]
+pub(crate) struct TailCache {
+    budget: u64,
+    bytes: u64,
+    batches: HashMap<([u8; 8], u64, u64), bytes::Bytes>,
+    order: std::collections::VecDeque<([u8; 8], u64, u64)>,
+}
+
+impl TailCache {
+    /// A cache of at most `budget` bytes of batches; 0 keeps nothing.
+    pub(crate) fn new(budget: u64) -> Self {
+        Self {
+            budget,
+            ..Self::default()
+        }
+    }
+
+    /// Keeps `batch`, the frame at `position` of segment `segment` of partition `prefix`,
+    /// dropping the oldest batches beyond the budget.
+    pub(crate) fn insert(
+        &mut self,
+        prefix: [u8; 8],
+        segment: u64,
+        position: u64,
+        batch: bytes::Bytes,
+    ) {
+        let len = batch.len() as u64;
+        if len > self.budget {
+            return;
+        }
+        let key = (prefix, segment, position);
+        if let Some(old) = self.batches.insert(key, batch) {
+            self.bytes -= old.len() as u64;
+        } else {
+            self.order.push_back(key);
+        }
+        self.bytes += len;
+        while self.bytes > self.budget {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(gone) = self.batches.remove(&oldest) {
+                self.bytes -= gone.len() as u64;
+            }
+        }
+    }
+
+    /// The batch at `pointer` of partition `prefix`, if kept.
+    pub(crate) fn get(&self, prefix: [u8; 8], pointer: &Pointer) -> Option<bytes::Bytes> {
+        self.batches
+            .get(&(prefix, pointer.segment, pointer.position))
+            .cloned()
+    }
+
+    /// Drops every batch of partition `prefix`.
+    pub(crate) fn forget(&mut self, prefix: [u8; 8]) {
+        self.batches.retain(|(p, _, _), _| *p != prefix);
+        self.order.retain(|(p, _, _)| *p != prefix);
+        self.bytes = self.batches.values().map(|b| b.len() as u64).sum();
+    }
+
+    /// Bytes of batches kept.
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
 /// What reading a frame found.
 #[derive(Debug)]
 pub(crate) enum FrameRead {
-    /// The batch, its CRC32C verified.
-    Batch(Vec<u8>),
+    /// The batch: read from the segment with its CRC32C verified, or kept from its write.
+    Batch(bytes::Bytes),
     /// The segment file does not exist.
     Gone,
     /// The bytes at the pointer are not the frame it names (another length, a failed
@@ -489,16 +581,38 @@ pub(crate) struct Segments {
     direct: bool,
     /// Files open for reads, by (partition prefix, segment base offset).
     open: parking_lot::Mutex<OpenSegments>,
+    /// The newest batches written.
+    tail: parking_lot::Mutex<TailCache>,
 }
 
 impl Segments {
-    /// Segments under `root`, appended with `O_DIRECT` when `direct`.
-    pub(crate) fn new(root: PathBuf, direct: bool) -> Self {
+    /// Segments under `root`, appended with `O_DIRECT` when `direct`, the newest
+    /// `tail_cache_bytes` of batches written kept in memory for reads.
+    pub(crate) fn new(root: PathBuf, direct: bool, tail_cache_bytes: u64) -> Self {
         Self {
             root,
             direct,
             open: parking_lot::Mutex::new(HashMap::new()),
+            tail: parking_lot::Mutex::new(TailCache::new(tail_cache_bytes)),
         }
+    }
+
+    /// Keeps a batch just appended at `position` of segment `segment` of partition
+    /// `prefix` for reads.
+    pub(crate) fn remember(
+        &self,
+        prefix: [u8; 8],
+        segment: u64,
+        position: u64,
+        batch: bytes::Bytes,
+    ) {
+        self.tail.lock().insert(prefix, segment, position, batch);
+    }
+
+    /// Bytes of batches kept for reads.
+    #[cfg(test)]
+    pub(crate) fn tail_bytes(&self) -> u64 {
+        self.tail.lock().bytes()
     }
 
     /// Whether new segments are written with `O_DIRECT`.
@@ -514,8 +628,12 @@ impl Segments {
         self.root.join(format!("{topic}-{partition}"))
     }
 
-    /// Reads and verifies the frame `pointer` names in the partition `prefix`. Blocking.
+    /// The batch `pointer` names in the partition `prefix`: from the tail cache, else read
+    /// from its segment and verified. Blocking.
     pub(crate) fn read(&self, prefix: [u8; 8], pointer: &Pointer) -> io::Result<FrameRead> {
+        if let Some(batch) = self.tail.lock().get(prefix, pointer) {
+            return Ok(FrameRead::Batch(batch));
+        }
         let key = (prefix, pointer.segment);
         let cached = self.open.lock().get(&key).cloned();
         let file = if let Some(file) = cached {
@@ -540,9 +658,16 @@ impl Segments {
         })
     }
 
-    /// Forgets open files of the partition `prefix` (its segments were deleted).
-    pub(crate) fn forget(&self, prefix: [u8; 8]) {
+    /// Forgets open files of the partition `prefix` (some of its segments were deleted).
+    pub(crate) fn forget_files(&self, prefix: [u8; 8]) {
         self.open.lock().retain(|(p, _), _| *p != prefix);
+    }
+
+    /// Forgets open files and kept batches of the partition `prefix` (its segments were
+    /// truncated or deleted: a position may be written again).
+    pub(crate) fn forget(&self, prefix: [u8; 8]) {
+        self.forget_files(prefix);
+        self.tail.lock().forget(prefix);
     }
 }
 
@@ -599,7 +724,7 @@ mod tests {
         let file = File::open(&path).expect("open");
         for f in &expected {
             let read = read_frame(&file, f.position, f.batch.len() as u32).expect("read");
-            assert_eq!(read.as_ref(), Some(&f.batch));
+            assert_eq!(read.as_deref(), Some(f.batch.as_slice()));
         }
     }
 
@@ -676,6 +801,35 @@ mod tests {
         let err = SegmentWriter::open(dir.path(), 0, 1 << 20, true).expect_err("beyond the file");
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         assert!(err.to_string().contains("fewer than the 1048576"), "{err}");
+    }
+
+    #[test]
+    fn the_tail_cache_keeps_the_newest_batches_within_its_budget() {
+        let pointer = |segment, position| Pointer {
+            segment,
+            position,
+            len: 0,
+            header: [0; batch::HEADER_LEN],
+        };
+        let (a, b) = ([0, 0, 0, 1, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0, 0, 1]);
+        let mut cache = TailCache::new(250);
+        cache.insert(a, 0, 0, bytes::Bytes::from(vec![1; 100]));
+        cache.insert(b, 0, 0, bytes::Bytes::from(vec![2; 100]));
+        cache.insert(a, 0, 104, bytes::Bytes::from(vec![3; 100]));
+        assert_eq!(cache.bytes(), 200, "the oldest went past the budget");
+        assert_eq!(cache.get(a, &pointer(0, 0)), None);
+        assert_eq!(cache.get(b, &pointer(0, 0)).map(|x| x[0]), Some(2));
+        assert_eq!(cache.get(a, &pointer(0, 104)).map(|x| x[0]), Some(3));
+        assert_eq!(cache.get(a, &pointer(1, 104)), None, "another segment");
+        cache.insert(a, 0, 300, bytes::Bytes::from(vec![4; 300]));
+        assert_eq!(
+            cache.bytes(),
+            200,
+            "a batch over the whole budget is not kept"
+        );
+        cache.forget(a);
+        assert_eq!(cache.get(a, &pointer(0, 104)), None);
+        assert_eq!(cache.bytes(), 100, "the other partition's batch stays");
     }
 
     #[test]

@@ -364,3 +364,26 @@ async fn a_lost_or_damaged_segment_reads_as_data_loss() {
         other => panic!("expected a corrupt batch at 20, got {other:?}"),
     }
 }
+
+/// Reads of the newest batches come from memory: with the segment file gone they are
+/// still served from the tail cache, and without a cache they read as missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newest_batches_are_read_from_the_tail_cache() {
+    for (cache, served) in [(32 * 1024 * 1024, true), (0, false)] {
+        let options = LogOptions {
+            tail_cache_bytes: cache,
+            ..segment_store(64 * 1024 * 1024)
+        };
+        let (_dir, log) = log_with_topic(&options, "t", 1).await;
+        produce_requests(&log, "t", 2, 1000).await;
+        std::fs::remove_file(segment_dir(&log, "t").join(segment::file_name(0)))
+            .expect("removes the segment");
+        let read = read_firsts(&log, "t", 0);
+        if served {
+            assert_eq!(read.expect("served from memory").len(), 20);
+            assert!(log.shared.segments.tail_bytes() > 20_000);
+        } else {
+            assert!(matches!(read, Err(Error::Missing { .. })), "{read:?}");
+        }
+    }
+}

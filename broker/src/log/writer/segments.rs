@@ -44,6 +44,13 @@ impl Writer {
         if !round.segments.contains(&partition.prefix) {
             round.segments.push(partition.prefix);
         }
+        // Readers find it through the pointer, which commits after this.
+        self.shared.segments.remember(
+            partition.prefix,
+            pointer.segment,
+            pointer.position,
+            batch.into(),
+        );
         pointer.encode().to_vec()
     }
 
@@ -220,7 +227,7 @@ impl Writer {
             }
         }
         if deleted {
-            segments.forget(partition.prefix);
+            segments.forget_files(partition.prefix);
         }
     }
 
