@@ -137,8 +137,9 @@ pub enum RecordStore {
     #[default]
     Fjall,
     /// In segment files of each partition, written once with `O_DIRECT`; fjall keeps a
-    /// pointer per batch (`docs/record-store.md`). Experimental: retention does not delete
-    /// segment files yet.
+    /// pointer per batch (`docs/record-store.md`). Experimental: each round waits for the
+    /// segments' fsync and then the journal's, which triples replicated latency at a
+    /// steady rate.
     Segments,
 }
 
@@ -377,11 +378,7 @@ impl Log {
             failed: watch::Sender::new(None),
             producers: parking_lot::Mutex::new(producers),
             disk: disk::DiskSpace::new(dir, options.min_free_disk_bytes),
-            segments: segment::Segments::new(
-                dir.join(segment::DIR_NAME),
-                true,
-                options.tail_cache_bytes,
-            ),
+            segments: segment::Segments::new(dir.join(segment::DIR_NAME), options.tail_cache_bytes),
         });
         let (commands, rx) = mpsc::channel(options.max_commit_commands);
         let writer = writer::spawn(Arc::clone(&shared), rx, options.clone(), checkpoint).map_err(

@@ -578,7 +578,6 @@ const MAX_OPEN_SEGMENTS: usize = 512;
 #[derive(Debug)]
 pub(crate) struct Segments {
     root: PathBuf,
-    direct: bool,
     /// Files open for reads, by (partition prefix, segment base offset).
     open: parking_lot::Mutex<OpenSegments>,
     /// The newest batches written.
@@ -586,12 +585,11 @@ pub(crate) struct Segments {
 }
 
 impl Segments {
-    /// Segments under `root`, appended with `O_DIRECT` when `direct`, the newest
-    /// `tail_cache_bytes` of batches written kept in memory for reads.
-    pub(crate) fn new(root: PathBuf, direct: bool, tail_cache_bytes: u64) -> Self {
+    /// Segments under `root`, the newest `tail_cache_bytes` of batches written kept in
+    /// memory for reads.
+    pub(crate) fn new(root: PathBuf, tail_cache_bytes: u64) -> Self {
         Self {
             root,
-            direct,
             open: parking_lot::Mutex::new(HashMap::new()),
             tail: parking_lot::Mutex::new(TailCache::new(tail_cache_bytes)),
         }
@@ -613,11 +611,6 @@ impl Segments {
     #[cfg(test)]
     pub(crate) fn tail_bytes(&self) -> u64 {
         self.tail.lock().bytes()
-    }
-
-    /// Whether new segments are written with `O_DIRECT`.
-    pub(crate) fn direct(&self) -> bool {
-        self.direct
     }
 
     /// The directory of the partition whose key prefix is `prefix` (topic id ‖ partition,

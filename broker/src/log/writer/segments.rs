@@ -8,6 +8,10 @@ use std::collections::hash_map::Entry;
 use super::{Pointer, RecordStore, Round, SegmentWriter, Writer, segment};
 use crate::log::{Error, Partition};
 
+/// Segments are written with `O_DIRECT` (around the page cache; `SegmentWriter` falls
+/// back to the page cache where the file system refuses it).
+const WRITE_DIRECT: bool = true;
+
 /// The smallest segment size a topic's limits shrink segments to (bytes).
 const MIN_SEGMENT: u64 = 1024 * 1024;
 
@@ -116,7 +120,7 @@ impl Writer {
             .and_then(|guard| guard.into_inner().ok())
             .and_then(|(_, value)| Pointer::decode(&value));
         if let Some(pointer) = last {
-            match SegmentWriter::open(&dir, pointer.segment, pointer.end(), segments.direct()) {
+            match SegmentWriter::open(&dir, pointer.segment, pointer.end(), WRITE_DIRECT) {
                 Ok(writer) => return Ok(writer),
                 Err(error) => {
                     tracing::error!(topic = %partition.topic, partition = partition.index, segment = pointer.segment, %error, "cannot continue the partition's last segment; starting a new one");
@@ -124,7 +128,7 @@ impl Writer {
             }
         }
         let path = dir.join(segment::file_name(base));
-        SegmentWriter::create(&dir, base, segments.direct()).map_err(failed("creating", &path))
+        SegmentWriter::create(&dir, base, WRITE_DIRECT).map_err(failed("creating", &path))
     }
 
     /// Writes the segments of `prefixes` (each partition's frames of the round) and, with
