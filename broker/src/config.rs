@@ -127,6 +127,17 @@ pub struct Config {
     #[arg(long, env = "WEIR_SEGMENT_SIZE", default_value = "128MiB", hide = true)]
     pub segment_size: bytesize::ByteSize,
 
+    /// Segment store: batches smaller than this, e.g. `64KiB`, are stored in the
+    /// database's journal instead (one fsync per round for small batches, not one per
+    /// partition). `0` sends every batch to the segments.
+    #[arg(
+        long,
+        env = "WEIR_SEGMENT_MIN_BATCH",
+        default_value = "64KiB",
+        hide = true
+    )]
+    pub segment_min_batch: bytesize::ByteSize,
+
     /// Segment store: the newest batches written kept in memory for consumers near the
     /// end, e.g. `32MiB` (writes bypass the page cache). `0` keeps none.
     #[arg(

@@ -93,6 +93,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         failpoint: config.failpoint.map(Into::into),
         record_store: config.record_store.into(),
         segment_bytes: config.segment_size.as_u64().max(1024 * 1024),
+        segment_min_batch_bytes: config.segment_min_batch.as_u64(),
         tail_cache_bytes: config.tail_cache_size.as_u64(),
         ..LogOptions::default()
     };

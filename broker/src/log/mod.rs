@@ -137,9 +137,9 @@ pub enum RecordStore {
     #[default]
     Fjall,
     /// In segment files of each partition, written once with `O_DIRECT`; fjall keeps a
-    /// pointer per batch (`docs/record-store.md`). Experimental: each round waits for the
-    /// segments' fsync and then the journal's, which triples replicated latency at a
-    /// steady rate.
+    /// pointer per batch (`docs/record-store.md`). Batches below
+    /// `LogOptions::segment_min_batch_bytes` stay in fjall. Experimental: the start-up
+    /// check of segment damage is not built yet.
     Segments,
 }
 
@@ -151,6 +151,13 @@ pub struct LogOptions {
     /// Size after which a partition's segment is closed and the next batch starts a new
     /// one (bytes; segment store only).
     pub segment_bytes: u64,
+    /// Segment store only: batches smaller than this (bytes, sealed) are stored whole in
+    /// fjall, as by [`RecordStore::Fjall`], so that a round of small batches costs one
+    /// fsync (the journal's) rather than one per partition it touches (fsyncs of
+    /// different files do not overlap on every device; `docs/record-store.md`). As
+    /// key-value separation keeps small values in the tree (WiscKey, fjall's
+    /// separation threshold). 0 sends every batch to the segments.
+    pub segment_min_batch_bytes: u64,
     /// The newest batches written to segments kept in memory for reads (bytes; segment
     /// store only): consumers within this much of the end read without the disk.
     pub tail_cache_bytes: u64,
@@ -192,6 +199,7 @@ impl Default for LogOptions {
         Self {
             record_store: RecordStore::Fjall,
             segment_bytes: 128 * 1024 * 1024,
+            segment_min_batch_bytes: 64 * 1024,
             tail_cache_bytes: 32 * 1024 * 1024,
             cache_bytes: 16 * 1024 * 1024,
             max_commit_commands: 4096,

@@ -191,11 +191,13 @@ async fn replica_states_are_written_in_queue_order() {
     assert!(raft.get(b"last").expect("read").is_some());
 }
 
-/// Options of the segment store, with segments of `segment_bytes`.
+/// Options of the segment store, with segments of `segment_bytes`, every batch in
+/// segments.
 fn segment_store(segment_bytes: u64) -> LogOptions {
     LogOptions {
         record_store: RecordStore::Segments,
         segment_bytes,
+        segment_min_batch_bytes: 0,
         ..LogOptions::default()
     }
 }
@@ -386,4 +388,55 @@ async fn the_newest_batches_are_read_from_the_tail_cache() {
             assert!(matches!(read, Err(Error::Missing { .. })), "{read:?}");
         }
     }
+}
+
+/// With `segment_min_batch_bytes`, small batches are stored whole in the database and
+/// large ones in segments, in one partition: every record reads back in order across a
+/// restart, and a large batch after small ones starts a new segment, replacing a stray
+/// file of that name that a crash left with an uncommitted frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_batches_stay_in_the_database_and_large_ones_go_to_segments() {
+    let options = LogOptions {
+        segment_min_batch_bytes: 16 * 1024,
+        ..segment_store(64 * 1024 * 1024)
+    };
+    let (dir, log) = log_with_topic(&options, "t", 1).await;
+    // Requests 0, 1 and 4: 10 × 100 B (small); 2 and 3: 10 × 3,000 B (large).
+    for (i, size) in [(0u8, 100), (1, 100), (2, 3000), (3, 3000), (4, 100)] {
+        let records = (0..10).map(|_| filled(i, size)).collect();
+        crate::produce::produce(&log, "t", Some(0), records)
+            .await
+            .expect("produced");
+    }
+    let p = log.topic("t").expect("topic").partition(0).expect("p0");
+    let in_segments: Vec<bool> = log
+        .shared
+        .records
+        .prefix(p.prefix)
+        .map(|g| segment::Pointer::decode(&g.into_inner().expect("reads").1).is_some())
+        .collect();
+    assert_eq!(in_segments, [false, false, true, true, false]);
+    let expected: Vec<(u64, u8)> = (0..50).map(|o| (o, (o / 10) as u8)).collect();
+    assert_eq!(read_firsts(&log, "t", 0).expect("reads"), expected);
+    log.close().await.expect("closes");
+    let seg_dir = segment_dir(&log, "t");
+    drop(log);
+    // What a crash after a segment write and before its commit leaves: a segment named
+    // after the next offset, holding a frame no pointer names.
+    let mut stray = segment::SegmentWriter::create(&seg_dir, 50, true).expect("creates");
+    let mut batch = batch::encode(&[filled(99, 3000)], 1);
+    batch::seal(&mut batch, 50);
+    stray.append(&batch).expect("appends");
+    stray.write().expect("writes");
+    stray.sync().expect("syncs");
+    drop(stray);
+    let log = Log::open(dir.path(), &options).expect("reopens");
+    assert_eq!(read_firsts(&log, "t", 0).expect("reads"), expected);
+    produce_requests(&log, "t", 1, 3000).await;
+    let got = read_firsts(&log, "t", 0).expect("reads");
+    assert_eq!(got.len(), 60);
+    assert_eq!(got[50], (50, 0), "offset 50 holds the new record");
+    assert_eq!(segment_files(&log, "t"), vec![20, 50]);
+    let (frames, _, how) = segment::scan(&seg_dir.join(segment::file_name(50)), 0).expect("scans");
+    assert_eq!((frames.len(), how), (1, segment::ScanEnd::Clean));
 }

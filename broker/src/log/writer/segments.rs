@@ -17,9 +17,10 @@ const MIN_SEGMENT: u64 = 1024 * 1024;
 
 impl Writer {
     /// What the `records` keyspace keeps for `batch`, sealed at `base`: the batch itself,
-    /// or with the segment store a pointer to the frame it is appended as (written at the
-    /// round's commit). A batch whose segment cannot be opened is kept whole, with an
-    /// error logged; reads take either.
+    /// or with the segment store and a batch of `LogOptions::segment_min_batch_bytes` or
+    /// more a pointer to the frame it is appended as (written at the round's commit). A
+    /// batch whose segment cannot be opened is kept whole, with an error logged; reads
+    /// take either.
     pub(super) fn stored_value(
         &self,
         round: &mut Round,
@@ -27,7 +28,9 @@ impl Writer {
         base: u64,
         batch: Vec<u8>,
     ) -> Vec<u8> {
-        if self.options.record_store != RecordStore::Segments {
+        if self.options.record_store != RecordStore::Segments
+            || (batch.len() as u64) < self.options.segment_min_batch_bytes
+        {
             return batch;
         }
         let mut writers = self.segment_writers.borrow_mut();
