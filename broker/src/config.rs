@@ -114,12 +114,12 @@ pub struct Config {
     #[arg(long, env = "WEIR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// Where new record batches are stored: `fjall` (the database's journal, then its blob
-    /// files: every byte written twice) or `segments` (each partition's segment files,
-    /// written once with `O_DIRECT`, the database keeping a pointer per batch;
-    /// `docs/record-store.md`). Batches stored either way are read either way.
-    /// Experimental: hidden until its recovery checks and benchmarks are done.
-    #[arg(long, env = "WEIR_RECORD_STORE", value_enum, default_value_t = RecordStore::Fjall, hide = true)]
+    /// Where new record batches are stored: `segments` (each partition's segment files,
+    /// written once with `O_DIRECT`, the database keeping a pointer per batch; batches
+    /// below `--segment-min-batch` stay in the database; `docs/record-store.md`) or
+    /// `fjall` (every batch in the database's journal, then its blob files: every byte
+    /// written twice). Batches stored either way are read either way.
+    #[arg(long, env = "WEIR_RECORD_STORE", value_enum, default_value_t = RecordStore::Segments, hide = true)]
     pub record_store: RecordStore,
 
     /// Segment store: size after which a partition's segment is closed and a new one

@@ -210,7 +210,7 @@ impl Metrics {
         );
         registry.register(
             "disk_bytes",
-            "Bytes the data directory's database uses on disk",
+            "Bytes the log uses on disk: the database's files and the segment files",
             m.disk_bytes.clone(),
         );
         registry.register(

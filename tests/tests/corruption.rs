@@ -434,13 +434,17 @@ async fn settled_blobs(data_dir: &Path) -> Vec<std::path::PathBuf> {
     last
 }
 
-/// Bytes overwritten inside a blob file (where flushed record data lives): reads that reach
-/// the damaged data answer DATA_LOSS, never other bytes; the other topic reads whole and
-/// producing goes on, and the broker stays up.
+/// Bytes overwritten inside a blob file (where flushed record data of the fjall store
+/// lives: `--record-store fjall`, and batches below `--segment-min-batch`): reads that
+/// reach the damaged data answer DATA_LOSS, never other bytes; the other topic reads whole
+/// and producing goes on, and the broker stays up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_blob_file_is_data_loss_for_its_records_only() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut broker = Broker::start_with(dir.path(), &["--memtable-size", "1MiB"])?;
+    let mut broker = Broker::start_with(
+        dir.path(),
+        &["--memtable-size", "1MiB", "--record-store", "fjall"],
+    )?;
     let client = broker.client().await?;
     client.create_topic("kept", &TopicConfig::new(1)).await?;
     client.create_topic("hit", &TopicConfig::new(1)).await?;
@@ -541,7 +545,8 @@ async fn read_kb(client: &Client, topic: &str, end: u64) -> anyhow::Result<(u64,
     Ok((served, losses))
 }
 
-/// A table file whose trailer is overwritten and a deleted blob file: the storage engine
+/// A table file whose trailer is overwritten and a deleted blob file (the fjall store, so
+/// that the records are in blob files): the storage engine
 /// refuses to open, the broker moves the damaged files (and tables pointing into the lost
 /// blob file) to `quarantine/` and starts; the damaged topics answer DATA_LOSS where their
 /// records were, never other bytes, and the untouched topic reads whole and keeps serving
@@ -549,7 +554,10 @@ async fn read_kb(client: &Client, topic: &str, end: u64) -> anyhow::Result<(u64,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_table_and_a_lost_blob_file_are_contained() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut broker = Broker::start_with(dir.path(), &["--memtable-size", "1MiB"])?;
+    let mut broker = Broker::start_with(
+        dir.path(),
+        &["--memtable-size", "1MiB", "--record-store", "fjall"],
+    )?;
     let client = broker.client().await?;
     for topic in ["hit-table", "hit-blob", "kept"] {
         client.create_topic(topic, &TopicConfig::new(1)).await?;
@@ -624,5 +632,89 @@ async fn a_damaged_table_and_a_lost_blob_file_are_contained() -> anyhow::Result<
         "still running"
     );
     println!("{rounds} load rounds");
+    Ok(())
+}
+
+/// The segment files of `topic`/0 (the broker stopped), oldest first.
+fn segment_files(data_dir: &Path, topic: &str) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let mut id = 0;
+    with_db(data_dir, topic, |_, _, topic_id| {
+        id = topic_id;
+        Ok(())
+    })?;
+    let dir = data_dir.join("segments").join(format!("{id}-0"));
+    let mut files: Vec<_> = std::fs::read_dir(&dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Damage to the segment store's files (batches of 100 KB, segments of 1 MiB): 64 bytes
+/// overwritten in an older segment, a segment deleted, and the newest segment cut to half
+/// its length. Every offset of the damaged topic then reads as the record produced there
+/// or as DATA_LOSS naming the partition, never other bytes; the other topic reads whole;
+/// producing to both goes on (the damaged partition starts a new segment) and reads back;
+/// the broker stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_lost_and_truncated_segments_are_data_loss_for_their_records_only()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut broker = Broker::start_with(dir.path(), &["--segment-size", "1MiB"])?;
+    let client = broker.client().await?;
+    client.create_topic("kept", &TopicConfig::new(1)).await?;
+    client.create_topic("hit", &TopicConfig::new(1)).await?;
+    produce_kb(&client, "kept", 30).await?;
+    produce_kb(&client, "hit", 60).await?;
+    assert_eq!(broker.terminate()?, Some(0));
+
+    let files = segment_files(dir.path(), "hit")?;
+    assert!(
+        files.len() >= 5,
+        "60 batches of 100 KB in 1 MiB segments: {files:?}"
+    );
+    let mut bytes = std::fs::read(&files[1])?;
+    let middle = bytes.len() / 2;
+    for b in &mut bytes[middle..middle + 64] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&files[1], bytes)?;
+    std::fs::remove_file(&files[3])?;
+    let newest = files.last().ok_or_else(|| anyhow::anyhow!("no segment"))?;
+    let len = std::fs::metadata(newest)?.len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(newest)?
+        .set_len(len / 2)?;
+
+    broker.restart()?;
+    let client = broker.client().await?;
+    assert_eq!(read_kb(&client, "kept", 3000).await?, (3000, 0));
+    let (served, losses) = read_kb(&client, "hit", 6000).await?;
+    println!("hit: {served} records served, {losses} DATA_LOSS answers");
+    assert_eq!(
+        served + 100 * losses,
+        6000,
+        "every batch is served whole or answered with DATA_LOSS"
+    );
+    // At least the batch under the overwritten bytes, the deleted segment's (ten or more)
+    // and one past the cut.
+    assert!(losses >= 12, "{losses} batches lost");
+
+    for topic in ["kept", "hit"] {
+        let end = if topic == "kept" { 3000 } else { 6000 };
+        produce_kb(&client, topic, 3).await?;
+        let back = client.fetch(topic, 0, end, WHOLE).await?;
+        assert_eq!(back.records.len(), 300, "{topic}");
+        let want = format!("{topic} 0 0 {}", "v".repeat(1000));
+        assert_eq!(back.records[0].record.text(), want);
+        assert_eq!(back.records[0].offset, end);
+    }
+    assert!(
+        broker.wait_exit(std::time::Duration::from_secs(1)).is_err(),
+        "still running"
+    );
     Ok(())
 }

@@ -108,6 +108,9 @@ pub enum Error {
     /// The database's disk usage could not be read.
     #[error("reading the database's disk usage: {0}")]
     DiskSpace(#[source] fjall::Error),
+    /// The segment files' sizes could not be read.
+    #[error("reading the segment files' sizes: {0}")]
+    SegmentDiskSpace(#[source] std::io::Error),
     /// A value could not be serialized for storage. Nothing was written.
     #[error("encoding {what} for storage: {source}")]
     Encode {

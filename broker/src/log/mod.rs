@@ -7,9 +7,13 @@
 //! # On disk
 //!
 //! One fjall `Database` with two keyspaces (the fjall author advises few keyspaces):
-//! `records` holds record batches, one key per produced batch; `meta` holds topics,
-//! partition counters, idempotent producers and group state. Every key and its encoding is
-//! in [`keys`]. The records keyspace is key-value separated: batches of 1 KiB or more go to
+//! `records` holds one key per produced batch; `meta` holds topics, partition counters,
+//! idempotent producers and group state. Every key and its encoding is in [`keys`]. Beside
+//! it, `segments/` holds each partition's segment files: a batch of
+//! `LogOptions::segment_min_batch_bytes` (64 KiB) or more is appended there once and the
+//! `records` keyspace keeps a pointer to it ([`RecordStore::Segments`],
+//! `docs/record-store.md`); smaller batches are kept whole in the keyspace.
+//! The records keyspace is key-value separated: batches of 1 KiB or more go to
 //! fjall blob files (LZ4) at flush and the tables keep pointers, so compaction rewrites
 //! keys, not records. Without it every flushed table held keys of every partition,
 //! overlapped the whole next level, and leveled compaction rewrote the records again and
@@ -134,12 +138,11 @@ pub type MetaEntries = Vec<(Vec<u8>, Vec<u8>)>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RecordStore {
     /// Whole, in fjall: its journal first, then blob files at flush (two writes).
-    #[default]
     Fjall,
     /// In segment files of each partition, written once with `O_DIRECT`; fjall keeps a
     /// pointer per batch (`docs/record-store.md`). Batches below
-    /// `LogOptions::segment_min_batch_bytes` stay in fjall. Experimental: the start-up
-    /// check of segment damage is not built yet.
+    /// `LogOptions::segment_min_batch_bytes` stay in fjall.
+    #[default]
     Segments,
 }
 
@@ -197,7 +200,7 @@ pub struct LogOptions {
 impl Default for LogOptions {
     fn default() -> Self {
         Self {
-            record_store: RecordStore::Fjall,
+            record_store: RecordStore::Segments,
             segment_bytes: 128 * 1024 * 1024,
             segment_min_batch_bytes: 64 * 1024,
             tail_cache_bytes: 32 * 1024 * 1024,
@@ -483,9 +486,16 @@ impl Log {
         self.call(|reply| Command::Sync { reply }).await
     }
 
-    /// Bytes the database uses on disk (journals and tables).
+    /// Bytes the log uses on disk: the database's journals, tables and blob files, and
+    /// the segment files. Errors: [`Error::DiskSpace`], [`Error::SegmentDiskSpace`].
     pub fn disk_space(&self) -> Result<u64, Error> {
-        self.shared.db.disk_space().map_err(Error::DiskSpace)
+        let database = self.shared.db.disk_space().map_err(Error::DiskSpace)?;
+        let segments = self
+            .shared
+            .segments
+            .disk_space()
+            .map_err(Error::SegmentDiskSpace)?;
+        Ok(database + segments)
     }
 
     /// Bytes of records held in memtables (active and sealed, not yet flushed to tables).

@@ -613,6 +613,28 @@ impl Segments {
         self.tail.lock().bytes()
     }
 
+    /// Bytes of every segment file under the root (their lengths). Files deleted while
+    /// they are counted count as 0.
+    pub(crate) fn disk_space(&self) -> io::Result<u64> {
+        let partitions = match std::fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut bytes = 0;
+        for partition in partitions {
+            let dir = partition?.path();
+            for base in list(&dir)? {
+                match std::fs::metadata(dir.join(file_name(base))) {
+                    Ok(m) => bytes += m.len(),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(bytes)
+    }
+
     /// The directory of the partition whose key prefix is `prefix` (topic id ‖ partition,
     /// big-endian).
     pub(crate) fn partition_dir(&self, prefix: [u8; 8]) -> PathBuf {

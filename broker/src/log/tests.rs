@@ -63,6 +63,7 @@ async fn requests_beyond_the_queued_bytes_budget_wait_their_turn() {
 async fn sustained_appends_keep_memtables_within_the_write_buffer_budget() {
     const MIB: u64 = 1024 * 1024;
     let options = LogOptions {
+        record_store: RecordStore::Fjall,
         memtable_bytes: MIB,
         max_write_buffer_bytes: 3 * MIB,
         storage_workers: Some(1),
@@ -95,6 +96,7 @@ async fn sustained_appends_keep_memtables_within_the_write_buffer_budget() {
 async fn a_write_buffer_budget_below_the_memtable_size_does_not_hang_producers() {
     const MIB: u64 = 1024 * 1024;
     let options = LogOptions {
+        record_store: RecordStore::Fjall,
         memtable_bytes: 8 * MIB,
         max_write_buffer_bytes: MIB,
         ..LogOptions::default()
@@ -118,12 +120,13 @@ async fn a_write_buffer_budget_below_the_memtable_size_does_not_hang_producers()
     assert!(log.write_buffer_bytes() < 2 * MIB);
 }
 
-/// Batches go to blob files at flush (key-value separation), and read back from there
-/// byte for byte.
+/// Batches kept in the database (the fjall store) go to blob files at flush (key-value
+/// separation), and read back from there byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flushed_batches_live_in_blob_files_and_read_back() {
     const MIB: u64 = 1024 * 1024;
     let options = LogOptions {
+        record_store: RecordStore::Fjall,
         memtable_bytes: MIB,
         ..LogOptions::default()
     };
@@ -254,6 +257,16 @@ async fn the_segment_store_serves_its_records_across_a_restart() {
             value.len()
         );
     }
+    let segment_len = std::fs::metadata(segment_dir(&log, "t").join(segment::file_name(0)))
+        .expect("segment 0")
+        .len();
+    assert!(segment_len >= 150_000, "{segment_len}");
+    let database = log.shared.db.disk_space().expect("database size");
+    assert_eq!(
+        log.disk_space().expect("disk space"),
+        database + segment_len,
+        "disk space counts the segments"
+    );
     log.close().await.expect("closes");
     drop(log);
     let log = Log::open(dir.path(), &options).expect("reopens");
