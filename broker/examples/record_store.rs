@@ -8,7 +8,10 @@
 //! pool of random bytes (incompressible), spread over 4 partitions, for `SECONDS` (default
 //! 30). `PATH` is what stores them, in a fresh directory `DIR`:
 //!
-//! - `log`: the log engine (`Log`, default options): the writer commits each round into
+//! - `log`: the log engine (`Log`, default options): the segment store, each batch (of 64
+//!   KiB or more) appended once to its partition's segment, fsynced before the round's
+//!   pointers are committed to fjall (`docs/record-store.md`).
+//! - `fjall`: the log engine with `RecordStore::Fjall`: the writer commits each round into
 //!   fjall's journal with one `fdatasync`; the flush worker writes the records again into
 //!   blob files (key-value separation).
 //! - `segment`: the write-once prototype. The writer appends the round's sealed batches to
@@ -38,7 +41,7 @@ use std::{
 
 use bytes::Bytes;
 use weir_broker::{
-    log::{Log, LogOptions, Record, TopicConfig, batch},
+    log::{Log, LogOptions, Record, RecordStore, TopicConfig, batch},
     produce,
 };
 
@@ -54,8 +57,7 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() -> Result<(), Error> {
     let mut args = std::env::args().skip(1);
-    let usage =
-        "usage: record_store log|file|segment|direct|partitioned DIR [SIZE] [SECONDS] [PARTITIONS]";
+    let usage = "usage: record_store log|fjall|file|segment|direct|partitioned DIR [SIZE] [SECONDS] [PARTITIONS]";
     let path = args.next().ok_or(usage)?;
     let dir = PathBuf::from(args.next().ok_or(usage)?);
     let size: usize = args.next().map_or(Ok(1000), |s| s.parse())?;
@@ -73,7 +75,8 @@ fn main() -> Result<(), Error> {
     let started = Instant::now();
     let (messages, commits, times) = runtime.block_on(async {
         match path.as_str() {
-            "log" => run_log(&dir, size, seconds, partitions).await,
+            "log" => run_log(&dir, size, seconds, partitions, RecordStore::Segments).await,
+            "fjall" => run_log(&dir, size, seconds, partitions, RecordStore::Fjall).await,
             "file" | "segment" | "direct" | "partitioned" => {
                 run_prototype(&dir, size, seconds, partitions, &path).await
             }
@@ -186,8 +189,13 @@ async fn run_log(
     size: usize,
     seconds: u64,
     partitions: u32,
+    record_store: RecordStore,
 ) -> Result<(u64, u64, Option<Times>), Error> {
-    let log = Arc::new(Log::open(dir, &LogOptions::default())?);
+    let options = LogOptions {
+        record_store,
+        ..LogOptions::default()
+    };
+    let log = Arc::new(Log::open(dir, &options)?);
     log.create_topic("t", TopicConfig::new(partitions, 0)?)
         .await?;
     let commits = log.writer_stats().commits.load(Ordering::Relaxed);
