@@ -573,11 +573,14 @@ impl Broker {
         let logs = Arc::clone(&self.logs);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("\"broker ready\"") {
-                    let _ = tx.send(line.clone());
-                }
+                let ready = line.contains("\"broker ready\"").then(|| line.clone());
+                // Kept before the ready line is passed on, so that the logs of a broker
+                // whose start returned hold that line.
                 if let Ok(mut l) = logs.lock() {
                     l.push(line);
+                }
+                if let Some(ready) = ready {
+                    let _ = tx.send(ready);
                 }
             }
         });
