@@ -213,7 +213,7 @@ pub(crate) fn recover_producers(meta: &Keyspace) -> Result<Producers, Error> {
         };
         let (topic, partition, producer) =
             keys::parse_producer_key(&key).ok_or_else(|| bad("malformed producer key".into()))?;
-        let state: ProducerState = serde_json::from_slice(&value)
+        let state = ProducerState::decode(&value)
             .map_err(|e| bad(format!("unreadable producer state: {e}")))?;
         out.insert((topic, partition, producer), state);
     }

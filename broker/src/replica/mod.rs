@@ -1082,13 +1082,13 @@ impl Replica {
             if sequencer.term != Some(term) {
                 self.rebuild(&mut sequencer, term).await?;
             }
-            let applied = self.shared.producers.lock().get(&idem.producer_id).cloned();
             let last = sequencer.last.get(&idem.producer_id).copied();
             match last {
                 None if idem.sequence == 0 => {}
                 Some(l) if idem.sequence == l + 1 => {}
                 Some(l) if idem.sequence <= l => {
                     // A retry: answered from the applied state, or asked again once applied.
+                    let applied = self.shared.producers.lock().get(&idem.producer_id).cloned();
                     let check = ProducerState::check(applied.as_ref(), &self.topic, index, idem);
                     return match check {
                         Ok(SequenceCheck::Duplicate(acks)) => {

@@ -793,7 +793,9 @@ impl ReplicaMachine {
                 .and_then(|b| b.try_into().ok())
                 .map(u64::from_be_bytes)
                 .ok_or_else(|| io_err("malformed replica producer key"))?;
-            producers.insert(id, from_json::<ProducerState>(&v)?);
+            let state = ProducerState::decode(&v)
+                .map_err(|e| io_err(format!("unreadable producer state of producer {id}: {e}")))?;
+            producers.insert(id, state);
         }
         *shared.producers.lock() = producers;
         shared.partition.replicate_from(state.end_offset);
@@ -931,7 +933,7 @@ impl ReplicaMachine {
         for (id, p) in &state.producers {
             let mut key = keys::replica_key(group, b'q').to_vec();
             key.extend_from_slice(&id.to_be_bytes());
-            wb.insert(&shared.raft, key, to_json(p)?);
+            wb.insert(&shared.raft, key, p.encode());
         }
         for (suffix, cursor) in &state.cursors {
             let mut key = keys::replica_key(group, b'o').to_vec();
@@ -977,7 +979,7 @@ impl ReplicaMachine {
     /// round does not wait for the writer's round (whose fsync holds the journal).
     async fn write_applied(
         &self,
-        touched: &BTreeMap<u64, ProducerState>,
+        touched: &BTreeSet<u64>,
         forgotten: &BTreeSet<String>,
         cursors: BTreeMap<(String, u32), Vec<u8>>,
         wait: bool,
@@ -985,10 +987,16 @@ impl ReplicaMachine {
         let group = self.shared.group;
         let mut puts = Vec::with_capacity(touched.len() + cursors.len() + 2);
         let mut removes = Vec::new();
-        for (id, state) in touched {
-            let mut key = keys::replica_key(group, b'q').to_vec();
-            key.extend_from_slice(&id.to_be_bytes());
-            puts.push((key, to_json(state)?));
+        {
+            let producers = self.shared.producers.lock();
+            for (id, state) in touched
+                .iter()
+                .filter_map(|id| Some((id, producers.get(id)?)))
+            {
+                let mut key = keys::replica_key(group, b'q').to_vec();
+                key.extend_from_slice(&id.to_be_bytes());
+                puts.push((key, state.encode()));
+            }
         }
         for name in forgotten {
             let prefix = keys::replica_cursor_prefix(group, name);
@@ -1050,7 +1058,8 @@ impl RaftStateMachine<C> for ReplicaMachine {
         Strm: Stream<Item = Result<EntryResponder<C>, io::Error>> + Unpin + OptionalSend,
     {
         let mut answers = Vec::new();
-        let mut touched: BTreeMap<u64, ProducerState> = BTreeMap::new();
+        // Producers whose state the round changed, written after it.
+        let mut touched: BTreeSet<u64> = BTreeSet::new();
         let mut cursors: BTreeMap<(String, u32), Vec<u8>> = BTreeMap::new();
         // Groups whose cursors an entry without cursors removed (the group was deleted).
         let mut forgotten: BTreeSet<String> = BTreeSet::new();
@@ -1093,7 +1102,7 @@ impl RaftStateMachine<C> for ReplicaMachine {
                                     record_count: records,
                                 }],
                             );
-                            touched.insert(id, state.clone());
+                            touched.insert(id);
                         }
                     }
                     Appended {

@@ -386,15 +386,11 @@ impl Writer {
                 record_count: b.records,
             })
             .collect();
-        let producer_entry =
-            match producer.map(|(idem, key)| next_state(&producers, key, idem, &acks)) {
-                None => None,
-                Some(Ok(entry)) => Some(entry),
-                Some(Err(e)) => {
-                    let _ = reply.send(Err(e));
-                    return;
-                }
-            };
+        // The state the request leaves, encoded before anything changes.
+        let producer_entry = producer.map(|(idem, key)| {
+            let stored = ProducerState::encode_recorded(producers.get(&key), idem.sequence, &acks);
+            (idem, key, stored)
+        });
         let mut parts = Vec::with_capacity(batches.len());
         for PartBatch {
             partition,
@@ -406,13 +402,16 @@ impl Writer {
             partition.assigned_bytes.fetch_add(bytes, Ordering::Relaxed);
             parts.push((partition, bytes));
         }
-        if let Some((key, state, json)) = producer_entry {
+        if let Some((idem, key, stored)) = producer_entry {
             round.wb.insert(
                 &self.shared.meta,
                 keys::producer_key(keys::partition_prefix(key.0, key.1), key.2),
-                json,
+                stored,
             );
-            producers.insert(key, state);
+            producers
+                .entry(key)
+                .or_default()
+                .record(idem.sequence, acks.clone());
         }
         if config.durability == Durability::Fsync {
             round.fsync = true;
@@ -691,25 +690,6 @@ fn producer_key(
             partitions: batches.iter().map(|b| b.partition.index).collect(),
         }),
     }
-}
-
-/// The producer's state at `key` (topic id, partition, producer id) after `idem` is
-/// appended with `acks`, and its stored form, without changing anything yet:
-/// `(key, state, JSON)`.
-fn next_state(
-    producers: &crate::log::idempotence::Producers,
-    key: ProducerKey,
-    idem: Idempotence,
-    acks: &[Ack],
-) -> Result<(ProducerKey, ProducerState, Vec<u8>), Error> {
-    // A producer new to the partition starts from nothing (checked: its sequence is 0).
-    let mut state = producers.get(&key).cloned().unwrap_or_default();
-    state.record(idem.sequence, acks.to_vec());
-    let json = serde_json::to_vec(&state).map_err(|source| Error::Encode {
-        what: "idempotent producer state",
-        source,
-    })?;
-    Ok((key, state, json))
 }
 
 enum Flow {
