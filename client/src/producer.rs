@@ -66,17 +66,16 @@ impl Sequences {
             return vec![(p, records)];
         }
         let count = count.max(1);
+        if !records.is_empty() && records.iter().all(|r| r.key.is_none()) {
+            // The common case: one partition, the request's records as they are.
+            return vec![(self.next_unkeyed(topic, count), records)];
+        }
         let mut unkeyed = None;
         let mut parts: Vec<(u32, Vec<pb::Record>)> = Vec::new();
         for r in records {
             let p = match r.key.as_deref() {
                 Some(k) => partitioner::partition_for_key(k, count),
-                None => *unkeyed.get_or_insert_with(|| {
-                    let turn = self.unkeyed.entry(topic.to_owned()).or_insert(0);
-                    let p = *turn % count;
-                    *turn = turn.wrapping_add(1);
-                    p
-                }),
+                None => *unkeyed.get_or_insert_with(|| self.next_unkeyed(topic, count)),
             };
             match parts.iter_mut().find(|(q, _)| *q == p) {
                 Some((_, v)) => v.push(r),
@@ -85,6 +84,18 @@ impl Sequences {
         }
         parts.sort_by_key(|(p, _)| *p);
         parts
+    }
+
+    /// The partition of `count` that this request's unkeyed records of `topic` go to, and
+    /// the turn moved on to the next (round robin per request).
+    fn next_unkeyed(&mut self, topic: &str, count: u32) -> u32 {
+        let turn = match self.unkeyed.get_mut(topic) {
+            Some(turn) => turn,
+            None => self.unkeyed.entry(topic.to_owned()).or_insert(0),
+        };
+        let p = *turn % count;
+        *turn = turn.wrapping_add(1);
+        p
     }
 }
 
