@@ -19,6 +19,25 @@ fn describe_json(broker: &Broker) -> anyhow::Result<Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// `weir cluster describe` on `broker` until `settled` holds for its view, at most 10 s;
+/// then the last view, for the assertions that follow. A broker learns of a metadata
+/// change when it applies the committed entry (as Kafka brokers update their metadata
+/// caches), so a view read right after a change made through another broker may be a few
+/// milliseconds behind.
+async fn describe_settled(
+    broker: &Broker,
+    settled: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    let started = std::time::Instant::now();
+    loop {
+        let m = describe_json(broker)?;
+        if settled(&m) || started.elapsed() > Duration::from_secs(10) {
+            return Ok(m);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn partitions_of(m: &Value, topic: &str) -> Vec<Value> {
     m["partitions"]
         .as_array()
@@ -530,7 +549,7 @@ async fn three_brokers_form_one_cluster_and_survive_losing_the_metadata_leader()
         .await?
         .create_topic("spread", &TopicConfig::new(6))
         .await?;
-    let m = describe_json(&brokers[2])?;
+    let m = describe_settled(&brokers[2], |m| leaders(m, "spread").len() == 6).await?;
     let mut spread = leaders(&m, "spread");
     spread.sort_unstable();
     assert_eq!(spread, [0, 0, 1, 1, 2, 2], "{m}");
@@ -544,7 +563,10 @@ async fn three_brokers_form_one_cluster_and_survive_losing_the_metadata_leader()
         assert_eq!(client.describe_topic(&name).await?.config.partitions, 2);
     }
     brokers[1].client().await?.delete_topic("via-0").await?;
-    let m = describe_json(&brokers[0])?;
+    let m = describe_settled(&brokers[0], |m| {
+        partitions_of(m, "via-0").is_empty() && partitions_of(m, "via-1").len() == 2
+    })
+    .await?;
     assert!(partitions_of(&m, "via-0").is_empty(), "{m}");
     assert_eq!(partitions_of(&m, "via-1").len(), 2, "{m}");
 
@@ -559,14 +581,20 @@ async fn three_brokers_form_one_cluster_and_survive_losing_the_metadata_leader()
         "admin worked again {:?} after the metadata leader died",
         started.elapsed()
     );
-    let m = describe_json(&brokers[alive[1]])?;
+    let m = describe_settled(&brokers[alive[1]], |m| {
+        partitions_of(m, "after-the-loss").len() == 3
+    })
+    .await?;
     assert_ne!(m["metadataLeader"], leader, "{m}");
     assert_eq!(partitions_of(&m, "after-the-loss").len(), 3, "{m}");
 
     // The killed broker rejoins and catches up.
     let ready = brokers[dead].restart_nowait()?;
     brokers[dead].wait_ready(&ready)?;
-    let m = describe_json(&brokers[dead])?;
+    let m = describe_settled(&brokers[dead], |m| {
+        partitions_of(m, "after-the-loss").len() == 3 && partitions_of(m, "spread").len() == 6
+    })
+    .await?;
     assert_eq!(partitions_of(&m, "after-the-loss").len(), 3, "{m}");
     assert_eq!(partitions_of(&m, "spread").len(), 6, "{m}");
     Ok(())
