@@ -168,8 +168,8 @@ pub fn encode(records: &[Record], now_ms: i64) -> Vec<u8> {
 }
 
 /// Sets the base offset of an encoded batch and updates its CRC for the changed header
-/// bytes (in O(1) of the batch's size: the CRC [`encode`] computed still covers the
-/// records, so a batch damaged after it was encoded stays detectable).
+/// bytes, without a pass over the batch (O(log) of its size): the CRC [`encode`] computed
+/// still covers the records, so a batch damaged after it was encoded stays detectable.
 ///
 /// `batch` must come from [`encode`] (at least [`HEADER_LEN`] bytes); shorter input is left
 /// untouched.
@@ -246,9 +246,10 @@ const fn multmodp(a: u32, mut b: u32) -> u32 {
     }
 }
 
-/// `x^(2^k)` modulo [`POLY`] for k in 0..67, enough for any `usize` count of bytes (zlib's
-/// `x2n_table` has 32 and wraps around, which holds for CRC-32's polynomial but not for
-/// CRC-32C's).
+/// `x^(2^k)` modulo [`POLY`] for k in 0..67, enough for any `usize` count of bytes. zlib's
+/// `x2n_table` has 32 entries and wraps around (`k & 31`), which it relies on for CRC-32's
+/// polynomial; modulo CRC-32C's, `x^(2^32)` is not `x`, and shifts past 2^29 bytes came
+/// out wrong that way.
 const X2N: [u32; 67] = {
     let mut table = [0u32; 67];
     let mut p: u32 = 1 << 30; // x^1
