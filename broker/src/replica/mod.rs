@@ -1350,6 +1350,60 @@ mod tests {
         assert_eq!(requests, [4, 4, 3, 1], "entries per request");
     }
 
+    /// Entries stay in memory from their append until applied, then leave it: the applied
+    /// entries read back from the storage, the same as proposed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn applied_entries_leave_memory_and_read_back_from_the_storage() {
+        use openraft::{entry::RaftEntry, storage::RaftLogReader};
+        let (_dir, log) = log_with_replicated_topic().await;
+        let (_replicas, replica) = led_replica(&log).await;
+        let first = replica.raft.metrics().borrow_watched().last_log_index;
+        let mut batches = Vec::new();
+        for i in 0..5u8 {
+            let record = crate::log::Record {
+                value: bytes::Bytes::from(vec![i; 100 * usize::from(i + 1)]),
+                ..crate::log::Record::default()
+            };
+            let batch = crate::log::batch::encode(&[record], 0);
+            batches.push(batch.clone());
+            let proposed = replica.propose(batch, 1, None).await.expect("proposed");
+            proposed.await.expect("committed");
+        }
+        replica
+            .raft
+            .wait(Some(Duration::from_secs(10)))
+            .applied_index_at_least(first.map(|i| i + 5), "applied")
+            .await
+            .expect("applied");
+        assert_eq!(
+            replica.shared.in_memory(),
+            (0, 0),
+            "applied entries left memory"
+        );
+        let start = first.map_or(0, |i| i + 1);
+        let mut reader = store::ReplicaLog(Arc::clone(&replica.shared));
+        let entries = reader
+            .try_get_log_entries(start..start + 5)
+            .await
+            .expect("reads");
+        assert_eq!(entries.len(), 5);
+        for (i, (e, proposed)) in entries.iter().zip(&batches).enumerate() {
+            assert_eq!(e.log_id().index(), start + i as u64);
+            let openraft::EntryPayload::Normal(Proposal::Records { batch, records, .. }) =
+                &e.payload
+            else {
+                panic!("entry {i} is not records: {:?}", e.payload);
+            };
+            assert_eq!(*records, 1);
+            // Stored sealed (base offset and epoch set): the records are the proposed ones.
+            let (_, stored) = crate::log::batch::decode(batch).expect("decodes");
+            let (_, want) =
+                crate::log::batch::decode(&bytes::Bytes::from(proposed.clone())).expect("decodes");
+            assert_eq!(stored.len(), 1);
+            assert_eq!(stored[0].record.value, want[0].record.value);
+        }
+    }
+
     /// A group's cursors proposed to its coordinator partition's log: the latest of each
     /// partition is kept, apart from other groups' (a name that extends another's included),
     /// is there again after the replica group restarts, and goes when the group is deleted.

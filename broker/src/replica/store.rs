@@ -8,7 +8,10 @@
 //! alike); openraft is told an entry is flushed only once that round's fsync returned, so
 //! Raft's commit (a majority flushed) means a majority have it on disk. Entries handed to
 //! the writer and not yet stored are kept in memory (`pending`) so that they can be read at
-//! once, as openraft requires.
+//! once, as openraft requires; once stored they stay there until applied (up to
+//! [`RETAIN_BYTES`] of batches), so that the state machine's read of the entries it applies
+//! and the leader's reads for AppendEntries come from memory, not from the storage on a
+//! blocking thread.
 //!
 //! The state machine is the partition's high watermark: applying a `Records` entry moves it
 //! past the entry's records, makes them readable ([`Partition::publish`]) and answers the
@@ -70,8 +73,8 @@ pub(crate) struct Shared {
     pub partition: Arc<Partition>,
     /// Appends are fsynced before they count as flushed (the topic's durability is Fsync).
     pub fsync: bool,
-    /// Entries handed to the writer and not yet stored, by index.
-    pending: parking_lot::Mutex<BTreeMap<u64, EntryOf<C>>>,
+    /// Entries handed to the writer and not yet applied, by index (see [`InMemory`]).
+    pending: parking_lot::Mutex<InMemory>,
     /// The committed log id openraft saved last; stored with the next apply round's state
     /// (one write per round instead of one per commit, each of which took the journal's
     /// lock on the runtime's threads, waiting out a group commit's fsync).
@@ -91,7 +94,63 @@ pub(crate) struct Shared {
     pub trimmed: tokio::sync::watch::Sender<Option<Purged>>,
 }
 
+/// Most bytes of record batches a replica group keeps in memory of entries that are stored
+/// and not yet applied: 1 MiB (one AppendEntries request's worth, [`MAX_APPEND_BYTES`]).
+/// Beyond it the oldest stored entries are read from the storage when needed.
+pub const RETAIN_BYTES: usize = MAX_APPEND_BYTES;
+
+/// A replica group's entries kept in memory: every entry appended and not yet stored (the
+/// storage cannot return it yet), and stored entries not yet applied while their batches
+/// total at most [`RETAIN_BYTES`]. Entries leave once applied, truncated or purged.
+#[derive(Default)]
+struct InMemory {
+    entries: BTreeMap<u64, EntryOf<C>>,
+    /// Bytes of the entries' record batches ([`entry_bytes`]).
+    bytes: usize,
+}
+
+impl InMemory {
+    fn insert(&mut self, index: u64, entry: EntryOf<C>) {
+        self.bytes += entry_bytes(&entry);
+        if let Some(old) = self.entries.insert(index, entry) {
+            self.bytes -= entry_bytes(&old);
+        }
+    }
+
+    /// Keeps the entries for which `keep(index)` holds.
+    fn retain(&mut self, mut keep: impl FnMut(u64) -> bool) {
+        let bytes = &mut self.bytes;
+        self.entries.retain(|i, e| {
+            let kept = keep(*i);
+            if !kept {
+                *bytes -= entry_bytes(e);
+            }
+            kept
+        });
+    }
+
+    /// Drops the oldest stored entries (indexes below `stored_end`) while the kept batches
+    /// exceed [`RETAIN_BYTES`]; entries not stored yet always stay.
+    fn shed_stored(&mut self, stored_end: u64) {
+        while self.bytes > RETAIN_BYTES {
+            match self.entries.first_entry() {
+                Some(first) if *first.key() < stored_end => {
+                    self.bytes -= entry_bytes(&first.remove());
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
 impl Shared {
+    /// Entries kept in memory and the bytes of their record batches.
+    #[cfg(test)]
+    pub(crate) fn in_memory(&self) -> (usize, usize) {
+        let m = self.pending.lock();
+        (m.entries.len(), m.bytes)
+    }
+
     pub(crate) fn new(
         log: Arc<Log>,
         raft: Keyspace,
@@ -446,12 +505,17 @@ impl RaftLogReader<C> for ReplicaLog {
         let shared = Arc::clone(&self.0);
         let pending: BTreeMap<u64, EntryOf<C>> = {
             let p = shared.pending.lock();
-            p.range(start..)
+            p.entries
+                .range(start..)
                 .take_while(|(i, _)| range.contains(i))
                 .map(|(i, e)| (*i, e.clone()))
                 .collect()
         };
         let first_pending = pending.keys().next().copied().unwrap_or(u64::MAX);
+        if start >= first_pending {
+            // All in memory (the usual case: appended or applied moments ago).
+            return Ok(pending.into_values().collect());
+        }
         let end = match range.end_bound() {
             Bound::Included(x) => x.saturating_add(1),
             Bound::Excluded(x) => *x,
@@ -461,9 +525,6 @@ impl RaftLogReader<C> for ReplicaLog {
             let mut out = Vec::new();
             let from = keys::replica_entry_key(shared.group, start);
             let to = keys::replica_entry_key(shared.group, first_pending.saturating_sub(1));
-            if start >= first_pending {
-                return Ok(out);
-            }
             for guard in shared.raft.range(from..=to) {
                 let (k, v) = guard.into_inner().map_err(io_err)?;
                 let index = keys::parse_replica_entry_key(&k)
@@ -573,6 +634,7 @@ impl RaftLogStorage<C> for ReplicaLog {
             .0
             .pending
             .lock()
+            .entries
             .values()
             .next_back()
             .map(RaftEntry::log_id);
@@ -613,7 +675,7 @@ impl RaftLogStorage<C> for ReplicaLog {
         I: IntoIterator<Item = EntryOf<C>> + OptionalSend,
     {
         let mut batch = Vec::new();
-        let mut ids = Vec::new();
+        let mut last = None;
         {
             let mut pending = self.0.pending.lock();
             for entry in entries {
@@ -638,27 +700,22 @@ impl RaftLogStorage<C> for ReplicaLog {
                     EntryPayload::Membership(m) => ReplicaPayload::Membership(to_json(m)?),
                 };
                 batch.push((log_id.index(), **log_id.committed_leader_id(), payload));
-                ids.push(log_id);
+                last = Some(log_id.index());
                 pending.insert(log_id.index(), entry);
             }
         }
         let shared = Arc::clone(&self.0);
-        let next = ids.last().map(|id| id.index() + 1);
+        let next = last.map(|index| index + 1);
         let done = Box::new(move |result: Result<(), crate::log::Error>| {
             if result.is_ok()
                 && let Some(next) = next
             {
                 shared.stored.send_replace(next);
             }
-            {
-                // Stored now (or failed, and the broker stops): readable from fjall.
-                let mut pending = shared.pending.lock();
-                for id in &ids {
-                    if pending.get(&id.index()).is_some_and(|e| e.log_id() == *id) {
-                        pending.remove(&id.index());
-                    }
-                }
-            }
+            // Stored now (or failed, and the broker stops): readable from fjall too, and kept
+            // in memory until applied within the budget.
+            let stored_end = *shared.stored.borrow();
+            shared.pending.lock().shed_stored(stored_end);
             callback.io_completed(result.map_err(io_err));
         });
         self.0
@@ -677,7 +734,7 @@ impl RaftLogStorage<C> for ReplicaLog {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<C>>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |l| l.index() + 1);
-        self.0.pending.lock().retain(|i, _| *i < from);
+        self.0.pending.lock().retain(|i| i < from);
         // The writer takes commands in order: entries before `from` still queued are stored
         // by the time it truncates, and it reads the new log end from the entry before.
         let start = self.0.purged()?.map_or(0, |p| p.end_offset);
@@ -715,6 +772,7 @@ impl RaftLogStorage<C> for ReplicaLog {
                 .ok_or(e)?,
         };
         self.0.put_json(b'p', &Purged { log_id, end_offset })?;
+        self.0.pending.lock().retain(|i| i > log_id.index());
         let shared = Arc::clone(&self.0);
         blocking(move || {
             let mut wb = shared.db.batch();
@@ -918,6 +976,7 @@ impl ReplicaMachine {
             .await
             .map_err(io_err)?;
         shared.delete_purged_batches(point.end_offset).await?;
+        shared.pending.lock().retain(|i| i > point.log_id.index());
         shared.stored.send_replace(point.log_id.index() + 1);
         let group = shared.group;
         let mut wb = shared.db.batch();
@@ -1137,6 +1196,8 @@ impl RaftStateMachine<C> for ReplicaMachine {
         if let Some(last) = self.state.last_applied {
             let mut stored = self.shared.stored.subscribe();
             let _ = stored.wait_for(|s| *s > last.index()).await;
+            // Applied: read from the storage from now on, if ever (a follower far behind).
+            self.shared.pending.lock().retain(|i| i > last.index());
         }
         // A round of records only is answered before its state is written: the records are
         // committed (a majority has them fsynced) and the state write is not fsynced anyway
@@ -1201,5 +1262,55 @@ impl RaftStateMachine<C> for ReplicaMachine {
             meta: s.meta,
             snapshot: s.data,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::entry::RaftEntry;
+
+    use super::*;
+
+    fn entry(index: u64, bytes: usize) -> EntryOf<C> {
+        EntryOf::<C>::new(
+            LogIdOf::<C>::new_term_index(1, index),
+            EntryPayload::Normal(Proposal::Records {
+                batch: bytes::Bytes::from(vec![0u8; bytes]),
+                records: 1,
+                producer: None,
+            }),
+        )
+    }
+
+    /// Stored entries are shed oldest first once the batches pass [`RETAIN_BYTES`];
+    /// entries not stored yet stay whatever their size; the byte count follows inserts,
+    /// replacements and removals.
+    #[test]
+    fn stored_entries_are_shed_oldest_first_beyond_the_budget() {
+        let third = RETAIN_BYTES / 3;
+        let mut m = InMemory::default();
+        for i in 0..6 {
+            m.insert(i, entry(i, third));
+        }
+        assert_eq!(m.bytes, 6 * third);
+        // Nothing stored: nothing may go.
+        m.shed_stored(0);
+        assert_eq!(m.entries.len(), 6);
+        // Entries 0..4 stored: the oldest go until the rest fit (or only unstored are left).
+        m.shed_stored(4);
+        assert_eq!(m.entries.keys().copied().collect::<Vec<_>>(), [3, 4, 5]);
+        assert_eq!(m.bytes, 3 * third);
+        // A replaced entry (same index, another term after a truncation) counts once.
+        m.insert(5, entry(5, 10));
+        assert_eq!(m.bytes, 2 * third + 10);
+        m.retain(|i| i > 3);
+        assert_eq!(m.entries.keys().copied().collect::<Vec<_>>(), [4, 5]);
+        assert_eq!(m.bytes, third + 10);
+        // Unstored entries above the budget stay.
+        m.insert(6, entry(6, 2 * RETAIN_BYTES));
+        m.shed_stored(5);
+        assert_eq!(m.entries.keys().copied().collect::<Vec<_>>(), [5, 6]);
+        m.retain(|_| false);
+        assert_eq!((m.entries.len(), m.bytes), (0, 0));
     }
 }
