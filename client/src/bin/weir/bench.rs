@@ -775,18 +775,33 @@ async fn end_to_end(
         let duration = settings.duration;
         tokio::spawn(async move {
             let (mut tx, mut rx) = client.produce_stream(64).await?;
+            // Each request's id and send time (Unix ns), in order: the stream answers in
+            // request order.
+            let (sends, mut sent_at) = tokio::sync::mpsc::unbounded_channel::<(u64, u64)>();
             let acks = {
                 let progress = Arc::clone(&progress);
                 tokio::spawn(async move {
+                    // Ack latency of the requests sent after the warm-up (µs).
+                    let mut acked =
+                        Histogram::<u64>::new(3).map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
                     while let Some(answer) = rx.next().await {
-                        let n: u64 = answer?
+                        let answer = answer?;
+                        while let Some((id, at)) = sent_at.recv().await {
+                            if id == answer.request_id {
+                                if at >= measured_from {
+                                    let _ = acked.record(now_ns().saturating_sub(at) / 1000);
+                                }
+                                break;
+                            }
+                        }
+                        let n: u64 = answer
                             .result?
                             .iter()
                             .map(|a| u64::from(a.record_count))
                             .sum();
                         progress.0.fetch_add(n, Ordering::Relaxed);
                     }
-                    Ok::<_, weir_client::Error>(())
+                    Ok::<_, anyhow::Error>(acked)
                 })
             };
             let started = Instant::now();
@@ -812,18 +827,25 @@ async fn end_to_end(
                         }
                     })
                     .collect();
-                if let Err(e) = tx.send(&topic, None, records).await {
-                    // The answers' reader stopped first: its error says why.
-                    acks.await??;
-                    return Err(e.into());
+                let at = now_ns();
+                match tx.send(&topic, None, records).await {
+                    Ok(id) => {
+                        let _ = sends.send((id, at));
+                    }
+                    Err(e) => {
+                        // The answers' reader stopped first: its error says why.
+                        acks.await??;
+                        return Err(e.into());
+                    }
                 }
                 sent += n;
             }
             drop(tx);
+            drop(sends);
             let acked = acks.await;
             progress.1.store(true, Ordering::Release);
-            acked??;
-            Ok::<_, anyhow::Error>(sent)
+            let acked = acked??;
+            Ok::<_, anyhow::Error>((sent, acked))
         })
     };
     let mut hist = Histogram::<u64>::new(3).map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
@@ -868,10 +890,11 @@ async fn end_to_end(
     consumer.ack_all(&unacked).await?;
     // From the first send to the last receipt.
     let secs = last_receipt.duration_since(started).as_secs_f64().max(1e-9);
-    let sent = producer.await??;
+    let (sent, acked) = producer.await??;
     consumer.close(std::time::Duration::from_secs(5)).await?;
     client.delete_group(&group).await?;
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let ack_ms = |q: f64| acked.value_at_quantile(q) as f64 / 1000.0;
     Ok(Report {
         name: "end-to-end",
         settings: serde_json::json!({
@@ -890,6 +913,9 @@ async fn end_to_end(
             ("latency p999 ms", "latencyP999Ms", ms(0.999)),
             ("latency max ms", "latencyMaxMs", hist.max() as f64 / 1000.0),
             ("measured (after warm-up)", "measured", hist.len() as f64),
+            ("produce ack p50 ms", "ackLatencyP50Ms", ack_ms(0.5)),
+            ("produce ack p99 ms", "ackLatencyP99Ms", ack_ms(0.99)),
+            ("produce ack p999 ms", "ackLatencyP999Ms", ack_ms(0.999)),
         ],
         extra: vec![("latencyQuantilesMs", quantiles_ms(&hist))],
         broker_rss_mib: None,
