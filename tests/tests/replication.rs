@@ -480,6 +480,49 @@ async fn a_paused_leader_acknowledges_nothing_it_accepted_while_deposed() -> any
     Ok(())
 }
 
+/// Both followers of a replicated partition pause (SIGSTOP) for 300 ms, less than an
+/// election timeout — as every process of a loaded machine stalls at once — while a produce
+/// request waits for them. The leader keeps its streams of appends to them (an answer
+/// late by less than an election timeout is not a failure; giving the stream up cost
+/// openraft's replication backoff, 200 ms and more, before the next), so it neither logs
+/// an AppendEntries without an answer nor loses the request: it is acknowledged once the
+/// followers resume, and every replica holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_paused_for_less_than_an_election_timeout_keep_their_streams()
+-> anyhow::Result<()> {
+    let brokers = Broker::start_cluster(3, &[])?;
+    let client = brokers[0].client().await?;
+    client
+        .create_topic("stall", &TopicConfig::new(1).with_replication_factor(3))
+        .await?;
+    let mut acked = Acked::new();
+    for n in 0..5 {
+        produce_round("stall", 1, n, &client, &mut acked).await?;
+    }
+    let leader = usize::try_from(leader_of(&client, "stall", 0).await?)?;
+    let to_leader = brokers[leader].client().await?;
+    let followers: Vec<usize> = (0..3).filter(|b| *b != leader).collect();
+    for f in &followers {
+        brokers[*f].signal("STOP")?;
+    }
+    let values: Vec<Vec<u8>> = (0..10).map(|i| value(0, 5, i)).collect();
+    let records: Vec<Record> = values.iter().cloned().map(Record::value).collect();
+    let waiting = tokio::spawn(async move { to_leader.produce("stall", Some(0), records).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for f in &followers {
+        brokers[*f].signal("CONT")?;
+    }
+    let acks = tokio::time::timeout(Duration::from_secs(10), waiting).await???;
+    record_acked(&mut acked, 0, acks[0].base_offset, values.into_iter())?;
+    every_replica_holds(&brokers, "stall", &acked).await?;
+    let log = brokers[leader].log_text();
+    assert!(
+        !log.contains("no answer to an AppendEntries"),
+        "the leader gave up a stream to a follower paused for 300 ms:\n{log}"
+    );
+    Ok(())
+}
+
 /// Idempotent producers on a replicated topic: a [`weir_client::Producer`] (which retries
 /// `UNAVAILABLE` and transport failures with the same sequence) keeps sending while the
 /// partition's leader is SIGKILLed; every request is acknowledged and stored exactly once —

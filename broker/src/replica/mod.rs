@@ -443,6 +443,7 @@ impl Replicas {
         let network = network::Network {
             group,
             channels: self.channels.clone(),
+            answer_deadline: Duration::from_millis(self.config.election_timeout_min),
         };
         let raft = ReplicaRaft::new(self.me, config, network, store::ReplicaLog(shared), machine)
             .await

@@ -117,6 +117,10 @@ fn rpc_error(status: &tonic::Status) -> RPCError<C> {
 pub struct Network {
     pub(super) group: GroupKey,
     pub(super) channels: Channels,
+    /// How long a follower may take to answer the oldest AppendEntries outstanding on its
+    /// stream before the stream is given up: the election timeout (see
+    /// [`Peer::stream_append`]).
+    pub(super) answer_deadline: std::time::Duration,
 }
 
 impl RaftNetworkFactory<C> for Network {
@@ -129,6 +133,7 @@ impl RaftNetworkFactory<C> for Network {
             address: node.addr.clone(),
             channels: self.channels.clone(),
             unary_appends: false,
+            answer_deadline: self.answer_deadline,
         }
     }
 }
@@ -142,6 +147,8 @@ pub struct Peer {
     /// The peer does not serve `PartitionAppends` (it answered UNIMPLEMENTED): appends go
     /// one at a time as unary calls.
     unary_appends: bool,
+    /// [`Network::answer_deadline`].
+    answer_deadline: std::time::Duration,
 }
 
 impl Peer {
@@ -197,10 +204,15 @@ impl RaftNetworkV2<C> for Peer {
     }
 
     /// The group's AppendEntries on one `PartitionAppends` stream: requests are sent as
-    /// openraft produces them, answers read in order. An answer must arrive within
-    /// `option`'s hard TTL (the heartbeat interval, as for a unary call) while requests are
-    /// outstanding; an idle stream has no deadline. A peer that answers UNIMPLEMENTED is
-    /// sent one request at a time from then on.
+    /// openraft produces them, answers read in order. While requests are outstanding an
+    /// answer must arrive within [`Network::answer_deadline`] (the election timeout), not
+    /// `option`'s TTL (the heartbeat interval, 100 ms): a follower whose fsync or threads
+    /// stall for a moment on a loaded machine is alive, and a stream given up costs
+    /// openraft's replication backoff (200 ms, then longer) before the next, which turned
+    /// a 100 ms stall of every broker into half a second without commits. A follower gone
+    /// silent is found within the same time as by its missed heartbeats; a closed
+    /// connection ends the stream at once. An idle stream has no deadline. A peer that
+    /// answers UNIMPLEMENTED is sent one request at a time from then on.
     fn stream_append<S>(
         &mut self,
         input: S,
@@ -234,7 +246,11 @@ impl RaftNetworkV2<C> for Peer {
                     return Err(rpc_error(&status));
                 }
             };
-            Ok(append_answers(inbound, outstanding, option.hard_ttl()))
+            Ok(append_answers(
+                inbound,
+                outstanding,
+                self.answer_deadline.max(option.hard_ttl()),
+            ))
         })
     }
 
@@ -451,6 +467,7 @@ mod tests {
         let mut network = Network {
             group: [7; 12],
             channels: Channels::default(),
+            answer_deadline: Duration::from_millis(500),
         };
         let mut peer = network
             .new_client(1, &BasicNode::new(address.clone()))
