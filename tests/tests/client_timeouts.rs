@@ -135,6 +135,52 @@ async fn a_client_leaves_a_broker_whose_connection_went_silent_for_the_next_of_i
     Ok(())
 }
 
+/// A listing asks the leaders of other partitions for their figures; one whose connection
+/// went silent costs the listing a bounded wait, not the caller's request timeout (broker 1
+/// waited for broker 0's answer for as long as the call lived, so after a client left a
+/// silent broker 0 its listings at broker 1 timed out too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_answers_without_the_figures_of_a_leader_gone_silent() -> anyhow::Result<()> {
+    let proxy = Toxiproxy::start()?;
+    let brokers = Broker::start_cluster_behind(&proxy, 3, &[])?;
+    let client = Client::connect(&brokers[1].advertised_url())
+        .await?
+        .without_routing()
+        .with_request_timeout(Duration::from_secs(5));
+    client.create_topic("figures", &TopicConfig::new(3)).await?;
+    let metadata = client.metadata().await?;
+    anyhow::ensure!(
+        metadata
+            .partitions
+            .iter()
+            .any(|p| p.topic == "figures" && p.leader == 0),
+        "no partition of the topic is led by broker 0: {:?}",
+        metadata.partitions
+    );
+
+    proxy.add_toxic(
+        "broker-0",
+        "blackhole",
+        "timeout",
+        &serde_json::json!({ "timeout": 0 }),
+    )?;
+    let started = Instant::now();
+    let topics = within("list_topics", client.list_topics()).await??;
+    let listed = topics
+        .iter()
+        .find(|t| t.name == "figures")
+        .ok_or_else(|| anyhow::anyhow!("the topic is not listed: {topics:?}"))?;
+    assert_eq!(listed.partitions.len(), 3);
+    let described = within("describe_topic", client.describe_topic("figures")).await??;
+    assert_eq!(described.partitions.len(), 3);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "two calls took {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
 /// Calls a client gave up on while the broker was paused do not cost its connection: each
 /// cancelled call resets its stream, and on waking the broker reads them all at once. h2's
 /// guard against the rapid-reset attack closed a connection after 20 such resets (with every

@@ -16,6 +16,11 @@ use crate::{
     validate::{NameKind, validate_name},
 };
 
+/// How long a listing or description waits for another leader's figures of its partitions
+/// before answering without them: below the client's request timeout (2 s and more), so a
+/// paused or unreachable broker does not make every listing time out.
+const FIGURES_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Serves `weir.v1.Admin` over the log.
 #[derive(Debug, Clone)]
 pub struct AdminService {
@@ -63,9 +68,11 @@ impl AdminService {
             .collect()
     }
 
-    /// Asks each other leader for its topics' figures (`ListTopics`, one call per broker,
-    /// marked forwarded) and puts the partitions it leads into `descs`. A broker that does
-    /// not answer leaves its partitions' figures at zero (logged).
+    /// Asks each other leader for its topics' figures (`ListTopics`, one call per broker, all
+    /// at once, marked forwarded) and puts the partitions it leads into `descs`. A broker that
+    /// does not answer within [`FIGURES_WAIT`] (paused, its packets dropped) leaves its
+    /// partitions' figures at zero (logged): the listing is this broker's to give, and the
+    /// figures are not worth the caller's deadline.
     async fn merge_remote_figures(
         &self,
         descs: &mut [pb::TopicDescription],
@@ -73,20 +80,31 @@ impl AdminService {
     ) {
         let only = (descs.len() == 1).then(|| descs[0].name.clone());
         let state = self.ctx.cluster.state();
-        for (leader, address) in self.other_leaders(only.as_deref()) {
-            let answer = match self.ctx.cluster.channel_to(&address) {
-                Ok(channel) => {
-                    let mut client = weir_proto::v1::admin_client::AdminClient::new(channel);
-                    client
-                        .list_topics(super::forward::forwarded(
-                            incoming,
-                            pb::ListTopicsRequest {},
-                        ))
-                        .await
-                        .map_err(|s| s.to_string())
-                }
-                Err(e) => Err(e.to_string()),
-            };
+        let asks =
+            self.other_leaders(only.as_deref())
+                .into_iter()
+                .map(|(leader, address)| async move {
+                    let call = async {
+                        let channel = self
+                            .ctx
+                            .cluster
+                            .channel_to(&address)
+                            .map_err(|e| e.to_string())?;
+                        AdminClient::new(channel)
+                            .list_topics(super::forward::forwarded(
+                                incoming,
+                                pb::ListTopicsRequest {},
+                            ))
+                            .await
+                            .map_err(|s| s.to_string())
+                    };
+                    let answer = match tokio::time::timeout(FIGURES_WAIT, call).await {
+                        Ok(answer) => answer,
+                        Err(_) => Err(format!("no answer within {FIGURES_WAIT:?}")),
+                    };
+                    (leader, answer)
+                });
+        for (leader, answer) in futures::future::join_all(asks).await {
             let remote = match answer {
                 Ok(r) => r.into_inner().topics,
                 Err(e) => {
