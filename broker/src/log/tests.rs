@@ -320,6 +320,51 @@ async fn frames_past_the_last_pointer_are_cut_and_their_offsets_reused_once() {
     assert_eq!(frames.len(), 3, "the stray frame was cut off");
 }
 
+/// Batches of one round that fill a segment and go on in the next are all written: the
+/// full segment's buffered frames reach its file before a new segment is started (they
+/// were dropped with its writer, leaving committed pointers to frames never written,
+/// read from memory until the broker restarted and lost after it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_that_fills_a_segment_writes_every_frame_before_the_next_segment() {
+    let options = segment_store(1024 * 1024);
+    let (dir, log) = log_with_topic(&options, "t", 1).await;
+    // 24 requests of 10 × 30 KB at once: rounds of several batches, each 300 KB, so that
+    // a 1 MiB segment fills in the middle of a round.
+    let requests = (0..24u8).map(|i| {
+        let log = Arc::clone(&log);
+        async move {
+            let records = (0..10).map(|_| filled(i, 30_000)).collect();
+            crate::produce::produce(&log, "t", Some(0), records)
+                .await
+                .expect("produced")
+        }
+    });
+    let acks = futures::future::join_all(requests).await;
+    let mut expected: Vec<(u64, u8)> = acks
+        .iter()
+        .enumerate()
+        .flat_map(|(i, a)| (0..10).map(move |k| (a[0].base_offset + k, i as u8)))
+        .collect();
+    expected.sort_unstable();
+    assert!(
+        segment_files(&log, "t").len() >= 3,
+        "segments rolled: {:?}",
+        segment_files(&log, "t")
+    );
+    log.close().await.expect("closes");
+    drop(log);
+    let log = Log::open(dir.path(), &options).expect("reopens");
+    let mut read = Vec::new();
+    while read.len() < expected.len() {
+        let from = read.len() as u64;
+        let more = read_firsts(&log, "t", from)
+            .unwrap_or_else(|e| panic!("reading from offset {from}: {e}"));
+        assert!(!more.is_empty(), "nothing read from offset {from}");
+        read.extend(more);
+    }
+    assert_eq!(read, expected);
+}
+
 /// Retention deletes whole segments below the head, never the newest; a deleted
 /// topic's segments go with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

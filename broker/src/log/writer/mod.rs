@@ -48,6 +48,9 @@ struct Round {
     states: bool,
     /// Partitions (key prefixes) whose segments got frames in this round.
     segments: Vec<[u8; 8]>,
+    /// Segments closed in this round because they were full, with the frames this round
+    /// appended to them before: written and synced with the round.
+    retired: Vec<SegmentWriter>,
 }
 
 impl Round {
@@ -59,6 +62,7 @@ impl Round {
             limited: Vec::new(),
             states: false,
             segments: Vec::new(),
+            retired: Vec::new(),
         }
     }
 }
@@ -456,6 +460,7 @@ impl Writer {
             limited,
             states,
             segments,
+            retired,
         } = round;
         if waiting.is_empty() && !states {
             return Ok(());
@@ -487,7 +492,7 @@ impl Writer {
         let started = std::time::Instant::now();
         // Frames are on disk (fsynced with the round) before the pointers naming them are
         // committed, so a committed pointer never names a lost frame.
-        self.write_segments(&segments, fsync)?;
+        self.write_segments(&segments, retired, fsync)?;
         let committed = if touched.is_empty() && !states {
             Ok(())
         } else {

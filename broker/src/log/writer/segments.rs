@@ -34,7 +34,7 @@ impl Writer {
             return batch;
         }
         let mut writers = self.segment_writers.borrow_mut();
-        let writer = match self.segment_writer(&mut writers, partition, base) {
+        let writer = match self.segment_writer(&mut writers, partition, base, &mut round.retired) {
             Ok(w) => w,
             Err(e) => {
                 tracing::error!(topic = %partition.topic, partition = partition.index, error = %e, "cannot append to the partition's segment; the batch is stored in the database instead");
@@ -64,18 +64,21 @@ impl Writer {
     /// The segment `partition` appends to, opened on first use: after the frame of its
     /// last stored batch if that is in a segment (what follows it there was never
     /// committed and is cut off), else a new segment named `base`. A segment past
-    /// `LogOptions::segment_bytes` is closed and a new one named `base` started.
+    /// `LogOptions::segment_bytes` is closed and a new one named `base` started; the closed
+    /// one goes to `retired`, to be written and synced with the round (it may hold frames
+    /// the round appended before).
     fn segment_writer<'a>(
         &self,
         writers: &'a mut std::collections::HashMap<[u8; 8], SegmentWriter>,
         partition: &Partition,
         base: u64,
+        retired: &mut Vec<SegmentWriter>,
     ) -> Result<&'a mut SegmentWriter, Error> {
         let full = writers
             .get(&partition.prefix)
             .is_some_and(|w| w.len() >= MIN_SEGMENT && w.len() >= self.segment_limit(partition));
-        if full {
-            writers.remove(&partition.prefix);
+        if full && let Some(closed) = writers.remove(&partition.prefix) {
+            retired.push(closed);
         }
         match writers.entry(partition.prefix) {
             Entry::Occupied(o) => Ok(o.into_mut()),
@@ -134,10 +137,17 @@ impl Writer {
         SegmentWriter::create(&dir, base, WRITE_DIRECT).map_err(failed("creating", &path))
     }
 
-    /// Writes the segments of `prefixes` (each partition's frames of the round) and, with
-    /// `fsync`, syncs them, all at once. Errors stop the writer as a failed commit does.
-    pub(super) fn write_segments(&self, prefixes: &[[u8; 8]], fsync: bool) -> Result<(), Error> {
-        if prefixes.is_empty() {
+    /// Writes the segments of `prefixes` (each partition's frames of the round) and the
+    /// segments the round closed (`retired`) and, with `fsync`, syncs them, all at once. A
+    /// closed segment is synced whatever `fsync` says: no later `Sync` reaches it. Errors
+    /// stop the writer as a failed commit does.
+    pub(super) fn write_segments(
+        &self,
+        prefixes: &[[u8; 8]],
+        mut retired: Vec<SegmentWriter>,
+        fsync: bool,
+    ) -> Result<(), Error> {
+        if prefixes.is_empty() && retired.is_empty() {
             return Ok(());
         }
         let mut writers = self.segment_writers.borrow_mut();
@@ -154,12 +164,17 @@ impl Writer {
                 source,
             }
         };
-        for w in &mut touched {
+        for w in touched
+            .iter_mut()
+            .map(|w| &mut **w)
+            .chain(retired.iter_mut())
+        {
             w.write().map_err(failed("writing", w))?;
         }
         if !fsync {
-            return Ok(());
+            touched.clear();
         }
+        touched.extend(retired.iter_mut());
         if let [only] = touched.as_slice() {
             return only.sync().map_err(failed("syncing", only));
         }
