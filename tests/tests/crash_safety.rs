@@ -265,6 +265,22 @@ async fn acknowledged_records_survive_repeated_sigkill_across_flushes() -> anyho
     .await
 }
 
+/// The same with every batch in the segment store (`--segment-min-batch 0`: this test's
+/// batches are a few KiB, below the default) and segments closed at 1 MiB, so that kills
+/// land around segment rolls: a round that filled a segment used to drop the frames it had
+/// appended to it, and its records read as lost after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_records_survive_repeated_sigkill_in_the_segment_store() -> anyhow::Result<()>
+{
+    Torture {
+        rounds: 6,
+        truncate_every: None,
+        broker_args: &["--segment-min-batch", "0", "--segment-size", "1MiB"],
+    }
+    .run()
+    .await
+}
+
 /// The newest journal cut at random lengths after kills: acknowledged records it held are
 /// lost only as ranges answered with DATA_LOSS, never changed, and their offsets are never
 /// acknowledged again.
