@@ -19,6 +19,17 @@ async fn within<T>(what: &str, step: impl Future<Output = T>) -> anyhow::Result<
         .map_err(|_| anyhow::anyhow!("{what} did not return within {HUNG:?}"))
 }
 
+/// Connections through proxy `name` stay open and pass nothing from then on (toxiproxy's
+/// `timeout` toxic with no timeout), as when a network drops a broker's packets.
+fn silence(proxy: &Toxiproxy, name: &str) -> anyhow::Result<()> {
+    proxy.add_toxic(
+        name,
+        "blackhole",
+        "timeout",
+        &serde_json::json!({ "timeout": 0 }),
+    )
+}
+
 fn assert_timeout(what: &str, answer: Result<impl std::fmt::Debug, Error>, url: &str, ms: u64) {
     match answer {
         Err(Error::Timeout { url: u, after_ms }) => {
@@ -99,12 +110,7 @@ async fn a_client_leaves_a_broker_whose_connection_went_silent_for_the_next_of_i
     client.create_topic("silent", &TopicConfig::new(1)).await?;
 
     // Broker 0's connections stay open and pass nothing (its packets dropped), for good.
-    proxy.add_toxic(
-        "broker-0",
-        "blackhole",
-        "timeout",
-        &serde_json::json!({ "timeout": 0 }),
-    )?;
+    silence(&proxy, "broker-0")?;
     let started = Instant::now();
     let mut timeouts = 0;
     let mut last_error = None;
@@ -158,12 +164,7 @@ async fn a_listing_answers_without_the_figures_of_a_leader_gone_silent() -> anyh
         metadata.partitions
     );
 
-    proxy.add_toxic(
-        "broker-0",
-        "blackhole",
-        "timeout",
-        &serde_json::json!({ "timeout": 0 }),
-    )?;
+    silence(&proxy, "broker-0")?;
     let started = Instant::now();
     let topics = within("list_topics", client.list_topics()).await??;
     let listed = topics
