@@ -35,6 +35,16 @@ pub(crate) const DIR_NAME: &str = "segments";
 const MAX_KEPT_BUFFER: usize = 4 * 1024 * 1024;
 /// Bytes of a frame's length field.
 pub(crate) const FRAME_HEADER: usize = 4;
+/// The name of a partition's spare segment file, in the partition's directory: a segment
+/// that retention deleted, kept to be written over as the partition's next segment
+/// ([`SegmentWriter::create`]). PostgreSQL recycles WAL segments (`wal_recycle`) and
+/// RocksDB its log files (`recycle_log_file_num`) for the same reason: an `fdatasync`
+/// after writing over blocks the file already has commits no file-system metadata, where
+/// one after appending to a growing file also commits the file system's journal (the new
+/// size and blocks). On ext4 in this project's benchmark VM, rounds of 4 × 2 MiB
+/// `O_DIRECT` writes, each round synced, ran at 323–342 MB/s over written blocks against
+/// 233–262 MB/s appending (`docs/benchmarks.md`).
+pub(crate) const SPARE_NAME: &str = "spare.segment";
 
 /// The file name of the segment whose first offset is `base_offset`.
 pub(crate) fn file_name(base_offset: u64) -> String {
@@ -131,13 +141,28 @@ impl std::fmt::Debug for SegmentWriter {
 
 impl SegmentWriter {
     /// Creates the segment of `base_offset` in `dir`, written with `O_DIRECT` when `direct`
-    /// and the file system allows it. A file of that name is emptied first: a segment is
-    /// created for the partition's next offset, so no index entry can name a frame in it
-    /// (it was created before a crash that came before its first commit, or its frames were
-    /// truncated).
+    /// and the file system allows it: the partition's spare file ([`SPARE_NAME`]) renamed,
+    /// if it has one, its frames to be written over from the start, else a new file. A
+    /// file of that name is replaced or emptied first: a segment is created for the
+    /// partition's next offset, so no index entry can name a frame in it (it was created
+    /// before a crash that came before its first commit, or its frames were truncated).
+    /// The directory is synced before this returns, so that the segment's name is durable
+    /// before any frame in it is acknowledged (an `fdatasync` of the file does not promise
+    /// its directory entry).
+    ///
+    /// A recycled file holds the frames of an older segment of the same partition past
+    /// what this writer wrote; nothing reads them: reads go by the index's pointers and
+    /// check the batch header they find ([`Segments::read`]), and [`Self::open`] cuts a
+    /// segment after its last indexed frame.
     pub(crate) fn create(dir: &Path, base_offset: u64, direct: bool) -> io::Result<Self> {
         let path = dir.join(file_name(base_offset));
-        let (file, direct) = open_for_append(&path, true, direct)?;
+        let recycled = match std::fs::rename(dir.join(SPARE_NAME), &path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e),
+        };
+        let (file, direct) = open_for_append(&path, !recycled, direct)?;
+        File::open(dir)?.sync_all()?;
         Ok(Self {
             file,
             path,
@@ -555,12 +580,24 @@ impl TailCache {
     }
 }
 
+/// Whether `path` names the file `file` is open on (same device and inode).
+fn still_named(file: &File, path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let open = file.metadata()?;
+    match std::fs::metadata(path) {
+        Ok(named) => Ok(named.dev() == open.dev() && named.ino() == open.ino()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// What reading a frame found.
 #[derive(Debug)]
 pub(crate) enum FrameRead {
     /// The batch: read from the segment with its CRC32C verified, or kept from its write.
     Batch(bytes::Bytes),
-    /// The segment file does not exist.
+    /// The segment file does not exist, or no longer under the segment's name (deleted or
+    /// recycled since the pointer was read).
     Gone,
     /// The bytes at the pointer are not the frame it names (another length, a failed
     /// CRC32C, past the end of the file).
@@ -613,8 +650,8 @@ impl Segments {
         self.tail.lock().bytes()
     }
 
-    /// Bytes of every segment file under the root (their lengths). Files deleted while
-    /// they are counted count as 0.
+    /// Bytes of every segment file under the root (their lengths), spares
+    /// ([`SPARE_NAME`]) included. Files deleted while they are counted count as 0.
     pub(crate) fn disk_space(&self) -> io::Result<u64> {
         let partitions = match std::fs::read_dir(&self.root) {
             Ok(entries) => entries,
@@ -624,8 +661,9 @@ impl Segments {
         let mut bytes = 0;
         for partition in partitions {
             let dir = partition?.path();
-            for base in list(&dir)? {
-                match std::fs::metadata(dir.join(file_name(base))) {
+            let files = list(&dir)?.into_iter().map(file_name);
+            for name in files.chain([SPARE_NAME.to_owned()]) {
+                match std::fs::metadata(dir.join(name)) {
                     Ok(m) => bytes += m.len(),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => return Err(e),
@@ -644,17 +682,20 @@ impl Segments {
     }
 
     /// The batch `pointer` names in the partition `prefix`: from the tail cache, else read
-    /// from its segment and verified. Blocking.
+    /// from its segment and verified, its header the pointer's copy. Bytes that are not
+    /// that batch read as [`FrameRead::Gone`] when the file no longer has the segment's
+    /// name (retention deleted it, or recycled it as a newer segment, after the pointer
+    /// was read), else as [`FrameRead::Damaged`]. Blocking.
     pub(crate) fn read(&self, prefix: [u8; 8], pointer: &Pointer) -> io::Result<FrameRead> {
         if let Some(batch) = self.tail.lock().get(prefix, pointer) {
             return Ok(FrameRead::Batch(batch));
         }
         let key = (prefix, pointer.segment);
+        let path = self.partition_dir(prefix).join(file_name(pointer.segment));
         let cached = self.open.lock().get(&key).cloned();
         let file = if let Some(file) = cached {
             file
         } else {
-            let path = self.partition_dir(prefix).join(file_name(pointer.segment));
             let file = match File::open(&path) {
                 Ok(f) => Arc::new(f),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(FrameRead::Gone),
@@ -667,10 +708,16 @@ impl Segments {
             open.insert(key, Arc::clone(&file));
             file
         };
-        Ok(match read_frame(&file, pointer.position, pointer.len)? {
-            Some(batch) => FrameRead::Batch(batch),
-            None => FrameRead::Damaged,
-        })
+        match read_frame(&file, pointer.position, pointer.len)? {
+            Some(batch) if batch.get(..batch::HEADER_LEN) == Some(&pointer.header[..]) => {
+                Ok(FrameRead::Batch(batch))
+            }
+            _ if still_named(&file, &path)? => Ok(FrameRead::Damaged),
+            _ => {
+                self.open.lock().remove(&key);
+                Ok(FrameRead::Gone)
+            }
+        }
     }
 
     /// Forgets open files of the partition `prefix` (some of its segments were deleted).
@@ -741,6 +788,42 @@ mod tests {
             let read = read_frame(&file, f.position, f.batch.len() as u32).expect("read");
             assert_eq!(read.as_deref(), Some(f.batch.as_slice()));
         }
+    }
+
+    /// A reader that opened a segment before retention recycled it (the open file now
+    /// written over as a newer segment) reads the old pointer as gone, never as the newer
+    /// batch of the same length at the same position; the newer batch reads back.
+    #[test]
+    fn a_pointer_into_a_recycled_segment_reads_as_gone() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let segments = Segments::new(root.path().to_path_buf(), 0);
+        let prefix = [0, 0, 0, 1, 0, 0, 0, 0];
+        let dir = segments.partition_dir(prefix);
+        std::fs::create_dir_all(&dir).expect("creates");
+        let mut w = SegmentWriter::create(&dir, 0, true).expect("create");
+        let old = sealed(0, 3, 2000);
+        let position = w.append(&old).expect("append");
+        w.write().expect("write");
+        w.sync().expect("sync");
+        let stale = Pointer::new(0, position, &old).expect("pointer");
+        // Keeps the file open in the readers' cache.
+        assert!(matches!(segments.read(prefix, &stale), Ok(FrameRead::Batch(b)) if b == old));
+        drop(w);
+        std::fs::rename(dir.join(file_name(0)), dir.join(SPARE_NAME)).expect("spare");
+        let mut w = SegmentWriter::create(&dir, 100, true).expect("create");
+        assert!(!dir.join(SPARE_NAME).exists(), "the spare was used");
+        let new = sealed(100, 3, 2000);
+        assert_eq!(new.len(), old.len());
+        assert_eq!(w.append(&new).expect("append"), position);
+        w.write().expect("write");
+        w.sync().expect("sync");
+        match segments.read(prefix, &stale).expect("reads") {
+            FrameRead::Gone => {}
+            FrameRead::Batch(b) => panic!("the old pointer read a batch of {} bytes", b.len()),
+            FrameRead::Damaged => panic!("the old pointer read as damaged"),
+        }
+        let fresh = Pointer::new(100, position, &new).expect("pointer");
+        assert!(matches!(segments.read(prefix, &fresh), Ok(FrameRead::Batch(b)) if b == new));
     }
 
     #[test]

@@ -393,6 +393,84 @@ async fn retention_and_topic_deletion_delete_segment_files() {
     assert!(!seg_dir.exists(), "the deleted topic's segments are gone");
 }
 
+/// Retention keeps the first segment it deletes as the partition's spare, and the next
+/// segment is written over it: every record reads back before and after a restart, and a
+/// read through a pointer taken before the cut, into the file now written over, gets
+/// missing offsets, never the records written there since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_recycles_a_deleted_segment_as_the_next_one() {
+    use std::os::unix::fs::MetadataExt;
+    let options = LogOptions {
+        tail_cache_bytes: 0,
+        ..segment_store(1024 * 1024)
+    };
+    let (dir, log) = log_with_topic(&options, "t", 1).await;
+    // Each request (one batch of 10 × 120 KiB) starts a segment.
+    produce_requests(&log, "t", 4, 120 * 1024).await;
+    let p = log.topic("t").expect("topic").partition(0).expect("p0");
+    let stale = {
+        let guard = log.shared.records.prefix(p.prefix).next().expect("a batch");
+        let (_, value) = guard.into_inner().expect("reads");
+        segment::Pointer::decode(&value).expect("a pointer")
+    };
+    assert_eq!((stale.segment, stale.position), (0, 0));
+    let seg_dir = segment_dir(&log, "t");
+    let inode = |name: &str| std::fs::metadata(seg_dir.join(name)).map(|m| m.ino());
+    let first = inode(&segment::file_name(0)).expect("segment 0");
+    log.truncate(Arc::clone(&p), 25).await.expect("truncates");
+    assert_eq!(segment_files(&log, "t"), vec![20, 30]);
+    assert_eq!(
+        inode(segment::SPARE_NAME).expect("a spare"),
+        first,
+        "segment 0 is the spare"
+    );
+    let segment_bytes: u64 = [20, 30, 0]
+        .iter()
+        .map(|b| {
+            let name = if *b == 0 {
+                segment::SPARE_NAME.to_owned()
+            } else {
+                segment::file_name(*b)
+            };
+            std::fs::metadata(seg_dir.join(name)).expect("exists").len()
+        })
+        .sum();
+    assert_eq!(
+        log.disk_space().expect("disk space"),
+        log.shared.db.disk_space().expect("database size") + segment_bytes,
+        "disk space counts the spare"
+    );
+    // Same sizes as before: offset 40's frame lands where offset 0's was.
+    for i in 4..6u8 {
+        let records = (0..10).map(|_| filled(i, 120 * 1024)).collect();
+        crate::produce::produce(&log, "t", Some(0), records)
+            .await
+            .expect("produced");
+    }
+    assert_eq!(segment_files(&log, "t"), vec![20, 30, 40, 50]);
+    assert_eq!(
+        inode(&segment::file_name(40)).expect("segment 40"),
+        first,
+        "segment 40 was written over the spare"
+    );
+    assert!(inode(segment::SPARE_NAME).is_err(), "the spare was used");
+    assert!(
+        matches!(
+            log.shared.segments.read(p.prefix, &stale),
+            Ok(segment::FrameRead::Gone)
+        ),
+        "a pointer into the recycled file reads as gone"
+    );
+    let expected: Vec<(u64, u8)> = (25..60).map(|o| (o, (o / 10) as u8)).collect();
+    assert_eq!(read_firsts(&log, "t", 25).expect("reads"), expected);
+    log.close().await.expect("closes");
+    drop(log);
+    let log = Log::open(dir.path(), &options).expect("reopens");
+    assert_eq!(read_firsts(&log, "t", 25).expect("reads"), expected);
+    produce_requests(&log, "t", 1, 100).await;
+    assert_eq!(read_firsts(&log, "t", 59).expect("reads").len(), 11);
+}
+
 /// A segment file that is gone reads as missing offsets (DATA_LOSS), never as other
 /// records; a damaged frame as a corrupt batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

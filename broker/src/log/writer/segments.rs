@@ -1,7 +1,8 @@
 //! The writer's side of the segment store (`docs/record-store.md`): appending each sealed
 //! batch as a frame of its partition's segment, writing and syncing the round's segments
 //! before the pointers are committed, and deleting segment files that truncation or
-//! retention emptied.
+//! retention emptied (retention keeps one per partition as a spare, written over as the
+//! partition's next segment).
 
 use std::collections::hash_map::Entry;
 
@@ -230,7 +231,9 @@ impl Writer {
 
     /// After retention cut `partition`'s head at the batch starting at `head`: deletes
     /// every segment whose successor starts at or below `head` (all its frames are
-    /// below the head). The newest segment is never deleted.
+    /// below the head). The newest segment is never deleted. The first one deleted becomes
+    /// the partition's spare ([`segment::SPARE_NAME`]) unless it has one: its next segment
+    /// is written over it.
     pub(super) fn delete_segments_below(&self, partition: &Partition, head: u64) {
         let segments = &self.shared.segments;
         let dir = segments.partition_dir(partition.prefix);
@@ -242,9 +245,16 @@ impl Writer {
             }
         };
         let mut deleted = false;
+        let spare = dir.join(segment::SPARE_NAME);
         for pair in bases.windows(2) {
             if pair[1] <= head {
-                remove_segment(&dir.join(segment::file_name(pair[0])));
+                let path = dir.join(segment::file_name(pair[0]));
+                if !spare.exists()
+                    && let Err(error) = std::fs::rename(&path, &spare)
+                {
+                    tracing::warn!(path = %path.display(), %error, "cannot keep a deleted segment as the partition's spare");
+                }
+                remove_segment(&path);
                 deleted = true;
             }
         }
