@@ -261,6 +261,7 @@ impl RaftLogStorage<C> for LogStore {
         let vote = *vote;
         blocking(move || {
             store.put_json_synced(b"v", &vote)?;
+            seal(&store.ks);
             store.marks.update(|m| m.vote = Some(vote))
         })
         .await
@@ -287,13 +288,16 @@ impl RaftLogStorage<C> for LogStore {
         // Written here, so the entries can be read once this returns; fsynced in the
         // background (then the marks), and openraft told when it is done.
         batch.commit().map_err(io_err)?;
-        let db = self.db.clone();
+        let (db, ks) = (self.db.clone(), self.ks.clone());
         let marks = Arc::clone(&self.marks);
         tokio::task::spawn_blocking(move || {
             let done = db
                 .persist(PersistMode::SyncData)
                 .map_err(io_err)
-                .and_then(|()| marks.update(|m| m.last_index = m.last_index.max(last)));
+                .and_then(|()| {
+                    seal(&ks);
+                    marks.update(|m| m.last_index = m.last_index.max(last))
+                });
             callback.io_completed(done);
         });
         Ok(())
@@ -323,6 +327,20 @@ impl RaftLogStorage<C> for LogStore {
             batch.remove(&self.ks, guard.key().map_err(io_err)?);
         }
         batch.commit().map_err(io_err)
+    }
+}
+
+/// Moves the keyspace's memtable out of the way after a metadata write (fjall's
+/// `rotate_memtable`: flushed to a table in the background), so that the metadata group's
+/// vote, entries and state do not stay in the journal alone. The records the broker writes
+/// go on in the journal, and with the segment store nothing else may flush this keyspace
+/// for as long as the broker runs: a journal that then lost its tail after a crash took
+/// the metadata with it (the vote comes back from the marks; lost entries of a broker
+/// without peers never did). Metadata writes are rare (admin calls, registrations), so a
+/// small table each is cheap. Failure is logged: the write is fsynced either way.
+fn seal(ks: &Keyspace) {
+    if let Err(error) = ks.rotate_memtable() {
+        tracing::warn!(%error, "cannot move the metadata group's state out of the journal into a table");
     }
 }
 
@@ -387,7 +405,9 @@ impl StateMachine {
         let (db, ks) = (self.db.clone(), self.ks.clone());
         blocking(move || {
             ks.insert(b"s", bytes).map_err(io_err)?;
-            db.persist(PersistMode::SyncData).map_err(io_err)
+            db.persist(PersistMode::SyncData).map_err(io_err)?;
+            seal(&ks);
+            Ok(())
         })
         .await
     }

@@ -62,6 +62,7 @@ impl Writer {
             .topics
             .write()
             .insert(name.to_owned(), Arc::clone(&topic));
+        self.seal_metadata();
         tracing::info!(
             topic = name,
             partitions = config.partitions,
@@ -107,6 +108,7 @@ impl Writer {
             .map_err(Error::Commit)?;
         topic.partitions.write().extend(added);
         *topic.config.write() = config;
+        self.seal_metadata();
         tracing::info!(
             topic = name,
             partitions = config.partitions,
@@ -215,11 +217,26 @@ impl Writer {
             wb.remove(&self.shared.meta, p.meta_key());
         }
         wb.commit().map_err(Error::Commit)?;
+        self.seal_metadata();
         for p in &partitions {
             self.remove_partition_segments(p);
         }
         tracing::info!(topic = name, "topic deleted");
         Ok(())
+    }
+
+    /// Moves the metadata keyspace's memtable out of the way after a topic's settings
+    /// changed (fjall's `rotate_memtable`: the journal moves to a new file and the memtable
+    /// is flushed to a table in the background), so that a later loss of the newest
+    /// journal's tail cannot take the change with it. With the segment store the records
+    /// keyspace holds only pointers and rarely fills a memtable, so without this a topic's
+    /// creation could stay in the newest journal for as long as the broker runs, and a
+    /// journal cut short after a crash lost the topic itself (`crash_safety.rs`). Failure
+    /// is logged: the change is committed and fsynced either way.
+    fn seal_metadata(&self) {
+        if let Err(error) = self.shared.meta.rotate_memtable() {
+            tracing::warn!(%error, "cannot move topic metadata out of the journal into a table");
+        }
     }
 
     /// A fsynced batch that stores the topic's settings and empty counters for `new`
