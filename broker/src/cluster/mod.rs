@@ -242,7 +242,10 @@ impl Cluster {
     pub async fn open(log: Arc<Log>, options: ClusterOptions) -> Result<Arc<Self>, Error> {
         let ks = log.keyspace("raft")?;
         let db = log.database();
-        let mut log_store = store::LogStore::new(db.clone(), ks.clone(), log.dir())
+        // A broker without peers has no leader to take lost metadata entries from: it
+        // keeps the metadata group's state in tables (`store::seal`).
+        let alone = options.peers.keys().all(|id| *id == options.node_id);
+        let mut log_store = store::LogStore::new(db.clone(), ks.clone(), log.dir(), alone)
             .map_err(|e| Error::Storage(e.to_string()))?;
         // Before anything reads the log: a vote that went back is restored here (so a
         // damaged broker does not take itself for a new one).
@@ -259,6 +262,7 @@ impl Cluster {
             Arc::clone(&log),
             options.node_id,
             Arc::clone(&replicas),
+            alone,
         )?;
         let config = openraft::Config {
             cluster_name: "weir-metadata".into(),

@@ -150,14 +150,19 @@ pub struct LogStore {
     db: Database,
     ks: Keyspace,
     marks: Arc<MarksFile>,
+    /// Whether each write is also flushed to a table ([`seal`]): on a broker without
+    /// peers, which has no leader to take lost entries again from.
+    seal: bool,
 }
 
 impl LogStore {
-    /// The log in keyspace `ks` of `db`, its marks in `dir`.
-    pub(crate) fn new(db: Database, ks: Keyspace, dir: &Path) -> io::Result<Self> {
+    /// The log in keyspace `ks` of `db`, its marks in `dir`; with `seal` (a broker without
+    /// peers) the vote and entries are flushed to tables after each write ([`seal`]).
+    pub(crate) fn new(db: Database, ks: Keyspace, dir: &Path, seal: bool) -> io::Result<Self> {
         Ok(Self {
             db,
             ks,
+            seal,
             marks: Arc::new(MarksFile::open(dir)?),
         })
     }
@@ -261,7 +266,9 @@ impl RaftLogStorage<C> for LogStore {
         let vote = *vote;
         blocking(move || {
             store.put_json_synced(b"v", &vote)?;
-            seal(&store.ks);
+            if store.seal {
+                seal(&store.ks);
+            }
             store.marks.update(|m| m.vote = Some(vote))
         })
         .await
@@ -288,14 +295,16 @@ impl RaftLogStorage<C> for LogStore {
         // Written here, so the entries can be read once this returns; fsynced in the
         // background (then the marks), and openraft told when it is done.
         batch.commit().map_err(io_err)?;
-        let (db, ks) = (self.db.clone(), self.ks.clone());
+        let (db, ks) = (self.db.clone(), self.seal.then(|| self.ks.clone()));
         let marks = Arc::clone(&self.marks);
         tokio::task::spawn_blocking(move || {
             let done = db
                 .persist(PersistMode::SyncData)
                 .map_err(io_err)
                 .and_then(|()| {
-                    seal(&ks);
+                    if let Some(ks) = &ks {
+                        seal(ks);
+                    }
                     marks.update(|m| m.last_index = m.last_index.max(last))
                 });
             callback.io_completed(done);
@@ -332,12 +341,14 @@ impl RaftLogStorage<C> for LogStore {
 
 /// Moves the keyspace's memtable out of the way after a metadata write (fjall's
 /// `rotate_memtable`: flushed to a table in the background), so that the metadata group's
-/// vote, entries and state do not stay in the journal alone. The records the broker writes
-/// go on in the journal, and with the segment store nothing else may flush this keyspace
-/// for as long as the broker runs: a journal that then lost its tail after a crash took
-/// the metadata with it (the vote comes back from the marks; lost entries of a broker
-/// without peers never did). Metadata writes are rare (admin calls, registrations), so a
-/// small table each is cheap. Failure is logged: the write is fsynced either way.
+/// vote, entries and state do not stay in the journal alone. With the segment store
+/// nothing else may flush this keyspace for as long as the broker runs, and a journal that
+/// lost its tail after a crash took the metadata with it: the vote comes back from the
+/// marks, and lost entries from the leader ([`LogStore::check_marks`]), but a broker
+/// without peers has no leader to take them from and waited for one forever. Done on such
+/// brokers only: in a cluster the leader has the entries (and `cluster.rs` damages a
+/// journal to test that path). Metadata writes are rare (admin calls), so a small table
+/// each is cheap. Failure is logged: the write is fsynced either way.
 fn seal(ks: &Keyspace) {
     if let Err(error) = ks.rotate_memtable() {
         tracing::warn!(%error, "cannot move the metadata group's state out of the journal into a table");
@@ -366,16 +377,20 @@ pub struct StateMachine {
     log: Arc<Log>,
     me: BrokerId,
     replicas: Arc<crate::replica::Replicas>,
+    /// Whether each write of the state is also flushed to a table ([`seal`]).
+    seal: bool,
 }
 
 impl StateMachine {
-    /// Loads the stored state machine (empty when none).
+    /// Loads the stored state machine (empty when none); with `seal` (a broker without
+    /// peers) each write of it is flushed to a table ([`seal`]).
     pub(crate) fn open(
         db: Database,
         ks: Keyspace,
         log: Arc<Log>,
         me: BrokerId,
         replicas: Arc<crate::replica::Replicas>,
+        seal: bool,
     ) -> io::Result<(Self, AppliedState)> {
         let stored: Stored = match ks.get(b"s").map_err(io_err)? {
             Some(v) => from_json(&v)?,
@@ -395,6 +410,7 @@ impl StateMachine {
                 log,
                 me,
                 replicas,
+                seal,
             },
             rx,
         ))
@@ -402,11 +418,13 @@ impl StateMachine {
 
     async fn persist(&self) -> io::Result<()> {
         let bytes = to_json(&self.stored)?;
-        let (db, ks) = (self.db.clone(), self.ks.clone());
+        let (db, ks, sealed) = (self.db.clone(), self.ks.clone(), self.seal);
         blocking(move || {
             ks.insert(b"s", bytes).map_err(io_err)?;
             db.persist(PersistMode::SyncData).map_err(io_err)?;
-            seal(&ks);
+            if sealed {
+                seal(&ks);
+            }
             Ok(())
         })
         .await
