@@ -691,12 +691,12 @@ impl Segments {
             return Ok(FrameRead::Batch(batch));
         }
         let key = (prefix, pointer.segment);
-        let path = self.partition_dir(prefix).join(file_name(pointer.segment));
+        let path = || self.partition_dir(prefix).join(file_name(pointer.segment));
         let cached = self.open.lock().get(&key).cloned();
         let file = if let Some(file) = cached {
             file
         } else {
-            let file = match File::open(&path) {
+            let file = match File::open(path()) {
                 Ok(f) => Arc::new(f),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(FrameRead::Gone),
                 Err(e) => return Err(e),
@@ -712,7 +712,7 @@ impl Segments {
             Some(batch) if batch.get(..batch::HEADER_LEN) == Some(&pointer.header[..]) => {
                 Ok(FrameRead::Batch(batch))
             }
-            _ if still_named(&file, &path)? => Ok(FrameRead::Damaged),
+            _ if still_named(&file, &path())? => Ok(FrameRead::Damaged),
             _ => {
                 self.open.lock().remove(&key);
                 Ok(FrameRead::Gone)
