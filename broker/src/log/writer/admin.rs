@@ -226,11 +226,11 @@ impl Writer {
     }
 
     /// Moves the metadata keyspace's memtable out of the way after a topic's settings
-    /// changed (fjall's `rotate_memtable`: the journal moves to a new file and the memtable
-    /// is flushed to a table in the background), so that a later loss of the newest
-    /// journal's tail cannot take the change with it. With the segment store the records
+    /// changed (fjall's `rotate_memtable`: the memtable is sealed and flushed to a table in
+    /// the background; the journal file goes on), so that a later loss of the journal's
+    /// tail cannot take the change with it. With the segment store the records
     /// keyspace holds only pointers and rarely fills a memtable, so without this a topic's
-    /// creation could stay in the newest journal for as long as the broker runs, and a
+    /// creation could stay in the journal alone for as long as the broker runs, and a
     /// journal cut short after a crash lost the topic itself (`crash_safety.rs`). Failure
     /// is logged: the change is committed and fsynced either way.
     fn seal_metadata(&self) {
