@@ -94,13 +94,17 @@ fn bench_produce_consume_and_end_to_end_report_what_they_did() -> anyhow::Result
             "ordered",
         ],
     )?;
-    assert_eq!(count(&e2e, "sent"), 4_000, "{e2e}");
-    assert_eq!(count(&e2e, "received"), 4_000, "{e2e}");
+    // 2,000 msg/s for 2 s; sends stop at the deadline when the broker fell behind (its
+    // stream window full: a disk stall of a few hundred ms on this machine sent 3,500), so
+    // the count is at most the rate's, and every message sent is received.
+    let sent = count(&e2e, "sent");
+    assert!((2_000..=4_000).contains(&sent), "sent {sent}: {e2e}");
+    assert_eq!(count(&e2e, "received"), sent, "{e2e}");
     // The first second's messages are received but not measured: about half of them.
     let measured = count(&e2e, "measured");
     assert!(
-        (1_000..=3_000).contains(&measured),
-        "--warmup 1s of 2s measured {measured} of 4000: {e2e}"
+        (sent / 4..=sent * 3 / 4).contains(&measured),
+        "--warmup 1s of 2s measured {measured} of {sent}: {e2e}"
     );
     let p50 = number(&e2e, "latencyP50Ms");
     let p99 = number(&e2e, "latencyP99Ms");
