@@ -546,8 +546,12 @@ impl Replicas {
     }
 
     /// Reports each time this broker's replica becomes its group's leader.
+    ///
+    /// Watches openraft's server metrics (vote, state, leader, membership), which change
+    /// only with them: its full metrics are sent after every turn of the Raft core's loop,
+    /// several times per entry, and a watcher of those would be woken as often.
     fn watch_leadership(&self, replica: &Arc<Replica>, index: u32) {
-        let mut metrics = replica.raft.metrics();
+        let mut metrics = replica.raft.server_metrics();
         let tx = self.leaders.clone();
         let stats = Arc::clone(&self.stats);
         let (me, topic) = (self.me, replica.topic.clone());
@@ -556,7 +560,7 @@ impl Replicas {
             loop {
                 let (leader, term) = {
                     let m = metrics.borrow_watched();
-                    (m.current_leader, m.current_term)
+                    (m.current_leader, m.vote.leader_id.term)
                 };
                 if leader == Some(me) && reported != Some(term) {
                     reported = Some(term);
@@ -899,13 +903,13 @@ impl Replicas {
     }
 
     /// The leader this broker's replica of `topic`/`partition` knows and that leader's term
-    /// (openraft's `current_leader` and `current_term`); `None` when this broker has no
+    /// (openraft's `current_leader` and its stored vote's term); `None` when this broker has no
     /// replica of it or the replica knows no leader (an election is under way).
     pub fn known_leader(&self, topic: &str, partition: u32) -> Option<(u64, u64)> {
         let replica = self.of(topic, partition)?;
-        let metrics = replica.raft.metrics();
+        let metrics = replica.raft.server_metrics();
         let m = metrics.borrow_watched();
-        Some((m.current_leader?, m.current_term))
+        Some((m.current_leader?, m.vote.leader_id.term))
     }
 
     /// This broker's replica of partition `partition` of topic `topic`, if it has one.
@@ -933,7 +937,7 @@ impl Replicas {
 impl log::Replicator for Replicas {
     fn leads(&self, partition: &Partition) -> bool {
         self.replica_of(partition).is_some_and(|r| {
-            let m = r.raft.metrics();
+            let m = r.raft.server_metrics();
             let m = m.borrow_watched();
             m.current_leader == Some(m.id)
         })
