@@ -381,3 +381,71 @@ async fn a_work_queue_is_emptied_on_every_leader() -> anyhow::Result<()> {
     assert_eq!(admin.describe_topic("jobs").await?.messages, 1);
     Ok(())
 }
+
+/// A group reading at the end of a partition another broker leads gets each new record
+/// with one fetch at the leader: the coordinator's long-polling fetch brings the records,
+/// and the group's read of them is answered from it (`cluster/remote.rs`), not by a
+/// second fetch (two per record before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_at_the_end_of_a_partition_led_elsewhere_reads_each_record_with_one_fetch()
+-> anyhow::Result<()> {
+    let brokers = Broker::start_cluster(3, &[])?;
+    let admin = brokers[0].client_through().await?;
+    admin.create_topic("tail", &TopicConfig::new(3)).await?;
+    let member = admin
+        .join(
+            "readers",
+            Some(&GroupConfig::new("tail", GroupType::Shared)),
+        )
+        .await?;
+    let coordinator = admin
+        .metadata()
+        .await?
+        .groups
+        .iter()
+        .find(|g| g.group == "readers")
+        .map(|g| g.coordinator)
+        .ok_or_else(|| anyhow::anyhow!("the group has no coordinator"))?;
+    let leader_of = leaders(&admin, "tail").await?;
+    let (partition, leader) = leader_of
+        .iter()
+        .enumerate()
+        .find(|(_, l)| **l != coordinator)
+        .map(|(p, l)| (u32::try_from(p).unwrap_or(0), *l))
+        .ok_or_else(|| anyhow::anyhow!("every partition is led by the coordinator"))?;
+    let leader = &brokers[usize::try_from(leader)?];
+    let producer = brokers[0].client().await?;
+    // One record, read and acked, until the group reads at the end.
+    let produce_one = async |i: usize| -> anyhow::Result<()> {
+        producer
+            .produce(
+                "tail",
+                Some(partition),
+                vec![Record::value(format!("record {i}"))],
+            )
+            .await?;
+        let got = drain(&member, 1).await?;
+        assert_eq!(got.len(), 1, "record {i} delivered");
+        assert_eq!(got[0].record.text(), format!("record {i}"));
+        Ok(())
+    };
+    for i in 0..5 {
+        produce_one(i).await?;
+    }
+    let before = leader.metric("weir_fetch_requests_total")?;
+    let records = 30;
+    for i in 5..5 + records {
+        produce_one(i).await?;
+    }
+    let fetches = leader.metric("weir_fetch_requests_total")? - before;
+    assert!(
+        fetches <= f64::from(records as u32) + 3.0,
+        "{fetches} fetches at the leader of partition {partition} for {records} records \
+         produced one at a time, each read before the next (one each expected)"
+    );
+    assert!(
+        fetches >= f64::from(records as u32) - 1.0,
+        "{fetches} fetches: the leader served the reads"
+    );
+    Ok(())
+}

@@ -5,9 +5,12 @@
 //!
 //! Following a partition: one task per partition led elsewhere that a group here reads. It
 //! asks the leader for the partition's ends (a [`PeerCall::Ends`]), then long-polls a
-//! `Fetch` of one record at the end; each answer carries the leader's earliest and next
-//! offsets, so a group's lag and pulls follow the leader within one round trip of an
-//! append. A task that no group asked about for [`IDLE`] stops.
+//! `Fetch` at the end; each answer carries the leader's earliest and next offsets, so a
+//! group's lag and pulls follow the leader within one round trip of an append. While a
+//! group reads at the end (its last read reached what the follower knew), the fetch takes
+//! the new records too (at most [`TAIL_BYTES`]), and the group's next read of them is
+//! answered from memory instead of a second fetch; otherwise it takes one record, which
+//! only wakes it. A task that no group asked about for [`IDLE`] stops.
 
 use std::{
     collections::HashMap,
@@ -46,6 +49,12 @@ const RETRY_PAUSE: Duration = Duration::from_millis(500);
 const FLOORS_EVERY: Duration = Duration::from_secs(5);
 /// Most bytes one remote read asks for.
 const READ_BYTES: u32 = 4 * 1024 * 1024;
+/// Most bytes of records a follower's fetch takes for groups reading at the end (Kafka's
+/// `max.partition.fetch.bytes` is 1 MiB; a follower keeps one answer per partition).
+const TAIL_BYTES: u32 = 64 * 1024;
+/// A group's read counts as reading at the end for this long: the follower's fetches take
+/// records only while one did (a group that stopped reading would not use them).
+const TAIL_READER: Duration = Duration::from_secs(1);
 
 /// A call between brokers other than Raft's (`weir.v1.Raft/Peer`, JSON).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -197,6 +206,42 @@ struct Followed {
     known: AtomicBool,
     /// When a group last asked (ms since the follower started).
     asked_ms: AtomicU64,
+    /// When a group's read last reached the end the follower knew (ms since the follower
+    /// started, plus one: 0 is never).
+    at_end_ms: AtomicU64,
+    /// The records of the follower's last fetch, until a read takes them.
+    tail: Mutex<Option<Tail>>,
+}
+
+impl Followed {
+    /// Notes that a group's read reached offset `reached` (the offset after its last
+    /// record): at the end the follower knows, the next fetches take records.
+    fn note_read(&self, reached: u64, started: Instant) {
+        if reached >= self.next.load(Ordering::Acquire) {
+            let now = started.elapsed().as_millis() as u64;
+            self.at_end_ms.store(now + 1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Records a follower's fetch brought, in offset order without gaps: committed at the
+/// leader, so an offset's record never changes.
+#[derive(Debug)]
+struct Tail {
+    /// The local id of the topic they belong to ([`Topic::id`]; a topic deleted and created
+    /// again has another).
+    topic_id: u32,
+    records: Vec<StoredRecord>,
+}
+
+impl Tail {
+    /// Up to `max` records from `offset` on, when the tail holds `offset`.
+    fn take(&self, offset: u64, max: usize) -> Option<Vec<StoredRecord>> {
+        let first = self.records.first()?.offset;
+        let at = usize::try_from(offset.checked_sub(first)?).ok()?;
+        let rest = self.records.get(at..).filter(|r| !r.is_empty())?;
+        Some(rest[..rest.len().min(max)].to_vec())
+    }
 }
 
 /// [`Remote`] over this broker's cluster.
@@ -227,6 +272,30 @@ impl GroupsRemote {
 
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// Up to `max` records of `topic` from `offset` on from `f`'s tail, when it holds
+    /// `offset`; a tail read to its end is dropped.
+    fn read_tail(
+        &self,
+        f: &Followed,
+        topic: &str,
+        offset: u64,
+        max: usize,
+    ) -> Option<Vec<StoredRecord>> {
+        let topic_id = self.log.topic(topic).ok()?.id;
+        let records = {
+            let mut tail = f.tail.lock();
+            let kept = tail.as_ref().filter(|t| t.topic_id == topic_id)?;
+            let records = kept.take(offset, max)?;
+            if records.last().map(|r| r.offset) == kept.records.last().map(|r| r.offset) {
+                *tail = None;
+            }
+            records
+        };
+        let reached = records.last().map_or(offset, |r| r.offset + 1);
+        f.note_read(reached, self.started);
+        Some(records)
     }
 
     /// Follows `topic`/`partition` until no group asked for [`IDLE`], the topic is gone
@@ -270,13 +339,19 @@ impl GroupsRemote {
     ) -> Result<bool, RemoteError> {
         let address = self.cluster.leader_address(&topic.name, partition)?;
         let (earliest, next) = if f.known.load(Ordering::Acquire) {
-            let mut client = ConsumerClient::new(self.cluster.channel(&address).map_err(remote)?);
+            let offset = f.next.load(Ordering::Acquire);
+            let at_end = f.at_end_ms.load(Ordering::Relaxed);
+            let records = at_end != 0
+                && self.now_ms().saturating_sub(at_end - 1) < TAIL_READER.as_millis() as u64;
+            let mut client = ConsumerClient::new(self.cluster.channel(&address).map_err(remote)?)
+                .max_decoding_message_size(crate::grpc::MAX_MESSAGE_BYTES);
             let mut request = tonic::Request::new(pb::FetchRequest {
                 topic: topic.name.clone(),
                 partition,
-                offset: f.next.load(Ordering::Acquire),
-                max_bytes: 1,
-                max_records: 1,
+                offset,
+                max_bytes: if records { TAIL_BYTES } else { 1 },
+                // 0: no count limit.
+                max_records: u32::from(!records),
                 max_wait_ms: FOLLOW_WAIT_MS,
             });
             mark_forwarded(&mut request);
@@ -286,6 +361,21 @@ impl GroupsRemote {
                 message: s.message().to_owned(),
             })?;
             let answer = answer.into_inner();
+            if records && answer.records.first().is_some_and(|r| r.offset == offset) {
+                let records = answer
+                    .records
+                    .into_iter()
+                    .map(|r| StoredRecord {
+                        offset: r.offset,
+                        record: crate::grpc::convert::record_from_pb(r.record.unwrap_or_default()),
+                    })
+                    .collect();
+                // Kept before the append signal below wakes the groups that read them.
+                *f.tail.lock() = Some(Tail {
+                    topic_id: topic.id,
+                    records,
+                });
+            }
             (answer.earliest_offset, answer.next_offset)
         } else {
             let call = PeerCall::Ends {
@@ -392,12 +482,23 @@ impl Remote for GroupsRemote {
         offset: u64,
         max: usize,
     ) -> BoxFuture<'static, Result<Vec<StoredRecord>, ReadError>> {
+        let followed = self
+            .followed
+            .lock()
+            .get(&(topic.to_owned(), partition))
+            .cloned();
+        if let Some(f) = &followed
+            && let Some(records) = self.read_tail(f, topic, offset, max)
+        {
+            return Box::pin(std::future::ready(Ok(records)));
+        }
         let address = self.cluster.leader_address(topic, partition);
         let channel = address
             .as_ref()
             .ok()
             .map(|a| self.cluster.channel(a).map_err(remote));
         let topic = topic.to_owned();
+        let started = self.started;
         Box::pin(async move {
             let address = address.map_err(|e| ReadError::Unavailable(e.message))?;
             let channel = channel
@@ -416,15 +517,24 @@ impl Remote for GroupsRemote {
             mark_forwarded(&mut request);
             request.set_timeout(Duration::from_secs(10));
             match client.fetch(request).await {
-                Ok(answer) => Ok(answer
-                    .into_inner()
-                    .records
-                    .into_iter()
-                    .map(|r| StoredRecord {
-                        offset: r.offset,
-                        record: crate::grpc::convert::record_from_pb(r.record.unwrap_or_default()),
-                    })
-                    .collect()),
+                Ok(answer) => {
+                    let records: Vec<StoredRecord> = answer
+                        .into_inner()
+                        .records
+                        .into_iter()
+                        .map(|r| StoredRecord {
+                            offset: r.offset,
+                            record: crate::grpc::convert::record_from_pb(
+                                r.record.unwrap_or_default(),
+                            ),
+                        })
+                        .collect();
+                    if let Some(f) = followed {
+                        let reached = records.last().map_or(offset, |r| r.offset + 1);
+                        f.note_read(reached, started);
+                    }
+                    Ok(records)
+                }
                 Err(s) => {
                     let why = format!("leader at {address}: {}", s.message());
                     Err(match s.code() {
@@ -675,5 +785,52 @@ impl Remote for GroupsRemote {
                 .await
                 .map_err(|e| replica_error(&e))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn tail(from: u64, n: u64) -> Tail {
+        Tail {
+            topic_id: 7,
+            records: (from..from + n)
+                .map(|offset| StoredRecord {
+                    offset,
+                    record: Record {
+                        key: None,
+                        value: Bytes::from(offset.to_string()),
+                        headers: Vec::new(),
+                        timestamp_ms: 1,
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    fn offsets(records: Option<Vec<StoredRecord>>) -> Option<Vec<u64>> {
+        records.map(|r| r.iter().map(|r| r.offset).collect())
+    }
+
+    #[test]
+    fn a_tail_answers_only_for_offsets_it_holds() {
+        let t = tail(10, 4);
+        assert_eq!(offsets(t.take(10, 100)), Some(vec![10, 11, 12, 13]));
+        assert_eq!(offsets(t.take(12, 100)), Some(vec![12, 13]));
+        assert_eq!(offsets(t.take(11, 2)), Some(vec![11, 12]), "at most max");
+        assert_eq!(offsets(t.take(9, 100)), None, "before the tail: a fetch");
+        assert_eq!(offsets(t.take(14, 100)), None, "past the tail: a fetch");
+        assert_eq!(offsets(tail(10, 0).take(10, 100)), None, "empty");
+        let values = t
+            .take(13, 1)
+            .map(|r| r.into_iter().map(|r| r.record.value).collect::<Vec<_>>());
+        assert_eq!(
+            values,
+            Some(vec![Bytes::from("13")]),
+            "each offset's own record"
+        );
     }
 }
