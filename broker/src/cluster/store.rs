@@ -350,9 +350,7 @@ impl RaftLogStorage<C> for LogStore {
 /// journal to test that path). Metadata writes are rare (admin calls), so a small table
 /// each is cheap. Failure is logged: the write is fsynced either way.
 fn seal(ks: &Keyspace) {
-    if let Err(error) = ks.rotate_memtable() {
-        tracing::warn!(%error, "cannot move the metadata group's state out of the journal into a table");
-    }
+    crate::log::seal_to_table(ks, "the metadata group's state");
 }
 
 /// The applied state as the state machine publishes it: (index applied, state).

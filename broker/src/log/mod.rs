@@ -957,6 +957,17 @@ pub(crate) fn relaxed_add(counter: &std::sync::atomic::AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
 
+/// Seals `keyspace`'s memtable after a rare write (fjall's `rotate_memtable`: the memtable
+/// is flushed to a table in the background; the journal file goes on), so that the write
+/// does not stay in the journal alone, where a journal cut short after a crash would take
+/// it. Failure is logged with `what` (the keyspace's contents): the write was fsynced
+/// either way.
+pub(crate) fn seal_to_table(keyspace: &fjall::Keyspace, what: &str) {
+    if let Err(error) = keyspace.rotate_memtable() {
+        tracing::warn!(%error, "cannot move {what} out of the journal into a table");
+    }
+}
+
 /// Opens fjall in `dir`; when it refuses because of damaged files, salvages the data
 /// directory ([`salvage`]) and opens again. Returns what salvage moved aside.
 fn open_database(

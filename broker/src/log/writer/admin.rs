@@ -234,9 +234,7 @@ impl Writer {
     /// journal cut short after a crash lost the topic itself (`crash_safety.rs`). Failure
     /// is logged: the change is committed and fsynced either way.
     fn seal_metadata(&self) {
-        if let Err(error) = self.shared.meta.rotate_memtable() {
-            tracing::warn!(%error, "cannot move topic metadata out of the journal into a table");
-        }
+        crate::log::seal_to_table(&self.shared.meta, "topic metadata");
     }
 
     /// A fsynced batch that stores the topic's settings and empty counters for `new`
