@@ -235,12 +235,16 @@ struct Tail {
 }
 
 impl Tail {
-    /// Up to `max` records from `offset` on, when the tail holds `offset`.
+    /// Up to `max` records from `offset` on, when `offset` is within the tail (offsets may
+    /// skip a range whose loss was accepted at the leader: the records after it come next).
     fn take(&self, offset: u64, max: usize) -> Option<Vec<StoredRecord>> {
-        let first = self.records.first()?.offset;
-        let at = usize::try_from(offset.checked_sub(first)?).ok()?;
-        let rest = self.records.get(at..).filter(|r| !r.is_empty())?;
-        Some(rest[..rest.len().min(max)].to_vec())
+        let (first, last) = (self.records.first()?.offset, self.records.last()?.offset);
+        if offset < first || offset > last {
+            return None;
+        }
+        let at = self.records.partition_point(|r| r.offset < offset);
+        let rest = self.records.get(at..)?;
+        Some(rest.iter().take(max).cloned().collect())
     }
 }
 
@@ -361,22 +365,18 @@ impl GroupsRemote {
                 message: s.message().to_owned(),
             })?;
             let answer = answer.into_inner();
+            let ends = (answer.earliest_offset, answer.next_offset);
             if records && answer.records.first().is_some_and(|r| r.offset == offset) {
-                let records = answer
-                    .records
-                    .into_iter()
-                    .map(|r| StoredRecord {
-                        offset: r.offset,
-                        record: crate::grpc::convert::record_from_pb(r.record.unwrap_or_default()),
-                    })
-                    .collect();
-                // Kept before the append signal below wakes the groups that read them.
-                *f.tail.lock() = Some(Tail {
-                    topic_id: topic.id,
-                    records,
-                });
+                // Kept before the append signal below wakes the groups that read them; a
+                // malformed answer is not kept (the groups' reads fetch and report it).
+                if let Ok(records) = stored_records(answer.records) {
+                    *f.tail.lock() = Some(Tail {
+                        topic_id: topic.id,
+                        records,
+                    });
+                }
             }
-            (answer.earliest_offset, answer.next_offset)
+            ends
         } else {
             let call = PeerCall::Ends {
                 topic: topic.name.clone(),
@@ -403,6 +403,24 @@ impl GroupsRemote {
         }
         Ok(changed && next > before.1)
     }
+}
+
+/// The records of a leader's `Fetch` answer; a record without its body (a malformed
+/// answer) is an error that names its offset.
+fn stored_records(records: Vec<pb::StoredRecord>) -> Result<Vec<StoredRecord>, String> {
+    records
+        .into_iter()
+        .map(|r| match r.record {
+            Some(record) => Ok(StoredRecord {
+                offset: r.offset,
+                record: crate::grpc::convert::record_from_pb(record),
+            }),
+            None => Err(format!(
+                "the leader answered offset {} without its record",
+                r.offset
+            )),
+        })
+        .collect()
 }
 
 /// Marks `request` as forwarded, so the leader serves it itself.
@@ -518,17 +536,9 @@ impl Remote for GroupsRemote {
             request.set_timeout(Duration::from_secs(10));
             match client.fetch(request).await {
                 Ok(answer) => {
-                    let records: Vec<StoredRecord> = answer
-                        .into_inner()
-                        .records
-                        .into_iter()
-                        .map(|r| StoredRecord {
-                            offset: r.offset,
-                            record: crate::grpc::convert::record_from_pb(
-                                r.record.unwrap_or_default(),
-                            ),
-                        })
-                        .collect();
+                    let records = stored_records(answer.into_inner().records).map_err(|why| {
+                        ReadError::Unavailable(format!("leader at {address}: {why}"))
+                    })?;
                     if let Some(f) = followed {
                         let reached = records.last().map_or(offset, |r| r.offset + 1);
                         f.note_read(reached, started);
@@ -824,6 +834,16 @@ mod tests {
         assert_eq!(offsets(t.take(9, 100)), None, "before the tail: a fetch");
         assert_eq!(offsets(t.take(14, 100)), None, "past the tail: a fetch");
         assert_eq!(offsets(tail(10, 0).take(10, 100)), None, "empty");
+        // Offsets 12..15 lost and the loss accepted at the leader: reads step over them.
+        let mut gap = tail(10, 2);
+        gap.records.extend(tail(15, 2).records);
+        assert_eq!(
+            offsets(gap.take(13, 100)),
+            Some(vec![15, 16]),
+            "nothing skipped"
+        );
+        assert_eq!(offsets(gap.take(12, 1)), Some(vec![15]));
+        assert_eq!(offsets(gap.take(11, 2)), Some(vec![11, 15]));
         let values = t
             .take(13, 1)
             .map(|r| r.into_iter().map(|r| r.record.value).collect::<Vec<_>>());
