@@ -345,7 +345,7 @@ impl GroupsRemote {
         let (earliest, next) = if f.known.load(Ordering::Acquire) {
             let offset = f.next.load(Ordering::Acquire);
             let at_end = f.at_end_ms.load(Ordering::Relaxed);
-            let records = at_end != 0
+            let take_records = at_end != 0
                 && self.now_ms().saturating_sub(at_end - 1) < TAIL_READER.as_millis() as u64;
             let mut client = ConsumerClient::new(self.cluster.channel(&address).map_err(remote)?)
                 .max_decoding_message_size(crate::grpc::MAX_MESSAGE_BYTES);
@@ -353,9 +353,9 @@ impl GroupsRemote {
                 topic: topic.name.clone(),
                 partition,
                 offset,
-                max_bytes: if records { TAIL_BYTES } else { 1 },
+                max_bytes: if take_records { TAIL_BYTES } else { 1 },
                 // 0: no count limit.
-                max_records: u32::from(!records),
+                max_records: u32::from(!take_records),
                 max_wait_ms: FOLLOW_WAIT_MS,
             });
             mark_forwarded(&mut request);
@@ -366,7 +366,7 @@ impl GroupsRemote {
             })?;
             let answer = answer.into_inner();
             let ends = (answer.earliest_offset, answer.next_offset);
-            if records && answer.records.first().is_some_and(|r| r.offset == offset) {
+            if take_records && answer.records.first().is_some_and(|r| r.offset == offset) {
                 // Kept before the append signal below wakes the groups that read them; a
                 // malformed answer is not kept (the groups' reads fetch and report it).
                 if let Ok(records) = stored_records(answer.records) {
