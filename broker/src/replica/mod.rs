@@ -1409,6 +1409,90 @@ mod tests {
         }
     }
 
+    /// The index of the last applied entry in the state machine state stored for
+    /// `replica`'s group (what a restart starts applying after), once the writer's queue
+    /// has been committed.
+    async fn stored_applied_index(log: &Log, replica: &Replica) -> Option<u64> {
+        log.sync().await.expect("syncs");
+        let key = keys::replica_key(replica.group, b'a');
+        let bytes = replica.shared.raft.get(key).expect("reads")?;
+        let state: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON");
+        state["last_applied"]["index"].as_u64()
+    }
+
+    /// Rounds of records only write the state machine's state at most every
+    /// [`store::STATE_WRITE_INTERVAL`], so the stored applied point lags the applied one;
+    /// a restart applies the entries after it again and ends where it was: the same high
+    /// watermark, an idempotent producer's retry of its last request answered with the
+    /// original offset, its next sequence taken after it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restart_applies_again_what_the_stored_state_had_not_reached() {
+        let (_dir, log) = log_with_replicated_topic().await;
+        let (replicas, replica) = led_replica(&log).await;
+        let request = |n: u8| {
+            let record = crate::log::Record {
+                value: bytes::Bytes::from(vec![n; 10]),
+                ..crate::log::Record::default()
+            };
+            crate::log::batch::encode(&[record.clone(), record], 0)
+        };
+        let idem = |sequence: u64| Idempotence {
+            producer_id: 7,
+            sequence,
+        };
+        let started = std::time::Instant::now();
+        let mut acks = Vec::new();
+        for n in 0..20u8 {
+            let proposed = replica
+                .propose(request(n), 2, Some(idem(u64::from(n))))
+                .await
+                .expect("proposed");
+            acks.push(proposed.await.expect("committed"));
+        }
+        assert!(
+            started.elapsed() < store::STATE_WRITE_INTERVAL,
+            "20 proposals took {:?}: the test needs them within one interval",
+            started.elapsed()
+        );
+        let applied = replica
+            .raft
+            .metrics()
+            .borrow_watched()
+            .last_applied
+            .map(|l| l.index());
+        let stored = stored_applied_index(&log, &replica).await;
+        assert!(
+            stored < applied,
+            "stored applied point {stored:?}, applied {applied:?}: every round wrote its state"
+        );
+        assert_eq!(acks.last().map(|a| a.base_offset), Some(38));
+
+        replicas.shutdown().await;
+        drop((replicas, replica));
+        let (_replicas, replica) = led_replica(&log).await;
+        replica
+            .raft
+            .wait(Some(Duration::from_secs(10)))
+            .applied_index_at_least(applied, "applied again")
+            .await
+            .expect("applied again");
+        assert_eq!(
+            replica.partition.next_offset(),
+            40,
+            "high watermark after restart"
+        );
+        let retried = replica
+            .propose(request(19), 2, Some(idem(19)))
+            .await
+            .expect("a retry is answered");
+        assert_eq!(retried.await.expect("original ack"), acks[19]);
+        let next = replica
+            .propose(request(20), 2, Some(idem(20)))
+            .await
+            .expect("proposed");
+        assert_eq!(next.await.expect("committed").base_offset, 40);
+    }
+
     /// A group's cursors proposed to its coordinator partition's log: the latest of each
     /// partition is kept, apart from other groups' (a name that extends another's included),
     /// is there again after the replica group restarts, and goes when the group is deleted.

@@ -832,10 +832,22 @@ struct SnapshotState {
     cursors: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+/// How often at most a round of records only writes the state machine's state (its
+/// applied point and the producers' states it changed): the state is not fsynced and a
+/// restart applies the entries after the stored point again, so the interval bounds that
+/// work, not what survives. Kafka checkpoints its high watermarks every 5 s
+/// (`replica.high.watermark.checkpoint.interval.ms`). Writing it every round cost each
+/// replica a JSON state, ~400 bytes per idempotent producer and a journal write per entry.
+pub const STATE_WRITE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A replica group's state machine: the partition's high watermark.
 pub struct ReplicaMachine {
     shared: Arc<Shared>,
     state: MachineState,
+    /// When a round last wrote the state (`None`: not since it was opened).
+    written_at: Option<std::time::Instant>,
+    /// Producers whose state changed since the state was last written.
+    unwritten: BTreeSet<u64>,
 }
 
 impl ReplicaMachine {
@@ -858,7 +870,12 @@ impl ReplicaMachine {
         *shared.producers.lock() = producers;
         shared.partition.replicate_from(state.end_offset);
         shared.trimmed.send_replace(state.trim_point.clone());
-        Ok(Self { shared, state })
+        Ok(Self {
+            shared,
+            state,
+            written_at: None,
+            unwritten: BTreeSet::new(),
+        })
     }
 }
 
@@ -1011,6 +1028,8 @@ impl ReplicaMachine {
             to_json(&self.state)?,
         );
         wb.commit().map_err(io_err)?;
+        self.unwritten.clear();
+        self.written_at = Some(std::time::Instant::now());
         *shared.producers.lock() = state.producers.into_iter().collect();
         shared.partition.publish(point.end_offset);
         tracing::info!(topic = %shared.partition.topic, partition = shared.partition.index, offset = point.end_offset, "replica caught up from a snapshot of its leader (its log started past this replica's)");
@@ -1102,6 +1121,87 @@ impl ReplicaMachine {
     }
 }
 
+/// What one apply round's entries changed besides the records and producers (see
+/// [`ReplicaMachine::apply_entry`]).
+#[derive(Default)]
+struct RoundChanges {
+    /// Groups' cursors by `(group, partition)`, the latest of the round.
+    cursors: BTreeMap<(String, u32), Vec<u8>>,
+    /// Groups whose cursors an entry without cursors removed (the group was deleted).
+    forgotten: BTreeSet<String>,
+    /// The highest retention cut among the entries.
+    trim: Option<u64>,
+    /// A membership entry was applied.
+    membership_changed: bool,
+}
+
+impl ReplicaMachine {
+    /// Applies one entry to the in-memory state: a `Records` entry moves the end offset
+    /// past its records and records its idempotent producer's request (once, also when
+    /// applied again after a restart; the producer is then left in
+    /// [`ReplicaMachine::unwritten`]); other entries go to `round`. Returns what the
+    /// entry's proposer is answered.
+    fn apply_entry(&mut self, entry: &EntryOf<C>, round: &mut RoundChanges) -> Appended {
+        let log_id = entry.log_id();
+        self.state.last_applied = Some(log_id);
+        let base = self.state.end_offset;
+        let nothing = Appended {
+            base_offset: base,
+            records: 0,
+        };
+        match &entry.payload {
+            EntryPayload::Normal(Proposal::Cursors(c)) => {
+                if c.cursors.is_empty() {
+                    round.cursors.retain(|(group, _), _| *group != c.group);
+                    round.forgotten.insert(c.group.clone());
+                }
+                for (partition, cursor) in &c.cursors {
+                    round
+                        .cursors
+                        .insert((c.group.clone(), *partition), cursor.clone());
+                }
+                nothing
+            }
+            EntryPayload::Normal(Proposal::Records {
+                records, producer, ..
+            }) => {
+                let records = *records;
+                self.state.end_offset += u64::from(records);
+                if let Some((id, sequence)) = *producer {
+                    let mut producers = self.shared.producers.lock();
+                    let state = producers.entry(id).or_default();
+                    // An entry applied again after a restart is recorded once.
+                    if state.last.is_none_or(|last| sequence > last) {
+                        state.record(
+                            sequence,
+                            vec![Ack {
+                                partition: self.shared.partition.index,
+                                base_offset: base,
+                                record_count: records,
+                            }],
+                        );
+                        self.unwritten.insert(id);
+                    }
+                }
+                Appended {
+                    base_offset: base,
+                    records,
+                }
+            }
+            EntryPayload::Normal(Proposal::Trim { earliest }) => {
+                round.trim = round.trim.max(Some(*earliest));
+                nothing
+            }
+            EntryPayload::Blank => nothing,
+            EntryPayload::Membership(m) => {
+                round.membership_changed = true;
+                self.state.membership = StoredMembershipOf::<C>::new(Some(log_id), m.clone());
+                nothing
+            }
+        }
+    }
+}
+
 impl RaftStateMachine<C> for ReplicaMachine {
     type SnapshotData = Vec<u8>;
     type SnapshotBuilder = ReplicaSnapshot;
@@ -1117,77 +1217,10 @@ impl RaftStateMachine<C> for ReplicaMachine {
         Strm: Stream<Item = Result<EntryResponder<C>, io::Error>> + Unpin + OptionalSend,
     {
         let mut answers = Vec::new();
-        // Producers whose state the round changed, written after it.
-        let mut touched: BTreeSet<u64> = BTreeSet::new();
-        let mut cursors: BTreeMap<(String, u32), Vec<u8>> = BTreeMap::new();
-        // Groups whose cursors an entry without cursors removed (the group was deleted).
-        let mut forgotten: BTreeSet<String> = BTreeSet::new();
-        // The highest retention cut among the entries.
-        let mut trim: Option<u64> = None;
+        let mut round = RoundChanges::default();
         let before = self.state.end_offset;
         while let Some((entry, responder)) = entries.try_next().await? {
-            let log_id = entry.log_id();
-            self.state.last_applied = Some(log_id);
-            let base = self.state.end_offset;
-            let appended = match &entry.payload {
-                EntryPayload::Normal(Proposal::Cursors(c)) => {
-                    if c.cursors.is_empty() {
-                        cursors.retain(|(group, _), _| *group != c.group);
-                        forgotten.insert(c.group.clone());
-                    }
-                    for (partition, cursor) in &c.cursors {
-                        cursors.insert((c.group.clone(), *partition), cursor.clone());
-                    }
-                    Appended {
-                        base_offset: base,
-                        records: 0,
-                    }
-                }
-                EntryPayload::Normal(Proposal::Records {
-                    records, producer, ..
-                }) => {
-                    let records = *records;
-                    self.state.end_offset += u64::from(records);
-                    if let Some((id, sequence)) = *producer {
-                        let mut producers = self.shared.producers.lock();
-                        let state = producers.entry(id).or_default();
-                        // An entry applied again after a restart is recorded once.
-                        if state.last.is_none_or(|last| sequence > last) {
-                            state.record(
-                                sequence,
-                                vec![Ack {
-                                    partition: self.shared.partition.index,
-                                    base_offset: base,
-                                    record_count: records,
-                                }],
-                            );
-                            touched.insert(id);
-                        }
-                    }
-                    Appended {
-                        base_offset: base,
-                        records,
-                    }
-                }
-                EntryPayload::Normal(Proposal::Trim { earliest }) => {
-                    trim = trim.max(Some(*earliest));
-                    Appended {
-                        base_offset: base,
-                        records: 0,
-                    }
-                }
-                EntryPayload::Blank => Appended {
-                    base_offset: base,
-                    records: 0,
-                },
-                EntryPayload::Membership(m) => {
-                    self.state.membership = StoredMembershipOf::<C>::new(Some(log_id), m.clone());
-                    Appended {
-                        base_offset: base,
-                        records: 0,
-                    }
-                }
-            };
+            let appended = self.apply_entry(&entry, &mut round);
             if let Some(r) = responder {
                 answers.push((r, appended));
             }
@@ -1202,14 +1235,32 @@ impl RaftStateMachine<C> for ReplicaMachine {
         // A round of records only is answered before its state is written: the records are
         // committed (a majority has them fsynced) and the state write is not fsynced anyway
         // (after a crash the round is applied again). openraft counts the round applied
-        // (for linearizable reads) only once this returns, after the write.
+        // (for linearizable reads) only once this returns, after the write. It writes the
+        // state at most every STATE_WRITE_INTERVAL; a membership change, cursors and
+        // retention always write it (with the producers earlier rounds left unwritten).
+        let RoundChanges {
+            cursors,
+            forgotten,
+            trim,
+            membership_changed,
+        } = round;
         let records_only = trim.is_none() && cursors.is_empty() && forgotten.is_empty();
         if records_only {
             self.publish_and_answer(before, answers);
+            let recent = self
+                .written_at
+                .is_some_and(|at| at.elapsed() < STATE_WRITE_INTERVAL);
+            if recent && !membership_changed {
+                return Ok(());
+            }
+            let touched = std::mem::take(&mut self.unwritten);
+            self.written_at = Some(std::time::Instant::now());
             return self
                 .write_applied(&touched, &forgotten, cursors, false)
                 .await;
         }
+        let touched = std::mem::take(&mut self.unwritten);
+        self.written_at = Some(std::time::Instant::now());
         let mut cut = None;
         if let (Some(earliest), Some(last)) = (trim, self.state.last_applied) {
             cut = self.trim_point(earliest, last.index())?;
