@@ -65,7 +65,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use self::repair::LostRange;
-pub use self::writer::{Flushed, PartBatch, ReplicaAppend, ReplicaPayload, ReplicaState};
+pub use self::writer::{Flushed, PartBatch, ReplicaAppend, ReplicaPayload, ReplicaState, Written};
 pub use self::{
     batch::{Record, StoredRecord},
     error::Error,

@@ -194,6 +194,53 @@ async fn replica_states_are_written_in_queue_order() {
     assert!(raft.get(b"last").expect("read").is_some());
 }
 
+/// A replica append is told `written` once its round's batch is in the journal, with its
+/// entry readable, and only then `done` (after the round's fsync): a replica's state
+/// machine applies on the first, Raft counts the entry flushed on the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_append_is_written_before_it_is_flushed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = Log::open(dir.path(), &LogOptions::default()).expect("opens");
+    let mut config = TopicConfig::new(1, 0).expect("config");
+    config.replication_factor = 3;
+    log.create_topic("t", config).await.expect("topic");
+    let partition = log.topic("t").expect("topic").partition(0).expect("p0");
+    let raft = log.keyspace("raft").expect("keyspace");
+    let group = keys::group_key_of(1, 0);
+    let told = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let written = {
+        let (told, raft) = (Arc::clone(&told), raft.clone());
+        Box::new(move || {
+            let readable = raft
+                .get(keys::replica_entry_key(group, 0))
+                .is_ok_and(|v| v.is_some());
+            told.lock()
+                .push(if readable { "written" } else { "unreadable" });
+        })
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let done = {
+        let told = Arc::clone(&told);
+        Box::new(move |result| {
+            told.lock().push("flushed");
+            let _ = tx.send(result);
+        })
+    };
+    log.replica_append(ReplicaAppend {
+        partition,
+        raft,
+        group,
+        fsync: true,
+        entries: vec![(0, 1, ReplicaPayload::Blank)],
+        written,
+        done,
+    })
+    .await
+    .expect("queued");
+    rx.await.expect("told").expect("stored");
+    assert_eq!(*told.lock(), ["written", "flushed"]);
+}
+
 /// Options of the segment store, with segments of `segment_bytes`, every batch in
 /// segments.
 fn segment_store(segment_bytes: u64) -> LogOptions {

@@ -15,9 +15,12 @@
 //!
 //! The state machine is the partition's high watermark: applying a `Records` entry moves it
 //! past the entry's records, makes them readable ([`Partition::publish`]) and answers the
-//! produce with their offsets. Its state (last applied log id, membership, end offset) is
-//! written after each apply without an fsync (a later fsync of any round covers it); after
-//! a crash openraft applies again from the stored point up to the stored committed log id.
+//! produce with their offsets. It applies an entry once this replica has it written (in the
+//! journal, perhaps before the round's fsync: Raft committed it, so a majority has it on
+//! disk), never before. Its state (last applied log id, membership, end offset) is
+//! written without an fsync, at most once a second for rounds of records only
+//! ([`STATE_WRITE_INTERVAL`]; a later fsync of any round covers it); after a crash openraft
+//! applies again from the stored point up to the stored committed log id.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -89,6 +92,13 @@ pub(crate) struct Shared {
     /// anything, so that neither a reader nor a restart sees an applied entry that is not
     /// on this replica's disk.
     stored: tokio::sync::watch::Sender<u64>,
+    /// One past the index of the last entry the writer has written (in the journal and
+    /// readable, perhaps not fsynced yet: at least [`Shared::stored`]). The state machine
+    /// applies an entry once it is written here: Raft committed it, so a majority has it on
+    /// disk, which may not include this replica, and anything the state machine writes
+    /// after it comes later in the journal, so no restart finds an applied point past its
+    /// log. Lowered with `stored` by truncations.
+    written: tokio::sync::watch::Sender<u64>,
     /// The last retention cut applied: the log may be purged up to it once a snapshot
     /// covers it ([`super::Replicas::open`] follows it).
     pub trimmed: tokio::sync::watch::Sender<Option<Purged>>,
@@ -169,6 +179,7 @@ impl Shared {
             committed: parking_lot::Mutex::default(),
             producers: parking_lot::Mutex::default(),
             stored: tokio::sync::watch::Sender::new(0),
+            written: tokio::sync::watch::Sender::new(0),
             trimmed: tokio::sync::watch::Sender::new(None),
         })
     }
@@ -313,6 +324,7 @@ impl Shared {
             self.rewind_machine(index)?;
         }
         self.stored.send_replace(from);
+        self.written.send_replace(from);
         if self.partition.log_end() != end || missing.is_some() {
             self.log
                 .replica_truncate(
@@ -706,6 +718,14 @@ impl RaftLogStorage<C> for ReplicaLog {
         }
         let shared = Arc::clone(&self.0);
         let next = last.map(|index| index + 1);
+        let written = {
+            let shared = Arc::clone(&self.0);
+            Box::new(move || {
+                if let Some(next) = next {
+                    shared.written.send_replace(next);
+                }
+            })
+        };
         let done = Box::new(move |result: Result<(), crate::log::Error>| {
             if result.is_ok()
                 && let Some(next) = next
@@ -726,6 +746,7 @@ impl RaftLogStorage<C> for ReplicaLog {
                 group: self.0.group,
                 fsync: self.0.fsync,
                 entries: batch,
+                written,
                 done,
             })
             .await
@@ -750,10 +771,12 @@ impl RaftLogStorage<C> for ReplicaLog {
             .await
             .map_err(io_err)?;
         // Appends queued before the truncation have completed (the writer runs in order).
-        self.0.stored.send_if_modified(|s| {
-            let lower = (*s).min(from);
-            std::mem::replace(s, lower) != lower
-        });
+        for index in [&self.0.stored, &self.0.written] {
+            index.send_if_modified(|s| {
+                let lower = (*s).min(from);
+                std::mem::replace(s, lower) != lower
+            });
+        }
         Ok(())
     }
 
@@ -995,6 +1018,7 @@ impl ReplicaMachine {
         shared.delete_purged_batches(point.end_offset).await?;
         shared.pending.lock().retain(|i| i > point.log_id.index());
         shared.stored.send_replace(point.log_id.index() + 1);
+        shared.written.send_replace(point.log_id.index() + 1);
         let group = shared.group;
         let mut wb = shared.db.batch();
         for tag in [b'q', b'o'] {
@@ -1225,10 +1249,10 @@ impl RaftStateMachine<C> for ReplicaMachine {
                 answers.push((r, appended));
             }
         }
-        // Nothing of an entry this replica has not stored yet is recorded or published.
+        // Nothing of an entry this replica has not written yet is recorded or published.
         if let Some(last) = self.state.last_applied {
-            let mut stored = self.shared.stored.subscribe();
-            let _ = stored.wait_for(|s| *s > last.index()).await;
+            let mut written = self.shared.written.subscribe();
+            let _ = written.wait_for(|s| *s > last.index()).await;
             // Applied: read from the storage from now on, if ever (a follower far behind).
             self.shared.pending.lock().retain(|i| i > last.index());
         }

@@ -19,7 +19,7 @@ mod replica;
 mod retention;
 mod segments;
 
-pub use self::replica::{Flushed, ReplicaAppend, ReplicaPayload, ReplicaState};
+pub use self::replica::{Flushed, ReplicaAppend, ReplicaPayload, ReplicaState, Written};
 
 use std::sync::{Arc, atomic::Ordering};
 
@@ -217,6 +217,8 @@ struct Waiting {
     parts: Vec<(Arc<Partition>, u64)>,
     acks: Vec<Ack>,
     reply: Done,
+    /// Told once the round's batch is in the journal, before its fsync (replica appends).
+    written: Option<replica::Written>,
 }
 
 impl Waiting {
@@ -226,6 +228,7 @@ impl Waiting {
             parts,
             acks,
             reply: Done::Acks(reply),
+            written: None,
         }
     }
 }
@@ -481,23 +484,29 @@ impl Writer {
         for (p, _) in &touched {
             wb.insert(&self.shared.meta, p.meta_key(), p.meta().encode().to_vec());
         }
-        // Buffered: flush fjall's journal buffer to the OS (survives a process crash), no fsync.
-        let wb = wb.durability(Some(if fsync {
-            PersistMode::SyncData
-        } else {
-            PersistMode::Buffer
-        }));
+        // The batch goes to the journal and the OS first (it survives a process crash),
+        // then, for a durable round, the journal is fsynced. In between, the round's
+        // replica appends are told they are written: readable and before anything later
+        // in the journal, so their state machines may apply them (Raft commits an entry
+        // once a majority has it on disk, which may not include this replica); that they
+        // are on this replica's disk is told after the fsync.
+        let wb = wb.durability(Some(PersistMode::Buffer));
         // An fsync covers everything committed before it.
         self.unsynced.set(!fsync);
         let started = std::time::Instant::now();
         // Frames are on disk (fsynced with the round) before the pointers naming them are
         // committed, so a committed pointer never names a lost frame.
         self.write_segments(&segments, retired, fsync)?;
-        let committed = if touched.is_empty() && !states {
-            Ok(())
-        } else {
-            wb.commit()
-        };
+        let batch = !touched.is_empty() || states;
+        let mut committed = if batch { wb.commit() } else { Ok(()) };
+        if committed.is_ok() {
+            for written in waiting.iter_mut().filter_map(|w| w.written.take()) {
+                written();
+            }
+            if fsync && batch {
+                committed = self.shared.db.persist(PersistMode::SyncData);
+            }
+        }
         relaxed_add(
             &self.shared.stats.commit_nanos,
             started.elapsed().as_nanos() as u64,

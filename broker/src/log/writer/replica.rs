@@ -18,6 +18,10 @@ use crate::log::{
 /// Called once a replica append is on disk (or failed).
 pub type Flushed = Box<dyn FnOnce(Result<(), Error>) + Send>;
 
+/// Called once a replica append is in the journal, readable, before the round's fsync (not
+/// called when the commit fails).
+pub type Written = Box<dyn FnOnce() + Send>;
+
 /// What one Raft log entry of a replica group holds, for the writer.
 #[derive(Debug, Clone)]
 pub enum ReplicaPayload {
@@ -54,6 +58,9 @@ pub struct ReplicaAppend {
     pub fsync: bool,
     /// `(index, term, payload)` per entry.
     pub entries: Vec<(u64, u64, ReplicaPayload)>,
+    /// Told once the entries are written (in the journal and readable, before the
+    /// round's fsync).
+    pub written: Written,
     /// Told once the entries are on disk.
     pub done: Flushed,
 }
@@ -108,6 +115,7 @@ impl Writer {
                 parts: Vec::new(),
                 acks: Vec::new(),
                 reply: Done::Flushed(done),
+                written: None,
             });
         }
     }
@@ -120,6 +128,7 @@ impl Writer {
             group,
             fsync,
             entries,
+            written,
             done,
         } = append;
         if partition.is_deleted() {
@@ -163,6 +172,7 @@ impl Writer {
             parts: vec![(partition, added)],
             acks: Vec::new(),
             reply: Done::Flushed(done),
+            written: Some(written),
         });
     }
 
