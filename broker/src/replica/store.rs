@@ -1073,19 +1073,22 @@ impl ReplicaMachine {
         }
     }
 
-    /// Writes what an apply round changed as one atomic batch, through the log writer, in
-    /// the order of the rounds (not fsynced: a later round's fsync covers it; after a crash
-    /// the entries after the stored point are applied again): producers' states, groups'
-    /// cursors (`forgotten` groups' removed first), and the applied point. With `wait`,
-    /// returns once the batch is committed; without, once it is queued, so that the next
-    /// round does not wait for the writer's round (whose fsync holds the journal).
+    /// Writes the state as one atomic batch, through the log writer, in the order of the
+    /// rounds (not fsynced: a later round's fsync covers it; after a crash the entries
+    /// after the stored point are applied again): the states of the producers changed
+    /// since the last write ([`ReplicaMachine::unwritten`], emptied), groups' cursors
+    /// (`forgotten` groups' removed first), and the applied point; notes the time of the
+    /// write. With `wait`, returns once the batch is committed; without, once it is queued,
+    /// so that the next round does not wait for the writer's round (whose fsync holds the
+    /// journal).
     async fn write_applied(
-        &self,
-        touched: &BTreeSet<u64>,
+        &mut self,
         forgotten: &BTreeSet<String>,
         cursors: BTreeMap<(String, u32), Vec<u8>>,
         wait: bool,
     ) -> Result<(), io::Error> {
+        let touched = std::mem::take(&mut self.unwritten);
+        self.written_at = Some(std::time::Instant::now());
         let group = self.shared.group;
         let mut puts = Vec::with_capacity(touched.len() + cursors.len() + 2);
         let mut removes = Vec::new();
@@ -1277,14 +1280,8 @@ impl RaftStateMachine<C> for ReplicaMachine {
             if recent && !membership_changed {
                 return Ok(());
             }
-            let touched = std::mem::take(&mut self.unwritten);
-            self.written_at = Some(std::time::Instant::now());
-            return self
-                .write_applied(&touched, &forgotten, cursors, false)
-                .await;
+            return self.write_applied(&forgotten, cursors, false).await;
         }
-        let touched = std::mem::take(&mut self.unwritten);
-        self.written_at = Some(std::time::Instant::now());
         let mut cut = None;
         if let (Some(earliest), Some(last)) = (trim, self.state.last_applied) {
             cut = self.trim_point(earliest, last.index())?;
@@ -1292,8 +1289,7 @@ impl RaftStateMachine<C> for ReplicaMachine {
                 self.state.trim_point.clone_from(&cut);
             }
         }
-        self.write_applied(&touched, &forgotten, cursors, true)
-            .await?;
+        self.write_applied(&forgotten, cursors, true).await?;
         if cut.is_some() {
             self.shared.trimmed.send_replace(cut);
         }
