@@ -80,6 +80,8 @@ fn bench_produce_consume_and_end_to_end_report_what_they_did() -> anyhow::Result
         );
     }
 
+    let logs = tempfile::tempdir()?;
+    let log_path = logs.path().join("latency.log");
     let e2e = bench(
         &broker,
         &[
@@ -92,6 +94,8 @@ fn bench_produce_consume_and_end_to_end_report_what_they_did() -> anyhow::Result
             "1s",
             "--type",
             "ordered",
+            "--latency-log",
+            &log_path.to_string_lossy(),
         ],
     )?;
     // 2,000 msg/s for 2 s; sends stop at the deadline when the broker fell behind (its
@@ -109,6 +113,26 @@ fn bench_produce_consume_and_end_to_end_report_what_they_did() -> anyhow::Result
     let p50 = number(&e2e, "latencyP50Ms");
     let p99 = number(&e2e, "latencyP99Ms");
     assert!(0.0 < p50 && p50 <= p99, "{e2e}");
+    // The latency log has a line per measured message: send time, latency, partition.
+    let log = std::fs::read_to_string(&log_path)?;
+    let lines: Vec<Vec<u64>> = log
+        .lines()
+        .map(|l| l.split(' ').map(str::parse).collect::<Result<_, _>>())
+        .collect::<Result<_, _>>()?;
+    assert_eq!(lines.len() as u64, measured, "{log}");
+    let max_us = number(&e2e, "latencyMaxMs") * 1000.0;
+    for line in &lines {
+        assert_eq!(line.len(), 3, "{line:?}");
+        assert!(
+            line[0] > 1_700_000_000_000_000_000,
+            "send time in Unix ns: {line:?}"
+        );
+        assert!(
+            (line[1] as f64) <= max_us + 1.0,
+            "latency over the max: {line:?}"
+        );
+        assert!(line[2] < 4, "partition of 4: {line:?}");
+    }
     Ok(())
 }
 

@@ -130,6 +130,11 @@ pub struct EndToEndBench {
     /// Group type of the consuming group.
     #[arg(long, value_enum, default_value_t = Kind::Shared)]
     r#type: Kind,
+    /// Also write each measured message to this file, a line each in receipt order: its
+    /// send time (Unix ns), its end-to-end latency (µs) and its partition, separated by
+    /// spaces; for latency over time (`bench/latency-windows` finds the worst windows).
+    #[arg(long)]
+    latency_log: Option<std::path::PathBuf>,
     #[command(flatten)]
     common: BenchCommon,
 }
@@ -855,6 +860,14 @@ async fn end_to_end(
     // Until every acknowledged message is received, or none arrives for 5 s (looked at
     // every 10 ms: the producer may finish after the last message arrived).
     let mut last_receipt = started;
+    let mut latency_log = match &settings.latency_log {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path).map_err(|e| {
+                anyhow::anyhow!("cannot create the latency log {}: {e}", path.display())
+            })?,
+        )),
+        None => None,
+    };
     while !(progress.1.load(Ordering::Acquire) && received >= progress.0.load(Ordering::Relaxed)) {
         let Ok(next) =
             tokio::time::timeout(std::time::Duration::from_millis(10), consumer.next()).await
@@ -876,7 +889,12 @@ async fn end_to_end(
         if let Some(sent) = stamp
             && sent >= measured_from
         {
-            let _ = hist.record(now_ns().saturating_sub(sent) / 1000);
+            let latency_us = now_ns().saturating_sub(sent) / 1000;
+            let _ = hist.record(latency_us);
+            if let Some(log) = latency_log.as_mut() {
+                use std::io::Write as _;
+                writeln!(log, "{sent} {latency_us} {}", d.partition)?;
+            }
         }
         if stamp != Some(0) {
             received += 1;
@@ -888,6 +906,10 @@ async fn end_to_end(
         }
     }
     consumer.ack_all(&unacked).await?;
+    if let Some(mut log) = latency_log {
+        use std::io::Write as _;
+        log.flush()?;
+    }
     // From the first send to the last receipt.
     let secs = last_receipt.duration_since(started).as_secs_f64().max(1e-9);
     let (sent, acked) = producer.await??;
