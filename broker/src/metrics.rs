@@ -48,6 +48,8 @@ pub struct Metrics {
     topics: Gauge,
     group_skipped: Counter,
     replica_repairs: Counter,
+    replica_append_messages: Counter,
+    replica_commits_folded: Counter,
     replica_repairing: Gauge,
     replica_elections: Counter,
     replica_partitions: Gauge,
@@ -99,6 +101,8 @@ impl Metrics {
             topics: Gauge::default(),
             group_skipped: Counter::default(),
             replica_repairs: Counter::default(),
+            replica_append_messages: Counter::default(),
+            replica_commits_folded: Counter::default(),
             replica_repairing: Gauge::default(),
             replica_elections: Counter::default(),
             replica_partitions: Gauge::default(),
@@ -240,6 +244,16 @@ impl Metrics {
             m.replica_repairing.clone(),
         );
         registry.register(
+            "replica_append_messages",
+            "AppendEntries messages this broker sent to followers on streams of appends",
+            m.replica_append_messages.clone(),
+        );
+        registry.register(
+            "replica_commits_folded",
+            "AppendEntries that carried only a newer commit index, folded into the next message to a follower that no reader waits on",
+            m.replica_commits_folded.clone(),
+        );
+        registry.register(
             "replica_leader_elections",
             "Times a replica on this broker became its partition's leader",
             m.replica_elections.clone(),
@@ -357,6 +371,14 @@ impl Metrics {
         if let Some(r) = self.replicas.get() {
             let stats = r.stats();
             set(&self.replica_repairs, stats.repairs.load(Ordering::Relaxed));
+            set(
+                &self.replica_append_messages,
+                stats.append_messages.load(Ordering::Relaxed),
+            );
+            set(
+                &self.replica_commits_folded,
+                stats.commits_folded.load(Ordering::Relaxed),
+            );
             gauge(&self.replica_repairing, r.repairing_count());
             set(
                 &self.replica_elections,

@@ -523,6 +523,69 @@ async fn followers_paused_for_less_than_an_election_timeout_keep_their_streams()
     Ok(())
 }
 
+/// Records produced one request at a time with nobody reading the followers' replicas: the
+/// AppendEntries that carry only the new commit index are folded into the next request to
+/// each follower (`weir_replica_commits_folded_total` on the leader), and every replica
+/// still holds every record, in order, and applies them (a follower serves them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_are_folded_towards_followers_nobody_reads() -> anyhow::Result<()> {
+    let brokers = Broker::start_cluster(3, &[])?;
+    let client = brokers[0].client().await?;
+    client
+        .create_topic("folded", &TopicConfig::new(1).with_replication_factor(3))
+        .await?;
+    let mut acked = Acked::new();
+    produce_round("folded", 1, 0, &client, &mut acked).await?;
+    let leader = usize::try_from(leader_of(&client, "folded", 0).await?)?;
+    let to_leader = brokers[leader].client().await?;
+    let folded_before = brokers[leader].metric("weir_replica_commits_folded_total")?;
+    let sent_before = brokers[leader].metric("weir_replica_append_messages_total")?;
+    for i in 0..100 {
+        let v = value(1, 1, i);
+        let acks = to_leader
+            .produce("folded", Some(0), vec![Record::value(v.clone())])
+            .await?;
+        record_acked(&mut acked, 0, acks[0].base_offset, std::iter::once(v))?;
+    }
+    let folded = brokers[leader].metric("weir_replica_commits_folded_total")? - folded_before;
+    let sent = brokers[leader].metric("weir_replica_append_messages_total")? - sent_before;
+    // 100 entries to two followers, each followed by its commit: about 400 requests, half
+    // of them commit-only, folded when the next request comes within the 20 ms hold (a
+    // debug build's produce round trip mostly does).
+    println!("{folded} commits folded, {sent} messages sent for 100 entries to two followers");
+    assert!(
+        folded >= 20.0,
+        "{folded} commits folded, {sent} messages sent for 100 entries to two followers"
+    );
+    every_replica_holds(&brokers, "folded", &acked).await?;
+    // A follower's replica applied the last record (it learned the commit without a next
+    // entry, once the hold passed): its long-polling fetch returns it.
+    let follower = (leader + 1) % 3;
+    let mut reader = ConsumerClient::connect(brokers[follower].url()).await?;
+    let last = acked
+        .get(&0)
+        .and_then(|m| m.keys().next_back().copied())
+        .unwrap_or(0);
+    let mut request = tonic::Request::new(FetchRequest {
+        topic: "folded".into(),
+        partition: 0,
+        offset: last,
+        max_records: 1,
+        max_wait_ms: 5000,
+        ..FetchRequest::default()
+    });
+    request
+        .metadata_mut()
+        .insert("weir-forwarded", "1".parse()?);
+    let answer = reader.fetch(request).await?.into_inner();
+    anyhow::ensure!(
+        answer.records.first().map(|r| r.offset) == Some(last),
+        "the follower served {:?} at {last}",
+        answer.records.first().map(|r| r.offset)
+    );
+    Ok(())
+}
+
 /// Idempotent producers on a replicated topic: a [`weir_client::Producer`] (which retries
 /// `UNAVAILABLE` and transport failures with the same sequence) keeps sending while the
 /// partition's leader is SIGKILLed; every request is acknowledged and stored exactly once —

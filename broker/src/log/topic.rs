@@ -399,8 +399,13 @@ impl Topic {
         self.partitions.read().clone()
     }
 
-    /// A receiver that changes whenever records of any partition become durable.
+    /// A receiver that changes whenever records of any partition become durable; notes a
+    /// reader waiting on every partition ([`Partition::reader_waited_within`]).
     pub fn subscribe_appends(&self) -> watch::Receiver<u64> {
+        let now = super::now_ms();
+        for p in self.partitions.read().iter() {
+            p.reader_waited_at_ms.store(now, Ordering::Relaxed);
+        }
         self.appended.subscribe()
     }
 }
@@ -438,6 +443,9 @@ pub struct Partition {
     pub(crate) durable: watch::Sender<u64>,
     /// The topic's append signal (shared by its partitions).
     pub(crate) appended: std::sync::Arc<watch::Sender<u64>>,
+    /// When a reader last began waiting for this partition's next records (ms since the
+    /// epoch; 0 never): a long-polling fetch, a group's pull.
+    pub(crate) reader_waited_at_ms: std::sync::atomic::AtomicI64,
     /// Ranges of lost records whose loss was accepted (`weir topic repair`): first offset →
     /// first offset after. Reads step over them instead of answering DATA_LOSS.
     pub(crate) accepted_losses: parking_lot::RwLock<std::collections::BTreeMap<u64, u64>>,
@@ -470,6 +478,7 @@ impl Partition {
             replicated: AtomicBool::new(false),
             durable: watch::Sender::new(state.next_offset),
             appended,
+            reader_waited_at_ms: std::sync::atomic::AtomicI64::new(0),
             accepted_losses: parking_lot::RwLock::default(),
             last_log: parking_lot::Mutex::new(None),
         }
@@ -553,9 +562,21 @@ impl Partition {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    /// A receiver that sees `next_offset` each time a commit makes more records durable.
+    /// A receiver that sees `next_offset` each time a commit makes more records durable;
+    /// notes a reader waiting ([`Partition::reader_waited_within`]).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.reader_waited_at_ms
+            .store(super::now_ms(), Ordering::Relaxed);
         self.durable.subscribe()
+    }
+
+    /// Whether a reader began waiting for this partition's next records (a long-polling
+    /// fetch, a group's pull) within `window_ms` before `now_ms` (ms since the epoch). A
+    /// follower's replica tells its leader so: such a reader sees a record once the
+    /// follower learns that it is committed, so the leader then sends commits at once
+    /// (`crate::replica::network`).
+    pub fn reader_waited_within(&self, now_ms: i64, window_ms: i64) -> bool {
+        now_ms.saturating_sub(self.reader_waited_at_ms.load(Ordering::Relaxed)) < window_ms
     }
 
     /// Record key of the batch starting at `base_offset`: prefix ‖ offset (big-endian).
@@ -610,6 +631,40 @@ impl PartitionMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A long-polling fetch (`Partition::subscribe`) and a group's pull
+    /// (`Topic::subscribe_appends`) each count as a reader waiting, for the window after.
+    #[test]
+    fn a_waiting_reader_is_noted_for_the_window_after() {
+        let appended = std::sync::Arc::new(watch::Sender::new(0));
+        let meta = PartitionMeta {
+            next_offset: 0,
+            earliest_offset: 0,
+            bytes: 0,
+        };
+        let part = Partition::new("t", 1, 0, meta, std::sync::Arc::clone(&appended));
+        let now = super::super::now_ms();
+        assert!(!part.reader_waited_within(now, 1000), "no reader yet");
+        let _fetch = part.subscribe();
+        let at = super::super::now_ms();
+        assert!(part.reader_waited_within(at, 1000));
+        assert!(part.reader_waited_within(at + 999, 1000));
+        assert!(!part.reader_waited_within(at + 1000, 1000));
+
+        let other = std::sync::Arc::new(Partition::new("t", 1, 1, meta, appended));
+        let topic = Topic {
+            id: 1,
+            name: "t".into(),
+            created_at_ms: 0,
+            config: RwLock::new(TopicConfig::new(2, 0).expect("valid")),
+            partitions: RwLock::new(vec![std::sync::Arc::clone(&other)]),
+            next_unkeyed: AtomicU32::new(0),
+            appended: std::sync::Arc::new(watch::Sender::new(0)),
+        };
+        assert!(!other.reader_waited_within(at, 1000));
+        let _pull = topic.subscribe_appends();
+        assert!(other.reader_waited_within(super::super::now_ms(), 1000));
+    }
 
     #[test]
     fn round_robin_visits_only_served_partitions_in_order() {

@@ -236,6 +236,12 @@ pub struct ReplicaStats {
     /// The most entries a follower of a partition led here is behind its leader's log
     /// (`weir_replica_max_lag_entries`, Kafka's `MaxLag`).
     pub max_lag_entries: std::sync::atomic::AtomicU64,
+    /// AppendEntries messages sent to followers on streams of appends
+    /// (`weir_replica_append_messages_total`).
+    pub append_messages: std::sync::atomic::AtomicU64,
+    /// AppendEntries that carried only a newer commit index, folded into the next message
+    /// to a follower that no reader waits on (`weir_replica_commits_folded_total`).
+    pub commits_folded: std::sync::atomic::AtomicU64,
 }
 
 /// The leader's view of idempotent producers' sequences: the applied state plus the
@@ -444,6 +450,7 @@ impl Replicas {
             group,
             channels: self.channels.clone(),
             answer_deadline: Duration::from_millis(self.config.election_timeout_min),
+            stats: Arc::clone(&self.stats),
         };
         let raft = ReplicaRaft::new(self.me, config, network, store::ReplicaLog(shared), machine)
             .await
@@ -840,6 +847,7 @@ impl Replicas {
             group: message.group,
             kind: message.kind,
             body: body.into(),
+            commits_may_wait: false,
         })
     }
 
@@ -890,12 +898,15 @@ impl Replicas {
                 }
             },
         );
+        let partition = Arc::clone(&replica.partition);
         let answers = replica.raft.stream_append(requests).map(move |result| {
             network::encode(&result)
                 .map(|body| PartitionRaftMessage {
                     group: group_bytes.clone(),
                     kind: network::Kind::Append as u32,
                     body: body.into(),
+                    commits_may_wait: !partition
+                        .reader_waited_within(crate::log::now_ms(), network::READER_WINDOW_MS),
                 })
                 .map_err(|e| tonic::Status::internal(format!("encoding a raft answer: {e}")))
         });
