@@ -383,15 +383,17 @@ struct Held {
 /// before it that it stands for.
 ///
 /// While `may_hold` says so, a request without entries is held for up to `hold_for`; a
-/// next request with the same vote and `prev_log_id` (openraft's next request on a stream always starts where the last one
-/// ended, and one without entries ends where it starts) absorbs it, so that one message
-/// goes where two went. The follower would have answered the absorbed request with its
-/// `prev_log_id` as matching when it answers the absorbing one with success (the log
-/// matching property: it holds `prev_log_id`), and with the same conflict or higher vote
-/// otherwise (both are checked against the same `prev_log_id` and vote), so its answer is
-/// derived from the absorbing one's ([`append_answers`]). A held request goes on its own
-/// when `hold_for` passes, when the next request does not continue it, or when openraft ends
-/// the stream (a probe is a stream of one request: never held).
+/// next request with the same vote and `prev_log_id` (openraft's next request on a stream
+/// starts where the last one ended, and one without entries ends where it starts) absorbs
+/// it, so that one message goes where two went. The follower would have answered the
+/// absorbed request with its `prev_log_id` as matching when it answers the absorbing one
+/// with success (the log matching property: it holds `prev_log_id`), and with the same
+/// conflict or higher vote otherwise (both are checked against the same `prev_log_id` and
+/// vote), so its answer is derived from the absorbing one's ([`append_answers`]). The
+/// leader's lease stays safe: openraft dates an answer by when it made the request, and
+/// the follower answered after that. A held request goes on its own when `hold_for`
+/// passes, when the next request does not continue it, or when openraft ends the stream
+/// (a probe is a stream of one request: never held).
 fn coalesce<S, F>(
     input: S,
     hold_for: Duration,
