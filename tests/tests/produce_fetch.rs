@@ -165,28 +165,37 @@ async fn a_stream_with_more_bytes_in_flight_than_the_broker_buffers_is_answered_
 /// partition's as of the read. Taken after the read, it could pass records published
 /// meanwhile ("no records at 200, end 210"), and a client moving to the answered end would
 /// skip them. Seen once under load in CI; here a producer publishes one record at a time
-/// while a reader fetches at the end as fast as it can, for 3 s.
+/// while a reader fetches at the end as fast as it can, until each did so more than 100
+/// times (at most 30 s: a slow disk makes fewer records a second).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_fetch_never_answers_an_end_past_its_offset() -> anyhow::Result<()> {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    };
     let broker = Broker::start()?;
     let client = broker.client().await?;
     client.create_topic("race", &TopicConfig::new(1)).await?;
-    let until = std::time::Instant::now() + Duration::from_secs(3);
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    let sent = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
     let producer = {
         let client = client.clone();
+        let (sent, stop) = (Arc::clone(&sent), Arc::clone(&stop));
         tokio::spawn(async move {
-            let mut sent = 0u64;
-            while std::time::Instant::now() < until {
+            while !stop.load(Ordering::Relaxed) {
+                let n = sent.load(Ordering::Relaxed);
                 client
-                    .produce("race", Some(0), vec![Record::value(format!("{sent}"))])
+                    .produce("race", Some(0), vec![Record::value(format!("{n}"))])
                     .await?;
-                sent += 1;
+                sent.fetch_add(1, Ordering::Relaxed);
             }
-            anyhow::Ok(sent)
+            anyhow::Ok(())
         })
     };
     let (mut offset, mut empty) = (0u64, 0u64);
-    while std::time::Instant::now() < until {
+    while std::time::Instant::now() < until && (empty <= 100 || sent.load(Ordering::Relaxed) <= 100)
+    {
         let fetched = client
             .fetch("race", 0, offset, FetchOptions::default())
             .await?;
@@ -204,10 +213,12 @@ async fn an_empty_fetch_never_answers_an_end_past_its_offset() -> anyhow::Result
             );
         }
     }
-    let sent = producer.await??;
+    stop.store(true, Ordering::Relaxed);
+    producer.await??;
+    let sent = sent.load(Ordering::Relaxed);
     assert!(
         sent > 100 && empty > 100,
-        "{sent} records sent, {empty} empty fetches: too few to race"
+        "{sent} records sent, {empty} empty fetches in 30 s: too few to race"
     );
     Ok(())
 }
