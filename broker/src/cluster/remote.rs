@@ -399,7 +399,7 @@ impl GroupsRemote {
         let was_known = f.known.swap(true, Ordering::AcqRel);
         let changed = !was_known || before != (earliest, next);
         if changed {
-            topic.appended.send_modify(|v| *v = v.wrapping_add(1));
+            topic.appended.bump();
         }
         Ok(changed && next > before.1)
     }

@@ -12,7 +12,6 @@ use std::{
 
 use fjall::{Database, Keyspace, PersistMode};
 use parking_lot::RwLock;
-use tokio::sync::watch;
 
 use super::{
     Error, Partition, Topic, checkpoint,
@@ -144,7 +143,7 @@ pub(crate) fn recover_topics(
                 detail: e.to_string(),
             })?;
         let mut partitions = Vec::with_capacity(stored.config.partitions as usize);
-        let appended = Arc::new(watch::Sender::new(0));
+        let appended = Arc::new(super::topic::Appends::default());
         for index in 0..stored.config.partitions {
             let prefix = keys::partition_prefix(stored.id, index);
             let state = match meta

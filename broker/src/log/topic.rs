@@ -363,8 +363,25 @@ pub struct Topic {
     pub(crate) partitions: RwLock<Vec<std::sync::Arc<Partition>>>,
     /// Round-robin cursor for unkeyed records (sticky per request).
     pub(crate) next_unkeyed: AtomicU32,
-    /// Bumped after every commit that made records of this topic durable.
-    pub(crate) appended: std::sync::Arc<watch::Sender<u64>>,
+    /// The topic's append signal and group readers' stamp, shared by its partitions.
+    pub(crate) appended: std::sync::Arc<Appends>,
+}
+
+/// What a topic's partitions share about new records: a signal bumped after every commit
+/// that made records of any of them durable, and when a group's pull last began waiting
+/// on them all ([`Topic::subscribe_appends`]).
+#[derive(Debug, Default)]
+pub struct Appends {
+    signal: watch::Sender<u64>,
+    /// ms since the epoch; 0 never.
+    reader_waited_at_ms: std::sync::atomic::AtomicI64,
+}
+
+impl Appends {
+    /// Wakes every receiver of [`Topic::subscribe_appends`].
+    pub(crate) fn bump(&self) {
+        self.signal.send_modify(|n| *n = n.wrapping_add(1));
+    }
 }
 
 impl Topic {
@@ -400,13 +417,13 @@ impl Topic {
     }
 
     /// A receiver that changes whenever records of any partition become durable; notes a
-    /// reader waiting on every partition ([`Partition::reader_waited_within`]).
+    /// reader waiting on every partition ([`Partition::reader_waited_within`]) with one
+    /// store, whatever the partition count.
     pub fn subscribe_appends(&self) -> watch::Receiver<u64> {
-        let now = super::now_ms();
-        for p in self.partitions.read().iter() {
-            p.reader_waited_at_ms.store(now, Ordering::Relaxed);
-        }
-        self.appended.subscribe()
+        self.appended
+            .reader_waited_at_ms
+            .store(super::now_ms(), Ordering::Relaxed);
+        self.appended.signal.subscribe()
     }
 }
 
@@ -441,10 +458,10 @@ pub struct Partition {
     pub(crate) replicated: AtomicBool,
     /// Publishes `next_offset` to long-polling fetches.
     pub(crate) durable: watch::Sender<u64>,
-    /// The topic's append signal (shared by its partitions).
-    pub(crate) appended: std::sync::Arc<watch::Sender<u64>>,
-    /// When a reader last began waiting for this partition's next records (ms since the
-    /// epoch; 0 never): a long-polling fetch, a group's pull.
+    /// The topic's append signal and group readers' stamp (shared by its partitions).
+    pub(crate) appended: std::sync::Arc<Appends>,
+    /// When a long-polling fetch last began waiting for this partition's next records (ms
+    /// since the epoch; 0 never); a group's pull stamps [`Appends`] instead.
     pub(crate) reader_waited_at_ms: std::sync::atomic::AtomicI64,
     /// Ranges of lost records whose loss was accepted (`weir topic repair`): first offset →
     /// first offset after. Reads step over them instead of answering DATA_LOSS.
@@ -461,7 +478,7 @@ impl Partition {
         topic_id: u32,
         index: u32,
         state: PartitionMeta,
-        appended: std::sync::Arc<watch::Sender<u64>>,
+        appended: std::sync::Arc<Appends>,
     ) -> Self {
         let prefix = keys::partition_prefix(topic_id, index);
         Self {
@@ -532,7 +549,7 @@ impl Partition {
     pub fn publish(&self, next: u64) {
         self.next_offset.store(next, Ordering::Release);
         self.durable.send_replace(next);
-        self.appended.send_modify(|n| *n = n.wrapping_add(1));
+        self.appended.bump();
     }
 
     /// The offset the next appended batch gets: the end of the stored log, ahead of
@@ -576,7 +593,11 @@ impl Partition {
     /// follower learns that it is committed, so the leader then sends commits at once
     /// (`crate::replica::network`).
     pub fn reader_waited_within(&self, now_ms: i64, window_ms: i64) -> bool {
-        now_ms.saturating_sub(self.reader_waited_at_ms.load(Ordering::Relaxed)) < window_ms
+        let last = self
+            .reader_waited_at_ms
+            .load(Ordering::Relaxed)
+            .max(self.appended.reader_waited_at_ms.load(Ordering::Relaxed));
+        now_ms.saturating_sub(last) < window_ms
     }
 
     /// Record key of the batch starting at `base_offset`: prefix ‖ offset (big-endian).
@@ -636,7 +657,7 @@ mod tests {
     /// (`Topic::subscribe_appends`) each count as a reader waiting, for the window after.
     #[test]
     fn a_waiting_reader_is_noted_for_the_window_after() {
-        let appended = std::sync::Arc::new(watch::Sender::new(0));
+        let appended = std::sync::Arc::new(Appends::default());
         let meta = PartitionMeta {
             next_offset: 0,
             earliest_offset: 0,
@@ -651,7 +672,14 @@ mod tests {
         assert!(part.reader_waited_within(at + 999, 1000));
         assert!(!part.reader_waited_within(at + 1000, 1000));
 
-        let other = std::sync::Arc::new(Partition::new("t", 1, 1, meta, appended));
+        let appended = std::sync::Arc::new(Appends::default());
+        let other = std::sync::Arc::new(Partition::new(
+            "t",
+            1,
+            1,
+            meta,
+            std::sync::Arc::clone(&appended),
+        ));
         let topic = Topic {
             id: 1,
             name: "t".into(),
@@ -659,7 +687,7 @@ mod tests {
             config: RwLock::new(TopicConfig::new(2, 0).expect("valid")),
             partitions: RwLock::new(vec![std::sync::Arc::clone(&other)]),
             next_unkeyed: AtomicU32::new(0),
-            appended: std::sync::Arc::new(watch::Sender::new(0)),
+            appended,
         };
         assert!(!other.reader_waited_within(at, 1000));
         let _pull = topic.subscribe_appends();

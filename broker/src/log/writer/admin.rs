@@ -10,7 +10,7 @@ use parking_lot::RwLock;
 use super::Writer;
 use crate::log::{
     Error, MetaEntries, Topic, TopicConfig, keys, now_ms,
-    topic::{Partition, PartitionMeta, TopicMeta},
+    topic::{Appends, Partition, PartitionMeta, TopicMeta},
 };
 
 /// Tombstones per fjall batch when deleting a topic.
@@ -39,7 +39,7 @@ impl Writer {
             config,
             created_at_ms: now_ms(),
         };
-        let appended = Arc::new(tokio::sync::watch::Sender::new(0));
+        let appended = Arc::new(Appends::default());
         let partitions = new_partitions(name, id, 0..config.partitions, &appended);
         let mut wb = self.topic_batch(&stored, &partitions)?;
         wb.insert(
@@ -292,7 +292,7 @@ fn new_partitions(
     name: &str,
     topic_id: u32,
     range: std::ops::Range<u32>,
-    appended: &Arc<tokio::sync::watch::Sender<u64>>,
+    appended: &Arc<Appends>,
 ) -> Vec<Arc<Partition>> {
     range
         .map(|i| {
