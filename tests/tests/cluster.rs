@@ -1275,3 +1275,45 @@ fn a_broker_list_connects_to_the_first_that_answers() -> anyhow::Result<()> {
     assert!(err.contains(&dead), "names the address: {err}");
     Ok(())
 }
+
+/// A change forwarded to a broker that does not lead the metadata group is refused as
+/// "not the leader" (UNAVAILABLE, which the forwarding broker retries at the leader it
+/// learns next), never judged against that broker's own state: a broker that led a moment
+/// ago, or a new leader that has not applied its predecessor's last entries, may not know
+/// a topic created a moment before. A follower used to answer from its state (seen in CI
+/// as `NOT_FOUND: group "readers": topic "tail" does not exist` for a group created right
+/// after its topic). The leader still checks: the same call there answers NOT_FOUND.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_forwarded_to_a_follower_is_refused_as_not_leader() -> anyhow::Result<()> {
+    let brokers = Broker::start_cluster(3, &[])?;
+    let leader = metadata_leader_index(&brokers).await?;
+    let follower = (leader + 1) % 3;
+    let forward = async |to: usize, op: &weir_broker::cluster::AdminOp| -> anyhow::Result<_> {
+        let mut raft = weir_proto::v1::raft_client::RaftClient::connect(brokers[to].url()).await?;
+        let answer = raft
+            .forward(weir_proto::v1::RaftMessage {
+                json: serde_json::to_vec(op)?.into(),
+            })
+            .await?
+            .into_inner();
+        let answer: Result<weir_broker::cluster::Forwarded, weir_broker::cluster::RemoteError> =
+            serde_json::from_slice(&answer.json)?;
+        Ok(answer)
+    };
+    let delete_absent = weir_broker::cluster::AdminOp::DeleteTopic {
+        name: "absent".into(),
+    };
+    match forward(follower, &delete_absent).await? {
+        Err(e) => assert_eq!(
+            e.code,
+            tonic::Code::Unavailable as i32,
+            "a follower answered {e:?}; expected UNAVAILABLE (not the metadata leader)"
+        ),
+        Ok(f) => anyhow::bail!("a follower made a change: {f:?}"),
+    }
+    match forward(leader, &delete_absent).await? {
+        Err(e) => assert_eq!(e.code, tonic::Code::NotFound as i32, "{e:?}"),
+        Ok(f) => anyhow::bail!("the leader deleted a topic that never existed: {f:?}"),
+    }
+    Ok(())
+}

@@ -392,27 +392,14 @@ async fn a_group_at_the_end_of_a_partition_led_elsewhere_reads_each_record_with_
     let brokers = Broker::start_cluster(3, &[])?;
     let admin = brokers[0].client_through().await?;
     admin.create_topic("tail", &TopicConfig::new(3)).await?;
-    // The group's coordinator may learn of the new topic a moment after the controller
-    // answered (`NOT_FOUND` meanwhile, nothing created): joined again, as Kafka clients
-    // retry `UNKNOWN_TOPIC_OR_PARTITION`.
-    let created = std::time::Instant::now();
-    let member = loop {
-        match admin
-            .join(
-                "readers",
-                Some(&GroupConfig::new("tail", GroupType::Shared)),
-            )
-            .await
-        {
-            Err(e)
-                if e.code() == Some(tonic::Code::NotFound)
-                    && created.elapsed() < Duration::from_secs(10) =>
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            joined => break joined?,
-        }
-    };
+    // The coordinator checks a new group against the metadata leader's state, which has
+    // applied the topic: no NOT_FOUND right after the creation (`Cluster::read_index`).
+    let member = admin
+        .join(
+            "readers",
+            Some(&GroupConfig::new("tail", GroupType::Shared)),
+        )
+        .await?;
     let coordinator = admin
         .metadata()
         .await?

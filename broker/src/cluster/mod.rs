@@ -232,6 +232,10 @@ const PREFERRED_LEADER_INTERVAL: Duration = Duration::from_secs(5);
 /// How long start-up waits for the metadata group to elect a leader.
 const LEADER_WAIT: Duration = Duration::from_secs(30);
 
+/// Longest [`Cluster::read_index`] waits for a quorum to confirm the metadata leadership
+/// and for the state to apply what was committed.
+const READ_INDEX_WAIT: Duration = Duration::from_secs(5);
+
 impl Cluster {
     /// Opens this broker's node of the metadata group on `log`'s database. It takes part in
     /// the group (answers its peers) from here on; [`Cluster::join`] then waits for a leader.
@@ -822,11 +826,14 @@ impl Cluster {
     }
 
     /// Runs `op` here, on the metadata leader; `Error::NotLeader` if this broker is not.
+    /// Every change is checked against the state first ([`Cluster::read_index`]), so the
+    /// state must be the leader's, with every committed entry applied.
     ///
     /// # Errors
     ///
-    /// The checks of each change; see [`Cluster::propose`].
+    /// The checks of each change; see [`Cluster::propose`] and [`Cluster::read_index`].
     pub async fn admin_here(&self, op: &AdminOp) -> Result<Forwarded, Error> {
+        self.read_index().await?;
         let created = match op {
             AdminOp::CreateTopic { name, config } => self.create_topic_here(name, *config).await?,
             AdminOp::UpdateTopic { name, config } => {
@@ -898,6 +905,43 @@ impl Cluster {
             created,
             index: self.state.borrow().0,
         })
+    }
+
+    /// Confirms that this broker leads the metadata group and waits until its state has
+    /// applied every entry committed before the call (at most [`READ_INDEX_WAIT`]): the
+    /// ReadIndex of Raft's §6.4 (Ongaro's thesis; openraft's
+    /// [`Raft::ensure_linearizable`](openraft::Raft::ensure_linearizable)). Without it a
+    /// broker that was leader a moment ago, or a new leader that has not applied its
+    /// predecessor's last entries yet, would judge a change against an older state (a
+    /// group refused for a topic created a moment before).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotLeader`] when another broker leads; [`Error::NoLeader`] when a quorum
+    /// does not confirm the leadership in time.
+    pub async fn read_index(&self) -> Result<(), Error> {
+        match tokio::time::timeout(
+            READ_INDEX_WAIT,
+            self.raft
+                .ensure_linearizable(openraft::ReadPolicy::ReadIndex),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(openraft::errors::RaftError::APIError(
+                openraft::errors::LinearizableReadError::ForwardToLeader(_),
+            ))) => Err(Error::NotLeader),
+            Ok(Err(openraft::errors::RaftError::APIError(e))) => {
+                Err(Error::NoLeader(e.to_string()))
+            }
+            Ok(Err(e @ openraft::errors::RaftError::Fatal(_))) => {
+                Err(Error::Storage(e.to_string()))
+            }
+            Err(_) => Err(Error::NoLeader(format!(
+                "a quorum did not confirm this broker's metadata leadership within {} ms",
+                READ_INDEX_WAIT.as_millis()
+            ))),
+        }
     }
 
     /// The metadata leader, waiting up to `wait` for one.
