@@ -765,7 +765,11 @@ impl Client {
     }
 
     /// Joins `group` as a pull member, creating the group with `create` when it does not
-    /// exist (joining with another topic or type than the group has fails).
+    /// exist (joining with another topic or type than the group has fails). A join refused
+    /// as retriable (`UNAVAILABLE`: the group's coordinator partition has no leader yet, as
+    /// right after its topic was created, or an election is under way; its broker is
+    /// unreachable) is tried again, backing off from 100 ms to 1 s, for up to
+    /// [`REJOIN_FOR`], as Kafka's consumers retry `COORDINATOR_NOT_AVAILABLE`.
     pub async fn join(
         &self,
         group: &str,
@@ -776,11 +780,13 @@ impl Client {
             create: create.map(Into::into),
         };
         let topic = create.map(|c| c.topic.as_str());
-        let joined = self
-            .routed(route::Target::Group(group, topic), |c| async move {
+        let joined = while_retriable(|| {
+            let request = request.clone();
+            self.routed(route::Target::Group(group, topic), |c| async move {
                 consumer_client(c).join(request).await
             })
-            .await?;
+        })
+        .await?;
         Ok(PullMember {
             client: self.clone(),
             group: group.to_owned(),
@@ -792,14 +798,15 @@ impl Client {
 
     /// Joins `group` as a push member (creating the group with `create` when missing). It
     /// grants `window` credits and one back per ack or nack, so at most `window`
-    /// deliveries are unacked at any time.
+    /// deliveries are unacked at any time. A retriable refusal is tried again as by
+    /// [`Client::join`].
     pub async fn subscribe(
         &self,
         group: &str,
         create: Option<&GroupConfig>,
         window: u32,
     ) -> Result<GroupConsumer, Error> {
-        let joined = self.join_stream(group, create, window).await?;
+        let joined = while_retriable(|| self.join_stream(group, create, window)).await?;
         Ok(GroupConsumer {
             tx: joined.tx,
             inbound: joined.inbound,
@@ -864,6 +871,28 @@ impl Client {
             partitions: joined.partitions,
             generation: joined.generation,
         })
+    }
+}
+
+/// Runs `attempt` until it succeeds or fails with an error that is not retriable
+/// ([`Error::is_retriable`]), backing off from 100 ms to 1 s between attempts, for up to
+/// [`REJOIN_FOR`]; then the last error. For calls that change nothing when
+/// refused (a join: a group whose coordinator partition has no leader yet creates nothing).
+async fn while_retriable<T, F, Fut>(mut attempt: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Error>>,
+{
+    let deadline = tokio::time::Instant::now() + REJOIN_FOR;
+    let mut backoff = std::time::Duration::from_millis(100);
+    loop {
+        match attempt().await {
+            Err(e) if e.is_retriable() && tokio::time::Instant::now() + backoff < deadline => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+            }
+            done => return done,
+        }
     }
 }
 

@@ -451,3 +451,38 @@ async fn a_group_at_the_end_of_a_partition_led_elsewhere_reads_each_record_with_
     );
     Ok(())
 }
+
+/// Groups joined right after their replicated topic was created: the coordinator
+/// partition has no leader until its first election, so the broker refuses the join
+/// (`UNAVAILABLE`, nothing created), and the client tries again until it has one, as
+/// Kafka's consumers retry `COORDINATOR_NOT_AVAILABLE` (callers used to loop themselves).
+/// Both members then receive a record produced after they joined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_joined_right_after_a_replicated_topic_was_created_wait_for_its_leaders()
+-> anyhow::Result<()> {
+    let brokers = Broker::start_cluster(3, &[])?;
+    let client = brokers[0].client().await?;
+    client
+        .create_topic("fresh", &TopicConfig::new(2).with_replication_factor(3))
+        .await?;
+    let started = Instant::now();
+    let shared = GroupConfig::new("fresh", GroupType::Shared);
+    let mut pushed = client.subscribe("fresh-push", Some(&shared), 16).await?;
+    let pulled = client.join("fresh-pull", Some(&shared)).await?;
+    println!(
+        "both groups joined {:?} after the topic was created",
+        started.elapsed()
+    );
+    client
+        .produce("fresh", Some(0), vec![Record::value("after the joins")])
+        .await?;
+    let d = tokio::time::timeout(Duration::from_secs(30), pushed.next())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the push member's stream ended"))??;
+    assert_eq!(d.record.text(), "after the joins");
+    pushed.ack(&d).await?;
+    let got = drain(&pulled, 1).await?;
+    assert_eq!(got.len(), 1, "the pull member got the record");
+    assert_eq!(got[0].record.text(), "after the joins");
+    Ok(())
+}

@@ -747,20 +747,8 @@ async fn end_to_end(
     let create = GroupConfig::new(settings.topic.clone(), settings.r#type.group_type())
         .with_start(StartFrom::Latest);
     // A topic just created with replicas has no partition leaders until their first
-    // elections: the join is refused (`UNAVAILABLE`, nothing created) and tried again,
-    // as Kafka's clients retry `LEADER_NOT_AVAILABLE`.
-    let elections = Instant::now();
-    let mut consumer = loop {
-        match client.subscribe(&group, Some(&create), 5000).await {
-            Err(e)
-                if e.code() == Some(tonic::Code::Unavailable)
-                    && elections.elapsed() < std::time::Duration::from_secs(20) =>
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-            joined => break joined?,
-        }
-    };
+    // elections: the client tries the refused join again (`Client::subscribe`).
+    let mut consumer = client.subscribe(&group, Some(&create), 5000).await?;
     // Every partition's first election may still be under way (the join needed only the
     // group's coordinator partition). The warm-up records' stamp 0 keeps them out of the
     // count and the histogram.
