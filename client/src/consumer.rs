@@ -36,7 +36,7 @@ fn nack_request(d: &Delivery, delay: Duration, error: &str) -> pb::AckRequest {
 /// How long a [`GroupConsumer`] keeps trying to join again after its stream failed with a
 /// retriable error (its coordinator moved, was restarted or is unreachable) before it
 /// returns the error; and how long [`crate::Client::join`] and
-/// [`crate::Client::subscribe`] try a first join refused as retriable.
+/// [`crate::Client::subscribe`] try a first join refused with `UNAVAILABLE`.
 pub const REJOIN_FOR: Duration = Duration::from_secs(30);
 
 /// A push member of a consumer group: a loop over [`next`](Self::next) with

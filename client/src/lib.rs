@@ -765,10 +765,10 @@ impl Client {
     }
 
     /// Joins `group` as a pull member, creating the group with `create` when it does not
-    /// exist (joining with another topic or type than the group has fails). A join refused
-    /// as retriable (`UNAVAILABLE`: the group's coordinator partition has no leader yet, as
-    /// right after its topic was created, or an election is under way; its broker is
-    /// unreachable) is tried again, backing off from 100 ms to 1 s, for up to
+    /// exist (joining with another topic or type than the group has fails). A join a
+    /// broker refuses with `UNAVAILABLE` (the group's coordinator partition has no leader
+    /// yet, as right after its topic was created, or an election is under way) is tried
+    /// again, backing off from 100 ms to 1 s, for up to
     /// [`REJOIN_FOR`], as Kafka's consumers retry `COORDINATOR_NOT_AVAILABLE`.
     pub async fn join(
         &self,
@@ -798,8 +798,8 @@ impl Client {
 
     /// Joins `group` as a push member (creating the group with `create` when missing). It
     /// grants `window` credits and one back per ack or nack, so at most `window`
-    /// deliveries are unacked at any time. A retriable refusal is tried again as by
-    /// [`Client::join`].
+    /// deliveries are unacked at any time. A join refused with `UNAVAILABLE` is tried
+    /// again as by [`Client::join`].
     pub async fn subscribe(
         &self,
         group: &str,
@@ -874,10 +874,12 @@ impl Client {
     }
 }
 
-/// Runs `attempt` until it succeeds or fails with an error that is not retriable
-/// ([`Error::is_retriable`]), backing off from 100 ms to 1 s between attempts, for up to
-/// [`REJOIN_FOR`]; then the last error. For calls that change nothing when
-/// refused (a join: a group whose coordinator partition has no leader yet creates nothing).
+/// Runs `attempt` while a broker refuses it with `UNAVAILABLE`, backing off from 100 ms
+/// to 1 s between attempts, for up to [`REJOIN_FOR`]; then the last error. For calls
+/// that change nothing when refused (a join: a group whose coordinator partition has no
+/// leader yet creates nothing). Other errors end it at once: a broker that cannot be
+/// reached is reported to the caller (a wrong address says so without a wait), and a
+/// timed-out call's outcome is unknown.
 async fn while_retriable<T, F, Fut>(mut attempt: F) -> Result<T, Error>
 where
     F: FnMut() -> Fut,
@@ -887,7 +889,10 @@ where
     let mut backoff = std::time::Duration::from_millis(100);
     loop {
         match attempt().await {
-            Err(e) if e.is_retriable() && tokio::time::Instant::now() + backoff < deadline => {
+            Err(e)
+                if e.code() == Some(tonic::Code::Unavailable)
+                    && tokio::time::Instant::now() + backoff < deadline =>
+            {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
             }
