@@ -1317,3 +1317,42 @@ async fn a_change_forwarded_to_a_follower_is_refused_as_not_leader() -> anyhow::
     }
     Ok(())
 }
+
+/// A broker that has not applied a topic's creation yet (paused while the topic was
+/// created through another broker) serves a call for it as soon as it runs again: it
+/// catches up with the metadata leader (the leader's ReadIndex, then its own apply up to
+/// it) before it would answer NOT_FOUND. Sent straight to it, not forwarded, as by a client
+/// that created the topic through one broker and produces to another. It used to answer
+/// NOT_FOUND until it had applied the entry itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_behind_on_metadata_catches_up_before_answering_not_found() -> anyhow::Result<()> {
+    let brokers = Broker::start_cluster(3, &[])?;
+    let leader = metadata_leader_index(&brokers).await?;
+    let behind = (leader + 1) % 3;
+    let admin = brokers[leader].client().await?;
+    let mut direct =
+        weir_proto::v1::producer_client::ProducerClient::connect(brokers[behind].url()).await?;
+    brokers[behind].signal("STOP")?;
+    admin.create_topic("new", &TopicConfig::new(3)).await?;
+    brokers[behind].signal("CONT")?;
+    let mut produced = Vec::new();
+    for p in 0..3u32 {
+        let answer = direct
+            .produce(weir_proto::v1::ProduceRequest {
+                topic: "new".into(),
+                partition: Some(p),
+                records: vec![weir_proto::v1::Record {
+                    value: format!("to partition {p}").into_bytes().into(),
+                    ..weir_proto::v1::Record::default()
+                }],
+                ..weir_proto::v1::ProduceRequest::default()
+            })
+            .await;
+        match answer {
+            Ok(a) => produced.push(a.into_inner()),
+            Err(s) => anyhow::bail!("partition {p} through the broker behind: {s:?}"),
+        }
+    }
+    assert_eq!(produced.len(), 3);
+    Ok(())
+}

@@ -119,6 +119,10 @@ pub enum AdminOp {
         /// Broker id.
         id: BrokerId,
     },
+    /// No change: the controller confirms its leadership and answers the metadata index
+    /// it has applied ([`Cluster::read_index`]), which the asking broker then applies
+    /// too ([`Cluster::catch_up`]).
+    ReadIndex,
     /// A replicated partition's group elected a leader, or its in-sync replicas changed
     /// (reported by the leader).
     PartitionLeader {
@@ -235,6 +239,9 @@ const LEADER_WAIT: Duration = Duration::from_secs(30);
 /// Longest [`Cluster::read_index`] waits for a quorum to confirm the metadata leadership
 /// and for the state to apply what was committed.
 const READ_INDEX_WAIT: Duration = Duration::from_secs(5);
+
+/// Longest [`Cluster::catch_up`] waits for the metadata leader's index and its apply here.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
 
 impl Cluster {
     /// Opens this broker's node of the metadata group on `log`'s database. It takes part in
@@ -890,6 +897,8 @@ impl Cluster {
                 .await?;
                 false
             }
+            // `read_index` above did it.
+            AdminOp::ReadIndex => false,
             AdminOp::RegisterBroker { id, address } => {
                 // Always proposed: its commit is what tells a (re)starting broker that it
                 // has caught up.
@@ -942,6 +951,23 @@ impl Cluster {
                 READ_INDEX_WAIT.as_millis()
             ))),
         }
+    }
+
+    /// Applies here at least what the metadata leader had applied when asked (a follower
+    /// read: the leader's ReadIndex, then this broker's own apply up to it), at most
+    /// [`CATCH_UP_WAIT`]; best effort: without a leader or an answer in time it returns
+    /// all the same. For a call naming a topic or group this broker does not know: it may
+    /// have been created through another broker a moment ago (a client that created a
+    /// topic through one broker and produces to another), and an unknown name is answered
+    /// NOT_FOUND only once this broker has seen what the leader had.
+    pub async fn catch_up(&self) {
+        let started = tokio::time::Instant::now();
+        if let Ok(Err(e)) =
+            tokio::time::timeout(CATCH_UP_WAIT, self.admin(AdminOp::ReadIndex)).await
+        {
+            tracing::debug!(error = %e, "catching up with the metadata leader failed");
+        }
+        tracing::trace!(took = ?started.elapsed(), "caught up with the metadata leader");
     }
 
     /// The metadata leader, waiting up to `wait` for one.

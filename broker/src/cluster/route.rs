@@ -30,9 +30,15 @@ impl Cluster {
     /// Waits (at most 1 s) while `topic` is in this broker's log but not yet in the
     /// published metadata: the entry that creates it is being applied (the log is changed
     /// first, the state published after), and routing before it would send the call to a
-    /// local topic that serves only some of the partitions.
+    /// local topic that serves only some of the partitions. A topic this broker does not
+    /// know at all may have been created through another broker a moment ago: it catches
+    /// up with the metadata leader first ([`Cluster::catch_up`], at most 2 s).
     pub async fn settle(&self, topic: &str) {
-        if self.state().topics.contains_key(topic) || self.log.topic(topic).is_err() {
+        if self.state().topics.contains_key(topic) {
+            return;
+        }
+        if self.log.topic(topic).is_err() {
+            self.catch_up().await;
             return;
         }
         let mut rx = self.state.clone();
