@@ -1280,9 +1280,9 @@ fn a_broker_list_connects_to_the_first_that_answers() -> anyhow::Result<()> {
 /// "not the leader" (UNAVAILABLE, which the forwarding broker retries at the leader it
 /// learns next), never judged against that broker's own state: a broker that led a moment
 /// ago, or a new leader that has not applied its predecessor's last entries, may not know
-/// a topic created a moment before. A follower used to answer from its state (seen in CI
-/// as `NOT_FOUND: group "readers": topic "tail" does not exist` for a group created right
-/// after its topic). The leader still checks: the same call there answers NOT_FOUND.
+/// a topic created a moment before. A follower used to answer from its own state (here:
+/// NOT_FOUND for a topic it does not know). The leader still checks: the same call there
+/// answers NOT_FOUND.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_forwarded_to_a_follower_is_refused_as_not_leader() -> anyhow::Result<()> {
     let brokers = Broker::start_cluster(3, &[])?;

@@ -392,8 +392,8 @@ async fn a_group_at_the_end_of_a_partition_led_elsewhere_reads_each_record_with_
     let brokers = Broker::start_cluster(3, &[])?;
     let admin = brokers[0].client_through().await?;
     admin.create_topic("tail", &TopicConfig::new(3)).await?;
-    // The coordinator checks a new group against the metadata leader's state, which has
-    // applied the topic: no NOT_FOUND right after the creation (`Cluster::read_index`).
+    // Right after the creation: a broker asked for a partition's start offset answers once
+    // it has applied the topic too (no NOT_FOUND; the test below makes it deterministic).
     let member = admin
         .join(
             "readers",
@@ -484,5 +484,52 @@ async fn groups_joined_right_after_a_replicated_topic_was_created_wait_for_its_l
     let got = drain(&pulled, 1).await?;
     assert_eq!(got.len(), 1, "the pull member got the record");
     assert_eq!(got[0].record.text(), "after the joins");
+    Ok(())
+}
+
+/// A group created right after its topic, while a broker leading some of the topic's
+/// partitions has not applied the topic's creation yet (paused while it was created): the
+/// coordinator asks that broker for its partitions' start offsets, and the broker answers
+/// once it has applied the metadata as far as the coordinator had (the call carries the
+/// coordinator's metadata index). It used to answer `NOT_FOUND` (seen in CI as `group
+/// "readers": topic "tail" does not exist` for a group joined right after its topic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_created_while_a_partition_leader_is_behind_on_metadata_starts_there()
+-> anyhow::Result<()> {
+    let brokers = Broker::start_cluster(3, &[])?;
+    let admin = brokers[0].client_through().await?;
+    let m = admin.metadata().await?;
+    let leader = m
+        .metadata_leader
+        .ok_or_else(|| anyhow::anyhow!("no metadata leader"))?;
+    let behind = usize::try_from((leader + 1) % 3)?;
+    let through = brokers[usize::try_from(leader)?].client_through().await?;
+    brokers[behind].signal("STOP")?;
+    let created = through.create_topic("behind", &TopicConfig::new(3)).await;
+    brokers[behind].signal("CONT")?;
+    created?;
+    let led_by = leaders(&through, "behind").await?;
+    assert!(
+        led_by.contains(&(behind as u64)),
+        "no partition led by broker {behind}: {led_by:?}"
+    );
+    // A group coordinated by another broker (the partition its name hashes to is led
+    // elsewhere), which then asks the broker behind for its partitions' offsets.
+    let group = (0..100)
+        .map(|i| format!("starters-{i}"))
+        .find(|g| {
+            let p = weir_broker::log::partitioner::partition_for_key(g.as_bytes(), 3);
+            led_by.get(p as usize) != Some(&(behind as u64))
+        })
+        .ok_or_else(|| anyhow::anyhow!("no group name coordinated away from {behind}"))?;
+    let member = through
+        .join(&group, Some(&GroupConfig::new("behind", GroupType::Shared)))
+        .await?;
+    through
+        .produce("behind", Some(0), vec![Record::value("first")])
+        .await?;
+    let got = drain(&member, 1).await?;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].record.text(), "first");
     Ok(())
 }

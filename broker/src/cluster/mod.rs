@@ -922,7 +922,7 @@ impl Cluster {
     /// [`Raft::ensure_linearizable`](openraft::Raft::ensure_linearizable)). Without it a
     /// broker that was leader a moment ago, or a new leader that has not applied its
     /// predecessor's last entries yet, would judge a change against an older state (a
-    /// group refused for a topic created a moment before).
+    /// topic created a moment before unknown to it).
     ///
     /// # Errors
     ///

@@ -161,6 +161,13 @@ impl Cluster {
             weir_proto::v1::raft_client::RaftClient::new(self.channel(address).map_err(remote)?);
         let mut request = tonic::Request::new(pb::RaftMessage { json: json.into() });
         request.set_timeout(Duration::from_secs(10));
+        // The peer answers once it has applied the metadata as far as this broker (a topic
+        // created a moment ago exists there too).
+        if let Ok(v) = self.applied_index().to_string().parse() {
+            request
+                .metadata_mut()
+                .insert(crate::grpc::METADATA_INDEX, v);
+        }
         let answer = client.peer(request).await.map_err(|s| RemoteError {
             code: s.code() as i32,
             message: format!("broker at {address}: {}", s.message()),

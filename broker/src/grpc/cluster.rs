@@ -167,6 +167,9 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<pb::RaftMessage>,
     ) -> Result<Response<pb::RaftMessage>, Status> {
+        // A call about a topic the caller knows: answered once this broker has applied the
+        // metadata as far as the caller had (a topic created a moment ago).
+        super::forward::catch_up(&self.cluster, request.metadata()).await?;
         let call: crate::cluster::remote::PeerCall = decode(request.get_ref())?;
         encode(&remote_answer::<crate::cluster::remote::PeerAnswer>(
             self.cluster.peer_here(call).await,

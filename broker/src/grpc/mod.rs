@@ -9,6 +9,7 @@ mod cluster;
 mod consumer;
 pub(crate) mod convert;
 mod forward;
+pub(crate) use forward::METADATA_INDEX;
 mod producer;
 pub mod status;
 
