@@ -87,6 +87,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         storage_workers: Some(config.storage_workers),
         max_journal_bytes: config.max_journal_size.as_u64(),
         memtable_bytes: config.memtable_size.as_u64(),
+        memtable_offset_bytes: weir_broker::log::memtable_offset(
+            config.memtable_size.as_u64(),
+            config.node_id,
+        ),
         max_write_buffer_bytes: config.max_write_buffer_size.as_u64(),
         min_free_disk_bytes: config.min_free_disk.as_u64(),
         max_cached_files: Some(budget.storage_files),

@@ -182,6 +182,12 @@ pub struct LogOptions {
     /// Largest memtable of the records keyspace before fjall flushes it to a table (bytes;
     /// fjall's default is 64 MiB). Applies when the keyspace is created.
     pub memtable_bytes: u64,
+    /// Bytes counted as already in the first records memtable when the log opens (below
+    /// `memtable_bytes`), so that the first memtable, and every one after it, is sealed
+    /// that much sooner. The brokers of a cluster store the same bytes at the same pace;
+    /// with different offsets they flush their memtables at different moments instead of
+    /// all at once. 0 for a standalone broker.
+    pub memtable_offset_bytes: u64,
     /// Most bytes of records held in memtables (active and sealed, waiting for the flush);
     /// past it the writer waits for flushes before it commits more, so producers are slowed
     /// instead of the broker's memory growing (RocksDB's `WriteBufferManager` stall does
@@ -197,6 +203,22 @@ pub struct LogOptions {
     pub failpoint: Option<Failpoint>,
 }
 
+/// How far into its first records memtable a broker starts
+/// ([`LogOptions::memtable_offset_bytes`], bytes): `memtable_bytes` times the fractional
+/// part of `node_id` × 0.618… (the golden ratio's inverse; Fibonacci hashing, Knuth, TAOCP
+/// vol. 3 §6.4, in 64-bit fixed point), which keeps any number of consecutive node ids apart (phases 0, 0.62, 0.24, 0.85, 0.47, …: three brokers at
+/// least a fifth of a memtable from each other). The brokers of a cluster store the same
+/// records at the same pace; apart, their memtable flushes (a burst of writes to the disk
+/// and of CPU) no longer come at one moment, and a partition's other two replicas still
+/// commit at full speed while one flushes (docs/benchmarks.md, "Memtable flushes spread
+/// over the brokers").
+pub fn memtable_offset(memtable_bytes: u64, node_id: u64) -> u64 {
+    // 2^64 / φ: the product's low 64 bits are the fraction, in units of 2^-64.
+    const INVERSE_GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+    let phase = node_id.wrapping_mul(INVERSE_GOLDEN);
+    ((u128::from(memtable_bytes) * u128::from(phase)) >> 64) as u64
+}
+
 impl Default for LogOptions {
     fn default() -> Self {
         Self {
@@ -210,6 +232,7 @@ impl Default for LogOptions {
             storage_workers: None,
             max_journal_bytes: 512 * 1024 * 1024,
             memtable_bytes: 64 * 1024 * 1024,
+            memtable_offset_bytes: 0,
             max_queued_bytes: 32 * 1024 * 1024,
             max_write_buffer_bytes: 128 * 1024 * 1024,
             max_cached_files: None,

@@ -120,6 +120,73 @@ async fn a_write_buffer_budget_below_the_memtable_size_does_not_hang_producers()
     assert!(log.write_buffer_bytes() < 2 * MIB);
 }
 
+/// Node ids 0, 1, 2, … start their records memtables at phases 0, 0.62, 0.24, 0.85, 0.47
+/// of a memtable: three brokers at least a fifth of a memtable apart, five a tenth.
+#[test]
+fn consecutive_node_ids_start_their_memtables_apart() {
+    const MIB: u64 = 1024 * 1024;
+    let offsets: Vec<u64> = (0..5).map(|id| memtable_offset(64 * MIB, id)).collect();
+    let phases: Vec<f64> = offsets
+        .iter()
+        .map(|&o| o as f64 / (64 * MIB) as f64)
+        .collect();
+    for (want, got) in [0.0, 0.618, 0.236, 0.854, 0.472].iter().zip(&phases) {
+        assert!((want - got).abs() < 0.001, "phases {phases:?}");
+    }
+    let apart = |n: usize| {
+        let mut least = f64::MAX;
+        for a in 0..n {
+            for b in 0..a {
+                let d = (phases[a] - phases[b]).abs();
+                least = least.min(d.min(1.0 - d));
+            }
+        }
+        least
+    };
+    assert!(apart(3) > 0.2 && apart(5) > 0.1, "phases {phases:?}");
+    assert!(offsets.iter().all(|&o| o < 64 * MIB));
+    assert!(memtable_offset(64 * MIB, u64::MAX) < 64 * MIB);
+}
+
+/// A log opened with a memtable offset seals its first records memtable that many bytes
+/// early: 400 KiB of records fill a 1 MiB memtable started at 768 KiB (a table is
+/// flushed), and not one started at 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memtable_offset_seals_the_first_memtable_early() {
+    const KIB: u64 = 1024;
+    let tables_after_400_kib = |offset: u64| async move {
+        let options = LogOptions {
+            record_store: RecordStore::Fjall,
+            memtable_bytes: 1024 * KIB,
+            memtable_offset_bytes: offset,
+            ..LogOptions::default()
+        };
+        let (dir, log) = log_with_topic(&options, "m", 1).await;
+        for _ in 0..4 {
+            let records = vec![filled(3, 1000); 100];
+            crate::produce::produce(&log, "m", Some(0), records)
+                .await
+                .expect("produced");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while log.shared.records.table_count() == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let tables = log.shared.records.table_count();
+        drop((dir, log));
+        tables
+    };
+    assert!(
+        tables_after_400_kib(768 * KIB).await > 0,
+        "no table flushed with the first memtable started at 768 KiB"
+    );
+    assert_eq!(
+        tables_after_400_kib(0).await,
+        0,
+        "a table flushed from a 1 MiB memtable holding 400 KiB"
+    );
+}
+
 /// Batches kept in the database (the fjall store) go to blob files at flush (key-value
 /// separation), and read back from there byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

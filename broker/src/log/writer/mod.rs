@@ -169,9 +169,9 @@ pub(crate) fn spawn(
             let _watch = DeathWatch(Arc::clone(&shared));
             Writer {
                 shared,
-                options,
                 unsynced: std::cell::Cell::new(false),
-                since_rotation: std::cell::Cell::new(0),
+                since_rotation: std::cell::Cell::new(options.memtable_offset_bytes),
+                options,
                 checkpoint: std::cell::RefCell::new(checkpoint),
                 segment_writers: std::cell::RefCell::new(std::collections::HashMap::new()),
             }
