@@ -533,3 +533,44 @@ async fn a_group_created_while_a_partition_leader_is_behind_on_metadata_starts_t
     assert_eq!(got[0].record.text(), "first");
     Ok(())
 }
+
+/// A call naming only a group (describe), sent to a broker that was paused while the group
+/// was created through another: the broker catches up with the metadata leader before it
+/// routes the call, so it finds the group; a group that was never created is answered
+/// NOT_FOUND once the broker has seen everything the leader had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_created_while_a_broker_was_paused_is_found_through_it() -> anyhow::Result<()> {
+    let brokers = Broker::start_cluster(3, &[])?;
+    let admin = brokers[0].client_through().await?;
+    admin.create_topic("paused", &TopicConfig::new(1)).await?;
+    let leader = admin
+        .metadata()
+        .await?
+        .metadata_leader
+        .ok_or_else(|| anyhow::anyhow!("no metadata leader"))?;
+    let through = brokers[usize::try_from(leader)?].client_through().await?;
+    // Paused: a broker that neither leads the metadata nor the topic's partition (which
+    // coordinates the group and is asked for its start offset), so the group is created
+    // without it and it only has to learn of it.
+    let partition_leader = leaders(&through, "paused").await?[0];
+    let behind = (0..3u64)
+        .find(|&b| b != leader && b != partition_leader)
+        .ok_or_else(|| anyhow::anyhow!("no third broker"))?;
+    let behind = usize::try_from(behind)?;
+    let group = "late";
+    brokers[behind].signal("STOP")?;
+    let created = through
+        .create_group(group, &GroupConfig::new("paused", GroupType::Shared))
+        .await;
+    brokers[behind].signal("CONT")?;
+    created?;
+    let there = brokers[behind].client_through().await?;
+    let described = there.describe_group(group).await?;
+    assert_eq!(described.config.topic, "paused");
+    let missing = there
+        .describe_group("never-made")
+        .await
+        .expect_err("a group that was never created");
+    assert_eq!(missing.code(), Some(tonic::Code::NotFound), "{missing}");
+    Ok(())
+}

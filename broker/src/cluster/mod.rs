@@ -962,12 +962,17 @@ impl Cluster {
     /// NOT_FOUND only once this broker has seen what the leader had.
     pub async fn catch_up(&self) {
         let started = tokio::time::Instant::now();
-        if let Ok(Err(e)) =
-            tokio::time::timeout(CATCH_UP_WAIT, self.admin(AdminOp::ReadIndex)).await
-        {
-            tracing::debug!(error = %e, "catching up with the metadata leader failed");
+        match tokio::time::timeout(CATCH_UP_WAIT, self.admin(AdminOp::ReadIndex)).await {
+            Ok(Ok(_)) => {
+                tracing::trace!(took = ?started.elapsed(), "caught up with the metadata leader");
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, took = ?started.elapsed(), "catching up with the metadata leader failed");
+            }
+            Err(_) => {
+                tracing::debug!(wait = ?CATCH_UP_WAIT, "catching up with the metadata leader: no answer in time");
+            }
         }
-        tracing::trace!(took = ?started.elapsed(), "caught up with the metadata leader");
     }
 
     /// The metadata leader, waiting up to `wait` for one.

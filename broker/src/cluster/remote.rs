@@ -163,11 +163,7 @@ impl Cluster {
         request.set_timeout(Duration::from_secs(10));
         // The peer answers once it has applied the metadata as far as this broker (a topic
         // created a moment ago exists there too).
-        if let Ok(v) = self.applied_index().to_string().parse() {
-            request
-                .metadata_mut()
-                .insert(crate::grpc::METADATA_INDEX, v);
-        }
+        crate::grpc::with_metadata_index(&mut request, self.applied_index());
         let answer = client.peer(request).await.map_err(|s| RemoteError {
             code: s.code() as i32,
             message: format!("broker at {address}: {}", s.message()),

@@ -119,11 +119,12 @@ pub(crate) async fn group_route(
     match topic {
         Some(t) => ctx.cluster.settle(t).await,
         // Without its topic, an unknown group can be routed only once its creation (through
-        // any broker) is applied here.
+        // any broker) is applied here: this broker catches up with the metadata leader, and
+        // a group still unknown after that does not exist.
         None => {
-            ctx.cluster
-                .settle_group(group, Duration::from_secs(1))
-                .await;
+            if !ctx.cluster.state().groups.contains_key(group) {
+                ctx.cluster.catch_up().await;
+            }
         }
     }
     match ctx.cluster.route_group(group, topic) {
@@ -139,10 +140,17 @@ pub(crate) async fn group_route(
 /// broker that has applied the metadata up to `index`.
 pub(crate) fn forwarded_at<T>(incoming: &MetadataMap, message: T, index: u64) -> Request<T> {
     let mut request = forwarded(incoming, message);
-    if let Ok(v) = index.to_string().parse() {
-        request.metadata_mut().insert(METADATA_INDEX, v);
-    }
+    with_metadata_index(&mut request, index);
     request
+}
+
+/// Marks `request` as sent by a broker that has applied the metadata up to `index`
+/// (header `weir-metadata-index`): the receiving broker answers once it has applied as
+/// far ([`catch_up`]), so a topic or group the caller knows exists there too.
+pub(crate) fn with_metadata_index<T>(request: &mut Request<T>, index: u64) {
+    request
+        .metadata_mut()
+        .insert(METADATA_INDEX, tonic::metadata::MetadataValue::from(index));
 }
 
 /// `message` as a call forwarded on behalf of a call with `incoming` metadata.

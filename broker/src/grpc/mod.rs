@@ -9,7 +9,7 @@ mod cluster;
 mod consumer;
 pub(crate) mod convert;
 mod forward;
-pub(crate) use forward::METADATA_INDEX;
+pub(crate) use forward::with_metadata_index;
 mod producer;
 pub mod status;
 
